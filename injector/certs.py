@@ -1,0 +1,189 @@
+"""Webhook TLS: a self-signed CA and serving certificate, or cert-manager's files.
+
+The CA is long-lived because its certificate is the caBundle the apiserver
+trusts; the serving certificate is short-lived and re-issued from the same CA
+before it expires, so rotation never needs a caBundle change. Files are
+written atomically so a reader never sees half a key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import ssl
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_LIFETIME = dt.timedelta(days=3650)
+SERVING_LIFETIME = dt.timedelta(days=90)
+# Re-issue once less than this fraction of the serving lifetime remains.
+RENEW_FRACTION = 1 / 3
+
+
+@dataclass(frozen=True)
+class CertBundle:
+    ca_pem: bytes
+    ca_key_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def generate_ca(common_name: str = "bento-juicefs-injector-ca") -> tuple[bytes, bytes]:
+    key = _key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def issue_serving_cert(
+    ca_pem: bytes,
+    ca_key_pem: bytes,
+    hosts: Sequence[str],
+    lifetime: dt.timedelta = SERVING_LIFETIME,
+) -> tuple[bytes, bytes]:
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("CA key must be an EC key")
+    key = _key()
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def generate_bundle(hosts: Sequence[str]) -> CertBundle:
+    ca_pem, ca_key_pem = generate_ca()
+    cert_pem, key_pem = issue_serving_cert(ca_pem, ca_key_pem, hosts)
+    return CertBundle(ca_pem, ca_key_pem, cert_pem, key_pem)
+
+
+def needs_renewal(cert_pem: bytes, now: dt.datetime | None = None) -> bool:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    remaining = end - (now or _now())
+    return remaining < (end - start) * RENEW_FRACTION
+
+
+def service_hosts(service: str, namespace: str, extra: Sequence[str] = ()) -> list[str]:
+    return [
+        f"{service}.{namespace}.svc",
+        f"{service}.{namespace}.svc.cluster.local",
+        f"{service}.{namespace}",
+        service,
+        *extra,
+    ]
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class CertFiles:
+    cert: Path
+    key: Path
+    ca: Path
+
+    def write(self, bundle: CertBundle) -> None:
+        # Key before cert: a reload triggered by the cert then finds its key.
+        write_atomic(self.ca, bundle.ca_pem, 0o644)
+        write_atomic(self.key, bundle.key_pem)
+        write_atomic(self.cert, bundle.cert_pem, 0o644)
+
+    def exists(self) -> bool:
+        return self.cert.is_file() and self.key.is_file()
+
+    def stamp(self) -> tuple[float, float]:
+        """Modification times, to notice when cert-manager (or we) replaced them."""
+        return (self.cert.stat().st_mtime_ns, self.key.stat().st_mtime_ns)
+
+
+def server_ssl_context(files: CertFiles) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(files.cert, files.key)
+    return context

@@ -1,0 +1,76 @@
+"""`python -m injector {render,config,serve}`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from injector import __version__
+from injector.config import ConfigError, InjectorConfig, load_config
+from injector.logs import configure_logging
+from injector.render import RenderError, dump_documents, render_text
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m injector", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    render = sub.add_parser("render", help="print a pod or workload as the webhook would inject it")
+    render.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
+    render.add_argument("--config", help="injector config file (YAML)")
+
+    config = sub.add_parser("config", help="print the effective configuration")
+    config.add_argument("--config", help="injector config file (YAML)")
+
+    serve = sub.add_parser("serve", help="run the admission webhook server")
+    serve.add_argument("--config", help="injector config file (YAML)")
+    serve.add_argument("--log-level", default="info")
+    return parser
+
+
+def _read_input(name: str) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    try:
+        return Path(name).read_text()
+    except OSError as err:
+        raise RenderError(f"cannot read {name}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise RenderError(f"cannot read {name}: not a UTF-8 text file") from None
+
+
+def cmd_render(args: argparse.Namespace, config: InjectorConfig) -> int:
+    rendered = render_text(_read_input(args.filename), config)
+    for note in rendered.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for warning in rendered.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    sys.stdout.write(dump_documents(rendered.documents))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, config: InjectorConfig) -> int:
+    from injector.server import serve
+
+    configure_logging(args.log_level)
+    asyncio.run(serve(config))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if args.command == "config":
+            sys.stdout.write(config.to_yaml())
+            return 0
+        if args.command == "render":
+            return cmd_render(args, config)
+        return cmd_serve(args, config)
+    except (ConfigError, RenderError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,328 @@
+"""The injector's configuration: one YAML file parsed into pydantic models.
+
+Every label, annotation, image, path, size, profile and selector named in
+DESIGN.md is a key here; the defaults are the GKE profile. Keys are camelCase
+in YAML, like the Kubernetes objects they describe.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from injector.quantity import parse_quantity
+
+PREFIX = "juicefs.bentoml.com/"
+
+SsdPolicy = Literal["required", "preferred", "off"]
+SSD_POLICIES: tuple[str, ...] = ("required", "preferred", "off")
+
+
+def _check_quantity(value: str) -> str:
+    parse_quantity(value)
+    return value
+
+
+Quantity = Annotated[str, AfterValidator(_check_quantity)]
+
+_VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)(?:\.\d+)?(?:[-+].*)?$")
+
+
+def _check_k8s_version(value: str) -> str:
+    if not _VERSION_RE.match(value):
+        raise ValueError("must look like 1.30 or v1.30.2")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class Labels(_Model):
+    """Label keys: the namespace opt-in, the pod selector and opt-out, Bento identity."""
+
+    namespace_opt_in: str = PREFIX + "injection"
+    namespace_opt_in_value: str = "enabled"
+    model_store: str = PREFIX + "model-store"
+    model_store_value: str = "juicefs"
+    inject: str = PREFIX + "inject"
+    bento_repository: str = "yatai.ai/bento-repository"
+    bento_version: str = "yatai.ai/bento-version"
+
+
+class Annotations(_Model):
+    """Annotation keys: per-pod overrides and what the injector writes."""
+
+    status: str = PREFIX + "status"
+    models: str = PREFIX + "models"
+    volume: str = PREFIX + "volume"
+    cache_size: str = PREFIX + "cache-size"
+    ssd_policy: str = PREFIX + "ssd-policy"
+    sidecar_cpu: str = PREFIX + "sidecar-cpu"
+    sidecar_memory: str = PREFIX + "sidecar-memory"
+    sidecar_cpu_limit: str = PREFIX + "sidecar-cpu-limit"
+    sidecar_memory_limit: str = PREFIX + "sidecar-memory-limit"
+    warmup: str = PREFIX + "warmup"
+    warmup_timeout: str = PREFIX + "warmup-timeout"
+
+
+class Resources(_Model):
+    cpu_request: Quantity = "250m"
+    memory_request: Quantity = "512Mi"
+    cpu_limit: Quantity | None = None
+    memory_limit: Quantity | None = "2Gi"
+
+
+class Sidecar(_Model):
+    container_name: str = "juicefs-mount"
+    image: str = "ghcr.io/bentoml/bento-juicefs-sidecar:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    command: tuple[str, ...] = ("python", "-m", "sidecar", "run")
+    probe_command: tuple[str, ...] = ("python", "-m", "sidecar", "probe")
+    resources: Resources = Resources()
+    # How long the startup probe (native) or postStart hook (classic) waits
+    # for the FUSE mount before the kubelet gives up and restarts the sidecar.
+    mount_timeout_seconds: int = Field(default=300, ge=10, le=3600)
+    # Containers a service mesh injects; they never get the model mount, and a
+    # native mesh proxy is kept ahead of our sidecar so the mount's traffic
+    # goes through the mesh from the start.
+    mesh_proxy_containers: tuple[str, ...] = ("istio-proxy", "linkerd-proxy")
+    mesh_init_containers: tuple[str, ...] = ("istio-init", "istio-validation", "linkerd-init")
+
+
+class Volumes(_Model):
+    mount_dir_name: str = "juicefs-mount-dir"
+    cache_name: str = "juicefs-cache"
+    token_name: str = "juicefs-sa-token"
+    # Where the sidecar mounts JuiceFS (the shared mount dir) and keeps its cache.
+    mount_path: str = "/var/lib/juicefs/mnt"
+    cache_path: str = "/var/lib/juicefs/cache"
+    # "" keeps the cache on the node's ephemeral storage, which on local-SSD
+    # node pools is NVMe. "Memory" is tmpfs, for tests and tiny models only.
+    cache_medium: Literal["", "Memory"] = ""
+
+
+class Models(_Model):
+    # BentoML reads a Bento's models from $BENTO_PATH/models.
+    app_mount_path: str = "/home/bentoml/bento/models"
+    # Path inside the JuiceFS volume; {name} and {version} are the Bento's.
+    juicefs_path_template: str = "/bentos/{name}/{version}/models"
+
+
+class JuiceFS(_Model):
+    default_volume: str = "models"
+    # Annotations may choose only among these volumes, so a pod can never
+    # point itself at an arbitrary Secret.
+    allowed_volumes: tuple[str, ...] = ("models",)
+    # Per volume, the Secret in the pod's own namespace is named from this
+    # template; the namespace controller creates it.
+    secret_name_template: str = "juicefs-{volume}-credentials"
+    meta_url_key: str = "metaurl"
+    access_key_key: str = "access-key"
+    secret_key_key: str = "secret-key"
+    default_cache_size: Quantity = "20Gi"
+    min_cache_size: Quantity = "1Gi"
+    max_cache_size: Quantity = "2Ti"
+    # JuiceFS's --cache-size is a soft limit; keep it under the emptyDir
+    # sizeLimit so the kubelet never evicts the pod for a slightly full cache.
+    cache_fill_ratio: float = Field(default=0.9, gt=0.1, le=1.0)
+    buffer_size_mib: int = Field(default=1024, ge=64)
+    prefetch: int = Field(default=3, ge=0)
+
+
+class Warmup(_Model):
+    enabled: bool = True
+    timeout_seconds: int = Field(default=3600, ge=30)
+    concurrency: int = Field(default=8, ge=1, le=256)
+
+
+class Readiness(_Model):
+    condition_type: str = PREFIX + "models-ready"
+
+
+class Scheduling(_Model):
+    ssd_policy: SsdPolicy = "required"
+    ssd_node_label: str = "cloud.google.com/gke-ephemeral-storage-local-ssd"
+    ssd_node_label_value: str = "true"
+    preferred_weight: int = Field(default=100, ge=1, le=100)
+
+
+class StreamingProfile(_Model):
+    """How one platform streams images: which nodes do it, which images qualify."""
+
+    node_label: str | None = None
+    node_label_value: str = "true"
+    affinity: Literal["required", "preferred", "off"] = "preferred"
+    preferred_weight: int = Field(default=50, ge=1, le=100)
+    # fnmatch patterns against the image's registry host/path.
+    streamable_images: tuple[str, ...] = ()
+    description: str = ""
+
+
+def _default_profiles() -> dict[str, StreamingProfile]:
+    return {
+        "gke": StreamingProfile(
+            node_label="cloud.google.com/gke-image-streaming",
+            streamable_images=("*-docker.pkg.dev/*", "docker.io/*"),
+            description="GKE Image streaming (Artifact Registry or public Docker Hub images)",
+        ),
+        "eks": StreamingProfile(
+            node_label=None,
+            affinity="off",
+            streamable_images=("*.dkr.ecr.*.amazonaws.com/*",),
+            description="EKS SOCI lazy loading (ECR images with a SOCI index)",
+        ),
+        "aks": StreamingProfile(
+            node_label="kubernetes.azure.com/artifactstreaming-enabled",
+            streamable_images=("*.azurecr.io/*",),
+            description="AKS Artifact Streaming (ACR Premium images)",
+        ),
+        "none": StreamingProfile(affinity="off", description="no image streaming"),
+    }
+
+
+class Cluster(_Model):
+    # Native sidecars (initContainers with restartPolicy: Always) need 1.29+.
+    kubernetes_version: Annotated[str, AfterValidator(_check_k8s_version)] = "1.30"
+    platform_profile: str = "gke"
+    profiles: dict[str, StreamingProfile] = Field(default_factory=_default_profiles)
+
+    @model_validator(mode="after")
+    def _profile_exists(self) -> Cluster:
+        if self.platform_profile not in self.profiles:
+            known = ", ".join(sorted(self.profiles))
+            raise ValueError(
+                f"platformProfile {self.platform_profile!r} is not one of the profiles: {known}"
+            )
+        return self
+
+    @property
+    def native_sidecars(self) -> bool:
+        match = _VERSION_RE.match(self.kubernetes_version)
+        assert match is not None  # checked by the validator
+        major, minor = int(match.group(1)), int(match.group(2))
+        return (major, minor) >= (1, 29)
+
+    @property
+    def profile(self) -> StreamingProfile:
+        return self.profiles[self.platform_profile]
+
+
+class Webhook(_Model):
+    name: str = "inject.juicefs.bentoml.com"
+    configuration_name: str = "bento-juicefs-injector"
+    namespace: str = "bento-juicefs-system"
+    service_name: str = "bento-juicefs-injector"
+    excluded_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease")
+    timeout_seconds: int = Field(default=5, ge=1, le=30)
+
+
+class Server(_Model):
+    host: str = "0.0.0.0"
+    port: int = Field(default=9443, ge=1, le=65535)
+    cert_dir: str = "/var/run/bento-juicefs/certs"
+    cert_file: str = "tls.crt"
+    key_file: str = "tls.key"
+    ca_file: str = "ca.crt"
+    # Generate a self-signed CA and serving cert when none are in cert_dir;
+    # off when cert-manager provides the files.
+    self_signed: bool = True
+    cert_check_interval_seconds: float = Field(default=10.0, gt=0)
+    max_body_bytes: int = Field(default=3 * 1024 * 1024, ge=1024)
+
+
+class InjectorConfig(_Model):
+    labels: Labels = Labels()
+    annotations: Annotations = Annotations()
+    sidecar: Sidecar = Sidecar()
+    volumes: Volumes = Volumes()
+    models: Models = Models()
+    juicefs: JuiceFS = JuiceFS()
+    warmup: Warmup = Warmup()
+    readiness: Readiness = Readiness()
+    scheduling: Scheduling = Scheduling()
+    cluster: Cluster = Cluster()
+    webhook: Webhook = Webhook()
+    server: Server = Server()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InjectorConfig:
+        if self.juicefs.default_volume not in self.juicefs.allowed_volumes:
+            raise ValueError(
+                f"juicefs.defaultVolume {self.juicefs.default_volume!r} "
+                "must be one of juicefs.allowedVolumes"
+            )
+        lo = parse_quantity(self.juicefs.min_cache_size)
+        hi = parse_quantity(self.juicefs.max_cache_size)
+        default = parse_quantity(self.juicefs.default_cache_size)
+        if not lo <= default <= hi:
+            raise ValueError(
+                "juicefs.defaultCacheSize must lie between minCacheSize and maxCacheSize"
+            )
+        return self
+
+    @property
+    def excluded_namespaces(self) -> frozenset[str]:
+        return frozenset((*self.webhook.excluded_namespaces, self.webhook.namespace))
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", by_alias=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the key and the problem."""
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<inline>") -> InjectorConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping")
+    try:
+        return InjectorConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_config(path: str | Path | None) -> InjectorConfig:
+    if path is None:
+        return InjectorConfig()
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {file}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {file} is not valid YAML: {err}") from None
+    return parse_config(data, str(file))

@@ -1,0 +1,56 @@
+"""Node affinity merged into what the pod already has, never replacing it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from injector.mutation.context import MutationContext
+
+NODE_AFFINITY = ("spec", "affinity", "nodeAffinity")
+REQUIRED = (*NODE_AFFINITY, "requiredDuringSchedulingIgnoredDuringExecution")
+TERMS = (*REQUIRED, "nodeSelectorTerms")
+PREFERRED = (*NODE_AFFINITY, "preferredDuringSchedulingIgnoredDuringExecution")
+
+
+def label_expression(key: str, value: str) -> dict[str, Any]:
+    return {"key": key, "operator": "In", "values": [value]}
+
+
+def require(ctx: MutationContext, expression: dict[str, Any]) -> None:
+    """AND expression into every existing term (the cross product), or add a term."""
+    terms = ctx.patch.get(TERMS) or []
+    if not terms:
+        ctx.patch.append(TERMS, {"matchExpressions": [expression]})
+        return
+    for index, term in enumerate(terms):
+        if expression not in (term.get("matchExpressions") or []):
+            ctx.patch.append((*TERMS, index, "matchExpressions"), expression)
+
+
+def prefer(ctx: MutationContext, expression: dict[str, Any], weight: int) -> None:
+    preferred = ctx.patch.get(PREFERRED) or []
+    if any(
+        expression in ((p.get("preference") or {}).get("matchExpressions") or []) for p in preferred
+    ):
+        return
+    ctx.patch.append(
+        PREFERRED, {"weight": weight, "preference": {"matchExpressions": [expression]}}
+    )
+
+
+def apply_policy(
+    ctx: MutationContext,
+    policy: Literal["required", "preferred", "off"],
+    expression: dict[str, Any],
+    weight: int,
+) -> None:
+    if policy == "required":
+        require(ctx, expression)
+    elif policy == "preferred":
+        prefer(ctx, expression, weight)
+
+
+def add_ssd_affinity(ctx: MutationContext) -> None:
+    sched = ctx.config.scheduling
+    expression = label_expression(sched.ssd_node_label, sched.ssd_node_label_value)
+    apply_policy(ctx, ctx.plan.ssd_policy, expression, sched.preferred_weight)

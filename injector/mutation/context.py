@@ -1,0 +1,77 @@
+"""What every mutation step sees: the pod, the plan, the config and the patch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from injector.config import InjectorConfig
+from injector.patch import PatchBuilder
+from injector.plan import InjectionPlan
+
+Container = Mapping[str, Any]
+
+
+@dataclass
+class MutationContext:
+    pod: Mapping[str, Any]
+    plan: InjectionPlan
+    config: InjectorConfig
+    patch: PatchBuilder
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def spec(self) -> Mapping[str, Any]:
+        return self.pod.get("spec") or {}
+
+    def containers(self, key: str) -> list[Container]:
+        items = self.spec.get(key) or []
+        return [c for c in items if isinstance(c, Mapping)]
+
+    def sidecar_index(self) -> tuple[str, int] | None:
+        """Where our sidecar already is (list key, index), if anywhere."""
+        name = self.config.sidecar.container_name
+        for key in ("initContainers", "containers"):
+            for index, container in enumerate(self.containers(key)):
+                if container.get("name") == name:
+                    return key, index
+        return None
+
+    def native_insert_index(self) -> int:
+        """Where a new native sidecar goes in initContainers.
+
+        After any service-mesh init container or native proxy, so the mesh is
+        up before the mount talks to the metadata engine and object store;
+        otherwise first, so every other init container can read the models.
+        """
+        mesh = {
+            *self.config.sidecar.mesh_proxy_containers,
+            *self.config.sidecar.mesh_init_containers,
+        }
+        index = 0
+        for position, container in enumerate(self.containers("initContainers")):
+            if container.get("name") in mesh:
+                index = position + 1
+        return index
+
+    def model_consumers(self) -> Iterator[tuple[str, int, Container]]:
+        """App containers, and init containers that start after the sidecar."""
+        sidecar = self.config.sidecar
+        skip = {
+            sidecar.container_name,
+            *sidecar.mesh_proxy_containers,
+            *sidecar.mesh_init_containers,
+        }
+        for index, container in enumerate(self.containers("containers")):
+            if container.get("name") not in skip:
+                yield "containers", index, container
+        if self.plan.sidecar_mode != "native":
+            return
+        found = self.sidecar_index()
+        first = (
+            found[1] + 1 if found and found[0] == "initContainers" else self.native_insert_index()
+        )
+        for index, container in enumerate(self.containers("initContainers")):
+            if index >= first and container.get("name") not in skip:
+                yield "initContainers", index, container

@@ -1,0 +1,137 @@
+"""The `juicefs-mount` container: a native sidecar on 1.29+, a classic one before."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from injector.mutation.context import MutationContext
+from injector.mutation.volumes import needs_own_token
+from injector.quantity import parse_quantity
+
+TOKEN_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+MIB = 2**20
+
+
+def _field_env(name: str, field_path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field_path}}}
+
+
+def _secret_env(name: str, secret: str, key: str, optional: bool) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
+def sidecar_env(ctx: MutationContext) -> list[dict[str, Any]]:
+    plan, config = ctx.plan, ctx.config
+    jfs = config.juicefs
+    cache_mib = int(plan.cache_bytes * jfs.cache_fill_ratio) // MIB
+    plain = {
+        "BENTO_NAME": plan.bento_name,
+        "BENTO_VERSION": plan.bento_version,
+        "JFS_VOLUME": plan.volume,
+        "JFS_SUBDIR": plan.juicefs_path,
+        "JFS_MODELS": ",".join(plan.models),
+        "JFS_MOUNT_POINT": config.volumes.mount_path,
+        "JFS_CACHE_DIR": config.volumes.cache_path,
+        "JFS_CACHE_SIZE_MIB": str(cache_mib),
+        "JFS_BUFFER_SIZE_MIB": str(jfs.buffer_size_mib),
+        "JFS_PREFETCH": str(jfs.prefetch),
+        "JFS_SSD_POLICY": plan.ssd_policy,
+        "JFS_WARMUP": "true" if plan.warmup else "false",
+        "JFS_WARMUP_TIMEOUT_SECONDS": str(plan.warmup_timeout_seconds),
+        "JFS_WARMUP_CONCURRENCY": str(config.warmup.concurrency),
+        "JFS_CONDITION_TYPE": config.readiness.condition_type,
+    }
+    return [
+        _field_env("POD_NAME", "metadata.name"),
+        _field_env("POD_NAMESPACE", "metadata.namespace"),
+        _field_env("POD_UID", "metadata.uid"),
+        _field_env("NODE_NAME", "spec.nodeName"),
+        # Credentials stay in the Secret; the pod spec only names it.
+        _secret_env("JFS_META_URL", plan.secret_name, jfs.meta_url_key, optional=False),
+        _secret_env("JFS_ACCESS_KEY", plan.secret_name, jfs.access_key_key, optional=True),
+        _secret_env("JFS_SECRET_KEY", plan.secret_name, jfs.secret_key_key, optional=True),
+        *({"name": k, "value": v} for k, v in plain.items()),
+    ]
+
+
+def sidecar_resources(ctx: MutationContext) -> dict[str, Any]:
+    res = ctx.plan.resources
+    requests = {
+        "cpu": res.cpu_request,
+        "memory": res.memory_request,
+        # The cache lives in an emptyDir on the node's disk; requesting it
+        # makes the scheduler place the pod only where the cache fits.
+        "ephemeral-storage": ctx.plan.cache_size,
+    }
+    limits: dict[str, str] = {}
+    if res.cpu_limit:
+        limits["cpu"] = res.cpu_limit
+    if res.memory_limit:
+        limits["memory"] = res.memory_limit
+    # A request above its limit is invalid; raise the limit rather than deny.
+    for key in ("cpu", "memory"):
+        if key in limits and parse_quantity(limits[key]) < parse_quantity(requests[key]):
+            limits[key] = requests[key]
+    return {"requests": requests, "limits": limits} if limits else {"requests": requests}
+
+
+def sidecar_container(ctx: MutationContext) -> dict[str, Any]:
+    config = ctx.config
+    side, names = config.sidecar, config.volumes
+    mounts: list[dict[str, Any]] = [
+        {
+            "name": names.mount_dir_name,
+            "mountPath": names.mount_path,
+            "mountPropagation": "Bidirectional",
+        },
+        {"name": names.cache_name, "mountPath": names.cache_path},
+    ]
+    if needs_own_token(ctx):
+        mounts.append({"name": names.token_name, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True})
+    container: dict[str, Any] = {
+        "name": side.container_name,
+        "image": side.image,
+        "imagePullPolicy": side.image_pull_policy,
+        "command": list(side.command),
+        "env": sidecar_env(ctx),
+        "resources": sidecar_resources(ctx),
+        "volumeMounts": mounts,
+        # FUSE needs a privileged container whatever the pod's own defaults;
+        # root and runAsNonRoot are set explicitly so a pod-level
+        # runAsNonRoot: true or runAsUser cannot be inherited here.
+        "securityContext": {
+            "privileged": True,
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    probe_cmd = list(side.probe_command)
+    if ctx.plan.sidecar_mode == "native":
+        container["restartPolicy"] = "Always"
+        container["startupProbe"] = {
+            "exec": {"command": probe_cmd},
+            "periodSeconds": 1,
+            "timeoutSeconds": 5,
+            "failureThreshold": side.mount_timeout_seconds,
+        }
+    else:
+        # The kubelet starts the next container only after postStart
+        # returns, so a blocking check holds the app until the mount exists.
+        wait = [*probe_cmd, "--wait", f"--timeout={side.mount_timeout_seconds}"]
+        container["lifecycle"] = {"postStart": {"exec": {"command": wait}}}
+    return container
+
+
+def add_sidecar(ctx: MutationContext) -> None:
+    if ctx.sidecar_index() is not None:
+        return
+    container = sidecar_container(ctx)
+    if ctx.plan.sidecar_mode == "native":
+        ctx.patch.insert(("spec", "initContainers"), ctx.native_insert_index(), container)
+    else:
+        ctx.patch.insert(("spec", "containers"), 0, container)

@@ -1,0 +1,43 @@
+"""The status annotation: what was injected, readable with `kubectl describe pod`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from injector import __version__
+from injector.mutation.context import MutationContext
+from injector.mutation.volumes import desired_volumes
+
+
+def status_document(ctx: MutationContext) -> dict[str, Any]:
+    plan, config = ctx.plan, ctx.config
+    sched, profile = config.scheduling, config.cluster.profile
+    affinity: dict[str, str] = {}
+    if plan.ssd_policy != "off":
+        affinity[f"{sched.ssd_node_label}={sched.ssd_node_label_value}"] = plan.ssd_policy
+    if profile.node_label and profile.affinity != "off":
+        affinity[f"{profile.node_label}={profile.node_label_value}"] = profile.affinity
+    return {
+        "version": __version__,
+        "bento": f"{plan.bento_name}:{plan.bento_version}",
+        "sidecar": {"name": config.sidecar.container_name, "mode": plan.sidecar_mode},
+        "volumes": [v["name"] for v in desired_volumes(ctx)],
+        "cache": {
+            "size": plan.cache_size,
+            "medium": config.volumes.cache_medium or "node-local disk (emptyDir)",
+        },
+        "juicefs": {"volume": plan.volume, "path": plan.juicefs_path, "models": list(plan.models)},
+        "affinity": affinity,
+        "profile": config.cluster.platform_profile,
+        "readinessGate": config.readiness.condition_type,
+        "warmup": {"enabled": plan.warmup, "timeoutSeconds": plan.warmup_timeout_seconds},
+    }
+
+
+def add_status(ctx: MutationContext) -> None:
+    key = ctx.config.annotations.status
+    value = json.dumps(status_document(ctx), sort_keys=True, separators=(",", ":"))
+    current = ((ctx.pod.get("metadata") or {}).get("annotations") or {}).get(key)
+    if current != value:
+        ctx.patch.set(("metadata", "annotations", key), value)

@@ -1,0 +1,44 @@
+"""Image streaming: steer to streaming node pools, warn about images that cannot stream."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from injector.mutation.affinity import apply_policy, label_expression
+from injector.mutation.context import MutationContext
+
+
+def normalize_image(image: str) -> str:
+    """Fully qualify an image reference the way container runtimes do."""
+    first, sep, _ = image.partition("/")
+    if not sep:
+        return f"docker.io/library/{image}"
+    if "." in first or ":" in first or first == "localhost":
+        return image
+    return f"docker.io/{image}"
+
+
+def can_stream(image: str, patterns: tuple[str, ...]) -> bool:
+    full = normalize_image(image)
+    return any(fnmatchcase(full, pattern) for pattern in patterns)
+
+
+def add_image_streaming(ctx: MutationContext) -> None:
+    cluster = ctx.config.cluster
+    profile = cluster.profile
+    if profile.node_label:
+        expression = label_expression(profile.node_label, profile.node_label_value)
+        apply_policy(ctx, profile.affinity, expression, profile.preferred_weight)
+    if not profile.streamable_images:
+        return
+    ours = ctx.config.sidecar.container_name
+    for key in ("initContainers", "containers"):
+        for container in ctx.containers(key):
+            image = container.get("image")
+            if container.get("name") == ours or not isinstance(image, str):
+                continue
+            if not can_stream(image, profile.streamable_images):
+                ctx.warnings.append(
+                    f"image {image} of container {container.get('name')!r} cannot use "
+                    f"{profile.description or cluster.platform_profile} and will be pulled in full"
+                )

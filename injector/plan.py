@@ -1,0 +1,244 @@
+"""Decide what to do with a pod: skip it, deny it, or inject it with a plan.
+
+All of a pod's choices (its labels, its annotation overrides, the config) are
+resolved and validated here, once, into an `InjectionPlan`; the mutation
+steps only read the plan. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from injector.config import SSD_POLICIES, InjectorConfig, SsdPolicy
+from injector.quantity import (
+    DURATION_FORM,
+    QUANTITY_FORM,
+    DurationError,
+    QuantityError,
+    parse_duration_seconds,
+    parse_quantity,
+)
+
+Pod = Mapping[str, Any]
+
+# BentoML tag components: lowercase name, version of letters, digits, . _ -.
+# Anchored and free of "/" so a label or annotation can never escape the
+# model tree in JuiceFS.
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
+NAME_FORM = "lowercase letters, digits, '.', '_' or '-', starting and ending alphanumeric"
+MODELS_FORM = "a comma-separated list of BentoML model tags, e.g. 'llama3:v1,tokenizer'"
+
+MIN_WARMUP_TIMEOUT = 30
+MAX_WARMUP_TIMEOUT = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Skip:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Deny:
+    message: str
+
+
+@dataclass(frozen=True)
+class SidecarResources:
+    cpu_request: str
+    memory_request: str
+    cpu_limit: str | None
+    memory_limit: str | None
+
+
+@dataclass(frozen=True)
+class InjectionPlan:
+    bento_name: str
+    bento_version: str
+    models: tuple[str, ...]
+    volume: str
+    secret_name: str
+    juicefs_path: str
+    cache_size: str
+    cache_bytes: int
+    ssd_policy: SsdPolicy
+    resources: SidecarResources
+    warmup: bool
+    warmup_timeout_seconds: int
+    sidecar_mode: Literal["native", "classic"]
+    # The pod carries our status annotation: names that match ours are ours,
+    # not clashes, and only what is missing gets added.
+    already_injected: bool
+
+
+Decision = Skip | Deny | InjectionPlan
+
+
+def _labels(pod: Pod) -> Mapping[str, Any]:
+    return (pod.get("metadata") or {}).get("labels") or {}
+
+
+def _annotations(pod: Pod) -> Mapping[str, Any]:
+    return (pod.get("metadata") or {}).get("annotations") or {}
+
+
+def is_selected(pod: Pod, config: InjectorConfig) -> bool:
+    labels = _labels(pod)
+    return bool(labels.get(config.labels.model_store) == config.labels.model_store_value)
+
+
+def _bad(key: str, value: str, form: str) -> str:
+    return f"annotation {key}={value!r} is invalid: expected {form}"
+
+
+def _parse_models(key: str, value: str, errors: list[str]) -> tuple[str, ...]:
+    tags = tuple(part.strip() for part in value.split(","))
+    for tag in tags:
+        name, _, version = tag.partition(":")
+        if not _NAME_RE.match(name) or (version and not _VERSION_RE.match(version)):
+            errors.append(_bad(key, value, MODELS_FORM))
+            return ()
+    return tags
+
+
+def _parse_quantity(
+    key: str, value: str, errors: list[str], bounds: tuple[str, str] | None = None
+) -> int:
+    try:
+        amount = parse_quantity(value)
+    except QuantityError:
+        errors.append(_bad(key, value, QUANTITY_FORM))
+        return 0
+    if amount <= 0:
+        errors.append(_bad(key, value, "a positive " + QUANTITY_FORM))
+        return 0
+    if bounds is not None:
+        lo, hi = bounds
+        if not parse_quantity(lo) <= amount <= parse_quantity(hi):
+            errors.append(_bad(key, value, f"a size between {lo} and {hi}"))
+    return int(amount)
+
+
+def _parse_bool(key: str, value: str, errors: list[str]) -> bool:
+    lowered = value.strip().lower()
+    if lowered not in ("true", "false"):
+        errors.append(_bad(key, value, "'true' or 'false'"))
+    return lowered == "true"
+
+
+def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
+    labels = _labels(pod)
+    keys = config.labels
+    if namespace in config.excluded_namespaces:
+        return Skip(f"namespace {namespace} is never mutated")
+    if not is_selected(pod, config):
+        return Skip(f"pod lacks label {keys.model_store}={keys.model_store_value}")
+    opt_out = labels.get(keys.inject)
+    if opt_out is not None:
+        if str(opt_out).lower() == "false":
+            return Skip(f"pod opted out with {keys.inject}=false")
+        if str(opt_out).lower() != "true":
+            return Deny(f"label {keys.inject}={opt_out!r} is invalid: expected 'true' or 'false'")
+
+    errors: list[str] = []
+    identity: dict[str, str] = {}
+    for label in (keys.bento_repository, keys.bento_version):
+        value = labels.get(label)
+        pattern = _NAME_RE if label == keys.bento_repository else _VERSION_RE
+        if not value:
+            errors.append(
+                f"pod is marked {keys.model_store}={keys.model_store_value} "
+                f"but has no {label} label; the Bento deployment sets it"
+            )
+        elif not pattern.match(str(value)):
+            errors.append(f"label {label}={value!r} is invalid: expected {NAME_FORM}")
+        else:
+            identity[label] = str(value)
+
+    ann = config.annotations
+    annotations = _annotations(pod)
+
+    def override(key: str) -> str | None:
+        value = annotations.get(key)
+        return None if value is None else str(value)
+
+    models: tuple[str, ...] = ()
+    if (raw := override(ann.models)) is not None:
+        models = _parse_models(ann.models, raw, errors)
+
+    volume = config.juicefs.default_volume
+    if (raw := override(ann.volume)) is not None:
+        if raw not in config.juicefs.allowed_volumes:
+            allowed = ", ".join(config.juicefs.allowed_volumes)
+            errors.append(_bad(ann.volume, raw, f"one of the configured volumes: {allowed}"))
+        volume = raw
+
+    cache_size = override(ann.cache_size) or config.juicefs.default_cache_size
+    cache_bytes = _parse_quantity(
+        ann.cache_size,
+        cache_size,
+        errors,
+        (config.juicefs.min_cache_size, config.juicefs.max_cache_size),
+    )
+
+    ssd_policy: SsdPolicy = config.scheduling.ssd_policy
+    if (raw := override(ann.ssd_policy)) is not None:
+        if raw not in SSD_POLICIES:
+            errors.append(_bad(ann.ssd_policy, raw, "'required', 'preferred' or 'off'"))
+        else:
+            ssd_policy = raw  # type: ignore[assignment]
+
+    defaults = config.sidecar.resources
+    resources = SidecarResources(
+        cpu_request=override(ann.sidecar_cpu) or defaults.cpu_request,
+        memory_request=override(ann.sidecar_memory) or defaults.memory_request,
+        cpu_limit=override(ann.sidecar_cpu_limit) or defaults.cpu_limit,
+        memory_limit=override(ann.sidecar_memory_limit) or defaults.memory_limit,
+    )
+    for key in (
+        ann.sidecar_cpu,
+        ann.sidecar_memory,
+        ann.sidecar_cpu_limit,
+        ann.sidecar_memory_limit,
+    ):
+        if (raw := override(key)) is not None:
+            _parse_quantity(key, raw, errors)
+
+    warmup = config.warmup.enabled
+    if (raw := override(ann.warmup)) is not None:
+        warmup = _parse_bool(ann.warmup, raw, errors)
+
+    timeout = config.warmup.timeout_seconds
+    if (raw := override(ann.warmup_timeout)) is not None:
+        try:
+            timeout = parse_duration_seconds(raw)
+        except DurationError:
+            errors.append(_bad(ann.warmup_timeout, raw, DURATION_FORM))
+        else:
+            if not MIN_WARMUP_TIMEOUT <= timeout <= MAX_WARMUP_TIMEOUT:
+                errors.append(_bad(ann.warmup_timeout, raw, "a duration between 30s and 24h"))
+
+    if errors:
+        return Deny("; ".join(errors))
+
+    name = identity[keys.bento_repository]
+    version = identity[keys.bento_version]
+    return InjectionPlan(
+        bento_name=name,
+        bento_version=version,
+        models=models,
+        volume=volume,
+        secret_name=config.juicefs.secret_name_template.format(volume=volume),
+        juicefs_path=config.models.juicefs_path_template.format(name=name, version=version),
+        cache_size=cache_size,
+        cache_bytes=cache_bytes,
+        ssd_policy=ssd_policy,
+        resources=resources,
+        warmup=warmup,
+        warmup_timeout_seconds=timeout,
+        sidecar_mode="native" if config.cluster.native_sidecars else "classic",
+        already_injected=ann.status in annotations,
+    )

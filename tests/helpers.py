@@ -1,0 +1,66 @@
+"""Shared test helpers: build pods, run the webhook decision, apply its patch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+from injector.admission import ReviewResult, pod_review_request, review
+from injector.config import InjectorConfig, load_config
+from injector.render import TEMPLATE_PATHS
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+SELECTED = "juicefs.bentoml.com/model-store"
+
+
+def bento_pod(name: str = "llama", **spec: Any) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "serving",
+            "labels": {
+                SELECTED: "juicefs",
+                "yatai.ai/bento-repository": "llama3-service",
+                "yatai.ai/bento-version": "v1",
+            },
+        },
+        "spec": {"containers": [{"name": "main", "image": "us-docker.pkg.dev/p/r/llama:1"}]},
+    }
+    pod["spec"].update(spec)
+    return pod
+
+
+def run(
+    pod: dict[str, Any], config: InjectorConfig | None = None, namespace: str = "serving"
+) -> ReviewResult:
+    return review(pod_review_request(pod, namespace), config or InjectorConfig())
+
+
+def inject(pod: dict[str, Any], config: InjectorConfig | None = None) -> dict[str, Any]:
+    result = run(pod, config)
+    assert result.outcome == "injected", result.reason
+    patched: dict[str, Any] = jsonpatch.apply_patch(pod, result.ops)
+    return patched
+
+
+def case_config(case: Path) -> InjectorConfig:
+    config_file = case.with_name(case.name.removesuffix(".yaml") + ".config")
+    return load_config(config_file) if config_file.exists() else InjectorConfig()
+
+
+def pods_of(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The pod, or the workload's pod template, in a rendered document."""
+    if document.get("kind") == "Pod":
+        yield document
+        return
+    path = TEMPLATE_PATHS.get(str(document.get("kind")))
+    if path is None:
+        return
+    node: Any = document
+    for key in path:
+        node = node[key]
+    yield node

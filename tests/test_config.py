@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from injector.cli import main
+from injector.config import ConfigError, InjectorConfig, load_config, parse_config
+
+
+def test_defaults_are_the_gke_profile() -> None:
+    config = InjectorConfig()
+    assert config.cluster.platform_profile == "gke"
+    assert config.cluster.native_sidecars is True
+    assert config.scheduling.ssd_node_label == "cloud.google.com/gke-ephemeral-storage-local-ssd"
+    assert "kube-system" in config.excluded_namespaces
+    assert config.webhook.namespace in config.excluded_namespaces
+
+
+def test_camel_case_keys_round_trip() -> None:
+    config = parse_config({"cluster": {"kubernetesVersion": "1.28.3", "platformProfile": "eks"}})
+    assert config.cluster.native_sidecars is False
+    dumped = yaml.safe_load(config.to_yaml())
+    assert dumped["cluster"]["kubernetesVersion"] == "1.28.3"
+    assert parse_config(dumped) == config
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"sidecar": {"imagee": "x"}}, "sidecar.imagee: unknown key"),
+        ({"cluster": {"kubernetesVersion": "latest"}}, "cluster.kubernetesVersion"),
+        (
+            {"cluster": {"platformProfile": "openshift"}},
+            "platformProfile 'openshift' is not one of",
+        ),
+        ({"juicefs": {"defaultCacheSize": "big"}}, "juicefs.defaultCacheSize"),
+        ({"juicefs": {"defaultVolume": "other"}}, "must be one of juicefs.allowedVolumes"),
+        ({"server": {"port": 70000}}, "server.port"),
+        (["a", "list"], "top level must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_key(data: object, expected: str) -> None:
+    with pytest.raises(ConfigError, match="invalid config") as info:
+        parse_config(data)
+    assert expected in str(info.value)
+
+
+def test_bad_config_file_fails_cli_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "config.yaml"
+    bad.write_text("warmup:\n  concurrency: 0\n")
+    assert main(["config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "warmup.concurrency" in err
+    assert "Traceback" not in err
+    bad.write_text("warmup: [\n")
+    assert main(["config", "--config", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["config", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+
+
+def test_config_command_prints_effective_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "config.yaml"
+    file.write_text("juicefs:\n  defaultCacheSize: 50Gi\n")
+    assert main(["config", "--config", str(file)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["juicefs"]["defaultCacheSize"] == "50Gi"
+    assert printed["labels"]["modelStore"] == "juicefs.bentoml.com/model-store"
+    assert load_config(file).juicefs.default_cache_size == "50Gi"

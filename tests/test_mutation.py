@@ -1,0 +1,381 @@
+"""Behaviour of the decision and each mutation step, one concern per test."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from injector.admission import pod_review_request as request_for
+from injector.admission import review
+from injector.config import InjectorConfig, parse_config
+
+from tests.helpers import bento_pod, inject, run
+
+STATUS = "juicefs.bentoml.com/status"
+
+
+def annotated(**annotations: str) -> dict[str, Any]:
+    pod = bento_pod()
+    pod["metadata"]["annotations"] = {f"juicefs.bentoml.com/{k}": v for k, v in annotations.items()}
+    return pod
+
+
+def sidecar_of(pod: dict[str, Any]) -> dict[str, Any]:
+    for key in ("initContainers", "containers"):
+        for container in pod["spec"].get(key) or []:
+            if container["name"] == "juicefs-mount":
+                return dict(container)
+    raise AssertionError("no sidecar")
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_native_sidecar_first_with_startup_probe() -> None:
+    pod = inject(bento_pod())
+    sidecar = pod["spec"]["initContainers"][0]
+    assert sidecar["name"] == "juicefs-mount"
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["startupProbe"]["exec"]["command"] == ["python", "-m", "sidecar", "probe"]
+    assert sidecar["securityContext"]["privileged"] is True
+    assert sidecar["volumeMounts"][0]["mountPropagation"] == "Bidirectional"
+    assert sidecar["resources"]["requests"]["ephemeral-storage"] == "20Gi"
+
+
+def test_classic_sidecar_on_old_clusters() -> None:
+    config = parse_config({"cluster": {"kubernetesVersion": "1.28"}})
+    pod = inject(bento_pod(), config)
+    assert "initContainers" not in pod["spec"]
+    sidecar = pod["spec"]["containers"][0]
+    assert sidecar["name"] == "juicefs-mount"
+    assert "restartPolicy" not in sidecar
+    assert sidecar["lifecycle"]["postStart"]["exec"]["command"][-2:] == ["--wait", "--timeout=300"]
+    app = pod["spec"]["containers"][1]
+    assert app["volumeMounts"][0]["mountPath"] == "/home/bentoml/bento/models"
+
+
+def test_credentials_only_by_secret_reference() -> None:
+    env = env_of(sidecar_of(inject(bento_pod())))
+    assert env["JFS_META_URL"] == {
+        "secretKeyRef": {"name": "juicefs-models-credentials", "key": "metaurl"}
+    }
+    for entry in sidecar_of(inject(bento_pod()))["env"]:
+        if entry["name"].startswith(("JFS_META", "JFS_ACCESS", "JFS_SECRET")):
+            assert "value" not in entry
+
+
+def test_model_mount_read_only_host_to_container_in_apps_and_later_inits() -> None:
+    pod = bento_pod(initContainers=[{"name": "download-tokenizer", "image": "busybox"}])
+    pod["spec"]["containers"].append({"name": "istio-proxy", "image": "istio/proxyv2"})
+    out = inject(pod)
+    app_mount = out["spec"]["containers"][0]["volumeMounts"][0]
+    assert app_mount == {
+        "name": "juicefs-mount-dir",
+        "mountPath": "/home/bentoml/bento/models",
+        "readOnly": True,
+        "mountPropagation": "HostToContainer",
+    }
+    assert out["spec"]["initContainers"][1]["volumeMounts"] == [app_mount]
+    assert "volumeMounts" not in out["spec"]["containers"][1]  # the mesh proxy
+
+
+def test_native_istio_proxy_stays_ahead_of_our_sidecar() -> None:
+    pod = bento_pod(
+        initContainers=[
+            {"name": "istio-init", "image": "istio/proxyv2"},
+            {"name": "istio-proxy", "image": "istio/proxyv2", "restartPolicy": "Always"},
+            {"name": "migrate", "image": "busybox"},
+        ]
+    )
+    names = [c["name"] for c in inject(pod)["spec"]["initContainers"]]
+    assert names == ["istio-init", "istio-proxy", "juicefs-mount", "migrate"]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "check"),
+    [
+        (
+            {"cache-size": "100Gi"},
+            lambda p: p["spec"]["volumes"][1]["emptyDir"]["sizeLimit"] == "100Gi",
+        ),
+        (
+            {"models": "llama3:v2,tokenizer"},
+            lambda p: env_of(sidecar_of(p))["JFS_MODELS"] == "llama3:v2,tokenizer",
+        ),
+        ({"warmup": "false"}, lambda p: env_of(sidecar_of(p))["JFS_WARMUP"] == "false"),
+        (
+            {"warmup-timeout": "1h30m"},
+            lambda p: env_of(sidecar_of(p))["JFS_WARMUP_TIMEOUT_SECONDS"] == "5400",
+        ),
+        (
+            {"sidecar-memory": "4Gi"},
+            lambda p: sidecar_of(p)["resources"]["limits"]["memory"] == "4Gi",
+        ),
+        ({"sidecar-cpu-limit": "2"}, lambda p: sidecar_of(p)["resources"]["limits"]["cpu"] == "2"),
+    ],
+)
+def test_valid_overrides(annotations: dict[str, str], check: Any) -> None:
+    assert check(inject(annotated(**annotations)))
+
+
+@pytest.mark.parametrize(
+    ("annotations", "message"),
+    [
+        (
+            {"cache-size": "lots"},
+            "juicefs.bentoml.com/cache-size='lots' is invalid: expected a Kubernetes quantity",
+        ),
+        ({"cache-size": "10Ti"}, "expected a size between 1Gi and 2Ti"),
+        ({"cache-size": "-5Gi"}, "expected a positive"),
+        (
+            {"ssd-policy": "always"},
+            "ssd-policy='always' is invalid: expected 'required', 'preferred' or 'off'",
+        ),
+        ({"warmup": "yes"}, "warmup='yes' is invalid: expected 'true' or 'false'"),
+        ({"warmup-timeout": "forever"}, "expected a duration such as 30m"),
+        ({"warmup-timeout": "5s"}, "between 30s and 24h"),
+        ({"models": "../../etc"}, "models='../../etc' is invalid"),
+        ({"models": "Llama/x"}, "is invalid: expected a comma-separated list"),
+        (
+            {"volume": "other-team"},
+            "volume='other-team' is invalid: expected one of the configured volumes: models",
+        ),
+        ({"sidecar-cpu": "a lot"}, "sidecar-cpu='a lot'"),
+    ],
+)
+def test_invalid_overrides_deny_naming_key_value_and_form(
+    annotations: dict[str, str], message: str
+) -> None:
+    result = run(annotated(**annotations))
+    assert result.outcome == "denied"
+    assert message in result.reason
+    assert result.response["response"]["allowed"] is False
+    assert "patch" not in result.response["response"]
+
+
+def test_every_invalid_override_reported_at_once() -> None:
+    result = run(annotated(**{"cache-size": "x", "warmup": "maybe"}))
+    assert "cache-size" in result.reason
+    assert "warmup" in result.reason
+
+
+@pytest.mark.parametrize("label", ["yatai.ai/bento-repository", "yatai.ai/bento-version"])
+def test_missing_identity_label_denied_by_name(label: str) -> None:
+    pod = bento_pod()
+    del pod["metadata"]["labels"][label]
+    result = run(pod)
+    assert result.outcome == "denied"
+    assert f"has no {label} label" in result.reason
+
+
+def test_identity_label_cannot_escape_the_model_tree() -> None:
+    pod = bento_pod()
+    pod["metadata"]["labels"]["yatai.ai/bento-version"] = "../../secrets"
+    assert run(pod).outcome == "denied"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda p: p["metadata"]["labels"].pop("juicefs.bentoml.com/model-store"), "lacks label"),
+        (
+            lambda p: p["metadata"]["labels"].update({"juicefs.bentoml.com/inject": "false"}),
+            "opted out",
+        ),
+    ],
+)
+def test_unselected_and_opted_out_pods_get_no_patch(mutate: Any, reason: str) -> None:
+    pod = bento_pod()
+    mutate(pod)
+    result = run(pod)
+    assert result.outcome == "skipped"
+    assert reason in result.reason
+    assert result.response["response"] == {"uid": "render", "allowed": True}
+
+
+@pytest.mark.parametrize(
+    "namespace", ["kube-system", "kube-public", "kube-node-lease", "bento-juicefs-system"]
+)
+def test_system_namespaces_never_mutated(namespace: str) -> None:
+    assert run(bento_pod(), namespace=namespace).outcome == "skipped"
+
+
+def test_non_create_and_non_pod_requests_skipped() -> None:
+    config = InjectorConfig()
+    update = request_for(bento_pod(), "serving").model_copy(update={"operation": "UPDATE"})
+    assert review(update, config).outcome == "skipped"
+    deployment = request_for(bento_pod(), "serving").model_copy(
+        update={
+            "kind": request_for(bento_pod(), "serving").kind.model_copy(
+                update={"group": "apps", "kind": "Deployment"}
+            )
+        }
+    )
+    assert review(deployment, config).outcome == "skipped"
+    subresource = request_for(bento_pod(), "serving").model_copy(update={"sub_resource": "status"})
+    assert review(subresource, config).outcome == "skipped"
+
+
+def test_pod_create_without_object_is_denied() -> None:
+    request = request_for(bento_pod(), "serving").model_copy(update={"object": None})
+    result = review(request, InjectorConfig())
+    assert result.outcome == "denied"
+    assert "no object" in result.reason
+
+
+def test_required_affinity_is_a_cross_product() -> None:
+    terms = [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]},
+    ]
+    pod = bento_pod(
+        affinity={
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
+            }
+        }
+    )
+    out = inject(pod)
+    ssd = {
+        "key": "cloud.google.com/gke-ephemeral-storage-local-ssd",
+        "operator": "In",
+        "values": ["true"],
+    }
+    new_terms = out["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    assert new_terms[0]["matchExpressions"] == [terms[0]["matchExpressions"][0], ssd]
+    assert new_terms[1]["matchFields"] == terms[1]["matchFields"]
+    assert new_terms[1]["matchExpressions"] == [ssd]
+
+
+def test_ssd_policy_preferred_and_off() -> None:
+    preferred = inject(annotated(**{"ssd-policy": "preferred"}))["spec"]["affinity"]["nodeAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in preferred
+    keys = [
+        p["preference"]["matchExpressions"][0]["key"]
+        for p in preferred["preferredDuringSchedulingIgnoredDuringExecution"]
+    ]
+    assert keys == [
+        "cloud.google.com/gke-ephemeral-storage-local-ssd",
+        "cloud.google.com/gke-image-streaming",
+    ]
+    off = inject(annotated(**{"ssd-policy": "off"}))["spec"]["affinity"]["nodeAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in off
+
+
+def test_image_streaming_warnings() -> None:
+    pod = bento_pod()
+    pod["spec"]["containers"].append(
+        {"name": "sidecar", "image": "quay.io/prometheus/node-exporter"}
+    )
+    result = run(pod)
+    assert result.warnings == [
+        "image quay.io/prometheus/node-exporter of container 'sidecar' cannot use GKE Image "
+        "streaming (Artifact Registry or public Docker Hub images) and will be pulled in full"
+    ]
+    assert result.response["response"]["warnings"] == result.warnings
+
+
+def test_readiness_gate_appended_to_existing() -> None:
+    out = inject(bento_pod(readinessGates=[{"conditionType": "example.com/warm"}]))
+    assert out["spec"]["readinessGates"] == [
+        {"conditionType": "example.com/warm"},
+        {"conditionType": "juicefs.bentoml.com/models-ready"},
+    ]
+
+
+def test_no_automount_gives_only_the_sidecar_a_token() -> None:
+    out = inject(bento_pod(automountServiceAccountToken=False))
+    token = next(v for v in out["spec"]["volumes"] if v["name"] == "juicefs-sa-token")
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["path"] == "token"
+    assert any(m["name"] == "juicefs-sa-token" for m in sidecar_of(out)["volumeMounts"])
+    assert all(
+        m["name"] != "juicefs-sa-token" for m in out["spec"]["containers"][0]["volumeMounts"]
+    )
+    assert out["spec"]["automountServiceAccountToken"] is False
+
+
+def test_status_annotation_says_what_was_injected() -> None:
+    status = json.loads(inject(bento_pod())["metadata"]["annotations"][STATUS])
+    assert status["sidecar"] == {"mode": "native", "name": "juicefs-mount"}
+    assert status["bento"] == "llama3-service:v1"
+    assert status["cache"]["size"] == "20Gi"
+    assert status["profile"] == "gke"
+    assert status["readinessGate"] == "juicefs.bentoml.com/models-ready"
+    assert status["volumes"] == ["juicefs-mount-dir", "juicefs-cache"]
+
+
+def test_reinvocation_mounts_models_into_a_container_added_later() -> None:
+    out = inject(bento_pod())
+    out["spec"]["containers"].append({"name": "added-by-another-webhook", "image": "busybox"})
+    out["spec"]["volumes"].append({"name": "other", "emptyDir": {}})
+    again = run(out)
+    assert again.outcome == "injected"
+    assert again.reason == "re-invoked: added what was missing"
+    assert again.ops == [
+        {
+            "op": "add",
+            "path": "/spec/containers/1/volumeMounts",
+            "value": [
+                {
+                    "name": "juicefs-mount-dir",
+                    "mountPath": "/home/bentoml/bento/models",
+                    "readOnly": True,
+                    "mountPropagation": "HostToContainer",
+                }
+            ],
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"initContainers": [{"name": "juicefs-mount", "image": "x"}]},
+            "spec.initContainers already has a container named 'juicefs-mount'",
+        ),
+        (
+            {"volumes": [{"name": "juicefs-cache", "emptyDir": {}}]},
+            "spec.volumes already has a volume named 'juicefs-cache'",
+        ),
+    ],
+)
+def test_name_clashes_denied(spec: dict[str, Any], message: str) -> None:
+    result = run(bento_pod(**spec))
+    assert result.outcome == "denied"
+    assert message in result.reason
+
+
+def test_own_model_path_mount_clash_denied() -> None:
+    pod = bento_pod()
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "baked", "mountPath": "/home/bentoml/bento/models/"}
+    ]
+    result = run(pod)
+    assert result.outcome == "denied"
+    assert "already mounts volume 'baked' at /home/bentoml/bento/models" in result.reason
+
+
+def test_hostnetwork_warns_about_dns() -> None:
+    assert any("ClusterFirstWithHostNet" in w for w in run(bento_pod(hostNetwork=True)).warnings)
+    quiet = run(bento_pod(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet"))
+    assert quiet.warnings == []
+
+
+def test_pod_security_context_does_not_reach_the_sidecar() -> None:
+    out = inject(bento_pod(securityContext={"runAsUser": 1000, "runAsNonRoot": True}))
+    assert sidecar_of(out)["securityContext"]["runAsNonRoot"] is False
+    assert sidecar_of(out)["securityContext"]["runAsUser"] == 0
+    assert out["spec"]["securityContext"] == {"runAsUser": 1000, "runAsNonRoot": True}
+
+
+def test_many_env_vars_untouched() -> None:
+    env = [{"name": f"VAR_{i}", "value": str(i)} for i in range(1500)]
+    pod = bento_pod()
+    pod["spec"]["containers"][0]["env"] = env
+    result = run(pod)
+    assert all(not op["path"].startswith("/spec/containers/0/env") for op in result.ops)

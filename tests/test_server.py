@@ -1,0 +1,295 @@
+"""The webhook server over real TLS on loopback: a real socket, a real handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import pytest
+import structlog
+from aiohttp import web
+from cryptography import x509
+from injector.certs import generate_bundle, issue_serving_cert
+from injector.config import InjectorConfig, parse_config
+from injector.server import (
+    SERVING,
+    TLS,
+    ReadyCheck,
+    build_app,
+    prepare_tls,
+    reload_if_changed,
+)
+
+from tests.helpers import bento_pod
+
+
+@dataclass
+class Running:
+    url: str
+    session: aiohttp.ClientSession
+    app: web.Application
+    cert_dir: Path
+
+    async def post(
+        self, body: bytes, content_type: str = "application/json"
+    ) -> aiohttp.ClientResponse:
+        return await self.session.post(
+            self.url + "/mutate", data=body, headers={"Content-Type": content_type}
+        )
+
+
+def review_body(obj: dict[str, Any] | None, **overrides: Any) -> bytes:
+    request: dict[str, Any] = {
+        "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "operation": "CREATE",
+        "namespace": "serving",
+        "object": obj,
+        "dryRun": False,
+    }
+    request.update(overrides.pop("request", {}))
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+    review.update(overrides)
+    return json.dumps(review).encode()
+
+
+def client_context(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+async def start(
+    config: InjectorConfig, checks: list[ReadyCheck] | None = None
+) -> tuple[web.AppRunner, web.Application, int]:
+    tls = prepare_tls(config)
+    app = build_app(config, checks)
+    app[TLS] = tls
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    site = web.SockSite(runner, sock, ssl_context=tls.context)
+    await site.start()
+    app[SERVING].set()
+    return runner, app, sock.getsockname()[1]
+
+
+def server_config(tmp_path: Path, **server: Any) -> InjectorConfig:
+    return parse_config(
+        {"server": {"certDir": str(tmp_path / "certs"), "maxBodyBytes": 64 * 1024, **server}}
+    )
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Running]:
+    config = server_config(tmp_path)
+    runner, app, port = await start(config)
+    connector = aiohttp.TCPConnector(ssl=client_context(tmp_path / "certs" / "ca.crt"))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield Running(f"https://127.0.0.1:{port}", session, app, tmp_path / "certs")
+    await runner.cleanup()
+
+
+async def test_injects_over_tls(server: Running) -> None:
+    pod = bento_pod()
+    resp = await server.post(review_body(pod))
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["apiVersion"] == "admission.k8s.io/v1"
+    assert body["kind"] == "AdmissionReview"
+    response = body["response"]
+    assert response["uid"] == "705ab4f5-6393-11e8-b7cc-42010a800002"
+    assert response["allowed"] is True
+    assert response["patchType"] == "JSONPatch"
+    ops = json.loads(base64.b64decode(response["patch"]))
+    patched = jsonpatch.apply_patch(pod, ops)
+    assert patched["spec"]["initContainers"][0]["name"] == "juicefs-mount"
+    # Only the keys an apiserver reads: nothing it would reject as unknown.
+    assert set(response) <= {
+        "uid",
+        "allowed",
+        "patchType",
+        "patch",
+        "warnings",
+        "status",
+        "auditAnnotations",
+    }
+
+
+async def test_unselected_pod_allowed_without_patch(server: Running) -> None:
+    pod = bento_pod()
+    del pod["metadata"]["labels"]["juicefs.bentoml.com/model-store"]
+    body = await (await server.post(review_body(pod))).json()
+    assert body["response"] == {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "allowed": True}
+
+
+async def test_denial_carries_status_message(server: Running) -> None:
+    pod = bento_pod()
+    pod["metadata"]["annotations"] = {"juicefs.bentoml.com/cache-size": "lots"}
+    body = await (await server.post(review_body(pod))).json()
+    response = body["response"]
+    assert response["allowed"] is False
+    assert "juicefs.bentoml.com/cache-size='lots'" in response["status"]["message"]
+    assert response["status"]["code"] == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[]", "not an AdmissionReview"),
+        (
+            review_body(bento_pod(), apiVersion="admission.k8s.io/v1beta1"),
+            "apiVersion must be 'admission.k8s.io/v1'",
+        ),
+        (review_body(bento_pod(), kind="Pod"), "kind must be 'AdmissionReview'"),
+        (review_body(bento_pod(), request={"uid": ""}), "request.uid"),
+        (
+            json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(),
+            "request is missing",
+        ),
+    ],
+    ids=[
+        "malformed-json",
+        "not-an-object",
+        "wrong-api-version",
+        "wrong-kind",
+        "empty-uid",
+        "no-request",
+    ],
+)
+async def test_bad_requests_get_400(server: Running, body: bytes, expected: str) -> None:
+    resp = await server.post(body)
+    assert resp.status == 400
+    text = await resp.text()
+    assert expected in text
+    assert "Traceback" not in text
+
+
+async def test_missing_uid_gets_400(server: Running) -> None:
+    doc = json.loads(review_body(bento_pod()))
+    del doc["request"]["uid"]
+    resp = await server.post(json.dumps(doc).encode())
+    assert resp.status == 400
+    assert "request.uid is missing" in await resp.text()
+
+
+async def test_wrong_content_type_gets_400(server: Running) -> None:
+    resp = await server.post(review_body(bento_pod()), content_type="text/yaml")
+    assert resp.status == 400
+    assert "not application/json" in await resp.text()
+
+
+async def test_oversized_body_gets_413(server: Running) -> None:
+    pod = bento_pod()
+    pod["metadata"]["annotations"] = {"filler": "x" * (100 * 1024)}
+    resp = await server.post(review_body(pod))
+    assert resp.status == 413
+    assert "maxBodyBytes" in await resp.text()
+
+
+async def test_dry_run_answers_the_same_and_is_logged(server: Running) -> None:
+    pod = bento_pod(name="")
+    pod["metadata"]["generateName"] = "llama-"
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logs:
+        wet = await (await server.post(review_body(pod))).json()
+        dry = await (await server.post(review_body(pod, request={"dryRun": True}))).json()
+    assert wet["response"]["patch"] == dry["response"]["patch"]
+    decided = [entry for entry in logs if entry["event"] == "admission.decided"]
+    assert [entry["dry_run"] for entry in decided] == [False, True]
+    assert decided[0]["uid"] == "705ab4f5-6393-11e8-b7cc-42010a800002"
+    assert decided[0]["namespace"] == "serving"
+    assert decided[0]["pod"] == "llama-*"
+    assert decided[0]["decision"] == "injected"
+
+
+async def test_health_ready_and_metrics(server: Running) -> None:
+    assert (await server.session.get(server.url + "/healthz")).status == 200
+    assert (await server.session.get(server.url + "/readyz")).status == 200
+    await server.post(review_body(bento_pod()))
+    await server.post(b"nope")
+    text = await (await server.session.get(server.url + "/metrics")).text()
+    assert 'bento_juicefs_admission_requests_total{outcome="injected"} 1.0' in text
+    assert 'bento_juicefs_admission_requests_total{outcome="bad_request"} 1.0' in text
+    assert "bento_juicefs_admission_duration_seconds_bucket" in text
+
+
+async def test_readyz_waits_for_checks(tmp_path: Path) -> None:
+    problem: list[str | None] = ["caBundle not patched yet"]
+
+    async def check() -> str | None:
+        return problem[0]
+
+    runner, _, port = await start(server_config(tmp_path), [check])
+    connector = aiohttp.TCPConnector(ssl=client_context(tmp_path / "certs" / "ca.crt"))
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            resp = await session.get(f"https://127.0.0.1:{port}/readyz")
+            assert resp.status == 503
+            assert "caBundle" in await resp.text()
+            problem[0] = None
+            assert (await session.get(f"https://127.0.0.1:{port}/readyz")).status == 200
+    finally:
+        await runner.cleanup()
+
+
+def _peer_serial(port: int, ca: Path) -> int:
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        client_context(ca).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def test_certificate_reload_keeps_connections(server: Running) -> None:
+    """A new serving cert is picked up by new handshakes; open connections keep working."""
+    cert_dir = server.cert_dir
+    port = int(server.url.rsplit(":", 1)[1])
+    before = await asyncio.to_thread(_peer_serial, port, cert_dir / "ca.crt")
+    # An open keep-alive connection from before the rotation.
+    assert (await server.session.get(server.url + "/healthz")).status == 200
+
+    cert_pem, key_pem = issue_serving_cert(
+        (cert_dir / "ca.crt").read_bytes(),
+        (cert_dir / "ca.key").read_bytes(),
+        ["localhost", "127.0.0.1"],
+    )
+    (cert_dir / "tls.key").write_bytes(key_pem)
+    (cert_dir / "tls.crt").write_bytes(cert_pem)
+    assert reload_if_changed(server.app[TLS]) is True
+    assert reload_if_changed(server.app[TLS]) is False
+
+    after = await asyncio.to_thread(_peer_serial, port, cert_dir / "ca.crt")
+    assert after != before
+    assert after == x509.load_pem_x509_certificate(cert_pem).serial_number
+    assert (await server.session.get(server.url + "/healthz")).status == 200
+
+
+def test_cert_manager_files_are_required_when_not_self_signed(tmp_path: Path) -> None:
+    config = server_config(tmp_path, selfSigned=False)
+    with pytest.raises(FileNotFoundError, match="cert-manager"):
+        prepare_tls(config)
+
+
+def test_cert_manager_files_are_used_as_given(tmp_path: Path) -> None:
+    bundle = generate_bundle(["localhost"])
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    (cert_dir / "tls.crt").write_bytes(bundle.cert_pem)
+    (cert_dir / "tls.key").write_bytes(bundle.key_pem)
+    state = prepare_tls(server_config(tmp_path, selfSigned=False))
+    assert state.ca_key is None
+    assert (cert_dir / "tls.crt").read_bytes() == bundle.cert_pem
