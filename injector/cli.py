@@ -29,6 +29,20 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the admission webhook server")
     serve.add_argument("--config", help="injector config file (YAML)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--kubeconfig", help="kubeconfig to use instead of the in-cluster service account"
+    )
+    serve.add_argument(
+        "--standalone",
+        action="store_true",
+        help="serve /mutate only: no CA Secret, caBundle or namespace controller",
+    )
+    serve.add_argument(
+        "--extra-host",
+        action="append",
+        default=[],
+        help="another DNS name or IP for the serving certificate (repeatable)",
+    )
     return parser
 
 
@@ -57,7 +71,14 @@ def cmd_serve(args: argparse.Namespace, config: InjectorConfig) -> int:
     from injector.server import serve
 
     configure_logging(args.log_level)
-    asyncio.run(serve(config))
+    asyncio.run(
+        serve(
+            config,
+            kubeconfig=args.kubeconfig,
+            standalone=args.standalone,
+            extra_hosts=args.extra_host,
+        )
+    )
     return 0
 
 

@@ -157,44 +157,62 @@ class Readiness(_Model):
     condition_type: str = PREFIX + "models-ready"
 
 
+class NodeLabel(_Model):
+    """A node label to steer to; without a value the label only has to exist."""
+
+    key: str
+    value: str | None = "true"
+
+    def expression(self) -> dict[str, Any]:
+        if self.value is None:
+            return {"key": self.key, "operator": "Exists"}
+        return {"key": self.key, "operator": "In", "values": [self.value]}
+
+    def __str__(self) -> str:
+        return self.key if self.value is None else f"{self.key}={self.value}"
+
+
 class Scheduling(_Model):
     ssd_policy: SsdPolicy = "required"
-    ssd_node_label: str = "cloud.google.com/gke-ephemeral-storage-local-ssd"
-    ssd_node_label_value: str = "true"
+    # Overrides the platform profile's local-SSD node label.
+    ssd_node_label: NodeLabel | None = None
     preferred_weight: int = Field(default=100, ge=1, le=100)
 
 
-class StreamingProfile(_Model):
-    """How one platform streams images: which nodes do it, which images qualify."""
+class PlatformProfile(_Model):
+    """One platform: which nodes have local NVMe, which stream images, which images can."""
 
-    node_label: str | None = None
-    node_label_value: str = "true"
-    affinity: Literal["required", "preferred", "off"] = "preferred"
-    preferred_weight: int = Field(default=50, ge=1, le=100)
-    # fnmatch patterns against the image's registry host/path.
+    ssd_node_label: NodeLabel | None = None
+    streaming_node_label: NodeLabel | None = None
+    streaming_affinity: Literal["required", "preferred", "off"] = "preferred"
+    streaming_weight: int = Field(default=50, ge=1, le=100)
+    # fnmatch patterns against the fully-qualified image reference.
     streamable_images: tuple[str, ...] = ()
     description: str = ""
 
 
-def _default_profiles() -> dict[str, StreamingProfile]:
+def _default_profiles() -> dict[str, PlatformProfile]:
     return {
-        "gke": StreamingProfile(
-            node_label="cloud.google.com/gke-image-streaming",
-            streamable_images=("*-docker.pkg.dev/*", "docker.io/*"),
-            description="GKE Image streaming (Artifact Registry or public Docker Hub images)",
+        "gke": PlatformProfile(
+            ssd_node_label=NodeLabel(key="cloud.google.com/gke-ephemeral-storage-local-ssd"),
+            streaming_node_label=NodeLabel(key="cloud.google.com/gke-image-streaming"),
+            streamable_images=("*-docker.pkg.dev/*", "gcr.io/*", "*.gcr.io/*", "docker.io/*"),
+            description="GKE Image streaming",
         ),
-        "eks": StreamingProfile(
-            node_label=None,
-            affinity="off",
+        "eks": PlatformProfile(
+            # Karpenter labels instance types that have local NVMe with its size.
+            ssd_node_label=NodeLabel(key="karpenter.k8s.aws/instance-local-nvme", value=None),
+            streaming_affinity="off",
             streamable_images=("*.dkr.ecr.*.amazonaws.com/*",),
-            description="EKS SOCI lazy loading (ECR images with a SOCI index)",
+            description="EKS SOCI lazy loading",
         ),
-        "aks": StreamingProfile(
-            node_label="kubernetes.azure.com/artifactstreaming-enabled",
+        "aks": PlatformProfile(
+            # AKS has no standard label for local NVMe: set scheduling.ssdNodeLabel.
+            streaming_node_label=NodeLabel(key="kubernetes.azure.com/artifactstreaming-enabled"),
             streamable_images=("*.azurecr.io/*",),
-            description="AKS Artifact Streaming (ACR Premium images)",
+            description="AKS Artifact Streaming",
         ),
-        "none": StreamingProfile(affinity="off", description="no image streaming"),
+        "none": PlatformProfile(streaming_affinity="off", description="no image streaming"),
     }
 
 
@@ -202,7 +220,7 @@ class Cluster(_Model):
     # Native sidecars (initContainers with restartPolicy: Always) need 1.29+.
     kubernetes_version: Annotated[str, AfterValidator(_check_k8s_version)] = "1.30"
     platform_profile: str = "gke"
-    profiles: dict[str, StreamingProfile] = Field(default_factory=_default_profiles)
+    profiles: dict[str, PlatformProfile] = Field(default_factory=_default_profiles)
 
     @model_validator(mode="after")
     def _profile_exists(self) -> Cluster:
@@ -221,7 +239,7 @@ class Cluster(_Model):
         return (major, minor) >= (1, 29)
 
     @property
-    def profile(self) -> StreamingProfile:
+    def profile(self) -> PlatformProfile:
         return self.profiles[self.platform_profile]
 
 
@@ -232,6 +250,21 @@ class Webhook(_Model):
     service_name: str = "bento-juicefs-injector"
     excluded_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease")
     timeout_seconds: int = Field(default=5, ge=1, le=30)
+    # Replicas share one CA through this Secret; the CA's certificate is the
+    # caBundle the injector keeps patched into its webhook configuration.
+    ca_secret_name: str = "bento-juicefs-injector-ca"
+    manage_ca_bundle: bool = True
+    ca_bundle_check_seconds: float = Field(default=30.0, gt=0)
+
+
+class Controller(_Model):
+    """The namespace controller: credentials and readiness RBAC per opted-in namespace."""
+
+    enabled: bool = True
+    resync_seconds: float = Field(default=60.0, gt=0)
+    # Objects the controller owns carry this label, and only those are deleted.
+    managed_by: str = "bento-juicefs-injector"
+    role_name: str = "bento-juicefs-models-ready"
 
 
 class Server(_Model):
@@ -260,6 +293,7 @@ class InjectorConfig(_Model):
     scheduling: Scheduling = Scheduling()
     cluster: Cluster = Cluster()
     webhook: Webhook = Webhook()
+    controller: Controller = Controller()
     server: Server = Server()
 
     @model_validator(mode="after")
@@ -276,7 +310,17 @@ class InjectorConfig(_Model):
             raise ValueError(
                 "juicefs.defaultCacheSize must lie between minCacheSize and maxCacheSize"
             )
+        if self.scheduling.ssd_policy != "off" and self.ssd_node_label is None:
+            raise ValueError(
+                f"scheduling.ssdPolicy is {self.scheduling.ssd_policy} but profile "
+                f"{self.cluster.platform_profile!r} has no ssdNodeLabel: set "
+                "scheduling.ssdNodeLabel or scheduling.ssdPolicy: off"
+            )
         return self
+
+    @property
+    def ssd_node_label(self) -> NodeLabel | None:
+        return self.scheduling.ssd_node_label or self.cluster.profile.ssd_node_label
 
     @property
     def excluded_namespaces(self) -> frozenset[str]:

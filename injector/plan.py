@@ -8,7 +8,7 @@ steps only read the plan. Nothing here does I/O.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -105,7 +105,11 @@ def _parse_models(key: str, value: str, errors: list[str]) -> tuple[str, ...]:
 
 
 def _parse_quantity(
-    key: str, value: str, errors: list[str], bounds: tuple[str, str] | None = None
+    key: str,
+    value: str,
+    errors: list[str],
+    bounds: tuple[str, str] | None = None,
+    whole_bytes: bool = False,
 ) -> int:
     try:
         amount = parse_quantity(value)
@@ -113,7 +117,10 @@ def _parse_quantity(
         errors.append(_bad(key, value, QUANTITY_FORM))
         return 0
     if amount <= 0:
-        errors.append(_bad(key, value, "a positive " + QUANTITY_FORM))
+        errors.append(_bad(key, value, "a size above zero"))
+        return 0
+    if whole_bytes and amount != amount.to_integral_value():
+        errors.append(_bad(key, value, "a whole number of bytes, e.g. 512Mi or 4Gi"))
         return 0
     if bounds is not None:
         lo, hi = bounds
@@ -127,6 +134,57 @@ def _parse_bool(key: str, value: str, errors: list[str]) -> bool:
     if lowered not in ("true", "false"):
         errors.append(_bad(key, value, "'true' or 'false'"))
     return lowered == "true"
+
+
+def _resources(
+    config: InjectorConfig, override: Callable[[str], str | None], errors: list[str]
+) -> SidecarResources:
+    """Sidecar requests and limits: config defaults, overridden per pod.
+
+    A limit below its request is invalid; when the pod set both, say so;
+    when only the request was raised, raise the default limit with it.
+    """
+    ann, defaults = config.annotations, config.sidecar.resources
+    chosen: dict[str, str | None] = {}
+    for kind, req_key, lim_key, req_default, lim_default in (
+        ("cpu", ann.sidecar_cpu, ann.sidecar_cpu_limit, defaults.cpu_request, defaults.cpu_limit),
+        (
+            "memory",
+            ann.sidecar_memory,
+            ann.sidecar_memory_limit,
+            defaults.memory_request,
+            defaults.memory_limit,
+        ),
+    ):
+        whole = kind == "memory"
+        request, limit = override(req_key), override(lim_key)
+        for key, raw in ((req_key, request), (lim_key, limit)):
+            if raw is not None:
+                _parse_quantity(key, raw, errors, whole_bytes=whole)
+        final_request = request if request is not None else req_default
+        final_limit = limit if limit is not None else lim_default
+        if final_limit is not None and _below(final_limit, final_request):
+            if limit is not None:
+                errors.append(
+                    f"annotation {lim_key}={limit!r} is below the {kind} request "
+                    f"{final_request!r} ({req_key}): a limit must be at least its request"
+                )
+            else:
+                final_limit = final_request
+        chosen[f"{kind}_request"], chosen[f"{kind}_limit"] = final_request, final_limit
+    return SidecarResources(
+        cpu_request=chosen["cpu_request"] or defaults.cpu_request,
+        memory_request=chosen["memory_request"] or defaults.memory_request,
+        cpu_limit=chosen["cpu_limit"],
+        memory_limit=chosen["memory_limit"],
+    )
+
+
+def _below(limit: str, request: str) -> bool:
+    try:
+        return parse_quantity(limit) < parse_quantity(request)
+    except QuantityError:
+        return False  # already reported
 
 
 def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
@@ -176,12 +234,15 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
             errors.append(_bad(ann.volume, raw, f"one of the configured volumes: {allowed}"))
         volume = raw
 
-    cache_size = override(ann.cache_size) or config.juicefs.default_cache_size
+    cache_size = override(ann.cache_size)
+    if cache_size is None:
+        cache_size = config.juicefs.default_cache_size
     cache_bytes = _parse_quantity(
         ann.cache_size,
         cache_size,
         errors,
         (config.juicefs.min_cache_size, config.juicefs.max_cache_size),
+        whole_bytes=True,
     )
 
     ssd_policy: SsdPolicy = config.scheduling.ssd_policy
@@ -190,22 +251,13 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
             errors.append(_bad(ann.ssd_policy, raw, "'required', 'preferred' or 'off'"))
         else:
             ssd_policy = raw  # type: ignore[assignment]
+            if raw != "off" and config.ssd_node_label is None:
+                errors.append(
+                    f"annotation {ann.ssd_policy}={raw!r} needs a local-SSD node label, and "
+                    "none is configured (scheduling.ssdNodeLabel)"
+                )
 
-    defaults = config.sidecar.resources
-    resources = SidecarResources(
-        cpu_request=override(ann.sidecar_cpu) or defaults.cpu_request,
-        memory_request=override(ann.sidecar_memory) or defaults.memory_request,
-        cpu_limit=override(ann.sidecar_cpu_limit) or defaults.cpu_limit,
-        memory_limit=override(ann.sidecar_memory_limit) or defaults.memory_limit,
-    )
-    for key in (
-        ann.sidecar_cpu,
-        ann.sidecar_memory,
-        ann.sidecar_cpu_limit,
-        ann.sidecar_memory_limit,
-    ):
-        if (raw := override(key)) is not None:
-            _parse_quantity(key, raw, errors)
+    resources = _resources(config, override, errors)
 
     warmup = config.warmup.enabled
     if (raw := override(ann.warmup)) is not None:

@@ -8,9 +8,10 @@ import json
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -254,12 +255,68 @@ def prepare_tls(config: InjectorConfig, extra_hosts: list[str] | None = None) ->
     )
 
 
+class CaBundleKeeper:
+    """Keeps our CA in the webhook configuration's caBundle; /readyz reads its verdict.
+
+    A chart upgrade or a GitOps sync may reset the caBundle; re-patching on a
+    timer heals that without a restart, and readiness reflects it meanwhile.
+    """
+
+    def __init__(self, api: Any, config: InjectorConfig, ca_pem: bytes) -> None:
+        self._api, self._config, self._ca_pem = api, config, ca_pem
+        self.problem: str | None = "caBundle not checked yet"
+
+    async def check_once(self) -> None:
+        from injector.cluster_certs import ca_bundle_problem, patch_ca_bundle
+
+        try:
+            await patch_ca_bundle(self._api, self._config, self._ca_pem)
+        except Exception as err:
+            log.warning("ca_bundle.patch_failed", error=str(err))
+        self.problem = await ca_bundle_problem(self._api, self._config, self._ca_pem)
+
+    async def run(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self._config.webhook.ca_bundle_check_seconds)
+
+    async def ready_check(self) -> str | None:
+        return self.problem
+
+
 async def serve(
     config: InjectorConfig,
-    ready_checks: list[ReadyCheck] | None = None,
+    *,
+    kubeconfig: str | None = None,
+    standalone: bool = False,
+    extra_hosts: list[str] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    tls = prepare_tls(config)
+    """Run the webhook until SIGTERM/SIGINT (or stop is set).
+
+    Unless standalone, it also talks to the cluster: the shared CA Secret,
+    the caBundle, and the namespace controller.
+    """
+    ready_checks: list[ReadyCheck] = []
+    background: list[Coroutine[Any, Any, None]] = []
+    if not standalone:
+        from injector.cluster_certs import ensure_shared_ca, write_serving_files
+        from injector.kube import new_api_client
+        from injector.namespaces import NamespaceController
+
+        api = await new_api_client(kubeconfig)
+        if config.server.self_signed and config.webhook.manage_ca_bundle:
+            ca_pem, ca_key_pem = await ensure_shared_ca(api, config)
+            write_serving_files(
+                config, ca_pem, ca_key_pem, ["localhost", "127.0.0.1", *(extra_hosts or [])]
+            )
+            keeper = CaBundleKeeper(api, config, ca_pem)
+            await keeper.check_once()
+            ready_checks.append(keeper.ready_check)
+            background.append(keeper.run())
+        if config.controller.enabled:
+            background.append(NamespaceController(api, config).run())
+    tls = prepare_tls(config, extra_hosts)
     app = build_app(config, ready_checks)
     app[TLS] = tls
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
@@ -267,7 +324,10 @@ async def serve(
     site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=tls.context)
     await site.start()
     app[SERVING].set()
-    log.info("server.started", host=config.server.host, port=config.server.port)
+    tasks = [asyncio.create_task(coro) for coro in background]
+    log.info(
+        "server.started", host=config.server.host, port=config.server.port, standalone=standalone
+    )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -277,5 +337,8 @@ async def serve(
         await stop.wait()
     finally:
         log.info("server.stopping")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         # Finishes in-flight requests before closing; new connections are refused.
         await runner.cleanup()

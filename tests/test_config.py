@@ -12,7 +12,9 @@ def test_defaults_are_the_gke_profile() -> None:
     config = InjectorConfig()
     assert config.cluster.platform_profile == "gke"
     assert config.cluster.native_sidecars is True
-    assert config.scheduling.ssd_node_label == "cloud.google.com/gke-ephemeral-storage-local-ssd"
+    label = config.ssd_node_label
+    assert label is not None
+    assert label.key == "cloud.google.com/gke-ephemeral-storage-local-ssd"
     assert "kube-system" in config.excluded_namespaces
     assert config.webhook.namespace in config.excluded_namespaces
 

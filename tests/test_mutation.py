@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from injector.admission import pod_review_request as request_for
 from injector.admission import review
-from injector.config import InjectorConfig, parse_config
+from injector.config import ConfigError, InjectorConfig, parse_config
 
 from tests.helpers import bento_pod, inject, run
 
@@ -67,8 +67,12 @@ def test_credentials_only_by_secret_reference() -> None:
 
 
 def test_model_mount_read_only_host_to_container_in_apps_and_later_inits() -> None:
-    pod = bento_pod(initContainers=[{"name": "download-tokenizer", "image": "busybox"}])
-    pod["spec"]["containers"].append({"name": "istio-proxy", "image": "istio/proxyv2"})
+    pod = bento_pod(
+        initContainers=[
+            {"name": "istio-proxy", "image": "istio/proxyv2", "restartPolicy": "Always"},
+            {"name": "download-tokenizer", "image": "busybox"},
+        ]
+    )
     out = inject(pod)
     app_mount = out["spec"]["containers"][0]["volumeMounts"][0]
     assert app_mount == {
@@ -77,8 +81,13 @@ def test_model_mount_read_only_host_to_container_in_apps_and_later_inits() -> No
         "readOnly": True,
         "mountPropagation": "HostToContainer",
     }
-    assert out["spec"]["initContainers"][1]["volumeMounts"] == [app_mount]
-    assert "volumeMounts" not in out["spec"]["containers"][1]  # the mesh proxy
+    assert [c["name"] for c in out["spec"]["initContainers"]] == [
+        "istio-proxy",
+        "juicefs-mount",
+        "download-tokenizer",
+    ]
+    assert out["spec"]["initContainers"][2]["volumeMounts"] == [app_mount]
+    assert "volumeMounts" not in out["spec"]["initContainers"][0]  # the mesh proxy
 
 
 def test_native_istio_proxy_stays_ahead_of_our_sidecar() -> None:
@@ -128,7 +137,7 @@ def test_valid_overrides(annotations: dict[str, str], check: Any) -> None:
             "juicefs.bentoml.com/cache-size='lots' is invalid: expected a Kubernetes quantity",
         ),
         ({"cache-size": "10Ti"}, "expected a size between 1Gi and 2Ti"),
-        ({"cache-size": "-5Gi"}, "expected a positive"),
+        ({"cache-size": "-5Gi"}, "expected a size above zero"),
         (
             {"ssd-policy": "always"},
             "ssd-policy='always' is invalid: expected 'required', 'preferred' or 'off'",
@@ -273,10 +282,13 @@ def test_image_streaming_warnings() -> None:
     )
     result = run(pod)
     assert result.warnings == [
-        "image quay.io/prometheus/node-exporter of container 'sidecar' cannot use GKE Image "
-        "streaming (Artifact Registry or public Docker Hub images) and will be pulled in full"
+        "sidecar: image quay.io/prometheus/node-exporter cannot use GKE Image streaming; "
+        "it is pulled in full"
     ]
     assert result.response["response"]["warnings"] == result.warnings
+    # Kubernetes truncates warnings past 256 characters.
+    pod["spec"]["containers"][1]["image"] = "quay.io/" + "x" * 300
+    assert all(len(w) <= 200 for w in run(pod).warnings)
 
 
 def test_readiness_gate_appended_to_existing() -> None:
@@ -305,7 +317,7 @@ def test_status_annotation_says_what_was_injected() -> None:
     assert status["cache"]["size"] == "20Gi"
     assert status["profile"] == "gke"
     assert status["readinessGate"] == "juicefs.bentoml.com/models-ready"
-    assert status["volumes"] == ["juicefs-mount-dir", "juicefs-cache"]
+    assert status["volumes"] == ["juicefs-mount-dir", "juicefs-cache", "juicefs-sa-token"]
 
 
 def test_reinvocation_mounts_models_into_a_container_added_later() -> None:
@@ -379,3 +391,114 @@ def test_many_env_vars_untouched() -> None:
     pod["spec"]["containers"][0]["env"] = env
     result = run(pod)
     assert all(not op["path"].startswith("/spec/containers/0/env") for op in result.ops)
+
+
+def test_classic_mesh_proxy_denied_with_guidance() -> None:
+    pod = bento_pod(initContainers=[{"name": "istio-init", "image": "istio/proxyv2"}])
+    pod["spec"]["containers"].append({"name": "istio-proxy", "image": "istio/proxyv2"})
+    result = run(pod)
+    assert result.outcome == "denied"
+    assert "container 'istio-proxy' is a classic (non-native) mesh proxy" in result.reason
+    assert "ENABLE_NATIVE_SIDECARS" in result.reason
+
+
+def test_forged_status_with_host_path_volume_denied() -> None:
+    pod = bento_pod(volumes=[{"name": "juicefs-mount-dir", "hostPath": {"path": "/"}}])
+    pod["metadata"]["annotations"] = {STATUS: "{}"}
+    result = run(pod)
+    assert result.outcome == "denied"
+    assert "volume 'juicefs-mount-dir' is hostPath" in result.reason
+
+
+def test_forged_status_with_own_sidecar_image_denied() -> None:
+    sidecar = {"name": "juicefs-mount", "image": "evil/root", "restartPolicy": "Always"}
+    pod = bento_pod(initContainers=[sidecar])
+    pod["metadata"]["annotations"] = {STATUS: "{}"}
+    result = run(pod)
+    assert result.outcome == "denied"
+    assert "runs image 'evil/root'" in result.reason
+
+
+def test_stripped_restart_policy_denied_on_reinvocation() -> None:
+    out = inject(bento_pod())
+    del out["spec"]["initContainers"][0]["restartPolicy"]
+    result = run(out)
+    assert result.outcome == "denied"
+    assert "lost restartPolicy: Always" in result.reason
+
+
+def test_status_not_rewritten_once_injected() -> None:
+    out = inject(bento_pod())
+    changed = parse_config({"juicefs": {"defaultCacheSize": "30Gi"}})
+    assert run(out, changed).ops == []
+
+
+def test_limit_below_request_both_set_denied() -> None:
+    result = run(annotated(**{"sidecar-cpu": "500m", "sidecar-cpu-limit": "250m"}))
+    assert result.outcome == "denied"
+    assert "sidecar-cpu-limit='250m' is below the cpu request '500m'" in result.reason
+
+
+def test_raised_request_lifts_the_default_limit() -> None:
+    sidecar = sidecar_of(inject(annotated(**{"sidecar-memory": "4Gi"})))
+    assert sidecar["resources"]["limits"]["memory"] == "4Gi"
+
+
+@pytest.mark.parametrize(
+    ("annotations", "message"),
+    [
+        ({"sidecar-memory": "0.5"}, "a whole number of bytes"),
+        ({"cache-size": "1.5"}, "a whole number of bytes"),
+        ({"cache-size": ""}, "cache-size='' is invalid"),
+    ],
+)
+def test_byte_quantities_must_be_whole(annotations: dict[str, str], message: str) -> None:
+    result = run(annotated(**annotations))
+    assert result.outcome == "denied"
+    assert message in result.reason
+
+
+def test_classic_mode_keeps_kubectl_defaulting_to_the_app() -> None:
+    config = parse_config({"cluster": {"kubernetesVersion": "1.28"}})
+    out = inject(bento_pod(), config)
+    assert out["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "main"
+
+
+def test_sidecar_reuses_the_admission_plugin_token_volume() -> None:
+    token = "/var/run/secrets/kubernetes.io/serviceaccount"
+    pod = bento_pod(volumes=[{"name": "kube-api-access-x7k2p", "projected": {"sources": []}}])
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "kube-api-access-x7k2p", "mountPath": token, "readOnly": True}
+    ]
+    out = inject(pod)
+    mounts = {m["mountPath"]: m["name"] for m in sidecar_of(out)["volumeMounts"]}
+    assert mounts[token] == "kube-api-access-x7k2p"
+    assert all(v["name"] != "juicefs-sa-token" for v in out["spec"]["volumes"])
+
+
+def test_existing_constraint_on_the_ssd_label_is_left_alone() -> None:
+    key = "cloud.google.com/gke-ephemeral-storage-local-ssd"
+    terms = [{"matchExpressions": [{"key": key, "operator": "DoesNotExist"}]}]
+    required = {"nodeSelectorTerms": terms}
+    pod = bento_pod(
+        affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
+    )
+    result = run(pod)
+    assert (
+        f"required node affinity term 0 already constrains {key}; left as written"
+        in result.warnings
+    )
+    assert not any("nodeSelectorTerms/0" in op["path"] for op in result.ops)
+
+
+def test_profile_without_ssd_label_refuses_to_start() -> None:
+    with pytest.raises(ConfigError, match="has no ssdNodeLabel"):
+        parse_config({"cluster": {"platformProfile": "aks"}})
+    eks = parse_config({"cluster": {"platformProfile": "eks"}})
+    out = inject(bento_pod(), eks)
+    terms = out["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert terms["nodeSelectorTerms"][0]["matchExpressions"] == [
+        {"key": "karpenter.k8s.aws/instance-local-nvme", "operator": "Exists"}
+    ]

@@ -12,18 +12,22 @@ TERMS = (*REQUIRED, "nodeSelectorTerms")
 PREFERRED = (*NODE_AFFINITY, "preferredDuringSchedulingIgnoredDuringExecution")
 
 
-def label_expression(key: str, value: str) -> dict[str, Any]:
-    return {"key": key, "operator": "In", "values": [value]}
-
-
 def require(ctx: MutationContext, expression: dict[str, Any]) -> None:
     """AND expression into every existing term (the cross product), or add a term."""
     terms = ctx.patch.get(TERMS) or []
     if not terms:
         ctx.patch.append(TERMS, {"matchExpressions": [expression]})
         return
+    key = expression["key"]
     for index, term in enumerate(terms):
-        if expression not in (term.get("matchExpressions") or []):
+        existing = [e for e in term.get("matchExpressions") or [] if e.get("key") == key]
+        if existing and expression not in existing:
+            # The chart already decided about this label in this term; ANDing
+            # ours could make the term unsatisfiable, so leave it and say so.
+            ctx.warnings.append(
+                f"required node affinity term {index} already constrains {key}; left as written"
+            )
+        elif not existing:
             ctx.patch.append((*TERMS, index, "matchExpressions"), expression)
 
 
@@ -51,6 +55,7 @@ def apply_policy(
 
 
 def add_ssd_affinity(ctx: MutationContext) -> None:
-    sched = ctx.config.scheduling
-    expression = label_expression(sched.ssd_node_label, sched.ssd_node_label_value)
-    apply_policy(ctx, ctx.plan.ssd_policy, expression, sched.preferred_weight)
+    label = ctx.config.ssd_node_label
+    if label is not None:
+        weight = ctx.config.scheduling.preferred_weight
+        apply_policy(ctx, ctx.plan.ssd_policy, label.expression(), weight)

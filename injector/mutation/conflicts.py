@@ -1,26 +1,94 @@
-"""Refuse pods whose own names or mounts collide with what we inject."""
+"""Refuse pods that cannot be injected safely, saying why and what to do.
+
+Three kinds: names or mounts of the pod's own that collide with ours; a pod
+claiming (by our status annotation) to be injected whose "ours" parts are not
+what we create; and shapes that would never start (a classic mesh proxy
+capturing the sidecar's traffic, a native sidecar stripped of its restart
+policy by another webhook).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from injector.mutation.context import MutationContext
 
+# The volume source each of our volumes must have, whoever wrote it.
+_OUR_VOLUME_SOURCES = ("emptyDir", "projected")
 
-def find_conflicts(ctx: MutationContext) -> list[str]:
+
+def _name_clashes(ctx: MutationContext) -> list[str]:
     config = ctx.config
-    problems: list[str] = []
     hint = f"rename it or opt the pod out with label {config.labels.inject}=false"
-    if not ctx.plan.already_injected:
-        name = config.sidecar.container_name
-        for key in ("initContainers", "containers", "ephemeralContainers"):
-            if any(c.get("name") == name for c in ctx.containers(key)):
-                problems.append(f"spec.{key} already has a container named {name!r}; {hint}")
-        ours = {config.volumes.mount_dir_name, config.volumes.cache_name, config.volumes.token_name}
-        for volume in ctx.spec.get("volumes") or []:
-            if isinstance(volume, dict) and volume.get("name") in ours:
-                problems.append(
-                    f"spec.volumes already has a volume named {volume['name']!r}; {hint}"
-                )
+    problems = []
+    name = config.sidecar.container_name
+    for key in ("initContainers", "containers", "ephemeralContainers"):
+        if any(c.get("name") == name for c in ctx.containers(key)):
+            problems.append(f"spec.{key} already has a container named {name!r}; {hint}")
+    for volume in ctx.spec.get("volumes") or []:
+        if isinstance(volume, dict) and volume.get("name") in _our_volume_names(ctx):
+            problems.append(f"spec.volumes already has a volume named {volume['name']!r}; {hint}")
+    return problems
+
+
+def _our_volume_names(ctx: MutationContext) -> set[str]:
+    names = ctx.config.volumes
+    return {names.mount_dir_name, names.cache_name, names.token_name}
+
+
+def _forged_parts(ctx: MutationContext) -> list[str]:
+    """The status annotation is ours alone: what it vouches for must look like ours."""
+    config = ctx.config
+    status = config.annotations.status
+    problems = []
+    for volume in ctx.spec.get("volumes") or []:
+        if not isinstance(volume, dict) or volume.get("name") not in _our_volume_names(ctx):
+            continue
+        source = [k for k in volume if k != "name"]
+        if len(source) != 1 or source[0] not in _OUR_VOLUME_SOURCES:
+            kind = "/".join(source) or "empty"
+            problems.append(
+                f"pod carries {status} but volume {volume['name']!r} is {kind}, not what the "
+                "injector creates; that annotation cannot be set by hand"
+            )
+    found = ctx.sidecar_index()
+    if found is not None:
+        key, index = found
+        sidecar: dict[str, Any] = dict(ctx.containers(key)[index])
+        if sidecar.get("image") != config.sidecar.image:
+            problems.append(
+                f"pod carries {status} but container {config.sidecar.container_name!r} runs "
+                f"image {sidecar.get('image')!r}, not the injector's {config.sidecar.image!r}"
+            )
+        if (
+            ctx.plan.sidecar_mode == "native"
+            and key == "initContainers"
+            and sidecar.get("restartPolicy") != "Always"
+        ):
+            problems.append(
+                f"init container {config.sidecar.container_name!r} lost restartPolicy: Always, so "
+                "it would block the pod forever: a mutating webhook that ran after the injector "
+                "rewrote it"
+            )
+    return problems
+
+
+def _classic_mesh_proxy(ctx: MutationContext) -> list[str]:
+    mesh = set(ctx.config.sidecar.mesh_proxy_containers)
+    return [
+        f"container {c.get('name')!r} is a classic (non-native) mesh proxy: it captures the "
+        "pod's traffic but starts after juicefs-mount, which could then never reach JuiceFS. "
+        "Use the mesh's native sidecars (Istio: ENABLE_NATIVE_SIDECARS=true; Linkerd: "
+        "config.alpha.linkerd.io/proxy-enable-native-sidecar) or opt the pod out"
+        for c in ctx.containers("containers")
+        if c.get("name") in mesh
+    ]
+
+
+def _model_path_clashes(ctx: MutationContext) -> list[str]:
+    config = ctx.config
     target = config.models.app_mount_path.rstrip("/")
+    problems = []
     for key, _, container in ctx.model_consumers():
         for mount in container.get("volumeMounts") or []:
             if not isinstance(mount, dict):
@@ -33,3 +101,8 @@ def find_conflicts(ctx: MutationContext) -> list[str]:
                     f"{mount.get('name')!r} at {target}, where the JuiceFS models are mounted"
                 )
     return problems
+
+
+def find_conflicts(ctx: MutationContext) -> list[str]:
+    ours = _forged_parts(ctx) if ctx.plan.already_injected else _name_clashes(ctx)
+    return ours + _classic_mesh_proxy(ctx) + _model_path_clashes(ctx)

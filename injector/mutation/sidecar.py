@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from injector.mutation.context import MutationContext
-from injector.mutation.volumes import needs_own_token
-from injector.quantity import parse_quantity
+from injector.mutation.volumes import TOKEN_MOUNT_PATH, token_volume_name
 
-TOKEN_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 MIB = 2**20
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
 
 def _field_env(name: str, field_path: str) -> dict[str, Any]:
@@ -71,10 +70,6 @@ def sidecar_resources(ctx: MutationContext) -> dict[str, Any]:
         limits["cpu"] = res.cpu_limit
     if res.memory_limit:
         limits["memory"] = res.memory_limit
-    # A request above its limit is invalid; raise the limit rather than deny.
-    for key in ("cpu", "memory"):
-        if key in limits and parse_quantity(limits[key]) < parse_quantity(requests[key]):
-            limits[key] = requests[key]
     return {"requests": requests, "limits": limits} if limits else {"requests": requests}
 
 
@@ -89,8 +84,7 @@ def sidecar_container(ctx: MutationContext) -> dict[str, Any]:
         },
         {"name": names.cache_name, "mountPath": names.cache_path},
     ]
-    if needs_own_token(ctx):
-        mounts.append({"name": names.token_name, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True})
+    mounts.append({"name": token_volume_name(ctx), "mountPath": TOKEN_MOUNT_PATH, "readOnly": True})
     container: dict[str, Any] = {
         "name": side.container_name,
         "image": side.image,
@@ -116,7 +110,7 @@ def sidecar_container(ctx: MutationContext) -> dict[str, Any]:
         container["startupProbe"] = {
             "exec": {"command": probe_cmd},
             "periodSeconds": 1,
-            "timeoutSeconds": 5,
+            "timeoutSeconds": 2,
             "failureThreshold": side.mount_timeout_seconds,
         }
     else:
@@ -135,3 +129,8 @@ def add_sidecar(ctx: MutationContext) -> None:
         ctx.patch.insert(("spec", "initContainers"), ctx.native_insert_index(), container)
     else:
         ctx.patch.insert(("spec", "containers"), 0, container)
+        # With the sidecar first, kubectl logs/exec would default to it.
+        apps = ctx.containers("containers")
+        annotations = (ctx.pod.get("metadata") or {}).get("annotations") or {}
+        if apps and DEFAULT_CONTAINER not in annotations:
+            ctx.patch.set(("metadata", "annotations", DEFAULT_CONTAINER), str(apps[0].get("name")))

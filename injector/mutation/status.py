@@ -12,12 +12,12 @@ from injector.mutation.volumes import desired_volumes
 
 def status_document(ctx: MutationContext) -> dict[str, Any]:
     plan, config = ctx.plan, ctx.config
-    sched, profile = config.scheduling, config.cluster.profile
+    profile = config.cluster.profile
     affinity: dict[str, str] = {}
-    if plan.ssd_policy != "off":
-        affinity[f"{sched.ssd_node_label}={sched.ssd_node_label_value}"] = plan.ssd_policy
-    if profile.node_label and profile.affinity != "off":
-        affinity[f"{profile.node_label}={profile.node_label_value}"] = profile.affinity
+    if plan.ssd_policy != "off" and config.ssd_node_label:
+        affinity[str(config.ssd_node_label)] = plan.ssd_policy
+    if profile.streaming_node_label and profile.streaming_affinity != "off":
+        affinity[str(profile.streaming_node_label)] = profile.streaming_affinity
     return {
         "version": __version__,
         "bento": f"{plan.bento_name}:{plan.bento_version}",
@@ -36,6 +36,10 @@ def status_document(ctx: MutationContext) -> dict[str, Any]:
 
 
 def add_status(ctx: MutationContext) -> None:
+    # Once injected, the status describes what the pod got then; a later pass
+    # (re-invocation, a changed config) must not make it describe something else.
+    if ctx.plan.already_injected:
+        return
     key = ctx.config.annotations.status
     value = json.dumps(status_document(ctx), sort_keys=True, separators=(",", ":"))
     current = ((ctx.pod.get("metadata") or {}).get("annotations") or {}).get(key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from injector.mutation.affinity import apply_policy, label_expression
+from injector.mutation.affinity import apply_policy
 from injector.mutation.context import MutationContext
 
 
@@ -26,9 +26,9 @@ def can_stream(image: str, patterns: tuple[str, ...]) -> bool:
 def add_image_streaming(ctx: MutationContext) -> None:
     cluster = ctx.config.cluster
     profile = cluster.profile
-    if profile.node_label:
-        expression = label_expression(profile.node_label, profile.node_label_value)
-        apply_policy(ctx, profile.affinity, expression, profile.preferred_weight)
+    if profile.streaming_node_label:
+        expression = profile.streaming_node_label.expression()
+        apply_policy(ctx, profile.streaming_affinity, expression, profile.streaming_weight)
     if not profile.streamable_images:
         return
     ours = ctx.config.sidecar.container_name
@@ -38,7 +38,8 @@ def add_image_streaming(ctx: MutationContext) -> None:
             if container.get("name") == ours or not isinstance(image, str):
                 continue
             if not can_stream(image, profile.streamable_images):
+                shown = image if len(image) <= 80 else image[:77] + "..."
                 ctx.warnings.append(
-                    f"image {image} of container {container.get('name')!r} cannot use "
-                    f"{profile.description or cluster.platform_profile} and will be pulled in full"
+                    f"{container.get('name')}: image {shown} cannot use "
+                    f"{profile.description or cluster.platform_profile}; it is pulled in full"
                 )

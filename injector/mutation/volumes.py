@@ -6,11 +6,40 @@ from typing import Any
 
 from injector.mutation.context import MutationContext
 
+TOKEN_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 
-def needs_own_token(ctx: MutationContext) -> bool:
-    # The sidecar patches its pod's status; without automount it has no
-    # token unless we project one for it alone.
-    return ctx.spec.get("automountServiceAccountToken") is False
+
+def existing_token_volume(ctx: MutationContext) -> str | None:
+    """The service-account token volume the pod's containers already mount, if any.
+
+    The ServiceAccount admission plugin runs before webhooks: it mounted the
+    token into the containers it saw, not into the sidecar we add, so the
+    sidecar mounts that same volume, or (automount off for the pod or its
+    service account) a token projected for it alone.
+    """
+    ours = ctx.config.sidecar.container_name
+    for key in ("containers", "initContainers"):
+        for container in ctx.containers(key):
+            if container.get("name") == ours:
+                continue
+            for mount in container.get("volumeMounts") or []:
+                if isinstance(mount, dict) and mount.get("mountPath") == TOKEN_MOUNT_PATH:
+                    return str(mount.get("name"))
+    return None
+
+
+def wants_own_token(ctx: MutationContext) -> bool:
+    found = ctx.sidecar_index()
+    if found is None:
+        return existing_token_volume(ctx) is None
+    # Already injected: the sidecar's own mounts say whether it uses ours.
+    sidecar = ctx.containers(found[0])[found[1]]
+    name = ctx.config.volumes.token_name
+    return any(isinstance(m, dict) and m.get("name") == name for m in sidecar.get("volumeMounts") or [])
+
+
+def token_volume_name(ctx: MutationContext) -> str:
+    return existing_token_volume(ctx) or ctx.config.volumes.token_name
 
 
 def token_volume(name: str) -> dict[str, Any]:
@@ -50,7 +79,7 @@ def desired_volumes(ctx: MutationContext) -> list[dict[str, Any]]:
         {"name": names.mount_dir_name, "emptyDir": {}},
         {"name": names.cache_name, "emptyDir": cache},
     ]
-    if needs_own_token(ctx):
+    if wants_own_token(ctx):
         volumes.append(token_volume(names.token_name))
     return volumes
 
