@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test lint typecheck unit golden-update bench render-example demo clean
+.PHONY: help venv test lint typecheck unit e2e binaries cluster-up cluster-down golden-update bench render-example demo clean
 
 help:
 	@echo "make test          lint, type-check and run the test suite (installs into $(VENV))"
@@ -20,17 +20,34 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+PY_DIRS := injector sidecar devcluster tests benchmarks
+
 lint: $(STAMP)
-	$(BIN)/ruff check injector sidecar tests benchmarks
-	$(BIN)/ruff format --check injector sidecar tests benchmarks
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Real kube-apiserver, etcd, scheduler, controller-manager, kubectl, MinIO and
+# JuiceFS, built once into ~/.cache/bento-juicefs (progress on stderr).
+binaries:
+	bash hack/build-binaries.sh >/dev/null
+
 unit: $(STAMP)
+	$(BIN)/pytest -m "not e2e"
+
+e2e: $(STAMP) binaries
+	$(BIN)/pytest -m e2e
+
+test: lint typecheck binaries
 	$(BIN)/pytest
 
-test: lint typecheck unit
+cluster-up: $(STAMP) binaries
+	@$(BIN)/python -m devcluster up
+
+cluster-down: $(STAMP)
+	@$(BIN)/python -m devcluster down
 
 golden-update: $(STAMP)
 	$(BIN)/pytest tests/test_golden.py --update-golden

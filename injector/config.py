@@ -123,7 +123,10 @@ class Models(_Model):
     # BentoML reads a Bento's models from $BENTO_PATH/models.
     app_mount_path: str = "/home/bentoml/bento/models"
     # Path inside the JuiceFS volume; {name} and {version} are the Bento's.
-    juicefs_path_template: str = "/bentos/{name}/{version}/models"
+    # The Bento's directory inside the JuiceFS volume ({name} and {version}
+    # are the Bento's): models/ below it is what apps see, manifest.json
+    # beside it lists the files to warm.
+    juicefs_path_template: str = "/bentos/{name}/{version}"
 
 
 class JuiceFS(_Model):
@@ -151,6 +154,9 @@ class Warmup(_Model):
     enabled: bool = True
     timeout_seconds: int = Field(default=3600, ge=30)
     concurrency: int = Field(default=8, ge=1, le=256)
+    # A cache directory slower than this (MB/s, read or write) is reported:
+    # a cache slower than the object store makes hits slower than misses.
+    cache_min_mbps: float = Field(default=200.0, ge=0)
 
 
 class Readiness(_Model):

@@ -1,29 +1,86 @@
-"""`python -m sidecar {probe}`: configured only by the env and args the injector sets."""
+"""`python -m sidecar {run,probe,publish}`.
+
+`run` and `probe` are configured only through the env and args the injector
+sets; `publish` is for the Bento build pipeline.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sidecar import env
 from sidecar.probe import mount_answers, wait_for_mount
 
 DEFAULT_MOUNT_POINT = "/var/lib/juicefs/mnt"
+DEFAULT_PATH_TEMPLATE = "/bentos/{name}/{version}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sidecar")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sidecar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="mount JuiceFS, stream the model, set the readiness condition")
+
     probe = sub.add_parser("probe", help="exit 0 once the JuiceFS mount answers")
     probe.add_argument(
-        "--mount-point", default=os.environ.get("JFS_MOUNT_POINT", DEFAULT_MOUNT_POINT)
+        "--mount-point", default=os.environ.get(env.MOUNT_POINT, DEFAULT_MOUNT_POINT)
     )
     probe.add_argument("--wait", action="store_true", help="block until the mount answers")
     probe.add_argument("--timeout", type=float, default=300.0)
-    args = parser.parse_args(argv)
 
+    publish = sub.add_parser("publish", help="copy a Bento's models into a mounted JuiceFS volume")
+    publish.add_argument("models", type=Path, help="the Bento's models/ directory (BentoML layout)")
+    publish.add_argument(
+        "--volume", type=Path, required=True, help="where the JuiceFS volume is mounted"
+    )
+    publish.add_argument("--name", required=True, help="Bento name (yatai.ai/bento-repository)")
+    publish.add_argument("--version", required=True, help="Bento version (yatai.ai/bento-version)")
+    publish.add_argument("--path-template", default=DEFAULT_PATH_TEMPLATE)
+    return parser
+
+
+def _run() -> int:
+    from sidecar.kube import PodReporter, api_client
+    from sidecar.logs import configure_logging
+    from sidecar.run import run
+
+    configure_logging()
+    try:
+        settings = env.Settings.from_env()
+    except env.SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        api = api_client(settings.token_dir)
+        async with api:
+            return await run(settings, PodReporter(settings, api))
+
+    return asyncio.run(main())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run()
+    if args.command == "publish":
+        from sidecar.publish import PublishError, publish
+
+        try:
+            manifest = publish(
+                args.models, args.volume, args.path_template, args.name, args.version
+            )
+        except PublishError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(
+            f"published {manifest.bento}: {len(manifest.files)} files, {manifest.total_bytes} bytes"
+        )
+        return 0
     mount_point = Path(args.mount_point)
     ok = wait_for_mount(mount_point, args.timeout) if args.wait else mount_answers(mount_point)
     if not ok:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonpatch
+
 from injector.admission import ReviewResult, pod_review_request, review
 from injector.config import InjectorConfig, load_config
 from injector.render import TEMPLATE_PATHS

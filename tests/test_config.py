@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from injector.cli import main
 from injector.config import ConfigError, InjectorConfig, load_config, parse_config
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from injector.config import InjectorConfig
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"

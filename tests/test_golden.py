@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from injector.render import RenderError, dump_documents, render_text
 
+from injector.render import RenderError, dump_documents, render_text
 from tests.helpers import GOLDEN_DIR, case_config, pods_of, run
 
 CASES = sorted(GOLDEN_DIR.glob("*.yaml"))

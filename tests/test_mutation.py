@@ -6,10 +6,10 @@ import json
 from typing import Any
 
 import pytest
+
 from injector.admission import pod_review_request as request_for
 from injector.admission import review
 from injector.config import ConfigError, InjectorConfig, parse_config
-
 from tests.helpers import bento_pod, inject, run
 
 STATUS = "juicefs.bentoml.com/status"

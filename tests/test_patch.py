@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import jsonpatch
+
 from injector.patch import PatchBuilder, pointer
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import jsonpatch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from injector.config import InjectorConfig
 
+from injector.config import InjectorConfig
 from tests.helpers import run
 
 CONFIG = InjectorConfig()

@@ -9,8 +9,8 @@ from pathlib import Path
 import jsonpatch
 import pytest
 import yaml
-from injector.cli import main
 
+from injector.cli import main
 from tests.helpers import bento_pod, run
 
 

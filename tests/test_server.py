@@ -18,6 +18,7 @@ import pytest
 import structlog
 from aiohttp import web
 from cryptography import x509
+
 from injector.certs import generate_bundle, issue_serving_cert
 from injector.config import InjectorConfig, parse_config
 from injector.server import (
@@ -28,7 +29,6 @@ from injector.server import (
     prepare_tls,
     reload_if_changed,
 )
-
 from tests.helpers import bento_pod
 
 

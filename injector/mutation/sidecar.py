@@ -6,6 +6,7 @@ from typing import Any
 
 from injector.mutation.context import MutationContext
 from injector.mutation.volumes import TOKEN_MOUNT_PATH, token_volume_name
+from sidecar import env
 
 MIB = 2**20
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
@@ -27,31 +28,32 @@ def sidecar_env(ctx: MutationContext) -> list[dict[str, Any]]:
     jfs = config.juicefs
     cache_mib = int(plan.cache_bytes * jfs.cache_fill_ratio) // MIB
     plain = {
-        "BENTO_NAME": plan.bento_name,
-        "BENTO_VERSION": plan.bento_version,
-        "JFS_VOLUME": plan.volume,
-        "JFS_SUBDIR": plan.juicefs_path,
-        "JFS_MODELS": ",".join(plan.models),
-        "JFS_MOUNT_POINT": config.volumes.mount_path,
-        "JFS_CACHE_DIR": config.volumes.cache_path,
-        "JFS_CACHE_SIZE_MIB": str(cache_mib),
-        "JFS_BUFFER_SIZE_MIB": str(jfs.buffer_size_mib),
-        "JFS_PREFETCH": str(jfs.prefetch),
-        "JFS_SSD_POLICY": plan.ssd_policy,
-        "JFS_WARMUP": "true" if plan.warmup else "false",
-        "JFS_WARMUP_TIMEOUT_SECONDS": str(plan.warmup_timeout_seconds),
-        "JFS_WARMUP_CONCURRENCY": str(config.warmup.concurrency),
-        "JFS_CONDITION_TYPE": config.readiness.condition_type,
+        env.BENTO_NAME: plan.bento_name,
+        env.BENTO_VERSION: plan.bento_version,
+        env.VOLUME: plan.volume,
+        env.BENTO_PATH: plan.juicefs_path,
+        env.MODELS: ",".join(plan.models),
+        env.MOUNT_POINT: config.volumes.mount_path,
+        env.CACHE_DIR: config.volumes.cache_path,
+        env.CACHE_SIZE_MIB: str(cache_mib),
+        env.BUFFER_SIZE_MIB: str(jfs.buffer_size_mib),
+        env.PREFETCH: str(jfs.prefetch),
+        env.SSD_POLICY: plan.ssd_policy,
+        env.CACHE_MIN_MBPS: str(config.warmup.cache_min_mbps),
+        env.WARMUP: "true" if plan.warmup else "false",
+        env.WARMUP_TIMEOUT_SECONDS: str(plan.warmup_timeout_seconds),
+        env.WARMUP_CONCURRENCY: str(config.warmup.concurrency),
+        env.CONDITION_TYPE: config.readiness.condition_type,
     }
     return [
-        _field_env("POD_NAME", "metadata.name"),
-        _field_env("POD_NAMESPACE", "metadata.namespace"),
-        _field_env("POD_UID", "metadata.uid"),
-        _field_env("NODE_NAME", "spec.nodeName"),
+        _field_env(env.POD_NAME, "metadata.name"),
+        _field_env(env.POD_NAMESPACE, "metadata.namespace"),
+        _field_env(env.POD_UID, "metadata.uid"),
+        _field_env(env.NODE_NAME, "spec.nodeName"),
         # Credentials stay in the Secret; the pod spec only names it.
-        _secret_env("JFS_META_URL", plan.secret_name, jfs.meta_url_key, optional=False),
-        _secret_env("JFS_ACCESS_KEY", plan.secret_name, jfs.access_key_key, optional=True),
-        _secret_env("JFS_SECRET_KEY", plan.secret_name, jfs.secret_key_key, optional=True),
+        _secret_env(env.META_URL, plan.secret_name, jfs.meta_url_key, optional=False),
+        _secret_env(env.ACCESS_KEY, plan.secret_name, jfs.access_key_key, optional=True),
+        _secret_env(env.SECRET_KEY, plan.secret_name, jfs.secret_key_key, optional=True),
         *({"name": k, "value": v} for k, v in plain.items()),
     ]
 

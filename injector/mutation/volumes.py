@@ -35,7 +35,9 @@ def wants_own_token(ctx: MutationContext) -> bool:
     # Already injected: the sidecar's own mounts say whether it uses ours.
     sidecar = ctx.containers(found[0])[found[1]]
     name = ctx.config.volumes.token_name
-    return any(isinstance(m, dict) and m.get("name") == name for m in sidecar.get("volumeMounts") or [])
+    return any(
+        isinstance(m, dict) and m.get("name") == name for m in sidecar.get("volumeMounts") or []
+    )
 
 
 def token_volume_name(ctx: MutationContext) -> str:

@@ -1,0 +1,23 @@
+"""Extra things to start with the local cluster: edit the two lists below.
+
+Each hook is a callable taking the running `ControlPlane`. `ON_READY` hooks run
+in order once the control plane is ready (in `python -m devcluster up` and in
+the e2e `cluster` fixture); `ON_STOP` hooks run in reverse order before the
+components are stopped. A hook that raises during start-up aborts it (the
+control plane is stopped and the error reported). A hook may keep state on the
+instance, e.g. `cp.addons["webhook"] = process`, for its ON_STOP partner.
+
+Example::
+
+    def start_minio(cp: ControlPlane) -> None:
+        ...  # spawn minio, log to cp.log_path("minio"), wait until it answers
+
+    ON_READY.append(start_minio)
+"""
+
+from __future__ import annotations
+
+from devcluster.controlplane import Hook
+
+ON_READY: list[Hook] = []
+ON_STOP: list[Hook] = []

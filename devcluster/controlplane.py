@@ -1,0 +1,484 @@
+"""A real, local Kubernetes control plane from upstream binaries (envtest-style).
+
+etcd, kube-apiserver, kube-controller-manager and kube-scheduler run as
+subprocesses on 127.0.0.1, each in its own process group, logging to
+`<state_dir>/logs/<name>.log`. There is no kubelet: Nodes are API objects
+(`register_fake_node`), pods get scheduled (spec.nodeName) but never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+from devcluster.binaries import ensure_binaries
+from devcluster.cluster import Cluster
+from devcluster.pki import ClusterPKI, write_kubeconfig
+
+Hook = Callable[["ControlPlane"], None]
+
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+ADMISSION_PLUGINS = (
+    "NamespaceLifecycle",
+    "LimitRanger",
+    "ServiceAccount",
+    "PodSecurity",
+    "ResourceQuota",
+    "MutatingAdmissionWebhook",
+    "ValidatingAdmissionWebhook",
+    "ValidatingAdmissionPolicy",
+    "MutatingAdmissionPolicy",
+)
+# No kubelet heartbeats: the node lifecycle controller would taint every node NotReady.
+CONTROLLERS = "*,-node-lifecycle-controller"
+STATE_FILE = "controlplane.json"
+LOG_TAIL_LINES = 30
+# Directories and files under state_dir that start() recreates from scratch.
+_OWNED = ("etcd", "pki", "logs", "certs", "kubeconfigs", "admin.kubeconfig", STATE_FILE)
+
+
+class ComponentError(RuntimeError):
+    """A component failed to start; the message names it and ends with its log tail."""
+
+    def __init__(self, component: str, problem: str, log: Path | None = None) -> None:
+        self.component = component
+        self.problem = problem
+        self.log = log
+        message = f"{component}: {problem}"
+        if log is not None:
+            message += f"\n--- last {LOG_TAIL_LINES} lines of {log} ---\n{log_tail(log)}"
+        super().__init__(message)
+
+
+@dataclass
+class Ports:
+    """127.0.0.1 ports; 0 means pick a free one at start()."""
+
+    etcd: int = 0
+    etcd_peer: int = 0
+    apiserver: int = 0
+    controller_manager: int = 0
+    scheduler: int = 0
+
+    def owner(self, name: str) -> str:
+        return {
+            "etcd": "etcd",
+            "etcd_peer": "etcd",
+            "apiserver": "kube-apiserver",
+            "controller_manager": "kube-controller-manager",
+            "scheduler": "kube-scheduler",
+        }[name]
+
+
+@dataclass
+class _Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    log_file: IO[bytes] = field(repr=False)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(cannot read log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if something could listen on host:port (SO_REUSEADDR, as Go servers bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(1)
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM the child when the thread that started it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def _stderr_log(message: str) -> None:
+    print(f"[devcluster {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class ControlPlane(Cluster):
+    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler on 127.0.0.1.
+
+    `start()` wipes what it owns under `state_dir`, writes fresh PKI and
+    kubeconfigs, starts the components one after another and returns once the
+    apiserver is ready, the controller-manager has created the `default`
+    ServiceAccount and the scheduler's /healthz answers; then runs `on_ready`
+    hooks. `stop()` runs `on_stop` hooks (reverse order) and stops the
+    components in reverse order.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        ports: Ports | None = None,
+        binaries: Mapping[str, Path] | None = None,
+        timeout: float = 120.0,
+        stop_timeout: float = 15.0,
+        extra_args: Mapping[str, Sequence[str]] | None = None,
+        on_ready: Iterable[Hook] = (),
+        on_stop: Iterable[Hook] = (),
+        log: Callable[[str], None] = _stderr_log,
+        die_with_parent: bool = True,
+    ) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        super().__init__(
+            self.state_dir / "admin.kubeconfig",
+            (binaries or {}).get("kubectl", "kubectl"),
+        )
+        self.ports = ports or Ports()
+        self.binaries: dict[str, Path] = dict(binaries or {})
+        self.timeout = timeout
+        self.stop_timeout = stop_timeout
+        self.extra_args = {k: list(v) for k, v in (extra_args or {}).items()}
+        self.on_ready: list[Hook] = list(on_ready)
+        self.on_stop: list[Hook] = list(on_stop)
+        self.log = log
+        self.die_with_parent = die_with_parent
+        self.pki = ClusterPKI(self.state_dir / "pki")
+        self.logs_dir = self.state_dir / "logs"
+        self.startup_seconds: float | None = None
+        # Free-form room for on_ready hooks to leave state for their on_stop partner.
+        self.addons: dict[str, object] = {}
+        self.timings: dict[str, float] = {}
+        self._processes: list[_Process] = []
+        self._deadline = 0.0
+
+    # -- public ---------------------------------------------------------------
+
+    @property
+    def server(self) -> str:
+        if not self.ports.apiserver:
+            raise RuntimeError("control plane not started: no apiserver port yet")
+        return f"https://127.0.0.1:{self.ports.apiserver}"
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Component name -> pid (also its process group id) of started processes."""
+        return {p.name: p.popen.pid for p in self._processes}
+
+    def running(self) -> dict[str, bool]:
+        return {p.name: p.popen.poll() is None for p in self._processes}
+
+    def start(self) -> None:
+        if self._processes:
+            raise RuntimeError("control plane already started")
+        t0 = time.monotonic()
+        self._deadline = t0 + self.timeout
+        try:
+            self._start()
+            self.startup_seconds = round(time.monotonic() - t0, 2)
+            self.log(f"control plane ready in {self.startup_seconds:.1f}s at {self.server}")
+            self._write_state()
+            for hook in self.on_ready:
+                self.log(f"on_ready: {getattr(hook, '__name__', hook)}")
+                hook(self)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop everything; safe to call more than once."""
+        if self._processes:
+            for hook in reversed(self.on_stop):
+                try:
+                    hook(self)
+                except Exception as exc:
+                    self.log(f"on_stop hook {getattr(hook, '__name__', hook)} failed: {exc!r}")
+        for proc in reversed(self._processes):
+            self._terminate(proc)
+        self._processes.clear()
+        (self.state_dir / STATE_FILE).unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def log_path(self, component: str) -> Path:
+        return self.logs_dir / f"{component}.log"
+
+    # -- start-up ------------------------------------------------------------
+
+    def _start(self) -> None:
+        if not self.binaries or not all(
+            c in self.binaries
+            for c in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+        ):
+            self.binaries = {**ensure_binaries(), **self.binaries}
+        self.kubectl_path = str(self.binaries.get("kubectl", self.kubectl_path))
+        self._reset_state_dir()
+        self._pick_ports()
+        self.log(f"state dir {self.state_dir}; ports {asdict(self.ports)}")
+
+        pki = ClusterPKI.create(self.pki.dir)
+        write_kubeconfig(
+            self.kubeconfig, server=self.server, ca_cert=pki.ca.cert, client=pki.admin, user="admin"
+        )
+        kcm_kubeconfig = write_kubeconfig(
+            self.state_dir / "kubeconfigs" / "controller-manager.kubeconfig",
+            server=self.server,
+            ca_cert=pki.ca.cert,
+            client=pki.controller_manager,
+            user="system:kube-controller-manager",
+        )
+        sched_kubeconfig = write_kubeconfig(
+            self.state_dir / "kubeconfigs" / "scheduler.kubeconfig",
+            server=self.server,
+            ca_cert=pki.ca.cert,
+            client=pki.scheduler,
+            user="system:kube-scheduler",
+        )
+        admin_tls = ssl.create_default_context(cafile=str(pki.ca.cert))
+        admin_tls.load_cert_chain(str(pki.admin.cert), str(pki.admin.key))
+        self_signed = ssl.create_default_context()
+        self_signed.check_hostname = False
+        self_signed.verify_mode = ssl.CERT_NONE
+
+        etcd_url = f"http://127.0.0.1:{self.ports.etcd}"
+        peer_url = f"http://127.0.0.1:{self.ports.etcd_peer}"
+        self._spawn(
+            "etcd",
+            "--name=devcluster",
+            f"--data-dir={self.state_dir / 'etcd'}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=devcluster={peer_url}",
+            "--unsafe-no-fsync=true",
+        )
+        self._wait("etcd", lambda: b'"health":"true"' in _http_get(f"{etcd_url}/health", None, 200))
+
+        certs = self.state_dir / "certs"
+        self._spawn(
+            "kube-apiserver",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            # The endpoint reconciler refuses a loopback advertise address; with no
+            # kubelet nothing in the cluster needs the `kubernetes` Service's endpoints.
+            "--endpoint-reconciler-type=none",
+            f"--secure-port={self.ports.apiserver}",
+            f"--etcd-servers={etcd_url}",
+            f"--cert-dir={certs / 'kube-apiserver'}",
+            f"--tls-cert-file={pki.apiserver.cert}",
+            f"--tls-private-key-file={pki.apiserver.key}",
+            f"--client-ca-file={pki.ca.cert}",
+            f"--service-account-key-file={pki.sa_pub}",
+            f"--service-account-signing-key-file={pki.sa_key}",
+            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+            f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
+            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            "--authorization-mode=RBAC",
+            "--allow-privileged=true",
+            f"--enable-admission-plugins={','.join(ADMISSION_PLUGINS)}",
+        )
+        self._wait(
+            "kube-apiserver",
+            lambda: _http_get(f"{self.server}/readyz", admin_tls, 200) == b"ok",
+        )
+
+        self._spawn(
+            "kube-controller-manager",
+            f"--kubeconfig={kcm_kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.ports.controller_manager}",
+            f"--cert-dir={certs / 'kube-controller-manager'}",
+            "--leader-elect=false",
+            f"--controllers={CONTROLLERS}",
+            f"--service-account-private-key-file={pki.sa_key}",
+            f"--root-ca-file={pki.ca.cert}",
+            "--use-service-account-credentials=true",
+            f"--cluster-signing-cert-file={pki.ca.cert}",
+            f"--cluster-signing-key-file={pki.ca.key}",
+        )
+        self._spawn(
+            "kube-scheduler",
+            f"--kubeconfig={sched_kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.ports.scheduler}",
+            f"--cert-dir={certs / 'kube-scheduler'}",
+            "--leader-elect=false",
+        )
+        self._wait(
+            "kube-scheduler",
+            lambda: (
+                _http_get(f"https://127.0.0.1:{self.ports.scheduler}/healthz", self_signed, 200)
+                == b"ok"
+            ),
+        )
+        self._wait(
+            "kube-controller-manager",
+            lambda: (
+                _http_get(
+                    f"https://127.0.0.1:{self.ports.controller_manager}/healthz", self_signed, 200
+                )
+                == b"ok"
+                and bool(
+                    _http_get(
+                        f"{self.server}/api/v1/namespaces/default/serviceaccounts/default",
+                        admin_tls,
+                        200,
+                    )
+                )
+            ),
+            what="/healthz and ServiceAccount default/default",
+        )
+
+    def _reset_state_dir(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for name in _OWNED:
+            path = self.state_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        self.logs_dir.mkdir()
+
+    def _pick_ports(self) -> None:
+        taken: set[int] = set()
+        for f in fields(self.ports):
+            port = getattr(self.ports, f.name)
+            if port:
+                if port in taken or not port_is_free(port):
+                    raise ComponentError(
+                        self.ports.owner(f.name),
+                        f"port 127.0.0.1:{port} ({f.name}) is already in use",
+                    )
+            else:
+                while (port := free_port()) in taken:
+                    pass
+                setattr(self.ports, f.name, port)
+            taken.add(port)
+
+    def _spawn(self, name: str, *args: str) -> None:
+        for f in fields(self.ports):
+            port = getattr(self.ports, f.name)
+            if self.ports.owner(f.name) == name and not port_is_free(port):
+                raise ComponentError(name, f"port 127.0.0.1:{port} ({f.name}) is already in use")
+        cmd = [str(self.binaries[name]), *args, *self.extra_args.get(name, [])]
+        log = self.log_path(name)
+        log_file = log.open("ab")
+        log_file.write(f"# {' '.join(cmd)}\n".encode())
+        log_file.flush()
+        self.log(f"starting {name}")
+        popen = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=self.state_dir,
+            start_new_session=True,  # own session and process group (pgid == pid)
+            preexec_fn=_die_with_parent if self.die_with_parent else None,  # PDEATHSIG, see above
+        )
+        self._processes.append(_Process(name, popen, log, log_file))
+        self.timings[f"{name}.spawned"] = time.monotonic()
+
+    def _wait(self, name: str, probe: Callable[[], bool], what: str = "") -> None:
+        t0 = self.timings.get(f"{name}.spawned", time.monotonic())
+        while True:
+            for proc in self._processes:
+                code = proc.popen.poll()
+                if code is not None:
+                    raise ComponentError(proc.name, f"exited early with code {code}", proc.log)
+            if probe():
+                break
+            if time.monotonic() > self._deadline:
+                raise ComponentError(
+                    name,
+                    f"not ready ({what or 'health check'}) within {self.timeout:.0f}s",
+                    self.log_path(name),
+                )
+            time.sleep(0.1)
+        self.timings[name] = round(time.monotonic() - t0, 2)
+        self.timings.pop(f"{name}.spawned", None)
+        self.log(f"{name} ready ({self.timings[name]:.1f}s)")
+
+    def _write_state(self) -> None:
+        state = {
+            "server": self.server,
+            "kubeconfig": str(self.kubeconfig),
+            "kubectl": self.kubectl_path,
+            "pids": self.pids,
+            "binaries": {k: str(v) for k, v in self.binaries.items()},
+            "ports": asdict(self.ports),
+            "startup_seconds": self.startup_seconds,
+            "timings": {k: v for k, v in self.timings.items() if not k.endswith(".spawned")},
+        }
+        path = self.state_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(path)
+
+    # -- shutdown ------------------------------------------------------------
+
+    def _terminate(self, proc: _Process) -> None:
+        pgid = proc.popen.pid
+        if proc.popen.poll() is None:
+            self.log(f"stopping {proc.name} (pid {pgid})")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            proc.popen.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            self.log(f"{proc.name} ignored SIGTERM for {self.stop_timeout:.0f}s; SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            proc.popen.wait()
+        # Anything the component forked into its group goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        proc.log_file.close()
+
+
+def _http_get(url: str, context: ssl.SSLContext | None, status: int) -> bytes:
+    """The body if the GET answered `status`, else b'' (including connection errors)."""
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=2) as resp:
+            body: bytes = resp.read()
+            return body if resp.status == status else b""
+    except (OSError, http.client.HTTPException):
+        return b""

@@ -1,0 +1,239 @@
+"""Certificates and kubeconfigs for the local control plane.
+
+One cluster CA signs the kube-apiserver serving certificate and the client
+certificates of the admin, kube-controller-manager and kube-scheduler (their
+identity is the certificate's CN and O, as in kubeadm). The service-account
+key pair is a separate RSA key. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from injector.certs import generate_ca, write_atomic
+
+CERT_LIFETIME = dt.timedelta(days=365)
+
+APISERVER_HOSTS: tuple[str, ...] = (
+    "127.0.0.1",
+    "localhost",
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+    "10.0.0.1",
+)
+
+ADMIN = ("kubernetes-admin", ("system:masters",))
+CONTROLLER_MANAGER = ("system:kube-controller-manager", ())
+SCHEDULER = ("system:kube-scheduler", ())
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def issue_cert(
+    ca_pem: bytes,
+    ca_key_pem: bytes,
+    common_name: str,
+    *,
+    organizations: Sequence[str] = (),
+    hosts: Sequence[str] = (),
+    server: bool = False,
+    client: bool = False,
+    lifetime: dt.timedelta = CERT_LIFETIME,
+) -> tuple[bytes, bytes]:
+    """A leaf certificate signed by the CA: (cert PEM, EC key PEM)."""
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("CA key must be an EC key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org) for org in organizations]
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    usages = []
+    if server:
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+    if client:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attrs))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    if hosts:
+        builder = builder.add_extension(_san(hosts), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def generate_sa_keypair() -> tuple[bytes, bytes]:
+    """The service-account signing key pair: (private PEM, public PEM), RSA 2048."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class ClusterPKI:
+    """Paths of every file `create` writes under one directory."""
+
+    dir: Path
+
+    @property
+    def ca(self) -> KeyPair:
+        return KeyPair(self.dir / "ca.crt", self.dir / "ca.key")
+
+    @property
+    def apiserver(self) -> KeyPair:
+        return KeyPair(self.dir / "apiserver.crt", self.dir / "apiserver.key")
+
+    @property
+    def admin(self) -> KeyPair:
+        return KeyPair(self.dir / "admin.crt", self.dir / "admin.key")
+
+    @property
+    def controller_manager(self) -> KeyPair:
+        return KeyPair(self.dir / "controller-manager.crt", self.dir / "controller-manager.key")
+
+    @property
+    def scheduler(self) -> KeyPair:
+        return KeyPair(self.dir / "scheduler.crt", self.dir / "scheduler.key")
+
+    @property
+    def sa_key(self) -> Path:
+        return self.dir / "sa.key"
+
+    @property
+    def sa_pub(self) -> Path:
+        return self.dir / "sa.pub"
+
+    @classmethod
+    def create(cls, directory: Path, hosts: Sequence[str] = APISERVER_HOSTS) -> ClusterPKI:
+        """Write a fresh CA, the apiserver/client certificates and the SA key pair."""
+        pki = cls(directory)
+        ca_pem, ca_key_pem = generate_ca("bento-juicefs-devcluster-ca")
+        _write_pair(pki.ca, ca_pem, ca_key_pem)
+        serving = issue_cert(ca_pem, ca_key_pem, "kube-apiserver", hosts=hosts, server=True)
+        _write_pair(pki.apiserver, *serving)
+        for pair, (cn, orgs) in (
+            (pki.admin, ADMIN),
+            (pki.controller_manager, CONTROLLER_MANAGER),
+            (pki.scheduler, SCHEDULER),
+        ):
+            _write_pair(pair, *issue_cert(ca_pem, ca_key_pem, cn, organizations=orgs, client=True))
+        sa_private, sa_public = generate_sa_keypair()
+        write_atomic(pki.sa_key, sa_private)
+        write_atomic(pki.sa_pub, sa_public, 0o644)
+        return pki
+
+
+def _write_pair(pair: KeyPair, cert_pem: bytes, key_pem: bytes) -> None:
+    write_atomic(pair.key, key_pem)
+    write_atomic(pair.cert, cert_pem, 0o644)
+
+
+def write_kubeconfig(
+    path: Path,
+    *,
+    server: str,
+    ca_cert: Path,
+    client: KeyPair,
+    user: str,
+    cluster: str = "devcluster",
+) -> Path:
+    """A kubeconfig with the CA and the client cert/key embedded as base64 data."""
+
+    def b64(file: Path) -> str:
+        return base64.b64encode(file.read_bytes()).decode("ascii")
+
+    context = f"{user}@{cluster}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": cluster,
+                "cluster": {"server": server, "certificate-authority-data": b64(ca_cert)},
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {
+                    "client-certificate-data": b64(client.cert),
+                    "client-key-data": b64(client.key),
+                },
+            }
+        ],
+        "contexts": [{"name": context, "context": {"cluster": cluster, "user": user}}],
+        "current-context": context,
+        "preferences": {},
+    }
+    write_atomic(path, yaml.safe_dump(config, sort_keys=False).encode())
+    return path

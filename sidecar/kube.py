@@ -1,0 +1,119 @@
+"""The sidecar's only API calls: its own pod's condition, and Events about it.
+
+It authenticates with the pod's service-account token (bound to the pod, which
+is what the readiness fence policy checks). API errors are retried with
+backoff; an Event that cannot be sent is logged and dropped, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+import structlog
+from kubernetes_asyncio import client
+from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
+
+from sidecar.env import Settings
+
+log = structlog.get_logger("sidecar.kube")
+
+COMPONENT = "juicefs-mount"
+STRATEGIC = "application/strategic-merge-patch+json"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def api_client(token_dir: Path) -> client.ApiClient:
+    configuration = client.Configuration()
+    loader = InClusterConfigLoader(
+        token_filename=str(token_dir / "token"),
+        cert_filename=str(token_dir / "ca.crt"),
+    )
+    loader.load_and_set(configuration)
+    return client.ApiClient(configuration)
+
+
+class PodReporter:
+    def __init__(self, settings: Settings, api: client.ApiClient) -> None:
+        self._settings = settings
+        self._core = client.CoreV1Api(api)
+        self._uid = settings.pod_uid
+
+    async def set_condition(
+        self, status: str, reason: str, message: str, attempts: int = 8
+    ) -> None:
+        s = self._settings
+        body: dict[str, Any] = {
+            "status": {
+                "conditions": [
+                    {
+                        "type": s.condition_type,
+                        "status": status,
+                        "reason": reason,
+                        "message": message,
+                        "lastTransitionTime": _now(),
+                        "lastProbeTime": None,
+                    }
+                ]
+            }
+        }
+        delay = 0.5
+        for attempt in range(1, attempts + 1):
+            try:
+                # Conditions merge by type: the kubelet's own stay as they are.
+                options: dict[str, Any] = {"_content_type": STRATEGIC}
+                await self._core.patch_namespaced_pod_status(
+                    s.pod_name, s.pod_namespace, body, **options
+                )
+                log.info("condition.set", type=s.condition_type, status=status, reason=reason)
+                return
+            except client.exceptions.ApiException as err:
+                if err.status in (400, 403, 404, 422) or attempt == attempts:
+                    raise
+                log.warning("condition.retry", status=err.status, attempt=attempt)
+            except OSError as err:
+                if attempt == attempts:
+                    raise
+                log.warning("condition.retry", error=str(err), attempt=attempt)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def event(self, kind: str, reason: str, message: str) -> None:
+        s = self._settings
+        now = _now()
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{s.pod_name}.{uuid.uuid4().hex[:16]}",
+                "namespace": s.pod_namespace,
+            },
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": s.pod_name,
+                "namespace": s.pod_namespace,
+                "uid": self._uid or None,
+                "fieldPath": f"spec.initContainers{{{COMPONENT}}}",
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": COMPONENT, "host": os.environ.get("NODE_NAME") or None},
+            "reportingComponent": f"juicefs.bentoml.com/{COMPONENT}",
+            "reportingInstance": s.pod_name,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self._core.create_namespaced_event(s.pod_namespace, cast(Any, body))
+        except (client.exceptions.ApiException, OSError) as err:
+            log.warning("event.dropped", reason=reason, error=str(err))

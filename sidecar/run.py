@@ -1,0 +1,256 @@
+"""`python -m sidecar run`: probe the cache, mount, stream the model, open the gate.
+
+Exit codes: 0 after SIGTERM (unmounted cleanly); 1 when the JuiceFS process
+dies or the mount cannot be made; 2 for a bad environment. A failed or timed
+out warmup does not exit: the gate stays closed, an Event says why, and the
+mount keeps serving (so the app can still start and report on its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from sidecar.cacheprobe import measure
+from sidecar.env import Settings
+from sidecar.kube import PodReporter
+from sidecar.manifest import read_manifest
+from sidecar.mount import JuiceFSMount, MountError
+from sidecar.warmup import MIB, Progress, Streamer, VerificationError, WarmupTimeout
+
+log = structlog.get_logger("sidecar")
+
+NORMAL, WARNING = "Normal", "Warning"
+
+
+@dataclass
+class ProgressReporter:
+    """Logs progress every few seconds and sends an Event at most every event_every seconds."""
+
+    reporter: PodReporter
+    log_every: float = 5.0
+    event_every: float = 30.0
+    stall_after: float = 30.0
+    _last_log: float = 0.0
+    _last_event: float = field(default_factory=time.monotonic)
+    _stalled: bool = False
+    _pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def _send(self, kind: str, reason: str, message: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.reporter.event(kind, reason, message))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def on_progress(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if self._stalled and now - progress.last_advance < 1:
+            self._stalled = False
+            self._send(NORMAL, "WarmupResumed", f"model streaming resumed: {progress.describe()}")
+        if now - self._last_log >= self.log_every:
+            self._last_log = now
+            log.info(
+                "warmup.progress",
+                done_bytes=progress.done_bytes,
+                total_bytes=progress.total_bytes,
+                mb_per_s=round(progress.mb_per_s, 1),
+                eta_seconds=None if progress.eta_seconds is None else round(progress.eta_seconds),
+            )
+        if now - self._last_event >= self.event_every:
+            self._last_event = now
+            self._send(
+                NORMAL,
+                "WarmupProgress",
+                f"streaming model into the local cache: {progress.describe()}",
+            )
+
+    def on_error(self, progress: Progress, err: OSError) -> None:
+        log.warning("warmup.read_failed", error=progress.last_error, retries=progress.retries)
+        if not self._stalled:
+            self._stalled = True
+            self._send(
+                WARNING,
+                "WarmupStalled",
+                f"reading the model failed ({progress.last_error}); the object store or metadata "
+                f"engine may be unreachable; retrying with backoff. {progress.describe()}",
+            )
+
+    async def watch_stalls(self, progress_ref: list[Progress]) -> None:
+        """A read that hangs (rather than fails) is noticed too."""
+        while True:
+            await asyncio.sleep(5)
+            if not progress_ref:
+                continue
+            progress = progress_ref[0]
+            if not self._stalled and time.monotonic() - progress.last_advance > self.stall_after:
+                self._stalled = True
+                self._send(
+                    WARNING,
+                    "WarmupStalled",
+                    f"no model bytes arrived for {self.stall_after:.0f}s; the object store may be "
+                    f"unreachable. {progress.describe()}",
+                )
+
+    async def drain(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+async def warm(settings: Settings, mount: JuiceFSMount, reporter: PodReporter) -> bool:
+    """Stream and verify the model; True when the gate may open."""
+    manifest = read_manifest(mount.bento_dir)
+    files = manifest.select(settings.models)
+    total = sum(f.size for f in files)
+    await reporter.event(
+        NORMAL,
+        "WarmupStarted",
+        f"streaming {len(files)} files ({total / MIB:.0f} MiB) of {manifest.bento} into the local "
+        f"cache with {settings.warmup_concurrency} parallel reads",
+    )
+    progress_reporter = ProgressReporter(reporter)
+    streamer = Streamer(
+        root=mount.models_dir,
+        concurrency=settings.warmup_concurrency,
+        deadline=time.monotonic() + settings.warmup_timeout_seconds,
+        on_progress=progress_reporter.on_progress,
+        on_error=progress_reporter.on_error,
+    )
+    progress_ref: list[Progress] = []
+
+    def track(progress: Progress) -> None:
+        if not progress_ref:
+            progress_ref.append(progress)
+        progress_reporter.on_progress(progress)
+
+    streamer.on_progress = track
+    watchdog = asyncio.create_task(progress_reporter.watch_stalls(progress_ref))
+    try:
+        progress = await streamer.run(files)
+    except VerificationError as err:
+        log.error("warmup.verification_failed", error=str(err))
+        await reporter.event(
+            WARNING, "VerificationFailed", f"model bytes do not match the manifest: {err}"
+        )
+        await reporter.set_condition("False", "VerificationFailed", str(err))
+        return False
+    except WarmupTimeout as err:
+        log.error("warmup.timeout", error=str(err))
+        await reporter.event(
+            WARNING,
+            "WarmupTimedOut",
+            f"gave up after {settings.warmup_timeout_seconds}s: {err}",
+        )
+        await reporter.set_condition("False", "WarmupTimedOut", str(err))
+        return False
+    finally:
+        watchdog.cancel()
+        await progress_reporter.drain()
+    message = (
+        f"model ready: {progress.done_bytes / MIB:.0f} MiB in {progress.elapsed:.1f}s "
+        f"({progress.mb_per_s:.1f} MB/s), {progress.done_files} files verified"
+    )
+    log.info(
+        "warmup.done",
+        bytes=progress.done_bytes,
+        seconds=round(progress.elapsed, 2),
+        mb_per_s=round(progress.mb_per_s, 1),
+    )
+    await reporter.event(NORMAL, "ModelsReady", message)
+    return True
+
+
+async def run(settings: Settings, reporter: PodReporter, stop: asyncio.Event | None = None) -> int:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    cache_size = settings.cache_size_mib
+    warmup = settings.warmup
+    if settings.ssd_policy != "off":
+        speed = await asyncio.to_thread(measure, settings.cache_dir)
+        log.info(
+            "cache.probed", write_mbps=round(speed.write_mbps), read_mbps=round(speed.read_mbps)
+        )
+        if speed.slower_than(settings.cache_min_mbps):
+            action = (
+                "continuing with it"
+                if settings.ssd_policy == "preferred"
+                else "mounting without a disk cache"
+            )
+            await reporter.event(
+                WARNING,
+                "SlowCacheDisk",
+                f"cache dir {settings.cache_dir}: {speed.describe()}, below the "
+                f"{settings.cache_min_mbps:.0f} MB/s expected of the object store, so cache hits "
+                f"would be slower than misses; {action} (ssd policy {settings.ssd_policy})",
+            )
+            log.warning("cache.slow", policy=settings.ssd_policy, action=action)
+            if settings.ssd_policy == "required":
+                cache_size, warmup = 0, False
+
+    mount = JuiceFSMount(settings, cache_size_mib=cache_size)
+    await reporter.set_condition("False", "Mounting", "mounting JuiceFS")
+    try:
+        seconds = await mount.start()
+    except MountError as err:
+        log.error("mount.failed", error=str(err))
+        await reporter.event(WARNING, "MountFailed", str(err))
+        await mount.stop()
+        return 1
+    await reporter.event(
+        NORMAL,
+        "MountReady",
+        f"JuiceFS mounted at {settings.mount_point} (read-only) in {seconds:.1f}s",
+    )
+
+    died = asyncio.create_task(mount.wait_exit())
+    stopping = asyncio.create_task(stop.wait())
+    work = asyncio.create_task(_open_gate(settings, mount, reporter, warmup))
+    done, _ = await asyncio.wait({died, stopping, work}, return_when=asyncio.FIRST_COMPLETED)
+    if work in done and not work.cancelled() and work.exception():
+        log.error("warmup.crashed", error=str(work.exception()))
+    if died not in done and stopping not in done:
+        done, _ = await asyncio.wait({died, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    work.cancel()
+    if died in done:
+        code = died.result()
+        message = (
+            f"the juicefs process exited with code {code}; the model mount is gone:\n"
+            f"{mount.log_tail}"
+        )
+        log.error("mount.died", code=code)
+        await reporter.event(WARNING, "MountDied", message)
+        stopping.cancel()
+        await mount.stop()
+        return 1
+    log.info("sidecar.stopping")
+    died.cancel()
+    await mount.stop()
+    await reporter.event(NORMAL, "Unmounted", "JuiceFS unmounted on shutdown")
+    return 0
+
+
+async def _open_gate(
+    settings: Settings, mount: JuiceFSMount, reporter: PodReporter, warmup: bool
+) -> None:
+    try:
+        if warmup and not await warm(settings, mount, reporter):
+            return
+    except (OSError, ValueError) as err:
+        # No manifest, an unreadable one, a file the mount cannot open...
+        log.error("warmup.failed", error=str(err))
+        await reporter.event(WARNING, "WarmupFailed", f"cannot stream the model: {err}")
+        await reporter.set_condition("False", "WarmupFailed", str(err)[:256])
+        return
+    reason = "ModelsCached" if warmup else "Mounted"
+    message = (
+        "model streamed into the local cache and verified" if warmup else "mounted; warmup disabled"
+    )
+    await reporter.set_condition("True", reason, message)
+    await reporter.event(NORMAL, "Ready", f"condition {settings.condition_type}=True: {message}")

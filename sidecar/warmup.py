@@ -1,0 +1,173 @@
+"""Stream a model through the JuiceFS mount into the local cache, verifying it.
+
+Files go in load order; within a file, `concurrency` ranges are read at once
+(that is what makes JuiceFS fetch blocks from the object store in parallel)
+and hashed in order as they arrive, so one pass both warms the cache and
+proves the bytes. A failed read (the object store went away) is retried with
+backoff until the deadline; a wrong size or checksum is never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.manifest import ManifestFile
+
+RANGE_BYTES = 4 << 20  # one JuiceFS block
+MIB = 1 << 20
+
+
+class VerificationError(Exception):
+    """Fetched bytes differ from the manifest: never open the gate on them."""
+
+
+class WarmupTimeout(Exception):
+    pass
+
+
+@dataclass
+class Progress:
+    total_bytes: int
+    total_files: int
+    done_bytes: int = 0
+    done_files: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_advance: float = field(default_factory=time.monotonic)
+    retries: int = 0
+    last_error: str | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-9)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.done_bytes / MIB / self.elapsed
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.done_bytes / self.elapsed
+        return (self.total_bytes - self.done_bytes) / rate if rate > 0 else None
+
+    @property
+    def fraction(self) -> float:
+        return self.done_bytes / self.total_bytes if self.total_bytes else 1.0
+
+    def describe(self) -> str:
+        eta = self.eta_seconds
+        eta_text = (
+            f", ETA {eta:.0f}s" if eta is not None and self.done_bytes < self.total_bytes else ""
+        )
+        return (
+            f"{self.done_bytes / MIB:.0f}/{self.total_bytes / MIB:.0f} MiB "
+            f"({self.fraction:.0%}, {self.done_files}/{self.total_files} files) "
+            f"at {self.mb_per_s:.1f} MB/s{eta_text}"
+        )
+
+
+ProgressCallback = Callable[[Progress], None]
+ErrorCallback = Callable[[Progress, OSError], None]
+
+
+def _read_range(fd: int, offset: int, length: int) -> bytes:
+    chunks = []
+    while length > 0:
+        data = os.pread(fd, length, offset)
+        if not data:
+            break  # shorter than the manifest says; the size check catches it
+        chunks.append(data)
+        offset += len(data)
+        length -= len(data)
+    return b"".join(chunks)
+
+
+@dataclass
+class Streamer:
+    root: Path
+    concurrency: int
+    deadline: float  # time.monotonic() value
+    on_progress: ProgressCallback
+    on_error: ErrorCallback
+    range_bytes: int = RANGE_BYTES
+    max_backoff: float = 8.0
+
+    async def _read_with_retry(
+        self, pool: ThreadPoolExecutor, fd: int, offset: int, length: int, progress: Progress
+    ) -> bytes:
+        loop = asyncio.get_running_loop()
+        delay = 0.5
+        while True:
+            try:
+                return await loop.run_in_executor(pool, _read_range, fd, offset, length)
+            except OSError as err:
+                progress.retries += 1
+                progress.last_error = f"{err.strerror or err} at offset {offset}"
+                self.on_error(progress, err)
+                if time.monotonic() + delay > self.deadline:
+                    raise WarmupTimeout(f"gave up retrying reads: {progress.last_error}") from err
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+
+    async def _stream_file(
+        self, pool: ThreadPoolExecutor, entry: ManifestFile, progress: Progress
+    ) -> None:
+        path = self.root / entry.path
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise VerificationError(f"{entry.path}: listed in the manifest but missing") from None
+        try:
+            digest = hashlib.sha256()
+            seen = 0
+            window: deque[asyncio.Future[bytes]] = deque()
+
+            def take(data: bytes) -> None:
+                nonlocal seen
+                digest.update(data)
+                seen += len(data)
+                progress.done_bytes += len(data)
+                if data:
+                    progress.last_advance = time.monotonic()
+                self.on_progress(progress)
+
+            for offset in range(0, entry.size, self.range_bytes):
+                if time.monotonic() > self.deadline:
+                    raise WarmupTimeout(f"timed out at {progress.describe()}")
+                length = min(self.range_bytes, entry.size - offset)
+                window.append(
+                    asyncio.ensure_future(self._read_with_retry(pool, fd, offset, length, progress))
+                )
+                if len(window) >= self.concurrency:
+                    take(await window.popleft())
+            while window:
+                take(await window.popleft())
+            # Anything past the manifest's size means the file is not the one listed.
+            extra = os.pread(fd, 1, entry.size)
+        finally:
+            os.close(fd)
+        if seen != entry.size or extra:
+            raise VerificationError(
+                f"{entry.path}: size differs from the manifest ({entry.size} bytes expected)"
+            )
+        if digest.hexdigest() != entry.sha256:
+            raise VerificationError(
+                f"{entry.path}: sha256 {digest.hexdigest()} differs from the manifest's "
+                f"{entry.sha256}"
+            )
+        progress.done_files += 1
+        self.on_progress(progress)
+
+    async def run(self, files: list[ManifestFile]) -> Progress:
+        progress = Progress(total_bytes=sum(f.size for f in files), total_files=len(files))
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="warmup") as pool:
+            for entry in files:
+                await self._stream_file(pool, entry, progress)
+        return progress
