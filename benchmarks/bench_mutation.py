@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonpatch
+
 from injector.admission import parse_review, review
 from injector.config import InjectorConfig
 

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 from devcluster.controlplane import Hook
+from devcluster.injector import start_injector, stop_injector
 
-ON_READY: list[Hook] = []
-ON_STOP: list[Hook] = []
+ON_READY: list[Hook] = [start_injector]
+ON_STOP: list[Hook] = [stop_injector]

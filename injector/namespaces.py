@@ -116,6 +116,8 @@ class NamespaceController:
     async def reconcile(
         self, namespace: str, labels: Mapping[str, str] | None, sources: list[dict[str, Any]]
     ) -> None:
+        if namespace in self._config.excluded_namespaces:
+            return  # our own namespace holds the CA and the source Secrets: never touch it
         if opted_in(namespace, labels, self._config):
             await self._apply(namespace, sources)
         else:

@@ -1,0 +1,209 @@
+"""The injector on the local control plane: the user's manifests, a local process.
+
+There is no kubelet to run the injector's Deployment, so the manifests from
+`manifests/base` are applied as users apply them, with two changes made by a
+generated kustomize overlay: the webhook's `clientConfig` points at
+`https://127.0.0.1:PORT/mutate` instead of the Service, and the Deployment
+(which could never run here) is left out. The injector then runs as a local
+process with a kubeconfig for its own ServiceAccount (so its RBAC is what is
+tested), generates its CA into the shared Secret and patches the caBundle
+itself: the same code path as in a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from devcluster.cluster import Cluster, wait_for
+from devcluster.controlplane import ControlPlane, free_port, log_tail
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = REPO / "manifests" / "base"
+NAMESPACE = "bento-juicefs-system"
+SERVICE_ACCOUNT = "bento-juicefs-injector"
+CREDENTIALS_SECRET = "juicefs-models-credentials"
+
+
+def local_overlay(directory: Path, url: str) -> Path:
+    """A kustomization over manifests/base with only the endpoint swapped."""
+    directory.mkdir(parents=True, exist_ok=True)
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(BASE, directory)],
+        "patches": [
+            {
+                "target": {
+                    "kind": "MutatingWebhookConfiguration",
+                    "name": "bento-juicefs-injector",
+                },
+                "patch": json.dumps(
+                    [
+                        {"op": "remove", "path": "/webhooks/0/clientConfig/service"},
+                        {"op": "add", "path": "/webhooks/0/clientConfig/url", "value": url},
+                    ]
+                ),
+            },
+            {
+                "target": {"kind": "Deployment", "name": "bento-juicefs-injector"},
+                "patch": yaml.safe_dump(
+                    {
+                        "$patch": "delete",
+                        "apiVersion": "apps/v1",
+                        "kind": "Deployment",
+                        "metadata": {"name": "bento-juicefs-injector", "namespace": NAMESPACE},
+                    }
+                ),
+            },
+        ],
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    return directory
+
+
+def server_minor(cluster: Cluster) -> str:
+    version = json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
+    return f"{version['major']}.{version['minor'].rstrip('+')}"
+
+
+def token_kubeconfig(cluster: Cluster, path: Path, server: str, ca_file: Path) -> Path:
+    """A kubeconfig for the injector's ServiceAccount (TokenRequest, like a kubelet would)."""
+    token = cluster.kubectl(
+        "create", "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--duration=24h"
+    ).stdout.strip()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "local", "cluster": {"server": server, "certificate-authority": str(ca_file)}}
+        ],
+        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
+        "contexts": [
+            {"name": "injector", "context": {"cluster": "local", "user": SERVICE_ACCOUNT}}
+        ],
+        "current-context": "injector",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+class LocalInjector:
+    """`python -m injector serve` for the local control plane; start() and stop() repeatable."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.dir = cp.state_dir / "injector"
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}/mutate"
+        self.log_file = cp.log_path("injector")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.config_file = self.dir / "config.yaml"
+        self.kubeconfig = self.dir / "injector.kubeconfig"
+
+    def install(self, meta_url: str = "redis://127.0.0.1:6379/1") -> None:
+        """Apply the manifests and the credentials Secret the platform team would create."""
+        overlay = local_overlay(self.dir / "overlay", self.url)
+        self.cp.kubectl("apply", "-k", str(overlay))
+        self.cp.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": CREDENTIALS_SECRET, "namespace": NAMESPACE},
+                "stringData": {"metaurl": meta_url},
+            }
+        )
+        config: dict[str, Any] = {
+            "cluster": {"kubernetesVersion": server_minor(self.cp)},
+            "server": {
+                "host": "127.0.0.1",
+                "port": self.port,
+                "certDir": str(self.dir / "certs"),
+                "certCheckIntervalSeconds": 2,
+            },
+            "webhook": {"caBundleCheckSeconds": 2},
+            "controller": {"resyncSeconds": 10},
+        }
+        self.config_file.write_text(yaml.safe_dump(config))
+        token_kubeconfig(self.cp, self.kubeconfig, self.cp.server, self.cp.pki.ca.cert)
+
+    def start(self, timeout: float = 60) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "injector",
+                    "serve",
+                    "--config",
+                    str(self.config_file),
+                    "--kubeconfig",
+                    str(self.kubeconfig),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"injector did not become ready (exit code {self.process.poll()}):\n"
+                    f"{log_tail(self.log_file)}"
+                )
+            time.sleep(0.25)
+
+    def ready(self) -> bool:
+        ca = self.dir / "certs" / "ca.crt"
+        if not ca.exists():
+            return False
+        context = ssl.create_default_context(cafile=str(ca))
+        try:
+            with urllib.request.urlopen(
+                f"https://127.0.0.1:{self.port}/readyz", context=context, timeout=2
+            ) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def wait_unreachable(self) -> None:
+        wait_for(lambda: not self.ready(), timeout=15, what="injector to stop answering")
+
+
+def start_injector(cp: ControlPlane) -> None:
+    injector = LocalInjector(cp)
+    injector.install()
+    injector.start()
+    cp.addons["injector"] = injector
+    cp.log(f"injector ready at {injector.url} (log: {injector.log_file})")
+
+
+def stop_injector(cp: ControlPlane) -> None:
+    injector = cp.addons.get("injector")
+    if isinstance(injector, LocalInjector):
+        injector.stop()
