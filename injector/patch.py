@@ -30,7 +30,8 @@ def _step(node: Any, token: Token) -> Any:
         if isinstance(node, list) and 0 <= token < len(node):
             return node[token]
         return _MISSING
-    if isinstance(node, Mapping):
+    # dict, not Mapping: the pod is parsed JSON, and the ABC check costs more.
+    if isinstance(node, dict):
         value = node.get(token, _MISSING)
         # A JSON null is as good as absent: `add` replaces it.
         return _MISSING if value is None else value

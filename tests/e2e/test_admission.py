@@ -428,3 +428,24 @@ def test_namespace_controller_follows_the_label(
     assert (
         cluster.kubectl("get", "secret", "users-own", "-n", namespace, check=False).returncode == 0
     )
+
+
+def test_reset_ca_bundle_is_healed(cluster: Cluster, injector: LocalInjector) -> None:
+    """A chart upgrade or GitOps sync that blanks the caBundle is repaired without a restart."""
+    reset = [{"op": "replace", "path": "/webhooks/0/clientConfig/caBundle", "value": ""}]
+    cluster.kubectl(
+        "patch",
+        "mutatingwebhookconfiguration",
+        "bento-juicefs-injector",
+        "--type=json",
+        "-p",
+        json.dumps(reset),
+    )
+    expected = base64.b64encode((injector.dir / "certs" / "ca.crt").read_bytes()).decode()
+
+    def healed() -> bool:
+        config = cluster.get_json("mutatingwebhookconfiguration", "bento-juicefs-injector")
+        return bool(config["webhooks"][0]["clientConfig"].get("caBundle") == expected)
+
+    wait_for(healed, timeout=20, what="caBundle re-patched")
+    wait_for(injector.ready, timeout=20, what="/readyz")
