@@ -22,11 +22,11 @@ def status_document(ctx: MutationContext) -> dict[str, Any]:
         "version": __version__,
         "bento": f"{plan.bento_name}:{plan.bento_version}",
         "sidecar": {"name": config.sidecar.container_name, "mode": plan.sidecar_mode},
-        "volumes": [v["name"] for v in desired_volumes(ctx)],
         "cache": {
             "size": plan.cache_size,
             "medium": config.volumes.cache_medium or "node-local disk (emptyDir)",
         },
+        "volumes": [v["name"] for v in desired_volumes(ctx)],
         "juicefs": {"volume": plan.volume, "path": plan.juicefs_path, "models": list(plan.models)},
         "affinity": affinity,
         "profile": config.cluster.platform_profile,
@@ -41,7 +41,9 @@ def add_status(ctx: MutationContext) -> None:
     if ctx.plan.already_injected:
         return
     key = ctx.config.annotations.status
-    value = json.dumps(status_document(ctx), sort_keys=True, separators=(",", ":"))
+    # Insertion order, not sorted: `kubectl describe` shows only the start
+    # of a long annotation, so what matters most comes first.
+    value = json.dumps(status_document(ctx), separators=(",", ":"))
     current = ((ctx.pod.get("metadata") or {}).get("annotations") or {}).get(key)
     if current != value:
         ctx.patch.set(("metadata", "annotations", key), value)
