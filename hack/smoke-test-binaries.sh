@@ -39,8 +39,8 @@ kube-apiserver --version
 kube-controller-manager --version
 kube-scheduler --version
 kubectl version --client
-etcd --version | head -1
-minio --version | head -1
+etcd --version | sed -n 1p # not head: SIGPIPE + pipefail
+minio --version | sed -n 1p
 command -v juicefs >/dev/null && juicefs --version
 
 echo "== etcd"
