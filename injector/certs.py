@@ -95,35 +95,73 @@ def generate_ca(common_name: str = "bento-juicefs-injector-ca") -> tuple[bytes, 
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
-def issue_serving_cert(
+def issue_cert(
     ca_pem: bytes,
     ca_key_pem: bytes,
-    hosts: Sequence[str],
+    common_name: str,
+    *,
+    organizations: Sequence[str] = (),
+    hosts: Sequence[str] = (),
+    server: bool = False,
+    client: bool = False,
     lifetime: dt.timedelta = SERVING_LIFETIME,
 ) -> tuple[bytes, bytes]:
+    """A leaf certificate signed by the CA: (cert PEM, EC key PEM)."""
     ca = x509.load_pem_x509_certificate(ca_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError("CA key must be an EC key")
     key = _key()
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org) for org in organizations]
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    usages = []
+    if server:
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+    if client:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     now = _now()
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .subject_name(x509.Name(attrs))
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(_san(hosts), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
-        .sign(ca_key, hashes.SHA256())
     )
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    if hosts:
+        builder = builder.add_extension(_san(hosts), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def issue_serving_cert(
+    ca_pem: bytes,
+    ca_key_pem: bytes,
+    hosts: Sequence[str],
+    lifetime: dt.timedelta = SERVING_LIFETIME,
+) -> tuple[bytes, bytes]:
+    return issue_cert(ca_pem, ca_key_pem, hosts[0], hosts=hosts, server=True, lifetime=lifetime)
 
 
 def generate_bundle(hosts: Sequence[str]) -> CertBundle:
