@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make test          lint, type-check and run the test suite (installs into $(VENV))"
-	@echo "make demo          the main job (see README)"
+	@echo "make demo          control plane + injector + JuiceFS: a Bento pod injected and warmed, then kubectl describe pod"
 	@echo "make golden-update regenerate tests/golden/*.injected"
 	@echo "make bench         mutation benchmark, figures to bench-results.json"
 
@@ -58,7 +58,10 @@ bench: $(STAMP)
 render-example: $(STAMP)
 	$(BIN)/python -m injector render -f examples/bento-deployment.yaml
 
-demo: render-example
+# The main job: control plane, injector, JuiceFS, a Bento pod injected and
+# warmed by its sidecar, ending with kubectl describe pod.
+demo: $(STAMP) binaries
+	$(BIN)/python -m devcluster.demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -80,6 +80,7 @@ class Cluster:
         memory: str = "16Gi",
         ephemeral_storage: str = "100Gi",
         pods: str = "110",
+        extra_resources: Mapping[str, str] | None = None,
     ) -> None:
         """Create a schedulable Node with no kubelet behind it.
 
@@ -104,6 +105,7 @@ class Cluster:
             "memory": memory,
             "ephemeral-storage": ephemeral_storage,
             "pods": pods,
+            **(extra_resources or {}),
         }
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         status = {

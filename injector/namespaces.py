@@ -192,7 +192,6 @@ class NamespaceController:
         while True:
             try:
                 version = await self.reconcile_all()
-                sources = await self._sources()
                 stream = watch.Watch()
                 async with stream:
                     async for event in stream.stream(
@@ -204,6 +203,9 @@ class NamespaceController:
                         if event["type"] in ("ADDED", "MODIFIED") and not (
                             ns.status and ns.status.phase == "Terminating"
                         ):
+                            # Read the sources now, not at watch start: the platform
+                            # team may have just updated them.
+                            sources = await self._sources()
                             await self._guarded(ns.metadata.name, ns.metadata.labels, sources)
             except asyncio.CancelledError:
                 raise

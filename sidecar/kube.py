@@ -101,7 +101,6 @@ class PodReporter:
                 "name": s.pod_name,
                 "namespace": s.pod_namespace,
                 "uid": self._uid or None,
-                "fieldPath": f"spec.initContainers{{{COMPONENT}}}",
             },
             "type": kind,
             "reason": reason,

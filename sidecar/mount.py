@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import time
@@ -35,21 +36,42 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _mounted(path: Path) -> bool:
+def _listed(path: Path) -> bool:
+    """path is a mount point in /proc/self/mountinfo (octal escapes as the kernel writes them)."""
+    target = os.path.abspath(path)
     try:
-        return os.path.ismount(path)
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
         return False
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 4:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if point == target:
+                return True
+    return False
+
+
+def _live_mount(path: Path) -> bool:
+    """A mount that answers (a dead FUSE mount does not)."""
+    return os.path.ismount(path)
+
+
+def _mounted(path: Path) -> bool:
+    # os.path.ismount says False for a FUSE mount whose daemon died (stat fails
+    # with ENOTCONN), which still has to be unmounted; mountinfo still lists it.
+    return _live_mount(path) or _listed(path)
 
 
 def _umount(path: Path) -> None:
-    if not _mounted(path):
-        return
-    result = subprocess.run(["umount", str(path)], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        # Busy (the app still has files open): detach now, finish when released.
-        log.warning("umount.lazy", path=str(path), error=result.stderr.strip())
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+    for _ in range(4):  # mounts can be stacked (a bind over a dead one from an earlier run)
+        if not _mounted(path):
+            return
+        result = subprocess.run(["umount", str(path)], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            # Busy (the app still has files open): detach now, finish when released.
+            log.warning("umount.lazy", path=str(path), error=result.stderr.strip())
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 class JuiceFSMount:
@@ -96,6 +118,10 @@ class JuiceFSMount:
         """Mount and expose the models; returns the seconds it took."""
         s = self._settings
         started = time.monotonic()
+        # A sidecar that died leaves its mounts behind (the mount dir is shared
+        # with Bidirectional propagation): dead FUSE mounts fail every stat.
+        _umount(s.mount_point)
+        _umount(s.private_mount)
         s.private_mount.mkdir(parents=True, exist_ok=True)
         s.mount_point.mkdir(parents=True, exist_ok=True)
         s.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +139,7 @@ class JuiceFSMount:
         )
         assert self._process.stdout is not None
         self._reader = asyncio.create_task(self._pump(self._process.stdout))
-        while not _mounted(s.private_mount):
+        while not _live_mount(s.private_mount):
             if self._process.returncode is not None:
                 raise MountError(
                     f"juicefs mount exited with code {self._process.returncode} before mounting:\n"

@@ -4,7 +4,10 @@ Files go in load order; within a file, `concurrency` ranges are read at once
 (that is what makes JuiceFS fetch blocks from the object store in parallel)
 and hashed in order as they arrive, so one pass both warms the cache and
 proves the bytes. A failed read (the object store went away) is retried with
-backoff until the deadline; a wrong size or checksum is never retried.
+backoff until the deadline, on a freshly opened file: JuiceFS keeps a read
+error on the open file handle for good, so retrying on the same descriptor
+would fail forever even after the store is back. A wrong size or checksum is
+never retried.
 """
 
 from __future__ import annotations
@@ -89,6 +92,25 @@ def _read_range(fd: int, offset: int, length: int) -> bytes:
     return b"".join(chunks)
 
 
+class _OpenFile:
+    """A model file's descriptor, replaced by a fresh one after a failed read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self._retired: list[int] = []  # closed at the end: reads in flight may still use them
+
+    def reopen(self, failed_fd: int) -> None:
+        if failed_fd == self.fd:  # the first failed read to get here reopens for all
+            fresh = os.open(self.path, os.O_RDONLY)
+            self._retired.append(self.fd)
+            self.fd = fresh
+
+    def close(self) -> None:
+        for fd in (self.fd, *self._retired):
+            os.close(fd)
+
+
 @dataclass
 class Streamer:
     root: Path
@@ -100,13 +122,29 @@ class Streamer:
     max_backoff: float = 8.0
 
     async def _read_with_retry(
-        self, pool: ThreadPoolExecutor, fd: int, offset: int, length: int, progress: Progress
+        self,
+        pool: ThreadPoolExecutor,
+        handle: _OpenFile,
+        offset: int,
+        length: int,
+        progress: Progress,
     ) -> bytes:
         loop = asyncio.get_running_loop()
         delay = 0.5
         while True:
+            fd = handle.fd
+            left = self.deadline - time.monotonic()
             try:
-                return await loop.run_in_executor(pool, _read_range, fd, offset, length)
+                # A read can hang rather than fail (JuiceFS retries an object store
+                # that answers with errors for minutes): the deadline still holds.
+                return await asyncio.wait_for(
+                    loop.run_in_executor(pool, _read_range, fd, offset, length), max(left, 0)
+                )
+            except TimeoutError:
+                raise WarmupTimeout(
+                    f"a read at offset {offset} of {handle.path.name} did not return in time: "
+                    f"{progress.describe()}"
+                ) from None
             except OSError as err:
                 progress.retries += 1
                 progress.last_error = f"{err.strerror or err} at offset {offset}"
@@ -115,19 +153,23 @@ class Streamer:
                     raise WarmupTimeout(f"gave up retrying reads: {progress.last_error}") from err
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
+                try:
+                    handle.reopen(fd)
+                except OSError as reopen_err:
+                    progress.last_error = f"reopening {handle.path.name}: {reopen_err}"
 
     async def _stream_file(
         self, pool: ThreadPoolExecutor, entry: ManifestFile, progress: Progress
     ) -> None:
         path = self.root / entry.path
         try:
-            fd = os.open(path, os.O_RDONLY)
+            handle = _OpenFile(path)
         except FileNotFoundError:
             raise VerificationError(f"{entry.path}: listed in the manifest but missing") from None
+        window: deque[asyncio.Future[bytes]] = deque()
         try:
             digest = hashlib.sha256()
             seen = 0
-            window: deque[asyncio.Future[bytes]] = deque()
 
             def take(data: bytes) -> None:
                 nonlocal seen
@@ -143,16 +185,20 @@ class Streamer:
                     raise WarmupTimeout(f"timed out at {progress.describe()}")
                 length = min(self.range_bytes, entry.size - offset)
                 window.append(
-                    asyncio.ensure_future(self._read_with_retry(pool, fd, offset, length, progress))
+                    asyncio.ensure_future(
+                        self._read_with_retry(pool, handle, offset, length, progress)
+                    )
                 )
                 if len(window) >= self.concurrency:
                     take(await window.popleft())
             while window:
                 take(await window.popleft())
             # Anything past the manifest's size means the file is not the one listed.
-            extra = os.pread(fd, 1, entry.size)
+            extra = os.pread(handle.fd, 1, entry.size)
         finally:
-            os.close(fd)
+            for pending in window:  # after a failure: nobody will await them
+                pending.cancel()
+            handle.close()
         if seen != entry.size or extra:
             raise VerificationError(
                 f"{entry.path}: size differs from the manifest ({entry.size} bytes expected)"
@@ -167,7 +213,11 @@ class Streamer:
 
     async def run(self, files: list[ManifestFile]) -> Progress:
         progress = Progress(total_bytes=sum(f.size for f in files), total_files=len(files))
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="warmup") as pool:
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="warmup")
+        try:
             for entry in files:
                 await self._stream_file(pool, entry, progress)
+        finally:
+            # Never wait for reads stuck in the FUSE mount: they end when it is unmounted.
+            pool.shutdown(wait=False, cancel_futures=True)
         return progress

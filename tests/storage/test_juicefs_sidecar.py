@@ -1,0 +1,346 @@
+"""The sidecar's mount and warmup over a real JuiceFS FUSE mount, MinIO and Redis.
+
+Nothing here is mocked: `sidecar.mount.JuiceFSMount` runs the juicefs 0.14.2
+client, `sidecar.warmup.Streamer` reads through FUSE, blocks come from MinIO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from benchmarks.bench_warmup import (
+    block_keys,
+    publish_random,
+    result_record,
+    sidecar_settings,
+    stream,
+    wait_cached,
+    write_result,
+)
+from devcluster.storage import (
+    MIB,
+    StorageError,
+    StorageStack,
+    ThrottledDirectory,
+    ThrottleUnavailable,
+    cached_blocks,
+    read_objects,
+)
+from sidecar.kube import PodReporter
+from sidecar.manifest import Manifest, read_manifest, sha256_file
+from sidecar.mount import JuiceFSMount
+from sidecar.publish import bento_dir
+from sidecar.run import warm
+from sidecar.warmup import Progress, Streamer, VerificationError
+
+from .conftest import SMALL_SHARDS
+
+
+def _sha256(path: Path) -> str:
+    return sha256_file(path)
+
+
+def test_warmup_fills_the_cache_and_serves_the_model_read_only(
+    stack: StorageStack, big_model: Manifest, tmp_path: Path
+) -> None:
+    assert big_model.total_bytes >= 1 << 30
+    settings = sidecar_settings(stack, tmp_path, "llm-big", "v1")
+    last_shard = big_model.select(())[-1]
+    app_read: dict[str, Any] = {}
+
+    def app_reader() -> None:
+        # The app opens the model through the read-only bind mount, as a container would.
+        app_read["started"] = time.monotonic()
+        app_read["sha256"] = _sha256(settings.mount_point / last_shard.path)
+        app_read["finished"] = time.monotonic()
+
+    reader = threading.Thread(target=app_reader, name="app-reader")
+
+    def on_progress(progress: Progress) -> None:
+        if progress.fraction >= 0.25 and not reader.is_alive() and "started" not in app_read:
+            reader.start()
+
+    def check_while_mounted(mount: JuiceFSMount, progress: Progress, warm_finished: float) -> int:
+        reader.join(120)
+        assert app_read.get("sha256") == last_shard.sha256
+        assert app_read["started"] < warm_finished, "the app read started before warmup finished"
+        print(
+            f"app read of {last_shard.path} started {warm_finished - app_read['started']:.1f}s "
+            f"before warmup finished; took {app_read['finished'] - app_read['started']:.1f}s"
+        )
+        assert progress.done_bytes == big_model.total_bytes
+        assert progress.done_files == len(big_model.files)
+
+        # The cache holds every block of every file (JuiceFS writes cache files
+        # asynchronously, hence the wait).
+        cached = asyncio.run(wait_cached(settings.cache_dir, big_model.total_bytes))
+        assert cached >= big_model.total_bytes
+        blocks = cached_blocks(settings.cache_dir)
+        wanted = {
+            key.rsplit("/", 1)[1]
+            for f in big_model.files
+            for key in stack.juicefs.object_keys(mount.models_dir / f.path)
+        }
+        missing = sorted(wanted - set(blocks))
+        assert not missing, f"{len(missing)} blocks never reached the cache: {missing[:5]}"
+
+        # What the app sees: the same bytes, read-only.
+        for entry in big_model.files:
+            assert _sha256(settings.mount_point / entry.path) == entry.sha256, entry.path
+        shard = settings.mount_point / last_shard.path
+        for attempt in (
+            lambda: (settings.mount_point / "new-file").write_bytes(b"x"),
+            lambda: shard.open("r+b").close(),
+            lambda: shard.unlink(),
+            lambda: (settings.mount_point / "new-dir").mkdir(),
+        ):
+            with pytest.raises(OSError, match="Read-only file system") as excinfo:
+                attempt()
+            assert excinfo.value.errno == errno.EROFS
+        return cached
+
+    async def scenario() -> tuple[Progress, int]:
+        mount, progress = await stream(settings, on_progress=on_progress)
+        warm_finished = time.monotonic()
+        try:
+            cached = await asyncio.to_thread(check_while_mounted, mount, progress, warm_finished)
+        finally:
+            await mount.stop()
+            shutil.rmtree(settings.cache_dir, ignore_errors=True)
+        assert not mount.answers()
+        assert not settings.mount_point.is_mount()
+        assert not settings.private_mount.is_mount()
+        return progress, cached
+
+    progress, cached = asyncio.run(scenario())
+
+    keys = block_keys(stack, big_model, "llm-big", "v1")
+    raw = read_objects(stack.store.s3, stack.store.bucket, keys, settings.warmup_concurrency)
+    assert raw.bytes == big_model.total_bytes
+    record = result_record(big_model, progress, raw, settings, cached)
+    print(write_result(record))
+
+
+def test_object_store_outage_stalls_the_stream_until_it_is_back(
+    stack: StorageStack, outage_model: Manifest, tmp_path: Path, store_back: None
+) -> None:
+    settings = sidecar_settings(stack, tmp_path, "llm-outage", "v1")
+    errors: list[tuple[float, str]] = []
+    stopped_at: list[float] = []
+
+    def on_progress(progress: Progress) -> None:
+        if progress.fraction >= 0.2 and not stopped_at:
+            stack.store.stop(kill=True)  # the object store goes away mid-stream
+            stopped_at.append(time.monotonic())
+            print(f"MinIO killed at {progress.describe()}")
+
+    failing = asyncio.Event()
+
+    def on_error(progress: Progress, err: OSError) -> None:
+        errors.append((time.monotonic(), f"{err}"))
+        failing.set()
+
+    async def scenario() -> Progress:
+        mount = JuiceFSMount(settings)
+        await mount.start()
+        try:
+            files = read_manifest(mount.bento_dir).select(())
+            streamer = Streamer(
+                root=mount.models_dir,
+                concurrency=settings.warmup_concurrency,
+                deadline=time.monotonic() + 120,
+                on_progress=on_progress,
+                on_error=on_error,
+            )
+            task = asyncio.ensure_future(streamer.run(files))
+            noticed = asyncio.ensure_future(failing.wait())
+            await asyncio.wait({task, noticed}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            noticed.cancel()
+            assert errors, "reads kept succeeding with the object store down"
+            await asyncio.sleep(3)
+            assert not task.done(), "the stream finished while the object store was down"
+            print(f"{len(errors)} failed reads reported, first: {errors[0][1]}")
+            await asyncio.to_thread(stack.store.start)  # same port, same data
+            restarted = time.monotonic()
+            progress = await asyncio.wait_for(task, 90)
+            print(f"stream completed {time.monotonic() - restarted:.1f}s after MinIO came back")
+            return progress
+        finally:
+            await mount.stop()
+
+    progress = asyncio.run(scenario())
+    assert stopped_at
+    assert progress.done_files == len(outage_model.files)
+    assert progress.done_bytes == outage_model.total_bytes
+    assert progress.retries >= 1
+    assert errors[0][0] >= stopped_at[0]
+
+
+class RecordingReporter:
+    """Stands in for PodReporter where no apiserver is involved."""
+
+    def __init__(self) -> None:
+        self.conditions: list[tuple[str, str, str]] = []
+        self.events: list[tuple[str, str, str]] = []
+
+    async def set_condition(self, status: str, reason: str, message: str) -> None:
+        self.conditions.append((status, reason, message))
+
+    async def event(self, kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+
+
+def test_a_corrupted_block_fails_verification_and_the_gate_stays_shut(
+    stack: StorageStack, scratch: Path, tmp_path: Path
+) -> None:
+    manifest = publish_random(stack, scratch, "llm-corrupt", "v1", SMALL_SHARDS)
+    shard = manifest.select(())[-2]
+    on_volume = bento_dir(stack.writer_mount, "/bentos/{name}/{version}", "llm-corrupt", "v1")
+    keys = stack.juicefs.object_keys(on_volume / "models" / shard.path)
+    assert len(keys) == shard.size // (4 * MIB)
+    victim = keys[1]
+    assert stack.store.object_files(victim), "MinIO keeps the object in its data dir"
+    data = bytearray(stack.store.s3.get_object(stack.store.bucket, victim))
+    data[len(data) // 2] ^= 0x5A
+    # Replaced through the S3 API: MinIO serves the changed bytes with valid
+    # checksums of its own, as a buggy writer or a tampered bucket would.
+    stack.store.s3.put_object(stack.store.bucket, victim, bytes(data))
+
+    settings = sidecar_settings(stack, tmp_path, "llm-corrupt", "v1")
+    assert not settings.cache_dir.exists(), "a fresh cache: the block can only come from MinIO"
+    reporter = RecordingReporter()
+
+    async def scenario() -> bool:
+        mount = JuiceFSMount(settings)
+        await mount.start()
+        try:
+            streamer = Streamer(
+                root=mount.models_dir,
+                concurrency=4,
+                deadline=time.monotonic() + 60,
+                on_progress=lambda p: None,
+                on_error=lambda p, e: None,
+            )
+            with pytest.raises(VerificationError, match=rf"{shard.path}: sha256 .* differs"):
+                await streamer.run(manifest.select(()))
+            return await warm(settings, mount, cast(PodReporter, reporter))
+        finally:
+            await mount.stop()
+
+    assert asyncio.run(scenario()) is False
+    assert [c[:2] for c in reporter.conditions] == [("False", "VerificationFailed")]
+    assert not any(c[0] == "True" for c in reporter.conditions)
+    reasons = [e[1] for e in reporter.events]
+    assert reasons == ["WarmupStarted", "VerificationFailed"], reporter.events
+    assert shard.path in reporter.events[-1][2]
+
+
+def test_bytes_rotting_in_the_store_stall_the_stream_and_never_open_the_gate(
+    stack: StorageStack, scratch: Path, tmp_path: Path
+) -> None:
+    manifest = publish_random(stack, scratch, "llm-rot", "v1", SMALL_SHARDS)
+    shard = manifest.select(())[-1]
+    on_volume = bento_dir(stack.writer_mount, "/bentos/{name}/{version}", "llm-rot", "v1")
+    victim = stack.juicefs.object_keys(on_volume / "models" / shard.path)[0]
+    part = next(p for p in stack.store.object_files(victim) if p.name.startswith("part."))
+    with part.open("r+b") as handle:  # one bit flipped on MinIO's disk
+        handle.seek(100_000)
+        byte = handle.read(1)[0]
+        handle.seek(100_000)
+        handle.write(bytes([byte ^ 0x01]))
+    # MinIO's own bitrot check refuses to serve it; no wrong byte reaches JuiceFS.
+    with pytest.raises(StorageError, match="HTTP 503"):
+        stack.store.s3.get_object(stack.store.bucket, victim)
+
+    timeout = 8
+    settings = replace(
+        sidecar_settings(stack, tmp_path, "llm-rot", "v1"), warmup_timeout_seconds=timeout
+    )
+    reporter = RecordingReporter()
+
+    async def scenario() -> bool:
+        mount = JuiceFSMount(settings)
+        await mount.start()
+        try:
+            return await warm(settings, mount, cast(PodReporter, reporter))
+        finally:
+            await mount.stop()
+
+    # JuiceFS keeps retrying the 503s, so the read hangs rather than fails: the
+    # sidecar's own deadline ends the warmup, and the gate stays shut.
+    started = time.monotonic()
+    assert asyncio.run(scenario()) is False
+    assert time.monotonic() - started < timeout + 30
+    assert [c[:2] for c in reporter.conditions] == [("False", "WarmupTimedOut")]
+    reasons = [e[1] for e in reporter.events]
+    assert reasons[0] == "WarmupStarted"
+    assert reasons[-1] == "WarmupTimedOut", reporter.events
+    assert "ModelsReady" not in reasons
+    assert shard.path.rsplit("/", 1)[1] in reporter.events[-1][2]
+
+
+PROBE = (
+    "import json, sys; from pathlib import Path; from sidecar.cacheprobe import measure; "
+    "s = measure(Path(sys.argv[1]), size_mib=int(sys.argv[2])); "
+    "print(json.dumps({'write': s.write_mbps, 'read': s.read_mbps, 'direct': s.direct_io, "
+    "'slow': s.slower_than(float(sys.argv[3])), 'text': s.describe()}))"
+)
+
+
+def test_a_slow_cache_directory_is_reported(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("throttling a block device needs root")
+    minimum = 200.0  # the injector's default warmup.cacheMinMbps
+    try:
+        slow = ThrottledDirectory(tmp_path / "slow", bytes_per_second=8 * MIB).start()
+    except ThrottleUnavailable as err:
+        pytest.skip(f"cannot make a really slow directory here: {err}")
+    try:
+        print(f"throttled with {slow.method} (8 MB/s); not used: {slow.attempts or 'none'}")
+        cache = slow.path / "cache"
+        proc = slow.run_throttled([sys.executable, "-c", PROBE, str(cache), "16", str(minimum)])
+        assert proc.returncode == 0, proc.stderr
+        measured = json.loads(proc.stdout)
+        print(f"cacheprobe on the throttled dir: {measured['text']}")
+        assert measured["slow"] is True
+        assert min(measured["write"], measured["read"]) < 20
+        if slow.method != "dm-delay":  # a cgroup limit binds only its own processes
+            fast = subprocess.run(
+                [sys.executable, "-c", PROBE, str(cache), "16", str(minimum)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            unthrottled = json.loads(fast.stdout)
+            print(f"the same dir outside the cgroup: {unthrottled['text']}")
+            assert min(unthrottled["write"], unthrottled["read"]) > 4 * max(
+                measured["write"], measured["read"]
+            )
+    finally:
+        slow.stop()
+    assert not slow.path.is_mount()
+
+
+def test_published_layout_is_what_the_sidecar_expects(
+    stack: StorageStack, outage_model: Manifest
+) -> None:
+    bento = bento_dir(stack.writer_mount, "/bentos/{name}/{version}", "llm-outage", "v1")
+    assert read_manifest(bento) == outage_model
+    assert {f.model for f in outage_model.files} == {"llm:v1", "llm"}
+    big = [f for f in outage_model.select(()) if f.size > MIB]
+    assert [f.path for f in big] == sorted(f.path for f in big), "shards stream in name order"
+    settings = sidecar_settings(stack, Path("/unused"), "llm-outage", "v1")
+    assert settings.bento_path == "/bentos/llm-outage/v1"
