@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test lint typecheck unit e2e binaries cluster-up cluster-down golden-update bench render-example demo clean
+.PHONY: help venv test lint typecheck unit e2e binaries cluster-up cluster-down golden-update bench bench-warmup render-example demo clean
 
 help:
 	@echo "make test          lint, type-check and run the test suite (installs into $(VENV))"
@@ -54,6 +54,9 @@ golden-update: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_mutation.py
+
+bench-warmup: $(STAMP) binaries
+	$(BIN)/python benchmarks/bench_warmup.py
 
 render-example: $(STAMP)
 	$(BIN)/python -m injector render -f examples/bento-deployment.yaml
