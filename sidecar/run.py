@@ -40,6 +40,8 @@ class ProgressReporter:
     _last_event: float = field(default_factory=time.monotonic)
     _stalled: bool = False
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
+    # The streamer's progress, once it has reported any (the stall watchdog reads it).
+    current: Progress | None = None
 
     def _send(self, kind: str, reason: str, message: str) -> None:
         task = asyncio.get_running_loop().create_task(self.reporter.event(kind, reason, message))
@@ -47,6 +49,7 @@ class ProgressReporter:
         task.add_done_callback(self._pending.discard)
 
     def on_progress(self, progress: Progress) -> None:
+        self.current = progress
         now = time.monotonic()
         if self._stalled and now - progress.last_advance < 1:
             self._stalled = False
@@ -79,13 +82,13 @@ class ProgressReporter:
                 f"engine may be unreachable; retrying with backoff. {progress.describe()}",
             )
 
-    async def watch_stalls(self, progress_ref: list[Progress]) -> None:
+    async def watch_stalls(self) -> None:
         """A read that hangs (rather than fails) is noticed too."""
         while True:
             await asyncio.sleep(5)
-            if not progress_ref:
+            progress = self.current
+            if progress is None:
                 continue
-            progress = progress_ref[0]
             if not self._stalled and time.monotonic() - progress.last_advance > self.stall_after:
                 self._stalled = True
                 self._send(
@@ -119,15 +122,7 @@ async def warm(settings: Settings, mount: JuiceFSMount, reporter: PodReporter) -
         on_progress=progress_reporter.on_progress,
         on_error=progress_reporter.on_error,
     )
-    progress_ref: list[Progress] = []
-
-    def track(progress: Progress) -> None:
-        if not progress_ref:
-            progress_ref.append(progress)
-        progress_reporter.on_progress(progress)
-
-    streamer.on_progress = track
-    watchdog = asyncio.create_task(progress_reporter.watch_stalls(progress_ref))
+    watchdog = asyncio.create_task(progress_reporter.watch_stalls())
     try:
         progress = await streamer.run(files)
     except VerificationError as err:
@@ -211,12 +206,11 @@ async def run(settings: Settings, reporter: PodReporter, stop: asyncio.Event | N
 
     died = asyncio.create_task(mount.wait_exit())
     stopping = asyncio.create_task(stop.wait())
+    # Warmup runs beside the mount; whatever it concludes, the sidecar keeps
+    # serving the mount until it is stopped or juicefs dies.
     work = asyncio.create_task(_open_gate(settings, mount, reporter, warmup))
-    done, _ = await asyncio.wait({died, stopping, work}, return_when=asyncio.FIRST_COMPLETED)
-    if work in done and not work.cancelled() and work.exception():
-        log.error("warmup.crashed", error=str(work.exception()))
-    if died not in done and stopping not in done:
-        done, _ = await asyncio.wait({died, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    work.add_done_callback(_log_crash)
+    done, _ = await asyncio.wait({died, stopping}, return_when=asyncio.FIRST_COMPLETED)
     work.cancel()
     if died in done:
         code = died.result()
@@ -234,6 +228,11 @@ async def run(settings: Settings, reporter: PodReporter, stop: asyncio.Event | N
     await mount.stop()
     await reporter.event(NORMAL, "Unmounted", "JuiceFS unmounted on shutdown")
     return 0
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("warmup.crashed", error=str(task.exception()))
 
 
 async def _open_gate(
