@@ -24,11 +24,11 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 from devcluster.binaries import ensure_binaries
 from devcluster.cluster import Cluster
+from devcluster.lifecycle import StartStop
 from devcluster.pki import ClusterPKI, write_kubeconfig
 
 Hook = Callable[["ControlPlane"], None]
@@ -132,7 +132,7 @@ def _stderr_log(message: str) -> None:
     print(f"[devcluster {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-class ControlPlane(Cluster):
+class ControlPlane(Cluster, StartStop):
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler on 127.0.0.1.
 
     `start()` wipes what it owns under `state_dir`, writes fresh PKI and
@@ -225,18 +225,6 @@ class ControlPlane(Cluster):
             self._terminate(proc)
         self._processes.clear()
         (self.state_dir / STATE_FILE).unlink(missing_ok=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log_path(self, component: str) -> Path:
         return self.logs_dir / f"{component}.log"

@@ -42,11 +42,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from devcluster.binaries import ensure_binaries
 from devcluster.controlplane import free_port, log_tail
+from devcluster.lifecycle import StartStop
 
 ACCESS_KEY = "bento-juicefs"
 SECRET_KEY = "bento-juicefs-secret-key"
@@ -168,7 +168,7 @@ def unmount(path: Path) -> None:
 # -- processes ------------------------------------------------------------------
 
 
-class _Service:
+class _Service(StartStop):
     """A subprocess in its own process group, logging to log_dir/<name>.log."""
 
     name = "service"
@@ -229,18 +229,6 @@ class _Service:
                 process.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _port_answers(port: int) -> bool:
@@ -830,7 +818,7 @@ def _cgroup1_blkio() -> Path | None:
     return None
 
 
-class ThrottledDirectory:
+class ThrottledDirectory(StartStop):
     """An ext4 filesystem on a loop device whose I/O is really throttled.
 
     Tries, in order: cgroup v2 `io.max`, cgroup v1 `blkio.throttle.*_bps_device`
@@ -979,22 +967,11 @@ class ThrottledDirectory:
         self._remove_cgroup()
         self.image.unlink(missing_ok=True)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # -- everything together ------------------------------------------------------------
 
 
-class StorageStack:
+class StorageStack(StartStop):
     """MinIO + Redis + a formatted JuiceFS volume + a writer mount, under one work dir."""
 
     def __init__(self, work_dir: Path, volume_name: str = "models") -> None:
@@ -1041,17 +1018,6 @@ class StorageStack:
             self.volume.umount()
         self.store.stop()
         self.redis.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def write_random_model(
