@@ -91,7 +91,8 @@ def is_selected(pod: Pod, config: InjectorConfig) -> bool:
 
 
 def _bad(key: str, value: str, form: str) -> str:
-    return f"annotation {key}={value!r} is invalid: expected {form}"
+    shown = value if len(value) <= 64 else value[:61] + "..."
+    return f"annotation {key}={shown!r} is invalid: expected {form}"
 
 
 def _parse_models(key: str, value: str, errors: list[str]) -> tuple[str, ...]:
@@ -126,6 +127,7 @@ def _parse_quantity(
         lo, hi = bounds
         if not parse_quantity(lo) <= amount <= parse_quantity(hi):
             errors.append(_bad(key, value, f"a size between {lo} and {hi}"))
+            return 0
     return int(amount)
 
 
@@ -196,10 +198,15 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
         return Skip(f"pod lacks label {keys.model_store}={keys.model_store_value}")
     opt_out = labels.get(keys.inject)
     if opt_out is not None:
-        if str(opt_out).lower() == "false":
+        # Exact, like the webhook's objectSelector and the admission policy:
+        # "False" would be skipped here but still be held to the policy.
+        if opt_out == "false":
             return Skip(f"pod opted out with {keys.inject}=false")
-        if str(opt_out).lower() != "true":
-            return Deny(f"label {keys.inject}={opt_out!r} is invalid: expected 'true' or 'false'")
+        if opt_out != "true":
+            return Deny(
+                f"label {keys.inject}={opt_out!r} is invalid: expected 'true' or 'false' "
+                "(lowercase)"
+            )
 
     errors: list[str] = []
     identity: dict[str, str] = {}

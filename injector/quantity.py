@@ -22,9 +22,14 @@ _DECIMAL = {
     "P": Decimal(10**15),
     "E": Decimal(10**18),
 }
+# ASCII digits only, and short: a quantity is attacker-supplied (an annotation)
+# and must never cost more than a regex match and a small Decimal.
+MAX_QUANTITY_CHARS = 32
+MAX_EXPONENT = 18
 _QUANTITY_RE = re.compile(
-    r"^(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+))"
-    r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$"
+    r"^(?P<num>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+    r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]{1,2})?$",
+    re.ASCII,
 )
 
 QUANTITY_FORM = "a Kubernetes quantity such as 20Gi, 500Mi or 1.5G"
@@ -36,7 +41,9 @@ class QuantityError(ValueError):
 
 def parse_quantity(text: str) -> Decimal:
     """Return the quantity's value in base units (bytes, cores)."""
-    match = _QUANTITY_RE.match(text.strip()) if isinstance(text, str) else None
+    if not isinstance(text, str) or len(text) > MAX_QUANTITY_CHARS:
+        raise QuantityError(f"{str(text)[:40]!r} is not {QUANTITY_FORM}")
+    match = _QUANTITY_RE.match(text.strip())
     if match is None:
         raise QuantityError(f"{text!r} is not {QUANTITY_FORM}")
     try:
@@ -48,10 +55,14 @@ def parse_quantity(text: str) -> Decimal:
         return number * _BINARY[suffix]
     if suffix in _DECIMAL:
         return number * _DECIMAL[suffix]
-    return number * (Decimal(10) ** int(suffix[1:]))
+    exponent = int(suffix[1:])
+    if abs(exponent) > MAX_EXPONENT:
+        raise QuantityError(f"{text!r} is not {QUANTITY_FORM}")
+    return number * (Decimal(10) ** exponent)
 
 
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+_DURATION_PART_RE = re.compile(r"([0-9]{1,6}(?:\.[0-9]{1,6})?)(h|m|s)", re.ASCII)
+MAX_DURATION_CHARS = 24
 DURATION_FORM = "a duration such as 30m, 900s or 1h30m"
 
 
@@ -62,7 +73,9 @@ class DurationError(ValueError):
 def parse_duration_seconds(text: str) -> int:
     """Parse '1h30m', '45m', '900s' or a bare number of seconds."""
     stripped = text.strip()
-    if stripped.isdigit():
+    if len(stripped) > MAX_DURATION_CHARS:
+        raise DurationError(f"{stripped[:30]!r}... is not {DURATION_FORM}")
+    if stripped.isascii() and stripped.isdigit():
         return int(stripped)
     pos, total = 0, Decimal(0)
     for match in _DURATION_PART_RE.finditer(stripped):

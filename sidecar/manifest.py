@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 FORMAT = "bento-juicefs/v1"
 MANIFEST_NAME = "manifest.json"
@@ -25,10 +26,18 @@ SMALL_FILE_BYTES = 1 << 20
 HASH_CHUNK = 4 << 20
 
 
+def _inside(path: str) -> str:
+    # The sidecar runs as root: a manifest must never make it read outside models/.
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"file path {path!r} must be relative and stay inside models/")
+    return path
+
+
 class ManifestFile(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    path: str  # relative to models/
+    path: Annotated[str, AfterValidator(_inside)]  # relative to models/
     model: str  # BentoML tag name:version
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

@@ -416,7 +416,27 @@ def test_forged_status_with_own_sidecar_image_denied() -> None:
     pod["metadata"]["annotations"] = {STATUS: "{}"}
     result = run(pod)
     assert result.outcome == "denied"
-    assert "runs image 'evil/root'" in result.reason
+    assert "container 'juicefs-mount' is not the one the injector creates" in result.reason
+    assert "image" in result.reason
+
+
+def test_forged_sidecar_with_our_image_but_its_own_command_denied() -> None:
+    """Our image is not enough: a pod author's own privileged command is not our sidecar."""
+    out = inject(bento_pod())
+    out["spec"]["initContainers"][0]["command"] = ["nsenter", "-t", "1", "-m", "sh"]
+    out["spec"]["hostPID"] = True
+    result = run(out)
+    assert result.outcome == "denied"
+    assert "command" in result.reason
+
+
+def test_apiserver_defaults_and_a_digest_pinned_image_are_still_ours() -> None:
+    out = inject(bento_pod())
+    sidecar = out["spec"]["initContainers"][0]
+    sidecar["terminationMessagePath"] = "/dev/termination-log"
+    sidecar["startupProbe"]["successThreshold"] = 1
+    sidecar["image"] = sidecar["image"].rsplit(":", 1)[0] + "@sha256:" + "a" * 64
+    assert run(out).ops == []
 
 
 def test_stripped_restart_policy_denied_on_reinvocation() -> None:
@@ -466,7 +486,8 @@ def test_classic_mode_keeps_kubectl_defaulting_to_the_app() -> None:
 
 def test_sidecar_reuses_the_admission_plugin_token_volume() -> None:
     token = "/var/run/secrets/kubernetes.io/serviceaccount"
-    pod = bento_pod(volumes=[{"name": "kube-api-access-x7k2p", "projected": {"sources": []}}])
+    projected = {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}
+    pod = bento_pod(volumes=[{"name": "kube-api-access-x7k2p", "projected": projected}])
     pod["spec"]["containers"][0]["volumeMounts"] = [
         {"name": "kube-api-access-x7k2p", "mountPath": token, "readOnly": True}
     ]
@@ -502,3 +523,38 @@ def test_profile_without_ssd_label_refuses_to_start() -> None:
     assert terms["nodeSelectorTerms"][0]["matchExpressions"] == [
         {"key": "karpenter.k8s.aws/instance-local-nvme", "operator": "Exists"}
     ]
+
+
+def test_token_volume_with_a_custom_audience_is_not_reused() -> None:
+    token = "/var/run/secrets/kubernetes.io/serviceaccount"
+    audience = {"serviceAccountToken": {"path": "token", "audience": "vault"}}
+    pod = bento_pod(volumes=[{"name": "vault-token", "projected": {"sources": [audience]}}])
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "vault-token", "mountPath": token}]
+    mounts = {m["mountPath"]: m["name"] for m in sidecar_of(inject(pod))["volumeMounts"]}
+    assert mounts[token] == "juicefs-sa-token"
+
+
+@pytest.mark.parametrize(
+    "value", ["1e999999", "1e1000000", "\u0662\u0660Gi", "9" * 5000, "20Gi" * 10]
+)
+def test_hostile_quantities_are_rejected_fast(value: str) -> None:
+    pod = annotated(**{"sidecar-cpu": value, "cache-size": value, "warmup-timeout": value})
+    result = run(pod)
+    assert result.outcome == "denied"
+    assert len(result.reason) < 1000
+
+
+def test_opt_out_label_is_exact() -> None:
+    pod = bento_pod()
+    pod["metadata"]["labels"]["juicefs.bentoml.com/inject"] = "False"
+    result = run(pod)
+    assert result.outcome == "denied"
+    assert "(lowercase)" in result.reason
+
+
+def test_memory_cache_is_charged_to_memory_not_ephemeral_storage() -> None:
+    config = parse_config({"volumes": {"cacheMedium": "Memory"}})
+    resources = sidecar_of(inject(annotated(**{"cache-size": "1Gi"}), config))["resources"]
+    assert "ephemeral-storage" not in resources["requests"]
+    assert resources["requests"]["memory"] == str(512 * 2**20 + 2**30)
+    assert resources["limits"]["memory"] == str(2 * 2**30 + 2**30)

@@ -152,3 +152,10 @@ def test_settings_name_the_missing_variable() -> None:
 def test_manifest_round_trips_json(tmp_path: Path) -> None:
     manifest = build_manifest(make_models(tmp_path), "svc:1")
     assert Manifest.model_validate_json(manifest.model_dump_json()) == manifest
+
+
+@pytest.mark.parametrize("path", ["/etc/shadow", "../../dev/sda", "a/../../b", "a//b", ""])
+def test_manifest_paths_cannot_leave_models(path: str) -> None:
+    entry = {"path": path, "model": "m", "size": 1, "sha256": "0" * 64, "order": 0}
+    with pytest.raises(ValueError, match="inside models"):
+        Manifest.model_validate({"bento": "b:1", "files": [entry]})

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from injector.mutation.context import MutationContext
+from injector.mutation.sidecar import sidecar_container
 
 # The volume source each of our volumes must have, whoever wrote it.
 _OUR_VOLUME_SOURCES = ("emptyDir", "projected")
@@ -55,10 +56,11 @@ def _forged_parts(ctx: MutationContext) -> list[str]:
     if found is not None:
         key, index = found
         sidecar: dict[str, Any] = dict(ctx.containers(key)[index])
-        if sidecar.get("image") != config.sidecar.image:
+        differs = _differences(sidecar, sidecar_container(ctx))
+        if differs:
             problems.append(
-                f"pod carries {status} but container {config.sidecar.container_name!r} runs "
-                f"image {sidecar.get('image')!r}, not the injector's {config.sidecar.image!r}"
+                f"pod carries {status} but container {config.sidecar.container_name!r} is not "
+                f"the one the injector creates ({', '.join(differs)} differ)"
             )
         if (
             ctx.plan.sidecar_mode == "native"
@@ -71,6 +73,51 @@ def _forged_parts(ctx: MutationContext) -> list[str]:
                 "rewrote it"
             )
     return problems
+
+
+# Fields the apiserver adds by defaulting; anything else extra is not ours.
+_DEFAULTED = frozenset({"terminationMessagePath"})
+
+
+def _differences(actual: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Top-level fields of actual that are not what the injector would create.
+
+    What we set must be there unchanged (defaulting may add fields inside
+    it, e.g. a probe's successThreshold); an image may be pinned to a digest
+    by a mirror webhook.
+    """
+    differs = [k for k in actual if k not in expected and k not in _DEFAULTED]
+    for key, value in expected.items():
+        if key == "image":
+            if not _same_image(str(actual.get("image", "")), str(value)):
+                differs.append(key)
+        elif not _contains(actual.get(key), value):
+            differs.append(key)
+    return sorted(differs)
+
+
+def _contains(actual: Any, expected: Any) -> bool:
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and all(
+            _contains(actual.get(k), v) for k, v in expected.items()
+        )
+    if isinstance(expected, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(expected)
+            and all(_contains(a, e) for a, e in zip(actual, expected, strict=True))
+        )
+    return bool(actual == expected)
+
+
+def _same_image(actual: str, expected: str) -> bool:
+    if actual == expected:
+        return True
+    repository, _, digest = actual.partition("@")
+    if not digest.startswith("sha256:"):
+        return False
+    tagless = expected.rsplit(":", 1)[0] if ":" in expected.rsplit("/", 1)[-1] else expected
+    return repository in (expected, tagless)
 
 
 def _classic_mesh_proxy(ctx: MutationContext) -> list[str]:

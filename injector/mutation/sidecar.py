@@ -6,6 +6,7 @@ from typing import Any
 
 from injector.mutation.context import MutationContext
 from injector.mutation.volumes import TOKEN_MOUNT_PATH, token_volume_name
+from injector.quantity import parse_quantity
 from sidecar import env
 
 MIB = 2**20
@@ -60,18 +61,22 @@ def sidecar_env(ctx: MutationContext) -> list[dict[str, Any]]:
 
 def sidecar_resources(ctx: MutationContext) -> dict[str, Any]:
     res = ctx.plan.resources
-    requests = {
-        "cpu": res.cpu_request,
-        "memory": res.memory_request,
-        # The cache lives in an emptyDir on the node's disk; requesting it
-        # makes the scheduler place the pod only where the cache fits.
-        "ephemeral-storage": ctx.plan.cache_size,
-    }
+    requests = {"cpu": res.cpu_request, "memory": res.memory_request}
     limits: dict[str, str] = {}
     if res.cpu_limit:
         limits["cpu"] = res.cpu_limit
     if res.memory_limit:
         limits["memory"] = res.memory_limit
+    if ctx.config.volumes.cache_medium == "Memory":
+        # tmpfs pages are charged to the container's memory, not to ephemeral storage.
+        for bucket in (requests, limits):
+            if "memory" in bucket:
+                total = parse_quantity(bucket["memory"]) + ctx.plan.cache_bytes
+                bucket["memory"] = str(int(total))
+    else:
+        # The cache lives in an emptyDir on the node's disk; requesting it
+        # makes the scheduler place the pod only where the cache fits.
+        requests["ephemeral-storage"] = ctx.plan.cache_size
     return {"requests": requests, "limits": limits} if limits else {"requests": requests}
 
 

@@ -18,14 +18,27 @@ def existing_token_volume(ctx: MutationContext) -> str | None:
     service account) a token projected for it alone.
     """
     ours = ctx.config.sidecar.container_name
+    volumes = {v.get("name"): v for v in ctx.spec.get("volumes") or [] if isinstance(v, dict)}
     for key in ("containers", "initContainers"):
         for container in ctx.containers(key):
             if container.get("name") == ours:
                 continue
             for mount in container.get("volumeMounts") or []:
                 if isinstance(mount, dict) and mount.get("mountPath") == TOKEN_MOUNT_PATH:
-                    return str(mount.get("name"))
+                    name = mount.get("name")
+                    return str(name) if _is_plain_token(volumes.get(name)) else None
     return None
+
+
+def _is_plain_token(volume: dict[str, Any] | None) -> bool:
+    """A projected token for the apiserver's own audience, as the admission plugin makes.
+
+    Anything else at that path (a legacy token Secret, a custom audience) would
+    get the sidecar's API calls refused, so it gets its own projection instead.
+    """
+    sources = ((volume or {}).get("projected") or {}).get("sources") or []
+    tokens = [s.get("serviceAccountToken") for s in sources if isinstance(s, dict)]
+    return any(isinstance(t, dict) and not t.get("audience") for t in tokens)
 
 
 def wants_own_token(ctx: MutationContext) -> bool:
