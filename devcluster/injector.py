@@ -132,6 +132,7 @@ class LocalInjector:
                 "port": self.port,
                 "certDir": str(self.dir / "certs"),
                 "certCheckIntervalSeconds": 2,
+                "shutdownDelaySeconds": 0.2,
             },
             "webhook": {"caBundleCheckSeconds": 2},
             "controller": {"resyncSeconds": 10},

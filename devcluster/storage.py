@@ -519,7 +519,16 @@ class ObjectStore(_Service):
             env,
         )
         self._wait_ready(self._live, timeout, f"S3 API on 127.0.0.1:{self.port}")
-        self.s3.create_bucket(self.bucket)
+        # "Live" comes before "initialized": MinIO answers 503 for a moment more.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.s3.create_bucket(self.bucket)
+                return
+            except StorageError as err:
+                if "XMinioServerNotInitialized" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def stop(self, *, kill: bool = False, timeout: float = 15.0) -> None:
         if self._s3 is not None:

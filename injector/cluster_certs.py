@@ -17,7 +17,7 @@ from kubernetes_asyncio import client
 
 from injector.certs import CertFiles, generate_ca, issue_serving_cert, service_hosts, write_atomic
 from injector.config import InjectorConfig
-from injector.kube import FIELD_MANAGER, is_status
+from injector.kube import FIELD_MANAGER, TIMEOUT, is_status
 
 log = structlog.get_logger("injector.cluster_certs")
 
@@ -34,7 +34,7 @@ async def ensure_shared_ca(api: Any, config: InjectorConfig) -> tuple[bytes, byt
     namespace, name = config.webhook.namespace, config.webhook.ca_secret_name
     for _ in range(3):
         try:
-            secret = await core.read_namespaced_secret(name, namespace)
+            secret = await core.read_namespaced_secret(name, namespace, **TIMEOUT)
             data = secret.data or {}
             if CA_CERT_KEY in data and CA_KEY_KEY in data:
                 return base64.b64decode(data[CA_CERT_KEY]), base64.b64decode(data[CA_KEY_KEY])
@@ -56,7 +56,7 @@ async def ensure_shared_ca(api: Any, config: InjectorConfig) -> tuple[bytes, byt
         }
         try:
             await core.create_namespaced_secret(
-                namespace, cast(Any, body), field_manager=FIELD_MANAGER
+                namespace, cast(Any, body), field_manager=FIELD_MANAGER, **TIMEOUT
             )
             log.info("ca.created", secret=f"{namespace}/{name}")
             return ca_pem, ca_key_pem
@@ -88,7 +88,7 @@ async def patch_ca_bundle(api: Any, config: InjectorConfig, ca_pem: bytes) -> bo
     """Make every webhook of our configuration trust ca_pem. True if it patched."""
     admission = client.AdmissionregistrationV1Api(api)
     name = config.webhook.configuration_name
-    current = await admission.read_mutating_webhook_configuration(name)
+    current = await admission.read_mutating_webhook_configuration(name, **TIMEOUT)
     wanted = _b64(ca_pem)
     ops = [
         {"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": wanted}
@@ -106,7 +106,7 @@ async def patch_ca_bundle(api: Any, config: InjectorConfig, ca_pem: bytes) -> bo
             "value": current.metadata.resource_version,
         },
     )
-    await admission.patch_mutating_webhook_configuration(name, ops)
+    await admission.patch_mutating_webhook_configuration(name, ops, **TIMEOUT)
     log.info("ca_bundle.patched", configuration=name, webhooks=len(ops) - 1)
     return True
 
@@ -116,7 +116,7 @@ async def ca_bundle_problem(api: Any, config: InjectorConfig, ca_pem: bytes) -> 
     admission = client.AdmissionregistrationV1Api(api)
     name = config.webhook.configuration_name
     try:
-        current = await admission.read_mutating_webhook_configuration(name)
+        current = await admission.read_mutating_webhook_configuration(name, **TIMEOUT)
     except client.exceptions.ApiException as err:
         return f"cannot read MutatingWebhookConfiguration {name}: {err.status} {err.reason}"
     wanted = _b64(ca_pem)

@@ -285,6 +285,8 @@ class Server(_Model):
     self_signed: bool = True
     cert_check_interval_seconds: float = Field(default=10.0, gt=0)
     max_body_bytes: int = Field(default=3 * 1024 * 1024, ge=1024)
+    # On SIGTERM: fail /readyz, keep serving this long, then close.
+    shutdown_delay_seconds: float = Field(default=5.0, ge=0)
 
 
 class InjectorConfig(_Model):

@@ -10,8 +10,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 APPLY = "application/apply-patch+yaml"
 FIELD_MANAGER = "bento-juicefs-injector"
+# Without it kubernetes_asyncio waits forever on a blackholed apiserver.
+TIMEOUT: dict[str, Any] = {"_request_timeout": 30}
 
-__all__ = ["APPLY", "FIELD_MANAGER", "ApiException", "is_status", "new_api_client"]
+__all__ = ["APPLY", "FIELD_MANAGER", "TIMEOUT", "ApiException", "is_status", "new_api_client"]
 
 
 async def new_api_client(kubeconfig: str | None) -> Any:

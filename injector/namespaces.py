@@ -1,11 +1,14 @@
 """The namespace controller: what an opted-in namespace's pods need, and nothing after.
 
 For each namespace with the opt-in label it server-side-applies a copy of the
-JuiceFS credentials Secret(s) from the injector's namespace and a Role and
-RoleBinding that let the namespace's service accounts patch `pods/status`
-(the ValidatingAdmissionPolicy narrows that to a pod's own condition). When
-the label goes, what it created goes too; it never touches objects that do
-not carry its managed-by label. Charts stay untouched.
+JuiceFS credentials Secret(s) from the injector's namespace and a RoleBinding
+of the shipped `bento-juicefs-models-ready` ClusterRole that lets the
+namespace's service accounts patch `pods/status` (the
+ValidatingAdmissionPolicy narrows that to a pod's own condition). What it
+created is recorded in the namespace's `juicefs.bentoml.com/provisioned`
+annotation; when the label goes, exactly that goes. It never lists or reads
+the namespace's Secrets, and never takes over an object someone else created
+with the same name. Charts stay untouched.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import structlog
 from kubernetes_asyncio import client, watch
 
 from injector.config import InjectorConfig
-from injector.kube import APPLY, FIELD_MANAGER, is_status
+from injector.kube import APPLY, FIELD_MANAGER, TIMEOUT, is_status
 
 log = structlog.get_logger("injector.namespaces")
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
+PROVISIONED = "juicefs.bentoml.com/provisioned"
 
 
 def opted_in(namespace: str, labels: Mapping[str, str] | None, config: InjectorConfig) -> bool:
@@ -59,27 +63,19 @@ def desired_secret(
     }
 
 
-def desired_rbac(namespace: str, config: InjectorConfig) -> list[dict[str, Any]]:
+def desired_binding(namespace: str, config: InjectorConfig) -> dict[str, Any]:
+    """Bind the shipped ClusterRole to every service account of the namespace.
+
+    The ClusterRole (manifests/base/rbac.yaml) grants only pods/status patch
+    and events create; the injector may bind it (RBAC `bind`) without holding
+    those permissions itself.
+    """
     name = config.controller.role_name
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": _metadata(name, namespace, config),
-        "rules": [
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
-            {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["get", "patch"]},
-            {
-                "apiGroups": ["", "events.k8s.io"],
-                "resources": ["events"],
-                "verbs": ["create", "patch"],
-            },
-        ],
-    }
-    binding = {
+    return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
         "metadata": _metadata(name, namespace, config),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
         "subjects": [
             {
                 "apiGroup": "rbac.authorization.k8s.io",
@@ -88,7 +84,6 @@ def desired_rbac(namespace: str, config: InjectorConfig) -> list[dict[str, Any]]
             }
         ],
     }
-    return [role, binding]
 
 
 class NamespaceController:
@@ -102,7 +97,7 @@ class NamespaceController:
         namespace = self._config.webhook.namespace
         for name in credential_secret_names(self._config):
             try:
-                secret = await self._core.read_namespaced_secret(name, namespace)
+                secret = await self._core.read_namespaced_secret(name, namespace, **TIMEOUT)
             except client.exceptions.ApiException as err:
                 if err.status == 404:
                     log.warning("credentials.missing", secret=f"{namespace}/{name}")
@@ -113,75 +108,75 @@ class NamespaceController:
             )
         return sources
 
-    async def reconcile(
-        self, namespace: str, labels: Mapping[str, str] | None, sources: list[dict[str, Any]]
-    ) -> None:
-        if namespace in self._config.excluded_namespaces:
+    async def reconcile(self, namespace: Any, sources: list[dict[str, Any]]) -> None:
+        name, labels = namespace.metadata.name, namespace.metadata.labels
+        if name in self._config.excluded_namespaces:
             return  # our own namespace holds the CA and the source Secrets: never touch it
-        if opted_in(namespace, labels, self._config):
-            await self._apply(namespace, sources)
+        if opted_in(name, labels, self._config):
+            await self._apply(name, sources)
         else:
-            await self._remove(namespace)
+            await self._remove(name, namespace.metadata.annotations)
 
     async def _apply(self, namespace: str, sources: list[dict[str, Any]]) -> None:
-        kwargs: dict[str, Any] = {
-            "field_manager": FIELD_MANAGER,
-            "force": True,
-            "_content_type": APPLY,
-        }
+        # No force: a Secret or RoleBinding of the tenant's own with our name
+        # is theirs (the apply conflicts, and we leave it alone and say so).
+        kwargs: dict[str, Any] = {"field_manager": FIELD_MANAGER, "_content_type": APPLY, **TIMEOUT}
+        made: list[str] = []
         for source in sources:
             body = desired_secret(namespace, source, self._config)
-            await self._core.patch_namespaced_secret(
-                body["metadata"]["name"], namespace, body, **kwargs
-            )
-        role, binding = desired_rbac(namespace, self._config)
-        await self._rbac.patch_namespaced_role(role["metadata"]["name"], namespace, role, **kwargs)
-        await self._rbac.patch_namespaced_role_binding(
-            binding["metadata"]["name"], namespace, binding, **kwargs
-        )
-        log.info("namespace.provisioned", namespace=namespace, secrets=len(sources))
+            name = body["metadata"]["name"]
+            if await _applied(self._core.patch_namespaced_secret, name, namespace, body, kwargs):
+                made.append(f"secret/{name}")
+        binding = desired_binding(namespace, self._config)
+        name = binding["metadata"]["name"]
+        if await _applied(
+            self._rbac.patch_namespaced_role_binding, name, namespace, binding, kwargs
+        ):
+            made.append(f"rolebinding/{name}")
+        # What we created is recorded on the namespace, so that removing it
+        # later needs neither a list nor a read of the namespace's Secrets.
+        await self._record(namespace, made)
+        log.info("namespace.provisioned", namespace=namespace, objects=made)
 
-    async def _remove(self, namespace: str) -> None:
-        selector = f"{MANAGED_BY}={self._config.controller.managed_by}"
+    async def _record(self, namespace: str, made: list[str]) -> None:
+        value = ",".join(sorted(made)) if made else None
+        patch = {"metadata": {"annotations": {PROVISIONED: value}}}
+        await self._core.patch_namespace(namespace, patch, **TIMEOUT)
+
+    async def _remove(self, namespace: str, annotations: Mapping[str, str] | None) -> None:
+        recorded = (annotations or {}).get(PROVISIONED)
+        if not recorded:
+            return
         removed = 0
-        secrets = await self._core.list_namespaced_secret(namespace, label_selector=selector)
-        for secret in secrets.items:
-            removed += await _delete(
-                self._core.delete_namespaced_secret, secret.metadata.name, namespace
-            )
-        roles = await self._rbac.list_namespaced_role(namespace, label_selector=selector)
-        for role in roles.items:
-            removed += await _delete(
-                self._rbac.delete_namespaced_role, role.metadata.name, namespace
-            )
-        bindings = await self._rbac.list_namespaced_role_binding(namespace, label_selector=selector)
-        for binding in bindings.items:
-            removed += await _delete(
-                self._rbac.delete_namespaced_role_binding, binding.metadata.name, namespace
-            )
-        if removed:
-            log.info("namespace.cleaned", namespace=namespace, removed=removed)
+        deleters = {
+            "secret": self._core.delete_namespaced_secret,
+            "rolebinding": self._rbac.delete_namespaced_role_binding,
+        }
+        for item in recorded.split(","):
+            kind, _, name = item.partition("/")
+            if kind in deleters and name:
+                removed += await _delete(deleters[kind], name, namespace)
+        await self._record(namespace, [])
+        log.info("namespace.cleaned", namespace=namespace, removed=removed)
 
     async def reconcile_all(self) -> str:
         """Reconcile every namespace; returns the list's resourceVersion to watch from."""
         sources = await self._sources()
-        namespaces = await self._core.list_namespace()
+        namespaces = await self._core.list_namespace(**TIMEOUT)
         for ns in namespaces.items:
             if ns.status and ns.status.phase == "Terminating":
                 continue
-            await self._guarded(ns.metadata.name, ns.metadata.labels, sources)
+            await self._guarded(ns, sources)
         return str(namespaces.metadata.resource_version)
 
-    async def _guarded(
-        self, namespace: str, labels: Mapping[str, str] | None, sources: list[dict[str, Any]]
-    ) -> None:
+    async def _guarded(self, namespace: Any, sources: list[dict[str, Any]]) -> None:
         try:
-            await self.reconcile(namespace, labels, sources)
+            await self.reconcile(namespace, sources)
         except client.exceptions.ApiException as err:
             # A namespace being deleted refuses new objects; that is fine.
             log.warning(
                 "namespace.reconcile_failed",
-                namespace=namespace,
+                namespace=namespace.metadata.name,
                 status=err.status,
                 reason=err.reason,
             )
@@ -198,6 +193,8 @@ class NamespaceController:
                         self._core.list_namespace,
                         resource_version=version,
                         timeout_seconds=int(resync),
+                        # The client gives up a little after the server would.
+                        _request_timeout=int(resync) + 30,
                     ):
                         ns = event["object"]
                         if event["type"] in ("ADDED", "MODIFIED") and not (
@@ -206,7 +203,7 @@ class NamespaceController:
                             # Read the sources now, not at watch start: the platform
                             # team may have just updated them.
                             sources = await self._sources()
-                            await self._guarded(ns.metadata.name, ns.metadata.labels, sources)
+                            await self._guarded(ns, sources)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # keep the controller alive through API hiccups
@@ -214,9 +211,27 @@ class NamespaceController:
                 await asyncio.sleep(2)
 
 
+async def _applied(
+    patch: Any, name: str, namespace: str, body: dict[str, Any], kwargs: dict[str, Any]
+) -> bool:
+    try:
+        await patch(name, namespace, body, **kwargs)
+    except client.exceptions.ApiException as err:
+        if err.status != 409:
+            raise
+        log.warning(
+            "namespace.not_ours",
+            namespace=namespace,
+            name=name,
+            reason="exists, owned by someone else",
+        )
+        return False
+    return True
+
+
 async def _delete(delete: Any, name: str, namespace: str) -> int:
     try:
-        await delete(name, namespace)
+        await delete(name, namespace, **TIMEOUT)
     except client.exceptions.ApiException as err:
         if is_status(err, 404):
             return 0

@@ -199,7 +199,10 @@ async def _watch_certs(app: web.Application) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(interval)
             if TLS in app:
-                reload_if_changed(app[TLS], app[METRICS])
+                try:
+                    reload_if_changed(app[TLS], app[METRICS])
+                except Exception as err:  # keep watching: a later pass may succeed
+                    log.warning("tls.check_failed", error=str(err))
 
     task = asyncio.create_task(loop())
     yield
@@ -265,15 +268,17 @@ class CaBundleKeeper:
     def __init__(self, api: Any, config: InjectorConfig, ca_pem: bytes) -> None:
         self._api, self._config, self._ca_pem = api, config, ca_pem
         self.problem: str | None = "caBundle not checked yet"
+        self._checked = time.monotonic()
 
     async def check_once(self) -> None:
         from injector.cluster_certs import ca_bundle_problem, patch_ca_bundle
 
         try:
             await patch_ca_bundle(self._api, self._config, self._ca_pem)
+            self.problem = await ca_bundle_problem(self._api, self._config, self._ca_pem)
+            self._checked = time.monotonic()
         except Exception as err:
-            log.warning("ca_bundle.patch_failed", error=str(err))
-        self.problem = await ca_bundle_problem(self._api, self._config, self._ca_pem)
+            log.warning("ca_bundle.check_failed", error=str(err))
 
     async def run(self) -> None:
         while True:
@@ -281,6 +286,10 @@ class CaBundleKeeper:
             await asyncio.sleep(self._config.webhook.ca_bundle_check_seconds)
 
     async def ready_check(self) -> str | None:
+        # A verdict nobody could refresh for several periods is no verdict.
+        stale_after = 5 * self._config.webhook.ca_bundle_check_seconds
+        if time.monotonic() - self._checked > stale_after:
+            return f"caBundle not checked for {stale_after:.0f}s (apiserver unreachable?)"
         return self.problem
 
 
@@ -335,6 +344,11 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        # Fail /readyz first and keep serving while endpoints catch up, so
+        # the apiserver stops sending us reviews before the listener closes.
+        app[SERVING].clear()
+        log.info("server.draining", seconds=config.server.shutdown_delay_seconds)
+        await asyncio.sleep(config.server.shutdown_delay_seconds)
     finally:
         log.info("server.stopping")
         for task in tasks:

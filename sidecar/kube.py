@@ -68,7 +68,7 @@ class PodReporter:
         for attempt in range(1, attempts + 1):
             try:
                 # Conditions merge by type: the kubelet's own stay as they are.
-                options: dict[str, Any] = {"_content_type": STRATEGIC}
+                options: dict[str, Any] = {"_content_type": STRATEGIC, "_request_timeout": 15}
                 await self._core.patch_namespaced_pod_status(
                     s.pod_name, s.pod_namespace, body, **options
                 )
@@ -113,6 +113,7 @@ class PodReporter:
             "count": 1,
         }
         try:
-            await self._core.create_namespaced_event(s.pod_namespace, cast(Any, body))
+            timeout: dict[str, Any] = {"_request_timeout": 10}
+            await self._core.create_namespaced_event(s.pod_namespace, cast(Any, body), **timeout)
         except (client.exceptions.ApiException, OSError) as err:
             log.warning("event.dropped", reason=reason, error=str(err))

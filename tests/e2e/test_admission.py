@@ -401,7 +401,7 @@ def test_namespace_controller_follows_the_label(
 
     def objects() -> set[str]:
         names: set[str] = set()
-        for kind in ("secret", "role", "rolebinding"):
+        for kind in ("secret", "rolebinding"):
             items = cluster.get_json(
                 kind, "-n", namespace, "-l", "app.kubernetes.io/managed-by=bento-juicefs-injector"
             )["items"]
@@ -410,7 +410,6 @@ def test_namespace_controller_follows_the_label(
 
     expected = {
         "secret/juicefs-models-credentials",
-        "role/bento-juicefs-models-ready",
         "rolebinding/bento-juicefs-models-ready",
     }
     assert objects() == set()
@@ -419,15 +418,44 @@ def test_namespace_controller_follows_the_label(
     source = cluster.get_json("secret", "juicefs-models-credentials", "-n", "bento-juicefs-system")
     copy = cluster.get_json("secret", "juicefs-models-credentials", "-n", namespace)
     assert copy["data"] == source["data"]
-    # Something of the user's with our names but not our label is never touched.
-    cluster.kubectl(
-        "create", "secret", "generic", "users-own", "-n", namespace, "--from-literal=a=b"
+    provisioned = cluster.get_json("namespace", namespace)["metadata"]["annotations"]
+    assert provisioned["juicefs.bentoml.com/provisioned"] == (
+        "rolebinding/bento-juicefs-models-ready,secret/juicefs-models-credentials"
     )
     cluster.kubectl("label", "namespace", namespace, "juicefs.bentoml.com/injection-")
     wait_for(lambda: objects() == set(), timeout=30, what="cleanup")
-    assert (
-        cluster.kubectl("get", "secret", "users-own", "-n", namespace, check=False).returncode == 0
+
+
+def test_namespace_controller_leaves_a_tenants_own_secret_alone(
+    cluster: Cluster, new_namespace: NewNamespace
+) -> None:
+    namespace = new_namespace(opted_in=False)
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "juicefs-models-credentials",
+        "-n",
+        namespace,
+        "--from-literal=metaurl=theirs",
     )
+    cluster.kubectl("label", "namespace", namespace, "juicefs.bentoml.com/injection=enabled")
+
+    def bound() -> bool:
+        found = cluster.kubectl(
+            "get", "rolebinding", "bento-juicefs-models-ready", "-n", namespace, check=False
+        )
+        return found.returncode == 0
+
+    wait_for(bound, timeout=30, what="the RoleBinding")
+    secret = cluster.get_json("secret", "juicefs-models-credentials", "-n", namespace)
+    assert base64.b64decode(secret["data"]["metaurl"]) == b"theirs"
+    cluster.kubectl("label", "namespace", namespace, "juicefs.bentoml.com/injection-")
+    wait_for(lambda: not bound(), timeout=30, what="cleanup")
+    kept = cluster.kubectl(
+        "get", "secret", "juicefs-models-credentials", "-n", namespace, check=False
+    )
+    assert kept.returncode == 0
 
 
 def test_reset_ca_bundle_is_healed(cluster: Cluster, injector: LocalInjector) -> None:
