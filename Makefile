@@ -31,8 +31,8 @@ typecheck: $(STAMP)
 
 # Real kube-apiserver, etcd, scheduler, controller-manager, kubectl, MinIO and
 # JuiceFS, built once into ~/.cache/bento-juicefs (progress on stderr).
-binaries:
-	bash hack/build-binaries.sh >/dev/null
+binaries: $(STAMP)
+	PYTHON=$(BIN)/python bash hack/build-binaries.sh >/dev/null
 
 unit: $(STAMP)
 	$(BIN)/pytest -m "not e2e"

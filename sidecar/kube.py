@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
@@ -47,8 +48,13 @@ class PodReporter:
         self._uid = settings.pod_uid
 
     async def set_condition(
-        self, status: str, reason: str, message: str, attempts: int = 8
+        self, status: str, reason: str, message: str, attempts: int | None = 8
     ) -> None:
+        """Patch our condition; retry until done (attempts=None: until cancelled).
+
+        A 403 is retried too: the namespace's RoleBinding may still be on its
+        way. Only a pod that is gone (404) or a refused body (400/422) stop it.
+        """
         s = self._settings
         body: dict[str, Any] = {
             "status": {
@@ -65,7 +71,10 @@ class PodReporter:
             }
         }
         delay = 0.5
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
+            last = attempts is not None and attempt >= attempts
             try:
                 # Conditions merge by type: the kubelet's own stay as they are.
                 options: dict[str, Any] = {"_content_type": STRATEGIC, "_request_timeout": 15}
@@ -75,13 +84,15 @@ class PodReporter:
                 log.info("condition.set", type=s.condition_type, status=status, reason=reason)
                 return
             except client.exceptions.ApiException as err:
-                if err.status in (400, 403, 404, 422) or attempt == attempts:
+                if err.status in (400, 404, 422) or last:
                     raise
                 log.warning("condition.retry", status=err.status, attempt=attempt)
-            except OSError as err:
-                if attempt == attempts:
+            except (OSError, TimeoutError, aiohttp.ClientError) as err:
+                if last:
                     raise
-                log.warning("condition.retry", error=str(err), attempt=attempt)
+                log.warning(
+                    "condition.retry", error=str(err) or type(err).__name__, attempt=attempt
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -115,5 +126,5 @@ class PodReporter:
         try:
             timeout: dict[str, Any] = {"_request_timeout": 10}
             await self._core.create_namespaced_event(s.pod_namespace, cast(Any, body), **timeout)
-        except (client.exceptions.ApiException, OSError) as err:
-            log.warning("event.dropped", reason=reason, error=str(err))
+        except (client.exceptions.ApiException, OSError, TimeoutError, aiohttp.ClientError) as err:
+            log.warning("event.dropped", reason=reason, error=str(err) or type(err).__name__)

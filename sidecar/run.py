@@ -12,14 +12,16 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from sidecar.cacheprobe import measure
 from sidecar.env import Settings
 from sidecar.kube import PodReporter
-from sidecar.manifest import read_manifest
+from sidecar.manifest import MANIFEST_NAME, Manifest, read_manifest
 from sidecar.mount import JuiceFSMount, MountError
 from sidecar.warmup import MIB, Progress, Streamer, VerificationError, WarmupTimeout
 
@@ -103,9 +105,30 @@ class ProgressReporter:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
 
+async def wait_for_manifest(
+    mount: JuiceFSMount, reporter: PodReporter, deadline: float, every: float = 5.0
+) -> Manifest:
+    """The publisher writes manifest.json last: a pod may start before it is there."""
+    path = mount.bento_dir / MANIFEST_NAME
+    told = False
+    while not await asyncio.to_thread(path.exists):
+        if time.monotonic() + every > deadline:
+            raise FileNotFoundError(f"{path} did not appear before the warmup timeout")
+        if not told:
+            told = True
+            await reporter.event(
+                NORMAL,
+                "WaitingForManifest",
+                f"{MANIFEST_NAME} is not published yet for this Bento; checking every {every:.0f}s",
+            )
+        await asyncio.sleep(every)
+    return await asyncio.to_thread(read_manifest, mount.bento_dir)
+
+
 async def warm(settings: Settings, mount: JuiceFSMount, reporter: PodReporter) -> bool:
     """Stream and verify the model; True when the gate may open."""
-    manifest = read_manifest(mount.bento_dir)
+    deadline = time.monotonic() + settings.warmup_timeout_seconds
+    manifest = await wait_for_manifest(mount, reporter, deadline)
     files = manifest.select(settings.models)
     total = sum(f.size for f in files)
     await reporter.event(
@@ -118,7 +141,7 @@ async def warm(settings: Settings, mount: JuiceFSMount, reporter: PodReporter) -
     streamer = Streamer(
         root=mount.models_dir,
         concurrency=settings.warmup_concurrency,
-        deadline=time.monotonic() + settings.warmup_timeout_seconds,
+        deadline=deadline,
         on_progress=progress_reporter.on_progress,
         on_error=progress_reporter.on_error,
     )
@@ -130,7 +153,7 @@ async def warm(settings: Settings, mount: JuiceFSMount, reporter: PodReporter) -
         await reporter.event(
             WARNING, "VerificationFailed", f"model bytes do not match the manifest: {err}"
         )
-        await reporter.set_condition("False", "VerificationFailed", str(err))
+        await _best_effort(reporter.set_condition("False", "VerificationFailed", str(err)[:256]))
         return False
     except WarmupTimeout as err:
         log.error("warmup.timeout", error=str(err))
@@ -139,7 +162,7 @@ async def warm(settings: Settings, mount: JuiceFSMount, reporter: PodReporter) -
             "WarmupTimedOut",
             f"gave up after {settings.warmup_timeout_seconds}s: {err}",
         )
-        await reporter.set_condition("False", "WarmupTimedOut", str(err))
+        await _best_effort(reporter.set_condition("False", "WarmupTimedOut", str(err)[:256]))
         return False
     finally:
         watchdog.cancel()
@@ -190,7 +213,8 @@ async def run(settings: Settings, reporter: PodReporter, stop: asyncio.Event | N
                 cache_size, warmup = 0, False
 
     mount = JuiceFSMount(settings, cache_size_mib=cache_size)
-    await reporter.set_condition("False", "Mounting", "mounting JuiceFS")
+    # Informational only: the mount must not wait on, or fail with, the apiserver.
+    await _best_effort(reporter.set_condition("False", "Mounting", "mounting JuiceFS", attempts=1))
     try:
         seconds = await mount.start()
     except MountError as err:
@@ -230,6 +254,13 @@ async def run(settings: Settings, reporter: PodReporter, stop: asyncio.Event | N
     return 0
 
 
+async def _best_effort(call: Coroutine[Any, Any, None]) -> None:
+    try:
+        await call
+    except Exception as err:
+        log.warning("condition.not_set", error=str(err) or type(err).__name__)
+
+
 def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("warmup.crashed", error=str(task.exception()))
@@ -245,11 +276,12 @@ async def _open_gate(
         # No manifest, an unreadable one, a file the mount cannot open...
         log.error("warmup.failed", error=str(err))
         await reporter.event(WARNING, "WarmupFailed", f"cannot stream the model: {err}")
-        await reporter.set_condition("False", "WarmupFailed", str(err)[:256])
+        await _best_effort(reporter.set_condition("False", "WarmupFailed", str(err)[:256]))
         return
     reason = "ModelsCached" if warmup else "Mounted"
     message = (
         "model streamed into the local cache and verified" if warmup else "mounted; warmup disabled"
     )
-    await reporter.set_condition("True", reason, message)
+    # The one call that must land: retried until it does or the pod stops.
+    await reporter.set_condition("True", reason, message, attempts=None)
     await reporter.event(NORMAL, "Ready", f"condition {settings.condition_type}=True: {message}")
