@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import http.client
 import json
-import os
 import shutil
 import signal
 import socket
@@ -28,7 +27,7 @@ from typing import IO
 
 from devcluster.binaries import ensure_binaries
 from devcluster.cluster import Cluster
-from devcluster.lifecycle import StartStop
+from devcluster.lifecycle import StartStop, stop_process_group
 from devcluster.pki import ClusterPKI, write_kubeconfig
 
 Hook = Callable[["ControlPlane"], None]
@@ -444,21 +443,10 @@ class ControlPlane(Cluster, StartStop):
     # -- shutdown ------------------------------------------------------------
 
     def _terminate(self, proc: _Process) -> None:
-        pgid = proc.popen.pid
         if proc.popen.poll() is None:
-            self.log(f"stopping {proc.name} (pid {pgid})")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        try:
-            proc.popen.wait(self.stop_timeout)
-        except subprocess.TimeoutExpired:
-            self.log(f"{proc.name} ignored SIGTERM for {self.stop_timeout:.0f}s; SIGKILL")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            proc.popen.wait()
-        # Anything the component forked into its group goes too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+            self.log(f"stopping {proc.name} (pid {proc.popen.pid})")
+        if not stop_process_group(proc.popen, self.stop_timeout):
+            self.log(f"{proc.name} ignored SIGTERM for {self.stop_timeout:.0f}s; SIGKILLed")
         proc.log_file.close()
 
 

@@ -46,7 +46,7 @@ from typing import Self
 
 from devcluster.binaries import ensure_binaries
 from devcluster.controlplane import free_port, log_tail
-from devcluster.lifecycle import StartStop
+from devcluster.lifecycle import StartStop, stop_process_group
 
 ACCESS_KEY = "bento-juicefs"
 SECRET_KEY = "bento-juicefs-secret-key"
@@ -216,19 +216,8 @@ class _Service(StartStop):
     def stop(self, *, kill: bool = False, timeout: float = 15.0) -> None:
         """SIGTERM (SIGKILL with kill=True) the process group and wait; idempotent."""
         process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        if process is not None:
+            stop_process_group(process, timeout, kill=kill)
 
 
 def _port_answers(port: int) -> bool:
