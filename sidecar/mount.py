@@ -58,9 +58,10 @@ def _live_mount(path: Path) -> bool:
 
 
 def _mounted(path: Path) -> bool:
-    # os.path.ismount says False for a FUSE mount whose daemon died (stat fails
-    # with ENOTCONN), which still has to be unmounted; mountinfo still lists it.
-    return _live_mount(path) or _listed(path)
+    # mountinfo, never stat: os.path.ismount says False for a FUSE mount whose
+    # daemon died (ENOTCONN) and blocks on one whose daemon hangs; both still
+    # have to be unmounted.
+    return _listed(path)
 
 
 def _umount(path: Path) -> None:

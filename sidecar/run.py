@@ -215,9 +215,22 @@ async def run(settings: Settings, reporter: PodReporter, stop: asyncio.Event | N
     mount = JuiceFSMount(settings, cache_size_mib=cache_size)
     # Informational only: the mount must not wait on, or fail with, the apiserver.
     await _best_effort(reporter.set_condition("False", "Mounting", "mounting JuiceFS", attempts=1))
+    stopping = asyncio.create_task(stop.wait())
+    starting = asyncio.create_task(mount.start())
+    # SIGTERM while a mount hangs (metadata engine unreachable) must still
+    # unmount and exit, or the pod sits in Terminating.
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, MountError):
+            await starting
+        log.info("sidecar.stopping", during="mount")
+        await mount.stop()
+        return 0
     try:
-        seconds = await mount.start()
+        seconds = starting.result()
     except MountError as err:
+        stopping.cancel()
         log.error("mount.failed", error=str(err))
         await reporter.event(WARNING, "MountFailed", str(err))
         await mount.stop()
@@ -229,7 +242,6 @@ async def run(settings: Settings, reporter: PodReporter, stop: asyncio.Event | N
     )
 
     died = asyncio.create_task(mount.wait_exit())
-    stopping = asyncio.create_task(stop.wait())
     # Warmup runs beside the mount; whatever it concludes, the sidecar keeps
     # serving the mount until it is stopped or juicefs dies.
     work = asyncio.create_task(_open_gate(settings, mount, reporter, warmup))

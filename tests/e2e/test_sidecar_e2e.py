@@ -18,12 +18,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -238,16 +239,25 @@ def wait_condition(
     return wait_for(ready, timeout=timeout, interval=0.5, what=f"{CONDITION}=True on pod {name}")
 
 
+class StandIn(Protocol):
+    def __call__(
+        self, namespace: str, pod: str, extra_env: dict[str, str] | None = None
+    ) -> SidecarProcess: ...
+
+
 @pytest.fixture
-def stand_in(
-    cluster: Cluster, tmp_path: Path, storage: StorageStack
-) -> Iterator[Callable[[str, str], SidecarProcess]]:
+def stand_in(cluster: Cluster, tmp_path: Path, storage: StorageStack) -> Iterator[StandIn]:
     started: list[SidecarProcess] = []
 
-    def start(namespace: str, pod: str) -> SidecarProcess:
+    def start(namespace: str, pod: str, extra_env: dict[str, str] | None = None) -> SidecarProcess:
         print(f"{BANNER}: running the injected juicefs-mount sidecar of {namespace}/{pod} locally")
         handle = run_sidecar(
-            cluster, namespace, pod, tmp_path / pod, juicefs_bin=storage.juicefs.binary
+            cluster,
+            namespace,
+            pod,
+            tmp_path / pod,
+            juicefs_bin=storage.juicefs.binary,
+            extra_env=extra_env,
         )
         started.append(handle)
         return handle
@@ -258,12 +268,39 @@ def stand_in(
         shutil.rmtree(handle.cache_dir, ignore_errors=True)  # the log stays for post-mortems
 
 
+def test_sigterm_while_the_mount_hangs_still_exits_cleanly(
+    cluster: Cluster,
+    namespace: str,
+    ssd_node: str,
+    stand_in: StandIn,
+) -> None:
+    """A metadata engine that accepts connections and never answers: the mount hangs.
+
+    SIGTERM must still end the sidecar (exit 0) with nothing mounted, or the
+    pod would sit in Terminating.
+    """
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(16)
+    try:
+        url = f"redis://127.0.0.1:{blackhole.getsockname()[1]}/1"
+        create_pod(cluster, namespace, "bento-hang")
+        sidecar = stand_in(namespace, "bento-hang", {"JFS_META_URL": url})
+        wait_for(lambda: "Mounting" in sidecar.log(), timeout=30, what="the mount attempt")
+        time.sleep(2)
+        assert sidecar.poll() is None, sidecar.log_tail()
+        assert sidecar.stop(timeout=30) == 0, sidecar.log_tail()
+        assert sidecar.mounts() == []
+    finally:
+        blackhole.close()
+
+
 def test_sidecar_opens_the_gate_and_describe_tells_the_story(
     cluster: Cluster,
     namespace: str,
     ssd_node: str,
     model: Manifest,
-    stand_in: Callable[[str, str], SidecarProcess],
+    stand_in: StandIn,
 ) -> None:
     pod = create_pod(cluster, namespace, "bento-ready")
     assert any(g["conditionType"] == CONDITION for g in pod["spec"]["readinessGates"])
@@ -312,7 +349,7 @@ def test_juicefs_dying_fails_the_sidecar_loudly(
     namespace: str,
     ssd_node: str,
     model: Manifest,
-    stand_in: Callable[[str, str], SidecarProcess],
+    stand_in: StandIn,
 ) -> None:
     create_pod(cluster, namespace, "bento-mount-dies")
     sidecar = stand_in(namespace, "bento-mount-dies")
@@ -339,7 +376,7 @@ def test_object_store_outage_holds_the_gate_until_it_is_back(
     ssd_node: str,
     storage: StorageStack,
     model: Manifest,
-    stand_in: Callable[[str, str], SidecarProcess],
+    stand_in: StandIn,
 ) -> None:
     create_pod(cluster, namespace, "bento-outage")
     sidecar = stand_in(namespace, "bento-outage")
