@@ -8,6 +8,7 @@ in YAML, like the Kubernetes objects they describe.
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -237,7 +238,8 @@ class Cluster(_Model):
             )
         return self
 
-    @property
+    # Derived once per (immutable) config, not on every admission review.
+    @cached_property
     def native_sidecars(self) -> bool:
         match = _VERSION_RE.match(self.kubernetes_version)
         assert match is not None  # checked by the validator
@@ -326,11 +328,11 @@ class InjectorConfig(_Model):
             )
         return self
 
-    @property
+    @cached_property
     def ssd_node_label(self) -> NodeLabel | None:
         return self.scheduling.ssd_node_label or self.cluster.profile.ssd_node_label
 
-    @property
+    @cached_property
     def excluded_namespaces(self) -> frozenset[str]:
         return frozenset((*self.webhook.excluded_namespaces, self.webhook.namespace))
 

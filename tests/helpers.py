@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import jsonpatch
+import pytest
 
+from devcluster.storage import RedisUnavailable, StorageStack, find_redis_server
 from injector.admission import ReviewResult, pod_review_request, review
 from injector.config import InjectorConfig, load_config
 from injector.render import TEMPLATE_PATHS
@@ -65,3 +69,15 @@ def pods_of(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
     for key in path:
         node = node[key]
     yield node
+
+
+@contextmanager
+def storage_stack(work: Path) -> Iterator[StorageStack]:
+    """MinIO + Redis + a JuiceFS volume under work, removed afterwards (skip without Redis)."""
+    try:
+        find_redis_server()
+    except RedisUnavailable as err:
+        pytest.skip(str(err))
+    with StorageStack(work) as stack:
+        yield stack
+    shutil.rmtree(work, ignore_errors=True)  # gigabytes of objects and caches

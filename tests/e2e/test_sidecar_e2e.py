@@ -33,12 +33,11 @@ from devcluster import Cluster, wait_for
 from devcluster.kubelet import BANNER, SidecarProcess, apiserver, bound_token, run_sidecar
 from devcluster.storage import (
     MIB,
-    RedisUnavailable,
     StorageStack,
     cached_blocks,
-    find_redis_server,
 )
 from sidecar.manifest import Manifest
+from tests.helpers import storage_stack
 
 from .conftest import EXTERNAL_KUBECONFIG
 
@@ -63,14 +62,8 @@ def _local_only() -> None:
 
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageStack]:
-    try:
-        find_redis_server()
-    except RedisUnavailable as err:
-        pytest.skip(str(err))
-    work = tmp_path_factory.mktemp("e2e-storage")
-    with StorageStack(work) as stack:
+    with storage_stack(tmp_path_factory.mktemp("e2e-storage")) as stack:
         yield stack
-    shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

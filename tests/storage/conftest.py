@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench_warmup import publish_random
-from devcluster.storage import MIB, RedisUnavailable, StorageStack, find_redis_server
+from devcluster.storage import MIB, StorageStack
 from sidecar.manifest import Manifest
+from tests.helpers import storage_stack
 
 BIG_SHARDS = [256 * MIB] * 4  # + ~0.2 MB of metadata files: just over 1 GiB
 OUTAGE_SHARDS = [64 * MIB] * 4
@@ -33,15 +34,9 @@ def _require_fuse() -> None:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageStack]:
     _require_fuse()
-    try:
-        find_redis_server()
-    except RedisUnavailable as err:
-        pytest.skip(str(err))
-    work = tmp_path_factory.mktemp("storage")
-    with StorageStack(work) as started:
+    with storage_stack(tmp_path_factory.mktemp("storage")) as started:
         print(f"storage stack: {started.describe()}")
         yield started
-    shutil.rmtree(work, ignore_errors=True)  # over 2 GiB of objects and caches
 
 
 @pytest.fixture(scope="session")
