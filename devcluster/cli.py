@@ -24,6 +24,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from common.ports import port_is_free
+from common.processes import alive, log_tail
 from devcluster import addons
 from devcluster.binaries import REPO_ROOT, BinariesError, ensure_binaries
 from devcluster.controlplane import (
@@ -31,8 +33,6 @@ from devcluster.controlplane import (
     ComponentError,
     ControlPlane,
     Hook,
-    log_tail,
-    port_is_free,
 )
 
 SERVE_PID = "serve.pid"
@@ -59,15 +59,6 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def _alive(pid: int) -> bool:
-    """True if pid exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
 def _serve_pid(state_dir: Path) -> int | None:
     """The pid of this state dir's running `_serve` process, if any."""
     try:
@@ -75,7 +66,7 @@ def _serve_pid(state_dir: Path) -> int | None:
     except (OSError, ValueError):
         return None
     cmd = _cmdline(pid)
-    if _alive(pid) and "_serve" in cmd and str(state_dir) in cmd:
+    if alive(pid) and "_serve" in cmd and str(state_dir) in cmd:
         return pid
     return None
 
@@ -217,7 +208,7 @@ def up(state_dir: Path, timeout: float = UP_TIMEOUT) -> int:
 
 def _wait_gone(pids: Sequence[int], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids):
+    while any(alive(p) for p in pids):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -241,7 +232,7 @@ def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
     leftovers = []
     for name, cpid in state.get("pids", {}).items():
         cmd = _cmdline(cpid)
-        if _alive(cpid) and cmd and cmd[0] in binaries:
+        if alive(cpid) and cmd and cmd[0] in binaries:
             leftovers.append(cpid)
             _say(f"stopping leftover {name} (pid {cpid})")
             with contextlib.suppress(ProcessLookupError):
@@ -252,7 +243,7 @@ def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
                 os.killpg(cpid, signal.SIGKILL)
         _wait_gone(leftovers, 5)
 
-    still = [p for p in [*([pid] if pid else []), *leftovers] if _alive(p)]
+    still = [p for p in [*([pid] if pid else []), *leftovers] if alive(p)]
     busy = [p for p in state.get("ports", {}).values() if p and not port_is_free(p)]
     for name in (READY_FILE, SERVE_PID, STATE_FILE):
         (state_dir / name).unlink(missing_ok=True)

@@ -8,26 +8,23 @@ subprocesses on 127.0.0.1, each in its own process group, logging to
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import http.client
 import json
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO
 
+from common.ports import free_port, port_is_free
+from common.processes import LOG_TAIL_LINES, log_tail, spawn_group, stop_group
 from devcluster.binaries import ensure_binaries
 from devcluster.cluster import Cluster
-from devcluster.lifecycle import StartStop, stop_process_group
+from devcluster.lifecycle import StartStop
 from devcluster.pki import ClusterPKI, write_kubeconfig
 
 Hook = Callable[["ControlPlane"], None]
@@ -48,7 +45,6 @@ ADMISSION_PLUGINS = (
 # No kubelet heartbeats: the node lifecycle controller would taint every node NotReady.
 CONTROLLERS = "*,-node-lifecycle-controller"
 STATE_FILE = "controlplane.json"
-LOG_TAIL_LINES = 30
 # Directories and files under state_dir that start() recreates from scratch.
 _OWNED = ("etcd", "pki", "logs", "certs", "kubeconfigs", "admin.kubeconfig", STATE_FILE)
 
@@ -91,40 +87,6 @@ class _Process:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
-    log_file: IO[bytes] = field(repr=False)
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"(cannot read log: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True if something could listen on host:port (SO_REUSEADDR, as Go servers bind)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            sock.listen(1)
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM the child when the thread that started it dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
 def _stderr_log(message: str) -> None:
@@ -388,20 +350,9 @@ class ControlPlane(Cluster, StartStop):
                 raise ComponentError(name, f"port 127.0.0.1:{port} ({f.name}) is already in use")
         cmd = [str(self.binaries[name]), *args, *self.extra_args.get(name, [])]
         log = self.log_path(name)
-        log_file = log.open("ab")
-        log_file.write(f"# {' '.join(cmd)}\n".encode())
-        log_file.flush()
         self.log(f"starting {name}")
-        popen = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=self.state_dir,
-            start_new_session=True,  # own session and process group (pgid == pid)
-            preexec_fn=_die_with_parent if self.die_with_parent else None,  # PDEATHSIG, see above
-        )
-        self._processes.append(_Process(name, popen, log, log_file))
+        popen = spawn_group(cmd, log, cwd=self.state_dir, die_with_parent=self.die_with_parent)
+        self._processes.append(_Process(name, popen, log))
         self.timings[f"{name}.spawned"] = time.monotonic()
 
     def _wait(self, name: str, probe: Callable[[], bool], what: str = "") -> None:
@@ -445,9 +396,8 @@ class ControlPlane(Cluster, StartStop):
     def _terminate(self, proc: _Process) -> None:
         if proc.popen.poll() is None:
             self.log(f"stopping {proc.name} (pid {proc.popen.pid})")
-        if not stop_process_group(proc.popen, self.stop_timeout):
+        if not stop_group(proc.popen, self.stop_timeout):
             self.log(f"{proc.name} ignored SIGTERM for {self.stop_timeout:.0f}s; SIGKILLed")
-        proc.log_file.close()
 
 
 def _http_get(url: str, context: ssl.SSLContext | None, status: int) -> bytes:

@@ -26,8 +26,10 @@ from typing import Any
 
 import yaml
 
+from common.ports import free_port
+from common.processes import log_tail
 from devcluster.cluster import Cluster, wait_for
-from devcluster.controlplane import ControlPlane, free_port, log_tail
+from devcluster.controlplane import ControlPlane
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "manifests" / "base"

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.processes import log_tail
 from devcluster.cluster import Cluster
-from devcluster.controlplane import log_tail
 from devcluster.storage import is_mounted, storage_binaries, unmount
 from sidecar import env as contract
 

@@ -44,9 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from common.ports import free_port
+from common.processes import log_tail, stop_group
 from devcluster.binaries import ensure_binaries
-from devcluster.controlplane import free_port, log_tail
-from devcluster.lifecycle import StartStop, stop_process_group
+from devcluster.lifecycle import StartStop
 
 ACCESS_KEY = "bento-juicefs"
 SECRET_KEY = "bento-juicefs-secret-key"
@@ -217,7 +218,7 @@ class _Service(StartStop):
         """SIGTERM (SIGKILL with kill=True) the process group and wait; idempotent."""
         process, self.process = self.process, None
         if process is not None:
-            stop_process_group(process, timeout, kill=kill)
+            stop_group(process, timeout, kill=kill)
 
 
 def _port_answers(port: int) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from injector import __version__
 from injector.config import ConfigError, InjectorConfig, load_config
-from injector.logs import configure_logging
+from common.logs import configure_logging
 from injector.render import RenderError, dump_documents, render_text
 
 

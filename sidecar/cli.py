@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run() -> int:
     from sidecar.kube import PodReporter, api_client
-    from sidecar.logs import configure_logging
+    from common.logs import configure_logging
     from sidecar.run import run
 
     configure_logging()

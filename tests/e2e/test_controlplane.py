@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from common.ports import port_is_free
 from devcluster import Cluster, ComponentError, ControlPlane, Ports, wait_for
-from devcluster.controlplane import port_is_free
 
 from .conftest import EXTERNAL_KUBECONFIG
 

@@ -1,0 +1,7 @@
+"""What the injector, the sidecar and the dev tooling share.
+
+A leaf package: it imports neither `injector` nor `sidecar` (nor anything
+above them). It holds the contract between the injector and the sidecar
+(`common.env`), logging set-up, and the one helper per host job: process
+groups, free ports and mountinfo.
+"""
