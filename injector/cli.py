@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.logs import configure_logging
 from injector import __version__
 from injector.config import ConfigError, InjectorConfig, load_config
-from common.logs import configure_logging
 from injector.render import RenderError, dump_documents, render_text
 
 

@@ -23,12 +23,13 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from common import env
+from common.env import SSD_POLICIES, SsdPolicy
 from injector.quantity import parse_quantity
 
-PREFIX = "juicefs.bentoml.com/"
+__all__ = ["SSD_POLICIES", "ConfigError", "InjectorConfig", "SsdPolicy", "load_config"]
 
-SsdPolicy = Literal["required", "preferred", "off"]
-SSD_POLICIES: tuple[str, ...] = ("required", "preferred", "off")
+PREFIX = "juicefs.bentoml.com/"
 
 
 def _check_quantity(value: str) -> str:
@@ -131,10 +132,10 @@ class Models(_Model):
 
 
 class JuiceFS(_Model):
-    default_volume: str = "models"
+    default_volume: str = env.DEFAULT_VOLUME
     # Annotations may choose only among these volumes, so a pod can never
     # point itself at an arbitrary Secret.
-    allowed_volumes: tuple[str, ...] = ("models",)
+    allowed_volumes: tuple[str, ...] = (env.DEFAULT_VOLUME,)
     # Per volume, the Secret in the pod's own namespace is named from this
     # template; the namespace controller creates it.
     secret_name_template: str = "juicefs-{volume}-credentials"
@@ -147,17 +148,24 @@ class JuiceFS(_Model):
     # JuiceFS's --cache-size is a soft limit; keep it under the emptyDir
     # sizeLimit so the kubelet never evicts the pod for a slightly full cache.
     cache_fill_ratio: float = Field(default=0.9, gt=0.1, le=1.0)
-    buffer_size_mib: int = Field(default=1024, ge=64)
-    prefetch: int = Field(default=3, ge=0)
+    # Defaults and bounds are the sidecar's contract (common.env).
+    buffer_size_mib: int = Field(default=env.DEFAULT_BUFFER_SIZE_MIB, ge=env.MIN_BUFFER_SIZE_MIB)
+    prefetch: int = Field(default=env.DEFAULT_PREFETCH, ge=0)
 
 
 class Warmup(_Model):
-    enabled: bool = True
-    timeout_seconds: int = Field(default=3600, ge=30)
-    concurrency: int = Field(default=8, ge=1, le=256)
+    enabled: bool = env.DEFAULT_WARMUP
+    timeout_seconds: int = Field(
+        default=env.DEFAULT_WARMUP_TIMEOUT_SECONDS, ge=env.MIN_WARMUP_TIMEOUT_SECONDS
+    )
+    concurrency: int = Field(
+        default=env.DEFAULT_WARMUP_CONCURRENCY,
+        ge=env.MIN_WARMUP_CONCURRENCY,
+        le=env.MAX_WARMUP_CONCURRENCY,
+    )
     # A cache directory slower than this (MB/s, read or write) is reported:
     # a cache slower than the object store makes hits slower than misses.
-    cache_min_mbps: float = Field(default=200.0, ge=0)
+    cache_min_mbps: float = Field(default=env.DEFAULT_CACHE_MIN_MBPS, ge=0)
 
 
 class Readiness(_Model):
@@ -180,7 +188,7 @@ class NodeLabel(_Model):
 
 
 class Scheduling(_Model):
-    ssd_policy: SsdPolicy = "required"
+    ssd_policy: SsdPolicy = env.DEFAULT_SSD_POLICY
     # Overrides the platform profile's local-SSD node label.
     ssd_node_label: NodeLabel | None = None
     preferred_weight: int = Field(default=100, ge=1, le=100)

@@ -7,12 +7,24 @@ steps only read the plan. Nothing here does I/O.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from injector.config import SSD_POLICIES, InjectorConfig, SsdPolicy
+from common.env import (
+    BOOL_FORM,
+    MIN_WARMUP_TIMEOUT_SECONDS,
+    MODELS_FORM,
+    NAME_FORM,
+    SSD_POLICY_FORM,
+    SsdPolicy,
+    is_bento_name,
+    is_bento_version,
+    parse_bool,
+    parse_model_tags,
+    parse_ssd_policy,
+)
+from injector.config import InjectorConfig
 from injector.quantity import (
     DURATION_FORM,
     QUANTITY_FORM,
@@ -24,15 +36,9 @@ from injector.quantity import (
 
 Pod = Mapping[str, Any]
 
-# BentoML tag components: lowercase name, version of letters, digits, . _ -.
-# Anchored and free of "/" so a label or annotation can never escape the
-# model tree in JuiceFS.
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
-_VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
-NAME_FORM = "lowercase letters, digits, '.', '_' or '-', starting and ending alphanumeric"
-MODELS_FORM = "a comma-separated list of BentoML model tags, e.g. 'llama3:v1,tokenizer'"
-
-MIN_WARMUP_TIMEOUT = 30
+# The Bento identity, model tags, SSD policy and booleans follow the same
+# rules as the sidecar's environment (common.env), which carries them on.
+MIN_WARMUP_TIMEOUT = MIN_WARMUP_TIMEOUT_SECONDS
 MAX_WARMUP_TIMEOUT = 24 * 3600
 
 
@@ -96,13 +102,11 @@ def _bad(key: str, value: str, form: str) -> str:
 
 
 def _parse_models(key: str, value: str, errors: list[str]) -> tuple[str, ...]:
-    tags = tuple(part.strip() for part in value.split(","))
-    for tag in tags:
-        name, _, version = tag.partition(":")
-        if not _NAME_RE.match(name) or (version and not _VERSION_RE.match(version)):
-            errors.append(_bad(key, value, MODELS_FORM))
-            return ()
-    return tags
+    try:
+        return parse_model_tags(value)
+    except ValueError:
+        errors.append(_bad(key, value, MODELS_FORM))
+        return ()
 
 
 def _parse_quantity(
@@ -132,10 +136,11 @@ def _parse_quantity(
 
 
 def _parse_bool(key: str, value: str, errors: list[str]) -> bool:
-    lowered = value.strip().lower()
-    if lowered not in ("true", "false"):
-        errors.append(_bad(key, value, "'true' or 'false'"))
-    return lowered == "true"
+    try:
+        return parse_bool(value)
+    except ValueError:
+        errors.append(_bad(key, value, BOOL_FORM))
+        return False
 
 
 def _resources(
@@ -212,13 +217,13 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
     identity: dict[str, str] = {}
     for label in (keys.bento_repository, keys.bento_version):
         value = labels.get(label)
-        pattern = _NAME_RE if label == keys.bento_repository else _VERSION_RE
+        valid = is_bento_name if label == keys.bento_repository else is_bento_version
         if not value:
             errors.append(
                 f"pod is marked {keys.model_store}={keys.model_store_value} "
                 f"but has no {label} label; the Bento deployment sets it"
             )
-        elif not pattern.match(str(value)):
+        elif not valid(str(value)):
             errors.append(f"label {label}={value!r} is invalid: expected {NAME_FORM}")
         else:
             identity[label] = str(value)
@@ -254,10 +259,11 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
 
     ssd_policy: SsdPolicy = config.scheduling.ssd_policy
     if (raw := override(ann.ssd_policy)) is not None:
-        if raw not in SSD_POLICIES:
-            errors.append(_bad(ann.ssd_policy, raw, "'required', 'preferred' or 'off'"))
+        try:
+            ssd_policy = parse_ssd_policy(raw)
+        except ValueError:
+            errors.append(_bad(ann.ssd_policy, raw, SSD_POLICY_FORM))
         else:
-            ssd_policy = raw  # type: ignore[assignment]
             if raw != "off" and config.ssd_node_label is None:
                 errors.append(
                     f"annotation {ann.ssd_policy}={raw!r} needs a local-SSD node label, and "

@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run() -> int:
-    from sidecar.kube import PodReporter, api_client
     from common.logs import configure_logging
+    from sidecar.kube import PodReporter, api_client
     from sidecar.run import run
 
     configure_logging()

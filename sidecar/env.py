@@ -1,7 +1,7 @@
-"""The contract between the injector and the sidecar: environment variable names.
+"""The sidecar's settings, read from the environment the injector wrote.
 
-The injector writes these into the sidecar container; the sidecar reads
-nothing else. Both sides import the names from here.
+The names, defaults and value rules are the contract in `common.env`, which
+the injector writes through; this module only gathers them into `Settings`.
 """
 
 from __future__ import annotations
@@ -11,39 +11,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-POD_NAME = "POD_NAME"
-POD_NAMESPACE = "POD_NAMESPACE"
-POD_UID = "POD_UID"
-NODE_NAME = "NODE_NAME"
-META_URL = "JFS_META_URL"
-ACCESS_KEY = "JFS_ACCESS_KEY"
-SECRET_KEY = "JFS_SECRET_KEY"
-BENTO_NAME = "BENTO_NAME"
-BENTO_VERSION = "BENTO_VERSION"
-VOLUME = "JFS_VOLUME"
-BENTO_PATH = "JFS_BENTO_PATH"
-MODELS = "JFS_MODELS"
-MOUNT_POINT = "JFS_MOUNT_POINT"
-CACHE_DIR = "JFS_CACHE_DIR"
-CACHE_SIZE_MIB = "JFS_CACHE_SIZE_MIB"
-BUFFER_SIZE_MIB = "JFS_BUFFER_SIZE_MIB"
-PREFETCH = "JFS_PREFETCH"
-SSD_POLICY = "JFS_SSD_POLICY"
-WARMUP = "JFS_WARMUP"
-WARMUP_TIMEOUT_SECONDS = "JFS_WARMUP_TIMEOUT_SECONDS"
-WARMUP_CONCURRENCY = "JFS_WARMUP_CONCURRENCY"
-CONDITION_TYPE = "JFS_CONDITION_TYPE"
-CACHE_MIN_MBPS = "JFS_CACHE_MIN_MBPS"
-# Not set by the injector: defaults suit a container; the kubelet stand-in
-# used in tests points them somewhere else on the host.
-PRIVATE_MOUNT = "JFS_PRIVATE_MOUNT"
-JUICEFS_BIN = "JFS_JUICEFS_BIN"
-TOKEN_DIR = "JFS_TOKEN_DIR"
+from common import env as contract
+from common.env import DEFAULT_TOKEN_DIR, EnvError, SsdPolicy
 
-DEFAULT_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+__all__ = [
+    "CACHE_DIR",
+    "DEFAULT_TOKEN_DIR",
+    "JUICEFS_BIN",
+    "MOUNT_POINT",
+    "PRIVATE_MOUNT",
+    "TOKEN_DIR",
+    "Settings",
+    "SettingsError",
+]
+
+# Plain names for tools that set up the sidecar's host paths themselves
+# (the kubelet stand-in) and for the probe's default mount point.
+MOUNT_POINT = contract.MOUNT_POINT.name
+CACHE_DIR = contract.CACHE_DIR.name
+PRIVATE_MOUNT = contract.PRIVATE_MOUNT.name
+JUICEFS_BIN = contract.JUICEFS_BIN.name
+TOKEN_DIR = contract.TOKEN_DIR.name
 
 
-class SettingsError(ValueError):
+class SettingsError(EnvError):
     """The sidecar's environment is incomplete or malformed; the message names the variable."""
 
 
@@ -65,7 +56,7 @@ class Settings:
     cache_size_mib: int
     buffer_size_mib: int
     prefetch: int
-    ssd_policy: str
+    ssd_policy: SsdPolicy
     warmup: bool
     warmup_timeout_seconds: int
     warmup_concurrency: int
@@ -73,52 +64,42 @@ class Settings:
     cache_min_mbps: float
     juicefs_bin: str
     token_dir: Path
+    volume: str = contract.DEFAULT_VOLUME
+    node_name: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Every variable parsed by its rule; the first bad one is a `SettingsError`."""
         source = os.environ if env is None else env
-
-        def need(name: str) -> str:
-            value = source.get(name, "")
-            if not value:
-                raise SettingsError(f"environment variable {name} is not set")
-            return value
-
-        def number(name: str, default: str) -> int:
-            raw = source.get(name, default)
-            try:
-                return int(raw)
-            except ValueError:
-                raise SettingsError(f"{name}={raw!r} is not a whole number") from None
-
-        models = tuple(m for m in source.get(MODELS, "").split(",") if m)
+        c = contract
         try:
-            min_mbps = float(source.get(CACHE_MIN_MBPS, "200"))
-        except ValueError:
-            raise SettingsError(f"{CACHE_MIN_MBPS} is not a number") from None
-        return cls(
-            pod_name=need(POD_NAME),
-            pod_namespace=need(POD_NAMESPACE),
-            pod_uid=source.get(POD_UID, ""),
-            meta_url=need(META_URL),
-            access_key=source.get(ACCESS_KEY) or None,
-            secret_key=source.get(SECRET_KEY) or None,
-            bento_name=need(BENTO_NAME),
-            bento_version=need(BENTO_VERSION),
-            bento_path=need(BENTO_PATH),
-            models=models,
-            mount_point=Path(need(MOUNT_POINT)),
-            private_mount=Path(source.get(PRIVATE_MOUNT, "/var/lib/juicefs/volume")),
-            cache_dir=Path(need(CACHE_DIR)),
-            cache_size_mib=number(CACHE_SIZE_MIB, "1024"),
-            buffer_size_mib=number(BUFFER_SIZE_MIB, "300"),
-            prefetch=number(PREFETCH, "1"),
-            ssd_policy=source.get(SSD_POLICY, "required"),
-            warmup=source.get(WARMUP, "true").lower() == "true",
-            warmup_timeout_seconds=number(WARMUP_TIMEOUT_SECONDS, "3600"),
-            warmup_concurrency=max(1, number(WARMUP_CONCURRENCY, "8")),
-            condition_type=need(CONDITION_TYPE),
-            cache_min_mbps=min_mbps,
-            juicefs_bin=source.get(JUICEFS_BIN, "juicefs"),
-            token_dir=Path(source.get(TOKEN_DIR, DEFAULT_TOKEN_DIR)),
-        )
+            return cls(
+                pod_name=c.POD_NAME.read(source),
+                pod_namespace=c.POD_NAMESPACE.read(source),
+                pod_uid=c.POD_UID.read(source),
+                meta_url=c.META_URL.read(source),
+                access_key=c.ACCESS_KEY.read(source),
+                secret_key=c.SECRET_KEY.read(source),
+                bento_name=c.BENTO_NAME.read(source),
+                bento_version=c.BENTO_VERSION.read(source),
+                bento_path=c.BENTO_PATH.read(source),
+                models=c.MODELS.read(source),
+                mount_point=c.MOUNT_POINT.read(source),
+                private_mount=c.PRIVATE_MOUNT.read(source),
+                cache_dir=c.CACHE_DIR.read(source),
+                cache_size_mib=c.CACHE_SIZE_MIB.read(source),
+                buffer_size_mib=c.BUFFER_SIZE_MIB.read(source),
+                prefetch=c.PREFETCH.read(source),
+                ssd_policy=c.SSD_POLICY.read(source),
+                warmup=c.WARMUP.read(source),
+                warmup_timeout_seconds=c.WARMUP_TIMEOUT_SECONDS.read(source),
+                warmup_concurrency=c.WARMUP_CONCURRENCY.read(source),
+                condition_type=c.CONDITION_TYPE.read(source),
+                cache_min_mbps=c.CACHE_MIN_MBPS.read(source),
+                juicefs_bin=c.JUICEFS_BIN.read(source),
+                token_dir=c.TOKEN_DIR.read(source),
+                volume=c.VOLUME.read(source),
+                node_name=c.NODE_NAME.read(source),
+            )
+        except EnvError as err:
+            raise SettingsError(str(err)) from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import uuid
 from pathlib import Path
 from typing import Any, cast
@@ -116,7 +115,7 @@ class PodReporter:
             "type": kind,
             "reason": reason,
             "message": message[:1024],
-            "source": {"component": COMPONENT, "host": os.environ.get("NODE_NAME") or None},
+            "source": {"component": COMPONENT, "host": s.node_name or None},
             "reportingComponent": f"juicefs.bentoml.com/{COMPONENT}",
             "reportingInstance": s.pod_name,
             "firstTimestamp": now,

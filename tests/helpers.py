@@ -14,9 +14,10 @@ import pytest
 from devcluster.storage import RedisUnavailable, StorageStack, find_redis_server
 from injector.admission import ReviewResult, pod_review_request, review
 from injector.config import InjectorConfig, load_config
-from injector.render import TEMPLATE_PATHS
+from injector.render import TEMPLATE_PATHS, Rendered, RenderError, render_text
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN_CASES = sorted(GOLDEN_DIR.glob("*.yaml"))
 SELECTED = "juicefs.bentoml.com/model-store"
 
 
@@ -55,6 +56,14 @@ def inject(pod: dict[str, Any], config: InjectorConfig | None = None) -> dict[st
 def case_config(case: Path) -> InjectorConfig:
     config_file = case.with_name(case.name.removesuffix(".yaml") + ".config")
     return load_config(config_file) if config_file.exists() else InjectorConfig()
+
+
+def render_case(case: Path) -> Rendered | None:
+    """A golden case rendered with its config; None when the injector denies it."""
+    try:
+        return render_text(case.read_text(), case_config(case))
+    except RenderError:
+        return None
 
 
 def pods_of(document: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from common import env
 from injector.mutation.context import MutationContext
 from injector.mutation.volumes import TOKEN_MOUNT_PATH, token_volume_name
 from injector.quantity import parse_quantity
-from sidecar import env
 
 MIB = 2**20
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
@@ -25,37 +26,35 @@ def _secret_env(name: str, secret: str, key: str, optional: bool) -> dict[str, A
 
 
 def sidecar_env(ctx: MutationContext) -> list[dict[str, Any]]:
+    """The sidecar's whole configuration, each value rendered by the contract's rule."""
     plan, config = ctx.plan, ctx.config
     jfs = config.juicefs
     cache_mib = int(plan.cache_bytes * jfs.cache_fill_ratio) // MIB
-    plain = {
-        env.BENTO_NAME: plan.bento_name,
-        env.BENTO_VERSION: plan.bento_version,
-        env.VOLUME: plan.volume,
-        env.BENTO_PATH: plan.juicefs_path,
-        env.MODELS: ",".join(plan.models),
-        env.MOUNT_POINT: config.volumes.mount_path,
-        env.CACHE_DIR: config.volumes.cache_path,
-        env.CACHE_SIZE_MIB: str(cache_mib),
-        env.BUFFER_SIZE_MIB: str(jfs.buffer_size_mib),
-        env.PREFETCH: str(jfs.prefetch),
-        env.SSD_POLICY: plan.ssd_policy,
-        env.CACHE_MIN_MBPS: str(config.warmup.cache_min_mbps),
-        env.WARMUP: "true" if plan.warmup else "false",
-        env.WARMUP_TIMEOUT_SECONDS: str(plan.warmup_timeout_seconds),
-        env.WARMUP_CONCURRENCY: str(config.warmup.concurrency),
-        env.CONDITION_TYPE: config.readiness.condition_type,
-    }
     return [
-        _field_env(env.POD_NAME, "metadata.name"),
-        _field_env(env.POD_NAMESPACE, "metadata.namespace"),
-        _field_env(env.POD_UID, "metadata.uid"),
-        _field_env(env.NODE_NAME, "spec.nodeName"),
+        _field_env(env.POD_NAME.name, "metadata.name"),
+        _field_env(env.POD_NAMESPACE.name, "metadata.namespace"),
+        _field_env(env.POD_UID.name, "metadata.uid"),
+        _field_env(env.NODE_NAME.name, "spec.nodeName"),
         # Credentials stay in the Secret; the pod spec only names it.
-        _secret_env(env.META_URL, plan.secret_name, jfs.meta_url_key, optional=False),
-        _secret_env(env.ACCESS_KEY, plan.secret_name, jfs.access_key_key, optional=True),
-        _secret_env(env.SECRET_KEY, plan.secret_name, jfs.secret_key_key, optional=True),
-        *({"name": k, "value": v} for k, v in plain.items()),
+        _secret_env(env.META_URL.name, plan.secret_name, jfs.meta_url_key, optional=False),
+        _secret_env(env.ACCESS_KEY.name, plan.secret_name, jfs.access_key_key, optional=True),
+        _secret_env(env.SECRET_KEY.name, plan.secret_name, jfs.secret_key_key, optional=True),
+        env.BENTO_NAME.entry(plan.bento_name),
+        env.BENTO_VERSION.entry(plan.bento_version),
+        env.VOLUME.entry(plan.volume),
+        env.BENTO_PATH.entry(plan.juicefs_path),
+        env.MODELS.entry(plan.models),
+        env.MOUNT_POINT.entry(Path(config.volumes.mount_path)),
+        env.CACHE_DIR.entry(Path(config.volumes.cache_path)),
+        env.CACHE_SIZE_MIB.entry(cache_mib),
+        env.BUFFER_SIZE_MIB.entry(jfs.buffer_size_mib),
+        env.PREFETCH.entry(jfs.prefetch),
+        env.SSD_POLICY.entry(plan.ssd_policy),
+        env.CACHE_MIN_MBPS.entry(config.warmup.cache_min_mbps),
+        env.WARMUP.entry(plan.warmup),
+        env.WARMUP_TIMEOUT_SECONDS.entry(plan.warmup_timeout_seconds),
+        env.WARMUP_CONCURRENCY.entry(config.warmup.concurrency),
+        env.CONDITION_TYPE.entry(config.readiness.condition_type),
     ]
 
 
