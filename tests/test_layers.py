@@ -1,0 +1,98 @@
+"""The layer contract (.importlinter, run by `make lint`) really catches a violation.
+
+The check runs on a copy of the packages' layout (every module, empty) in a
+temporary directory with the repository's own contract file, once as is and
+once with one import that crosses the layers the wrong way.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONTRACT = REPO / ".importlinter"
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+def root_packages() -> list[str]:
+    parser = configparser.ConfigParser()
+    parser.read(CONTRACT)
+    return parser["importlinter"]["root_packages"].split()
+
+
+def copy_layout(target: Path) -> None:
+    """Every module of the root packages, empty, at the same path; and the contract."""
+    for package in root_packages():
+        for module in (REPO / package).rglob("*.py"):
+            copy = target / module.relative_to(REPO)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.touch()
+    shutil.copy(CONTRACT, target / ".importlinter")
+    # Imports the layers allow, so the clean copy has edges to check.
+    (target / "injector" / "config.py").write_text("import common.env\n")
+    (target / "sidecar" / "env.py").write_text("from common import env\n")
+    (target / "tests" / "helpers.py").write_text("import devcluster\nimport injector.config\n")
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--no-logo"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_every_layer_is_a_root_package() -> None:
+    assert set(root_packages()) == {
+        "common",
+        "injector",
+        "sidecar",
+        "devcluster",
+        "tests",
+        "benchmarks",
+    }
+
+
+def test_the_layout_as_declared_passes(tmp_path: Path) -> None:
+    copy_layout(tmp_path)
+    result = lint_imports(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "offending", "reported"),
+    [
+        # What the injector did before common.env existed.
+        (
+            "injector/mutation/sidecar.py",
+            "from sidecar import env\n",
+            "injector.mutation.sidecar -> sidecar.env",
+        ),
+        ("sidecar/run.py", "import injector.config\n", "sidecar.run -> injector.config"),
+        ("common/logs.py", "import sidecar.kube\n", "common.logs -> sidecar.kube"),
+        ("injector/server.py", "import devcluster\n", "injector.server -> devcluster"),
+        ("tests/test_layers.py", "import benchmarks\n", "tests.test_layers -> benchmarks"),
+    ],
+)
+def test_a_crossing_import_fails_the_check(
+    tmp_path: Path, module: str, offending: str, reported: str
+) -> None:
+    copy_layout(tmp_path)
+    (tmp_path / module).write_text(offending)
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "0 kept, 1 broken" in result.stdout
+    assert reported in result.stdout, result.stdout
