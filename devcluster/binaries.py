@@ -18,6 +18,13 @@ CONTROL_PLANE_COMPONENTS: tuple[str, ...] = (
     "kube-scheduler",
     "kubectl",
 )
+NODE_COMPONENTS: tuple[str, ...] = (
+    "kubelet",
+    "kube-proxy",
+    "containerd",
+    "containerd-shim-runc-v2",
+    "ctr",
+)
 
 
 class BinariesError(RuntimeError):

@@ -22,10 +22,12 @@ from pathlib import Path
 
 from common.ports import free_port, port_is_free
 from common.processes import LOG_TAIL_LINES, log_tail, spawn_group, stop_group
-from devcluster.binaries import ensure_binaries
+from devcluster.binaries import CONTROL_PLANE_COMPONENTS, NODE_COMPONENTS, ensure_binaries
 from devcluster.cluster import Cluster
 from devcluster.lifecycle import StartStop
-from devcluster.pki import ClusterPKI, write_kubeconfig
+from devcluster.netns import NodeNetwork
+from devcluster.node import Node, NodeSpec
+from devcluster.pki import APISERVER_HOSTS, APISERVER_KUBELET_CLIENT, ClusterPKI, write_kubeconfig
 
 Hook = Callable[["ControlPlane"], None]
 
@@ -33,6 +35,7 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 ADMISSION_PLUGINS = (
     "NamespaceLifecycle",
+    "NodeRestriction",
     "LimitRanger",
     "ServiceAccount",
     "PodSecurity",
@@ -46,7 +49,7 @@ ADMISSION_PLUGINS = (
 CONTROLLERS = "*,-node-lifecycle-controller"
 STATE_FILE = "controlplane.json"
 # Directories and files under state_dir that start() recreates from scratch.
-_OWNED = ("etcd", "pki", "logs", "certs", "kubeconfigs", "admin.kubeconfig", STATE_FILE)
+_OWNED = ("etcd", "pki", "logs", "certs", "kubeconfigs", "node", "admin.kubeconfig", STATE_FILE)
 
 
 class ComponentError(RuntimeError):
@@ -117,6 +120,10 @@ class ControlPlane(Cluster, StartStop):
         on_stop: Iterable[Hook] = (),
         log: Callable[[str], None] = _stderr_log,
         die_with_parent: bool = True,
+        host: str = "127.0.0.1",
+        node: NodeSpec | None = None,
+        network: NodeNetwork | None = None,
+        import_images: Callable[[Path, Path], None] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         super().__init__(
@@ -132,6 +139,15 @@ class ControlPlane(Cluster, StartStop):
         self.on_stop: list[Hook] = list(on_stop)
         self.log = log
         self.die_with_parent = die_with_parent
+        # Where the apiserver listens and what it advertises: loopback, or the
+        # host end of a node's veth so the node and its pods reach it too.
+        self.host = host
+        # With a node spec: a real node (containerd + kubelet + kube-proxy) in its
+        # own network namespace; the apiserver then listens on the veth's host end.
+        self.node_spec = node
+        self.network = network or (NodeNetwork() if node is not None else None)
+        self.import_images = import_images
+        self.node: Node | None = None
         self.pki = ClusterPKI(self.state_dir / "pki")
         self.logs_dir = self.state_dir / "logs"
         self.startup_seconds: float | None = None
@@ -147,7 +163,7 @@ class ControlPlane(Cluster, StartStop):
     def server(self) -> str:
         if not self.ports.apiserver:
             raise RuntimeError("control plane not started: no apiserver port yet")
-        return f"https://127.0.0.1:{self.ports.apiserver}"
+        return f"https://{self.host}:{self.ports.apiserver}"
 
     @property
     def pids(self) -> dict[str, int]:
@@ -182,9 +198,15 @@ class ControlPlane(Cluster, StartStop):
                     hook(self)
                 except Exception as exc:
                     self.log(f"on_stop hook {getattr(hook, '__name__', hook)} failed: {exc!r}")
+        if self.node is not None:
+            self.log(f"stopping node {self.node.name}")
+            self.node.stop()
+            self.node = None
         for proc in reversed(self._processes):
             self._terminate(proc)
         self._processes.clear()
+        if self.network is not None:
+            self.network.delete()
         (self.state_dir / STATE_FILE).unlink(missing_ok=True)
 
     def log_path(self, component: str) -> Path:
@@ -193,17 +215,18 @@ class ControlPlane(Cluster, StartStop):
     # -- start-up ------------------------------------------------------------
 
     def _start(self) -> None:
-        if not self.binaries or not all(
-            c in self.binaries
-            for c in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
-        ):
-            self.binaries = {**ensure_binaries(), **self.binaries}
+        wanted = [*CONTROL_PLANE_COMPONENTS, *(NODE_COMPONENTS if self.node_spec else ())]
+        if not all(c in self.binaries for c in wanted):
+            self.binaries = {**ensure_binaries(wanted), **self.binaries}
         self.kubectl_path = str(self.binaries.get("kubectl", self.kubectl_path))
         self._reset_state_dir()
+        if self.network is not None:
+            self.network.create()
+            self.host = self.network.host_ip
         self._pick_ports()
         self.log(f"state dir {self.state_dir}; ports {asdict(self.ports)}")
 
-        pki = ClusterPKI.create(self.pki.dir)
+        pki = ClusterPKI.create(self.pki.dir, hosts=(*APISERVER_HOSTS, self.host))
         write_kubeconfig(
             self.kubeconfig, server=self.server, ca_cert=pki.ca.cert, client=pki.admin, user="admin"
         )
@@ -245,11 +268,11 @@ class ControlPlane(Cluster, StartStop):
         certs = self.state_dir / "certs"
         self._spawn(
             "kube-apiserver",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.host}",
+            f"--advertise-address={self.host}",
             # The endpoint reconciler refuses a loopback advertise address; with no
-            # kubelet nothing in the cluster needs the `kubernetes` Service's endpoints.
-            "--endpoint-reconciler-type=none",
+            # node nothing in the cluster needs the `kubernetes` Service's endpoints.
+            *(["--endpoint-reconciler-type=none"] if self.host.startswith("127.") else []),
             f"--secure-port={self.ports.apiserver}",
             f"--etcd-servers={etcd_url}",
             f"--cert-dir={certs / 'kube-apiserver'}",
@@ -261,7 +284,14 @@ class ControlPlane(Cluster, StartStop):
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            "--authorization-mode=RBAC",
+            "--authorization-mode=Node,RBAC",
+            f"--kubelet-client-certificate={pki.apiserver_kubelet_client.cert}",
+            f"--kubelet-client-key={pki.apiserver_kubelet_client.key}",
+            f"--kubelet-certificate-authority={pki.ca.cert}",
+            # No DNS for node names here: dial kubelets at their InternalIP.
+            "--kubelet-preferred-address-types=InternalIP",
+            # Webhook Services are called at their endpoints: no kube-proxy on the host.
+            "--enable-aggregator-routing=true",
             "--allow-privileged=true",
             f"--enable-admission-plugins={','.join(ADMISSION_PLUGINS)}",
         )
@@ -316,6 +346,27 @@ class ControlPlane(Cluster, StartStop):
             ),
             what="/healthz and ServiceAccount default/default",
         )
+        # The apiserver's client identity towards kubelets (kubectl logs/exec).
+        self.kubectl(
+            "create",
+            "clusterrolebinding",
+            "kube-apiserver-kubelet-client",
+            "--clusterrole=system:kubelet-api-admin",
+            f"--user={APISERVER_KUBELET_CLIENT[0]}",
+        )
+        if self.node_spec is not None and self.network is not None:
+            self.node = Node(
+                self.state_dir / "node",
+                self,
+                pki,
+                self.network,
+                self.binaries,
+                spec=self.node_spec,
+                import_images=self.import_images,
+                log=self.log,
+            )
+            self.node.start(self.server, timeout=max(30.0, self._deadline - time.monotonic()))
+            self.timings["node"] = self.node.timings["total"]
 
     def _reset_state_dir(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """Certificates and kubeconfigs for the local control plane.
 
-One cluster CA signs the kube-apiserver serving certificate and the client
-certificates of the admin, kube-controller-manager and kube-scheduler (their
-identity is the certificate's CN and O, as in kubeadm). The service-account
+One cluster CA signs the kube-apiserver serving certificate, the client
+certificates of the admin, kube-controller-manager, kube-scheduler,
+kube-proxy and the apiserver's kubelet client, and each node's kubelet
+client (`system:node:NAME` in `system:nodes`) and serving certificates
+(identity is the certificate's CN and O, as in kubeadm). The service-account
 key pair is a separate RSA key. Files are written atomically.
 """
 
@@ -35,6 +37,11 @@ APISERVER_HOSTS: tuple[str, ...] = (
 ADMIN = ("kubernetes-admin", ("system:masters",))
 CONTROLLER_MANAGER = ("system:kube-controller-manager", ())
 SCHEDULER = ("system:kube-scheduler", ())
+# Bound by the default ClusterRoleBinding system:node-proxier.
+KUBE_PROXY = ("system:kube-proxy", ())
+# The apiserver's identity towards kubelets (logs, exec); bound to
+# system:kubelet-api-admin by the control plane once it is up.
+APISERVER_KUBELET_CLIENT = ("kube-apiserver-kubelet-client", ())
 
 
 def generate_sa_keypair() -> tuple[bytes, bytes]:
@@ -84,6 +91,38 @@ class ClusterPKI:
         return KeyPair(self.dir / "scheduler.crt", self.dir / "scheduler.key")
 
     @property
+    def kube_proxy(self) -> KeyPair:
+        return KeyPair(self.dir / "kube-proxy.crt", self.dir / "kube-proxy.key")
+
+    @property
+    def apiserver_kubelet_client(self) -> KeyPair:
+        return KeyPair(
+            self.dir / "apiserver-kubelet-client.crt", self.dir / "apiserver-kubelet-client.key"
+        )
+
+    def kubelet_client(self, node: str) -> KeyPair:
+        return KeyPair(self.dir / f"kubelet-{node}.crt", self.dir / f"kubelet-{node}.key")
+
+    def kubelet_serving(self, node: str) -> KeyPair:
+        return KeyPair(
+            self.dir / f"kubelet-{node}-serving.crt", self.dir / f"kubelet-{node}-serving.key"
+        )
+
+    def issue_node(self, node: str, node_ip: str) -> tuple[KeyPair, KeyPair]:
+        """A node's kubelet certificates: (client as system:node:NAME, serving for its IP).
+
+        The client identity is what the Node authorizer and NodeRestriction check.
+        """
+        ca_pem, ca_key_pem = self.ca.cert.read_bytes(), self.ca.key.read_bytes()
+        client = issue_cert(
+            ca_pem, ca_key_pem, f"system:node:{node}", organizations=("system:nodes",), client=True
+        )
+        serving = issue_cert(ca_pem, ca_key_pem, node, hosts=(node, node_ip), server=True)
+        _write_pair(self.kubelet_client(node), *client)
+        _write_pair(self.kubelet_serving(node), *serving)
+        return self.kubelet_client(node), self.kubelet_serving(node)
+
+    @property
     def sa_key(self) -> Path:
         return self.dir / "sa.key"
 
@@ -103,6 +142,8 @@ class ClusterPKI:
             (pki.admin, ADMIN),
             (pki.controller_manager, CONTROLLER_MANAGER),
             (pki.scheduler, SCHEDULER),
+            (pki.kube_proxy, KUBE_PROXY),
+            (pki.apiserver_kubelet_client, APISERVER_KUBELET_CLIENT),
         ):
             _write_pair(pair, *issue_cert(ca_pem, ca_key_pem, cn, organizations=orgs, client=True))
         sa_private, sa_public = generate_sa_keypair()

@@ -18,7 +18,7 @@ MOD_ROOT="${HACK_DIR}/binaries"
 CACHE_DIR="${BENTO_JUICEFS_CACHE:-${HOME}/.cache/bento-juicefs}"
 BIN_DIR="${CACHE_DIR}/bin"
 CURRENT_DIR="${BIN_DIR}/current"
-ALL_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet
+ALL_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy
   containerd containerd-shim-runc-v2 ctr minio juicefs)
 
 log() { printf '%s\n' "$*" >&2; }
@@ -34,7 +34,7 @@ component_info() {
   local x
   KIND=go TAGS=""
   case "$1" in
-    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet)
+    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet | kube-proxy)
       MODDIR="${MOD_ROOT}/kubernetes" UPSTREAM=k8s.io/kubernetes PKG="k8s.io/kubernetes/cmd/$1"
       VERSION="$(module_version "${MODDIR}/go.mod" "${UPSTREAM}")"
       local major="${VERSION#v}" minor

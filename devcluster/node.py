@@ -1,0 +1,507 @@
+"""A real node: containerd, the kubelet and kube-proxy in a namespace of their own.
+
+The node lives in its own network namespace (`devcluster.netns`) and mount
+namespace (`devcluster.mountns`), as a kind node lives in its container.
+The kubelet authenticates as `system:node:NAME` (Node authorizer and
+NodeRestriction), registers with the labels of a GKE local-SSD GPU pool node
+and advertises that node's shape (CPU and memory through the faked machine
+view, the GPU as an extended resource on its status). Images come from
+`devcluster.images` (no registry is reachable) and are imported into
+containerd's `k8s.io` namespace, where the kubelet never garbage-collects them.
+
+What this machine needs from a kubelet (see ../shared/notes/real-node.md):
+cgroup v1 with the cgroupfs driver (`failCgroupV1: false`), no swap check,
+a non-loopback node IP, image GC off, and, with the node-lifecycle
+controller off, the `not-ready` taint removed once the node is Ready.
+Everything the node writes outside its directory is inside its namespaces
+(iptables chains, pod network namespaces, mounts) or under its own cgroup
+root; `stop()` removes all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from common.mounts import mounts
+from common.processes import log_tail, spawn_group, stop_group
+from devcluster.cluster import NOT_READY_TAINT, Cluster, wait_for
+from devcluster.containerd import Containerd, ContainerdPaths, cni_config, containerd_config
+from devcluster.mountns import MachineShape, NodeMountNamespace
+from devcluster.netns import NodeNetwork
+from devcluster.pki import ClusterPKI, KeyPair, write_kubeconfig
+
+GKE_SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
+CGROUP_ROOT = "/bento-juicefs-node"
+CGROUP_V1 = Path("/sys/fs/cgroup")
+# Paths the kubelet and CNI write that no flag moves: node-private copies are
+# bind-mounted over them inside the node's mount namespace.
+PRIVATE_HOST_DIRS = ("/var/log/containers", "/var/lib/cni", "/var/lib/kubelet")
+CNI_BIN_DIRS = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
+
+
+class NodeError(RuntimeError):
+    """The node did not come up; the message names the component and its log tail."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What the node says it is: a GKE local-SSD pool node with one NVIDIA L4."""
+
+    name: str = "gke-l4-ssd-pool-1"
+    labels: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "cloud.google.com/gke-nodepool": "l4-ssd-pool",
+            "cloud.google.com/gke-accelerator": "nvidia-l4",
+            "cloud.google.com/machine-family": "g2",
+            GKE_SSD: "true",
+            "cloud.google.com/gke-image-streaming": "true",
+            "node.kubernetes.io/instance-type": "g2-standard-8",
+            "topology.kubernetes.io/region": "us-central1",
+            "topology.kubernetes.io/zone": "us-central1-a",
+        }
+    )
+    shape: MachineShape = field(default_factory=MachineShape)
+    # Advertised on the node's status as a device plugin would.
+    extended_resources: Mapping[str, str] = field(default_factory=lambda: {"nvidia.com/gpu": "1"})
+
+
+def kubelet_config(
+    *,
+    node_ip: str,
+    ca_file: Path,
+    serving: KeyPair,
+    runtime_endpoint: str,
+    pod_logs_dir: Path,
+    resolv_conf: Path,
+    cluster_dns: str,
+    cgroup_root: str = CGROUP_ROOT,
+) -> dict[str, object]:
+    """The KubeletConfiguration for this kind of machine."""
+    return {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "address": node_ip,
+        "healthzBindAddress": "127.0.0.1",
+        "readOnlyPort": 0,
+        "tlsCertFile": str(serving.cert),
+        "tlsPrivateKeyFile": str(serving.key),
+        "authentication": {
+            "anonymous": {"enabled": False},
+            "webhook": {"enabled": True},
+            "x509": {"clientCAFile": str(ca_file)},
+        },
+        "authorization": {"mode": "Webhook"},
+        "containerRuntimeEndpoint": runtime_endpoint,
+        # cgroup v1 here, no systemd: the kubelet refuses v1 unless told.
+        "failCgroupV1": False,
+        "cgroupDriver": "cgroupfs",
+        "cgroupsPerQOS": True,
+        "cgroupRoot": cgroup_root,
+        "enforceNodeAllocatable": ["pods"],
+        "failSwapOn": False,
+        "podLogsDir": str(pod_logs_dir),
+        "resolvConf": str(resolv_conf),
+        # No cluster DNS runs; an address where nothing answers on port 53 makes
+        # lookups fail at once (and spares every pod a MissingClusterDNS warning).
+        "clusterDNS": [cluster_dns],
+        "clusterDomain": "cluster.local",
+        # Imported images cannot be pulled back: never garbage-collect them.
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        # A shared disk and a faked memory size: evict only when really out.
+        "evictionHard": {
+            "memory.available": "100Mi",
+            "nodefs.available": "1%",
+            "nodefs.inodesFree": "1%",
+            "imagefs.available": "1%",
+        },
+        "serializeImagePulls": False,
+        "nodeStatusUpdateFrequency": "4s",
+        "nodeStatusReportFrequency": "10s",
+        "syncFrequency": "10s",
+        "shutdownGracePeriod": "0s",
+        "maxPods": 110,
+    }
+
+
+def kube_proxy_config(*, kubeconfig: Path, node: str, pod_cidr: str) -> dict[str, object]:
+    """iptables mode, touching no global sysctl (the node is a network namespace)."""
+    return {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(kubeconfig)},
+        "mode": "iptables",
+        "hostnameOverride": node,
+        "clusterCIDR": pod_cidr,
+        "bindAddress": "0.0.0.0",
+        "healthzBindAddress": "127.0.0.1:10256",
+        "metricsBindAddress": "127.0.0.1:10249",
+        # nf_conntrack_max and the TCP timeouts are host-wide: leave them alone.
+        "conntrack": {
+            "maxPerCore": 0,
+            "min": 0,
+            "tcpEstablishedTimeout": "0s",
+            "tcpCloseWaitTimeout": "0s",
+        },
+        # route_localnet is a sysctl the node should not need.
+        "iptables": {"localhostNodePorts": False},
+    }
+
+
+def _ns_inode(path: Path | str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def pids_in_mount_ns(ns_file: Path) -> list[int]:
+    """Every process whose mount namespace is the one bound at ns_file."""
+    target = _ns_inode(ns_file)
+    if target is None:
+        return []
+    found = []
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != me and _ns_inode(entry / "ns/mnt") == target:
+            found.append(int(entry.name))
+    return found
+
+
+def cgroup_dirs(root: str = CGROUP_ROOT) -> list[Path]:
+    """The node's cgroup directories in every v1 hierarchy (and the v2 one, if mounted)."""
+    found = []
+    if CGROUP_V1.is_dir():
+        for hierarchy in CGROUP_V1.iterdir():
+            candidate = hierarchy / root.lstrip("/")
+            if candidate.is_dir():
+                found.append(candidate)
+    return found
+
+
+def make_cgroups(root: str = CGROUP_ROOT) -> None:
+    """The node's cgroup root in every v1 hierarchy (the kubelet requires it to exist)."""
+    if not CGROUP_V1.is_dir():
+        return
+    for hierarchy in CGROUP_V1.iterdir():
+        if not (hierarchy / "cgroup.procs").exists():
+            continue  # not a hierarchy (e.g. a symlink like cpu,cpuacct)
+        group = hierarchy / root.lstrip("/")
+        group.mkdir(exist_ok=True)
+        # A new v1 cpuset takes no task until it has CPUs and memory nodes.
+        for knob in ("cpuset.cpus", "cpuset.mems"):
+            if (group / knob).exists() and not (group / knob).read_text().strip():
+                (group / knob).write_text((hierarchy / knob).read_text())
+
+
+def kill_cgroups(root: str = CGROUP_ROOT) -> None:
+    """SIGKILL every process in the node's cgroups, then remove them bottom-up."""
+    for top in cgroup_dirs(root):
+        for procs in top.rglob("cgroup.procs"):
+            for line in procs.read_text().split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(line), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    for top in cgroup_dirs(root):
+        for directory in [
+            *sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)),
+            top,
+        ]:
+            while True:
+                try:
+                    directory.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise NodeError(f"cannot remove cgroup {directory}") from None
+                    time.sleep(0.1)
+
+
+class Node:
+    """One node on a running control plane; `start()` returns once it is Ready."""
+
+    def __init__(
+        self,
+        directory: Path,
+        cluster: Cluster,
+        pki: ClusterPKI,
+        network: NodeNetwork,
+        binaries: Mapping[str, Path],
+        *,
+        spec: NodeSpec | None = None,
+        import_images: Callable[[Path, Path], None] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.dir = Path(directory).resolve()
+        self.cluster = cluster
+        self.pki = pki
+        self.network = network
+        self.binaries = dict(binaries)
+        self.spec = spec or NodeSpec()
+        self.import_images = import_images
+        self.log = log
+        self.mount_ns = NodeMountNamespace(self.dir)
+        self.containerd_paths = ContainerdPaths(self.dir / "containerd")
+        self.containerd: Containerd | None = None
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._created_host_dirs: list[Path] = []
+        self.timings: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def prefix(self) -> list[str]:
+        return self.network.nsenter(mount_ns=self.mount_ns.ns_file)
+
+    def log_path(self, component: str) -> Path:
+        return self.dir / "logs" / f"{component}.log"
+
+    # -- start ----------------------------------------------------------------
+
+    def start(self, server: str, timeout: float = 90.0) -> None:
+        """Bring the node up against the apiserver at `server` (reachable from the node)."""
+        started = time.monotonic()
+        try:
+            self._start(server, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["total"] = round(time.monotonic() - started, 2)
+        self.log(f"node {self.name} Ready in {self.timings['total']:.1f}s ({self.timings})")
+
+    def _mark(self, what: str, since: float) -> float:
+        now = time.monotonic()
+        self.timings[what] = round(now - since, 2)
+        return now
+
+    def _start(self, server: str, timeout: float) -> None:
+        t = time.monotonic()
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        (self.dir / "logs").mkdir(parents=True)
+        self.mount_ns.create(self.spec.shape)
+        for host_dir in PRIVATE_HOST_DIRS:
+            private = self.dir / "private" / host_dir.strip("/").replace("/", "_")
+            private.mkdir(parents=True)
+            if not Path(host_dir).exists():
+                Path(host_dir).mkdir(parents=True)
+                self._created_host_dirs.append(Path(host_dir))
+            self.mount_ns.run("mount", "--bind", str(private), host_dir)
+        make_cgroups()
+        t = self._mark("namespaces", t)
+
+        paths = self.containerd_paths
+        runc = shutil.which("runc") or "/usr/sbin/runc"
+        cni_dirs = [d for d in CNI_BIN_DIRS if (d / "bridge").exists()]
+        containerd = Containerd(
+            paths,
+            containerd=self.binaries["containerd"],
+            shim_dir=self.binaries["containerd-shim-runc-v2"].parent,
+            ctr=self.binaries["ctr"],
+            prefix=self.prefix,
+        )
+        self.containerd = containerd
+        containerd.write_config(
+            containerd_config(
+                paths, sandbox_image=SANDBOX_IMAGE, runc=Path(runc), cni_bin_dirs=cni_dirs
+            ),
+            cni_config(paths, self.network.pod_cidr),
+        )
+        containerd.start()
+        t = self._mark("containerd", t)
+        if self.import_images is not None:
+            self.import_images(self.binaries["ctr"], paths.socket)
+        t = self._mark("images", t)
+
+        client, serving = self.pki.issue_node(self.name, self.network.node_ip)
+        kubeconfig = write_kubeconfig(
+            self.dir / "kubelet.kubeconfig",
+            server=server,
+            ca_cert=self.pki.ca.cert,
+            client=client,
+            user=f"system:node:{self.name}",
+        )
+        resolv = self.dir / "resolv.conf"
+        # No cluster DNS and no route out: pods resolve nothing but their hosts file.
+        resolv.write_text("options ndots:1\n")
+        config = self.dir / "kubelet.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                kubelet_config(
+                    node_ip=self.network.node_ip,
+                    ca_file=self.pki.ca.cert,
+                    serving=serving,
+                    runtime_endpoint=paths.endpoint,
+                    pod_logs_dir=self.dir / "pods-logs",
+                    resolv_conf=resolv,
+                    cluster_dns=self.network.host_ip,
+                ),
+                sort_keys=False,
+            )
+        )
+        labels = ",".join(f"{k}={v}" for k, v in self.spec.labels.items())
+        self._spawn(
+            "kubelet",
+            str(self.binaries["kubelet"]),
+            f"--config={config}",
+            f"--kubeconfig={kubeconfig}",
+            f"--root-dir={self.dir / 'kubelet'}",
+            f"--cert-dir={self.dir / 'kubelet-pki'}",
+            f"--hostname-override={self.name}",
+            f"--node-ip={self.network.node_ip}",
+            f"--node-labels={labels}",
+            "--v=2",
+        )
+        proxy_kubeconfig = write_kubeconfig(
+            self.dir / "kube-proxy.kubeconfig",
+            server=server,
+            ca_cert=self.pki.ca.cert,
+            client=self.pki.kube_proxy,
+            user="system:kube-proxy",
+        )
+        proxy_config = self.dir / "kube-proxy.yaml"
+        proxy_config.write_text(
+            yaml.safe_dump(
+                kube_proxy_config(
+                    kubeconfig=proxy_kubeconfig, node=self.name, pod_cidr=self.network.pod_cidr
+                )
+            )
+        )
+        self._spawn("kube-proxy", str(self.binaries["kube-proxy"]), f"--config={proxy_config}")
+
+        deadline = time.monotonic() + timeout
+        self._wait_ready(deadline)
+        t = self._mark("kubelet", t)
+        self._advertise()
+        self._mark("advertised", t)
+
+    def _spawn(self, name: str, *args: str) -> None:
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        self._processes[name] = spawn_group([*self.prefix, *args], self.log_path(name), env=env)
+
+    def _check_alive(self) -> None:
+        for name, process in self._processes.items():
+            if process.poll() is not None:
+                raise NodeError(
+                    f"{name} exited with code {process.returncode}:\n"
+                    f"{log_tail(self.log_path(name), 40)}"
+                )
+        if self.containerd is not None and not self.containerd.running:
+            raise NodeError(f"containerd exited:\n{log_tail(self.containerd_paths.log)}")
+
+    def _wait_ready(self, deadline: float) -> None:
+        while True:
+            self._check_alive()
+            proc = self.cluster.kubectl("get", "node", self.name, "-o", "json", check=False)
+            if proc.returncode == 0:
+                conditions = json.loads(proc.stdout).get("status", {}).get("conditions") or []
+                if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                    return
+            if time.monotonic() > deadline:
+                raise NodeError(
+                    f"node {self.name} not Ready in time:\n{log_tail(self.log_path('kubelet'), 40)}"
+                )
+            time.sleep(0.2)
+
+    def _advertise(self) -> None:
+        """Extended resources on the status (as a device plugin would), the not-ready taint off."""
+        if self.spec.extended_resources:
+            status = {
+                "status": {
+                    "capacity": dict(self.spec.extended_resources),
+                    "allocatable": dict(self.spec.extended_resources),
+                }
+            }
+            self.cluster.kubectl(
+                "patch", "node", self.name, "--subresource=status", "--type=merge",
+                "-p", json.dumps(status),
+            )  # fmt: skip
+        # TaintNodesByCondition adds it at registration; with the node-lifecycle
+        # controller off (fake nodes have no heartbeat) nothing else removes it.
+        wait_for(
+            self._untaint,
+            timeout=30,
+            what=f"the {NOT_READY_TAINT} taint to leave node {self.name}",
+        )
+
+    def _untaint(self) -> bool:
+        """True once the taint is gone; otherwise remove it and look again next time."""
+        taints = self.cluster.get_json("node", self.name).get("spec", {}).get("taints") or []
+        kept = [t for t in taints if t.get("key") != NOT_READY_TAINT]
+        if kept == taints:
+            return True
+        patch = [{"op": "replace", "path": "/spec/taints", "value": kept}]
+        self.cluster.kubectl(
+            "patch", "node", self.name, "--type=json", "-p", json.dumps(patch), check=False
+        )
+        return False
+
+    # -- inspection ---------------------------------------------------------------
+
+    def pids(self) -> list[int]:
+        """Every process in the node's mount namespace (containerd, shims, kubelet...)."""
+        return pids_in_mount_ns(self.mount_ns.ns_file)
+
+    def mounts(self, fstype: str | None = None) -> list[Path]:
+        """Mount points inside the node (optionally of one fstype, e.g. fuse.juicefs)."""
+        pids = [p for p in (self._pid("kubelet"), self._pid("containerd")) if p]
+        if not pids:
+            return []
+        return [m.point for m in mounts(pids[0]) if fstype is None or m.fstype == fstype]
+
+    def _pid(self, name: str) -> int | None:
+        process = self._processes.get(name)
+        if name == "containerd" and self.containerd is not None:
+            process = self.containerd.process
+        return process.pid if process is not None and process.poll() is None else None
+
+    @property
+    def running(self) -> dict[str, bool]:
+        state = {name: p.poll() is None for name, p in self._processes.items()}
+        if self.containerd is not None:
+            state["containerd"] = self.containerd.running
+        return state
+
+    # -- stop -----------------------------------------------------------------
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop everything the node runs and remove what it made; safe to repeat."""
+        for name in ("kube-proxy", "kubelet"):
+            process = self._processes.pop(name, None)
+            if process is not None:
+                stop_group(process, timeout)
+        # Containers and their shims: by cgroup, then whatever is left in the namespace.
+        kill_cgroups()
+        if self.containerd is not None:
+            self.containerd.stop(timeout)
+        for pid in pids_in_mount_ns(self.mount_ns.ns_file):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: not pids_in_mount_ns(self.mount_ns.ns_file),
+            timeout=10,
+            what=f"the processes of node {self.name} to exit",
+        )
+        self.mount_ns.delete()
+        for created in reversed(self._created_host_dirs):
+            with contextlib.suppress(OSError):
+                created.rmdir()
+        self._created_host_dirs.clear()
+
+
+SANDBOX_IMAGE = "localhost/bento-juicefs/pause:3.10"
