@@ -34,6 +34,8 @@ from devcluster.controlplane import (
     ControlPlane,
     Hook,
 )
+from devcluster.netns import NodeNetwork
+from devcluster.node import node_leftovers, teardown_node
 
 SERVE_PID = "serve.pid"
 SERVE_LOG = "serve.log"
@@ -242,6 +244,16 @@ def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(cpid, signal.SIGKILL)
         _wait_gone(leftovers, 5)
+
+    node = state.get("node")
+    if node:  # a supervisor that died without stopping its node
+        network = NodeNetwork(**node["network"])
+        teardown_node(Path(node["dir"]))
+        network.delete()
+        left = node_leftovers(Path(node["dir"]), network)
+        if left:
+            _say(f"not clean: the node left {', '.join(left)}")
+            return 1
 
     still = [p for p in [*([pid] if pid else []), *leftovers] if alive(p)]
     busy = [p for p in state.get("ports", {}).values() if p and not port_is_free(p)]

@@ -436,6 +436,13 @@ class ControlPlane(Cluster, StartStop):
             "ports": asdict(self.ports),
             "startup_seconds": self.startup_seconds,
             "timings": {k: v for k, v in self.timings.items() if not k.endswith(".spawned")},
+            "node": None
+            if self.node is None or self.network is None
+            else {
+                "name": self.node.name,
+                "dir": str(self.node.dir),
+                "network": asdict(self.network),
+            },
         }
         path = self.state_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")

@@ -257,7 +257,7 @@ class Node:
         self.containerd_paths = ContainerdPaths(self.dir / "containerd")
         self.containerd: Containerd | None = None
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._created_host_dirs: list[Path] = []
+        self._created_host_dirs: list[str] = []
         self.timings: dict[str, float] = {}
 
     @property
@@ -299,8 +299,10 @@ class Node:
             private = self.dir / "private" / host_dir.strip("/").replace("/", "_")
             private.mkdir(parents=True)
             if not Path(host_dir).exists():
+                # A bind mount needs its target: record it, so teardown removes it.
                 Path(host_dir).mkdir(parents=True)
-                self._created_host_dirs.append(Path(host_dir))
+                self._created_host_dirs.append(host_dir)
+                (self.dir / CREATED_HOST_DIRS).write_text(json.dumps(self._created_host_dirs))
             self.mount_ns.run("mount", "--bind", str(private), host_dir)
         make_cgroups()
         t = self._mark("namespaces", t)
@@ -485,23 +487,56 @@ class Node:
             process = self._processes.pop(name, None)
             if process is not None:
                 stop_group(process, timeout)
-        # Containers and their shims: by cgroup, then whatever is left in the namespace.
-        kill_cgroups()
         if self.containerd is not None:
             self.containerd.stop(timeout)
-        for pid in pids_in_mount_ns(self.mount_ns.ns_file):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        wait_for(
-            lambda: not pids_in_mount_ns(self.mount_ns.ns_file),
-            timeout=10,
-            what=f"the processes of node {self.name} to exit",
-        )
-        self.mount_ns.delete()
-        for created in reversed(self._created_host_dirs):
+        teardown_node(self.dir)
+
+
+CREATED_HOST_DIRS = "created-host-dirs.json"
+
+
+def teardown_node(directory: Path) -> None:
+    """Kill what a node left running and remove what it made on the host.
+
+    Works from any process (`python -m devcluster down` after a crash): the
+    node's containers by cgroup, then every process left in its mount
+    namespace (containerd, shims, kubelet), then the namespace itself, whose
+    mounts go with it, and the host directories it had to create.
+    """
+    ns = NodeMountNamespace(directory)
+    kill_cgroups()
+    for pid in pids_in_mount_ns(ns.ns_file):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: not pids_in_mount_ns(ns.ns_file),
+        timeout=10,
+        what=f"the processes of the node in {directory} to exit",
+    )
+    ns.delete()
+    record = directory / CREATED_HOST_DIRS
+    if record.exists():
+        for created in reversed(json.loads(record.read_text())):
             with contextlib.suppress(OSError):
-                created.rmdir()
-        self._created_host_dirs.clear()
+                Path(created).rmdir()
+        record.unlink()
+
+
+def node_leftovers(directory: Path, network: NodeNetwork) -> list[str]:
+    """What a stopped node left on the host (empty when nothing)."""
+    found = []
+    ns = NodeMountNamespace(directory)
+    if ns.exists():
+        found.append(f"mount namespace {ns.ns_file}")
+    if pids := pids_in_mount_ns(ns.ns_file):
+        found.append(f"processes {pids}")
+    found += [f"cgroup {d}" for d in cgroup_dirs()]
+    if network.exists():
+        found.append(f"network namespace {network.netns} or veth {network.host_veth}")
+    found += [f"mount {m.point}" for m in mounts() if m.point.is_relative_to(directory)]
+    if (directory / CREATED_HOST_DIRS).exists():
+        found.append(f"host dirs listed in {directory / CREATED_HOST_DIRS}")
+    return found
 
 
 SANDBOX_IMAGE = "localhost/bento-juicefs/pause:3.10"
