@@ -8,16 +8,21 @@ never touches the caBundle or the other replicas.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
 import structlog
+from aiohttp import web
 from kubernetes_asyncio import client
 
 from injector.certs import CertFiles, generate_ca, issue_serving_cert, service_hosts, write_atomic
 from injector.config import InjectorConfig
-from injector.kube import FIELD_MANAGER, TIMEOUT, is_status
+from injector.kube import FIELD_MANAGER, KUBE_API, TIMEOUT, is_status
+from injector.lifecycle import READY_CHECKS, CleanupContext, background
 
 log = structlog.get_logger("injector.cluster_certs")
 
@@ -124,3 +129,63 @@ async def ca_bundle_problem(api: Any, config: InjectorConfig, ca_pem: bytes) -> 
     if stale:
         return f"caBundle of {', '.join(stale)} in {name} is not our CA yet"
     return None
+
+
+class CaBundleKeeper:
+    """Keeps our CA in the webhook configuration's caBundle; /readyz reads its verdict.
+
+    A chart upgrade or a GitOps sync may reset the caBundle; re-patching on a
+    timer heals that without a restart, and readiness reflects it meanwhile.
+    """
+
+    def __init__(self, api: Any, config: InjectorConfig, ca_pem: bytes) -> None:
+        self._api, self._config, self._ca_pem = api, config, ca_pem
+        self.problem: str | None = "caBundle not checked yet"
+        self._checked = time.monotonic()
+
+    async def check_once(self) -> None:
+        try:
+            await patch_ca_bundle(self._api, self._config, self._ca_pem)
+            self.problem = await ca_bundle_problem(self._api, self._config, self._ca_pem)
+            self._checked = time.monotonic()
+        except Exception as err:
+            log.warning("ca_bundle.check_failed", error=str(err))
+
+    async def run(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self._config.webhook.ca_bundle_check_seconds)
+
+    async def ready_check(self) -> str | None:
+        # A verdict nobody could refresh for several periods is no verdict.
+        stale_after = 5 * self._config.webhook.ca_bundle_check_seconds
+        if time.monotonic() - self._checked > stale_after:
+            return f"caBundle not checked for {stale_after:.0f}s (apiserver unreachable?)"
+        return self.problem
+
+
+CA_BUNDLE_KEEPER = web.AppKey("ca_bundle_keeper", CaBundleKeeper)
+
+
+def shared_ca(config: InjectorConfig, extra_hosts: list[str] | None = None) -> CleanupContext:
+    """At startup: the replicas' shared CA, this replica's serving files, the caBundle.
+
+    Runs before the serving certificate is loaded (the files it writes are
+    the ones served); then keeps the caBundle patched until cleanup, and
+    makes /readyz depend on it.
+    """
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        api = app[KUBE_API]
+        ca_pem, ca_key_pem = await ensure_shared_ca(api, config)
+        write_serving_files(
+            config, ca_pem, ca_key_pem, ["localhost", "127.0.0.1", *(extra_hosts or [])]
+        )
+        keeper = CaBundleKeeper(api, config, ca_pem)
+        await keeper.check_once()
+        app[CA_BUNDLE_KEEPER] = keeper
+        app[READY_CHECKS].append(keeper.ready_check)
+        async with background(keeper.run()):
+            yield
+
+    return context

@@ -14,15 +14,16 @@ with the same name. Charts stay untouched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import structlog
+from aiohttp import web
 from kubernetes_asyncio import client, watch
 
 from injector.config import InjectorConfig
-from injector.kube import APPLY, FIELD_MANAGER, TIMEOUT, is_status
+from injector.kube import APPLY, FIELD_MANAGER, KUBE_API, TIMEOUT, is_status
+from injector.lifecycle import CleanupContext, background
 
 log = structlog.get_logger("injector.namespaces")
 
@@ -239,12 +240,11 @@ async def _delete(delete: Any, name: str, namespace: str) -> int:
     return 1
 
 
-@contextlib.asynccontextmanager
-async def running_controller(api: Any, config: InjectorConfig) -> Any:
-    task = asyncio.create_task(NamespaceController(api, config).run())
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+def namespace_controller(config: InjectorConfig) -> CleanupContext:
+    """Run the controller on app[KUBE_API] from startup until cleanup."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        async with background(NamespaceController(app[KUBE_API], config).run()):
+            yield
+
+    return context

@@ -19,16 +19,13 @@ import structlog
 from aiohttp import web
 from cryptography import x509
 
+from common.ports import free_port, port_answers
+from injector import cluster_certs, kube, namespaces
 from injector.certs import generate_bundle, issue_serving_cert
 from injector.config import InjectorConfig, parse_config
-from injector.server import (
-    SERVING,
-    TLS,
-    ReadyCheck,
-    build_app,
-    prepare_tls,
-    reload_if_changed,
-)
+from injector.lifecycle import SERVING, ReadyCheck
+from injector.server import ClusterAccess, build_app, serve
+from injector.tls import TLS, prepare_tls, reload_if_changed
 from tests.helpers import bento_pod
 
 
@@ -70,14 +67,12 @@ def client_context(ca: Path) -> ssl.SSLContext:
 async def start(
     config: InjectorConfig, checks: list[ReadyCheck] | None = None
 ) -> tuple[web.AppRunner, web.Application, int]:
-    tls = prepare_tls(config)
     app = build_app(config, checks)
-    app[TLS] = tls
     runner = web.AppRunner(app)
-    await runner.setup()
+    await runner.setup()  # loads the serving certificate into app[TLS]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    site = web.SockSite(runner, sock, ssl_context=tls.context)
+    site = web.SockSite(runner, sock, ssl_context=app[TLS].context)
     await site.start()
     app[SERVING].set()
     return runner, app, sock.getsockname()[1]
@@ -293,3 +288,93 @@ def test_cert_manager_files_are_used_as_given(tmp_path: Path) -> None:
     state = prepare_tls(server_config(tmp_path, selfSigned=False))
     assert state.ca_key is None
     assert (cert_dir / "tls.crt").read_bytes() == bundle.cert_pem
+
+
+class FakeApiClient:
+    """Stands in for kubernetes_asyncio's ApiClient: records that it was closed."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    async def close(self) -> None:
+        self.events.append("api closed")
+
+
+@pytest.fixture
+def cluster_events(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A fake API client and namespace controller, recording what starts and stops."""
+    events: list[str] = []
+
+    async def new_api_client(kubeconfig: str | None) -> FakeApiClient:
+        events.append(f"api opened ({kubeconfig})")
+        return FakeApiClient(events)
+
+    async def run(self: namespaces.NamespaceController) -> None:
+        events.append("controller started")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            events.append("controller stopped")
+
+    monkeypatch.setattr(kube, "new_api_client", new_api_client)
+    monkeypatch.setattr(namespaces.NamespaceController, "run", run)
+    return events
+
+
+async def test_cluster_parts_start_with_the_app_and_stop_before_the_client_closes(
+    tmp_path: Path, cluster_events: list[str]
+) -> None:
+    config = server_config(tmp_path, selfSigned=True)
+    config = config.model_copy(
+        update={"webhook": config.webhook.model_copy(update={"manage_ca_bundle": False})}
+    )
+    app = build_app(config, cluster=ClusterAccess("/tmp/kubeconfig"))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await asyncio.sleep(0)
+    assert app[TLS].files.cert.exists()
+    assert cluster_events == ["api opened (/tmp/kubeconfig)", "controller started"]
+    await runner.cleanup()
+    assert cluster_events[2:] == ["controller stopped", "api closed"]
+
+
+async def test_a_failed_start_still_closes_the_client(
+    tmp_path: Path, cluster_events: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def ensure_shared_ca(api: object, config: InjectorConfig) -> tuple[bytes, bytes]:
+        raise RuntimeError("apiserver unreachable")
+
+    monkeypatch.setattr(cluster_certs, "ensure_shared_ca", ensure_shared_ca)
+    config = server_config(tmp_path, port=free_port())
+    with pytest.raises(RuntimeError, match="apiserver unreachable"):
+        await serve(config, kubeconfig="/tmp/kubeconfig", stop=asyncio.Event())
+    assert cluster_events == ["api opened (/tmp/kubeconfig)", "api closed"]
+
+
+async def test_serve_drains_then_stops(tmp_path: Path) -> None:
+    """SIGTERM (here: stop) fails /readyz at once, keeps serving, then closes the listener."""
+    port = free_port()
+    config = server_config(tmp_path, port=port, host="127.0.0.1", shutdownDelaySeconds=0.5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, standalone=True, stop=stop))
+    url = f"https://127.0.0.1:{port}"
+    ca = tmp_path / "certs" / "ca.crt"
+    for _ in range(200):
+        if ca.exists() and port_answers(port):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the server never started listening")
+    connector = aiohttp.TCPConnector(ssl=client_context(ca))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        assert (await session.get(url + "/readyz")).status == 200
+        stop.set()
+        await asyncio.sleep(0.1)
+        assert (await session.get(url + "/readyz")).status == 503
+        headers = {"Content-Type": "application/json"}
+        resp = await session.post(url + "/mutate", data=review_body(bento_pod()), headers=headers)
+        assert resp.status == 200
+    await asyncio.wait_for(task, timeout=15)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session:
+            await session.get(url + "/healthz")
