@@ -248,9 +248,9 @@ def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
     node = state.get("node")
     if node:  # a supervisor that died without stopping its node
         network = NodeNetwork(**node["network"])
-        teardown_node(Path(node["dir"]))
+        teardown_node(Path(node["dir"]), node["name"])
         network.delete()
-        left = node_leftovers(Path(node["dir"]), network)
+        left = node_leftovers(Path(node["dir"]), node["name"], network)
         if left:
             _say(f"not clean: the node left {', '.join(left)}")
             return 1

@@ -53,6 +53,17 @@ class NodeNetwork:
     pod_cidr: str = "10.213.64.0/24"
     service_cidr: str = "10.0.0.0/24"
 
+    @classmethod
+    def numbered(cls, index: int) -> NodeNetwork:
+        """The index-th of several node networks on one host (index 0 is the default)."""
+        return cls(
+            netns=f"bento-juicefs-node{index or ''}",
+            host_veth=f"bjfs-host{index}",
+            node_veth=f"bjfs-node{index}",
+            link_cidr=f"172.31.213.{4 * index}/30",
+            pod_cidr=f"10.213.{64 + index}.0/24",
+        )
+
     @property
     def _link(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(self.link_cidr)

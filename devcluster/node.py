@@ -42,7 +42,6 @@ from devcluster.netns import NodeNetwork
 from devcluster.pki import ClusterPKI, KeyPair, write_kubeconfig
 
 GKE_SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
-CGROUP_ROOT = "/bento-juicefs-node"
 CGROUP_V1 = Path("/sys/fs/cgroup")
 # Paths the kubelet and CNI write that no flag moves: node-private copies are
 # bind-mounted over them inside the node's mount namespace.
@@ -85,7 +84,7 @@ def kubelet_config(
     pod_logs_dir: Path,
     resolv_conf: Path,
     cluster_dns: str,
-    cgroup_root: str = CGROUP_ROOT,
+    cgroup_root: str,
 ) -> dict[str, object]:
     """The KubeletConfiguration for this kind of machine."""
     return {
@@ -179,7 +178,7 @@ def pids_in_mount_ns(ns_file: Path) -> list[int]:
     return found
 
 
-def cgroup_dirs(root: str = CGROUP_ROOT) -> list[Path]:
+def cgroup_dirs(root: str) -> list[Path]:
     """The node's cgroup directories in every v1 hierarchy (and the v2 one, if mounted)."""
     found = []
     if CGROUP_V1.is_dir():
@@ -190,7 +189,7 @@ def cgroup_dirs(root: str = CGROUP_ROOT) -> list[Path]:
     return found
 
 
-def make_cgroups(root: str = CGROUP_ROOT) -> None:
+def make_cgroups(root: str) -> None:
     """The node's cgroup root in every v1 hierarchy (the kubelet requires it to exist)."""
     if not CGROUP_V1.is_dir():
         return
@@ -205,7 +204,7 @@ def make_cgroups(root: str = CGROUP_ROOT) -> None:
                 (group / knob).write_text((hierarchy / knob).read_text())
 
 
-def kill_cgroups(root: str = CGROUP_ROOT) -> None:
+def kill_cgroups(root: str) -> None:
     """SIGKILL every process in the node's cgroups, then remove them bottom-up."""
     for top in cgroup_dirs(root):
         for procs in top.rglob("cgroup.procs"):
@@ -265,6 +264,10 @@ class Node:
         return self.spec.name
 
     @property
+    def cgroup_root(self) -> str:
+        return node_cgroup_root(self.name)
+
+    @property
     def prefix(self) -> list[str]:
         return self.network.nsenter(mount_ns=self.mount_ns.ns_file)
 
@@ -304,7 +307,7 @@ class Node:
                 self._created_host_dirs.append(host_dir)
                 (self.dir / CREATED_HOST_DIRS).write_text(json.dumps(self._created_host_dirs))
             self.mount_ns.run("mount", "--bind", str(private), host_dir)
-        make_cgroups()
+        make_cgroups(self.cgroup_root)
         t = self._mark("namespaces", t)
 
         paths = self.containerd_paths
@@ -352,6 +355,7 @@ class Node:
                     pod_logs_dir=self.dir / "pods-logs",
                     resolv_conf=resolv,
                     cluster_dns=self.network.host_ip,
+                    cgroup_root=self.cgroup_root,
                 ),
                 sort_keys=False,
             )
@@ -489,13 +493,18 @@ class Node:
                 stop_group(process, timeout)
         if self.containerd is not None:
             self.containerd.stop(timeout)
-        teardown_node(self.dir)
+        teardown_node(self.dir, self.name)
 
 
 CREATED_HOST_DIRS = "created-host-dirs.json"
 
 
-def teardown_node(directory: Path) -> None:
+def node_cgroup_root(node: str) -> str:
+    """The cgroup (in every hierarchy) under which the node's kubelet puts all pods."""
+    return f"/bento-juicefs-{node}"
+
+
+def teardown_node(directory: Path, node: str) -> None:
     """Kill what a node left running and remove what it made on the host.
 
     Works from any process (`python -m devcluster down` after a crash): the
@@ -504,7 +513,7 @@ def teardown_node(directory: Path) -> None:
     mounts go with it, and the host directories it had to create.
     """
     ns = NodeMountNamespace(directory)
-    kill_cgroups()
+    kill_cgroups(node_cgroup_root(node))
     for pid in pids_in_mount_ns(ns.ns_file):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -522,7 +531,7 @@ def teardown_node(directory: Path) -> None:
         record.unlink()
 
 
-def node_leftovers(directory: Path, network: NodeNetwork) -> list[str]:
+def node_leftovers(directory: Path, node: str, network: NodeNetwork) -> list[str]:
     """What a stopped node left on the host (empty when nothing)."""
     found = []
     ns = NodeMountNamespace(directory)
@@ -530,7 +539,7 @@ def node_leftovers(directory: Path, network: NodeNetwork) -> list[str]:
         found.append(f"mount namespace {ns.ns_file}")
     if pids := pids_in_mount_ns(ns.ns_file):
         found.append(f"processes {pids}")
-    found += [f"cgroup {d}" for d in cgroup_dirs()]
+    found += [f"cgroup {d}" for d in cgroup_dirs(node_cgroup_root(node))]
     if network.exists():
         found.append(f"network namespace {network.netns} or veth {network.host_veth}")
     found += [f"mount {m.point}" for m in mounts() if m.point.is_relative_to(directory)]
