@@ -515,6 +515,40 @@ def test_existing_constraint_on_the_ssd_label_is_left_alone() -> None:
     assert not any("nodeSelectorTerms/0" in op["path"] for op in result.ops)
 
 
+def ssd_status(pod: dict[str, Any]) -> str:
+    status = json.loads(inject(pod)["metadata"]["annotations"][STATUS])
+    affinity: dict[str, str] = status["affinity"]
+    return affinity["cloud.google.com/gke-ephemeral-storage-local-ssd=true"]
+
+
+def test_status_reports_a_term_left_as_written_not_required() -> None:
+    key = "cloud.google.com/gke-ephemeral-storage-local-ssd"
+    own = {"matchExpressions": [{"key": key, "operator": "DoesNotExist"}]}
+    other = {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+    for terms, expected in (
+        ([own], "left as written"),
+        ([other, own], "required, except term 1 (left as written)"),
+        ([other], "required"),
+    ):
+        required = {"nodeSelectorTerms": terms}
+        pod = bento_pod(
+            affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
+        )
+        assert ssd_status(pod) == expected
+    assert ssd_status(annotated(**{"ssd-policy": "preferred"})) == "preferred"
+
+
+def test_status_lists_the_volumes_the_pod_got() -> None:
+    token = "/var/run/secrets/kubernetes.io/serviceaccount"
+    projected = {"sources": [{"serviceAccountToken": {"path": "token"}}]}
+    pod = bento_pod(volumes=[{"name": "kube-api-access-x7k2p", "projected": projected}])
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "kube-api-access-x7k2p", "mountPath": token}
+    ]
+    status = json.loads(inject(pod)["metadata"]["annotations"][STATUS])
+    assert status["volumes"] == ["juicefs-mount-dir", "juicefs-cache"]
+
+
 def test_profile_without_ssd_label_refuses_to_start() -> None:
     with pytest.raises(ConfigError, match="has no ssdNodeLabel"):
         parse_config({"cluster": {"platformProfile": "aks"}})

@@ -10,10 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from injector.config import InjectorConfig
+from injector.mutation.owned import owned_names
 from tests.helpers import run
 
 CONFIG = InjectorConfig()
-OURS_VOLUMES = {"juicefs-mount-dir", "juicefs-cache", "juicefs-sa-token"}
+OURS_VOLUMES = set(owned_names(CONFIG).volumes)
 OUR_EXPRESSIONS = [
     {
         "key": "cloud.google.com/gke-ephemeral-storage-local-ssd",

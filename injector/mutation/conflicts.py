@@ -12,41 +12,34 @@ from __future__ import annotations
 from typing import Any
 
 from injector.mutation.context import MutationContext
+from injector.mutation.owned import VOLUME_SOURCES
 from injector.mutation.sidecar import sidecar_container
-
-# The volume source each of our volumes must have, whoever wrote it.
-_OUR_VOLUME_SOURCES = ("emptyDir", "projected")
 
 
 def _name_clashes(ctx: MutationContext) -> list[str]:
-    config = ctx.config
-    hint = f"rename it or opt the pod out with label {config.labels.inject}=false"
+    owned = ctx.owned
+    hint = f"rename it or opt the pod out with label {ctx.config.labels.inject}=false"
     problems = []
-    name = config.sidecar.container_name
+    name = owned.container
     for key in ("initContainers", "containers", "ephemeralContainers"):
         if any(c.get("name") == name for c in ctx.containers(key)):
             problems.append(f"spec.{key} already has a container named {name!r}; {hint}")
     for volume in ctx.spec.get("volumes") or []:
-        if isinstance(volume, dict) and volume.get("name") in _our_volume_names(ctx):
+        if isinstance(volume, dict) and volume.get("name") in owned.volumes:
             problems.append(f"spec.volumes already has a volume named {volume['name']!r}; {hint}")
     return problems
 
 
-def _our_volume_names(ctx: MutationContext) -> set[str]:
-    names = ctx.config.volumes
-    return {names.mount_dir_name, names.cache_name, names.token_name}
-
-
 def _forged_parts(ctx: MutationContext) -> list[str]:
     """The status annotation is ours alone: what it vouches for must look like ours."""
-    config = ctx.config
-    status = config.annotations.status
+    owned = ctx.owned
+    status = owned.status_annotation
     problems = []
     for volume in ctx.spec.get("volumes") or []:
-        if not isinstance(volume, dict) or volume.get("name") not in _our_volume_names(ctx):
+        if not isinstance(volume, dict) or volume.get("name") not in owned.volumes:
             continue
         source = [k for k in volume if k != "name"]
-        if len(source) != 1 or source[0] not in _OUR_VOLUME_SOURCES:
+        if len(source) != 1 or source[0] not in VOLUME_SOURCES:
             kind = "/".join(source) or "empty"
             problems.append(
                 f"pod carries {status} but volume {volume['name']!r} is {kind}, not what the "
@@ -59,7 +52,7 @@ def _forged_parts(ctx: MutationContext) -> list[str]:
         differs = _differences(sidecar, sidecar_container(ctx))
         if differs:
             problems.append(
-                f"pod carries {status} but container {config.sidecar.container_name!r} is not "
+                f"pod carries {status} but container {owned.container!r} is not "
                 f"the one the injector creates ({', '.join(differs)} differ)"
             )
         if (
@@ -68,7 +61,7 @@ def _forged_parts(ctx: MutationContext) -> list[str]:
             and sidecar.get("restartPolicy") != "Always"
         ):
             problems.append(
-                f"init container {config.sidecar.container_name!r} lost restartPolicy: Always, so "
+                f"init container {owned.container!r} lost restartPolicy: Always, so "
                 "it would block the pod forever: a mutating webhook that ran after the injector "
                 "rewrote it"
             )
@@ -135,15 +128,14 @@ def _classic_mesh_proxy(ctx: MutationContext) -> list[str]:
 
 
 def _model_path_clashes(ctx: MutationContext) -> list[str]:
-    config = ctx.config
-    target = config.models.app_mount_path.rstrip("/")
+    target = ctx.config.models.app_mount_path.rstrip("/")
     problems = []
     for key, _, container in ctx.model_consumers():
         for mount in container.get("volumeMounts") or []:
             if not isinstance(mount, dict):
                 continue
             if str(mount.get("mountPath", "")).rstrip("/") == target and (
-                mount.get("name") != config.volumes.mount_dir_name
+                mount.get("name") != ctx.owned.mount_dir_volume
             ):
                 problems.append(
                     f"container {container.get('name')!r} in spec.{key} already mounts volume "

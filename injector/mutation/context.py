@@ -1,16 +1,52 @@
-"""What every mutation step sees: the pod, the plan, the config and the patch."""
+"""What every mutation step sees: the pod, the plan, the config and the patch.
+
+Steps also write down what they did (`Record`), so that the status
+annotation reports their outcome instead of deriving it a second time.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, Literal
 
 from injector.config import InjectorConfig
+from injector.mutation.owned import Owned, owned_names
 from injector.patch import PatchBuilder
 from injector.plan import InjectionPlan
 
 Container = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class AffinityOutcome:
+    """What one node label became in the pod's node affinity."""
+
+    policy: Literal["required", "preferred"]
+    # Required terms that already constrained the label and were left as
+    # written (with a warning): the pod is not held to the label there.
+    left_as_written: tuple[int, ...] = ()
+    terms: int = 1
+
+    def describe(self) -> str:
+        if not self.left_as_written:
+            return self.policy
+        if len(self.left_as_written) == self.terms:
+            return "left as written"
+        plural = "s" if len(self.left_as_written) > 1 else ""
+        terms = ", ".join(str(index) for index in self.left_as_written)
+        return f"required, except term{plural} {terms} (left as written)"
+
+
+@dataclass
+class Record:
+    """What the steps did to the pod."""
+
+    # Our volumes the pod has once patched, in the order they were added.
+    volumes: list[str] = field(default_factory=list)
+    # Node label (as `key=value` or `key`) -> what it became.
+    affinity: dict[str, AffinityOutcome] = field(default_factory=dict)
 
 
 @dataclass
@@ -20,6 +56,11 @@ class MutationContext:
     config: InjectorConfig
     patch: PatchBuilder
     warnings: list[str] = field(default_factory=list)
+    record: Record = field(default_factory=Record)
+
+    @cached_property
+    def owned(self) -> Owned:
+        return owned_names(self.config)
 
     @property
     def spec(self) -> Mapping[str, Any]:
@@ -31,7 +72,7 @@ class MutationContext:
 
     def sidecar_index(self) -> tuple[str, int] | None:
         """Where our sidecar already is (list key, index), if anywhere."""
-        name = self.config.sidecar.container_name
+        name = self.owned.container
         for key in ("initContainers", "containers"):
             for index, container in enumerate(self.containers(key)):
                 if container.get("name") == name:
@@ -59,7 +100,7 @@ class MutationContext:
         """App containers, and init containers that start after the sidecar."""
         sidecar = self.config.sidecar
         skip = {
-            sidecar.container_name,
+            self.owned.container,
             *sidecar.mesh_proxy_containers,
             *sidecar.mesh_init_containers,
         }

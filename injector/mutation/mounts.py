@@ -6,7 +6,7 @@ from injector.mutation.context import MutationContext
 
 
 def add_model_mounts(ctx: MutationContext) -> None:
-    volume = ctx.config.volumes.mount_dir_name
+    volume = ctx.owned.mount_dir_volume
     mount = {
         "name": volume,
         "mountPath": ctx.config.models.app_mount_path,

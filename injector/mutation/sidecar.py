@@ -7,7 +7,7 @@ from typing import Any
 
 from common import env
 from injector.mutation.context import MutationContext
-from injector.mutation.volumes import TOKEN_MOUNT_PATH, token_volume_name
+from injector.mutation.token import choose_token, token_mount
 from injector.quantity import parse_quantity
 
 MIB = 2**20
@@ -80,19 +80,19 @@ def sidecar_resources(ctx: MutationContext) -> dict[str, Any]:
 
 
 def sidecar_container(ctx: MutationContext) -> dict[str, Any]:
-    config = ctx.config
-    side, names = config.sidecar, config.volumes
+    config, owned = ctx.config, ctx.owned
+    side, paths = config.sidecar, config.volumes
     mounts: list[dict[str, Any]] = [
         {
-            "name": names.mount_dir_name,
-            "mountPath": names.mount_path,
+            "name": owned.mount_dir_volume,
+            "mountPath": paths.mount_path,
             "mountPropagation": "Bidirectional",
         },
-        {"name": names.cache_name, "mountPath": names.cache_path},
+        {"name": owned.cache_volume, "mountPath": paths.cache_path},
+        token_mount(choose_token(ctx)),
     ]
-    mounts.append({"name": token_volume_name(ctx), "mountPath": TOKEN_MOUNT_PATH, "readOnly": True})
     container: dict[str, Any] = {
-        "name": side.container_name,
+        "name": owned.container,
         "image": side.image,
         "imagePullPolicy": side.image_pull_policy,
         "command": list(side.command),

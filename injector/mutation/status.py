@@ -7,26 +7,21 @@ from typing import Any
 
 from injector import __version__
 from injector.mutation.context import MutationContext
-from injector.mutation.volumes import desired_volumes
 
 
 def status_document(ctx: MutationContext) -> dict[str, Any]:
-    plan, config = ctx.plan, ctx.config
-    profile = config.cluster.profile
-    affinity: dict[str, str] = {}
-    if plan.ssd_policy != "off" and config.ssd_node_label:
-        affinity[str(config.ssd_node_label)] = plan.ssd_policy
-    if profile.streaming_node_label and profile.streaming_affinity != "off":
-        affinity[str(profile.streaming_node_label)] = profile.streaming_affinity
+    """The plan's choices, and what the steps before this one recorded doing."""
+    plan, config, record = ctx.plan, ctx.config, ctx.record
+    affinity = {label: outcome.describe() for label, outcome in record.affinity.items()}
     return {
         "version": __version__,
         "bento": f"{plan.bento_name}:{plan.bento_version}",
-        "sidecar": {"name": config.sidecar.container_name, "mode": plan.sidecar_mode},
+        "sidecar": {"name": ctx.owned.container, "mode": plan.sidecar_mode},
         "cache": {
             "size": plan.cache_size,
             "medium": config.volumes.cache_medium or "node-local disk (emptyDir)",
         },
-        "volumes": [v["name"] for v in desired_volumes(ctx)],
+        "volumes": list(record.volumes),
         "juicefs": {"volume": plan.volume, "path": plan.juicefs_path, "models": list(plan.models)},
         "affinity": affinity,
         "profile": config.cluster.platform_profile,
@@ -40,7 +35,7 @@ def add_status(ctx: MutationContext) -> None:
     # (re-invocation, a changed config) must not make it describe something else.
     if ctx.plan.already_injected:
         return
-    key = ctx.config.annotations.status
+    key = ctx.owned.status_annotation
     # Insertion order, not sorted: `kubectl describe` shows only the start
     # of a long annotation, so what matters most comes first.
     value = json.dumps(status_document(ctx), separators=(",", ":"))

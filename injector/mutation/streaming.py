@@ -27,11 +27,11 @@ def add_image_streaming(ctx: MutationContext) -> None:
     cluster = ctx.config.cluster
     profile = cluster.profile
     if profile.streaming_node_label:
-        expression = profile.streaming_node_label.expression()
-        apply_policy(ctx, profile.streaming_affinity, expression, profile.streaming_weight)
+        label = profile.streaming_node_label
+        apply_policy(ctx, profile.streaming_affinity, label, profile.streaming_weight)
     if not profile.streamable_images:
         return
-    ours = ctx.config.sidecar.container_name
+    ours = ctx.owned.container
     for key in ("initContainers", "containers"):
         for container in ctx.containers(key):
             image = container.get("image")
