@@ -41,6 +41,8 @@ def api_client(token_dir: Path) -> client.ApiClient:
 
 
 class PodReporter:
+    """The sidecar's `Reporter`: Events and its own pod's condition, via the apiserver."""
+
     def __init__(self, settings: Settings, api: client.ApiClient) -> None:
         self._settings = settings
         self._core = client.CoreV1Api(api)

@@ -14,27 +14,45 @@ import signal
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 
 from sidecar.cacheprobe import measure
+from sidecar.decisions import (
+    GatePlan,
+    cache_plan,
+    gate_plan,
+    should_probe_cache,
+    slow_disk_action,
+)
 from sidecar.env import Settings
-from sidecar.kube import PodReporter
 from sidecar.manifest import MANIFEST_NAME, Manifest, read_manifest
 from sidecar.mount import JuiceFSMount, MountError
+from sidecar.reporter import NORMAL, WARNING, Reporter
 from sidecar.warmup import MIB, Progress, Streamer, VerificationError, WarmupTimeout
+
+__all__ = ["NORMAL", "WARNING", "BentoTree", "ProgressReporter", "open_gate", "run", "warm"]
 
 log = structlog.get_logger("sidecar")
 
-NORMAL, WARNING = "Normal", "Warning"
+
+class BentoTree(Protocol):
+    """Where the Bento is readable: its directory (manifest.json) and its models/."""
+
+    @property
+    def bento_dir(self) -> Path: ...
+
+    @property
+    def models_dir(self) -> Path: ...
 
 
 @dataclass
 class ProgressReporter:
     """Logs progress every few seconds and sends an Event at most every event_every seconds."""
 
-    reporter: PodReporter
+    reporter: Reporter
     log_every: float = 5.0
     event_every: float = 30.0
     stall_after: float = 30.0
@@ -106,7 +124,7 @@ class ProgressReporter:
 
 
 async def wait_for_manifest(
-    mount: JuiceFSMount, reporter: PodReporter, deadline: float, every: float = 5.0
+    mount: BentoTree, reporter: Reporter, deadline: float, every: float = 5.0
 ) -> Manifest:
     """The publisher writes manifest.json last: a pod may start before it is there."""
     path = mount.bento_dir / MANIFEST_NAME
@@ -125,7 +143,7 @@ async def wait_for_manifest(
     return await asyncio.to_thread(read_manifest, mount.bento_dir)
 
 
-async def warm(settings: Settings, mount: JuiceFSMount, reporter: PodReporter) -> bool:
+async def warm(settings: Settings, mount: BentoTree, reporter: Reporter) -> bool:
     """Stream and verify the model; True when the gate may open."""
     deadline = time.monotonic() + settings.warmup_timeout_seconds
     manifest = await wait_for_manifest(mount, reporter, deadline)
@@ -181,38 +199,33 @@ async def warm(settings: Settings, mount: JuiceFSMount, reporter: PodReporter) -
     return True
 
 
-async def run(settings: Settings, reporter: PodReporter, stop: asyncio.Event | None = None) -> int:
+async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None = None) -> int:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    cache_size = settings.cache_size_mib
-    warmup = settings.warmup
-    if settings.ssd_policy != "off":
+    speed = None
+    if should_probe_cache(settings.ssd_policy):
         speed = await asyncio.to_thread(measure, settings.cache_dir)
         log.info(
             "cache.probed", write_mbps=round(speed.write_mbps), read_mbps=round(speed.read_mbps)
         )
-        if speed.slower_than(settings.cache_min_mbps):
-            action = (
-                "continuing with it"
-                if settings.ssd_policy == "preferred"
-                else "mounting without a disk cache"
-            )
-            await reporter.event(
-                WARNING,
-                "SlowCacheDisk",
-                f"cache dir {settings.cache_dir}: {speed.describe()}, below the "
-                f"{settings.cache_min_mbps:.0f} MB/s expected of the object store, so cache hits "
-                f"would be slower than misses; {action} (ssd policy {settings.ssd_policy})",
-            )
-            log.warning("cache.slow", policy=settings.ssd_policy, action=action)
-            if settings.ssd_policy == "required":
-                cache_size, warmup = 0, False
+    cache = cache_plan(settings.ssd_policy, speed, settings.cache_min_mbps, settings.cache_size_mib)
+    if speed is not None and cache.slow:
+        action = slow_disk_action(cache)
+        await reporter.event(
+            WARNING,
+            "SlowCacheDisk",
+            f"cache dir {settings.cache_dir}: {speed.describe()}, below the "
+            f"{settings.cache_min_mbps:.0f} MB/s expected of the object store, so cache hits "
+            f"would be slower than misses; {action} (ssd policy {settings.ssd_policy})",
+        )
+        log.warning("cache.slow", policy=settings.ssd_policy, action=action)
+    gate = gate_plan(settings.warmup, cache)
 
-    mount = JuiceFSMount(settings, cache_size_mib=cache_size)
+    mount = JuiceFSMount(settings, cache_size_mib=cache.cache_size_mib)
     # Informational only: the mount must not wait on, or fail with, the apiserver.
     await _best_effort(reporter.set_condition("False", "Mounting", "mounting JuiceFS", attempts=1))
     stopping = asyncio.create_task(stop.wait())
@@ -244,7 +257,7 @@ async def run(settings: Settings, reporter: PodReporter, stop: asyncio.Event | N
     died = asyncio.create_task(mount.wait_exit())
     # Warmup runs beside the mount; whatever it concludes, the sidecar keeps
     # serving the mount until it is stopped or juicefs dies.
-    work = asyncio.create_task(_open_gate(settings, mount, reporter, warmup))
+    work = asyncio.create_task(open_gate(settings, mount, reporter, gate))
     work.add_done_callback(_log_crash)
     done, _ = await asyncio.wait({died, stopping}, return_when=asyncio.FIRST_COMPLETED)
     work.cancel()
@@ -278,11 +291,16 @@ def _log_crash(task: asyncio.Task[None]) -> None:
         log.error("warmup.crashed", error=str(task.exception()))
 
 
-async def _open_gate(
-    settings: Settings, mount: JuiceFSMount, reporter: PodReporter, warmup: bool
+async def open_gate(
+    settings: Settings, mount: BentoTree, reporter: Reporter, gate: GatePlan
 ) -> None:
+    """Verify the model if the gate plan says so, then set the condition to True.
+
+    Any failure leaves the gate closed, with an Event and the condition
+    False saying why.
+    """
     try:
-        if warmup and not await warm(settings, mount, reporter):
+        if gate.verify and not await warm(settings, mount, reporter):
             return
     except (OSError, ValueError) as err:
         # No manifest, an unreadable one, a file the mount cannot open...
@@ -290,10 +308,8 @@ async def _open_gate(
         await reporter.event(WARNING, "WarmupFailed", f"cannot stream the model: {err}")
         await _best_effort(reporter.set_condition("False", "WarmupFailed", str(err)[:256]))
         return
-    reason = "ModelsCached" if warmup else "Mounted"
-    message = (
-        "model streamed into the local cache and verified" if warmup else "mounted; warmup disabled"
-    )
     # The one call that must land: retried until it does or the pod stops.
-    await reporter.set_condition("True", reason, message, attempts=None)
-    await reporter.event(NORMAL, "Ready", f"condition {settings.condition_type}=True: {message}")
+    await reporter.set_condition("True", gate.reason, gate.message, attempts=None)
+    await reporter.event(
+        NORMAL, "Ready", f"condition {settings.condition_type}=True: {gate.message}"
+    )

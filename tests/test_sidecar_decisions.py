@@ -1,0 +1,189 @@
+"""The sidecar's decisions (sidecar.decisions) and the gate they drive (sidecar.run.open_gate).
+
+The gate must never open on bytes that were not verified against the
+manifest, whatever the cache policy decided about a slow disk; only the pod
+owner's warmup=false opens it on the mount alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from common.env import SSD_POLICIES, SsdPolicy
+from sidecar.cacheprobe import CacheSpeed
+from sidecar.decisions import (
+    CachePlan,
+    GatePlan,
+    cache_plan,
+    gate_plan,
+    should_probe_cache,
+    slow_disk_action,
+)
+from sidecar.env import Settings
+from sidecar.publish import publish
+from sidecar.run import open_gate
+
+SLOW = CacheSpeed(write_mbps=80, read_mbps=500, direct_io=True)
+FAST = CacheSpeed(write_mbps=900, read_mbps=2500, direct_io=True)
+MINIMUM = 200.0
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"), [("required", True), ("preferred", True), ("off", False)]
+)
+def test_the_cache_disk_is_probed_unless_the_pod_said_off(
+    policy: SsdPolicy, expected: bool
+) -> None:
+    assert should_probe_cache(policy) is expected
+
+
+@pytest.mark.parametrize(
+    ("policy", "speed", "expected"),
+    [
+        ("required", FAST, CachePlan(18432)),
+        ("preferred", FAST, CachePlan(18432)),
+        ("off", None, CachePlan(18432)),
+        # A slow disk makes hits slower than misses.
+        ("required", SLOW, CachePlan(0, slow=True)),
+        ("preferred", SLOW, CachePlan(18432, slow=True)),
+    ],
+)
+def test_cache_plan(policy: SsdPolicy, speed: CacheSpeed | None, expected: CachePlan) -> None:
+    assert cache_plan(policy, speed, MINIMUM, 18432) == expected
+
+
+def test_the_slow_disk_event_says_what_happens_next() -> None:
+    assert slow_disk_action(CachePlan(18432, slow=True)) == "continuing with it"
+    without = slow_disk_action(CachePlan(0, slow=True))
+    assert without.startswith("mounting without a disk cache")
+    assert "verified before the gate opens" in without
+
+
+@pytest.mark.parametrize(
+    ("warmup", "cache", "expected"),
+    [
+        (True, CachePlan(18432), ("ModelsCached", True)),
+        (True, CachePlan(18432, slow=True), ("ModelsCached", True)),
+        # Issue 12: required + slow disk mounts without a cache, and still verifies.
+        (True, CachePlan(0, slow=True), ("ModelsVerified", True)),
+        # The pod owner turned warmup off: the gate opens once mounted, and says so.
+        (False, CachePlan(18432), ("Mounted", False)),
+        (False, CachePlan(0, slow=True), ("Mounted", False)),
+    ],
+)
+def test_gate_plan(warmup: bool, cache: CachePlan, expected: tuple[str, bool]) -> None:
+    gate = gate_plan(warmup, cache)
+    assert (gate.reason, gate.verify) == expected
+
+
+@given(
+    policy=st.sampled_from(SSD_POLICIES),
+    write=st.floats(min_value=0, max_value=10_000),
+    read=st.floats(min_value=0, max_value=10_000),
+    minimum=st.floats(min_value=0, max_value=10_000),
+    measured=st.booleans(),
+)
+def test_no_cache_decision_opens_the_gate_unverified(
+    policy: SsdPolicy, write: float, read: float, minimum: float, measured: bool
+) -> None:
+    speed = CacheSpeed(write, read, direct_io=True) if measured else None
+    assert gate_plan(True, cache_plan(policy, speed, minimum, 1024)).verify
+
+
+@dataclass
+class FakeReporter:
+    """Records what the sidecar tells the cluster, in order (implements Reporter)."""
+
+    said: list[tuple[str, ...]] = field(default_factory=list)
+
+    async def event(self, kind: str, reason: str, message: str) -> None:
+        self.said.append(("event", reason))
+
+    async def set_condition(
+        self, status: str, reason: str, message: str, attempts: int | None = 8
+    ) -> None:
+        self.said.append(("condition", status, reason))
+
+
+@dataclass(frozen=True)
+class PublishedBento:
+    """A published Bento in a plain directory, standing in for the JuiceFS mount."""
+
+    bento_dir: Path
+
+    @property
+    def models_dir(self) -> Path:
+        return self.bento_dir / "models"
+
+
+def published_bento(root: Path) -> PublishedBento:
+    source = root / "src" / "models"
+    (source / "llama3" / "v1").mkdir(parents=True)
+    (source / "llama3" / "v1" / "model.yaml").write_text("name: llama3\n")
+    (source / "llama3" / "v1" / "model.safetensors").write_bytes(os.urandom(3 << 20))
+    volume = root / "volume"
+    volume.mkdir()
+    publish(source, volume, "/bentos/{name}/{version}", "llama3-service", "v1")
+    return PublishedBento(volume / "bentos" / "llama3-service" / "v1")
+
+
+def settings_for(bento: PublishedBento) -> Settings:
+    return Settings.from_env(
+        {
+            "POD_NAME": "llama-0",
+            "POD_NAMESPACE": "serving",
+            "JFS_META_URL": "redis://unused",
+            "BENTO_NAME": "llama3-service",
+            "BENTO_VERSION": "v1",
+            "JFS_BENTO_PATH": "/bentos/llama3-service/v1",
+            "JFS_MOUNT_POINT": str(bento.bento_dir),
+            "JFS_CACHE_DIR": str(bento.bento_dir.parent / "cache"),
+            "JFS_CONDITION_TYPE": "juicefs.bentoml.com/models-ready",
+            "JFS_WARMUP_TIMEOUT_SECONDS": "60",
+        }
+    )
+
+
+def open_with(bento: PublishedBento, gate: GatePlan) -> FakeReporter:
+    reporter = FakeReporter()
+    asyncio.run(open_gate(settings_for(bento), bento, reporter, gate))
+    return reporter
+
+
+SLOW_DISK_REQUIRED = gate_plan(True, cache_plan("required", SLOW, MINIMUM, 18432))
+
+
+def test_required_policy_on_a_slow_disk_verifies_before_the_gate_opens(tmp_path: Path) -> None:
+    reporter = open_with(published_bento(tmp_path), SLOW_DISK_REQUIRED)
+    assert reporter.said == [
+        ("event", "WarmupStarted"),
+        ("event", "ModelsReady"),
+        ("condition", "True", "ModelsVerified"),
+        ("event", "Ready"),
+    ]
+
+
+def test_required_policy_on_a_slow_disk_keeps_the_gate_shut_on_bad_bytes(
+    tmp_path: Path,
+) -> None:
+    bento = published_bento(tmp_path)
+    shard = bento.models_dir / "llama3" / "v1" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    reporter = open_with(bento, SLOW_DISK_REQUIRED)
+    assert ("condition", "False", "VerificationFailed") in reporter.said
+    assert not any(said[:2] == ("condition", "True") for said in reporter.said)
+
+
+def test_warmup_disabled_opens_the_gate_once_mounted(tmp_path: Path) -> None:
+    bento = PublishedBento(tmp_path / "nothing-published-yet")
+    reporter = open_with(bento, gate_plan(False, CachePlan(18432)))
+    assert reporter.said == [("condition", "True", "Mounted"), ("event", "Ready")]
