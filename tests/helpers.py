@@ -66,6 +66,21 @@ def render_case(case: Path) -> Rendered | None:
         return None
 
 
+def injected_pods(case: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(namespace, pod) for every pod of a golden case that the injector injects."""
+    rendered = render_case(case)
+    if rendered is None:
+        return
+    ours = case_config(case).sidecar.container_name
+    for document in rendered.documents:
+        namespace = (document.get("metadata") or {}).get("namespace") or "default"
+        for pod in pods_of(document):
+            spec = pod.get("spec") or {}
+            containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+            if any(c.get("name") == ours for c in containers):
+                yield namespace, pod
+
+
 def pods_of(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The pod, or the workload's pod template, in a rendered document."""
     if document.get("kind") == "Pod":

@@ -17,7 +17,7 @@ from common import env
 from injector.config import InjectorConfig
 from injector.plan import InjectionPlan, decide
 from sidecar.env import Settings, SettingsError
-from tests.helpers import GOLDEN_CASES, bento_pod, case_config, inject, pods_of, render_case
+from tests.helpers import GOLDEN_CASES, bento_pod, case_config, inject, injected_pods
 
 MIB = 2**20
 FIELDS = {
@@ -57,26 +57,16 @@ def sidecar_env(pod: dict[str, Any], config: InjectorConfig) -> list[dict[str, A
     return entries
 
 
-def injected_pods() -> list[Any]:
+def injected_pod_params() -> list[Any]:
     """(case, namespace, pod) for every pod a golden case injects."""
-    found = []
-    for case in GOLDEN_CASES:
-        rendered = render_case(case)
-        if rendered is None:
-            continue
-        name = case_config(case).sidecar.container_name
-        for document in rendered.documents:
-            namespace = (document.get("metadata") or {}).get("namespace") or "default"
-            for index, pod in enumerate(pods_of(document)):
-                spec = pod.get("spec") or {}
-                containers = [*(spec.get("initContainers") or []), *spec.get("containers", [])]
-                if any(c.get("name") == name for c in containers):
-                    pod_id = f"{case.stem}-{document['metadata'].get('name', index)}"
-                    found.append(pytest.param(case, namespace, pod, id=pod_id))
-    return found
+    return [
+        pytest.param(case, namespace, pod, id=f"{case.stem}-{index}")
+        for case in GOLDEN_CASES
+        for index, (namespace, pod) in enumerate(injected_pods(case))
+    ]
 
 
-INJECTED = injected_pods()
+INJECTED = injected_pod_params()
 
 
 def test_enough_injected_pods() -> None:
