@@ -146,7 +146,7 @@ def ensure_base(layout: Layout, buildah: Buildah, mmdebstrap: Path, sources: lis
                 ],
                 log,
                 what="mmdebstrap",
-                env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH), "TMPDIR": str(layout.tmp)},
+                env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)},  # apt's _apt sandbox needs /tmp
             )
             os.replace(partial, rootfs)
     with step(f"base image: import {rootfs.name} as {name}"):
