@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.mounts import is_mounted, unmount
 from common.processes import log_tail
 from devcluster.cluster import Cluster
-from devcluster.storage import is_mounted, storage_binaries, unmount
+from devcluster.services import storage_binaries
 from sidecar import env as contract
 
 REPO = Path(__file__).resolve().parent.parent

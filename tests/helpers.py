@@ -11,7 +11,8 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from devcluster.storage import RedisUnavailable, StorageStack, find_redis_server
+from devcluster.services import RedisUnavailable, find_redis_server
+from devcluster.storage import StorageStack
 from injector.admission import ReviewResult, pod_review_request, review
 from injector.config import InjectorConfig, load_config
 from injector.render import TEMPLATE_PATHS, Rendered, RenderError, render_text

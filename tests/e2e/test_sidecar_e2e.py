@@ -28,14 +28,10 @@ from typing import Any, Protocol
 
 import pytest
 
-from benchmarks.bench_warmup import publish_random
 from devcluster import Cluster, wait_for
+from devcluster.juicefs import cached_blocks
 from devcluster.kubelet import BANNER, SidecarProcess, apiserver, bound_token, run_sidecar
-from devcluster.storage import (
-    MIB,
-    StorageStack,
-    cached_blocks,
-)
+from devcluster.storage import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.helpers import storage_stack
 
@@ -68,7 +64,7 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageStack]:
 
 @pytest.fixture(scope="module")
 def model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
-    return publish_random(storage, tmp_path_factory.mktemp("e2e-src"), BENTO, VERSION, SHARDS)
+    return storage.publish_random(tmp_path_factory.mktemp("e2e-src"), BENTO, VERSION, SHARDS)
 
 
 def _secret_data(cluster: Cluster, namespace: str) -> dict[str, str]:
