@@ -1,9 +1,15 @@
-"""Start, supervise and stop `juicefs mount`, and expose the Bento's models read-only.
+"""Start, supervise and stop `juicefs mount` of one Bento, and expose its models read-only.
 
-JuiceFS mounts the whole volume at a private mount point; the Bento's
-models/ directory is then bind-mounted read-only onto the shared mount dir
-(Bidirectional propagation), which is all the app containers see. That works
-with every JuiceFS release, including those without --subdir or --read-only.
+JuiceFS (1.x) mounts only the Bento's directory (`--subdir`), read-only
+(`--read-only`: every write is EROFS), at a private mount point: the mount
+can reach nothing but this Bento. The sidecar reads manifest.json there; the
+Bento's models/ is bind-mounted onto the shared mount dir (Bidirectional
+propagation), so the app containers see exactly models/, never the manifest
+or JuiceFS's internal files (.config, .accesslog, .stats) at the mount's root.
+
+`juicefs mount` runs in the foreground as a supervisor of a worker process:
+a worker that crashes is restarted on the same FUSE connection and the mount
+lives on. The supervisor exiting is the mount dying.
 """
 
 from __future__ import annotations
@@ -11,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
-import socket
 import subprocess
 import time
 from collections import deque
@@ -20,59 +24,55 @@ from pathlib import Path
 
 import structlog
 
+from common.mounts import UnmountError, is_fuse, is_mounted, unmount
+from common.ports import free_port
 from sidecar.env import Settings
 from sidecar.manifest import MODELS_DIR
+from sidecar.probe import mount_answers
 
 log = structlog.get_logger("sidecar.mount")
+
+# What a read-only juicefs mount says when its --subdir does not exist (it cannot create it).
+_NO_SUBDIR = "read-only file system"
 
 
 class MountError(Exception):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _lazy(path: Path, error: str) -> None:
+    # Busy (the app still has files open): detached now, gone when released.
+    log.warning("umount.lazy", path=str(path), error=error)
 
 
-def _listed(path: Path) -> bool:
-    """path is a mount point in /proc/self/mountinfo (octal escapes as the kernel writes them)."""
-    target = os.path.abspath(path)
+def _unmount(path: Path) -> None:
+    """FUSE mounts stacked on path go (ours, or a dead sidecar's); what is under them stays.
+
+    The mount dir is the pod's volume, bind-mounted into this container by the
+    kubelet with Bidirectional propagation: unmounting that bind would leave
+    our mount on the container's own filesystem, where no app container sees it.
+    """
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split(" ")
-        if len(fields) > 4:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            if point == target:
-                return True
-    return False
+        unmount(path, on_busy=_lazy, only=is_fuse)
+    except UnmountError as err:
+        log.error("umount.failed", path=str(path), error=str(err))
 
 
-def _live_mount(path: Path) -> bool:
-    """A mount that answers (a dead FUSE mount does not)."""
-    return os.path.ismount(path)
+def credentials_env(settings: Settings) -> dict[str, str]:
+    """The object-store credentials for `juicefs mount`, in the variables 1.x reads.
 
-
-def _mounted(path: Path) -> bool:
-    # mountinfo, never stat: os.path.ismount says False for a FUSE mount whose
-    # daemon died (ENOTCONN) and blocks on one whose daemon hangs; both still
-    # have to be unmounted.
-    return _listed(path)
-
-
-def _umount(path: Path) -> None:
-    for _ in range(4):  # mounts can be stacked (a bind over a dead one from an earlier run)
-        if not _mounted(path):
-            return
-        result = subprocess.run(["umount", str(path)], capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            # Busy (the app still has files open): detach now, finish when released.
-            log.warning("umount.lazy", path=str(path), error=result.stderr.strip())
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+    `juicefs mount` takes no keys itself: the keys stored by `juicefs format`
+    win, and only when it stored none does the storage client read them from
+    its SDK's environment (MINIO_* for `--storage minio`, the AWS chain for
+    s3 and most S3-compatible stores). So per-tenant read-only keys need a
+    volume formatted without keys.
+    """
+    env: dict[str, str] = {}
+    if settings.access_key:
+        env["MINIO_ACCESS_KEY"] = env["AWS_ACCESS_KEY_ID"] = settings.access_key
+    if settings.secret_key:
+        env["MINIO_SECRET_KEY"] = env["AWS_SECRET_ACCESS_KEY"] = settings.secret_key
+    return env
 
 
 class JuiceFSMount:
@@ -82,15 +82,21 @@ class JuiceFSMount:
         self._process: asyncio.subprocess.Process | None = None
         self._log_tail: deque[str] = deque(maxlen=40)
         self._reader: asyncio.Task[None] | None = None
-        self.models_dir = settings.private_mount / settings.bento_path.lstrip("/") / MODELS_DIR
-        self.bento_dir = self.models_dir.parent
+        # The private mount's root is the Bento's directory.
+        self.bento_dir = settings.private_mount
+        self.models_dir = self.bento_dir / MODELS_DIR
 
     def command(self) -> list[str]:
         s = self._settings
         return [
             s.juicefs_bin,
+            "--no-agent",  # no pprof debug listener in the pod
             "mount",
+            "--read-only",
+            "--subdir",
+            s.bento_path,
             "--no-usage-report",
+            "--no-bgjob",  # no clean-up or metadata backup: a reader writes nothing
             "--cache-dir",
             str(s.cache_dir),
             "--cache-size",
@@ -100,10 +106,15 @@ class JuiceFSMount:
             "--prefetch",
             str(s.prefetch),
             "--metrics",
-            f"127.0.0.1:{_free_port()}",
+            f"127.0.0.1:{free_port()}",
             s.meta_url,
             str(s.private_mount),
         ]
+
+    @property
+    def pid(self) -> int | None:
+        """The `juicefs mount` supervisor's pid, once started."""
+        return None if self._process is None else self._process.pid
 
     @property
     def log_tail(self) -> str:
@@ -115,23 +126,30 @@ class JuiceFSMount:
             self._log_tail.append(line)
             log.debug("juicefs", line=line)
 
+    def _exited_early(self, code: int) -> MountError:
+        s = self._settings
+        if _NO_SUBDIR in self.log_tail.lower():
+            return MountError(
+                f"the volume has no {s.bento_path}: was Bento {s.bento_name}:{s.bento_version} "
+                f"published with `python -m sidecar publish`? (juicefs exited with code {code})\n"
+                f"{self.log_tail}"
+            )
+        return MountError(
+            f"juicefs mount exited with code {code} before mounting:\n{self.log_tail}"
+        )
+
     async def start(self, mount_timeout: float = 120.0) -> float:
         """Mount and expose the models; returns the seconds it took."""
         s = self._settings
         started = time.monotonic()
-        # A sidecar that died leaves its mounts behind (the mount dir is shared
-        # with Bidirectional propagation): dead FUSE mounts fail every stat.
-        _umount(s.mount_point)
-        _umount(s.private_mount)
-        s.private_mount.mkdir(parents=True, exist_ok=True)
-        s.mount_point.mkdir(parents=True, exist_ok=True)
-        s.cache_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        # Object-store credentials, when given, override those stored at format time.
-        if s.access_key:
-            env["ACCESS_KEY"] = s.access_key
-        if s.secret_key:
-            env["SECRET_KEY"] = s.secret_key
+        # A predecessor whose juicefs died left its dead mount on the shared dir
+        # on purpose (see stop): the app container's view of that dir is a
+        # slave copy of *that* mount, so only a mount stacked on top of it
+        # propagates to the app. Unmounting it would cut the app off for good.
+        _unmount(s.private_mount)
+        for directory in (s.private_mount, s.mount_point, s.cache_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **credentials_env(s)}
         self._process = await asyncio.create_subprocess_exec(
             *self.command(),
             stdout=asyncio.subprocess.PIPE,
@@ -140,64 +158,90 @@ class JuiceFSMount:
         )
         assert self._process.stdout is not None
         self._reader = asyncio.create_task(self._pump(self._process.stdout))
-        while not _live_mount(s.private_mount):
+        while not await self._answers(s.private_mount):
             if self._process.returncode is not None:
-                raise MountError(
-                    f"juicefs mount exited with code {self._process.returncode} before mounting:\n"
-                    f"{self.log_tail}"
-                )
+                await self._drain_log()  # the whole log, for the error below
+                raise self._exited_early(self._process.returncode)
             if time.monotonic() - started > mount_timeout:
                 raise MountError(
                     f"juicefs did not mount within {mount_timeout:.0f}s:\n{self.log_tail}"
                 )
             await asyncio.sleep(0.2)
-        if not self.models_dir.is_dir():
+        if not await asyncio.to_thread(self.models_dir.is_dir):
             raise MountError(
-                f"the volume has no {self.models_dir.relative_to(s.private_mount)}: "
-                f"was Bento {s.bento_name}:{s.bento_version} published "
-                "with `python -m sidecar publish`?"
+                f"{s.bento_path} on the volume has no {MODELS_DIR}/: was Bento "
+                f"{s.bento_name}:{s.bento_version} published with `python -m sidecar publish`?"
             )
         self._expose()
         return time.monotonic() - started
 
-    def _expose(self) -> None:
-        target = str(self._settings.mount_point)
-        for args in (
-            ["mount", "--bind", str(self.models_dir), target],
-            ["mount", "-o", "remount,bind,ro", target],
-        ):
-            result = subprocess.run(args, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise MountError(f"{' '.join(args)} failed: {result.stderr.strip()}")
-
-    def answers(self) -> bool:
-        target = self._settings.mount_point
+    @staticmethod
+    async def _answers(path: Path) -> bool:
+        # mountinfo first; the stat runs in a thread, bounded: on a FUSE mount
+        # that hangs it blocks, and SIGTERM and the mount timeout must still work.
+        if not is_mounted(path):
+            return False
         try:
-            return _mounted(target) and os.path.isdir(target) and os.listdir(target) is not None
-        except OSError:
+            return await asyncio.wait_for(asyncio.to_thread(os.path.ismount, path), 5)
+        except TimeoutError:
             return False
 
-    async def wait_exit(self) -> int:
+    def _expose(self) -> None:
+        # The FUSE mount refuses writes itself, so a plain bind is read-only too.
+        # --no-canonicalize: the target may be a dead FUSE mount, where a stat fails.
+        target = str(self._settings.mount_point)
+        args = ["mount", "--no-canonicalize", "--bind", str(self.models_dir), target]
+        result = subprocess.run(args, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise MountError(f"{' '.join(args)} failed: {result.stderr.strip()}")
+
+    def answers(self) -> bool:
+        return mount_answers(self._settings.mount_point)
+
+    async def _drain_log(self, within: float = 1.0) -> None:
+        """The last lines of juicefs's output, without waiting for an orphaned worker.
+
+        A worker outlives its supervisor (SIGKILL) and still holds the pipe.
+        """
+        if self._reader is None:
+            return
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._reader), within)
+
+    async def _exit_code(self) -> int:
+        # Not Process.wait(): it also waits for the output pipe to close, which
+        # a worker that outlived its supervisor keeps open.
         assert self._process is not None
-        code = await self._process.wait()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        while (code := self._process.returncode) is None:  # noqa: ASYNC110 (no exit event)
+            await asyncio.sleep(0.1)
         return code
 
-    async def stop(self, grace: float = 10.0) -> None:
-        _umount(self._settings.mount_point)
-        _umount(self._settings.private_mount)
+    async def wait_exit(self) -> int:
+        code = await self._exit_code()
+        await self._drain_log()
+        return code
+
+    async def stop(self, grace: float = 10.0, *, keep_shared: bool = False) -> None:
+        """Unmount and end juicefs.
+
+        keep_shared leaves the (dead) mount on the shared dir for the restarted
+        sidecar to mount over, which is what reaches the running app again.
+        """
+        if not keep_shared:
+            _unmount(self._settings.mount_point)
+        _unmount(self._settings.private_mount)
         process = self._process
-        if process is None or process.returncode is not None:
-            return
-        # juicefs exits on its own once unmounted; a lazy unmount may leave it running.
-        try:
-            await asyncio.wait_for(process.wait(), grace)
-        except TimeoutError:
-            process.terminate()
+        if process is not None and process.returncode is None:
+            # juicefs exits on its own once unmounted; a lazy unmount may leave it running.
             try:
-                await asyncio.wait_for(process.wait(), grace)
+                await asyncio.wait_for(self._exit_code(), grace)
             except TimeoutError:
-                process.kill()
-                await process.wait()
+                process.terminate()  # the supervisor passes SIGTERM on to its worker
+                try:
+                    await asyncio.wait_for(self._exit_code(), grace)
+                except TimeoutError:
+                    process.kill()
+                    await self._exit_code()
+        await self._drain_log()
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()

@@ -4,10 +4,10 @@ Files go in load order; within a file, `concurrency` ranges are read at once
 (that is what makes JuiceFS fetch blocks from the object store in parallel)
 and hashed in order as they arrive, so one pass both warms the cache and
 proves the bytes. A failed read (the object store went away) is retried with
-backoff until the deadline, on a freshly opened file: JuiceFS keeps a read
-error on the open file handle for good, so retrying on the same descriptor
-would fail forever even after the store is back. A wrong size or checksum is
-never retried.
+backoff until the deadline, on a freshly opened file: JuiceFS (still 1.4.2)
+keeps a read error on the open file handle for good, so every later read on
+that descriptor, at any offset, fails with EIO even after the store is back,
+while a new descriptor reads fine. A wrong size or checksum is never retried.
 """
 
 from __future__ import annotations
