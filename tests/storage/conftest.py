@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_warmup import publish_random
 from devcluster.storage import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.helpers import storage_stack
@@ -46,12 +45,12 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def big_model(stack: StorageStack, scratch: Path) -> Manifest:
-    return publish_random(stack, scratch, "llm-big", "v1", BIG_SHARDS)
+    return stack.publish_random(scratch, "llm-big", "v1", BIG_SHARDS)
 
 
 @pytest.fixture(scope="session")
 def outage_model(stack: StorageStack, scratch: Path) -> Manifest:
-    return publish_random(stack, scratch, "llm-outage", "v1", OUTAGE_SHARDS)
+    return stack.publish_random(scratch, "llm-outage", "v1", OUTAGE_SHARDS)
 
 
 @pytest.fixture
