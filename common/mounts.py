@@ -55,22 +55,41 @@ def mounts(pid: int | str = "self") -> list[Mount]:
 
 
 def is_mounted(path: Path, pid: int | str = "self") -> bool:
+    return top_mount(path, pid) is not None
+
+
+def top_mount(path: Path, pid: int | str = "self") -> Mount | None:
+    """The mount on top of the stack at path (mountinfo lists parents first), if any."""
     target = Path(os.path.abspath(path))
-    return any(m.point == target for m in mounts(pid))
+    on_path = [m for m in mounts(pid) if m.point == target]
+    return on_path[-1] if on_path else None
 
 
-def unmount(path: Path, *, on_busy: Callable[[Path, str], None] | None = None) -> None:
+def is_fuse(mount: Mount) -> bool:
+    return mount.fstype == "fuse" or mount.fstype.startswith("fuse.")
+
+
+def unmount(
+    path: Path,
+    *,
+    on_busy: Callable[[Path, str], None] | None = None,
+    only: Callable[[Mount], bool] | None = None,
+) -> None:
     """Unmount path, lazily if busy; every mount stacked on it goes.
 
+    With `only`, unmounting stops at the first mount (from the top) it
+    refuses: e.g. stale FUSE mounts go, the volume bind a kubelet made stays.
     on_busy(path, error) is told when a plain umount failed and a lazy one follows.
     """
     for _ in range(8):
-        if not is_mounted(path):
+        top = top_mount(path)
+        if top is None or (only is not None and not only(top)):
             return
         proc = subprocess.run(["umount", str(path)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             if on_busy is not None:
                 on_busy(path, proc.stderr.strip())
             subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-    if is_mounted(path):
+    top = top_mount(path)
+    if top is not None and (only is None or only(top)):
         raise UnmountError(f"cannot unmount {path}")

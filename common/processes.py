@@ -118,3 +118,25 @@ def children(pid: int) -> list[tuple[int, str]]:
 def processes_named(comm: str) -> list[int]:
     """Pids of every live process whose comm is exactly comm."""
     return [p for p, name, rest in _all_processes() if name == comm and rest[0] != "Z"]
+
+
+def processes_using(directory: Path) -> list[int]:
+    """Live processes whose command line names directory or whose cwd is inside it.
+
+    How a clean-up finds what a crashed run left behind (a server started
+    with its data dir there; one that renames itself but chdir'ed there).
+    """
+    root = str(Path(directory).resolve())
+    me = os.getpid()
+    found = []
+    for pid, _, rest in _all_processes():
+        if pid == me or rest[0] == "Z":
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if root in cmdline or cwd == root or cwd.startswith(root + "/"):
+            found.append(pid)
+    return found

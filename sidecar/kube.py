@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import uuid
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -104,7 +104,9 @@ class PodReporter:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": f"{s.pod_name}.{uuid.uuid4().hex[:16]}",
+                # As client-go names them: list order (kubectl describe's order
+                # within one second) is then creation order, the kubelet's too.
+                "name": f"{s.pod_name}.{time.time_ns():x}",
                 "namespace": s.pod_namespace,
             },
             "involvedObject": {

@@ -1,8 +1,10 @@
 """The startup check: does the JuiceFS mount answer?
 
-It answers when the mount point is a mount and listing it returns; a hung
-FUSE daemon makes the listing block, which the probe's timeout turns into a
-failure instead of a hang.
+It answers when a FUSE mount is on top of the mount point and listing it
+returns; a hung FUSE daemon makes the listing block, which the probe's
+timeout turns into a failure instead of a hang. The mount point is itself a
+mount already (the pod's volume, bind-mounted in by the kubelet), so "is a
+mount point" alone would pass before JuiceFS is there.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import os
 import time
 from pathlib import Path
 
+from common.mounts import is_fuse, top_mount
+
 
 def mount_answers(mount_point: Path) -> bool:
+    top = top_mount(mount_point)
+    if top is None or not is_fuse(top):
+        return False
     try:
-        if not os.path.ismount(mount_point):
-            return False
         os.listdir(mount_point)
     except OSError:
         return False

@@ -270,7 +270,8 @@ async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None
         log.error("mount.died", code=code)
         await reporter.event(WARNING, "MountDied", message)
         stopping.cancel()
-        await mount.stop()
+        # The kubelet restarts us; the dead mount stays for the next one to cover.
+        await mount.stop(keep_shared=True)
         return 1
     log.info("sidecar.stopping")
     died.cancel()
