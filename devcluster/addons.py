@@ -17,8 +17,24 @@ Example::
 
 from __future__ import annotations
 
-from devcluster.controlplane import Hook
+from devcluster.controlplane import ControlPlane, Hook
 from devcluster.injector import start_injector, stop_injector
+from devcluster.storage import StorageStack
 
-ON_READY: list[Hook] = [start_injector]
-ON_STOP: list[Hook] = [stop_injector]
+
+def start_storage(cp: ControlPlane) -> None:
+    """MinIO + Redis + a JuiceFS volume, listening where the node's pods reach the host."""
+    storage = StorageStack(cp.state_dir / "storage", host=cp.host)
+    cp.addons["storage"] = storage
+    storage.start()
+    cp.log(f"storage ready: {storage.describe()}")
+
+
+def stop_storage(cp: ControlPlane) -> None:
+    storage = cp.addons.get("storage")
+    if isinstance(storage, StorageStack):
+        storage.stop()
+
+
+ON_READY: list[Hook] = [start_storage, start_injector]
+ON_STOP: list[Hook] = [stop_storage, stop_injector]

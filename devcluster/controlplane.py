@@ -49,7 +49,18 @@ ADMISSION_PLUGINS = (
 CONTROLLERS = "*,-node-lifecycle-controller"
 STATE_FILE = "controlplane.json"
 # Directories and files under state_dir that start() recreates from scratch.
-_OWNED = ("etcd", "pki", "logs", "certs", "kubeconfigs", "node", "admin.kubeconfig", STATE_FILE)
+_OWNED = (
+    "etcd",
+    "pki",
+    "logs",
+    "certs",
+    "kubeconfigs",
+    "node",
+    "storage",
+    "injector",
+    "admin.kubeconfig",
+    STATE_FILE,
+)
 
 
 class ComponentError(RuntimeError):

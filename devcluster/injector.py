@@ -30,6 +30,7 @@ from common.ports import free_port
 from common.processes import log_tail
 from devcluster.cluster import Cluster, wait_for
 from devcluster.controlplane import ControlPlane
+from devcluster.storage import StorageStack
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "manifests" / "base"
@@ -115,7 +116,7 @@ class LocalInjector:
         self.config_file = self.dir / "config.yaml"
         self.kubeconfig = self.dir / "injector.kubeconfig"
 
-    def install(self, meta_url: str = "redis://127.0.0.1:6379/1") -> None:
+    def install(self, credentials: dict[str, str] | None = None) -> None:
         """Apply the manifests and the credentials Secret the platform team would create."""
         overlay = local_overlay(self.dir / "overlay", self.url)
         self.cp.kubectl("apply", "-k", str(overlay))
@@ -124,7 +125,7 @@ class LocalInjector:
                 "apiVersion": "v1",
                 "kind": "Secret",
                 "metadata": {"name": CREDENTIALS_SECRET, "namespace": NAMESPACE},
-                "stringData": {"metaurl": meta_url},
+                "stringData": credentials or {"metaurl": "redis://127.0.0.1:6379/1"},
             }
         )
         config: dict[str, Any] = {
@@ -200,7 +201,8 @@ class LocalInjector:
 
 def start_injector(cp: ControlPlane) -> None:
     injector = LocalInjector(cp)
-    injector.install()
+    storage = cp.addons.get("storage")
+    injector.install(storage.credentials() if isinstance(storage, StorageStack) else None)
     injector.start()
     cp.addons["injector"] = injector
     cp.log(f"injector ready at {injector.url} (log: {injector.log_file})")

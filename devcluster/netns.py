@@ -64,6 +64,15 @@ class NodeNetwork:
             pod_cidr=f"10.213.{64 + index}.0/24",
         )
 
+    @classmethod
+    def first_free(cls, limit: int = 16) -> NodeNetwork:
+        """The lowest-numbered node network not in use on this host."""
+        for index in range(limit):
+            network = cls.numbered(index)
+            if not network.exists():
+                return network
+        raise NetworkError(f"all {limit} node networks are in use (ip netns list)")
+
     @property
     def _link(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(self.link_cidr)

