@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections import deque
@@ -181,6 +182,7 @@ class JuiceFSMount:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
+            start_new_session=True,  # its own group: stop() can reach an orphaned worker
         )
         assert self._process.stdout is not None
         self._reader = asyncio.create_task(self._pump(self._process.stdout))
@@ -271,6 +273,11 @@ class JuiceFSMount:
                 except TimeoutError:
                     process.kill()
                     await self._exit_code()
+        if process is not None:
+            # A worker whose supervisor was killed would keep serving a mount
+            # nobody supervises (in a pod it dies with the container anyway).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         await self._drain_log()
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()

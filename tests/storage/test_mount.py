@@ -137,7 +137,7 @@ def test_a_crashed_worker_is_replaced_and_only_the_supervisor_exiting_kills_the_
         finally:
             await mount.stop()
         assert _mounted(settings) == []
-        # The orphaned worker goes with its unmounted mount.
+        # The orphaned worker goes too.
         await _until(lambda: not alive(worker), 30, "the orphaned worker exiting")
 
     asyncio.run(scenario())
