@@ -25,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from common.mounts import Mount, UnmountError, is_fuse, is_mounted, unmount
+from common.mounts import UnmountError, is_fuse, is_mounted, unmount
 from common.ports import free_port
 from sidecar.env import Settings
 from sidecar.manifest import MODELS_DIR
@@ -46,45 +46,17 @@ def _lazy(path: Path, error: str) -> None:
     log.warning("umount.lazy", path=str(path), error=error)
 
 
-# The source name of the read-only tmpfs that covers a dead mount on the shared dir.
-PLACEHOLDER = "bento-juicefs-placeholder"
-
-
-def _ours(mount: Mount) -> bool:
-    """A mount this sidecar (or a predecessor) stacked on a mount dir."""
-    return is_fuse(mount) or mount.source == PLACEHOLDER
-
-
 def _unmount(path: Path) -> None:
-    """Our mounts stacked on path go (ours, or a dead predecessor's); what is under them stays.
+    """FUSE mounts stacked on path go (live or dead); what is under them stays.
 
     The mount dir is the pod's volume, bind-mounted into this container by the
     kubelet with Bidirectional propagation: unmounting that bind would leave
     our mount on the container's own filesystem, where no app container sees it.
     """
     try:
-        unmount(path, on_busy=_lazy, only=_ours)
+        unmount(path, on_busy=_lazy, only=is_fuse)
     except UnmountError as err:
         log.error("umount.failed", path=str(path), error=str(err))
-
-
-def _cover(path: Path) -> None:
-    """Stack an empty read-only tmpfs over a dead mount on the shared dir.
-
-    The app container's view of the dir is a slave copy of the mount that was
-    there when it started, so only mounts stacked on top of that one (never
-    an unmount-then-mount) propagate to it. Covering the dead FUSE mount
-    (a) makes the dir stat-able again, so the kubelet can start the next
-    sidecar with the same volume, and (b) shows the app an empty dir instead
-    of ENOTCONN until the next sidecar mounts over this one.
-    """
-    args = [
-        "mount", "--no-canonicalize", "-t", "tmpfs", "-o", "ro,size=4k,mode=0555",
-        PLACEHOLDER, str(path),
-    ]  # fmt: skip
-    result = subprocess.run(args, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        log.error("cover.failed", path=str(path), error=result.stderr.strip())
 
 
 def credentials_env(settings: Settings) -> dict[str, str]:
@@ -171,8 +143,14 @@ class JuiceFSMount:
         """Mount and expose the models; returns the seconds it took."""
         s = self._settings
         started = time.monotonic()
-        # A predecessor whose juicefs died left its dead mount on the shared dir,
-        # covered, on purpose (see `_cover`): we mount on top of it.
+        # A remount after juicefs died: the old worker may still be around, and
+        # the dead private mount goes. The dead bind on the shared dir stays:
+        # the app container's view of that dir is a slave copy of *that* mount,
+        # so only a mount stacked on top of it (never an unmount, then a mount)
+        # propagates to the running app. stop() unmounts the whole stack.
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
         _unmount(s.private_mount)
         for directory in (s.private_mount, s.mount_point, s.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -249,17 +227,13 @@ class JuiceFSMount:
         await self._drain_log()
         return code
 
-    async def stop(self, grace: float = 10.0, *, keep_shared: bool = False) -> None:
-        """Unmount and end juicefs.
+    async def stop(self, grace: float = 10.0) -> None:
+        """Unmount every FUSE mount we stacked (dead ones too) and end juicefs.
 
-        keep_shared leaves the (dead) mount on the shared dir, covered (see
-        `_cover`), for the restarted sidecar to mount over: that is what
-        reaches the running app again.
+        Nothing may stay on the shared dir: the kubelet cannot tear down a
+        volume whose dir a dead FUSE mount makes unstat-able.
         """
-        if keep_shared:
-            _cover(self._settings.mount_point)
-        else:
-            _unmount(self._settings.mount_point)
+        _unmount(self._settings.mount_point)
         _unmount(self._settings.private_mount)
         process = self._process
         if process is not None and process.returncode is None:

@@ -1,7 +1,7 @@
 """`python -m sidecar run`: probe the cache, mount, stream the model, open the gate.
 
-Exit codes: 0 after SIGTERM (unmounted cleanly); 1 when the JuiceFS process
-dies or the mount cannot be made; 2 for a bad environment. A failed or timed
+Exit codes: 0 after SIGTERM (unmounted cleanly); 1 when the mount cannot be
+made (or remade after the JuiceFS process died); 2 for a bad environment. A failed or timed
 out warmup does not exit: the gate stays closed, an Event says why, and the
 mount keeps serving (so the app can still start and report on its own).
 """
@@ -229,55 +229,93 @@ async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None
     # Informational only: the mount must not wait on, or fail with, the apiserver.
     await _best_effort(reporter.set_condition("False", "Mounting", "mounting JuiceFS", attempts=1))
     stopping = asyncio.create_task(stop.wait())
-    starting = asyncio.create_task(mount.start())
-    # SIGTERM while a mount hangs (metadata engine unreachable) must still
-    # unmount and exit, or the pod sits in Terminating.
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError, MountError):
-            await starting
-        log.info("sidecar.stopping", during="mount")
-        await mount.stop()
-        return 0
     try:
-        seconds = starting.result()
+        seconds = await _mount_unless_stopped(mount, stopping)
     except MountError as err:
         stopping.cancel()
         log.error("mount.failed", error=str(err))
         await reporter.event(WARNING, "MountFailed", str(err))
         await mount.stop()
         return 1
+    if seconds is None:
+        log.info("sidecar.stopping", during="mount")
+        await mount.stop()
+        return 0
     await reporter.event(
         NORMAL,
         "MountReady",
         f"JuiceFS mounted at {settings.mount_point} (read-only) in {seconds:.1f}s",
     )
 
-    died = asyncio.create_task(mount.wait_exit())
     # Warmup runs beside the mount; whatever it concludes, the sidecar keeps
-    # serving the mount until it is stopped or juicefs dies.
+    # serving the mount until it is stopped. Reads that fail while juicefs is
+    # being remounted are retried by the streamer like any other failed read.
     work = asyncio.create_task(open_gate(settings, mount, reporter, gate))
     work.add_done_callback(_log_crash)
-    done, _ = await asyncio.wait({died, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = await _supervise(settings, mount, reporter, stopping)
     work.cancel()
-    if died in done:
-        code = died.result()
-        message = (
-            f"the juicefs process exited with code {code}; the model mount is gone:\n"
-            f"{mount.log_tail}"
-        )
-        log.error("mount.died", code=code)
-        await reporter.event(WARNING, "MountDied", message)
-        stopping.cancel()
-        # The kubelet restarts us; the dead mount stays for the next one to cover.
-        await mount.stop(keep_shared=True)
-        return 1
-    log.info("sidecar.stopping")
-    died.cancel()
     await mount.stop()
-    await reporter.event(NORMAL, "Unmounted", "JuiceFS unmounted on shutdown")
-    return 0
+    if code == 0:
+        log.info("sidecar.stopped")
+        await reporter.event(NORMAL, "Unmounted", "JuiceFS unmounted on shutdown")
+    return code
+
+
+async def _mount_unless_stopped(mount: JuiceFSMount, stopping: asyncio.Task[Any]) -> float | None:
+    """Mount; the seconds it took, or None when SIGTERM came first (MountError if it failed).
+
+    SIGTERM while a mount hangs (metadata engine unreachable) must still
+    unmount and exit, or the pod sits in Terminating.
+    """
+    starting = asyncio.create_task(mount.start())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, MountError):
+            await starting
+        return None
+    return starting.result()
+
+
+async def _supervise(
+    settings: Settings, mount: JuiceFSMount, reporter: Reporter, stopping: asyncio.Task[Any]
+) -> int:
+    """Keep the mount up until SIGTERM (0); 1 when juicefs died and could not be remounted.
+
+    A dead juicefs is remounted in place, over its dead mount, rather than by
+    exiting for the kubelet to restart the container: a new container could
+    only mount beside the app's view (see JuiceFSMount.start), never into it.
+    """
+    while True:
+        died = asyncio.create_task(mount.wait_exit())
+        await asyncio.wait({died, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping.done():
+            died.cancel()
+            return 0
+        code = died.result()
+        log.error("mount.died", code=code)
+        await reporter.event(
+            WARNING,
+            "MountDied",
+            f"the juicefs process exited with code {code}; the model mount is gone, "
+            f"remounting it:\n{mount.log_tail}",
+        )
+        try:
+            seconds = await _mount_unless_stopped(mount, stopping)
+        except MountError as err:
+            log.error("mount.failed", error=str(err))
+            await reporter.event(WARNING, "MountFailed", f"remounting failed: {err}")
+            stopping.cancel()
+            return 1
+        if seconds is None:
+            return 0
+        log.info("mount.recovered", seconds=round(seconds, 2))
+        await reporter.event(
+            NORMAL,
+            "MountRecovered",
+            f"JuiceFS mounted again at {settings.mount_point} in {seconds:.1f}s; "
+            "the app's model dir answers again",
+        )
 
 
 async def _best_effort(call: Coroutine[Any, Any, None]) -> None:

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from devcluster import Cluster, ControlPlane, addons, ensure_binaries
+from devcluster import Cluster, ControlPlane, ensure_binaries
+from devcluster.local import local_cluster
+from devcluster.storage import StorageStack
+from sidecar.manifest import Manifest
 
 E2E_DIR = Path(__file__).resolve().parent
 EXTERNAL_KUBECONFIG = os.environ.get("E2E_KUBECONFIG") or None
@@ -33,22 +36,40 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The cluster under test: `.kubeconfig`, `.kubectl(...)`, `.register_fake_node(...)`.
 
     With $E2E_KUBECONFIG set (e.g. a kind cluster) that cluster is used as is;
-    otherwise a local control plane (with the `devcluster.addons` hooks) runs
-    for the whole session.
+    otherwise the local cluster runs for the whole session: the control plane,
+    a real node (containerd + kubelet) with the project's images, and the
+    `devcluster.addons` (storage, the injector).
     """
     if EXTERNAL_KUBECONFIG:
         yield Cluster(Path(EXTERNAL_KUBECONFIG), _external_kubectl())
         return
-    cp = ControlPlane(
-        tmp_path_factory.mktemp("controlplane"),
-        on_ready=addons.ON_READY,
-        on_stop=addons.ON_STOP,
-    )
+    cp = local_cluster(tmp_path_factory.mktemp("cluster"))
     cp.start()
     try:
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def storage(cluster: Cluster) -> StorageStack:
+    """The local cluster's JuiceFS volume (MinIO + Redis), whose credentials pods get."""
+    found = cluster.addons.get("storage") if isinstance(cluster, ControlPlane) else None
+    if not isinstance(found, StorageStack):
+        pytest.skip("needs the local cluster's storage (E2E_KUBECONFIG is set)")
+    return found
+
+
+EXAMPLE_BENTO = ("llama3-8b-instruct", "4fd7wxrbkcxfylg5")  # examples/bento-deployment.yaml
+
+
+@pytest.fixture(scope="session")
+def example_model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    """The example Bento's models, published once (a Bento version is immutable)."""
+    name, version = EXAMPLE_BENTO
+    return storage.publish_random(
+        tmp_path_factory.mktemp("example-model"), name, version, [48 << 20] * 4
+    )
 
 
 @pytest.fixture

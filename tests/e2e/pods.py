@@ -1,0 +1,172 @@
+"""Helpers for e2e tests whose pods really run: events, conditions, exec, HTTP to pods."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from devcluster import Cluster, wait_for
+
+GATE = "juicefs.bentoml.com/models-ready"
+SIDECAR = "juicefs-mount"
+
+
+def get_pod(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    pod: dict[str, Any] = cluster.get_json("pod", name, "-n", namespace)
+    return pod
+
+
+def conditions(pod: dict[str, Any]) -> dict[str, str]:
+    """Condition type -> status."""
+    return {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions") or []}
+
+
+def condition(pod: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for c in pod.get("status", {}).get("conditions") or []:
+        if c["type"] == kind:
+            return dict(c)
+    return None
+
+
+def container_status(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    status = pod.get("status", {})
+    for group in ("initContainerStatuses", "containerStatuses"):
+        for found in status.get(group) or []:
+            if found["name"] == name:
+                return dict(found)
+    raise AssertionError(f"no status for container {name}: {json.dumps(status)[:2000]}")
+
+
+def events(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The pod's Events, oldest first (as `kubectl describe` lists them)."""
+    items: list[dict[str, Any]] = cluster.get_json(
+        "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}"
+    )["items"]
+    return sorted(
+        items,
+        key=lambda e: (
+            e.get("firstTimestamp") or e.get("eventTime") or "",
+            e["metadata"].get("creationTimestamp") or "",
+            int(e["metadata"].get("resourceVersion") or 0),
+        ),
+    )
+
+
+def reasons(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    return [e["reason"] for e in events(cluster, namespace, name)]
+
+
+def wait_event(
+    cluster: Cluster, namespace: str, name: str, reason: str, timeout: float = 120
+) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        return next((e for e in events(cluster, namespace, name) if e["reason"] == reason), None)
+
+    return wait_for(found, timeout=timeout, interval=0.5, what=f"Event {reason} on pod {name}")
+
+
+def logs(cluster: Cluster, namespace: str, name: str, container: str = SIDECAR) -> str:
+    proc = cluster.kubectl("logs", name, "-n", namespace, "-c", container, check=False)
+    return proc.stdout + proc.stderr
+
+
+def diagnose(cluster: Cluster, namespace: str, name: str) -> str:
+    """describe + the sidecar's log, for assertion messages."""
+    describe = cluster.kubectl("describe", "pod", name, "-n", namespace, check=False).stdout
+    return f"{describe}\n--- {SIDECAR} log ---\n{logs(cluster, namespace, name)[-4000:]}"
+
+
+def wait_pod(
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    done: Callable[[dict[str, Any]], bool],
+    *,
+    timeout: float,
+    what: str,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json", check=False)
+        if proc.returncode == 0:
+            pod: dict[str, Any] = json.loads(proc.stdout)
+            if done(pod):
+                return pod
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what}\n"
+                f"{diagnose(cluster, namespace, name)}"
+            )
+        time.sleep(0.3)
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    return conditions(pod).get("Ready") == "True"
+
+
+def exec_in(
+    cluster: Cluster, namespace: str, pod: str, container: str, *command: str
+) -> tuple[int, str]:
+    """`kubectl exec`: (exit code, stdout+stderr)."""
+    proc = cluster.kubectl(
+        "exec", pod, "-n", namespace, "-c", container, "--", *command, check=False, timeout=60
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 30) -> Any:
+    """POST (or GET without a body) JSON to a pod IP; only the node's own addresses."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@dataclass
+class Sample:
+    """One look at a pod and its Service's EndpointSlices while it starts."""
+
+    at: float
+    conditions: dict[str, str]
+    ready_endpoint: bool
+
+
+@dataclass
+class StartupWatch:
+    """Samples of a pod's conditions and whether its Service lists it as a ready endpoint."""
+
+    cluster: Cluster
+    namespace: str
+    service: str
+    samples: list[Sample] = field(default_factory=list)
+
+    def sample(self, pod: dict[str, Any]) -> Sample:
+        ip = pod.get("status", {}).get("podIP")
+        slices = self.cluster.get_json(
+            "endpointslices",
+            "-n",
+            self.namespace,
+            "-l",
+            f"kubernetes.io/service-name={self.service}",
+        )["items"]
+        ready = any(
+            ip in endpoint.get("addresses", [])
+            and (endpoint.get("conditions") or {}).get("ready") is True
+            for s in slices
+            for endpoint in s.get("endpoints") or []
+        )
+        found = Sample(time.monotonic(), conditions(pod), ready)
+        self.samples.append(found)
+        return found
+
+    def until_ready(self, name: str, timeout: float) -> dict[str, Any]:
+        def ready(pod: dict[str, Any]) -> bool:
+            return self.sample(pod).ready_endpoint and is_ready(pod)
+
+        return wait_pod(
+            self.cluster, self.namespace, name, ready, timeout=timeout, what=f"pod {name} Ready"
+        )

@@ -1,0 +1,155 @@
+"""The local node itself: what it says it is, who it is, and that it leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.mounts import mounts
+from devcluster import Cluster, ControlPlane
+from devcluster.images import PAUSE_IMAGE, PROJECT_IMAGE, SAMPLE_BENTO_IMAGE, containerd_images
+from devcluster.mountns import KUBELET_SYSCTLS
+from devcluster.netns import NETNS_DIR
+from devcluster.node import GKE_SSD, PRIVATE_HOST_DIRS, Node
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def node(cluster: Cluster) -> Node:
+    found = getattr(cluster, "node", None)
+    if not isinstance(cluster, ControlPlane) or not isinstance(found, Node):
+        pytest.skip("needs the local node (E2E_KUBECONFIG is set)")
+    return found
+
+
+def test_the_node_looks_like_a_gke_local_ssd_l4_node(cluster: Cluster, node: Node) -> None:
+    found = cluster.get_json("node", node.name)
+    labels = found["metadata"]["labels"]
+    assert labels[GKE_SSD] == "true"
+    assert labels["cloud.google.com/gke-accelerator"] == "nvidia-l4"
+    assert labels["node.kubernetes.io/instance-type"] == "g2-standard-8"
+    capacity = found["status"]["capacity"]
+    assert capacity["cpu"] == "8"
+    assert capacity["memory"] == "32Gi"
+    assert capacity["nvidia.com/gpu"] == "1"
+    assert not [t for t in found["spec"].get("taints") or [] if "not-ready" in t["key"]]
+    info = found["status"]["nodeInfo"]
+    assert info["kubeletVersion"].startswith("v1.37.2")
+    assert info["containerRuntimeVersion"] == "containerd://2.4.2"
+    addresses = {a["type"]: a["address"] for a in found["status"]["addresses"]}
+    assert addresses["InternalIP"] == node.network.node_ip
+    assert not addresses["InternalIP"].startswith("127.")
+
+
+def test_the_kubelet_is_a_node_identity_not_a_superuser(cluster: Cluster, node: Node) -> None:
+    kubeconfig = node.dir / "kubelet.kubeconfig"
+
+    def as_kubelet(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [cluster.kubectl_path, f"--kubeconfig={kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    whoami = json.loads(as_kubelet("auth", "whoami", "-o", "json").stdout)["status"]["userInfo"]
+    assert whoami["username"] == f"system:node:{node.name}"
+    assert "system:nodes" in whoami["groups"]
+    assert "system:masters" not in whoami["groups"]
+    # The Node authorizer: no Secret unless a pod on this node uses it.
+    assert as_kubelet("auth", "can-i", "list", "secrets", "-A").stdout.startswith("no")
+    denied = as_kubelet("get", "secret", "bento-juicefs-injector-ca", "-n", "bento-juicefs-system")
+    assert denied.returncode != 0
+    # NodeRestriction: it may not label another node.
+    other = as_kubelet("label", "node", "some-other-node", "x=y")
+    assert other.returncode != 0
+
+
+def test_the_images_were_imported_without_a_registry(node: Node) -> None:
+    assert node.containerd is not None
+    found = containerd_images(node.binaries["ctr"], str(node.containerd_paths.socket))
+    for image in (PAUSE_IMAGE, PROJECT_IMAGE, SAMPLE_BENTO_IMAGE):
+        assert image in found, sorted(found)
+
+
+def _host_state() -> dict[str, object]:
+    """What a cluster could leave on the host: netns, links, routes, cgroups, mounts, dirs."""
+    cgroups = sorted(
+        str(p) for p in Path("/sys/fs/cgroup").glob("*/bento-juicefs-node*") if p.is_dir()
+    )
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True, check=True)
+    iptables = subprocess.run(["iptables-save"], capture_output=True, text=True, check=False)
+    return {
+        "netns": sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.exists() else [],
+        "links": sorted(line.split(":")[1].strip() for line in links.stdout.splitlines()),
+        "routes": sorted(routes.stdout.splitlines()),
+        "cgroups": cgroups,
+        "mounts": sorted(str(m.point) for m in mounts()),
+        "host dirs": [d for d in PRIVATE_HOST_DIRS if Path(d).exists()],
+        "iptables": sorted(
+            line for line in iptables.stdout.splitlines() if line and line[0] not in "#:"
+        ),
+        "sysctls": {name: Path("/proc/sys", name).read_text() for name in KUBELET_SYSCTLS},
+    }
+
+
+def test_cluster_up_and_down_leave_nothing_behind(node: Node, tmp_path: Path) -> None:
+    """`make cluster-up` then `make cluster-down` (beside the session's cluster)."""
+    before = _host_state()
+    state = tmp_path / "cluster"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    up = subprocess.run(
+        [sys.executable, "-m", "devcluster", "up", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    try:
+        assert up.returncode == 0, up.stderr[-4000:]
+        kubeconfig = up.stdout.strip().splitlines()[-1]
+        nodes = subprocess.run(
+            [str(node.binaries.get("kubectl", "kubectl")), f"--kubeconfig={kubeconfig}",
+             "get", "nodes", "-o", "json"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        ready = [
+            c["status"]
+            for n in json.loads(nodes.stdout)["items"]
+            for c in n["status"]["conditions"]
+            if c["type"] == "Ready"
+        ]
+        assert ready == ["True"]
+        during = _host_state()
+        assert during["netns"] != before["netns"], "a second node network existed"
+    finally:
+        down = subprocess.run(
+            [sys.executable, "-m", "devcluster", "down", "--state-dir", str(state)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            check=False,
+        )
+    assert down.returncode == 0, down.stderr[-4000:]
+    after = _host_state()
+    for key in before:
+        assert after[key] == before[key], key
+    left = [p for p in os.listdir("/proc") if p.isdigit() and str(state) in _cmdline(int(p))]
+    assert left == [], left
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""

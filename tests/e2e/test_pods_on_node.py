@@ -1,0 +1,481 @@
+"""Injected pods of every shape, run for real on the local node.
+
+Each pod's app (or init) container proves what it read: it compares the
+sha256 of a published shard, read through the propagated JuiceFS mount,
+with the manifest's and exits non-zero on a mismatch; so a pod that turns
+Ready (or a Job that completes) has read the verified bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devcluster import Cluster, ControlPlane, wait_for
+from devcluster.images import SAMPLE_BENTO_IMAGE
+from devcluster.juicefs import cached_blocks
+from devcluster.node import Node
+from devcluster.storage import MIB, StorageStack
+from sidecar.manifest import Manifest
+from tests.e2e.pods import (
+    GATE,
+    SIDECAR,
+    condition,
+    diagnose,
+    get_pod,
+    is_ready,
+    reasons,
+    wait_event,
+    wait_pod,
+)
+
+OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
+CREDENTIALS = "juicefs-models-credentials"
+MODELS = "/home/bentoml/bento/models"
+BENTO, VERSION = "pods-on-node", "v1"
+OUTAGE_BENTO = "outage-on-node"
+
+
+@pytest.fixture(scope="module")
+def node(cluster: Cluster) -> Node:
+    found = getattr(cluster, "node", None)
+    if not isinstance(cluster, ControlPlane) or not isinstance(found, Node):
+        pytest.skip("needs the local node (E2E_KUBECONFIG is set)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def small_model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    return storage.publish_random(tmp_path_factory.mktemp("small"), BENTO, VERSION, [8 * MIB] * 2)
+
+
+def _wait_provisioned(cluster: Cluster, namespace: str) -> None:
+    wait_for(
+        lambda: cluster.kubectl(
+            "auth", "can-i", "patch", "pods", "--subresource=status", "-n", namespace,
+            f"--as=system:serviceaccount:{namespace}:default", check=False,
+        ).stdout.strip()
+        == "yes"
+        and cluster.kubectl("get", "secret", CREDENTIALS, "-n", namespace, check=False).returncode
+        == 0,
+        timeout=60,
+        what=f"credentials and readiness RBAC in {namespace}",
+    )  # fmt: skip
+
+
+NewNamespace = Callable[..., str]
+
+
+@pytest.fixture
+def new_namespace(cluster: Cluster) -> Iterator[NewNamespace]:
+    created: list[str] = []
+
+    def make(secret: dict[str, str] | None = None) -> str:
+        """An opted-in namespace; with `secret`, the tenant's own credentials Secret first."""
+        name = f"e2e-node-{uuid.uuid4().hex[:6]}"
+        cluster.create_namespace(name)
+        created.append(name)
+        if secret is not None:
+            cluster.apply(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": CREDENTIALS, "namespace": name},
+                    "stringData": secret,
+                }
+            )
+        cluster.kubectl("label", "namespace", name, "juicefs.bentoml.com/injection=enabled")
+        _wait_provisioned(cluster, name)
+        return name
+
+    yield make
+    for name in created:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def check_command(path: str, sha256: str, then: str = "exec sleep 3600") -> list[str]:
+    """sh: exit 1 unless the file's sha256 is the published one, then `then`."""
+    script = (
+        f'got=$(sha256sum "{MODELS}/{path}" | cut -d" " -f1) || exit 2; '
+        f'if [ "$got" != "{sha256}" ]; then echo "sha256 $got != {sha256}"; exit 1; fi; '
+        f"echo verified {path}; {then}"
+    )
+    return ["sh", "-c", script]
+
+
+def bento_labels(name: str = BENTO, version: str = VERSION) -> dict[str, str]:
+    return {
+        "juicefs.bentoml.com/model-store": "juicefs",
+        "yatai.ai/bento-repository": name,
+        "yatai.ai/bento-version": version,
+    }
+
+
+def app_container(model: Manifest, **extra: Any) -> dict[str, Any]:
+    shard = max(model.files, key=lambda f: f.size)
+    return {
+        "name": "main",
+        "image": SAMPLE_BENTO_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "command": check_command(shard.path, shard.sha256),
+        **extra,
+    }
+
+
+def pod_manifest(name: str, spec: dict[str, Any], **annotations: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": bento_labels(),
+            "annotations": {"juicefs.bentoml.com/cache-size": "1Gi", **annotations},
+        },
+        "spec": {"terminationGracePeriodSeconds": 20, **spec},
+    }
+
+
+def run_pod(cluster: Cluster, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    name = pod["metadata"]["name"]
+    return wait_pod(cluster, namespace, name, is_ready, timeout=180, what=f"pod {name} Ready")
+
+
+HARDENED = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def shapes(model: Manifest) -> dict[str, dict[str, Any]]:
+    """Pod specs users run, each of which must still get the verified model."""
+    shard = max(model.files, key=lambda f: f.size)
+    return {
+        "no-token": {"automountServiceAccountToken": False, "containers": [app_container(model)]},
+        "hardened": {
+            "securityContext": {"runAsNonRoot": True, "fsGroup": 1000},
+            "containers": [app_container(model, securityContext=HARDENED)],
+        },
+        "init-reads-model": {
+            "initContainers": [
+                {
+                    "name": "check-model",
+                    "image": SAMPLE_BENTO_IMAGE,
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": check_command(shard.path, shard.sha256, then="exit 0"),
+                }
+            ],
+            "containers": [app_container(model)],
+        },
+        "host-network": {
+            "hostNetwork": True,
+            "dnsPolicy": "ClusterFirstWithHostNet",
+            "containers": [app_container(model)],
+        },
+    }
+
+
+@pytest.mark.parametrize("shape", ["no-token", "hardened", "init-reads-model", "host-network"])
+def test_unusual_pods_run_and_read_the_verified_model(
+    cluster: Cluster, node: Node, new_namespace: NewNamespace, small_model: Manifest, shape: str
+) -> None:
+    namespace = new_namespace()
+    spec = shapes(small_model)[shape]
+    pod = run_pod(cluster, namespace, pod_manifest(shape, spec))
+    gate = condition(pod, GATE)
+    assert gate is not None, diagnose(cluster, namespace, shape)
+    assert gate["status"] == "True"
+    assert gate["reason"] == "ModelsCached"
+    injected = pod["spec"]["initContainers"][0]
+    assert injected["name"] == SIDECAR
+    if shape == "init-reads-model":
+        assert [c["name"] for c in pod["spec"]["initContainers"]] == [SIDECAR, "check-model"]
+        out = cluster.kubectl("logs", shape, "-n", namespace, "-c", "check-model").stdout
+        assert "verified" in out
+    out = cluster.kubectl("logs", shape, "-n", namespace, "-c", "main").stdout
+    assert "verified" in out, diagnose(cluster, namespace, shape)
+
+
+def test_a_job_runs_to_completion_and_the_sidecar_does_not_keep_it_alive(
+    cluster: Cluster, node: Node, new_namespace: NewNamespace, small_model: Manifest
+) -> None:
+    namespace = new_namespace()
+    shard = max(small_model.files, key=lambda f: f.size)
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "score"},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": bento_labels()},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": SAMPLE_BENTO_IMAGE,
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": check_command(shard.path, shard.sha256, then="exit 0"),
+                        }
+                    ],
+                },
+            },
+        },
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job))
+    cluster.kubectl(
+        "wait", "--for=condition=Complete", "job/score", "-n", namespace, "--timeout=180s",
+        timeout=200,
+    )  # fmt: skip
+    pods = cluster.get_json("pods", "-n", namespace, "-l", "job-name=score")["items"]
+    assert len(pods) == 1
+    assert pods[0]["status"]["phase"] == "Succeeded"
+    sidecar = next(s for s in pods[0]["status"]["initContainerStatuses"] if s["name"] == SIDECAR)
+    assert "terminated" in sidecar["state"], sidecar
+
+
+def _juicefs_mounts(node: Node, uid: str) -> list[Path]:
+    return [m for m in node.mounts("fuse.juicefs") if uid in str(m)]
+
+
+def test_deleting_a_pod_whose_mount_hangs_still_ends_within_the_grace_period(
+    cluster: Cluster, node: Node, new_namespace: NewNamespace, small_model: Manifest
+) -> None:
+    """A metadata engine that accepts connections and never answers: the mount hangs.
+
+    The tenant's own credentials Secret (left alone by the namespace
+    controller) points there. Deleting the pod SIGTERMs the sidecar, which
+    must exit at once, or the pod would sit in Terminating.
+    """
+    assert node.network is not None
+    blackhole = socket.socket()
+    blackhole.bind((node.network.host_ip, 0))
+    blackhole.listen(16)
+    try:
+        url = f"redis://{node.network.host_ip}:{blackhole.getsockname()[1]}/1"
+        namespace = new_namespace(secret={"metaurl": url})
+        pod = pod_manifest("hang", {"containers": [app_container(small_model)]})
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+        wait_event(cluster, namespace, "hang", "Started", timeout=60)
+        time.sleep(3)
+        found = get_pod(cluster, namespace, "hang")
+        uid = found["metadata"]["uid"]
+        assert not is_ready(found)
+        started = time.monotonic()
+        cluster.kubectl("delete", "pod", "hang", "-n", namespace, "--wait=true", timeout=60)
+        seconds = time.monotonic() - started
+        print(f"pod with a hanging mount deleted in {seconds:.1f}s (grace 20s)")
+        assert seconds < 20
+    finally:
+        blackhole.close()
+    wait_for(lambda: not _juicefs_mounts(node, uid), timeout=30, what="no JuiceFS mount left")
+
+
+def _cache_dir(node: Node, pod: dict[str, Any]) -> Path:
+    uid = str(pod["metadata"]["uid"])
+    return (
+        node.dir
+        / "kubelet"
+        / "pods"
+        / uid
+        / "volumes"
+        / "kubernetes.io~empty-dir"
+        / "juicefs-cache"
+    )
+
+
+def test_an_object_store_outage_holds_the_gate_until_it_is_back(
+    cluster: Cluster,
+    node: Node,
+    new_namespace: NewNamespace,
+    storage: StorageStack,
+    tmp_path: Path,
+) -> None:
+    model = storage.publish_random(tmp_path, OUTAGE_BENTO, VERSION, [64 * MIB] * 4)
+    namespace = new_namespace()
+    shard = max(model.files, key=lambda f: f.size)
+    spec = {
+        "containers": [
+            {
+                "name": "main",
+                "image": SAMPLE_BENTO_IMAGE,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["sh", "-c", "exec sleep 3600"],
+            }
+        ]
+    }
+    manifest = pod_manifest("outage", spec)
+    manifest["metadata"]["labels"] = bento_labels(OUTAGE_BENTO)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    pod = wait_pod(
+        cluster, namespace, "outage", lambda p: bool(p["metadata"].get("uid")) and bool(
+            p.get("status", {}).get("initContainerStatuses")
+        ), timeout=60, what="the sidecar to start",
+    )  # fmt: skip
+    cache = _cache_dir(node, pod)
+    try:
+        wait_for(
+            lambda: sum(cached_blocks(cache).values()) >= model.total_bytes // 10,
+            timeout=120,
+            interval=0.02,
+            what="10% of the model in the cache",
+        )
+        storage.store.stop(kill=True)
+        stopped = time.monotonic()
+        stalled = wait_event(cluster, namespace, "outage", "WarmupStalled", timeout=90)
+        print(f"WarmupStalled after {time.monotonic() - stopped:.1f}s: {stalled['message']}")
+        assert stalled["type"] == "Warning"
+        assert "object store" in stalled["message"]
+        time.sleep(3)
+        held = get_pod(cluster, namespace, "outage")
+        assert not is_ready(held)
+        assert (condition(held, GATE) or {}).get("status") != "True"
+        assert "ModelsReady" not in reasons(cluster, namespace, "outage")
+    finally:
+        storage.store.start()
+    pod = wait_pod(cluster, namespace, "outage", is_ready, timeout=180, what="Ready after")
+    seen = reasons(cluster, namespace, "outage")
+    assert "WarmupResumed" in seen, seen
+    assert seen.index("WarmupStalled") < seen.index("WarmupResumed") < seen.index("ModelsReady")
+    assert shard.sha256  # the gate opened only after every file, this one too, was verified
+
+
+# -- the readiness fence --------------------------------------------------------------
+
+
+def apiserver(cluster: Cluster) -> tuple[str, bytes]:
+    """(server URL, CA bundle PEM) of the cluster's current kubeconfig context."""
+    config = json.loads(cluster.kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout)
+    details = config["clusters"][0]["cluster"]
+    if "certificate-authority-data" in details:
+        return str(details["server"]), base64.b64decode(details["certificate-authority-data"])
+    return str(details["server"]), Path(details["certificate-authority"]).read_bytes()
+
+
+class PodIdentity:
+    """kubectl with only a TokenRequest token bound to one pod (what the kubelet projects)."""
+
+    def __init__(self, cluster: Cluster, namespace: str, pod: str, work: Path) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        uid = get_pod(cluster, namespace, pod)["metadata"]["uid"]
+        self.token = cluster.kubectl(
+            "create", "token", "default", "-n", namespace, "--bound-object-kind", "Pod",
+            "--bound-object-name", pod, "--bound-object-uid", uid, "--duration=10m",
+        ).stdout.strip()  # fmt: skip
+        self.server, ca = apiserver(cluster)
+        self.ca_file = work / f"{pod}-ca.crt"
+        self.ca_file.write_bytes(ca)
+        self.empty_config = work / "empty.kubeconfig"
+        self.empty_config.write_text("apiVersion: v1\nkind: Config\n")
+
+    def kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                self.cluster.kubectl_path,
+                f"--kubeconfig={self.empty_config}",
+                f"--server={self.server}",
+                f"--certificate-authority={self.ca_file}",
+                f"--token={self.token}",
+                "-n",
+                self.namespace,
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    def patch_status(self, pod: str, patch: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return self.kubectl(
+            "patch", "pod", pod, "--subresource=status", "--type=strategic", "-p", json.dumps(patch)
+        )
+
+
+def _condition_patch(kind: str = GATE, status: str = "True") -> dict[str, Any]:
+    return {
+        "status": {
+            "conditions": [
+                {"type": kind, "status": status, "reason": "Test", "message": "set by a pod token"}
+            ]
+        }
+    }
+
+
+def test_the_readiness_fence_lets_a_pod_token_set_only_its_own_condition(
+    cluster: Cluster, new_namespace: NewNamespace, tmp_path: Path
+) -> None:
+    namespace = new_namespace()
+    for name in ("fence-a", "fence-b"):
+        # Never scheduled (no such node): nothing but this test touches their status.
+        pod = pod_manifest(name, {"containers": [{"name": "main", "image": SAMPLE_BENTO_IMAGE}]})
+        pod["spec"]["nodeSelector"] = {"e2e.bento-juicefs/nowhere": "true"}
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    a = PodIdentity(cluster, namespace, "fence-a", tmp_path)
+
+    whoami = json.loads(a.kubectl("auth", "whoami", "-o", "json").stdout)
+    extra = whoami["status"]["userInfo"]["extra"]
+    assert extra["authentication.kubernetes.io/pod-name"] == ["fence-a"]
+
+    allowed = a.patch_status("fence-a", _condition_patch())
+    assert allowed.returncode == 0, allowed.stderr
+    assert (condition(get_pod(cluster, namespace, "fence-a"), GATE) or {}).get("status") == "True"
+
+    only_ours = "a pod's own token may change only the juicefs.bentoml.com/models-ready condition"
+    denials = {
+        "another pod's condition": (
+            a.patch_status("fence-b", _condition_patch()),
+            "a service account token may set pod conditions only for the pod it is bound to "
+            "(this token is bound to pod fence-a)",
+        ),
+        "another condition type": (
+            a.patch_status("fence-a", _condition_patch("example.com/other")),
+            only_ours,
+        ),
+        "the PodScheduled condition": (
+            a.patch_status("fence-a", _condition_patch("PodScheduled", "False")),
+            only_ours,
+        ),
+        "another status field": (
+            a.patch_status("fence-a", {"status": {"message": "all good, trust me"}}),
+            f"{only_ours}, no other field",
+        ),
+        "labels through pods/status": (
+            a.patch_status("fence-a", {"metadata": {"labels": {"hijacked": "true"}}}),
+            "no other field",
+        ),
+    }
+    for what, (proc, message) in denials.items():
+        assert proc.returncode != 0, f"{what} was allowed"
+        assert "ValidatingAdmissionPolicy 'bento-juicefs-models-ready-fence'" in proc.stderr, (
+            what,
+            proc.stderr,
+        )
+        assert message in proc.stderr, (what, proc.stderr)
+        print(f"denied, {what}: {proc.stderr.strip()}")
+
+    label = a.kubectl("label", "pod", "fence-a", "hijacked=true")
+    assert label.returncode != 0
+    assert re.search(r'cannot (get|patch) resource "pods"', label.stderr), label.stderr
+    b = get_pod(cluster, namespace, "fence-b")
+    assert condition(b, GATE) is None
+    a_pod = get_pod(cluster, namespace, "fence-a")
+    assert "hijacked" not in a_pod["metadata"].get("labels", {})
+    assert "message" not in a_pod["status"]
