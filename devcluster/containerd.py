@@ -26,9 +26,14 @@ class ContainerdError(RuntimeError):
 
 @dataclass(frozen=True)
 class ContainerdPaths:
-    """Where one node's containerd keeps everything."""
+    """Where one node's containerd keeps everything.
+
+    Sockets go to their own short directory: a unix socket path may not be
+    longer than 107 bytes, and state dirs under pytest's tmp paths are.
+    """
 
     dir: Path
+    socket_dir: Path
 
     @property
     def root(self) -> Path:
@@ -40,7 +45,7 @@ class ContainerdPaths:
 
     @property
     def socket(self) -> Path:
-        return self.dir / "containerd.sock"
+        return self.socket_dir / "containerd.sock"
 
     @property
     def config(self) -> Path:
@@ -167,7 +172,12 @@ class Containerd:
         self.process: subprocess.Popen[bytes] | None = None
 
     def write_config(self, config: str, cni: dict[str, object]) -> None:
-        for d in (self.paths.root, self.paths.state, self.paths.cni_conf_dir):
+        for d in (
+            self.paths.root,
+            self.paths.state,
+            self.paths.cni_conf_dir,
+            self.paths.socket_dir,
+        ):
             d.mkdir(parents=True, exist_ok=True)
         self.paths.config.write_text(config)
         (self.paths.cni_conf_dir / "10-bento-juicefs.conflist").write_text(

@@ -263,7 +263,7 @@ class Node:
         self.import_images = import_images
         self.log = log
         self.mount_ns = NodeMountNamespace(self.dir)
-        self.containerd_paths = ContainerdPaths(self.dir / "containerd")
+        self.containerd_paths = ContainerdPaths(self.dir / "containerd", socket_dir(network))
         self.containerd: Containerd | None = None
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._created_host_dirs: list[str] = []
@@ -508,6 +508,14 @@ class Node:
 CREATED_HOST_DIRS = "created-host-dirs.json"
 
 
+SOCKETS_DIR = Path("/run/bento-juicefs")
+
+
+def socket_dir(network: NodeNetwork) -> Path:
+    """A short path for the node's containerd sockets (named after its netns)."""
+    return SOCKETS_DIR / network.netns
+
+
 def node_cgroup_root(network: NodeNetwork) -> str:
     """The cgroup (in every hierarchy) under which the node's kubelet puts all pods.
 
@@ -535,6 +543,9 @@ def teardown_node(directory: Path, network: NodeNetwork) -> None:
         what=f"the processes of the node in {directory} to exit",
     )
     ns.delete()
+    shutil.rmtree(socket_dir(network), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        SOCKETS_DIR.rmdir()  # the last node's
     record = directory / CREATED_HOST_DIRS
     if record.exists():
         for created in reversed(json.loads(record.read_text())):
@@ -554,6 +565,8 @@ def node_leftovers(directory: Path, network: NodeNetwork) -> list[str]:
     found += [f"cgroup {d}" for d in cgroup_dirs(node_cgroup_root(network))]
     if network.exists():
         found.append(f"network namespace {network.netns} or veth {network.host_veth}")
+    if socket_dir(network).exists():
+        found.append(f"socket dir {socket_dir(network)}")
     found += [f"mount {m.point}" for m in mounts() if m.point.is_relative_to(directory)]
     if (directory / CREATED_HOST_DIRS).exists():
         found.append(f"host dirs listed in {directory / CREATED_HOST_DIRS}")

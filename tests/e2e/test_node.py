@@ -93,7 +93,7 @@ def _host_state() -> dict[str, object]:
         "routes": sorted(routes.stdout.splitlines()),
         "cgroups": cgroups,
         "mounts": sorted(str(m.point) for m in mounts()),
-        "host dirs": [d for d in PRIVATE_HOST_DIRS if Path(d).exists()],
+        "host dirs": [d for d in (*PRIVATE_HOST_DIRS, "/run/bento-juicefs") if Path(d).exists()],
         "iptables": sorted(
             line for line in iptables.stdout.splitlines() if line and line[0] not in "#:"
         ),
