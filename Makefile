@@ -4,11 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test lint typecheck unit e2e binaries cluster-up cluster-down golden-update bench bench-warmup render-example demo clean
+.PHONY: help venv test lint typecheck unit e2e binaries images cluster-up cluster-down golden-update bench bench-warmup render-example demo clean
 
 help:
 	@echo "make test          lint, type-check and run the test suite (installs into $(VENV))"
-	@echo "make demo          control plane + injector + JuiceFS: a Bento pod injected and warmed, then kubectl describe pod"
+	@echo "make demo          control plane + a real node + JuiceFS: the example Bento injected, run and Ready, then kubectl describe pod"
 	@echo "make golden-update regenerate tests/golden/*.injected"
 	@echo "make bench         mutation benchmark, figures to bench-results.json"
 
@@ -30,21 +30,27 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Real kube-apiserver, etcd, scheduler, controller-manager, kubectl, MinIO and
-# JuiceFS, built once into ~/.cache/bento-juicefs (progress on stderr).
+# Real etcd, kube-apiserver, controller-manager, scheduler, kubectl, kubelet,
+# kube-proxy, containerd, MinIO and JuiceFS, built once into
+# ~/.cache/bento-juicefs (progress on stderr).
 binaries: $(STAMP)
 	PYTHON=$(BIN)/python bash hack/build-binaries.sh >/dev/null
+
+# The node's images (base rootfs, the project's image, the sample Bento, pause),
+# built without a registry and cached by content (progress on stderr).
+images: $(STAMP)
+	$(BIN)/python -m devcluster.images >/dev/null
 
 unit: $(STAMP)
 	$(BIN)/pytest -m "not e2e"
 
-e2e: $(STAMP) binaries
+e2e: $(STAMP) binaries images
 	$(BIN)/pytest -m e2e
 
-test: lint typecheck binaries
+test: lint typecheck binaries images
 	$(BIN)/pytest
 
-cluster-up: $(STAMP) binaries
+cluster-up: $(STAMP) binaries images
 	@$(BIN)/python -m devcluster up
 
 cluster-down: $(STAMP)
@@ -64,7 +70,7 @@ render-example: $(STAMP)
 
 # The main job: control plane, injector, JuiceFS, a Bento pod injected and
 # warmed by its sidecar, ending with kubectl describe pod.
-demo: $(STAMP) binaries
+demo: $(STAMP) binaries images
 	$(BIN)/python -m devcluster.demo
 
 clean:

@@ -234,8 +234,8 @@ WARMUP_CONCURRENCY = _count(
     MAX_WARMUP_CONCURRENCY,
 )
 CONDITION_TYPE = _text("JFS_CONDITION_TYPE")
-# Not set by the injector: the defaults suit the container; the kubelet
-# stand-in used in tests and the demo points them somewhere else on the host.
+# Not set by the injector: the defaults suit the container; tests that run
+# the sidecar as a host process point them at temp dirs.
 PRIVATE_MOUNT = _path("JFS_PRIVATE_MOUNT", DEFAULT_PRIVATE_MOUNT)
 JUICEFS_BIN = _text("JFS_JUICEFS_BIN", "juicefs")
 TOKEN_DIR = _path("JFS_TOKEN_DIR", DEFAULT_TOKEN_DIR)

@@ -37,7 +37,7 @@ from devcluster.binaries import (
 from devcluster.controlplane import STATE_FILE, ComponentError
 from devcluster.local import local_cluster
 from devcluster.netns import NodeNetwork
-from devcluster.node import node_leftovers, teardown_node
+from devcluster.nodehost import node_leftovers, teardown_node
 
 SERVE_PID = "serve.pid"
 SERVE_LOG = "serve.log"

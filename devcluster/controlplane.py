@@ -1,9 +1,12 @@
 """A real, local Kubernetes control plane from upstream binaries (envtest-style).
 
 etcd, kube-apiserver, kube-controller-manager and kube-scheduler run as
-subprocesses on 127.0.0.1, each in its own process group, logging to
-`<state_dir>/logs/<name>.log`. There is no kubelet: Nodes are API objects
-(`register_fake_node`), pods get scheduled (spec.nodeName) but never run.
+subprocesses, each in its own process group, logging to
+`<state_dir>/logs/<name>.log`; the apiserver listens on 127.0.0.1 or, with a
+`node`, on the host end of that node's veth. With `node=NodeSpec(...)` a real
+node (containerd + kubelet + kube-proxy, `devcluster.node`) joins once the
+control plane is up; without one, Nodes are API objects
+(`register_fake_node`) whose pods get scheduled but never run.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 import yaml
 
 from common.ports import free_port
-from common.processes import log_tail
+from common.processes import log_tail, spawn_group, stop_group
 from devcluster.cluster import Cluster, wait_for
 from devcluster.controlplane import ControlPlane
 from devcluster.storage import StorageStack
@@ -146,23 +145,20 @@ class LocalInjector:
     def start(self, timeout: float = 60) -> None:
         if self.process is not None and self.process.poll() is None:
             return
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "injector",
-                    "serve",
-                    "--config",
-                    str(self.config_file),
-                    "--kubeconfig",
-                    str(self.kubeconfig),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,
-            )
+        self.process = spawn_group(
+            [
+                sys.executable,
+                "-m",
+                "injector",
+                "serve",
+                "--config",
+                str(self.config_file),
+                "--kubeconfig",
+                str(self.kubeconfig),
+            ],
+            self.log_file,
+            cwd=REPO,
+        )
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -186,14 +182,9 @@ class LocalInjector:
             return False
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        """SIGTERM (the injector drains its requests), SIGKILL after 15 s."""
+        if self.process is not None:
+            stop_group(self.process, 15)
 
     def wait_unreachable(self) -> None:
         wait_for(lambda: not self.ready(), timeout=15, what="injector to stop answering")

@@ -20,11 +20,8 @@ root; `stop()` removes all of it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -40,14 +37,20 @@ from devcluster.containerd import Containerd, ContainerdPaths, cni_config, conta
 from devcluster.images import PAUSE_IMAGE
 from devcluster.mountns import MachineShape, NodeMountNamespace
 from devcluster.netns import NodeNetwork
+from devcluster.nodeconfig import kube_proxy_config, kubelet_config
+from devcluster.nodehost import (
+    CREATED_HOST_DIRS,
+    PRIVATE_HOST_DIRS,
+    make_cgroups,
+    node_cgroup_root,
+    pids_in_mount_ns,
+    socket_dir,
+    teardown_node,
+)
 from devcluster.packages import ensure_packages
-from devcluster.pki import ClusterPKI, KeyPair, write_kubeconfig
+from devcluster.pki import ClusterPKI, write_kubeconfig
 
 GKE_SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
-CGROUP_V1 = Path("/sys/fs/cgroup")
-# Paths the kubelet and CNI write that no flag moves: node-private copies are
-# bind-mounted over them inside the node's mount namespace.
-PRIVATE_HOST_DIRS = ("/var/log/containers", "/var/lib/cni", "/var/lib/kubelet")
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 # What the node needs from Debian: command (or path) -> package.
 NODE_PACKAGES: dict[str, str] = {
@@ -83,160 +86,6 @@ class NodeSpec:
     shape: MachineShape = field(default_factory=MachineShape)
     # Advertised on the node's status as a device plugin would.
     extended_resources: Mapping[str, str] = field(default_factory=lambda: {"nvidia.com/gpu": "1"})
-
-
-def kubelet_config(
-    *,
-    node_ip: str,
-    ca_file: Path,
-    serving: KeyPair,
-    runtime_endpoint: str,
-    pod_logs_dir: Path,
-    resolv_conf: Path,
-    cluster_dns: str,
-    cgroup_root: str,
-) -> dict[str, object]:
-    """The KubeletConfiguration for this kind of machine."""
-    return {
-        "apiVersion": "kubelet.config.k8s.io/v1beta1",
-        "kind": "KubeletConfiguration",
-        "address": node_ip,
-        "healthzBindAddress": "127.0.0.1",
-        "readOnlyPort": 0,
-        "tlsCertFile": str(serving.cert),
-        "tlsPrivateKeyFile": str(serving.key),
-        "authentication": {
-            "anonymous": {"enabled": False},
-            "webhook": {"enabled": True},
-            "x509": {"clientCAFile": str(ca_file)},
-        },
-        "authorization": {"mode": "Webhook"},
-        "containerRuntimeEndpoint": runtime_endpoint,
-        # cgroup v1 here, no systemd: the kubelet refuses v1 unless told.
-        "failCgroupV1": False,
-        "cgroupDriver": "cgroupfs",
-        "cgroupsPerQOS": True,
-        "cgroupRoot": cgroup_root,
-        "enforceNodeAllocatable": ["pods"],
-        "failSwapOn": False,
-        "podLogsDir": str(pod_logs_dir),
-        "resolvConf": str(resolv_conf),
-        # No cluster DNS runs; an address where nothing answers on port 53 makes
-        # lookups fail at once (and spares every pod a MissingClusterDNS warning).
-        "clusterDNS": [cluster_dns],
-        "clusterDomain": "cluster.local",
-        # Imported images cannot be pulled back: never garbage-collect them.
-        "imageGCHighThresholdPercent": 100,
-        "imageGCLowThresholdPercent": 99,
-        # A shared disk and a faked memory size: evict only when really out.
-        "evictionHard": {
-            "memory.available": "100Mi",
-            "nodefs.available": "1%",
-            "nodefs.inodesFree": "1%",
-            "imagefs.available": "1%",
-        },
-        "serializeImagePulls": False,
-        "nodeStatusUpdateFrequency": "4s",
-        "nodeStatusReportFrequency": "10s",
-        "syncFrequency": "10s",
-        "shutdownGracePeriod": "0s",
-        "maxPods": 110,
-    }
-
-
-def kube_proxy_config(*, kubeconfig: Path, node: str, pod_cidr: str) -> dict[str, object]:
-    """iptables mode, touching no global sysctl (the node is a network namespace)."""
-    return {
-        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
-        "kind": "KubeProxyConfiguration",
-        "clientConnection": {"kubeconfig": str(kubeconfig)},
-        "mode": "iptables",
-        "hostnameOverride": node,
-        "clusterCIDR": pod_cidr,
-        "bindAddress": "0.0.0.0",
-        "healthzBindAddress": "127.0.0.1:10256",
-        "metricsBindAddress": "127.0.0.1:10249",
-        # nf_conntrack_max and the TCP timeouts are host-wide: leave them alone.
-        "conntrack": {
-            "maxPerCore": 0,
-            "min": 0,
-            "tcpEstablishedTimeout": "0s",
-            "tcpCloseWaitTimeout": "0s",
-        },
-        # route_localnet is a sysctl the node should not need.
-        "iptables": {"localhostNodePorts": False},
-    }
-
-
-def _ns_inode(path: Path | str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
-
-def pids_in_mount_ns(ns_file: Path) -> list[int]:
-    """Every process whose mount namespace is the one bound at ns_file."""
-    target = _ns_inode(ns_file)
-    if target is None:
-        return []
-    found = []
-    me = str(os.getpid())
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != me and _ns_inode(entry / "ns/mnt") == target:
-            found.append(int(entry.name))
-    return found
-
-
-def cgroup_dirs(root: str) -> list[Path]:
-    """The node's cgroup directories in every v1 hierarchy (and the v2 one, if mounted)."""
-    found = []
-    if CGROUP_V1.is_dir():
-        for hierarchy in CGROUP_V1.iterdir():
-            candidate = hierarchy / root.lstrip("/")
-            if candidate.is_dir():
-                found.append(candidate)
-    return found
-
-
-def make_cgroups(root: str) -> None:
-    """The node's cgroup root in every v1 hierarchy (the kubelet requires it to exist)."""
-    if not CGROUP_V1.is_dir():
-        return
-    for hierarchy in CGROUP_V1.iterdir():
-        if not (hierarchy / "cgroup.procs").exists():
-            continue  # not a hierarchy (e.g. a symlink like cpu,cpuacct)
-        group = hierarchy / root.lstrip("/")
-        group.mkdir(exist_ok=True)
-        # A new v1 cpuset takes no task until it has CPUs and memory nodes.
-        for knob in ("cpuset.cpus", "cpuset.mems"):
-            if (group / knob).exists() and not (group / knob).read_text().strip():
-                (group / knob).write_text((hierarchy / knob).read_text())
-
-
-def kill_cgroups(root: str) -> None:
-    """SIGKILL every process in the node's cgroups, then remove them bottom-up."""
-    for top in cgroup_dirs(root):
-        for procs in top.rglob("cgroup.procs"):
-            for line in procs.read_text().split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(line), signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    for top in cgroup_dirs(root):
-        for directory in [
-            *sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)),
-            top,
-        ]:
-            while True:
-                try:
-                    directory.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise NodeError(f"cannot remove cgroup {directory}") from None
-                    time.sleep(0.1)
 
 
 class Node:
@@ -503,71 +352,3 @@ class Node:
         if self.containerd is not None:
             self.containerd.stop(timeout)
         teardown_node(self.dir, self.network)
-
-
-CREATED_HOST_DIRS = "created-host-dirs.json"
-
-
-SOCKETS_DIR = Path("/run/bento-juicefs")
-
-
-def socket_dir(network: NodeNetwork) -> Path:
-    """A short path for the node's containerd sockets (named after its netns)."""
-    return SOCKETS_DIR / network.netns
-
-
-def node_cgroup_root(network: NodeNetwork) -> str:
-    """The cgroup (in every hierarchy) under which the node's kubelet puts all pods.
-
-    Named after the node's network namespace, which is unique on the host.
-    """
-    return f"/{network.netns}"
-
-
-def teardown_node(directory: Path, network: NodeNetwork) -> None:
-    """Kill what a node left running and remove what it made on the host.
-
-    Works from any process (`python -m devcluster down` after a crash): the
-    node's containers by cgroup, then every process left in its mount
-    namespace (containerd, shims, kubelet), then the namespace itself, whose
-    mounts go with it, and the host directories it had to create.
-    """
-    ns = NodeMountNamespace(directory)
-    kill_cgroups(node_cgroup_root(network))
-    for pid in pids_in_mount_ns(ns.ns_file):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    wait_for(
-        lambda: not pids_in_mount_ns(ns.ns_file),
-        timeout=10,
-        what=f"the processes of the node in {directory} to exit",
-    )
-    ns.delete()
-    shutil.rmtree(socket_dir(network), ignore_errors=True)
-    with contextlib.suppress(OSError):
-        SOCKETS_DIR.rmdir()  # the last node's
-    record = directory / CREATED_HOST_DIRS
-    if record.exists():
-        for created in reversed(json.loads(record.read_text())):
-            with contextlib.suppress(OSError):
-                Path(created).rmdir()
-        record.unlink()
-
-
-def node_leftovers(directory: Path, network: NodeNetwork) -> list[str]:
-    """What a stopped node left on the host (empty when nothing)."""
-    found = []
-    ns = NodeMountNamespace(directory)
-    if ns.exists():
-        found.append(f"mount namespace {ns.ns_file}")
-    if pids := pids_in_mount_ns(ns.ns_file):
-        found.append(f"processes {pids}")
-    found += [f"cgroup {d}" for d in cgroup_dirs(node_cgroup_root(network))]
-    if network.exists():
-        found.append(f"network namespace {network.netns} or veth {network.host_veth}")
-    if socket_dir(network).exists():
-        found.append(f"socket dir {socket_dir(network)}")
-    found += [f"mount {m.point}" for m in mounts() if m.point.is_relative_to(directory)]
-    if (directory / CREATED_HOST_DIRS).exists():
-        found.append(f"host dirs listed in {directory / CREATED_HOST_DIRS}")
-    return found

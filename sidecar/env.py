@@ -25,8 +25,8 @@ __all__ = [
     "SettingsError",
 ]
 
-# Plain names for tools that set up the sidecar's host paths themselves
-# (the kubelet stand-in) and for the probe's default mount point.
+# Plain names for tests that run the sidecar as a host process with their
+# own paths, and for the probe's default mount point.
 MOUNT_POINT = contract.MOUNT_POINT.name
 CACHE_DIR = contract.CACHE_DIR.name
 PRIVATE_MOUNT = contract.PRIVATE_MOUNT.name

@@ -15,7 +15,8 @@ from devcluster import Cluster, ControlPlane
 from devcluster.images import PAUSE_IMAGE, PROJECT_IMAGE, SAMPLE_BENTO_IMAGE, containerd_images
 from devcluster.mountns import KUBELET_SYSCTLS
 from devcluster.netns import NETNS_DIR
-from devcluster.node import GKE_SSD, PRIVATE_HOST_DIRS, Node
+from devcluster.node import GKE_SSD, Node
+from devcluster.nodehost import PRIVATE_HOST_DIRS
 
 REPO = Path(__file__).resolve().parents[2]
 

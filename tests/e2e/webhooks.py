@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
+from common.ports import free_port, port_answers
+from common.processes import log_tail, spawn_group, stop_group
 from devcluster import Cluster
 from injector.certs import CertFiles, generate_bundle, server_ssl_context
 
@@ -80,38 +80,31 @@ class TestWebhook:
         (self.workdir / "mode").write_text(value)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def running_test_webhook(cluster: Cluster, workdir: Path) -> Iterator[TestWebhook]:
     bundle = generate_bundle(["127.0.0.1", "localhost"])
     CertFiles(workdir / "tls.crt", workdir / "tls.key", workdir / "ca.crt").write(bundle)
     hook = TestWebhook(workdir)
     hook.mode = "off"
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.e2e.webhooks", str(port), str(workdir)], cwd=REPO
+    port = free_port()
+    process = spawn_group(
+        [sys.executable, "-m", "tests.e2e.webhooks", str(port), str(workdir)],
+        workdir / "webhook.log",
+        cwd=REPO,
     )
     try:
         deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the e2e test webhook did not start") from None
-                time.sleep(0.1)
+        while not port_answers(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the e2e test webhook did not start:\n{log_tail(workdir / 'webhook.log')}"
+                )
+            time.sleep(0.1)
         cluster.apply(_configuration(port, bundle.ca_pem))
         yield hook
     finally:
         cluster.kubectl("delete", "mutatingwebhookconfiguration", NAME, check=False)
-        process.terminate()
-        process.wait(timeout=10)
+        stop_group(process, 10)
 
 
 def _configuration(port: int, ca_pem: bytes) -> dict[str, Any]:

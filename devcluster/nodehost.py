@@ -1,0 +1,171 @@
+"""What a node puts on the host outside its directory, and taking all of it away.
+
+The node's containers live in a cgroup root of its own, its processes in a
+mount namespace of its own, its containerd sockets in a short /run path, and
+a few paths the kubelet and CNI write that no flag moves get node-private
+copies bind-mounted over them. `teardown_node` removes all of it from any
+process (also after a crash); `node_leftovers` says what is still there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from common.mounts import mounts
+from devcluster.cluster import wait_for
+from devcluster.mountns import NodeMountNamespace
+from devcluster.netns import NodeNetwork
+
+CGROUP_V1 = Path("/sys/fs/cgroup")
+# Paths the kubelet and CNI write that no flag moves: node-private copies are
+# bind-mounted over them inside the node's mount namespace.
+PRIVATE_HOST_DIRS = ("/var/log/containers", "/var/lib/cni", "/var/lib/kubelet")
+
+
+class NodeHostError(RuntimeError):
+    """Something the node made on the host cannot be removed."""
+
+
+def _ns_inode(path: Path | str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def pids_in_mount_ns(ns_file: Path) -> list[int]:
+    """Every process whose mount namespace is the one bound at ns_file."""
+    target = _ns_inode(ns_file)
+    if target is None:
+        return []
+    found = []
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != me and _ns_inode(entry / "ns/mnt") == target:
+            found.append(int(entry.name))
+    return found
+
+
+def cgroup_dirs(root: str) -> list[Path]:
+    """The node's cgroup directories in every v1 hierarchy (and the v2 one, if mounted)."""
+    found = []
+    if CGROUP_V1.is_dir():
+        for hierarchy in CGROUP_V1.iterdir():
+            candidate = hierarchy / root.lstrip("/")
+            if candidate.is_dir():
+                found.append(candidate)
+    return found
+
+
+def make_cgroups(root: str) -> None:
+    """The node's cgroup root in every v1 hierarchy (the kubelet requires it to exist)."""
+    if not CGROUP_V1.is_dir():
+        return
+    for hierarchy in CGROUP_V1.iterdir():
+        if not (hierarchy / "cgroup.procs").exists():
+            continue  # not a hierarchy (e.g. a symlink like cpu,cpuacct)
+        group = hierarchy / root.lstrip("/")
+        group.mkdir(exist_ok=True)
+        # A new v1 cpuset takes no task until it has CPUs and memory nodes.
+        for knob in ("cpuset.cpus", "cpuset.mems"):
+            if (group / knob).exists() and not (group / knob).read_text().strip():
+                (group / knob).write_text((hierarchy / knob).read_text())
+
+
+def kill_cgroups(root: str) -> None:
+    """SIGKILL every process in the node's cgroups, then remove them bottom-up."""
+    for top in cgroup_dirs(root):
+        for procs in top.rglob("cgroup.procs"):
+            for line in procs.read_text().split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(line), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    for top in cgroup_dirs(root):
+        for directory in [
+            *sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)),
+            top,
+        ]:
+            while True:
+                try:
+                    directory.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise NodeHostError(f"cannot remove cgroup {directory}") from None
+                    time.sleep(0.1)
+
+
+CREATED_HOST_DIRS = "created-host-dirs.json"
+
+
+SOCKETS_DIR = Path("/run/bento-juicefs")
+
+
+def socket_dir(network: NodeNetwork) -> Path:
+    """A short path for the node's containerd sockets (named after its netns)."""
+    return SOCKETS_DIR / network.netns
+
+
+def node_cgroup_root(network: NodeNetwork) -> str:
+    """The cgroup (in every hierarchy) under which the node's kubelet puts all pods.
+
+    Named after the node's network namespace, which is unique on the host.
+    """
+    return f"/{network.netns}"
+
+
+def teardown_node(directory: Path, network: NodeNetwork) -> None:
+    """Kill what a node left running and remove what it made on the host.
+
+    Works from any process (`python -m devcluster down` after a crash): the
+    node's containers by cgroup, then every process left in its mount
+    namespace (containerd, shims, kubelet), then the namespace itself, whose
+    mounts go with it, and the host directories it had to create.
+    """
+    ns = NodeMountNamespace(directory)
+    kill_cgroups(node_cgroup_root(network))
+    for pid in pids_in_mount_ns(ns.ns_file):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: not pids_in_mount_ns(ns.ns_file),
+        timeout=10,
+        what=f"the processes of the node in {directory} to exit",
+    )
+    ns.delete()
+    shutil.rmtree(socket_dir(network), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        SOCKETS_DIR.rmdir()  # the last node's
+    record = directory / CREATED_HOST_DIRS
+    if record.exists():
+        for created in reversed(json.loads(record.read_text())):
+            with contextlib.suppress(OSError):
+                Path(created).rmdir()
+        record.unlink()
+
+
+def node_leftovers(directory: Path, network: NodeNetwork) -> list[str]:
+    """What a stopped node left on the host (empty when nothing)."""
+    found = []
+    ns = NodeMountNamespace(directory)
+    if ns.exists():
+        found.append(f"mount namespace {ns.ns_file}")
+    if pids := pids_in_mount_ns(ns.ns_file):
+        found.append(f"processes {pids}")
+    found += [f"cgroup {d}" for d in cgroup_dirs(node_cgroup_root(network))]
+    if network.exists():
+        found.append(f"network namespace {network.netns} or veth {network.host_veth}")
+    if socket_dir(network).exists():
+        found.append(f"socket dir {socket_dir(network)}")
+    found += [f"mount {m.point}" for m in mounts() if m.point.is_relative_to(directory)]
+    if (directory / CREATED_HOST_DIRS).exists():
+        found.append(f"host dirs listed in {directory / CREATED_HOST_DIRS}")
+    return found

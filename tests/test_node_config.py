@@ -1,0 +1,84 @@
+"""The settings this kind of machine needs from a node, as the config builders write them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from devcluster.containerd import ContainerdPaths, cni_config, containerd_config
+from devcluster.mountns import MachineShape
+from devcluster.netns import NodeNetwork
+from devcluster.nodeconfig import kube_proxy_config, kubelet_config
+from devcluster.pki import KeyPair
+
+
+def test_containerd_clamps_oom_score_and_keeps_netns_and_opt_in_its_dirs(tmp_path: Path) -> None:
+    paths = ContainerdPaths(tmp_path / "containerd", Path("/run/bento-juicefs/n"))
+    config = containerd_config(
+        paths, sandbox_image="localhost/pause:1", runc=Path("/usr/sbin/runc"), cni_bin_dirs=[]
+    )
+    assert "restrict_oom_score_adj = true" in config  # no CAP_SYS_RESOURCE here
+    assert "netns_mounts_under_state_dir = true" in config
+    assert f'path = "{tmp_path / "containerd" / "opt"}"' in config
+    assert 'sandbox = "localhost/pause:1"' in config
+    assert 'address = "/run/bento-juicefs/n/containerd.sock"' in config
+    assert len(str(paths.socket)) < 108  # sun_path
+
+
+def test_cni_is_a_bridge_over_the_pod_cidr_with_ipam_in_our_dir(tmp_path: Path) -> None:
+    paths = ContainerdPaths(tmp_path, tmp_path)
+    network = json.loads(json.dumps(cni_config(paths, "10.213.64.0/24")))
+    bridge = network["plugins"][0]
+    assert bridge["type"] == "bridge"
+    assert bridge["ipam"]["ranges"] == [[{"subnet": "10.213.64.0/24"}]]
+    assert bridge["ipam"]["dataDir"] == str(tmp_path / "cni" / "ipam")
+    assert [p["type"] for p in network["plugins"]] == ["bridge", "portmap"]
+
+
+def test_kubelet_runs_on_cgroup_v1_without_swap_checks_or_image_gc(tmp_path: Path) -> None:
+    config = kubelet_config(
+        node_ip="172.31.213.2",
+        ca_file=tmp_path / "ca.crt",
+        serving=KeyPair(tmp_path / "s.crt", tmp_path / "s.key"),
+        runtime_endpoint="unix:///run/x.sock",
+        pod_logs_dir=tmp_path / "logs",
+        resolv_conf=tmp_path / "resolv.conf",
+        cluster_dns="172.31.213.1",
+        cgroup_root="/bento-juicefs-node",
+    )
+    assert config["failCgroupV1"] is False
+    assert config["cgroupDriver"] == "cgroupfs"
+    assert config["failSwapOn"] is False
+    assert config["imageGCHighThresholdPercent"] == 100
+    assert config["address"] == "172.31.213.2"
+    assert config["authorization"] == {"mode": "Webhook"}
+    assert config["authentication"]["anonymous"] == {"enabled": False}  # type: ignore[index]
+
+
+def test_kube_proxy_touches_no_host_wide_sysctl(tmp_path: Path) -> None:
+    config = kube_proxy_config(kubeconfig=tmp_path / "k", node="n", pod_cidr="10.213.64.0/24")
+    assert config["conntrack"] == {
+        "maxPerCore": 0,
+        "min": 0,
+        "tcpEstablishedTimeout": "0s",
+        "tcpCloseWaitTimeout": "0s",
+    }
+    assert config["iptables"] == {"localhostNodePorts": False}
+
+
+def test_the_machine_shape_counts_cpus_with_the_real_ids_only(tmp_path: Path) -> None:
+    node_dir = MachineShape(cpus=8, memory_gib=32).write_sysfs(tmp_path, real_cpus=2)
+    cpus = sorted(p.relative_to(node_dir).as_posix() for p in node_dir.glob("node*/cpu*"))
+    assert len(cpus) == 8
+    assert {p.split("/")[1] for p in cpus} == {"cpu0", "cpu1"}  # a cpuset of 0-1 only
+    meminfo = MachineShape(memory_gib=32).meminfo("MemTotal: 1 kB\nSwapTotal: 0 kB\n")
+    assert "MemTotal:        33554432 kB" in meminfo
+    assert "SwapTotal: 0 kB" in meminfo
+
+
+def test_node_networks_do_not_overlap() -> None:
+    first, second = NodeNetwork.numbered(0), NodeNetwork.numbered(1)
+    assert first == NodeNetwork()
+    assert {first.host_ip, first.node_ip}.isdisjoint({second.host_ip, second.node_ip})
+    assert first.pod_cidr != second.pod_cidr
+    assert first.netns != second.netns
