@@ -18,6 +18,7 @@ from devcluster import Cluster, ComponentError, ControlPlane, Ports, wait_for
 from .conftest import EXTERNAL_KUBECONFIG
 
 SSD_LABEL = "cloud.google.com/gke-ephemeral-storage-local-ssd"
+FAKE_LABEL = "e2e.bento-juicefs/fake-node"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 
 
@@ -93,8 +94,10 @@ def test_deployment_gets_replicaset_and_pods(cluster: Cluster, namespace: str) -
 def fake_nodes(cluster: Cluster) -> Iterator[tuple[str, str]]:
     suffix = _suffix()
     ssd, plain = f"e2e-ssd-{suffix}", f"e2e-plain-{suffix}"
-    cluster.register_fake_node(ssd, {SSD_LABEL: "true"}, ephemeral_storage="375Gi")
-    cluster.register_fake_node(plain, ephemeral_storage="100Gi")
+    # A label of their own: the real node (an SSD node too) stays out of the test.
+    own = {FAKE_LABEL: suffix}
+    cluster.register_fake_node(ssd, {SSD_LABEL: "true", **own}, ephemeral_storage="375Gi")
+    cluster.register_fake_node(plain, own, ephemeral_storage="100Gi")
     yield ssd, plain
     cluster.kubectl("delete", "node", ssd, plain, "--wait=false", check=False)
 
@@ -104,6 +107,7 @@ def test_scheduler_binds_by_node_affinity_and_ephemeral_storage(
 ) -> None:
     ssd, _plain = fake_nodes
     node = cluster.get_json("node", ssd)
+    own = {"key": FAKE_LABEL, "operator": "In", "values": [node["metadata"]["labels"][FAKE_LABEL]]}
     assert node["status"]["allocatable"]["ephemeral-storage"] == "375Gi"
     assert not [t for t in node["spec"].get("taints") or [] if t["effect"] != "PreferNoSchedule"]
 
@@ -111,7 +115,12 @@ def test_scheduler_binds_by_node_affinity_and_ephemeral_storage(
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": SSD_LABEL, "operator": "In", "values": ["true"]}]}
+                    {
+                        "matchExpressions": [
+                            {"key": SSD_LABEL, "operator": "In", "values": ["true"]},
+                            own,
+                        ]
+                    }
                 ]
             }
         }
