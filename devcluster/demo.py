@@ -100,16 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
         step(f"user: label namespace {NAMESPACE}, apply the unchanged {EXAMPLE.relative_to(REPO)}")
         cp.create_namespace(NAMESPACE, {"juicefs.bentoml.com/injection": "enabled"})
-        wait_for(
-            lambda: (
-                cp.kubectl(
-                    "get", "secret", "juicefs-models-credentials", "-n", NAMESPACE, check=False
-                ).returncode
-                == 0
-            ),
-            timeout=60,
-            what="credentials provisioned by the namespace controller",
-        )
+        cp.wait_provisioned(NAMESPACE, service_account=deployment)
         applied = time.monotonic()
         cp.kubectl("apply", "-f", str(EXAMPLE))
         # The node has one GPU: one replica (the example asks for two).

@@ -106,3 +106,19 @@ def storage_stack(work: Path) -> Iterator[StorageStack]:
     with StorageStack(work) as stack:
         yield stack
     shutil.rmtree(work, ignore_errors=True)  # gigabytes of objects and caches
+
+
+def minimal_env(**extra: str) -> dict[str, str]:
+    """The sidecar env with only what it requires (and `extra`)."""
+    return {
+        "POD_NAME": "p",
+        "POD_NAMESPACE": "n",
+        "JFS_META_URL": "redis://x",
+        "BENTO_NAME": "b",
+        "BENTO_VERSION": "v",
+        "JFS_BENTO_PATH": "/bentos/b/v",
+        "JFS_MOUNT_POINT": "/m",
+        "JFS_CACHE_DIR": "/c",
+        "JFS_CONDITION_TYPE": "x/y",
+        **extra,
+    }

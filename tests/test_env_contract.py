@@ -17,7 +17,7 @@ from common import env
 from injector.config import InjectorConfig
 from injector.plan import InjectionPlan, decide
 from sidecar.env import Settings, SettingsError
-from tests.helpers import GOLDEN_CASES, bento_pod, case_config, inject, injected_pods
+from tests.helpers import GOLDEN_CASES, bento_pod, case_config, inject, injected_pods, minimal_env
 
 MIB = 2**20
 FIELDS = {
@@ -130,21 +130,6 @@ def test_the_sidecar_defaults_are_what_the_default_config_writes() -> None:
     for var in env.ALL:
         if var.name in written and var.default is not None:
             assert var.parse(written[var.name]) == var.parse(var.default), var.name
-
-
-def minimal_env(**extra: str) -> dict[str, str]:
-    return {
-        "POD_NAME": "p",
-        "POD_NAMESPACE": "n",
-        "JFS_META_URL": "redis://x",
-        "BENTO_NAME": "b",
-        "BENTO_VERSION": "v",
-        "JFS_BENTO_PATH": "/bentos/b/v",
-        "JFS_MOUNT_POINT": "/m",
-        "JFS_CACHE_DIR": "/c",
-        "JFS_CONDITION_TYPE": "x/y",
-        **extra,
-    }
 
 
 @pytest.mark.parametrize(

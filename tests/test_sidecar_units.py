@@ -17,6 +17,7 @@ from sidecar.env import Settings, SettingsError
 from sidecar.manifest import Manifest, build_manifest, read_manifest
 from sidecar.publish import PublishError, publish
 from sidecar.warmup import Progress, Streamer, VerificationError, WarmupTimeout
+from tests.helpers import minimal_env
 
 
 def make_models(root: Path) -> Path:
@@ -133,20 +134,7 @@ def test_settings_name_the_missing_variable() -> None:
     with pytest.raises(SettingsError, match="POD_NAME"):
         Settings.from_env({})
     with pytest.raises(SettingsError, match="JFS_CACHE_SIZE_MIB='big'"):
-        Settings.from_env(
-            {
-                "POD_NAME": "p",
-                "POD_NAMESPACE": "n",
-                "JFS_META_URL": "redis://x",
-                "BENTO_NAME": "b",
-                "BENTO_VERSION": "v",
-                "JFS_BENTO_PATH": "/bentos/b/v",
-                "JFS_MOUNT_POINT": "/m",
-                "JFS_CACHE_DIR": "/c",
-                "JFS_CONDITION_TYPE": "x/y",
-                "JFS_CACHE_SIZE_MIB": "big",
-            }
-        )
+        Settings.from_env(minimal_env(JFS_CACHE_SIZE_MIB="big"))
 
 
 def test_manifest_round_trips_json(tmp_path: Path) -> None:

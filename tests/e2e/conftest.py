@@ -14,6 +14,7 @@ import pytest
 
 from devcluster import Cluster, ControlPlane, ensure_binaries
 from devcluster.local import local_cluster
+from devcluster.node import Node
 from devcluster.storage import StorageStack
 from sidecar.manifest import Manifest
 
@@ -49,6 +50,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def node(cluster: Cluster) -> Node:
+    """The local cluster's real node (containerd + kubelet)."""
+    found = cluster.node if isinstance(cluster, ControlPlane) else None
+    if not isinstance(found, Node):
+        pytest.skip("needs the local node (E2E_KUBECONFIG is set)")
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from common.processes import processes_named
-from devcluster import Cluster, ControlPlane, wait_for
+from devcluster import Cluster, wait_for
 from devcluster.node import Node
 from sidecar.manifest import Manifest
 from tests.e2e.pods import (
@@ -78,27 +78,10 @@ def example_pod_name(cluster: Cluster) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def node(cluster: Cluster) -> Node:
-    found = getattr(cluster, "node", None)
-    if not isinstance(cluster, ControlPlane) or not isinstance(found, Node):
-        pytest.skip("needs the local node (E2E_KUBECONFIG is set)")
-    return found
-
-
-@pytest.fixture(scope="module")
 def running(cluster: Cluster, node: Node, example_model: Manifest) -> Iterator[Running]:
     """Opt the namespace in, add a Service, apply the example unchanged, watch it start."""
     cluster.create_namespace(NAMESPACE, OPT_IN)
-    wait_for(
-        lambda: (
-            cluster.kubectl(
-                "get", "secret", "juicefs-models-credentials", "-n", NAMESPACE, check=False
-            ).returncode
-            == 0
-        ),
-        timeout=60,
-        what="the namespace controller to provision the credentials",
-    )
+    cluster.wait_provisioned(NAMESPACE, service_account=DEPLOYMENT)
     service = {
         "apiVersion": "v1",
         "kind": "Service",

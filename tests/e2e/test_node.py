@@ -8,10 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from common.mounts import mounts
-from devcluster import Cluster, ControlPlane
+from devcluster import Cluster
 from devcluster.images import PAUSE_IMAGE, PROJECT_IMAGE, SAMPLE_BENTO_IMAGE, containerd_images
 from devcluster.mountns import KUBELET_SYSCTLS
 from devcluster.netns import NETNS_DIR
@@ -19,14 +17,6 @@ from devcluster.node import GKE_SSD, Node
 from devcluster.nodehost import PRIVATE_HOST_DIRS
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def node(cluster: Cluster) -> Node:
-    found = getattr(cluster, "node", None)
-    if not isinstance(cluster, ControlPlane) or not isinstance(found, Node):
-        pytest.skip("needs the local node (E2E_KUBECONFIG is set)")
-    return found
 
 
 def test_the_node_looks_like_a_gke_local_ssd_l4_node(cluster: Cluster, node: Node) -> None:

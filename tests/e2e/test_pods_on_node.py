@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from devcluster import Cluster, ControlPlane, wait_for
+from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.juicefs import cached_blocks
 from devcluster.node import Node
@@ -47,30 +47,8 @@ OUTAGE_BENTO = "outage-on-node"
 
 
 @pytest.fixture(scope="module")
-def node(cluster: Cluster) -> Node:
-    found = getattr(cluster, "node", None)
-    if not isinstance(cluster, ControlPlane) or not isinstance(found, Node):
-        pytest.skip("needs the local node (E2E_KUBECONFIG is set)")
-    return found
-
-
-@pytest.fixture(scope="module")
 def small_model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     return storage.publish_random(tmp_path_factory.mktemp("small"), BENTO, VERSION, [8 * MIB] * 2)
-
-
-def _wait_provisioned(cluster: Cluster, namespace: str) -> None:
-    wait_for(
-        lambda: cluster.kubectl(
-            "auth", "can-i", "patch", "pods", "--subresource=status", "-n", namespace,
-            f"--as=system:serviceaccount:{namespace}:default", check=False,
-        ).stdout.strip()
-        == "yes"
-        and cluster.kubectl("get", "secret", CREDENTIALS, "-n", namespace, check=False).returncode
-        == 0,
-        timeout=60,
-        what=f"credentials and readiness RBAC in {namespace}",
-    )  # fmt: skip
 
 
 NewNamespace = Callable[..., str]
@@ -95,7 +73,7 @@ def new_namespace(cluster: Cluster) -> Iterator[NewNamespace]:
                 }
             )
         cluster.kubectl("label", "namespace", name, "juicefs.bentoml.com/injection=enabled")
-        _wait_provisioned(cluster, name)
+        cluster.wait_provisioned(name)
         return name
 
     yield make
