@@ -27,6 +27,12 @@ from common.ports import free_port, port_is_free
 from common.processes import LOG_TAIL_LINES, log_tail, spawn_group, stop_group
 from devcluster.binaries import CONTROL_PLANE_COMPONENTS, NODE_COMPONENTS, ensure_binaries
 from devcluster.cluster import Cluster
+from devcluster.components import (
+    apiserver_args,
+    controller_manager_args,
+    etcd_args,
+    scheduler_args,
+)
 from devcluster.lifecycle import StartStop
 from devcluster.netns import NodeNetwork
 from devcluster.node import Node, NodeSpec
@@ -34,22 +40,6 @@ from devcluster.pki import APISERVER_HOSTS, APISERVER_KUBELET_CLIENT, ClusterPKI
 
 Hook = Callable[["ControlPlane"], None]
 
-SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
-SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
-ADMISSION_PLUGINS = (
-    "NamespaceLifecycle",
-    "NodeRestriction",
-    "LimitRanger",
-    "ServiceAccount",
-    "PodSecurity",
-    "ResourceQuota",
-    "MutatingAdmissionWebhook",
-    "ValidatingAdmissionWebhook",
-    "ValidatingAdmissionPolicy",
-    "MutatingAdmissionPolicy",
-)
-# No kubelet heartbeats: the node lifecycle controller would taint every node NotReady.
-CONTROLLERS = "*,-node-lifecycle-controller"
 STATE_FILE = "controlplane.json"
 # Directories and files under state_dir that start() recreates from scratch.
 _OWNED = (
@@ -266,48 +256,13 @@ class ControlPlane(Cluster, StartStop):
 
         etcd_url = f"http://127.0.0.1:{self.ports.etcd}"
         peer_url = f"http://127.0.0.1:{self.ports.etcd_peer}"
-        self._spawn(
-            "etcd",
-            "--name=devcluster",
-            f"--data-dir={self.state_dir / 'etcd'}",
-            f"--listen-client-urls={etcd_url}",
-            f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=devcluster={peer_url}",
-            "--unsafe-no-fsync=true",
-        )
+        self._spawn("etcd", *etcd_args(self.state_dir / "etcd", etcd_url, peer_url))
         self._wait("etcd", lambda: b'"health":"true"' in _http_get(f"{etcd_url}/health", None, 200))
 
         certs = self.state_dir / "certs"
         self._spawn(
             "kube-apiserver",
-            f"--bind-address={self.host}",
-            f"--advertise-address={self.host}",
-            # The endpoint reconciler refuses a loopback advertise address; with no
-            # node nothing in the cluster needs the `kubernetes` Service's endpoints.
-            *(["--endpoint-reconciler-type=none"] if self.host.startswith("127.") else []),
-            f"--secure-port={self.ports.apiserver}",
-            f"--etcd-servers={etcd_url}",
-            f"--cert-dir={certs / 'kube-apiserver'}",
-            f"--tls-cert-file={pki.apiserver.cert}",
-            f"--tls-private-key-file={pki.apiserver.key}",
-            f"--client-ca-file={pki.ca.cert}",
-            f"--service-account-key-file={pki.sa_pub}",
-            f"--service-account-signing-key-file={pki.sa_key}",
-            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            "--authorization-mode=Node,RBAC",
-            f"--kubelet-client-certificate={pki.apiserver_kubelet_client.cert}",
-            f"--kubelet-client-key={pki.apiserver_kubelet_client.key}",
-            f"--kubelet-certificate-authority={pki.ca.cert}",
-            # No DNS for node names here: dial kubelets at their InternalIP.
-            "--kubelet-preferred-address-types=InternalIP",
-            # Webhook Services are called at their endpoints: no kube-proxy on the host.
-            "--enable-aggregator-routing=true",
-            "--allow-privileged=true",
-            f"--enable-admission-plugins={','.join(ADMISSION_PLUGINS)}",
+            *apiserver_args(self.host, self.ports.apiserver, etcd_url, certs, pki),
         )
         self._wait(
             "kube-apiserver",
@@ -316,25 +271,10 @@ class ControlPlane(Cluster, StartStop):
 
         self._spawn(
             "kube-controller-manager",
-            f"--kubeconfig={kcm_kubeconfig}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self.ports.controller_manager}",
-            f"--cert-dir={certs / 'kube-controller-manager'}",
-            "--leader-elect=false",
-            f"--controllers={CONTROLLERS}",
-            f"--service-account-private-key-file={pki.sa_key}",
-            f"--root-ca-file={pki.ca.cert}",
-            "--use-service-account-credentials=true",
-            f"--cluster-signing-cert-file={pki.ca.cert}",
-            f"--cluster-signing-key-file={pki.ca.key}",
+            *controller_manager_args(kcm_kubeconfig, self.ports.controller_manager, certs, pki),
         )
         self._spawn(
-            "kube-scheduler",
-            f"--kubeconfig={sched_kubeconfig}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self.ports.scheduler}",
-            f"--cert-dir={certs / 'kube-scheduler'}",
-            "--leader-elect=false",
+            "kube-scheduler", *scheduler_args(sched_kubeconfig, self.ports.scheduler, certs)
         )
         self._wait(
             "kube-scheduler",
