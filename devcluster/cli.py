@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 from common.mounts import mounts, unmount
 from common.ports import port_is_free
-from common.processes import alive, log_tail, processes_using
+from common.processes import alive, log_tail, processes_using, spawn_group
 from devcluster.binaries import (
     CONTROL_PLANE_COMPONENTS,
     NODE_COMPONENTS,
@@ -166,16 +165,14 @@ def up(state_dir: Path, timeout: float = UP_TIMEOUT) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
-    with log_path.open("wb") as log_file:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "devcluster", "_serve", "--state-dir", str(state_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=state_dir,
-            env=env,
-            start_new_session=True,  # survives this command and its terminal
-        )
+    log_path.unlink(missing_ok=True)
+    # Its own session: it survives this command and its terminal.
+    child = spawn_group(
+        [sys.executable, "-m", "devcluster", "_serve", "--state-dir", str(state_dir)],
+        log_path,
+        env=env,
+        cwd=state_dir,
+    )
     _say(f"started control plane supervisor (pid {child.pid}); log {log_path}")
 
     deadline = time.monotonic() + timeout
