@@ -11,7 +11,6 @@ start-up, what the app sees, traffic, a dying mount, deletion.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from common.processes import processes_named
 from devcluster import Cluster, wait_for
@@ -264,15 +262,3 @@ def test_deleting_the_pod_unmounts_and_leaves_nothing_on_the_node(
     )
     leftovers = [m for m in node.mounts() if uid in str(m)]
     assert leftovers == [], leftovers
-
-
-def _docs(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
-def test_the_example_was_applied_unchanged() -> None:
-    """Nothing above edits the example: it is the file users read."""
-    kinds = [d["kind"] for d in _docs(EXAMPLE)]
-    assert "Deployment" in kinds
-    deployment = next(d for d in _docs(EXAMPLE) if d["kind"] == "Deployment")
-    assert json.dumps(deployment).count("juicefs-mount") == 0
