@@ -11,7 +11,9 @@ raises StorageError ending with the service's log tail.
 
 Fault tests: `store.stop(kill=True)` then `store.start()` brings MinIO back on
 the same port and data dir; `store.object_files(key)` names the files MinIO
-keeps for one object.
+keeps for one object. `ObjectStore(..., netns=NAME, host=ADDR, port=PORT)`
+runs MinIO inside that network namespace (see `devcluster.storenet`);
+its Prometheus metrics (`/minio/v2/metrics/cluster`) need no token.
 """
 
 from __future__ import annotations
@@ -125,8 +127,10 @@ class ObjectStore(Service):
         secret_key: str = SECRET_KEY,
         port: int = 0,
         binary: Path | None = None,
+        netns: str | None = None,
     ) -> None:
         super().__init__(log_dir, host)
+        self.netns = netns  # run inside this network namespace (host:port is there)
         self.data_dir = Path(data_dir)
         self.bucket = bucket
         self.access_key = access_key
@@ -165,6 +169,8 @@ class ObjectStore(Service):
         if self.running:
             return
         binary = self.binary or storage_binaries()["minio"]
+        if self.netns and not self.port:
+            raise StorageError("a store in a network namespace needs its port given")
         self.port = self.port or free_port(self.host)
         self.console_port = self.console_port or free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -175,9 +181,12 @@ class ObjectStore(Service):
             "MINIO_BROWSER": "off",
             "MINIO_UPDATE": "off",
             "MINIO_CI_CD": "1",
+            "MINIO_PROMETHEUS_AUTH_TYPE": "public",  # request counts for benchmarks
         }
+        inside = ["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []
         self._spawn(
             [
+                *inside,
                 str(binary),
                 "server",
                 "--quiet",

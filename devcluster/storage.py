@@ -34,16 +34,22 @@ class StorageStack(StartStop):
     """MinIO + Redis + a formatted JuiceFS volume + a writer mount, under one work dir.
 
     `host` is the address MinIO and Redis listen on and advertise in the
-    endpoint and metadata URLs (Redis listens on loopback too).
+    endpoint and metadata URLs (Redis listens on loopback too). `store`, when
+    given, is the MinIO to use instead (e.g. one behind a shaped link).
     """
 
     def __init__(
-        self, work_dir: Path, volume_name: str = "models", *, host: str = LOOPBACK
+        self,
+        work_dir: Path,
+        volume_name: str = "models",
+        *,
+        host: str = LOOPBACK,
+        store: ObjectStore | None = None,
     ) -> None:
         self.work_dir = Path(work_dir)
         self.logs = self.work_dir / "logs"
         self.host = host
-        self.store = ObjectStore(self.work_dir / "minio-data", self.logs, host=host)
+        self.store = store or ObjectStore(self.work_dir / "minio-data", self.logs, host=host)
         self.redis = Redis(self.logs, host=host)
         self.volume_name = volume_name
         self.volume: JuiceFSVolume | None = None
