@@ -23,6 +23,11 @@ T = TypeVar("T")
 SsdPolicy = Literal["required", "preferred", "off"]
 SSD_POLICIES: tuple[SsdPolicy, ...] = get_args(SsdPolicy)
 SSD_POLICY_FORM = "'required', 'preferred' or 'off'"
+# Where the JuiceFS block cache lives: the pod's own emptyDir, or a directory
+# on the node's local SSD shared by every pod of the same JuiceFS volume.
+CacheMode = Literal["pod", "node"]
+CACHE_MODES: tuple[CacheMode, ...] = get_args(CacheMode)
+CACHE_MODE_FORM = "'pod' or 'node'"
 BOOL_FORM = "'true' or 'false'"
 
 # BentoML tag components: lowercase name, version of letters, digits, . _ -.
@@ -46,9 +51,18 @@ DEFAULT_BUFFER_SIZE_MIB = 1024
 MIN_BUFFER_SIZE_MIB = 64
 DEFAULT_PREFETCH = 3
 DEFAULT_CACHE_MIN_MBPS = 200.0
-# juicefs.defaultCacheSize (20Gi) times juicefs.cacheFillRatio (0.9), in MiB:
-# what the injector writes with its default config (a test holds them together).
-DEFAULT_CACHE_SIZE_MIB = 18432
+# The default profile (GKE) names a local-SSD path, so its default is the node cache.
+DEFAULT_CACHE_MODE: CacheMode = "node"
+# cache.nodeBudget (200Gi) in MiB.
+DEFAULT_NODE_CACHE_BUDGET_MIB = 204800
+# The node budget times juicefs.cacheFillRatio (0.9), in MiB: JuiceFS's own
+# limit, what the injector writes with its default config (a test holds them together).
+DEFAULT_CACHE_SIZE_MIB = 184320
+# cache.nodeScanSeconds: how often each JuiceFS client on a node re-reads the
+# shared cache directory, and so counts what the node's other clients wrote.
+DEFAULT_CACHE_SCAN_SECONDS = 10
+MIN_CACHE_SCAN_SECONDS = 1
+MAX_CACHE_SCAN_SECONDS = 3600
 DEFAULT_VOLUME = "models"
 DEFAULT_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_PRIVATE_MOUNT = "/var/lib/juicefs/volume"
@@ -63,6 +77,12 @@ class EnvError(ValueError):
 
 def parse_ssd_policy(value: str) -> SsdPolicy:
     if value not in SSD_POLICIES:
+        raise ValueError(value)
+    return value
+
+
+def parse_cache_mode(value: str) -> CacheMode:
+    if value not in CACHE_MODES:
         raise ValueError(value)
     return value
 
@@ -212,7 +232,18 @@ BENTO_PATH = _text("JFS_BENTO_PATH")
 MODELS = EnvVar("JFS_MODELS", _parse_models, "empty (all) or " + MODELS_FORM, "", ",".join)
 MOUNT_POINT = _path("JFS_MOUNT_POINT")
 CACHE_DIR = _path("JFS_CACHE_DIR")
+CACHE_MODE = EnvVar("JFS_CACHE_MODE", parse_cache_mode, CACHE_MODE_FORM, DEFAULT_CACHE_MODE)
+# JuiceFS --cache-size: the pod cache's size, or the node budget, times juicefs.cacheFillRatio.
 CACHE_SIZE_MIB = _count("JFS_CACHE_SIZE_MIB", "MiB", DEFAULT_CACHE_SIZE_MIB, 0)
+# Node mode only: the budget every client of the node's cache directory keeps to.
+NODE_CACHE_BUDGET_MIB = _count("JFS_NODE_CACHE_BUDGET_MIB", "MiB", DEFAULT_NODE_CACHE_BUDGET_MIB, 1)
+CACHE_SCAN_SECONDS = _count(
+    "JFS_CACHE_SCAN_SECONDS",
+    "seconds",
+    DEFAULT_CACHE_SCAN_SECONDS,
+    MIN_CACHE_SCAN_SECONDS,
+    MAX_CACHE_SCAN_SECONDS,
+)
 BUFFER_SIZE_MIB = _count("JFS_BUFFER_SIZE_MIB", "MiB", DEFAULT_BUFFER_SIZE_MIB, MIN_BUFFER_SIZE_MIB)
 PREFETCH = _count("JFS_PREFETCH", "blocks", DEFAULT_PREFETCH, 0)
 SSD_POLICY = EnvVar("JFS_SSD_POLICY", parse_ssd_policy, SSD_POLICY_FORM, DEFAULT_SSD_POLICY)
@@ -255,7 +286,10 @@ ALL: tuple[EnvVar[Any], ...] = (
     MODELS,
     MOUNT_POINT,
     CACHE_DIR,
+    CACHE_MODE,
     CACHE_SIZE_MIB,
+    NODE_CACHE_BUDGET_MIB,
+    CACHE_SCAN_SECONDS,
     BUFFER_SIZE_MIB,
     PREFETCH,
     SSD_POLICY,

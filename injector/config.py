@@ -7,6 +7,7 @@ in YAML, like the Kubernetes objects they describe.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from functools import cached_property
 from pathlib import Path
@@ -24,10 +25,10 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from common import env
-from common.env import SSD_POLICIES, SsdPolicy
+from common.env import SSD_POLICIES, CacheMode, SsdPolicy
 from injector.quantity import parse_quantity
 
-__all__ = ["SSD_POLICIES", "ConfigError", "InjectorConfig", "SsdPolicy", "load_config"]
+__all__ = ["SSD_POLICIES", "CacheMode", "ConfigError", "InjectorConfig", "SsdPolicy", "load_config"]
 
 PREFIX = "juicefs.bentoml.com/"
 
@@ -38,6 +39,19 @@ def _check_quantity(value: str) -> str:
 
 
 Quantity = Annotated[str, AfterValidator(_check_quantity)]
+
+
+def _check_node_path(value: str) -> str:
+    if not value.startswith("/") or value == "/" or posixpath.normpath(value) != value:
+        raise ValueError(
+            "must be an absolute, normalized directory other than /, "
+            "e.g. /mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs"
+        )
+    return value
+
+
+# A directory on the node; the node cache of each JuiceFS volume is a subdirectory.
+NodePath = Annotated[str, AfterValidator(_check_node_path)]
 
 _VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)(?:\.\d+)?(?:[-+].*)?$")
 
@@ -83,6 +97,7 @@ class Annotations(_Model):
     sidecar_memory_limit: str = PREFIX + "sidecar-memory-limit"
     warmup: str = PREFIX + "warmup"
     warmup_timeout: str = PREFIX + "warmup-timeout"
+    cache_mode: str = PREFIX + "cache-mode"
 
 
 class Resources(_Model):
@@ -116,8 +131,9 @@ class Volumes(_Model):
     # Where the sidecar mounts JuiceFS (the shared mount dir) and keeps its cache.
     mount_path: str = "/var/lib/juicefs/mnt"
     cache_path: str = "/var/lib/juicefs/cache"
-    # "" keeps the cache on the node's ephemeral storage, which on local-SSD
-    # node pools is NVMe. "Memory" is tmpfs, for tests and tiny models only.
+    # The pod cache's emptyDir medium: "" keeps it on the node's ephemeral
+    # storage, which on local-SSD node pools is NVMe. "Memory" is tmpfs, for
+    # tests and tiny models only. The node cache is always on the node's disk.
     cache_medium: Literal["", "Memory"] = ""
 
 
@@ -151,6 +167,23 @@ class JuiceFS(_Model):
     # Defaults and bounds are the sidecar's contract (common.env).
     buffer_size_mib: int = Field(default=env.DEFAULT_BUFFER_SIZE_MIB, ge=env.MIN_BUFFER_SIZE_MIB)
     prefetch: int = Field(default=env.DEFAULT_PREFETCH, ge=0)
+
+
+class Cache(_Model):
+    """Where the JuiceFS block cache lives: the pod's emptyDir, or the node's local SSD."""
+
+    # None: "node" when the platform profile (or nodePath) names a node cache
+    # directory, else "pod". A pod may choose by annotation.
+    mode: CacheMode | None = None
+    # Overrides the profile's nodeCachePath; never settable by a pod.
+    node_path: NodePath | None = None
+    # What every pod's JuiceFS client on a node keeps the node's cache within.
+    node_budget: Quantity = "200Gi"
+    node_scan_seconds: int = Field(
+        default=env.DEFAULT_CACHE_SCAN_SECONDS,
+        ge=env.MIN_CACHE_SCAN_SECONDS,
+        le=env.MAX_CACHE_SCAN_SECONDS,
+    )
 
 
 class Warmup(_Model):
@@ -198,6 +231,9 @@ class PlatformProfile(_Model):
     """One platform: which nodes have local NVMe, which stream images, which images can."""
 
     ssd_node_label: NodeLabel | None = None
+    # The directory on the node's local SSD that holds the node cache (one
+    # subdirectory per JuiceFS volume); None: this platform has no node cache.
+    node_cache_path: NodePath | None = None
     streaming_node_label: NodeLabel | None = None
     streaming_affinity: Literal["required", "preferred", "off"] = "preferred"
     streaming_weight: int = Field(default=50, ge=1, le=100)
@@ -210,6 +246,9 @@ def _default_profiles() -> dict[str, PlatformProfile]:
     return {
         "gke": PlatformProfile(
             ssd_node_label=NodeLabel(key="cloud.google.com/gke-ephemeral-storage-local-ssd"),
+            # Where GKE mounts the local SSDs of --ephemeral-storage-local-ssd
+            # (RAID 0; the kubelet's and containerd's directories live there too).
+            node_cache_path="/mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs",
             streaming_node_label=NodeLabel(key="cloud.google.com/gke-image-streaming"),
             streamable_images=("*-docker.pkg.dev/*", "gcr.io/*", "*.gcr.io/*", "docker.io/*"),
             description="GKE Image streaming",
@@ -217,12 +256,17 @@ def _default_profiles() -> dict[str, PlatformProfile]:
         "eks": PlatformProfile(
             # Karpenter labels instance types that have local NVMe with its size.
             ssd_node_label=NodeLabel(key="karpenter.k8s.aws/instance-local-nvme", value=None),
+            # Where the EKS AMIs mount instance-store NVMe (Karpenter
+            # instanceStorePolicy: RAID0, nodeadm localStorage, Bottlerocket).
+            node_cache_path="/mnt/k8s-disks/0/bento-juicefs",
             streaming_affinity="off",
             streamable_images=("*.dkr.ecr.*.amazonaws.com/*",),
             description="EKS SOCI lazy loading",
         ),
         "aks": PlatformProfile(
             # AKS has no standard label for local NVMe: set scheduling.ssdNodeLabel.
+            # Azure mounts the VM's local temporary disk at /mnt.
+            node_cache_path="/mnt/bento-juicefs",
             streaming_node_label=NodeLabel(key="kubernetes.azure.com/artifactstreaming-enabled"),
             streamable_images=("*.azurecr.io/*",),
             description="AKS Artifact Streaming",
@@ -306,6 +350,7 @@ class InjectorConfig(_Model):
     volumes: Volumes = Volumes()
     models: Models = Models()
     juicefs: JuiceFS = JuiceFS()
+    cache: Cache = Cache()
     warmup: Warmup = Warmup()
     readiness: Readiness = Readiness()
     scheduling: Scheduling = Scheduling()
@@ -316,6 +361,13 @@ class InjectorConfig(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> InjectorConfig:
+        for volume in self.juicefs.allowed_volumes:
+            # It names a directory on the node (the node cache): one path component.
+            if not env.is_bento_name(volume):
+                raise ValueError(
+                    f"juicefs.allowedVolumes: {volume!r} is not a JuiceFS volume name "
+                    f"({env.NAME_FORM})"
+                )
         if self.juicefs.default_volume not in self.juicefs.allowed_volumes:
             raise ValueError(
                 f"juicefs.defaultVolume {self.juicefs.default_volume!r} "
@@ -328,6 +380,19 @@ class InjectorConfig(_Model):
             raise ValueError(
                 "juicefs.defaultCacheSize must lie between minCacheSize and maxCacheSize"
             )
+        budget = parse_quantity(self.cache.node_budget)
+        if budget < parse_quantity("1Gi") or budget != budget.to_integral_value():
+            raise ValueError("cache.nodeBudget must be a whole number of bytes, at least 1Gi")
+        if self.cache.mode == "node" and self.node_cache_path is None:
+            raise ValueError(
+                f"cache.mode is node but profile {self.cluster.platform_profile!r} has no "
+                "nodeCachePath: set cache.nodePath or cache.mode: pod"
+            )
+        if self.cache_mode == "node" and self.volumes.cache_medium == "Memory":
+            raise ValueError(
+                "volumes.cacheMedium Memory is for the pod cache, and cache.mode is node "
+                f"(the {self.cluster.platform_profile} profile's default): set cache.mode: pod"
+            )
         if self.scheduling.ssd_policy != "off" and self.ssd_node_label is None:
             raise ValueError(
                 f"scheduling.ssdPolicy is {self.scheduling.ssd_policy} but profile "
@@ -339,6 +404,22 @@ class InjectorConfig(_Model):
     @cached_property
     def ssd_node_label(self) -> NodeLabel | None:
         return self.scheduling.ssd_node_label or self.cluster.profile.ssd_node_label
+
+    @cached_property
+    def node_cache_path(self) -> str | None:
+        """The node cache's directory on every node, if there is one."""
+        return self.cache.node_path or self.cluster.profile.node_cache_path
+
+    @cached_property
+    def cache_mode(self) -> CacheMode:
+        """The cache mode of pods that do not choose one by annotation."""
+        if self.cache.mode is not None:
+            return self.cache.mode
+        return "node" if self.node_cache_path is not None else "pod"
+
+    @cached_property
+    def node_budget_bytes(self) -> int:
+        return int(parse_quantity(self.cache.node_budget))
 
     @cached_property
     def excluded_namespaces(self) -> frozenset[str]:

@@ -7,20 +7,24 @@ steps only read the plan. Nothing here does I/O.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from common.env import (
     BOOL_FORM,
+    CACHE_MODE_FORM,
     MIN_WARMUP_TIMEOUT_SECONDS,
     MODELS_FORM,
     NAME_FORM,
     SSD_POLICY_FORM,
+    CacheMode,
     SsdPolicy,
     is_bento_name,
     is_bento_version,
     parse_bool,
+    parse_cache_mode,
     parse_model_tags,
     parse_ssd_policy,
 )
@@ -68,8 +72,12 @@ class InjectionPlan:
     volume: str
     secret_name: str
     juicefs_path: str
+    # The pod cache's size (emptyDir sizeLimit); unused by the node cache.
     cache_size: str
     cache_bytes: int
+    cache_mode: CacheMode
+    # Node mode: the volume's node cache directory (hostPath), from config alone.
+    node_cache_dir: str | None
     ssd_policy: SsdPolicy
     resources: SidecarResources
     warmup: bool
@@ -257,6 +265,23 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
         whole_bytes=True,
     )
 
+    cache_mode: CacheMode = config.cache_mode
+    if (raw := override(ann.cache_mode)) is not None:
+        try:
+            cache_mode = parse_cache_mode(raw)
+        except ValueError:
+            errors.append(_bad(ann.cache_mode, raw, CACHE_MODE_FORM))
+        else:
+            if cache_mode == "node" and config.node_cache_path is None:
+                errors.append(
+                    f"annotation {ann.cache_mode}={raw!r} needs a node cache directory, and "
+                    f"profile {config.cluster.platform_profile!r} names none (cache.nodePath)"
+                )
+    node_cache_dir = None
+    if cache_mode == "node" and config.node_cache_path is not None:
+        # The volume is one of juicefs.allowedVolumes, each a single path component.
+        node_cache_dir = posixpath.join(config.node_cache_path, volume)
+
     ssd_policy: SsdPolicy = config.scheduling.ssd_policy
     if (raw := override(ann.ssd_policy)) is not None:
         try:
@@ -300,6 +325,8 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
         juicefs_path=config.models.juicefs_path_template.format(name=name, version=version),
         cache_size=cache_size,
         cache_bytes=cache_bytes,
+        cache_mode=cache_mode,
+        node_cache_dir=node_cache_dir,
         ssd_policy=ssd_policy,
         resources=resources,
         warmup=warmup,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import env as contract
-from common.env import DEFAULT_TOKEN_DIR, EnvError, SsdPolicy
+from common.env import DEFAULT_TOKEN_DIR, CacheMode, EnvError, SsdPolicy
 
 __all__ = [
     "CACHE_DIR",
@@ -66,6 +66,12 @@ class Settings:
     token_dir: Path
     volume: str = contract.DEFAULT_VOLUME
     node_name: str = ""
+    # Node mode: cache_dir is the node cache of this JuiceFS volume, shared
+    # by the node's pods, within the node budget. (From the environment the
+    # default is common.env's; code that builds Settings itself gets a pod cache.)
+    cache_mode: CacheMode = "pod"
+    node_cache_budget_mib: int = contract.DEFAULT_NODE_CACHE_BUDGET_MIB
+    cache_scan_seconds: int = contract.DEFAULT_CACHE_SCAN_SECONDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -100,6 +106,9 @@ class Settings:
                 token_dir=c.TOKEN_DIR.read(source),
                 volume=c.VOLUME.read(source),
                 node_name=c.NODE_NAME.read(source),
+                cache_mode=c.CACHE_MODE.read(source),
+                node_cache_budget_mib=c.NODE_CACHE_BUDGET_MIB.read(source),
+                cache_scan_seconds=c.CACHE_SCAN_SECONDS.read(source),
             )
         except EnvError as err:
             raise SettingsError(str(err)) from None

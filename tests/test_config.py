@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,43 @@ def test_config_command_prints_effective_config(
     assert printed["juicefs"]["defaultCacheSize"] == "50Gi"
     assert printed["labels"]["modelStore"] == "juicefs.bentoml.com/model-store"
     assert load_config(file).juicefs.default_cache_size == "50Gi"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"cache": {"mode": "shared"}}, "cache.mode"),
+        ({"cache": {"nodePath": "mnt/ssd"}}, "must be an absolute, normalized directory"),
+        ({"cache": {"nodePath": "/mnt/ssd/../etc"}}, "must be an absolute, normalized directory"),
+        ({"cache": {"nodePath": "/"}}, "must be an absolute, normalized directory"),
+        ({"cache": {"nodeBudget": "512Mi"}}, "cache.nodeBudget must be a whole number of bytes"),
+        ({"cache": {"nodeScanSeconds": 0}}, "cache.nodeScanSeconds"),
+        (
+            {"cluster": {"platformProfile": "none"}, "scheduling": {"ssdPolicy": "off"},
+             "cache": {"mode": "node"}},
+            "set cache.nodePath or cache.mode: pod",
+        ),
+        ({"volumes": {"cacheMedium": "Memory"}}, "volumes.cacheMedium Memory is for the pod cache"),
+        (
+            {"juicefs": {"allowedVolumes": ["models", "../etc"]}},
+            "'../etc' is not a JuiceFS volume name",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_cache_config_names_the_key(data: object, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_config(data)
+
+
+def test_cache_mode_defaults_follow_the_profile() -> None:
+    assert InjectorConfig().cache_mode == "node"
+    assert InjectorConfig().node_cache_path == (
+        "/mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs"
+    )
+    none = parse_config(
+        {"cluster": {"platformProfile": "none"}, "scheduling": {"ssdPolicy": "off"}}
+    )
+    assert none.cache_mode == "pod"
+    assert none.node_cache_path is None
+    pinned = parse_config({"cache": {"mode": "pod"}, "volumes": {"cacheMedium": "Memory"}})
+    assert pinned.cache_mode == "pod"

@@ -75,6 +75,8 @@ def test_enough_injected_pods() -> None:
 
 def expected_settings(plan: InjectionPlan, config: InjectorConfig) -> dict[str, Any]:
     jfs = config.juicefs
+    node = plan.cache_mode == "node"
+    limit = config.node_budget_bytes if node else plan.cache_bytes
     return {
         "pod_name": FIELDS["metadata.name"],
         "pod_namespace": FIELDS["metadata.namespace"],
@@ -90,7 +92,15 @@ def expected_settings(plan: InjectionPlan, config: InjectorConfig) -> dict[str, 
         "models": plan.models,
         "mount_point": Path(config.volumes.mount_path),
         "cache_dir": Path(config.volumes.cache_path),
-        "cache_size_mib": int(plan.cache_bytes * jfs.cache_fill_ratio) // MIB,
+        "cache_mode": plan.cache_mode,
+        "cache_size_mib": int(limit * jfs.cache_fill_ratio) // MIB,
+        # Written in node mode only; otherwise the contract's defaults.
+        "node_cache_budget_mib": config.node_budget_bytes // MIB
+        if node
+        else env.DEFAULT_NODE_CACHE_BUDGET_MIB,
+        "cache_scan_seconds": config.cache.node_scan_seconds
+        if node
+        else env.DEFAULT_CACHE_SCAN_SECONDS,
         "buffer_size_mib": jfs.buffer_size_mib,
         "prefetch": jfs.prefetch,
         "ssd_policy": plan.ssd_policy,
@@ -144,6 +154,9 @@ def test_the_sidecar_defaults_are_what_the_default_config_writes() -> None:
         ("JFS_BUFFER_SIZE_MIB", "32", "at least 64"),
         ("JFS_PREFETCH", "-1", "at least 0"),
         ("JFS_CACHE_SIZE_MIB", "big", "a whole number of MiB"),
+        ("JFS_CACHE_MODE", "shared", "'pod' or 'node'"),
+        ("JFS_NODE_CACHE_BUDGET_MIB", "0", "at least 1"),
+        ("JFS_CACHE_SCAN_SECONDS", "0", "from 1 to 3600"),
         ("JFS_CACHE_MIN_MBPS", "nan", "at least 0"),
         ("JFS_MODELS", "llama3:v1,,tokenizer", "BentoML model tags"),
         ("BENTO_NAME", "../etc", "lowercase letters"),

@@ -41,7 +41,6 @@ def test_native_sidecar_first_with_startup_probe() -> None:
     assert sidecar["startupProbe"]["exec"]["command"] == ["python", "-m", "sidecar", "probe"]
     assert sidecar["securityContext"]["privileged"] is True
     assert sidecar["volumeMounts"][0]["mountPropagation"] == "Bidirectional"
-    assert sidecar["resources"]["requests"]["ephemeral-storage"] == "20Gi"
 
 
 def test_classic_sidecar_on_old_clusters() -> None:
@@ -106,8 +105,12 @@ def test_native_istio_proxy_stays_ahead_of_our_sidecar() -> None:
     ("annotations", "check"),
     [
         (
-            {"cache-size": "100Gi"},
+            {"cache-mode": "pod", "cache-size": "100Gi"},
             lambda p: p["spec"]["volumes"][1]["emptyDir"]["sizeLimit"] == "100Gi",
+        ),
+        (
+            {"cache-mode": "node"},
+            lambda p: p["spec"]["volumes"][1]["hostPath"]["path"].endswith("/models"),
         ),
         (
             {"models": "llama3:v2,tokenizer"},
@@ -314,7 +317,8 @@ def test_status_annotation_says_what_was_injected() -> None:
     status = json.loads(inject(bento_pod())["metadata"]["annotations"][STATUS])
     assert status["sidecar"] == {"mode": "native", "name": "juicefs-mount"}
     assert status["bento"] == "llama3-service:v1"
-    assert status["cache"]["size"] == "20Gi"
+    assert status["cache"]["mode"] == "node"
+    assert status["cache"]["budget"] == "200Gi"
     assert status["profile"] == "gke"
     assert status["readinessGate"] == "juicefs.bentoml.com/models-ready"
     assert status["volumes"] == ["juicefs-mount-dir", "juicefs-cache", "juicefs-sa-token"]
@@ -590,8 +594,197 @@ def test_opt_out_label_is_exact() -> None:
 
 
 def test_memory_cache_is_charged_to_memory_not_ephemeral_storage() -> None:
-    config = parse_config({"volumes": {"cacheMedium": "Memory"}})
+    config = parse_config({"cache": {"mode": "pod"}, "volumes": {"cacheMedium": "Memory"}})
     resources = sidecar_of(inject(annotated(**{"cache-size": "1Gi"}), config))["resources"]
     assert "ephemeral-storage" not in resources["requests"]
     assert resources["requests"]["memory"] == str(512 * 2**20 + 2**30)
     assert resources["limits"]["memory"] == str(2 * 2**30 + 2**30)
+
+
+# -- the cache: the pod's emptyDir, or the node cache -----------------------------------
+
+NODE_CACHE = "/mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs"
+
+
+def volume_named(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    return dict(next(v for v in pod["spec"]["volumes"] if v["name"] == name))
+
+
+def test_node_cache_is_the_volumes_directory_on_the_nodes_ssd_mounted_only_by_the_sidecar() -> None:
+    out = inject(bento_pod(initContainers=[{"name": "setup", "image": "busybox"}]))
+    assert volume_named(out, "juicefs-cache") == {
+        "name": "juicefs-cache",
+        "hostPath": {"path": f"{NODE_CACHE}/models", "type": "DirectoryOrCreate"},
+    }
+    sidecar = sidecar_of(out)
+    assert {"name": "juicefs-cache", "mountPath": "/var/lib/juicefs/cache"} in sidecar[
+        "volumeMounts"
+    ]
+    others = out["spec"]["initContainers"] + out["spec"]["containers"]
+    mounting = [
+        c["name"]
+        for c in others
+        if any(m["name"] == "juicefs-cache" for m in c.get("volumeMounts") or [])
+    ]
+    assert mounting == ["juicefs-mount"]
+    # The node has its own budget: no per-pod ephemeral-storage request.
+    assert "ephemeral-storage" not in sidecar["resources"]["requests"]
+    env = env_of(sidecar)
+    assert env["JFS_CACHE_MODE"] == "node"
+    assert env["JFS_NODE_CACHE_BUDGET_MIB"] == str(200 * 1024)
+    assert env["JFS_CACHE_SIZE_MIB"] == str(int(200 * 1024 * 0.9))
+    assert env["JFS_CACHE_SCAN_SECONDS"] == "10"
+
+
+def test_the_volume_annotation_picks_that_volumes_node_cache_directory() -> None:
+    config = parse_config({"juicefs": {"allowedVolumes": ["models", "vision"]}})
+    out = inject(annotated(volume="vision"), config)
+    assert volume_named(out, "juicefs-cache")["hostPath"]["path"] == f"{NODE_CACHE}/vision"
+
+
+@pytest.mark.parametrize(
+    ("profile", "path"),
+    [
+        ("eks", "/mnt/k8s-disks/0/bento-juicefs/models"),
+        ("aks", "/mnt/bento-juicefs/models"),
+    ],
+)
+def test_each_ssd_profile_names_its_node_cache_directory(profile: str, path: str) -> None:
+    config = parse_config(
+        {
+            "cluster": {"platformProfile": profile},
+            "scheduling": {"ssdNodeLabel": {"key": "example.com/nvme"}},
+        }
+    )
+    assert config.cache_mode == "node"
+    assert volume_named(inject(bento_pod(), config), "juicefs-cache")["hostPath"]["path"] == path
+
+
+def test_the_none_profile_defaults_to_the_pod_cache() -> None:
+    config = parse_config(
+        {"cluster": {"platformProfile": "none"}, "scheduling": {"ssdPolicy": "off"}}
+    )
+    assert config.cache_mode == "pod"
+    out = inject(bento_pod(), config)
+    assert volume_named(out, "juicefs-cache")["emptyDir"] == {"sizeLimit": "20Gi"}
+    assert sidecar_of(out)["resources"]["requests"]["ephemeral-storage"] == "20Gi"
+    assert env_of(sidecar_of(out))["JFS_CACHE_MODE"] == "pod"
+    assert "JFS_NODE_CACHE_BUDGET_MIB" not in env_of(sidecar_of(out))
+
+
+def test_the_config_path_overrides_the_profiles() -> None:
+    config = parse_config({"cache": {"nodePath": "/var/nvme/jfs"}})
+    out = inject(bento_pod(), config)
+    assert volume_named(out, "juicefs-cache")["hostPath"]["path"] == "/var/nvme/jfs/models"
+
+
+def test_pod_cache_by_annotation_requests_its_size() -> None:
+    out = inject(annotated(**{"cache-mode": "pod", "cache-size": "30Gi"}))
+    assert volume_named(out, "juicefs-cache")["emptyDir"] == {"sizeLimit": "30Gi"}
+    assert sidecar_of(out)["resources"]["requests"]["ephemeral-storage"] == "30Gi"
+    status = json.loads(out["metadata"]["annotations"][STATUS])
+    assert status["cache"] == {
+        "mode": "pod",
+        "size": "30Gi",
+        "medium": "node-local disk (emptyDir)",
+    }
+
+
+def test_cache_size_on_the_node_cache_is_ignored_with_a_warning_but_still_validated() -> None:
+    result = run(annotated(**{"cache-size": "40Gi"}))
+    assert result.outcome == "injected"
+    assert any("cache-size is ignored" in w and "cache-mode=pod" in w for w in result.warnings)
+    bad = run(annotated(**{"cache-size": "lots"}))
+    assert bad.outcome == "denied"
+    assert "cache-size='lots'" in bad.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("shared", "cache-mode='shared' is invalid: expected 'pod' or 'node'"),
+        ("Node", "expected 'pod' or 'node'"),
+    ],
+)
+def test_invalid_cache_mode_denied(value: str, message: str) -> None:
+    result = run(annotated(**{"cache-mode": value}))
+    assert result.outcome == "denied"
+    assert message in result.reason
+
+
+def test_node_cache_without_a_directory_denied() -> None:
+    config = parse_config(
+        {"cluster": {"platformProfile": "none"}, "scheduling": {"ssdPolicy": "off"}}
+    )
+    result = run(annotated(**{"cache-mode": "node"}), config)
+    assert result.outcome == "denied"
+    assert "needs a node cache directory" in result.reason
+    assert "cache.nodePath" in result.reason
+
+
+@pytest.mark.parametrize("key", ["initContainers", "containers", "ephemeralContainers"])
+def test_a_container_of_the_pods_that_mounts_the_cache_is_denied(key: str) -> None:
+    pod = bento_pod()
+    mounts = [{"name": "juicefs-cache", "mountPath": "/cache"}]
+    mount = {"name": "peek", "image": "busybox", "volumeMounts": mounts}
+    pod["spec"].setdefault(key, []).append(mount)
+    result = run(pod)
+    assert result.outcome == "denied"
+    assert f"container 'peek' in spec.{key} mounts volume 'juicefs-cache'" in result.reason
+
+
+def test_a_container_added_after_injection_that_mounts_the_cache_is_denied() -> None:
+    out = inject(bento_pod())
+    mount = [{"name": "juicefs-cache", "mountPath": "/cache"}]
+    out["spec"]["containers"].append({"name": "later", "image": "busybox", "volumeMounts": mount})
+    result = run(out)
+    assert result.outcome == "denied"
+    assert "only juicefs-mount may mount" in result.reason
+
+
+@pytest.mark.parametrize(
+    "host_path",
+    [
+        {"path": "/", "type": "DirectoryOrCreate"},
+        {"path": f"{NODE_CACHE}/models/..", "type": "DirectoryOrCreate"},
+        {"path": f"{NODE_CACHE}/other-volume", "type": "DirectoryOrCreate"},
+        {"path": f"{NODE_CACHE}/models", "type": "Directory"},
+        {"path": f"{NODE_CACHE}/models"},
+    ],
+)
+def test_forged_status_vouches_only_for_the_configured_node_cache(
+    host_path: dict[str, str],
+) -> None:
+    out = inject(bento_pod())
+    volume = next(v for v in out["spec"]["volumes"] if v["name"] == "juicefs-cache")
+    volume["hostPath"] = host_path
+    result = run(out)
+    assert result.outcome == "denied"
+    assert "volume 'juicefs-cache' is hostPath" in result.reason
+    assert "cannot be set by hand" in result.reason
+
+
+def test_forged_status_with_a_host_path_for_a_pod_on_the_pod_cache_denied() -> None:
+    out = inject(annotated(**{"cache-mode": "pod"}))
+    volume = next(v for v in out["spec"]["volumes"] if v["name"] == "juicefs-cache")
+    del volume["emptyDir"]
+    volume["hostPath"] = {"path": f"{NODE_CACHE}/models", "type": "DirectoryOrCreate"}
+    result = run(out)
+    assert result.outcome == "denied"
+    assert "none: this pod uses the pod cache" in result.reason
+
+
+@pytest.mark.parametrize("name", ["juicefs-mount-dir", "juicefs-sa-token"])
+def test_forged_status_with_a_host_path_under_our_other_names_denied(name: str) -> None:
+    pod = bento_pod(volumes=[{"name": name, "hostPath": {"path": f"{NODE_CACHE}/models"}}])
+    pod["metadata"]["annotations"] = {STATUS: "{}"}
+    result = run(pod)
+    assert result.outcome == "denied"
+    assert f"volume {name!r} is hostPath" in result.reason
+
+
+def test_our_own_node_cache_output_is_accepted_again() -> None:
+    out = inject(bento_pod())
+    again = run(out)
+    assert again.outcome == "unchanged"
+    assert again.ops == []

@@ -12,6 +12,16 @@ def add_advisories(ctx: MutationContext) -> None:
             "hostNetwork without dnsPolicy ClusterFirstWithHostNet: juicefs-mount cannot "
             "resolve in-cluster services"
         )
+    annotations = (ctx.pod.get("metadata") or {}).get("annotations") or {}
+    size_key = ctx.config.annotations.cache_size
+    if ctx.plan.cache_mode == "node" and size_key in annotations:
+        # Not a denial: charts written for the pod cache keep working when
+        # the platform turns the node cache on; they are told why.
+        ctx.warnings.append(
+            f"annotation {size_key} is ignored: this pod uses the node cache, shared within "
+            f"the node budget ({ctx.config.cache.node_budget}, cache.nodeBudget); set "
+            f"{ctx.config.annotations.cache_mode}=pod for a cache of its own"
+        )
     if ctx.plan.sidecar_mode == "classic" and spec.get("restartPolicy") in ("Never", "OnFailure"):
         ctx.warnings.append(
             "classic juicefs-mount sidecar (cluster < 1.29) outlives the app: this Job's pod "

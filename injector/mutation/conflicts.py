@@ -1,8 +1,10 @@
 """Refuse pods that cannot be injected safely, saying why and what to do.
 
-Three kinds: names or mounts of the pod's own that collide with ours; a pod
+Four kinds: names or mounts of the pod's own that collide with ours; a pod
 claiming (by our status annotation) to be injected whose "ours" parts are not
-what we create; and shapes that would never start (a classic mesh proxy
+what we create (a host path above all: only the configured node cache of the
+pod's own JuiceFS volume); a container of the pod's that mounts our cache;
+and shapes that would never start (a classic mesh proxy
 capturing the sidecar's traffic, a native sidecar stripped of its restart
 policy by another webhook).
 """
@@ -12,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from injector.mutation.context import MutationContext
-from injector.mutation.owned import VOLUME_SOURCES
 from injector.mutation.sidecar import sidecar_container
+from injector.mutation.volumes import cache_volume
 
 
 def _name_clashes(ctx: MutationContext) -> list[str]:
@@ -34,16 +36,32 @@ def _forged_parts(ctx: MutationContext) -> list[str]:
     """The status annotation is ours alone: what it vouches for must look like ours."""
     owned = ctx.owned
     status = owned.status_annotation
+    allowed = owned.volume_sources
     problems = []
     for volume in ctx.spec.get("volumes") or []:
-        if not isinstance(volume, dict) or volume.get("name") not in owned.volumes:
+        if not isinstance(volume, dict) or volume.get("name") not in allowed:
             continue
+        name = volume["name"]
         source = [k for k in volume if k != "name"]
-        if len(source) != 1 or source[0] not in VOLUME_SOURCES:
+        if len(source) != 1 or source[0] not in allowed[name]:
             kind = "/".join(source) or "empty"
             problems.append(
-                f"pod carries {status} but volume {volume['name']!r} is {kind}, not what the "
+                f"pod carries {status} but volume {name!r} is {kind}, not what the "
                 "injector creates; that annotation cannot be set by hand"
+            )
+        elif source[0] == "hostPath" and volume["hostPath"] != _node_cache_source(ctx):
+            # A host path is ours only when it is exactly the configured node
+            # cache directory of this pod's JuiceFS volume.
+            ours = _node_cache_source(ctx)
+            expected = (
+                f"hostPath {ours['path']!r}, {ours['type']}"
+                if ours
+                else "none: this pod uses the pod cache"
+            )
+            problems.append(
+                f"pod carries {status} but volume {name!r} is hostPath "
+                f"{volume['hostPath'].get('path')!r}, not the node cache the injector creates "
+                f"({expected}); that annotation cannot be set by hand"
             )
     found = ctx.sidecar_index()
     if found is not None:
@@ -65,6 +83,29 @@ def _forged_parts(ctx: MutationContext) -> list[str]:
                 "it would block the pod forever: a mutating webhook that ran after the injector "
                 "rewrote it"
             )
+    return problems
+
+
+def _node_cache_source(ctx: MutationContext) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = cache_volume(ctx).get("hostPath")
+    return found
+
+
+def _sidecar_only_mounts(ctx: MutationContext) -> list[str]:
+    """No container but ours mounts the cache: in node mode it is every pod's on the node."""
+    private = ctx.owned.sidecar_only_volumes
+    problems = []
+    for key in ("initContainers", "containers", "ephemeralContainers"):
+        for container in ctx.containers(key):
+            if container.get("name") == ctx.owned.container:
+                continue
+            for mount in container.get("volumeMounts") or []:
+                if isinstance(mount, dict) and mount.get("name") in private:
+                    problems.append(
+                        f"container {container.get('name')!r} in spec.{key} mounts volume "
+                        f"{mount.get('name')!r}, the JuiceFS cache, which only "
+                        f"{ctx.owned.container} may mount; remove that mount"
+                    )
     return problems
 
 
@@ -146,4 +187,4 @@ def _model_path_clashes(ctx: MutationContext) -> list[str]:
 
 def find_conflicts(ctx: MutationContext) -> list[str]:
     ours = _forged_parts(ctx) if ctx.plan.already_injected else _name_clashes(ctx)
-    return ours + _classic_mesh_proxy(ctx) + _model_path_clashes(ctx)
+    return ours + _sidecar_only_mounts(ctx) + _classic_mesh_proxy(ctx) + _model_path_clashes(ctx)

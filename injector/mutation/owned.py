@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 from injector.config import InjectorConfig
 
-# The volume source each of our volumes has, whoever wrote it.
-VOLUME_SOURCES = ("emptyDir", "projected")
-
 
 @dataclass(frozen=True)
 class Owned:
@@ -28,6 +25,24 @@ class Owned:
     def volumes(self) -> tuple[str, ...]:
         """Our volume names, in the order the volumes step adds them."""
         return (self.mount_dir_volume, self.cache_volume, self.token_volume)
+
+    @property
+    def volume_sources(self) -> dict[str, tuple[str, ...]]:
+        """The volume source each of our volumes may have, whoever wrote it.
+
+        A hostPath is only ever the node cache, and then exactly the one the
+        config names for the pod's JuiceFS volume (checked in conflicts.py).
+        """
+        return {
+            self.mount_dir_volume: ("emptyDir",),
+            self.cache_volume: ("emptyDir", "hostPath"),
+            self.token_volume: ("projected",),
+        }
+
+    @property
+    def sidecar_only_volumes(self) -> tuple[str, ...]:
+        """Volumes no container but our sidecar may mount: the cache (node-wide in node mode)."""
+        return (self.cache_volume,)
 
 
 def owned_names(config: InjectorConfig) -> Owned:

@@ -29,7 +29,15 @@ def sidecar_env(ctx: MutationContext) -> list[dict[str, Any]]:
     """The sidecar's whole configuration, each value rendered by the contract's rule."""
     plan, config = ctx.plan, ctx.config
     jfs = config.juicefs
-    cache_mib = int(plan.cache_bytes * jfs.cache_fill_ratio) // MIB
+    node = plan.cache_mode == "node"
+    # JuiceFS's --cache-size is a soft limit: kept under the emptyDir's
+    # sizeLimit, or under the node budget, by the same ratio.
+    limit = config.node_budget_bytes if node else plan.cache_bytes
+    cache_mib = int(limit * jfs.cache_fill_ratio) // MIB
+    node_cache = [
+        env.NODE_CACHE_BUDGET_MIB.entry(config.node_budget_bytes // MIB),
+        env.CACHE_SCAN_SECONDS.entry(config.cache.node_scan_seconds),
+    ]
     return [
         _field_env(env.POD_NAME.name, "metadata.name"),
         _field_env(env.POD_NAMESPACE.name, "metadata.namespace"),
@@ -46,7 +54,9 @@ def sidecar_env(ctx: MutationContext) -> list[dict[str, Any]]:
         env.MODELS.entry(plan.models),
         env.MOUNT_POINT.entry(Path(config.volumes.mount_path)),
         env.CACHE_DIR.entry(Path(config.volumes.cache_path)),
+        env.CACHE_MODE.entry(plan.cache_mode),
         env.CACHE_SIZE_MIB.entry(cache_mib),
+        *(node_cache if node else []),
         env.BUFFER_SIZE_MIB.entry(jfs.buffer_size_mib),
         env.PREFETCH.entry(jfs.prefetch),
         env.SSD_POLICY.entry(plan.ssd_policy),
@@ -66,16 +76,18 @@ def sidecar_resources(ctx: MutationContext) -> dict[str, Any]:
         limits["cpu"] = res.cpu_limit
     if res.memory_limit:
         limits["memory"] = res.memory_limit
-    if ctx.config.volumes.cache_medium == "Memory":
-        # tmpfs pages are charged to the container's memory, not to ephemeral storage.
-        for bucket in (requests, limits):
-            if "memory" in bucket:
-                total = parse_quantity(bucket["memory"]) + ctx.plan.cache_bytes
-                bucket["memory"] = str(int(total))
-    else:
-        # The cache lives in an emptyDir on the node's disk; requesting it
-        # makes the scheduler place the pod only where the cache fits.
-        requests["ephemeral-storage"] = ctx.plan.cache_size
+    # The node cache has its own budget (cache.nodeBudget): a pod requests nothing for it.
+    if ctx.plan.cache_mode == "pod":
+        if ctx.config.volumes.cache_medium == "Memory":
+            # tmpfs pages are charged to the container's memory, not to ephemeral storage.
+            for bucket in (requests, limits):
+                if "memory" in bucket:
+                    total = parse_quantity(bucket["memory"]) + ctx.plan.cache_bytes
+                    bucket["memory"] = str(int(total))
+        else:
+            # The cache lives in an emptyDir on the node's disk; requesting it
+            # makes the scheduler place the pod only where the cache fits.
+            requests["ephemeral-storage"] = ctx.plan.cache_size
     return {"requests": requests, "limits": limits} if limits else {"requests": requests}
 
 

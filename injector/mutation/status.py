@@ -13,14 +13,25 @@ def status_document(ctx: MutationContext) -> dict[str, Any]:
     """The plan's choices, and what the steps before this one recorded doing."""
     plan, config, record = ctx.plan, ctx.config, ctx.record
     affinity = {label: outcome.describe() for label, outcome in record.affinity.items()}
+    cache: dict[str, Any]
+    if plan.cache_mode == "node":
+        cache = {
+            "mode": "node",
+            "medium": "node-local SSD (hostPath, shared)",
+            "budget": config.cache.node_budget,
+            "path": plan.node_cache_dir,
+        }
+    else:
+        cache = {
+            "mode": "pod",
+            "size": plan.cache_size,
+            "medium": config.volumes.cache_medium or "node-local disk (emptyDir)",
+        }
     return {
         "version": __version__,
         "bento": f"{plan.bento_name}:{plan.bento_version}",
         "sidecar": {"name": ctx.owned.container, "mode": plan.sidecar_mode},
-        "cache": {
-            "size": plan.cache_size,
-            "medium": config.volumes.cache_medium or "node-local disk (emptyDir)",
-        },
+        "cache": cache,
         "volumes": list(record.volumes),
         "juicefs": {"volume": plan.volume, "path": plan.juicefs_path, "models": list(plan.models)},
         "affinity": affinity,

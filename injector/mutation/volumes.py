@@ -1,4 +1,9 @@
-"""Our volumes: the shared mount dir, the cache, and (when needed) the sidecar's token."""
+"""Our volumes: the shared mount dir, the cache, and (when needed) the sidecar's token.
+
+The cache is the pod's emptyDir (pod mode) or, in node mode, a hostPath: the
+JuiceFS volume's subdirectory of the node cache directory the config names
+(never a pod annotation). Only the sidecar mounts it.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,26 @@ from injector.mutation.context import MutationContext
 from injector.mutation.token import choose_token, projected_token_volume
 
 
-def desired_volumes(ctx: MutationContext) -> list[dict[str, Any]]:
-    owned = ctx.owned
-    cache: dict[str, Any] = {"sizeLimit": ctx.plan.cache_size}
+def cache_volume(ctx: MutationContext) -> dict[str, Any]:
+    """The pod's own emptyDir, or the JuiceFS volume's directory in the node cache."""
+    name, plan = ctx.owned.cache_volume, ctx.plan
+    if plan.cache_mode == "node":
+        assert plan.node_cache_dir is not None  # the plan only chooses node with a path
+        return {
+            "name": name,
+            "hostPath": {"path": plan.node_cache_dir, "type": "DirectoryOrCreate"},
+        }
+    cache: dict[str, Any] = {"sizeLimit": plan.cache_size}
     if ctx.config.volumes.cache_medium:
         cache["medium"] = ctx.config.volumes.cache_medium
+    return {"name": name, "emptyDir": cache}
+
+
+def desired_volumes(ctx: MutationContext) -> list[dict[str, Any]]:
+    owned = ctx.owned
     volumes: list[dict[str, Any]] = [
         {"name": owned.mount_dir_volume, "emptyDir": {}},
-        {"name": owned.cache_volume, "emptyDir": cache},
+        cache_volume(ctx),
     ]
     if choose_token(ctx).projected_by_us:
         volumes.append(projected_token_volume(owned.token_volume))
