@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def _open(path: Path, flags: int) -> tuple[int, bool]:
 
 def measure(directory: Path, size_mib: int = 64) -> CacheSpeed:
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / ".bento-juicefs-probe"
+    # Its own name: in node mode the directory is shared by the node's pods.
+    path = directory / f".bento-juicefs-probe-{uuid.uuid4().hex}"
     buffer = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT requires
     buffer.write(os.urandom(BLOCK))
     blocks = max(1, size_mib * MIB // BLOCK)

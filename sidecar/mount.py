@@ -83,12 +83,44 @@ class JuiceFSMount:
         self._process: asyncio.subprocess.Process | None = None
         self._log_tail: deque[str] = deque(maxlen=40)
         self._reader: asyncio.Task[None] | None = None
+        # juicefs's Prometheus endpoint (a new port each start) and how many
+        # times it was started: its counters begin at zero with each process.
+        self._metrics_port: int | None = None
+        self.generation = 0
         # The private mount's root is the Bento's directory.
         self.bento_dir = settings.private_mount
         self.models_dir = self.bento_dir / MODELS_DIR
 
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the running juicefs serves its Prometheus metrics (None before start)."""
+        if self._metrics_port is None:
+            return None
+        return f"http://127.0.0.1:{self._metrics_port}/metrics"
+
+    def node_cache_options(self) -> list[str]:
+        """What makes clients that share the node cache directory keep to one budget.
+
+        Each client counts the blocks it found in the directory at its last
+        scan plus what it wrote since, and evicts the least recently used
+        (whoever fetched them) above --cache-size. Scanning every few seconds
+        makes that count the whole directory's, and makes blocks another pod
+        fetched since this one mounted visible to it (a client serves from
+        disk only the blocks it knows about).
+        """
+        s = self._settings
+        if s.cache_mode != "node" or self._cache_size_mib == 0:
+            return []
+        return [
+            "--cache-eviction",
+            "lru",
+            "--cache-scan-interval",
+            f"{s.cache_scan_seconds}s",
+        ]
+
     def command(self) -> list[str]:
         s = self._settings
+        port = self._metrics_port or free_port()
         return [
             s.juicefs_bin,
             "--no-agent",  # no pprof debug listener in the pod
@@ -102,12 +134,13 @@ class JuiceFSMount:
             str(s.cache_dir),
             "--cache-size",
             str(self._cache_size_mib),
+            *self.node_cache_options(),
             "--buffer-size",
             str(s.buffer_size_mib),
             "--prefetch",
             str(s.prefetch),
             "--metrics",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{port}",
             s.meta_url,
             str(s.private_mount),
         ]
@@ -155,6 +188,8 @@ class JuiceFSMount:
         for directory in (s.private_mount, s.mount_point, s.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **credentials_env(s)}
+        self._metrics_port = free_port()
+        self.generation += 1
         self._process = await asyncio.create_subprocess_exec(
             *self.command(),
             stdout=asyncio.subprocess.PIPE,

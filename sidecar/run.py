@@ -31,6 +31,7 @@ from sidecar.env import Settings
 from sidecar.manifest import MANIFEST_NAME, Manifest, read_manifest
 from sidecar.mount import JuiceFSMount, MountError
 from sidecar.reporter import NORMAL, WARNING, Reporter
+from sidecar.sources import ByteSources, MountCounters, byte_sources
 from sidecar.warmup import MIB, Progress, Streamer, VerificationError, WarmupTimeout
 
 __all__ = ["NORMAL", "WARNING", "BentoTree", "ProgressReporter", "open_gate", "run", "warm"]
@@ -143,8 +144,19 @@ async def wait_for_manifest(
     return await asyncio.to_thread(read_manifest, mount.bento_dir)
 
 
-async def warm(settings: Settings, mount: BentoTree, reporter: Reporter) -> bool:
-    """Stream and verify the model; True when the gate may open."""
+async def warm(
+    settings: Settings,
+    mount: BentoTree,
+    reporter: Reporter,
+    counters: MountCounters | None = None,
+) -> bool:
+    """Stream and verify the model; True when the gate may open.
+
+    With `counters` (juicefs's metrics), the ModelsReady Event and the
+    warmup.done log say how many of the verified bytes came from the cache
+    and how many from the object store. A warm start verifies exactly as a
+    cold one: every byte is read through the mount and hashed.
+    """
     deadline = time.monotonic() + settings.warmup_timeout_seconds
     manifest = await wait_for_manifest(mount, reporter, deadline)
     files = manifest.select(settings.models)
@@ -152,10 +164,11 @@ async def warm(settings: Settings, mount: BentoTree, reporter: Reporter) -> bool
     await reporter.event(
         NORMAL,
         "WarmupStarted",
-        f"streaming {len(files)} files ({total / MIB:.0f} MiB) of {manifest.bento} into the local "
-        f"cache with {settings.warmup_concurrency} parallel reads",
+        f"streaming {len(files)} files ({total / MIB:.0f} MiB) of {manifest.bento} into the "
+        f"{settings.cache_mode} cache with {settings.warmup_concurrency} parallel reads",
     )
     progress_reporter = ProgressReporter(reporter)
+    before = None if counters is None else await counters.snapshot()
     streamer = Streamer(
         root=mount.models_dir,
         concurrency=settings.warmup_concurrency,
@@ -185,18 +198,45 @@ async def warm(settings: Settings, mount: BentoTree, reporter: Reporter) -> bool
     finally:
         watchdog.cancel()
         await progress_reporter.drain()
+    after = None if counters is None else await counters.snapshot()
+    sources = byte_sources(progress.done_bytes, before, after)
     message = (
         f"model ready: {progress.done_bytes / MIB:.0f} MiB in {progress.elapsed:.1f}s "
         f"({progress.mb_per_s:.1f} MB/s), {progress.done_files} files verified"
     )
+    if counters is not None:
+        message += f"; {_sources_text(sources, settings)}"
     log.info(
         "warmup.done",
         bytes=progress.done_bytes,
         seconds=round(progress.elapsed, 2),
         mb_per_s=round(progress.mb_per_s, 1),
+        cache_mode=settings.cache_mode,
+        from_cache_bytes=None if sources is None else sources.from_cache,
+        from_store_bytes=None if sources is None else sources.from_store,
+        store_gets=None if sources is None else sources.store_gets,
+        cache_hit_bytes=None if sources is None else sources.cache_hit_bytes,
     )
     await reporter.event(NORMAL, "ModelsReady", message)
     return True
+
+
+def _cache_text(settings: Settings, cache_size_mib: int) -> str:
+    if cache_size_mib == 0:
+        return "none"
+    if settings.cache_mode == "node":
+        return (
+            f"the node cache of volume {settings.volume}, shared with the node's pods "
+            f"(JuiceFS limit {cache_size_mib} MiB of the {settings.node_cache_budget_mib} MiB "
+            "node budget)"
+        )
+    return f"the pod's own ({cache_size_mib} MiB)"
+
+
+def _sources_text(sources: ByteSources | None, settings: Settings) -> str:
+    if sources is None:
+        return "bytes by source unknown (juicefs metrics unreadable, or juicefs restarted)"
+    return sources.describe(settings.cache_mode)
 
 
 async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None = None) -> int:
@@ -244,13 +284,16 @@ async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None
     await reporter.event(
         NORMAL,
         "MountReady",
-        f"JuiceFS mounted at {settings.mount_point} (read-only) in {seconds:.1f}s",
+        f"JuiceFS mounted at {settings.mount_point} (read-only) in {seconds:.1f}s; "
+        f"block cache: {_cache_text(settings, cache.cache_size_mib)}",
     )
 
     # Warmup runs beside the mount; whatever it concludes, the sidecar keeps
     # serving the mount until it is stopped. Reads that fail while juicefs is
     # being remounted are retried by the streamer like any other failed read.
-    work = asyncio.create_task(open_gate(settings, mount, reporter, gate))
+    work = asyncio.create_task(
+        open_gate(settings, mount, reporter, gate, counters=MountCounters(mount))
+    )
     work.add_done_callback(_log_crash)
     code = await _supervise(settings, mount, reporter, stopping)
     work.cancel()
@@ -331,7 +374,11 @@ def _log_crash(task: asyncio.Task[None]) -> None:
 
 
 async def open_gate(
-    settings: Settings, mount: BentoTree, reporter: Reporter, gate: GatePlan
+    settings: Settings,
+    mount: BentoTree,
+    reporter: Reporter,
+    gate: GatePlan,
+    counters: MountCounters | None = None,
 ) -> None:
     """Verify the model if the gate plan says so, then set the condition to True.
 
@@ -339,7 +386,7 @@ async def open_gate(
     False saying why.
     """
     try:
-        if gate.verify and not await warm(settings, mount, reporter):
+        if gate.verify and not await warm(settings, mount, reporter, counters):
             return
     except (OSError, ValueError) as err:
         # No manifest, an unreadable one, a file the mount cannot open...

@@ -1,0 +1,208 @@
+"""The sidecar's side of the node cache, without a mount: its juicefs options, byte sources.
+
+The real thing (two pods sharing one node cache, the budget with three
+models) is in tests/storage/test_node_cache.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from sidecar.cacheprobe import measure
+from sidecar.env import Settings
+from sidecar.mount import JuiceFSMount
+from sidecar.run import warm
+from sidecar.sources import (
+    JuiceFSCounters,
+    MountCounters,
+    Snapshot,
+    byte_sources,
+    parse_counters,
+)
+from tests.helpers import minimal_env
+from tests.test_sidecar_decisions import FakeReporter, published_bento, settings_for
+
+MIB = 1 << 20
+
+# Lines as juicefs 1.4.2 serves them on --metrics (labels shortened).
+METRICS = """\
+# HELP juicefs_object_request_data_bytes Object requests size in bytes.
+# TYPE juicefs_object_request_data_bytes counter
+juicefs_object_request_data_bytes{method="GET",mp="/v",vol_name="models"} 6.7310406e+07
+juicefs_object_request_data_bytes{method="PUT",mp="/v",vol_name="models"} 1024
+juicefs_object_request_durations_histogram_seconds_bucket{method="GET",le="+Inf"} 21
+juicefs_object_request_durations_histogram_seconds_count{method="GET",mp="/v"} 21
+juicefs_object_request_durations_histogram_seconds_count{method="HEAD",mp="/v"} 3
+juicefs_blockcache_hit_bytes{mp="/v",vol_name="models"} 3.00618566e+08
+juicefs_blockcache_miss_bytes{mp="/v",vol_name="models"} 0
+"""
+
+
+def test_counters_are_parsed_from_juicefs_prometheus_text() -> None:
+    assert parse_counters(METRICS) == JuiceFSCounters(
+        get_bytes=67310406, gets=21, hit_bytes=300618566, miss_bytes=0
+    )
+    assert parse_counters("") == JuiceFSCounters()
+
+
+def snap(generation: int, get_bytes: int, gets: int = 0) -> Snapshot:
+    return Snapshot(generation, JuiceFSCounters(get_bytes=get_bytes, gets=gets))
+
+
+def test_the_store_sent_what_the_get_counter_grew_by_and_the_cache_the_rest() -> None:
+    sources = byte_sources(100 * MIB, snap(1, 5 * MIB, 2), snap(1, 8 * MIB, 3))
+    assert sources is not None
+    assert sources.from_store == 3 * MIB
+    assert sources.from_cache == 97 * MIB
+    assert sources.store_gets == 1
+    assert sources.cache_fraction == pytest.approx(0.97)
+    assert sources.describe("node") == (
+        "97 MiB (97.0%) from the node cache, 3 MiB from the object store (1 GETs)"
+    )
+
+
+def test_the_split_is_unknown_rather_than_wrong() -> None:
+    assert byte_sources(MIB, None, snap(1, 0)) is None
+    assert byte_sources(MIB, snap(1, 0), None) is None
+    # juicefs was remounted during the warmup: a new process, counters from zero.
+    assert byte_sources(MIB, snap(1, 9 * MIB), snap(2, MIB)) is None
+    assert byte_sources(MIB, snap(1, 9 * MIB), snap(1, MIB)) is None
+    # A whole block fetched for a model that uses part of it: never above the total.
+    capped = byte_sources(MIB, snap(1, 0), snap(1, 4 * MIB))
+    assert capped is not None
+    assert capped.from_store == MIB
+    assert capped.from_cache == 0
+
+
+def node_settings(**extra: str) -> Settings:
+    return Settings.from_env(
+        minimal_env(
+            JFS_CACHE_MODE="node",
+            JFS_CACHE_SIZE_MIB="921",
+            JFS_NODE_CACHE_BUDGET_MIB="1024",
+            JFS_CACHE_SCAN_SECONDS="7",
+            **extra,
+        )
+    )
+
+
+def test_node_mode_mounts_with_the_budget_and_a_frequent_scan() -> None:
+    settings = node_settings()
+    assert settings.cache_mode == "node"
+    assert settings.node_cache_budget_mib == 1024
+    command = JuiceFSMount(settings).command()
+    assert command[command.index("--cache-dir") + 1] == "/c"
+    assert command[command.index("--cache-size") + 1] == "921"
+    assert command[command.index("--cache-eviction") + 1] == "lru"
+    assert command[command.index("--cache-scan-interval") + 1] == "7s"
+
+
+def test_pod_mode_and_no_disk_cache_keep_juicefs_defaults() -> None:
+    pod = Settings.from_env(minimal_env(JFS_CACHE_MODE="pod"))
+    assert "--cache-scan-interval" not in JuiceFSMount(pod).command()
+    # A slow disk with ssd policy required mounts without a disk cache.
+    none = JuiceFSMount(node_settings(), cache_size_mib=0).command()
+    assert none[none.index("--cache-size") + 1] == "0"
+    assert "--cache-scan-interval" not in none
+
+
+def test_the_metrics_endpoint_is_known_once_started_and_fixed_for_that_process() -> None:
+    mount = JuiceFSMount(node_settings())
+    assert mount.metrics_url is None
+    assert mount.generation == 0
+
+
+def test_cache_probes_of_pods_sharing_a_directory_do_not_collide(tmp_path: Path) -> None:
+    async def both() -> None:
+        await asyncio.gather(
+            asyncio.to_thread(measure, tmp_path, 8), asyncio.to_thread(measure, tmp_path, 8)
+        )
+
+    asyncio.run(both())
+    assert list(tmp_path.iterdir()) == []
+
+
+@dataclass
+class ServedMetrics:
+    """Stands in for juicefs's metrics: texts[i] answers request i (the last repeats)."""
+
+    texts: list[str] = field(default_factory=lambda: [""])
+    generation: int = 1
+    requests: list[str] = field(default_factory=list)
+    metrics_url: str | None = None
+
+
+@pytest.fixture
+def served() -> Iterator[ServedMetrics]:
+    state = ServedMetrics()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.requests.append(self.path)
+            body = state.texts[min(len(state.requests), len(state.texts)) - 1].encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.metrics_url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def get_bytes_text(value: int) -> str:
+    return f'juicefs_object_request_data_bytes{{method="GET"}} {value}\n'
+
+
+class MessageReporter(FakeReporter):
+    """Records each Event's message too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: dict[str, str] = {}
+
+    async def event(self, kind: str, reason: str, message: str) -> None:
+        await super().event(kind, reason, message)
+        self.messages[reason] = message
+
+
+def test_models_ready_says_how_much_came_from_the_cache(
+    tmp_path: Path, served: ServedMetrics
+) -> None:
+    bento = published_bento(tmp_path)
+    settings = replace(settings_for(bento), cache_mode="node")
+    # Before the warmup, then after it: the store sent 1 MiB in between.
+    served.texts = [get_bytes_text(1000), get_bytes_text(1000 + MIB)]
+    reporter = MessageReporter()
+    counters = MountCounters(served)
+    assert asyncio.run(warm(settings, bento, reporter, counters)) is True
+    total = sum(f.stat().st_size for f in bento.models_dir.rglob("*") if f.is_file())
+    ready = reporter.messages["ModelsReady"]
+    cached = (total - MIB) / MIB
+    assert f"; {cached:.0f} MiB ({(total - MIB) / total:.1%}) from the node cache" in ready
+    assert "1 MiB from the object store" in ready
+    assert len(served.requests) == 2  # before and after
+
+
+def test_models_ready_says_so_when_the_split_is_unknown(
+    tmp_path: Path, served: ServedMetrics
+) -> None:
+    bento = published_bento(tmp_path)
+    served.metrics_url = "http://127.0.0.1:9/metrics"  # nothing listens there
+    reporter = MessageReporter()
+    assert asyncio.run(warm(settings_for(bento), bento, reporter, MountCounters(served))) is True
+    assert "bytes by source unknown" in reporter.messages["ModelsReady"]
