@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from common.ports import free_port
 from common.processes import log_tail, spawn_group, stop_group
 from devcluster.cluster import Cluster, wait_for
 from devcluster.controlplane import ControlPlane
+from devcluster.nodehost import node_cache_dir
 from devcluster.storage import StorageStack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,8 +40,41 @@ SERVICE_ACCOUNT = "bento-juicefs-injector"
 CREDENTIALS_SECRET = "juicefs-models-credentials"
 
 
-def local_overlay(directory: Path, url: str) -> Path:
-    """A kustomization over manifests/base with only the endpoint swapped."""
+POLICY = "bento-juicefs-sidecar-required"
+NODE_CACHE_VARIABLE = "nodeCacheDir"
+_PATH_CHARS = re.compile(r"^[A-Za-z0-9/_.-]+$")
+
+
+def node_cache_pattern_patch(node_cache: Path) -> list[dict[str, Any]]:
+    """JSON patch adding node_cache to the sidecar-required policy's node cache directories.
+
+    What a platform with its own cache.nodePath does to manifests/base. The
+    pattern is a CEL string, where a backslash would be an escape: the
+    path's dots go in brackets instead.
+    """
+    path = str(node_cache)
+    if not _PATH_CHARS.match(path):
+        raise ValueError(f"node cache path {path!r}: only letters, digits, / _ . - here")
+    documents = yaml.safe_load_all((BASE / "policy-sidecar-required.yaml").read_text())
+    policy = next(d for d in documents if d["kind"] == "ValidatingAdmissionPolicy")
+    variables = policy["spec"]["variables"]
+    index = next(i for i, v in enumerate(variables) if v["name"] == NODE_CACHE_VARIABLE)
+    pattern = str(variables[index]["expression"]).strip()
+    opening = "'^("  # the directories are the first group: '^(dir|dir|dir)/<volume>$'
+    if not pattern.startswith(opening):
+        raise ValueError(f"{POLICY}: {NODE_CACHE_VARIABLE} does not start with {opening}")
+    mine = path.replace(".", "[.]")
+    return [
+        {
+            "op": "replace",
+            "path": f"/spec/variables/{index}/expression",
+            "value": f"{opening}{mine}|{pattern.removeprefix(opening)}",
+        }
+    ]
+
+
+def local_overlay(directory: Path, url: str, node_cache: Path | None = None) -> Path:
+    """A kustomization over manifests/base with the endpoint swapped (and the local node cache)."""
     directory.mkdir(parents=True, exist_ok=True)
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -58,6 +93,16 @@ def local_overlay(directory: Path, url: str) -> Path:
                     ]
                 ),
             },
+            *(
+                [
+                    {
+                        "target": {"kind": "ValidatingAdmissionPolicy", "name": POLICY},
+                        "patch": json.dumps(node_cache_pattern_patch(node_cache)),
+                    }
+                ]
+                if node_cache is not None
+                else []
+            ),
             {
                 "target": {"kind": "Deployment", "name": "bento-juicefs-injector"},
                 "patch": yaml.safe_dump(
@@ -114,10 +159,12 @@ class LocalInjector:
         self.process: subprocess.Popen[bytes] | None = None
         self.config_file = self.dir / "config.yaml"
         self.kubeconfig = self.dir / "injector.kubeconfig"
+        node_dir = cp.node.dir if cp.node is not None else (cp.state_dir / "node").resolve()
+        self.node_cache = node_cache_dir(node_dir)
 
     def install(self, credentials: dict[str, str] | None = None) -> None:
         """Apply the manifests and the credentials Secret the platform team would create."""
-        overlay = local_overlay(self.dir / "overlay", self.url)
+        overlay = local_overlay(self.dir / "overlay", self.url, self.node_cache)
         self.cp.kubectl("apply", "-k", str(overlay))
         self.cp.apply(
             {
@@ -129,6 +176,9 @@ class LocalInjector:
         )
         config: dict[str, Any] = {
             "cluster": {"kubernetesVersion": server_minor(self.cp)},
+            # The node's local SSD is a directory of its own state (removed with
+            # the node), never the profile's real path on this machine.
+            "cache": {"nodePath": str(self.node_cache)},
             "server": {
                 "host": "127.0.0.1",
                 "port": self.port,

@@ -104,6 +104,14 @@ def kill_cgroups(root: str) -> None:
 
 
 CREATED_HOST_DIRS = "created-host-dirs.json"
+# The node's "local SSD": where the injector's node cache lives on this node
+# (cache.nodePath in the local injector's config), never a real host path.
+NODE_CACHE_DIR = "local-ssd"
+
+
+def node_cache_dir(directory: Path) -> Path:
+    """The node cache directory of the node whose state is in directory."""
+    return Path(directory) / NODE_CACHE_DIR
 
 
 SOCKETS_DIR = Path("/run/bento-juicefs")
@@ -150,6 +158,8 @@ def teardown_node(directory: Path, network: NodeNetwork) -> None:
             with contextlib.suppress(OSError):
                 Path(created).rmdir()
         record.unlink()
+    # The node cache goes with the node, as a real node's local SSD does.
+    shutil.rmtree(node_cache_dir(directory), ignore_errors=True)
 
 
 def node_leftovers(directory: Path, network: NodeNetwork) -> list[str]:
@@ -168,4 +178,6 @@ def node_leftovers(directory: Path, network: NodeNetwork) -> list[str]:
     found += [f"mount {m.point}" for m in mounts() if m.point.is_relative_to(directory)]
     if (directory / CREATED_HOST_DIRS).exists():
         found.append(f"host dirs listed in {directory / CREATED_HOST_DIRS}")
+    if node_cache_dir(directory).exists():
+        found.append(f"node cache {node_cache_dir(directory)}")
     return found

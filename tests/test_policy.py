@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from devcluster.injector import node_cache_pattern_patch
 from injector.config import InjectorConfig
 from tests.helpers import GOLDEN_CASES, injected_pods
 
@@ -77,3 +78,23 @@ def test_the_policy_names_our_cache_volume_and_sidecar() -> None:
     config = InjectorConfig()
     assert policy_variable("cacheVolume") == f"'{config.volumes.cache_name}'"
     assert policy_variable("sidecar") == f"'{config.sidecar.container_name}'"
+
+
+def test_the_local_clusters_overlay_adds_its_node_cache_directory(tmp_path: Path) -> None:
+    """devcluster does what a platform with its own cache.nodePath does to the policy."""
+    local = tmp_path / "cluster.0" / "node" / "local-ssd"
+    (patch,) = node_cache_pattern_patch(local)
+    index = int(patch["path"].split("/")[3])
+    assert policy_variable_names()[index] == "nodeCacheDir"
+    pattern = re.compile(patch["value"][1:-1])
+    assert pattern.match(f"{local}/models")
+    assert not pattern.match(f"{tmp_path}/clusterx0/node/local-ssd/models")  # the dot is literal
+    assert pattern.match("/mnt/k8s-disks/0/bento-juicefs/models")
+    assert not pattern.match(f"{local}/models/../../etc")
+    with pytest.raises(ValueError, match="only letters"):
+        node_cache_pattern_patch(Path("/mnt/it's"))
+
+
+def policy_variable_names() -> list[str]:
+    policy = next(d for d in yaml.safe_load_all(POLICY.read_text()) if d["kind"].endswith("Policy"))
+    return [str(v["name"]) for v in policy["spec"]["variables"]]

@@ -129,7 +129,11 @@ def assert_injected(pod: dict[str, Any]) -> None:
     sidecar = spec["initContainers"][0]
     assert sidecar["name"] == "juicefs-mount"
     assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["resources"]["requests"]["ephemeral-storage"]
+    # The node cache by default (gke profile): a hostPath only the sidecar mounts,
+    # no ephemeral-storage request (the node budget bounds it).
+    cache = next(v for v in spec["volumes"] if v["name"] == "juicefs-cache")
+    assert cache["hostPath"]["path"].endswith("/models")
+    assert "ephemeral-storage" not in sidecar["resources"]["requests"]
     assert {"juicefs-mount-dir", "juicefs-cache"} <= {v["name"] for v in spec["volumes"]}
     assert {"conditionType": GATE} in spec["readinessGates"]
     assert STATUS in pod["metadata"]["annotations"]
@@ -212,8 +216,10 @@ def test_scheduler_binds_only_to_ssd_nodes_with_room_for_the_cache(
     namespace = new_namespace()
     toleration = [{"key": taint_key, "operator": "Exists", "effect": "NoSchedule"}]
     group = {"key": "e2e-group", "operator": "In", "values": [suffix]}
+    # The pod cache: each pod requests its size in ephemeral-storage.
+    pod_cache = {"juicefs.bentoml.com/cache-mode": "pod"}
     for index, cache in enumerate(["20Gi", "20Gi", "20Gi", "200Gi"]):
-        pod = bento_pod(f"bento-{index}", **{"juicefs.bentoml.com/cache-size": cache})
+        pod = bento_pod(f"bento-{index}", **pod_cache, **{"juicefs.bentoml.com/cache-size": cache})
         pod["spec"]["tolerations"] = toleration
         pod["spec"]["affinity"] = {
             "nodeAffinity": {
@@ -235,7 +241,7 @@ def test_scheduler_binds_only_to_ssd_nodes_with_room_for_the_cache(
     # 200Gi of cache fits only ssd-big.
     assert wait_for(lambda: bound("bento-3"), timeout=30, what="binding") == f"ssd-big-{suffix}"
     # A pod too big for every SSD node is not bound at all, and says why.
-    huge = bento_pod("bento-huge", **{"juicefs.bentoml.com/cache-size": "1Ti"})
+    huge = bento_pod("bento-huge", **pod_cache, **{"juicefs.bentoml.com/cache-size": "1Ti"})
     huge["spec"]["tolerations"] = toleration
     huge["spec"]["affinity"] = {
         "nodeAffinity": {

@@ -298,7 +298,8 @@ def test_an_object_store_outage_holds_the_gate_until_it_is_back(
             }
         ]
     }
-    manifest = pod_manifest("outage", spec)
+    # The pod cache: the test watches the model arrive in this pod's own emptyDir.
+    manifest = pod_manifest("outage", spec, **{"juicefs.bentoml.com/cache-mode": "pod"})
     manifest["metadata"]["labels"] = bento_labels(OUTAGE_BENTO)
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
     pod = wait_pod(

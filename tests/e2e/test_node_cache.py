@@ -1,0 +1,306 @@
+"""The node cache on the real node: a second replica and a rolled-out pod start warm.
+
+A Bento Deployment (the sample Bento image; its command proves a published
+shard's sha256 through the model mount, then sleeps) in an opted-in
+namespace, with the injector's defaults: the node cache, whose directory on
+the local node is `<node dir>/local-ssd/models` (devcluster's cache.nodePath).
+Scaled from 1 to 2 replicas on the one node, then rolled to new pods: every
+pod after the first finds the model's blocks in the node cache, and its
+ModelsReady Event says so. Each pod's time from creation to Ready is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from devcluster import Cluster, ControlPlane, wait_for
+from devcluster.images import SAMPLE_BENTO_IMAGE
+from devcluster.injector import LocalInjector
+from devcluster.juicefs import cached_blocks
+from devcluster.node import Node
+from devcluster.nodehost import node_cache_dir
+from devcluster.storage import MIB, StorageStack
+from sidecar.manifest import Manifest
+from tests.e2e.pods import (
+    GATE,
+    SIDECAR,
+    condition,
+    diagnose,
+    events,
+    exec_in,
+    get_pod,
+    is_ready,
+    wait_event,
+)
+from tests.e2e.test_pods_on_node import bento_labels, check_command
+
+BENTO, VERSION = "node-cache-bento", "v1"
+DEPLOYMENT = "node-cache-bento"
+SHARDS = [64 * MIB] * 4
+OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
+ROLLOUT = "e2e.bento-juicefs/rollout"
+FROM_NODE_CACHE = re.compile(r"(?P<mib>\d+) MiB \((?P<percent>[\d.]+)%\) from the node cache")
+
+
+@pytest.fixture(scope="module")
+def model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    return storage.publish_random(tmp_path_factory.mktemp("node-cache"), BENTO, VERSION, SHARDS)
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster: Cluster, node: Node) -> Iterator[str]:
+    name = f"e2e-cache-{uuid.uuid4().hex[:6]}"
+    cluster.create_namespace(name, OPT_IN)
+    cluster.wait_provisioned(name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def deployment(model: Manifest, replicas: int, rollout: str) -> dict[str, Any]:
+    shard = max(model.files, key=lambda f: f.size)
+    labels = {**bento_labels(BENTO, VERSION), "app": DEPLOYMENT}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": DEPLOYMENT},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": DEPLOYMENT}},
+            # A new pod starts before an old one goes, as in most rollouts.
+            "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {ROLLOUT: rollout}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 20,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": SAMPLE_BENTO_IMAGE,
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": check_command(shard.path, shard.sha256),
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def live_pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = cluster.get_json(
+        "pods", "-n", namespace, "-l", f"app={DEPLOYMENT}"
+    )["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def _time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+@dataclass
+class Started:
+    """A pod of the Deployment once Ready, and where its model's bytes came from."""
+
+    name: str
+    pod: dict[str, Any]
+    models_ready: str
+    observed_seconds: float  # from the kubectl command that made it to Ready, polled
+
+    @property
+    def api_seconds(self) -> float:
+        """creationTimestamp to the Ready condition's lastTransitionTime (whole seconds)."""
+        ready = condition(self.pod, "Ready")
+        assert ready is not None
+        created = _time(self.pod["metadata"]["creationTimestamp"])
+        return (_time(ready["lastTransitionTime"]) - created).total_seconds()
+
+    @property
+    def from_node_cache(self) -> float:
+        found = FROM_NODE_CACHE.search(self.models_ready)
+        assert found, self.models_ready
+        return float(found["percent"])
+
+    def line(self, what: str) -> str:
+        return (
+            f"{what:<14} {self.name}: Ready {self.observed_seconds:5.1f}s after the command "
+            f"({self.api_seconds:.0f}s creation->Ready by the API); {self.from_node_cache:5.1f}% "
+            "of the model from the node cache"
+        )
+
+
+def wait_new_ready(
+    cluster: Cluster, namespace: str, known: set[str], count: int, since: float
+) -> list[Started]:
+    """The next `count` pods not in known, each once Ready (Ready times polled every 0.3 s)."""
+    ready_at: dict[str, float] = {}
+    deadline = time.monotonic() + 240
+    while True:
+        for pod in live_pods(cluster, namespace):
+            name = pod["metadata"]["name"]
+            if name not in known and name not in ready_at and is_ready(pod):
+                ready_at[name] = time.monotonic()
+        if len(ready_at) >= count:
+            break
+        if time.monotonic() > deadline:
+            names = [p["metadata"]["name"] for p in live_pods(cluster, namespace)]
+            details = "\n".join(diagnose(cluster, namespace, n) for n in names if n not in known)
+            raise AssertionError(f"{count} new pods not Ready within 240s:\n{details}")
+        time.sleep(0.3)
+    started = []
+    for name, at in sorted(ready_at.items(), key=lambda item: item[1]):
+        pod = get_pod(cluster, namespace, name)
+        event = wait_event(cluster, namespace, name, "ModelsReady", timeout=30)
+        started.append(Started(name, pod, str(event["message"]), at - since))
+    return started
+
+
+def test_a_second_replica_and_a_rollout_start_from_the_node_cache(
+    cluster: Cluster, node: Node, namespace: str, model: Manifest
+) -> None:
+    total = model.total_bytes
+    since = time.monotonic()
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(deployment(model, 1, "1"))
+    )
+    (first,) = wait_new_ready(cluster, namespace, set(), 1, since)
+    known = {first.name}
+
+    since = time.monotonic()
+    cluster.kubectl("scale", "deployment", DEPLOYMENT, "-n", namespace, "--replicas=2")
+    (second,) = wait_new_ready(cluster, namespace, known, 1, since)
+    known.add(second.name)
+
+    since = time.monotonic()
+    patch = {"spec": {"template": {"metadata": {"annotations": {ROLLOUT: "2"}}}}}
+    cluster.kubectl(
+        "patch", "deployment", DEPLOYMENT, "-n", namespace, "--type=merge", "-p", json.dumps(patch)
+    )
+    rolled = wait_new_ready(cluster, namespace, known, 2, since)
+    cluster.kubectl(
+        "rollout", "status", f"deployment/{DEPLOYMENT}", "-n", namespace, "--timeout=120s",
+        timeout=150,
+    )  # fmt: skip
+
+    print(f"\nnode cache on the real node, model {total / MIB:.0f} MiB:")
+    print(first.line("first pod"))
+    print(second.line("second replica"))
+    for index, pod in enumerate(rolled, 1):
+        print(pod.line(f"rollout pod {index}"))
+    for pod in (first, second, *rolled):
+        print(f"  {pod.name} ModelsReady: {pod.models_ready}")
+
+    assert first.from_node_cache <= 5.0, first.models_ready
+    for pod in (second, *rolled):
+        assert pod.from_node_cache >= 95.0, pod.models_ready
+        gate = condition(pod.pod, GATE)
+        assert gate is not None
+        assert (gate["status"], gate["reason"]) == ("True", "ModelsCached")
+        assert f"{len(model.files)} files verified" in pod.models_ready
+    # Every pod ran the app's own check of the shard's sha256 through the mount.
+    for pod in (first, second, *rolled):
+        log = cluster.kubectl("logs", pod.name, "-n", namespace, "-c", "main", check=False)
+        assert "verified" in log.stdout, diagnose(cluster, namespace, pod.name)
+
+
+def test_the_node_cache_is_the_nodes_and_only_the_sidecar_sees_it(
+    cluster: Cluster, node: Node, namespace: str, model: Manifest
+) -> None:
+    pods = live_pods(cluster, namespace)
+    assert pods, "runs after the Deployment test"
+    directory = node_cache_dir(node.dir) / "models"
+    volume = next(v for v in pods[0]["spec"]["volumes"] if v["name"] == "juicefs-cache")
+    assert volume["hostPath"] == {"path": str(directory), "type": "DirectoryOrCreate"}
+    # The blocks are on the node, under the node's own directory.
+    assert sum(cached_blocks(directory).values()) >= model.total_bytes
+    mount_ready = next(e for e in events(cluster, namespace, pods[0]["metadata"]["name"])
+                       if e["reason"] == "MountReady")  # fmt: skip
+    assert "block cache: the node cache of volume models" in mount_ready["message"]
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        code, out = exec_in(cluster, namespace, name, "main", "cat", "/proc/self/mountinfo")
+        assert code == 0, out
+        assert str(directory) not in out
+        assert "/var/lib/juicefs/cache" not in out
+        code, out = exec_in(cluster, namespace, name, SIDECAR, "cat", "/proc/self/mountinfo")
+        assert " /var/lib/juicefs/cache " in out
+
+
+@pytest.fixture
+def injector(cluster: Cluster) -> LocalInjector:
+    found = cluster.addons.get("injector") if isinstance(cluster, ControlPlane) else None
+    if not isinstance(found, LocalInjector):
+        pytest.skip("needs the local injector process (E2E_KUBECONFIG is set)")
+    return found
+
+
+def own_sidecar_pod(name: str, cache: dict[str, Any], app_mounts_cache: bool) -> dict[str, Any]:
+    """A pod that brings its own juicefs-mount and cache volume, as if the injector had run."""
+    cache_mount = {"name": "juicefs-cache", "mountPath": "/cache"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": bento_labels(BENTO, VERSION)},
+        "spec": {
+            "initContainers": [
+                {
+                    "name": SIDECAR,
+                    "image": SAMPLE_BENTO_IMAGE,
+                    "restartPolicy": "Always",
+                    "command": ["sleep", "3600"],
+                    "volumeMounts": [cache_mount],
+                }
+            ],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": SAMPLE_BENTO_IMAGE,
+                    "command": ["sleep", "3600"],
+                    "volumeMounts": [cache_mount] if app_mounts_cache else [],
+                }
+            ],
+            "readinessGates": [{"conditionType": GATE}],
+            "volumes": [{"name": "juicefs-cache", **cache}],
+        },
+    }
+
+
+def test_with_the_injector_down_the_policy_refuses_a_cache_volume_it_would_not_write(
+    cluster: Cluster, node: Node, namespace: str, injector: LocalInjector
+) -> None:
+    """failurePolicy: Ignore lets pods through unmutated; the policy still holds the line."""
+    ours = {"hostPath": {"path": str(node_cache_dir(node.dir) / "models"), "type": "Directory"}}
+    cases = {
+        "host-etc": (own_sidecar_pod("host-etc", {"hostPath": {"path": "/etc"}}, False),
+                     "volume juicefs-cache is the JuiceFS cache"),
+        "app-reads-cache": (own_sidecar_pod("app-reads-cache", ours, True),
+                            "only the juicefs-mount sidecar may mount volume juicefs-cache"),
+    }  # fmt: skip
+    injector.stop()
+    try:
+        injector.wait_unreachable()
+        for name, (pod, message) in cases.items():
+            result = cluster.kubectl(
+                "create", "-n", namespace, "-f", "-", "--dry-run=server",
+                input=json.dumps(pod), check=False,
+            )  # fmt: skip
+            assert result.returncode != 0, f"{name} was admitted"
+            assert "bento-juicefs-sidecar-required" in result.stderr, result.stderr
+            assert message in result.stderr, result.stderr
+            print(f"denied, {name}: {result.stderr.strip()}")
+        allowed = cluster.kubectl(
+            "create", "-n", namespace, "-f", "-", "--dry-run=server",
+            input=json.dumps(own_sidecar_pod("sidecar-only", ours, False)), check=False,
+        )  # fmt: skip
+        assert allowed.returncode == 0, allowed.stderr
+    finally:
+        injector.start()
+    wait_for(injector.ready, timeout=30, what="the injector back")
