@@ -4,13 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test lint typecheck unit e2e binaries images cluster-up cluster-down golden-update bench bench-warmup render-example demo clean
+.PHONY: help venv test lint typecheck unit e2e binaries images cluster-up cluster-down golden-update bench render-example demo clean
 
 help:
 	@echo "make test          lint, type-check and run the test suite (installs into $(VENV))"
 	@echo "make demo          control plane + a real node + JuiceFS: the example Bento injected, run and Ready, then kubectl describe pod"
 	@echo "make golden-update regenerate tests/golden/*.injected"
-	@echo "make bench         mutation benchmark, figures to bench-results.json"
+	@echo "make bench         streaming, cold-start, warm-start, admission against their limits (SCENARIO=NAME for one); bench-results/"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,11 +59,11 @@ cluster-down: $(STAMP)
 golden-update: $(STAMP)
 	$(BIN)/pytest tests/test_golden.py --update-golden
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_mutation.py
-
-bench-warmup: $(STAMP) binaries
-	$(BIN)/python benchmarks/bench_warmup.py
+# Ratios against limits measured in the same run (BENCHMARKS.md); one table,
+# bench-results/<scenario>.json each. SCENARIO=streaming|cold-start|warm-start|admission
+# runs one. Needs root and /dev/fuse (FUSE mounts, network namespaces, tc).
+bench: $(STAMP) binaries images
+	$(BIN)/python -m benchmarks $(if $(SCENARIO),--scenario $(SCENARIO)) $(BENCH_ARGS)
 
 render-example: $(STAMP)
 	$(BIN)/python -m injector render -f examples/bento-deployment.yaml

@@ -1,6 +1,6 @@
-"""Mutation time per pod: median of many runs, printed and written to a file.
+"""Mutation time per pod, in process: median of many runs (part of `make bench SCENARIO=admission`).
 
-    python benchmarks/bench_mutation.py [--runs N] [--out bench-results.json]
+    python -m benchmarks.bench_mutation [--runs N] [--out FILE]
 
 Measures the webhook hot path without the network: parse the AdmissionReview
 body (pydantic, from JSON bytes), decide, build the patch, encode the
@@ -108,13 +108,10 @@ def median_us(fn: Callable[[], object], runs: int) -> float:
     return statistics.median(samples) / 1000
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=2000)
-    parser.add_argument("--out", default="bench-results.json")
-    args = parser.parse_args()
+def measure_in_process(runs: int) -> dict[str, Any]:
+    """Median microseconds per pod for a Bento pod and a pod with 1,500 env vars."""
     config = InjectorConfig()
-    results: dict[str, Any] = {"runs": args.runs, "unit": "microseconds (median)"}
+    results: dict[str, Any] = {"runs": runs, "unit": "microseconds (median)"}
     for case, pod in (("bento", bento_pod()), ("env-1500", bento_pod(env_count=1500))):
         body = body_for(pod)
 
@@ -133,17 +130,24 @@ def main() -> None:
 
         results[case] = {
             "body_bytes": len(body),
-            "parse_decide_patch_encode_us": round(median_us(hot_path, args.runs), 1),
-            "decide_and_patch_us": round(median_us(mutate_only, args.runs), 1),
-            "deepcopy_diff_baseline_us": round(
-                median_us(diff_baseline, max(50, args.runs // 10)), 1
-            ),
+            "parse_decide_patch_encode_us": round(median_us(hot_path, runs), 1),
+            "decide_and_patch_us": round(median_us(mutate_only, runs), 1),
+            "deepcopy_diff_baseline_us": round(median_us(diff_baseline, max(50, runs // 10)), 1),
             "patch_operations": len(ops),
         }
-    text = json.dumps(results, indent=2)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    text = json.dumps(measure_in_process(args.runs), indent=2)
     print(text)
-    Path(args.out).write_text(text + "\n")
-    print(f"written to {args.out}", file=sys.stderr)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+        print(f"written to {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Stream a model through the JuiceFS mount into the local cache, verifying it.
 
-Files go in load order; within a file, `concurrency` ranges are read at once
-(that is what makes JuiceFS fetch blocks from the object store in parallel)
-and hashed in order as they arrive, so one pass both warms the cache and
-proves the bytes. A failed read (the object store went away) is retried with
-backoff until the deadline, on a freshly opened file: JuiceFS (still 1.4.2)
-keeps a read error on the open file handle for good, so every later read on
-that descriptor, at any offset, fails with EIO even after the store is back,
+Up to `concurrency` files are streamed at once, started in load order; each
+by one sequential reader (one `range_bytes` read in flight) that hashes as
+it goes, in a worker thread, so the event loop never hashes. One sequential
+reader per file is what JuiceFS's readahead serves best: several reads in
+flight at nearby offsets of one file make JuiceFS 1.4 cancel block fetches
+and issue them again (measured under a 200 MB/s cap: about 1.5-1.9 GETs per
+block object and 0.72x of raw GETs, against 1.0 GETs per block and 0.99x
+for one reader per file with the files in parallel; see BENCHMARKS.md).
+A failed read (the object store went away) is retried with backoff until
+the deadline, on a freshly opened file: JuiceFS (still 1.4.2) keeps a read
+error on the open file handle for good, so every later read on that
+descriptor, at any offset, fails with EIO even after the store is back,
 while a new descriptor reads fine. A wrong size or checksum is never retried.
 """
 
@@ -16,11 +21,11 @@ import asyncio
 import hashlib
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sidecar.manifest import ManifestFile
 
@@ -80,7 +85,12 @@ ProgressCallback = Callable[[Progress], None]
 ErrorCallback = Callable[[Progress, OSError], None]
 
 
-def _read_range(fd: int, offset: int, length: int) -> bytes:
+def _read_and_hash(fd: int, offset: int, length: int, digest: Any) -> int:
+    """Read length bytes at offset and feed them to digest (in a worker thread); bytes read.
+
+    The digest sees the range only once all of it was read, so a read that
+    fails part-way leaves it as it was and the range can be read again.
+    """
     chunks = []
     while length > 0:
         data = os.pread(fd, length, offset)
@@ -89,7 +99,9 @@ def _read_range(fd: int, offset: int, length: int) -> bytes:
         chunks.append(data)
         offset += len(data)
         length -= len(data)
-    return b"".join(chunks)
+    for chunk in chunks:
+        digest.update(chunk)  # hashlib releases the GIL for large buffers
+    return sum(len(chunk) for chunk in chunks)
 
 
 class _OpenFile:
@@ -127,8 +139,9 @@ class Streamer:
         handle: _OpenFile,
         offset: int,
         length: int,
+        digest: Any,
         progress: Progress,
-    ) -> bytes:
+    ) -> int:
         loop = asyncio.get_running_loop()
         delay = 0.5
         while True:
@@ -138,7 +151,8 @@ class Streamer:
                 # A read can hang rather than fail (JuiceFS retries an object store
                 # that answers with errors for minutes): the deadline still holds.
                 return await asyncio.wait_for(
-                    loop.run_in_executor(pool, _read_range, fd, offset, length), max(left, 0)
+                    loop.run_in_executor(pool, _read_and_hash, fd, offset, length, digest),
+                    max(left, 0),
                 )
             except TimeoutError:
                 raise WarmupTimeout(
@@ -163,41 +177,28 @@ class Streamer:
     ) -> None:
         path = self.root / entry.path
         try:
-            handle = _OpenFile(path)
+            handle = await asyncio.to_thread(_OpenFile, path)
         except FileNotFoundError:
             raise VerificationError(f"{entry.path}: listed in the manifest but missing") from None
-        window: deque[asyncio.Future[bytes]] = deque()
+        loop = asyncio.get_running_loop()
         try:
             digest = hashlib.sha256()
             seen = 0
-
-            def take(data: bytes) -> None:
-                nonlocal seen
-                digest.update(data)
-                seen += len(data)
-                progress.done_bytes += len(data)
-                if data:
-                    progress.last_advance = time.monotonic()
-                self.on_progress(progress)
-
             for offset in range(0, entry.size, self.range_bytes):
                 if time.monotonic() > self.deadline:
                     raise WarmupTimeout(f"timed out at {progress.describe()}")
                 length = min(self.range_bytes, entry.size - offset)
-                window.append(
-                    asyncio.ensure_future(
-                        self._read_with_retry(pool, handle, offset, length, progress)
-                    )
-                )
-                if len(window) >= self.concurrency:
-                    take(await window.popleft())
-            while window:
-                take(await window.popleft())
+                got = await self._read_with_retry(pool, handle, offset, length, digest, progress)
+                seen += got
+                progress.done_bytes += got
+                if got:
+                    progress.last_advance = time.monotonic()
+                self.on_progress(progress)
+                if got < length:
+                    break  # shorter than the manifest says
             # Anything past the manifest's size means the file is not the one listed.
-            extra = os.pread(handle.fd, 1, entry.size)
+            extra = await loop.run_in_executor(pool, os.pread, handle.fd, 1, entry.size)
         finally:
-            for pending in window:  # after a failure: nobody will await them
-                pending.cancel()
             handle.close()
         if seen != entry.size or extra:
             raise VerificationError(
@@ -212,12 +213,25 @@ class Streamer:
         self.on_progress(progress)
 
     async def run(self, files: list[ManifestFile]) -> Progress:
+        """Stream files (in load order, `concurrency` at once); the first failure ends all."""
         progress = Progress(total_bytes=sum(f.size for f in files), total_files=len(files))
-        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="warmup")
+        pool = ThreadPoolExecutor(max_workers=self.concurrency + 1, thread_name_prefix="warmup")
+        queue = list(reversed(files))
+
+        async def worker() -> None:
+            while queue:
+                await self._stream_file(pool, queue.pop(), progress)
+
+        workers = [
+            asyncio.ensure_future(worker()) for _ in range(min(self.concurrency, len(files)))
+        ]
         try:
-            for entry in files:
-                await self._stream_file(pool, entry, progress)
+            for finished in asyncio.as_completed(workers):
+                await finished  # the first failure raises here
         finally:
+            for task in workers:
+                task.cancel()  # after a failure: the others stop at their next read
+            await asyncio.gather(*workers, return_exceptions=True)
             # Never wait for reads stuck in the FUSE mount: they end when it is unmounted.
             pool.shutdown(wait=False, cancel_futures=True)
         return progress

@@ -1,0 +1,110 @@
+"""`make bench`: every scenario (or one), one table, bench-results/<scenario>.json each.
+
+    python -m benchmarks                          # streaming, cold-start, warm-start, admission
+    python -m benchmarks --scenario cold-start    # one (make bench SCENARIO=cold-start)
+
+Figures are ratios measured in one run against a limit measured in the same
+run; absolute times are printed, never asserted. See BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks import admission, coldstart, streaming
+from benchmarks.record import DEFAULT_OUT, load, say, write_record
+from benchmarks.store import interrupts_as_exit
+from devcluster.storenet import LinkProfile
+
+Runner = Callable[[argparse.Namespace], dict[str, Any]]
+Table = Callable[[dict[str, Any]], list[tuple[str, str, str]]]
+
+SCENARIOS: dict[str, tuple[Runner, Table]] = {
+    "streaming": (streaming.run, streaming.table),
+    "cold-start": (coldstart.run_cold, coldstart.table),
+    "warm-start": (coldstart.run_warm, coldstart.table),
+    "admission": (admission.run, admission.table),
+}
+
+
+def profile(text: str) -> LinkProfile:
+    """MBPS or MBPS+DELAYms, e.g. 200 or 200+30ms."""
+    rate, _, delay = text.partition("+")
+    return LinkProfile(float(rate), float(delay.removesuffix("ms") or 0))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--scenario", action="append", choices=list(SCENARIOS))
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--work-dir", type=Path, default=None, help="for temporary files (2+ GiB)")
+    g = p.add_argument_group("streaming")
+    g.add_argument("--size-mib", type=int, default=2048)
+    g.add_argument("--shards", type=int, default=4)
+    g.add_argument("--rounds", type=int, default=2)
+    g.add_argument("--raw-connections", type=int, default=16)
+    g.add_argument(
+        "--profiles",
+        type=lambda s: [profile(x) for x in s.split(",")],
+        default=[profile("200"), profile("100"), profile("200+30ms")],
+        help="link profiles, comma-separated: 200,100,200+30ms",
+    )
+    g = p.add_argument_group("cold-start and warm-start")
+    g.add_argument("--cold-size-mib", type=int, default=2048)
+    g.add_argument("--cold-profile", type=profile, default=profile("200"))
+    g = p.add_argument_group("admission")
+    g.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    g.add_argument("--connections", type=int, default=16)
+    g.add_argument("--mutation-runs", type=int, default=2000)
+    return p
+
+
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    fig = max(len(r[1]) for r in rows)
+    for what, figure, ratio in rows:
+        print(f"  {what:<{width}}  {figure:>{fig}}  {ratio}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    names = args.scenario or list(SCENARIOS)
+    failed = []
+    rows: list[tuple[str, str, str]] = []
+    with interrupts_as_exit():
+        try:
+            for name in names:
+                run, table = SCENARIOS[name]
+                say(name, f"starting (load {load()})")
+                try:
+                    record = run(args)
+                except KeyboardInterrupt:
+                    say(name, "interrupted; cleaning up")
+                    return 130
+                except Exception:
+                    traceback.print_exc()
+                    failed.append(name)
+                    continue
+                path = write_record(args.out_dir, record)
+                say(name, f"written to {path}")
+                rows.extend((f"[{name}] {what}", fig, ratio) for what, fig, ratio in table(record))
+        finally:
+            coldstart.close()  # the cluster both cold-start and warm-start use, if started
+    if rows:
+        print("\nbench results (ratios measured in the same run; absolute times not asserted):")
+        print_table(rows)
+        print(f"load average now: {json.dumps(load())}; JSON in {args.out_dir}/")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
