@@ -12,9 +12,9 @@ from common.mounts import mounts
 from devcluster import Cluster
 from devcluster.images import PAUSE_IMAGE, PROJECT_IMAGE, SAMPLE_BENTO_IMAGE, containerd_images
 from devcluster.mountns import KUBELET_SYSCTLS
-from devcluster.netns import NETNS_DIR
+from devcluster.netns import NETNS_DIR, NodeNetwork
 from devcluster.node import GKE_SSD, Node
-from devcluster.nodehost import PRIVATE_HOST_DIRS
+from devcluster.nodehost import PRIVATE_HOST_DIRS, socket_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,23 +71,32 @@ def test_the_images_were_imported_without_a_registry(node: Node) -> None:
 
 
 def _host_state() -> dict[str, set[str]]:
-    """What a cluster could leave on the host: netns, links, routes, cgroups, mounts, dirs."""
-    cgroups = [str(p) for p in Path("/sys/fs/cgroup").glob("*/bento-juicefs-node*") if p.is_dir()]
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
-    routes = subprocess.run(["ip", "route"], capture_output=True, text=True, check=True)
+    """Host-wide things a node could change: mounts, directories, iptables, sysctls."""
     iptables = subprocess.run(["iptables-save"], capture_output=True, text=True, check=False)
     return {
-        "netns": {p.name for p in NETNS_DIR.iterdir()} if NETNS_DIR.exists() else set(),
-        "links": {line.split(":")[1].strip() for line in links.stdout.splitlines()},
-        "routes": set(routes.stdout.splitlines()),
-        "cgroups": set(cgroups),
         "mounts": {str(m.point) for m in mounts()},
-        "host dirs": {d for d in (*PRIVATE_HOST_DIRS, "/run/bento-juicefs") if Path(d).exists()},
+        "host dirs": {d for d in PRIVATE_HOST_DIRS if Path(d).exists()},
         "iptables": {line for line in iptables.stdout.splitlines() if line and line[0] not in "#:"},
         "sysctls": {
             f"{name}={Path('/proc/sys', name).read_text().strip()}" for name in KUBELET_SYSCTLS
         },
     }
+
+
+def _node_traces(network: NodeNetwork, state: Path) -> list[str]:
+    """What of one node (by its network's names) is still on the host."""
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True, check=True).stdout
+    found = [f"netns {network.netns}"] if (NETNS_DIR / network.netns).exists() else []
+    found += (
+        [f"veth {network.host_veth}"]
+        if Path(f"/sys/class/net/{network.host_veth}").exists()
+        else []
+    )
+    found += [f"route {line}" for line in routes.splitlines() if line.startswith(network.pod_cidr)]
+    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{network.netns}") if p.is_dir()]
+    found += [str(socket_dir(network))] if socket_dir(network).exists() else []
+    found += [f"mount {m.point}" for m in mounts() if m.point.is_relative_to(state)]
+    return found
 
 
 def test_cluster_up_and_down_leave_nothing_behind(node: Node, tmp_path: Path) -> None:
@@ -103,9 +112,12 @@ def test_cluster_up_and_down_leave_nothing_behind(node: Node, tmp_path: Path) ->
         env=env,
         check=False,
     )
-    during = before
+    network: NodeNetwork | None = None
     try:
         assert up.returncode == 0, up.stderr[-4000:]
+        recorded = json.loads((state / "controlplane.json").read_text())["node"]
+        network = NodeNetwork(**recorded["network"])
+        assert network != node.network, "a second node network beside the session's"
         kubeconfig = up.stdout.strip().splitlines()[-1]
         nodes = subprocess.run(
             [str(node.binaries.get("kubectl", "kubectl")), f"--kubeconfig={kubeconfig}",
@@ -119,8 +131,7 @@ def test_cluster_up_and_down_leave_nothing_behind(node: Node, tmp_path: Path) ->
             if c["type"] == "Ready"
         ]
         assert ready == ["True"]
-        during = _host_state()
-        assert during["netns"] - before["netns"], "a second node network existed"
+        assert _node_traces(network, state), "the second node was really there"
     finally:
         down = subprocess.run(
             [sys.executable, "-m", "devcluster", "down", "--state-dir", str(state)],
@@ -131,14 +142,12 @@ def test_cluster_up_and_down_leave_nothing_behind(node: Node, tmp_path: Path) ->
             check=False,
         )
     assert down.returncode == 0, down.stderr[-4000:]
+    assert network is not None
+    assert _node_traces(network, state) == []
     after = _host_state()
-    # What the second cluster added must be gone (compared item by item, so
-    # whatever else runs on the machine meanwhile does not count), and the
-    # host's sysctls are what they were.
-    for key in before:
-        added = during[key] - before[key]
-        assert not added & after[key], (key, sorted(added & after[key]))
     assert after["sysctls"] == before["sysctls"]
+    assert after["host dirs"] <= before["host dirs"]
+    assert after["iptables"] == before["iptables"]
     left = [p for p in os.listdir("/proc") if p.isdigit() and str(state) in _cmdline(int(p))]
     assert left == [], left
 
