@@ -15,7 +15,12 @@ POSTs the AdmissionReview:
 
 Bodies: the Bento pod of examples/bento-deployment.yaml as the Deployment
 controller creates it, and the 1,500-env-var pod of tests/golden/many-env.yaml
-(about 78 KB). Servers and load alternate, floor first, in every round.
+(about 78 KB). Every request has its own uid; two workloads each:
+`distinct`, every request a different pod (a label differs), so the
+injector decides each one; `replicas`, the same pod each time, as a
+Deployment's replicas arrive (the injector answers those from its cache of
+answers, `injector.review_cache`). Servers and load alternate, floor
+first, in every round.
 """
 
 from __future__ import annotations
@@ -42,14 +47,22 @@ from devcluster.packages import ensure_packages
 SCENARIO = "admission"
 EXAMPLE = REPO / "examples" / "bento-deployment.yaml"
 MANY_ENV = REPO / "tests" / "golden" / "many-env.yaml"
-UID = "3f1c1d2e-6b7a-4c51-9a7e-5d2f0b1c8e90"
 
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local f = assert(io.open("%(body)s", "rb"))
-wrk.body = f:read("*a")
+local template = f:read("*a")
 f:close()
+local counter = 0
+local distinct = %(distinct)s
+function request()
+  counter = counter + 1
+  local id = string.format("%%012d", counter)
+  local body = template:gsub("@UID@", "3f1c1d2e-6b7a-4c51-9a7e-" .. id, 1)
+  body = body:gsub("@VARIANT@", distinct and id or "000000000000", 1)
+  return wrk.format(nil, nil, nil, body)
+end
 %(delay)s
 function done(summary, latency, requests)
   local e = summary.errors
@@ -95,13 +108,16 @@ def bento_pod() -> dict[str, Any]:
 
 
 def review_body(pod: dict[str, Any]) -> bytes:
+    """The AdmissionReview, with placeholders wrk fills per request: @UID@ and @VARIANT@."""
+    pod = {**pod, "metadata": {**pod["metadata"]}}
     metadata = pod["metadata"]
+    metadata["labels"] = {**metadata.get("labels", {}), "bench-variant": "@VARIANT@"}
     return json.dumps(
         {
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
             "request": {
-                "uid": UID,
+                "uid": "@UID@",
                 "kind": {"group": "", "version": "v1", "kind": "Pod"},
                 "resource": {"group": "", "version": "v1", "resource": "pods"},
                 "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
@@ -151,7 +167,14 @@ class Server:
 
 
 def wrk(
-    url: str, body: Path, work: Path, *, connections: int, duration: float, rate: float | None
+    url: str,
+    body: Path,
+    work: Path,
+    *,
+    connections: int,
+    duration: float,
+    rate: float | None,
+    distinct: bool,
 ) -> dict[str, Any]:
     """One wrk run; with rate, each connection waits its share of 1/rate between requests."""
     binary = ensure_packages({"wrk": "wrk"})["wrk"]
@@ -160,7 +183,9 @@ def wrk(
         per_connection_ms = connections * 1000.0 / rate
         delay = f"function delay() return {per_connection_ms:.3f} end"
     script = work / f"wrk-{time.monotonic_ns()}.lua"
-    script.write_text(WRK_SCRIPT % {"body": str(body), "delay": delay})
+    script.write_text(
+        WRK_SCRIPT % {"body": str(body), "delay": delay, "distinct": str(distinct).lower()}
+    )
     proc = subprocess.run(
         [
             str(binary),
@@ -184,6 +209,7 @@ def wrk(
     result: dict[str, Any] = json.loads(lines[-1])
     result["rps"] = round(result["requests"] / (result["duration_us"] / 1e6), 1)
     result["connections"] = connections
+    result["workload"] = "distinct" if distinct else "replicas"
     if rate:
         result["target_rps"] = round(rate, 1)
     return result
@@ -191,6 +217,83 @@ def wrk(
 
 def _ms(us: float) -> float:
     return round(us / 1000, 3)
+
+
+def measure_case(
+    args: argparse.Namespace, url: str, body: Path, work: Path, floor: Server, injector: Server
+) -> dict[str, Any]:
+    """Max rate (floor, then the injector per workload, twice) and half the floor's max."""
+    case = body.stem
+    maxima: dict[str, list[dict[str, Any]]] = {"floor": [], "distinct": [], "replicas": []}
+
+    def load(rate: float | None, distinct: bool) -> dict[str, Any]:
+        return wrk(
+            url,
+            body,
+            work,
+            connections=args.connections,
+            duration=args.duration,
+            rate=rate,
+            distinct=distinct,
+        )
+
+    for round_ in (1, 2):
+        with floor.running():
+            wrk(url, body, work, connections=args.connections, duration=2, rate=None, distinct=True)
+            maxima["floor"].append(load(None, True))
+        for label in ("distinct", "replicas"):
+            with injector.running():
+                wrk(
+                    url,
+                    body,
+                    work,
+                    connections=args.connections,
+                    duration=2,
+                    rate=None,
+                    distinct=True,
+                )
+                maxima[label].append(load(None, label == "distinct"))
+        say(
+            SCENARIO,
+            f"{case} round {round_} max req/s: "
+            + ", ".join(f"{k} {v[-1]['rps']}" for k, v in maxima.items()),
+        )
+    for label, runs in maxima.items():
+        for result in runs:
+            if result["errors"] or result["non_2xx"]:
+                raise RuntimeError(f"{case} {label}: errors under load: {result}")
+    floor_max = median([r["rps"] for r in maxima["floor"]])
+    half = floor_max / 2
+    with floor.running():
+        floor_half = load(half, True)
+    figures: dict[str, Any] = {
+        "floor_max_rps": floor_max,
+        "half_load_target_rps": round(half, 1),
+        "floor_half_load_p50_ms": _ms(floor_half["p50_us"]),
+        "floor_half_load_p99_ms": _ms(floor_half["p99_us"]),
+        "runs": {"max": maxima, "floor_half_load": floor_half},
+    }
+    for label in ("distinct", "replicas"):
+        with injector.running():
+            half_run = load(half, label == "distinct")
+        injector_max = median([r["rps"] for r in maxima[label]])
+        figures[label] = {
+            "injector_max_rps": injector_max,
+            "admission_vs_floor": round(injector_max / floor_max, 3),
+            "max_rate_p50_ms": _ms(median([r["p50_us"] for r in maxima[label]])),
+            "max_rate_p99_ms": _ms(median([r["p99_us"] for r in maxima[label]])),
+            "half_load_rps": half_run["rps"],
+            "half_load_p50_ms": _ms(half_run["p50_us"]),
+            "half_load_p99_ms": _ms(half_run["p99_us"]),
+            "half_load_run": half_run,
+        }
+        say(
+            SCENARIO,
+            f"{case} {label}: {injector_max} req/s = {injector_max / floor_max:.2f}x the floor; "
+            f"at {half:.0f} req/s p50 {_ms(half_run['p50_us'])} ms, "
+            f"p99 {_ms(half_run['p99_us'])} ms (floor p99 {_ms(floor_half['p99_us'])} ms)",
+        )
+    return figures
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,64 +362,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for case, body in bodies().items():
             path = work / f"{case}.json"
             path.write_bytes(body)
-            runs: dict[str, list[dict[str, Any]]] = {"floor": [], "injector": []}
-            for round_ in (1, 2):
-                for server in (floor, injector):
-                    with server.running():
-                        wrk(url, path, work, connections=args.connections, duration=2, rate=None)
-                        result = wrk(
-                            url,
-                            path,
-                            work,
-                            connections=args.connections,
-                            duration=args.duration,
-                            rate=None,
-                        )
-                    runs[server.name].append(result)
-                    say(SCENARIO, f"{case} round {round_} {server.name}: {result['rps']} req/s")
-            floor_max = median([r["rps"] for r in runs["floor"]])
-            injector_max = median([r["rps"] for r in runs["injector"]])
-            half = floor_max / 2
-            half_runs: dict[str, dict[str, Any]] = {}
-            for server in (floor, injector):
-                with server.running():
-                    half_runs[server.name] = wrk(
-                        url,
-                        path,
-                        work,
-                        connections=args.connections,
-                        duration=args.duration,
-                        rate=half,
-                    )
-                result = half_runs[server.name]
-                say(
-                    SCENARIO,
-                    f"{case} half load {server.name}: {result['rps']} req/s, "
-                    f"p50 {_ms(result['p50_us'])} ms, p99 {_ms(result['p99_us'])} ms",
-                )
-            cases[case] = {
-                "body_bytes": len(body),
-                "floor_max_rps": floor_max,
-                "injector_max_rps": injector_max,
-                "admission_vs_floor": round(injector_max / floor_max, 3),
-                "max_rate_p50_ms": _ms(median([r["p50_us"] for r in runs["injector"]])),
-                "max_rate_p99_ms": _ms(median([r["p99_us"] for r in runs["injector"]])),
-                "half_load_target_rps": round(half, 1),
-                "half_load_rps": half_runs["injector"]["rps"],
-                "half_load_p50_ms": _ms(half_runs["injector"]["p50_us"]),
-                "half_load_p99_ms": _ms(half_runs["injector"]["p99_us"]),
-                "floor_half_load_p99_ms": _ms(half_runs["floor"]["p99_us"]),
-                "runs": {"max": runs, "half_load": half_runs},
-            }
-            for name, runs_ in runs.items():
-                if any(r["errors"] or r["non_2xx"] for r in runs_):
-                    raise RuntimeError(f"{case}: {name} answered with errors: {runs_}")
+            cases[case] = measure_case(args, url, path, work, floor, injector)
+            cases[case]["body_bytes"] = len(body)
     say(SCENARIO, f"in-process mutation time, median of {args.mutation_runs} runs")
     record["cases"] = cases
     record["in_process"] = measure_in_process(args.mutation_runs)
     bento = cases["bento"]
-    record["admission_vs_floor"] = bento["admission_vs_floor"]
-    record["admission_p99_ms_half_load"] = bento["half_load_p99_ms"]
+    record["admission_vs_floor"] = bento["distinct"]["admission_vs_floor"]
+    record["admission_p99_ms_half_load"] = bento["distinct"]["half_load_p99_ms"]
+    record["admission_vs_floor_replicas"] = bento["replicas"]["admission_vs_floor"]
+    record["admission_p99_ms_half_load_replicas"] = bento["replicas"]["half_load_p99_ms"]
     record["env_1500_in_process_us"] = record["in_process"]["env-1500"][
         "parse_decide_patch_encode_us"
     ]
@@ -326,21 +381,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(record: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
     for case, figures in record["cases"].items():
-        rows.append(
-            (
-                f"{case} ({figures['body_bytes'] / 1000:.0f} KB) /mutate max rate",
-                f"{figures['injector_max_rps']:.0f} req/s",
-                f"{figures['admission_vs_floor']:.2f}x the floor ({figures['floor_max_rps']:.0f})",
+        size = f"{figures['body_bytes'] / 1000:.0f} KB"
+        for label in ("distinct", "replicas"):
+            line = figures[label]
+            rows.append(
+                (
+                    f"{case} ({size}), {label} pods: /mutate max rate",
+                    f"{line['injector_max_rps']:.0f} req/s",
+                    f"{line['admission_vs_floor']:.2f}x the floor ({figures['floor_max_rps']:.0f})",
+                )
             )
-        )
-        rows.append(
-            (
-                f"{case} at half the floor's max ({figures['half_load_target_rps']:.0f} req/s)",
-                f"p99 {figures['half_load_p99_ms']:.2f} ms",
-                f"p50 {figures['half_load_p50_ms']:.2f} ms, got {figures['half_load_rps']:.0f} "
-                f"req/s (floor p99 {figures['floor_half_load_p99_ms']:.2f} ms)",
+            rows.append(
+                (
+                    f"{case}, {label}: at half the floor's max "
+                    f"({figures['half_load_target_rps']:.0f}/s)",
+                    f"p99 {line['half_load_p99_ms']:.2f} ms",
+                    f"p50 {line['half_load_p50_ms']:.2f} ms, got {line['half_load_rps']:.0f}/s "
+                    f"(floor p99 {figures['floor_half_load_p99_ms']:.2f} ms)",
+                )
             )
-        )
     for case, figures in record["in_process"].items():
         if isinstance(figures, dict):
             rows.append(

@@ -27,11 +27,13 @@ from injector.kube import api_client
 from injector.lifecycle import READY_CHECKS, SERVING, ReadyCheck
 from injector.metrics import METRICS, Metrics
 from injector.namespaces import namespace_controller
+from injector.review_cache import ReviewCache
 from injector.tls import TLS, serving_certificate
 
 log = structlog.get_logger("injector.server")
 
 CONFIG = web.AppKey("config", InjectorConfig)
+REVIEWS = web.AppKey("reviews", ReviewCache)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,11 @@ async def handle_mutate(request: web.Request) -> web.Response:
         dry_run=req.dry_run,
     )
     try:
-        result = review(req, config)
+        # Replicas of one pod template differ only in the uid: decided once.
+        key, result = app[REVIEWS].get(body, req)
+        if result is None:
+            result = review(req, config)
+            app[REVIEWS].put(key, result)
         response = result.response
         outcome: str = result.outcome
         log.info(
@@ -148,6 +154,7 @@ def build_app(
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[REVIEWS] = ReviewCache()
     app[READY_CHECKS] = list(ready_checks or [])
     app[SERVING] = asyncio.Event()
     app.router.add_post("/mutate", handle_mutate)
