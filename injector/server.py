@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.exposition import generate_latest
+from pydantic_core import to_json
 
 from injector.admission import BadReview, parse_review, review
 from injector.cluster_certs import shared_ca
@@ -115,7 +115,7 @@ async def handle_mutate(request: web.Request) -> web.Response:
         }
     metrics.requests.labels(outcome).inc()
     metrics.latency.observe(time.perf_counter() - started)
-    return web.json_response(response, dumps=json.dumps)
+    return web.Response(body=to_json(response), content_type="application/json", charset="utf-8")
 
 
 async def handle_healthz(_: web.Request) -> web.Response:
