@@ -62,6 +62,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     g.add_argument("--connections", type=int, default=16)
     g.add_argument("--mutation-runs", type=int, default=2000)
+    g.add_argument(
+        "--injector-tree",
+        type=Path,
+        default=None,
+        help="run the injector from this checkout (a before/after comparison)",
+    )
     return p
 
 

@@ -145,16 +145,17 @@ def bodies() -> dict[str, bytes]:
 class Server:
     """One HTTPS server process on loopback (injector or floor), started and stopped."""
 
-    def __init__(self, name: str, args: list[str], port: int, log: Path) -> None:
+    def __init__(self, name: str, args: list[str], port: int, log: Path, cwd: Path = REPO) -> None:
         self.name = name
         self.args = args
         self.port = port
         self.log = log
+        self.cwd = cwd  # `python -m` imports from here first: another checkout's injector
         self.process: subprocess.Popen[bytes] | None = None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Server]:
-        self.process = spawn_group(self.args, self.log, cwd=REPO, die_with_parent=True)
+        self.process = spawn_group(self.args, self.log, cwd=self.cwd, die_with_parent=True)
         try:
             deadline = time.monotonic() + 30
             while not port_answers(self.port):
@@ -306,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": 2,
             "server": "one process, one event loop, TLS 1.2+ on 127.0.0.1, default settings",
             "injector_logs": "info (default), JSON lines to a file",
+            "injector_tree": str(args.injector_tree or REPO),
         },
     )
     record["versions"] = {
@@ -341,6 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ],
             port,
             work / "injector.log",
+            cwd=args.injector_tree or REPO,
         )
         floor = Server(
             "floor",
