@@ -20,6 +20,7 @@ from typing import Any
 from benchmarks import admission, coldstart, streaming
 from benchmarks.record import DEFAULT_OUT, load, say, write_record
 from benchmarks.store import interrupts_as_exit
+from common.logs import configure_logging
 from devcluster.storenet import LinkProfile
 
 Runner = Callable[[argparse.Namespace], dict[str, Any]]
@@ -80,6 +81,7 @@ def print_table(rows: list[tuple[str, str, str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    configure_logging("warning")  # the sidecar's mount logs juicefs's lines at debug
     names = args.scenario or list(SCENARIOS)
     failed = []
     rows: list[tuple[str, str, str]] = []
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 path = write_record(args.out_dir, record)
                 say(name, f"written to {path}")
                 rows.extend((f"[{name}] {what}", fig, ratio) for what, fig, ratio in table(record))
+                if not set(names[names.index(name) + 1 :]) & {"cold-start", "warm-start"}:
+                    coldstart.close()  # no idle cluster under the scenarios that follow
         finally:
             coldstart.close()  # the cluster both cold-start and warm-start use, if started
     if rows:
