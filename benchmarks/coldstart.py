@@ -76,6 +76,7 @@ class StartResult:
     milestones: dict[str, float]
     pod: str
     events: list[dict[str, str]] = field(default_factory=list)
+    app_log: list[str] = field(default_factory=list)  # what the app says about its load
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +84,7 @@ class StartResult:
             "milestones": {k: round(v, 2) for k, v in self.milestones.items()},
             "pod": self.pod,
             "events": self.events,
+            "app_log": self.app_log,
         }
 
 
@@ -253,7 +255,10 @@ class Session:
                 "events", "-n", namespace, "--field-selector", f"involvedObject.name={pod_name}"
             )["items"]
         ]
+        logs = cp.kubectl("logs", pod_name, "-n", namespace, "-c", "main", check=False).stdout
+        result.app_log = [line for line in logs.splitlines() if "loaded" in line][-3:]
         say("cold-start", f"{what}: Ready {result.seconds:.1f}s after apply ({seen})")
+        say("cold-start", f"{what}: the app says {result.app_log}")
         cp.kubectl("delete", "deployment", name, "-n", namespace, "--wait=true", timeout=180)
         self._wait_gone(namespace)
         return result

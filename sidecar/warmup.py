@@ -5,9 +5,9 @@ by one sequential reader (one `range_bytes` read in flight) that hashes as
 it goes, in a worker thread, so the event loop never hashes. One sequential
 reader per file is what JuiceFS's readahead serves best: several reads in
 flight at nearby offsets of one file make JuiceFS 1.4 cancel block fetches
-and issue them again (measured under a 200 MB/s cap: about 1.5-1.9 GETs per
-block object and 0.72x of raw GETs, against 1.0 GETs per block and 0.99x
-for one reader per file with the files in parallel; see BENCHMARKS.md).
+and issue them again (2 GiB behind a 200 MB/s link: 989 GETs for 516 block
+objects, 1.8x the model's bytes, 0.75x of raw GETs; one reader per file with
+the files in parallel: one GET per block, 0.96-0.99x; BENCHMARKS.md).
 A failed read (the object store went away) is retried with backoff until
 the deadline, on a freshly opened file: JuiceFS (still 1.4.2) keeps a read
 error on the open file handle for good, so every later read on that
