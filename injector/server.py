@@ -83,18 +83,19 @@ async def handle_mutate(request: web.Request) -> web.Response:
     )
     try:
         # Replicas of one pod template differ only in the uid: decided once.
-        key, result = app[REVIEWS].get(body, req)
-        if result is None:
-            result = review(req, config)
-            app[REVIEWS].put(key, result)
-        response = result.response
-        outcome: str = result.outcome
+        reviews = app[REVIEWS]
+        key, answer = reviews.get(body, req)
+        if answer is None:
+            answer = reviews.answer(review(req, config))
+            reviews.put(key, answer)
+        payload = answer.body(req.uid)
+        outcome: str = answer.outcome
         log.info(
             "admission.decided",
             decision=outcome,
-            reason=result.reason,
-            operations=len(result.ops),
-            warnings=result.warnings or None,
+            reason=answer.reason,
+            operations=answer.operations,
+            warnings=list(answer.warnings) or None,
         )
     except Exception:
         # A bug must not half-mutate a pod or surface as a bare 500: deny
@@ -104,18 +105,20 @@ async def handle_mutate(request: web.Request) -> web.Response:
         message = (
             f"JuiceFS model injection failed inside the injector; see its logs for uid {req.uid}"
         )
-        response = {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "response": {
-                "uid": req.uid,
-                "allowed": False,
-                "status": {"code": 500, "message": message},
-            },
-        }
+        payload = to_json(
+            {
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "response": {
+                    "uid": req.uid,
+                    "allowed": False,
+                    "status": {"code": 500, "message": message},
+                },
+            }
+        )
     metrics.requests.labels(outcome).inc()
     metrics.latency.observe(time.perf_counter() - started)
-    return web.Response(body=to_json(response), content_type="application/json", charset="utf-8")
+    return web.Response(body=payload, content_type="application/json", charset="utf-8")
 
 
 async def handle_healthz(_: web.Request) -> web.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,22 @@ def test_replicas_share_an_answer_with_their_own_uid() -> None:
     first, second = body_with("uid-one"), body_with("uid-two")
     key, found = cache.get(first, parse_review(first).request)
     assert found is None
-    cache.put(key, review(parse_review(first).request, config))
+    cache.put(key, cache.answer(review(parse_review(first).request, config)))
     request = parse_review(second).request
     _, hit = cache.get(second, request)
     assert hit is not None
     assert cache.hits == 1
-    assert hit.response == review(request, config).response  # as if decided again
-    assert hit.response["response"]["uid"] == "uid-two"
+    fresh = review(request, config)
+    assert json.loads(hit.body("uid-two")) == fresh.response  # as if decided again
+    assert (hit.outcome, hit.reason, hit.operations) == (
+        fresh.outcome,
+        fresh.reason,
+        len(fresh.ops),
+    )
+    assert json.loads(hit.body('we"ird\\')) == {  # any uid, JSON-escaped
+        **fresh.response,
+        "response": {**fresh.response["response"], "uid": 'we"ird\\'},
+    }
 
 
 def test_other_pods_and_ambiguous_uids_are_not_shared() -> None:
@@ -57,16 +67,14 @@ def test_the_cache_is_bounded() -> None:
         bodies.append(body_with(f"uid-{i}", pod))
     for body in bodies:
         key, _ = cache.get(body, parse_review(body).request)
-        cache.put(key, review(parse_review(body).request, config))
+        cache.put(key, cache.answer(review(parse_review(body).request, config)))
     assert len(cache._answers) == 2
     assert cache.get(bodies[0], parse_review(bodies[0]).request)[1] is None
     result = review(parse_review(bodies[1]).request, config)
-    big = {
-        **result.response,
-        "response": {**result.response["response"], "patch": "x" * (MAX_PATCH_CHARS + 1)},
-    }
+    patch = "x" * (MAX_PATCH_CHARS + 1)
+    big = {**result.response, "response": {**result.response["response"], "patch": patch}}
     small = ReviewCache()
-    small.put(b"k", type(result)(result.outcome, result.reason, big, result.ops, result.warnings))
+    small.put(b"k", small.answer(replace(result, response=big)))
     assert not small._answers
 
 
