@@ -324,7 +324,7 @@ class Session:
         deployment["spec"]["replicas"] = 1
         template = deployment["spec"]["template"]
         template["metadata"]["labels"].pop("juicefs.bentoml.com/model-store", None)
-        template["metadata"]["annotations"].pop("juicefs.bentoml.com/cache-size", None)
+        template["metadata"].get("annotations", {}).pop("juicefs.bentoml.com/cache-size", None)
         pod = template["spec"]
         pod["volumes"] = [
             *pod.get("volumes", []),
