@@ -186,7 +186,8 @@ class JuiceFSMount:
                 os.killpg(self._process.pid, signal.SIGKILL)
         _unmount(s.private_mount)
         for directory in (s.private_mount, s.mount_point, s.cache_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            if not is_mounted(directory):  # a dead FUSE mount there fails every stat
+                directory.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **credentials_env(s)}
         self._metrics_port = free_port()
         self.generation += 1

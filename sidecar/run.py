@@ -345,7 +345,7 @@ async def _supervise(
         )
         try:
             seconds = await _mount_unless_stopped(mount, stopping)
-        except MountError as err:
+        except (MountError, OSError) as err:
             log.error("mount.failed", error=str(err))
             await reporter.event(WARNING, "MountFailed", f"remounting failed: {err}")
             stopping.cancel()
