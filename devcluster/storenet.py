@@ -22,6 +22,9 @@ The store's address is a /32 on the namespace's loopback, routed over each
 link: the host and the node reach the same address (the one the JuiceFS
 volume records in its format), each through its own veth, and no forwarding
 is turned on anywhere (the store namespace is the end of both links).
+The names and addresses are fixed (172.31.214.0/24, clear of the node
+networks' 172.31.213.0/24): one shaped store per host at a time, and a
+crashed run's leftovers are removed by the next `create()`.
 """
 
 from __future__ import annotations
