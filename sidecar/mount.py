@@ -21,6 +21,7 @@ import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -239,6 +240,41 @@ class JuiceFSMount:
 
     def answers(self) -> bool:
         return mount_answers(self._settings.mount_point)
+
+    async def fill_cache(self, paths: Sequence[Path]) -> None:
+        """Put every block of paths into the cache dir: what reading them left out.
+
+        A read through FUSE caches its blocks on the side and drops one when
+        juicefs's disk-write queue is full (a slow or busy disk), so a verified
+        model may be only partly local. `juicefs warmup` fetches exactly the
+        blocks the cache lacks, and waits for the disk instead of dropping.
+        """
+        if self._cache_size_mib == 0 or not paths:
+            return
+        s = self._settings
+        process = await asyncio.create_subprocess_exec(
+            s.juicefs_bin,
+            "--no-agent",
+            "warmup",
+            "--threads",
+            str(s.warmup_concurrency),
+            *(str(path) for path in paths),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            _, stderr = await process.communicate()
+        except BaseException:  # cancelled (the caller's deadline): no warmup left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+            raise
+        if process.returncode != 0:
+            tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise MountError(
+                f"juicefs warmup exited with code {process.returncode}: {' '.join(tail)}"
+            )
 
     async def _drain_log(self, within: float = 1.0) -> None:
         """The last lines of juicefs's output, without waiting for an orphaned worker.

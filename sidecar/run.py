@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,15 +28,39 @@ from sidecar.decisions import (
     slow_disk_action,
 )
 from sidecar.env import Settings
-from sidecar.manifest import MANIFEST_NAME, Manifest, read_manifest
+from sidecar.manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest
 from sidecar.mount import JuiceFSMount, MountError
 from sidecar.reporter import NORMAL, WARNING, Reporter
 from sidecar.sources import ByteSources, MountCounters, byte_sources
-from sidecar.warmup import MIB, Progress, Streamer, VerificationError, WarmupTimeout
+from sidecar.warmup import (
+    MIB,
+    ErrorCallback,
+    Progress,
+    ProgressCallback,
+    Streamer,
+    VerificationError,
+    WarmupTimeout,
+)
 
-__all__ = ["NORMAL", "WARNING", "BentoTree", "ProgressReporter", "open_gate", "run", "warm"]
+__all__ = [
+    "NORMAL",
+    "WARNING",
+    "BentoTree",
+    "CacheFiller",
+    "ProgressReporter",
+    "open_gate",
+    "run",
+    "stream_model",
+    "warm",
+]
 
 log = structlog.get_logger("sidecar")
+
+
+class CacheFiller(Protocol):
+    """Completes the local cache with the blocks of files that reading left out."""
+
+    async def fill_cache(self, paths: Sequence[Path]) -> None: ...
 
 
 class BentoTree(Protocol):
@@ -149,8 +173,14 @@ async def warm(
     mount: BentoTree,
     reporter: Reporter,
     counters: MountCounters | None = None,
+    filler: CacheFiller | None = None,
 ) -> bool:
     """Stream and verify the model; True when the gate may open.
+
+    With `filler`, the cache is then completed with any block the reads left
+    out (juicefs drops cache writes when its disk queue is full), so the next
+    pod on this node reads every byte locally. That costs only the missing
+    blocks; if it fails the gate still opens: every byte is verified already.
 
     With `counters` (juicefs's metrics), the ModelsReady Event and the
     warmup.done log say how many of the verified bytes came from the cache
@@ -169,16 +199,17 @@ async def warm(
     )
     progress_reporter = ProgressReporter(reporter)
     before = None if counters is None else await counters.snapshot()
-    streamer = Streamer(
-        root=mount.models_dir,
-        concurrency=settings.warmup_concurrency,
-        deadline=deadline,
-        on_progress=progress_reporter.on_progress,
-        on_error=progress_reporter.on_error,
-    )
     watchdog = asyncio.create_task(progress_reporter.watch_stalls())
     try:
-        progress = await streamer.run(files)
+        progress = await stream_model(
+            settings,
+            mount,
+            files,
+            deadline,
+            on_progress=progress_reporter.on_progress,
+            on_error=progress_reporter.on_error,
+            filler=filler,
+        )
     except VerificationError as err:
         log.error("warmup.verification_failed", error=str(err))
         await reporter.event(
@@ -219,6 +250,43 @@ async def warm(
     )
     await reporter.event(NORMAL, "ModelsReady", message)
     return True
+
+
+async def stream_model(
+    settings: Settings,
+    tree: BentoTree,
+    files: list[ManifestFile],
+    deadline: float,
+    on_progress: ProgressCallback,
+    on_error: ErrorCallback,
+    filler: CacheFiller | None = None,
+) -> Progress:
+    """Read and verify every file through the mount, then complete the cache (see warm)."""
+    streamer = Streamer(
+        root=tree.models_dir,
+        concurrency=settings.warmup_concurrency,
+        deadline=deadline,
+        on_progress=on_progress,
+        on_error=on_error,
+    )
+    progress = await streamer.run(files)
+    if filler is not None:
+        await _fill_cache(filler, [tree.models_dir / f.path for f in files], deadline)
+    return progress
+
+
+async def _fill_cache(filler: CacheFiller, paths: list[Path], deadline: float) -> None:
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(max(deadline - started, 1.0)):
+            await filler.fill_cache(paths)
+    except TimeoutError:
+        log.warning("cache.fill_failed", error="not finished by the warmup deadline")
+        return
+    except (OSError, MountError) as err:
+        log.warning("cache.fill_failed", error=str(err))
+        return
+    log.info("cache.filled", files=len(paths), seconds=round(time.monotonic() - started, 2))
 
 
 def _cache_text(settings: Settings, cache_size_mib: int) -> str:
@@ -292,7 +360,7 @@ async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None
     # serving the mount until it is stopped. Reads that fail while juicefs is
     # being remounted are retried by the streamer like any other failed read.
     work = asyncio.create_task(
-        open_gate(settings, mount, reporter, gate, counters=MountCounters(mount))
+        open_gate(settings, mount, reporter, gate, counters=MountCounters(mount), filler=mount)
     )
     work.add_done_callback(_log_crash)
     code = await _supervise(settings, mount, reporter, stopping)
@@ -379,6 +447,7 @@ async def open_gate(
     reporter: Reporter,
     gate: GatePlan,
     counters: MountCounters | None = None,
+    filler: CacheFiller | None = None,
 ) -> None:
     """Verify the model if the gate plan says so, then set the condition to True.
 
@@ -386,7 +455,7 @@ async def open_gate(
     False saying why.
     """
     try:
-        if gate.verify and not await warm(settings, mount, reporter, counters):
+        if gate.verify and not await warm(settings, mount, reporter, counters, filler):
             return
     except (OSError, ValueError) as err:
         # No manifest, an unreadable one, a file the mount cannot open...

@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from sidecar.cacheprobe import measure
 from sidecar.env import Settings
-from sidecar.mount import JuiceFSMount
+from sidecar.mount import JuiceFSMount, MountError
 from sidecar.run import warm
 from sidecar.sources import (
     JuiceFSCounters,
@@ -206,3 +207,51 @@ def test_models_ready_says_so_when_the_split_is_unknown(
     reporter = MessageReporter()
     assert asyncio.run(warm(settings_for(bento), bento, reporter, MountCounters(served))) is True
     assert "bytes by source unknown" in reporter.messages["ModelsReady"]
+
+
+@dataclass
+class RecordingFiller:
+    """Stands in for JuiceFSMount.fill_cache: records what it was asked to complete."""
+
+    fail_with: BaseException | None = None
+    hang: bool = False
+    asked: list[list[Path]] = field(default_factory=list)
+
+    async def fill_cache(self, paths: Sequence[Path]) -> None:
+        self.asked.append(list(paths))
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.fail_with is not None:
+            raise self.fail_with
+
+
+def test_after_verifying_the_sidecar_completes_the_cache_with_every_file(tmp_path: Path) -> None:
+    bento = published_bento(tmp_path)
+    filler = RecordingFiller()
+    reporter = MessageReporter()
+    assert asyncio.run(warm(settings_for(bento), bento, reporter, filler=filler)) is True
+    model_files = {f for f in bento.models_dir.rglob("*") if f.is_file()}
+    assert len(filler.asked) == 1
+    assert set(filler.asked[0]) == model_files
+
+
+@pytest.mark.parametrize(
+    "filler",
+    [
+        RecordingFiller(fail_with=MountError("juicefs warmup exited with code 1")),
+        RecordingFiller(fail_with=OSError("no such file: juicefs")),
+        RecordingFiller(hang=True),
+    ],
+    ids=["warmup-fails", "no-juicefs", "warmup-hangs"],
+)
+def test_a_cache_fill_that_fails_leaves_the_verified_model_ready(
+    tmp_path: Path, filler: RecordingFiller
+) -> None:
+    bento = published_bento(tmp_path)
+    # The fill gets what is left of the warmup deadline, at least a second.
+    settings = replace(settings_for(bento), warmup_timeout_seconds=1)
+    reporter = MessageReporter()
+    with capture_logs() as logs:
+        assert asyncio.run(warm(settings, bento, reporter, filler=filler)) is True
+    assert "ModelsReady" in reporter.messages
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["cache.fill_failed"]
