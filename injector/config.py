@@ -225,6 +225,17 @@ class Scheduling(_Model):
     # Overrides the platform profile's local-SSD node label.
     ssd_node_label: NodeLabel | None = None
     preferred_weight: int = Field(default=100, ge=1, le=100)
+    # A pod on the node cache prefers nodes whose node agent labels its Bento
+    # warm (common.warm): it reads the model from local disk there.
+    prefer_warm_nodes: bool = True
+    # The scheduler adds up the weights of the preferred terms a node matches,
+    # so only their ratios count. 75 puts a warm node ahead of an
+    # image-streaming one (the profiles' streamingWeight, 50): the model is most
+    # of a Bento's cold-start bytes, streaming saves only part of the image
+    # pull. It stays below the SSD term (preferredWeight, 100, with ssdPolicy
+    # preferred): the SSD serves every read and every Bento, warmth one Bento
+    # until it is evicted.
+    warm_node_weight: int = Field(default=75, ge=1, le=100)
 
 
 class PlatformProfile(_Model):

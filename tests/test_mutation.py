@@ -273,6 +273,8 @@ def test_ssd_policy_preferred_and_off() -> None:
     assert keys == [
         "cloud.google.com/gke-ephemeral-storage-local-ssd",
         "cloud.google.com/gke-image-streaming",
+        # The node cache's warm-node term (tests/test_warm_affinity.py).
+        "warm.juicefs.bentoml.com/llama3-service.v1",
     ]
     off = inject(annotated(**{"ssd-policy": "off"}))["spec"]["affinity"]["nodeAffinity"]
     assert "requiredDuringSchedulingIgnoredDuringExecution" not in off

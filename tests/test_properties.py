@@ -9,6 +9,7 @@ import jsonpatch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.warm import is_warm_label, warm_label_key
 from injector.config import InjectorConfig
 from injector.mutation.owned import owned_names
 from tests.helpers import run
@@ -96,6 +97,19 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
             node_affinity["preferredDuringSchedulingIgnoredDuringExecution"] = [
                 {"weight": 10, "preference": {"matchExpressions": [draw(expressions)]}}
             ]
+        if draw(st.booleans()):
+            # A warm-node term for this Bento, its own (our expression, kept as
+            # written) or for another volume (ours is added beside it).
+            warm = {
+                "key": warm_label_key(
+                    labels["yatai.ai/bento-repository"], labels["yatai.ai/bento-version"]
+                ),
+                "operator": "In",
+                "values": [draw(st.sampled_from(["models", "other"]))],
+            }
+            node_affinity.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append(
+                {"weight": draw(st.integers(1, 100)), "preference": {"matchExpressions": [warm]}}
+            )
         spec["affinity"] = {"nodeAffinity": node_affinity}
     if draw(st.booleans()):
         spec["readinessGates"] = [{"conditionType": "example.com/other"}]
@@ -150,10 +164,16 @@ def strip_injection(pod: dict[str, Any], original: dict[str, Any]) -> dict[str, 
         if not required["nodeSelectorTerms"]:
             del node["requiredDuringSchedulingIgnoredDuringExecution"]
     if "preferredDuringSchedulingIgnoredDuringExecution" in node:
+        orig_preferred = (
+            orig_spec.get("affinity", {})
+            .get("nodeAffinity", {})
+            .get("preferredDuringSchedulingIgnoredDuringExecution", [])
+        )
         node["preferredDuringSchedulingIgnoredDuringExecution"] = [
             p
             for p in node["preferredDuringSchedulingIgnoredDuringExecution"]
             if p["preference"]["matchExpressions"][0] not in OUR_EXPRESSIONS
+            and not (_is_warm_term(p) and p not in orig_preferred)
         ]
         if not node["preferredDuringSchedulingIgnoredDuringExecution"]:
             del node["preferredDuringSchedulingIgnoredDuringExecution"]
@@ -164,6 +184,10 @@ def strip_injection(pod: dict[str, Any], original: dict[str, Any]) -> dict[str, 
     if not annotations and "annotations" not in original["metadata"]:
         out["metadata"].pop("annotations", None)
     return out
+
+
+def _is_warm_term(term: dict[str, Any]) -> bool:
+    return any(is_warm_label(e["key"]) for e in term["preference"]["matchExpressions"])
 
 
 def _container(spec: dict[str, Any], key: str, name: str) -> dict[str, Any]:
@@ -194,6 +218,19 @@ def test_patch_applies_cleanly_and_loses_nothing(pod: dict[str, Any]) -> None:
         if container["name"] != "juicefs-mount":
             assert any(m["name"] == "juicefs-mount-dir" for m in container["volumeMounts"])
     assert GATE in patched["spec"]["readinessGates"]
+    # The default config puts every pod on the node cache: exactly one term
+    # prefers nodes where its Bento is warm in its volume, whoever wrote it.
+    warm = {
+        "key": warm_label_key(
+            pod["metadata"]["labels"]["yatai.ai/bento-repository"],
+            pod["metadata"]["labels"]["yatai.ai/bento-version"],
+        ),
+        "operator": "In",
+        "values": ["models"],
+    }
+    node = patched["spec"]["affinity"]["nodeAffinity"]
+    terms = node["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert [t["preference"]["matchExpressions"] for t in terms].count([warm]) == 1
     assert strip_injection(patched, original) == original
     again = run(patched, CONFIG)
     assert again.ops == []

@@ -23,6 +23,7 @@ from injector.mutation.sidecar import add_sidecar
 from injector.mutation.status import add_status
 from injector.mutation.streaming import add_image_streaming
 from injector.mutation.volumes import add_volumes
+from injector.mutation.warm import add_warm_node_affinity
 from injector.patch import PatchBuilder, PatchOp
 from injector.plan import InjectionPlan
 
@@ -34,6 +35,7 @@ PIPELINE: tuple[Step, ...] = (
     add_volumes,
     add_ssd_affinity,
     add_image_streaming,
+    add_warm_node_affinity,
     add_readiness_gate,
     add_advisories,
     add_status,
