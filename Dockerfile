@@ -52,12 +52,14 @@ COPY README.md /usr/src/bento-juicefs/README.md
 COPY common /usr/src/bento-juicefs/common
 COPY injector /usr/src/bento-juicefs/injector
 COPY sidecar /usr/src/bento-juicefs/sidecar
+COPY nodeagent /usr/src/bento-juicefs/nodeagent
 RUN set -e; \
     if [ -n "$(ls -A "$WHEELHOUSE" 2>/dev/null)" ]; then set -- --no-index --find-links "$WHEELHOUSE"; fi; \
     pip install "$@" --no-deps /usr/src/bento-juicefs; \
     rm -rf /usr/src/bento-juicefs/build /usr/src/bento-juicefs/*.egg-info; \
     python -m injector --help >/dev/null; \
-    python -m sidecar --help >/dev/null
+    python -m sidecar --help >/dev/null; \
+    python -m nodeagent --help >/dev/null
 
 WORKDIR /usr/src/bento-juicefs
 USER 65532:65532

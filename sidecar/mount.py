@@ -249,7 +249,16 @@ class JuiceFSMount:
         model may be only partly local. `juicefs warmup` fetches exactly the
         blocks the cache lacks, and waits for the disk instead of dropping.
         """
-        if self._cache_size_mib == 0 or not paths:
+        if self._cache_size_mib > 0:
+            await self._warmup(paths)
+
+    async def evict_cache(self, paths: Sequence[Path]) -> None:
+        """Remove every cached block of paths from the cache dir (the node agent's eviction)."""
+        await self._warmup(paths, "--evict")
+
+    async def _warmup(self, paths: Sequence[Path], *options: str) -> None:
+        """`juicefs warmup [options] paths` against this mount; MountError when it fails."""
+        if not paths:
             return
         s = self._settings
         process = await asyncio.create_subprocess_exec(
@@ -258,6 +267,7 @@ class JuiceFSMount:
             "warmup",
             "--threads",
             str(s.warmup_concurrency),
+            *options,
             *(str(path) for path in paths),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -273,7 +283,8 @@ class JuiceFSMount:
         if process.returncode != 0:
             tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
             raise MountError(
-                f"juicefs warmup exited with code {process.returncode}: {' '.join(tail)}"
+                f"juicefs warmup {' '.join(options)} exited with code {process.returncode}: "
+                f"{' '.join(tail)}"
             )
 
     async def _drain_log(self, within: float = 1.0) -> None:

@@ -97,6 +97,7 @@ def test_dockerfile_takes_its_base_as_an_arg_and_copies_only_the_packages() -> N
         "common",
         "injector",
         "sidecar",
+        "nodeagent",
     }
     assert 'ENTRYPOINT ["python", "-m"]' in code
 

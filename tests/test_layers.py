@@ -59,6 +59,7 @@ def test_every_layer_is_a_root_package() -> None:
         "common",
         "injector",
         "sidecar",
+        "nodeagent",
         "devcluster",
         "tests",
         "benchmarks",

@@ -1,4 +1,4 @@
-"""The three images: the project (injector + sidecar), the sample Bento, the pause image."""
+"""The three images: the project (injector, sidecar, node agent), the sample Bento, pause."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ PROJECT_INPUTS: tuple[str, ...] = (
     "common",
     "injector",
     "sidecar",
+    "nodeagent",
 )
 BENTO_INPUTS: tuple[str, ...] = (
     "Dockerfile",

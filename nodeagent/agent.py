@@ -1,0 +1,297 @@
+"""The agent's loop: every pass, hold the node cache to what the node's Bentos need.
+
+A pass reads the Node's record (the `warm-models` annotation), the Bentos
+the opted-in workloads want (newest change first), and then, one Bento at a
+time: evicts what no workload has wanted for the grace period, and warms
+each wanted Bento that is not warm yet, within the budget (making room by
+evicting unreferenced Bentos only). After each change of state it writes
+the record and the warm labels to its Node, so the scheduler (through the
+injector's preferred affinity) and `kubectl describe node` see it at once.
+
+Level-based, from the API's current state each pass: a restarted agent reads
+its record back, finds a Bento still "warming", and warms it again, which
+reads what is on the disk already and fetches only the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from common.warm import (
+    WARM_ANNOTATION,
+    BentoRef,
+    NodeWarmth,
+    WarmRecord,
+    WarmState,
+    is_warm_label,
+)
+from injector.config import InjectorConfig
+from nodeagent.kube import API_ERRORS
+from nodeagent.plan import (
+    expired,
+    format_time,
+    make_room,
+    needs_warming,
+    retry_due,
+    track_unreferenced,
+)
+from nodeagent.warmer import (
+    MIB,
+    AgentIdentity,
+    CredentialsError,
+    mount_settings,
+    mounted,
+    node_cache_size_mib,
+    read_credentials,
+)
+from nodeagent.workloads import WantedBento, Workload, recorded_bento, wanted_bentos
+from sidecar.mount import MountError
+from sidecar.sources import byte_sources
+from sidecar.warmup import Progress, VerificationError, WarmupTimeout
+
+log = structlog.get_logger("nodeagent")
+
+NORMAL, WARNING = "Normal", "Warning"
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    credentials_dir: Path
+    work_dir: Path
+    juicefs_bin: str = "juicefs"
+    resync_seconds: float = 10.0
+    # How long a Bento no workload uses stays in the cache when nothing needs its room.
+    evict_after_seconds: float = 3600.0
+    # How long a failed or over-budget Bento waits before the next try.
+    retry_seconds: float = 60.0
+
+
+class NodeApi(Protocol):
+    """What the agent needs of the Kubernetes API (nodeagent.kube.AgentApi in a cluster)."""
+
+    async def node(self) -> dict[str, Any]: ...
+
+    async def workloads(
+        self, config: InjectorConfig, node_labels: Mapping[str, str]
+    ) -> list[Workload]: ...
+
+    async def record(
+        self, current_labels: Mapping[str, str], wanted_labels: Mapping[str, str], record: str
+    ) -> None: ...
+
+    async def event(self, kind: str, reason: str, message: str) -> None: ...
+
+
+@dataclass
+class NodeAgent:
+    config: InjectorConfig
+    options: AgentOptions
+    identity: AgentIdentity
+    api: NodeApi
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    warmth: NodeWarmth = field(default_factory=NodeWarmth)
+    unreferenced_since: dict[BentoRef, dt.datetime] = field(default_factory=dict)
+    _node_labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def budget(self) -> int:
+        """What the Bentos held together may take: JuiceFS's own limit for the node cache."""
+        return node_cache_size_mib(self.config) * MIB
+
+    async def run_forever(self) -> None:
+        log.info(
+            "agent.started",
+            node=self.identity.node_name,
+            budget_bytes=self.budget,
+            node_cache=self.config.node_cache_path,
+        )
+        while True:
+            try:
+                await self.reconcile()
+            except API_ERRORS as err:
+                log.warning("agent.pass_failed", error=str(err) or type(err).__name__)
+            await asyncio.sleep(self.options.resync_seconds)
+
+    async def reconcile(self) -> None:
+        node = await self.api.node()
+        meta = node.get("metadata") or {}
+        self._node_labels = dict(meta.get("labels") or {})
+        self.warmth = NodeWarmth.parse((meta.get("annotations") or {}).get(WARM_ANNOTATION))
+        workloads = await self.api.workloads(self.config, self._node_labels)
+        wanted = wanted_bentos(workloads)
+        referenced = {w.bento for w in wanted}
+        now = self.clock()
+        self.unreferenced_since = track_unreferenced(
+            self.unreferenced_since, self.warmth.records, referenced, now
+        )
+        for ref in expired(
+            self.warmth.records, self.unreferenced_since, now, self.options.evict_after_seconds
+        ):
+            await self.evict(
+                ref, f"no workload has used it for {self.options.evict_after_seconds:.0f}s"
+            )
+        for want in wanted:
+            record = self.warmth.records.get(want.bento)
+            if not needs_warming(record, want.models):
+                continue
+            if not retry_due(record, self.clock(), self.options.retry_seconds):
+                continue
+            await self.warm(want, referenced)
+
+    async def _write(self, record: WarmRecord) -> None:
+        records = {**self.warmth.records, record.bento: record}
+        self.warmth = NodeWarmth(records)
+        wanted_labels = self.warmth.labels()
+        await self.api.record(self._node_labels, wanted_labels, self.warmth.render())
+        self._node_labels = {
+            **{k: v for k, v in self._node_labels.items() if k not in _ours(self._node_labels)},
+            **wanted_labels,
+        }
+
+    def _record(
+        self,
+        bento: BentoRef,
+        state: WarmState,
+        models: tuple[str, ...],
+        size: int = 0,
+        verified: bool = False,
+        message: str = "",
+    ) -> WarmRecord:
+        return WarmRecord(
+            bento=bento,
+            state=state,
+            bytes=size,
+            verified=verified,
+            at=format_time(self.clock()),
+            models=models,
+            message=message[:200],
+        )
+
+    async def warm(self, want: WantedBento, referenced: set[BentoRef]) -> None:
+        ref = want.bento
+        try:
+            credentials = read_credentials(self.options.credentials_dir / ref.volume, self.config)
+            settings = mount_settings(
+                self.config,
+                want,
+                self.identity,
+                credentials,
+                self.options.work_dir,
+                self.options.juicefs_bin,
+            )
+            async with mounted(settings) as bento:
+                manifest = await asyncio.to_thread(bento.manifest)
+                files = bento.files(manifest)
+                size = sum(f.size for f in files)
+                room = make_room(ref, size, self.warmth.records, referenced, self.budget)
+                if not room.fits:
+                    message = (
+                        f"{size / MIB:.0f} MiB does not fit: the node budget is "
+                        f"{self.budget / MIB:.0f} MiB and the Bentos workloads still use "
+                        f"hold {room.used / MIB:.0f} MiB"
+                    )
+                    await self._write(
+                        self._record(ref, "over-budget", want.models, size, message=message)
+                    )
+                    await self.api.event(WARNING, "ModelOverBudget", f"{ref}: {message}")
+                    log.warning("warm.over_budget", bento=str(ref), bytes=size, used=room.used)
+                    return
+                for gone in room.evict:
+                    await self.evict(gone, f"room for {ref}")
+                await self._write(self._record(ref, "warming", want.models, size))
+                await self.api.event(
+                    NORMAL,
+                    "ModelWarming",
+                    f"{ref}: streaming {len(files)} files ({size / MIB:.0f} MiB) into the node "
+                    f"cache for {', '.join(want.workloads)}",
+                )
+                log.info("warm.started", bento=str(ref), bytes=size, files=len(files))
+                counters = bento.counters()
+                before = await counters.snapshot()
+                progress = await bento.warm(files, _log_progress(ref), _log_error(ref))
+                after = await counters.snapshot()
+        except (CredentialsError, MountError, OSError, ValueError) as err:
+            await self._failed(want, "WarmFailed", err)
+            return
+        except (VerificationError, WarmupTimeout) as err:
+            await self._failed(want, type(err).__name__.replace("Error", "Failed"), err)
+            return
+        sources = byte_sources(progress.done_bytes, before, after)
+        fetched = "" if sources is None else f"; {sources.describe('node')}"
+        await self._write(self._record(ref, "warm", want.models, size, verified=True))
+        await self.api.event(
+            NORMAL,
+            "ModelWarm",
+            f"{ref}: {progress.done_bytes / MIB:.0f} MiB verified in the node cache in "
+            f"{progress.elapsed:.1f}s ({progress.mb_per_s:.1f} MB/s){fetched}",
+        )
+        log.info(
+            "warm.done",
+            bento=str(ref),
+            bytes=progress.done_bytes,
+            seconds=round(progress.elapsed, 2),
+            from_store_bytes=None if sources is None else sources.from_store,
+        )
+
+    async def _failed(self, want: WantedBento, reason: str, err: BaseException) -> None:
+        message = str(err) or type(err).__name__
+        log.error("warm.failed", bento=str(want.bento), reason=reason, error=message)
+        await self._write(self._record(want.bento, "failed", want.models, message=message))
+        await self.api.event(WARNING, reason, f"{want.bento}: {message}")
+
+    async def evict(self, ref: BentoRef, why: str) -> None:
+        record = self.warmth.records[ref]
+        target = recorded_bento(ref, record.models, self.config)
+        try:
+            credentials = read_credentials(self.options.credentials_dir / ref.volume, self.config)
+            settings = mount_settings(
+                self.config,
+                target,
+                self.identity,
+                credentials,
+                self.options.work_dir,
+                self.options.juicefs_bin,
+            )
+            async with mounted(settings) as bento:
+                files = bento.files(await asyncio.to_thread(bento.manifest))
+                await bento.evict(files)
+        except (CredentialsError, MountError, OSError, ValueError) as err:
+            log.error("evict.failed", bento=str(ref), error=str(err))
+            await self.api.event(WARNING, "EvictFailed", f"{ref}: {err}")
+            return
+        await self._write(
+            replace(self._record(ref, "evicted", record.models, message=why), bytes=0)
+        )
+        await self.api.event(
+            NORMAL, "ModelEvicted", f"{ref}: {record.bytes / MIB:.0f} MiB removed ({why})"
+        )
+        log.info("evict.done", bento=str(ref), bytes=record.bytes, why=why)
+
+
+def _ours(labels: dict[str, str]) -> set[str]:
+    return {key for key in labels if is_warm_label(key)}
+
+
+def _log_progress(ref: BentoRef) -> Callable[[Progress], None]:
+    last = [0.0]
+
+    def on_progress(progress: Progress) -> None:
+        if progress.elapsed - last[0] >= 5 or progress.fraction >= 1:
+            last[0] = progress.elapsed
+            log.info("warm.progress", bento=str(ref), progress=progress.describe())
+
+    return on_progress
+
+
+def _log_error(ref: BentoRef) -> Callable[[Progress, OSError], None]:
+    def on_error(progress: Progress, err: OSError) -> None:
+        log.warning("warm.read_failed", bento=str(ref), error=str(err))
+
+    return on_error

@@ -1,0 +1,125 @@
+"""The agent's API calls: the workloads of opted-in namespaces, its own Node, Events on it.
+
+It reads namespaces, Deployments and StatefulSets cluster-wide, and writes
+only its own Node's warm labels and record annotation (a
+ValidatingAdmissionPolicy holds its service account to exactly that) and
+Events about its Node in `default`, where `kubectl describe node` finds them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+import aiohttp
+import structlog
+from kubernetes_asyncio import client
+
+from common.warm import AGENT_COMPONENT, NODE_EVENTS_NAMESPACE, WARM_ANNOTATION, is_warm_label
+from injector.config import InjectorConfig
+from injector.namespaces import opted_in
+from nodeagent.plan import format_time
+from nodeagent.workloads import Workload, template_fits_node, workload_bento
+
+log = structlog.get_logger("nodeagent.kube")
+
+MERGE = "application/merge-patch+json"
+TIMEOUT: dict[str, Any] = {"_request_timeout": 30}
+API_ERRORS = (client.exceptions.ApiException, OSError, TimeoutError, aiohttp.ClientError)
+
+
+def node_patch(
+    current_labels: Mapping[str, str], wanted_labels: Mapping[str, str], record: str
+) -> dict[str, Any]:
+    """A merge patch: our warm labels to exactly wanted_labels, the record annotation to record."""
+    labels: dict[str, str | None] = {
+        key: None for key in current_labels if is_warm_label(key) and key not in wanted_labels
+    }
+    labels.update(
+        {key: value for key, value in wanted_labels.items() if current_labels.get(key) != value}
+    )
+    return {"metadata": {"labels": labels, "annotations": {WARM_ANNOTATION: record}}}
+
+
+class AgentApi:
+    def __init__(self, api: client.ApiClient, node_name: str, pod_name: str) -> None:
+        self._api = api
+        self._core = client.CoreV1Api(api)
+        self._apps = client.AppsV1Api(api)
+        self.node_name = node_name
+        self.pod_name = pod_name
+
+    def _json(self, obj: Any) -> dict[str, Any]:
+        return cast(dict[str, Any], self._api.sanitize_for_serialization(obj))
+
+    async def node(self) -> dict[str, Any]:
+        return self._json(await self._core.read_node(self.node_name, **TIMEOUT))
+
+    async def workloads(
+        self, config: InjectorConfig, node_labels: Mapping[str, str]
+    ) -> list[Workload]:
+        """The node-cache Bento workloads of opted-in namespaces that may run on this node."""
+        namespaces = await self._core.list_namespace(**TIMEOUT)
+        chosen = {
+            ns.metadata.name
+            for ns in namespaces.items
+            if opted_in(ns.metadata.name, ns.metadata.labels, config)
+        }
+        found: list[Workload] = []
+        listings = (
+            ("Deployment", self._apps.list_deployment_for_all_namespaces),
+            ("StatefulSet", self._apps.list_stateful_set_for_all_namespaces),
+        )
+        for kind, list_all in listings:
+            listed = await list_all(**TIMEOUT)
+            for item in listed.items:
+                if item.metadata.namespace not in chosen:
+                    continue
+                obj = self._json(item)
+                template = (obj.get("spec") or {}).get("template") or {}
+                if not template_fits_node(template, node_labels):
+                    continue
+                result = workload_bento(obj, kind, config)
+                if isinstance(result, Workload):
+                    found.append(result)
+                else:
+                    log.debug("workload.ignored", reason=result)
+        return found
+
+    async def record(
+        self, current_labels: Mapping[str, str], wanted_labels: Mapping[str, str], record: str
+    ) -> None:
+        body = node_patch(current_labels, wanted_labels, record)
+        options: dict[str, Any] = {"_content_type": MERGE, **TIMEOUT}
+        await self._core.patch_node(self.node_name, body, **options)
+
+    async def event(self, kind: str, reason: str, message: str) -> None:
+        """An Event on our Node; one that cannot be sent is logged and dropped."""
+        now = format_time(dt.datetime.now(dt.UTC))
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{self.node_name}.{time.time_ns():x}",
+                "namespace": NODE_EVENTS_NAMESPACE,
+            },
+            # A Node's Events name it by its name as uid, as the kubelet does.
+            "involvedObject": {"kind": "Node", "name": self.node_name, "uid": self.node_name},
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": AGENT_COMPONENT, "host": self.node_name},
+            "reportingComponent": f"juicefs.bentoml.com/{AGENT_COMPONENT}",
+            "reportingInstance": self.pod_name,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self._core.create_namespaced_event(
+                NODE_EVENTS_NAMESPACE, cast(Any, body), **TIMEOUT
+            )
+        except API_ERRORS as err:
+            log.warning("event.dropped", reason=reason, error=str(err) or type(err).__name__)

@@ -1,0 +1,113 @@
+"""What the agent does with its node cache: pure decisions over its record and the budget."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from common.warm import BentoRef, WarmRecord
+
+# States whose bytes are (or are being put) in the node cache.
+HOLDING = ("warm", "warming")
+
+
+@dataclass(frozen=True)
+class Room:
+    """Whether a Bento of some size fits, and which unreferenced Bentos go to make it fit."""
+
+    fits: bool
+    evict: tuple[BentoRef, ...]
+    # Bytes the other Bentos would hold, after the evictions.
+    used: int
+
+
+def make_room(
+    bento: BentoRef,
+    size: int,
+    records: Mapping[BentoRef, WarmRecord],
+    referenced: Collection[BentoRef],
+    budget: int,
+) -> Room:
+    """Fit `size` bytes of bento within budget, evicting only Bentos no workload references.
+
+    Least recently warmed first. A Bento some workload still uses is never
+    evicted for another: then the newcomer does not fit (the agent warms the
+    newest first, so what is held is what is newer).
+    """
+    holding = {
+        ref: record for ref, record in records.items() if ref != bento and record.state in HOLDING
+    }
+    used = sum(record.bytes for record in holding.values())
+    if used + size <= budget:
+        return Room(True, (), used)
+    unreferenced = sorted(
+        (record for ref, record in holding.items() if ref not in referenced),
+        key=lambda record: (record.at, record.bento),
+    )
+    evict: list[BentoRef] = []
+    left = used
+    for record in unreferenced:
+        if left + size <= budget:
+            break
+        evict.append(record.bento)
+        left -= record.bytes
+    if left + size <= budget:
+        return Room(True, tuple(evict), left)
+    return Room(False, (), used)
+
+
+def expired(
+    records: Mapping[BentoRef, WarmRecord],
+    unreferenced_since: Mapping[BentoRef, dt.datetime],
+    now: dt.datetime,
+    grace_seconds: float,
+) -> list[BentoRef]:
+    """Held Bentos that no workload has referenced for grace_seconds.
+
+    unreferenced_since is when the agent first saw each Bento without a
+    workload (kept in memory: a restarted agent waits the grace again).
+    """
+    return [
+        ref
+        for ref, record in sorted(records.items())
+        if record.state in HOLDING
+        and ref in unreferenced_since
+        and (now - unreferenced_since[ref]).total_seconds() >= grace_seconds
+    ]
+
+
+def track_unreferenced(
+    previous: Mapping[BentoRef, dt.datetime],
+    records: Collection[BentoRef],
+    referenced: Collection[BentoRef],
+    now: dt.datetime,
+) -> dict[BentoRef, dt.datetime]:
+    """Since when each recorded Bento has had no workload (the earliest sighting stays)."""
+    return {ref: previous.get(ref, now) for ref in records if ref not in referenced}
+
+
+def needs_warming(record: WarmRecord | None, models: tuple[str, ...]) -> bool:
+    """Not yet warm and verified with exactly these models (a restart resumes "warming")."""
+    return record is None or not (
+        record.state == "warm" and record.verified and record.models == models
+    )
+
+
+def retry_due(record: WarmRecord | None, now: dt.datetime, retry_seconds: float) -> bool:
+    """A failed or over-budget Bento is tried again only after retry_seconds."""
+    if record is None or record.state not in ("failed", "over-budget"):
+        return True
+    since = parse_time(record.at)
+    return since is None or (now - since).total_seconds() >= retry_seconds
+
+
+def format_time(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None

@@ -1,0 +1,129 @@
+"""Which Bentos a node should hold warm: read from the workloads of opted-in namespaces.
+
+A Deployment or StatefulSet counts when its pod template is one the injector
+would give a node cache: the decision is the injector's own (`injector.plan.decide`
+on the template), so the agent and the webhook never disagree about which
+pods are JuiceFS Bentos, which volume they read, or which models they select.
+Pure functions over the API's JSON; the agent does the listing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from common.warm import BentoRef
+from injector.config import InjectorConfig
+from injector.plan import Deny, Skip, decide
+
+# A workload kind and the API group/version its JSON comes from.
+KINDS = ("Deployment", "StatefulSet")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One workload whose pods will read a Bento from the node cache."""
+
+    namespace: str
+    kind: str
+    name: str
+    bento: BentoRef
+    bento_path: str
+    models: tuple[str, ...]
+    # When its spec last changed (a new version is a new template): RFC 3339.
+    changed_at: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class WantedBento:
+    """A Bento the node should hold, and why: the workloads that use it."""
+
+    bento: BentoRef
+    bento_path: str
+    # The models to hold (empty: all of the Bento's): the union of the workloads'.
+    models: tuple[str, ...]
+    changed_at: str
+    workloads: tuple[str, ...]
+
+
+def changed_at(obj: Mapping[str, Any]) -> str:
+    """The last time anyone but a status writer changed obj (its managedFields), else its creation.
+
+    RFC 3339 UTC timestamps with the same format compare as strings.
+    """
+    meta = obj.get("metadata") or {}
+    times = [
+        str(entry["time"])
+        for entry in meta.get("managedFields") or []
+        if entry.get("time") and entry.get("subresource") != "status"
+    ]
+    return max(times, default=str(meta.get("creationTimestamp") or ""))
+
+
+def template_fits_node(template: Mapping[str, Any], node_labels: Mapping[str, str]) -> bool:
+    """False when the template's nodeSelector excludes the node (its affinity is not weighed)."""
+    selector = (template.get("spec") or {}).get("nodeSelector") or {}
+    return all(node_labels.get(key) == value for key, value in selector.items())
+
+
+def workload_bento(obj: Mapping[str, Any], kind: str, config: InjectorConfig) -> Workload | str:
+    """The workload's Bento if its pods would use the node cache, else why not (for the log)."""
+    meta = obj.get("metadata") or {}
+    namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+    template = (obj.get("spec") or {}).get("template") or {}
+    pod = {"metadata": template.get("metadata") or {}, "spec": template.get("spec") or {}}
+    decision = decide(pod, namespace, config)
+    if isinstance(decision, Skip):
+        return f"{kind} {namespace}/{name}: {decision.reason}"
+    if isinstance(decision, Deny):
+        return f"{kind} {namespace}/{name}: its pods would be denied: {decision.message}"
+    if decision.cache_mode != "node":
+        return f"{kind} {namespace}/{name}: its pods use a pod cache"
+    return Workload(
+        namespace=namespace,
+        kind=kind,
+        name=name,
+        bento=BentoRef(decision.volume, decision.bento_name, decision.bento_version),
+        bento_path=decision.juicefs_path,
+        models=decision.models,
+        changed_at=changed_at(obj),
+    )
+
+
+def _union(selections: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
+    chosen: set[str] = set()
+    for models in selections:
+        if not models:
+            return ()  # one workload wants every model of the Bento
+        chosen.update(models)
+    return tuple(sorted(chosen))
+
+
+def wanted_bentos(workloads: Iterable[Workload]) -> list[WantedBento]:
+    """One entry per Bento, newest change first (ties: by name), as the agent warms them."""
+    by_bento: dict[BentoRef, list[Workload]] = {}
+    for workload in workloads:
+        by_bento.setdefault(workload.bento, []).append(workload)
+    wanted = [
+        WantedBento(
+            bento=bento,
+            bento_path=users[0].bento_path,
+            models=_union(w.models for w in users),
+            changed_at=max(w.changed_at for w in users),
+            workloads=tuple(sorted(str(w) for w in users)),
+        )
+        for bento, users in by_bento.items()
+    ]
+    wanted.sort(key=lambda w: w.bento)
+    wanted.sort(key=lambda w: w.changed_at, reverse=True)
+    return wanted
+
+
+def recorded_bento(bento: BentoRef, models: tuple[str, ...], config: InjectorConfig) -> WantedBento:
+    """A Bento the node holds but no workload wants (to evict it): where it is in the volume."""
+    path = config.models.juicefs_path_template.format(name=bento.name, version=bento.version)
+    return WantedBento(bento=bento, bento_path=path, models=models, changed_at="", workloads=())

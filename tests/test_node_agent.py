@@ -1,0 +1,351 @@
+"""The node agent's decisions: which Bentos a node holds, what fits, what goes, what it records."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from common.warm import (
+    WARM_ANNOTATION,
+    WARM_LABEL_PREFIX,
+    BentoRef,
+    NodeWarmth,
+    WarmRecord,
+    warm_label_key,
+)
+from injector.config import InjectorConfig
+from nodeagent.kube import node_patch
+from nodeagent.plan import (
+    expired,
+    make_room,
+    needs_warming,
+    retry_due,
+    track_unreferenced,
+)
+from nodeagent.warmer import (
+    AgentIdentity,
+    Credentials,
+    CredentialsError,
+    mount_settings,
+    read_credentials,
+)
+from nodeagent.workloads import (
+    changed_at,
+    template_fits_node,
+    wanted_bentos,
+    workload_bento,
+)
+from tests.helpers import bento_pod
+
+GIB = 1 << 30
+NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
+
+
+def deployment(
+    name: str = "llama",
+    version: str = "v1",
+    namespace: str = "serving",
+    annotations: dict[str, str] | None = None,
+    times: tuple[str, ...] = ("2026-11-29T10:00:00Z",),
+) -> dict[str, Any]:
+    pod = bento_pod()
+    labels = pod["metadata"]["labels"]
+    labels["yatai.ai/bento-repository"] = name
+    labels["yatai.ai/bento-version"] = version
+    return {
+        "metadata": {
+            "name": f"{name}-{version}",
+            "namespace": namespace,
+            "creationTimestamp": "2026-11-28T00:00:00Z",
+            "managedFields": [{"manager": "helm", "time": t} for t in times]
+            + [
+                {
+                    "manager": "kube-controller-manager",
+                    "subresource": "status",
+                    "time": "2026-11-29T11:59:00Z",
+                }
+            ],
+        },
+        "spec": {
+            "template": {
+                "metadata": {"labels": labels, "annotations": annotations or {}},
+                "spec": pod["spec"],
+            }
+        },
+    }
+
+
+def ref(name: str, version: str = "v1", volume: str = "models") -> BentoRef:
+    return BentoRef(volume, name, version)
+
+
+def record(
+    bento: BentoRef, state: str = "warm", size: int = GIB, at: str = "2026-11-29T10:00:00Z"
+) -> WarmRecord:
+    return WarmRecord(bento=bento, state=state, bytes=size, verified=state == "warm", at=at)  # type: ignore[arg-type]
+
+
+# Which workloads count: the injector's own decision on the template.
+
+
+def test_a_bento_deployment_is_wanted_with_the_injectors_volume_and_path() -> None:
+    workload = workload_bento(deployment(), "Deployment", InjectorConfig())
+    assert not isinstance(workload, str)
+    assert workload.bento == ref("llama")
+    assert workload.bento_path == "/bentos/llama/v1"
+    assert workload.models == ()
+    assert str(workload) == "Deployment serving/llama-v1"
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (
+            lambda d: d["spec"]["template"]["metadata"]["labels"].pop(
+                "juicefs.bentoml.com/model-store"
+            ),
+            "lacks label",
+        ),
+        (
+            lambda d: d["spec"]["template"]["metadata"]["labels"].update(
+                {"juicefs.bentoml.com/inject": "false"}
+            ),
+            "opted out",
+        ),
+        (
+            lambda d: d["spec"]["template"]["metadata"]["annotations"].update(
+                {"juicefs.bentoml.com/cache-mode": "pod"}
+            ),
+            "pod cache",
+        ),
+        (
+            lambda d: d["spec"]["template"]["metadata"]["annotations"].update(
+                {"juicefs.bentoml.com/volume": "../etc"}
+            ),
+            "would be denied",
+        ),
+        (lambda d: d["metadata"].update({"namespace": "kube-system"}), "never mutated"),
+    ],
+    ids=["unmarked", "opted-out", "pod-cache", "bad-volume", "system-namespace"],
+)
+def test_workloads_the_injector_would_not_give_a_node_cache_are_not_wanted(
+    change: Any, why: str
+) -> None:
+    obj = deployment()
+    change(obj)
+    result = workload_bento(obj, "Deployment", InjectorConfig())
+    assert isinstance(result, str)
+    assert why in result
+
+
+def test_the_last_spec_change_is_the_newest_non_status_managed_field() -> None:
+    obj = deployment(times=("2026-11-29T09:00:00Z", "2026-11-29T10:30:00Z"))
+    assert changed_at(obj) == "2026-11-29T10:30:00Z"
+    del obj["metadata"]["managedFields"]
+    assert changed_at(obj) == "2026-11-28T00:00:00Z"
+
+
+def test_newest_first_one_entry_per_bento_with_the_union_of_models() -> None:
+    config = InjectorConfig()
+    old = deployment("old", times=("2026-11-29T08:00:00Z",))
+    new = deployment(
+        "new", times=("2026-11-29T11:00:00Z",), annotations={"juicefs.bentoml.com/models": "llm:v1"}
+    )
+    new_too = deployment(
+        "new",
+        times=("2026-11-29T09:00:00Z",),
+        annotations={"juicefs.bentoml.com/models": "tokenizer"},
+    )
+    new_too["metadata"]["name"] = "new-canary"
+    everything = deployment("old", times=("2026-11-29T07:00:00Z",))
+    everything["metadata"]["name"] = "old-b"
+    items = [workload_bento(o, "Deployment", config) for o in (old, new, new_too, everything)]
+    wanted = wanted_bentos(w for w in items if not isinstance(w, str))
+    assert [w.bento.name for w in wanted] == ["new", "old"]
+    assert wanted[0].models == ("llm:v1", "tokenizer")
+    assert wanted[0].changed_at == "2026-11-29T11:00:00Z"
+    assert wanted[0].workloads == ("Deployment serving/new-canary", "Deployment serving/new-v1")
+    assert wanted[1].models == ()  # any workload wanting every model wins
+
+
+def test_a_node_selector_that_excludes_the_node_excludes_the_workload() -> None:
+    template = {"spec": {"nodeSelector": {"pool": "a100"}}}
+    assert template_fits_node(template, {"pool": "a100", "x": "y"})
+    assert not template_fits_node(template, {"pool": "l4"})
+    assert template_fits_node({"spec": {}}, {})
+
+
+# What fits in the budget, and what goes to make room.
+
+
+def test_a_bento_that_fits_evicts_nothing() -> None:
+    records = {ref("a"): record(ref("a"), size=3 * GIB)}
+    room = make_room(ref("b"), 4 * GIB, records, {ref("a"), ref("b")}, 10 * GIB)
+    assert room.fits
+    assert room.evict == ()
+    assert room.used == 3 * GIB
+
+
+def test_room_comes_from_unreferenced_bentos_least_recently_warmed_first() -> None:
+    records = {
+        ref("old"): record(ref("old"), size=4 * GIB, at="2026-11-29T08:00:00Z"),
+        ref("older"): record(ref("older"), size=4 * GIB, at="2026-11-29T07:00:00Z"),
+        ref("used"): record(ref("used"), size=4 * GIB, at="2026-11-29T06:00:00Z"),
+    }
+    room = make_room(ref("new"), 4 * GIB, records, {ref("used"), ref("new")}, 13 * GIB)
+    assert room.fits
+    assert room.evict == (ref("older"),)
+    assert room.used == 8 * GIB
+
+
+def test_a_bento_a_workload_uses_is_never_evicted_for_another() -> None:
+    records = {ref("used"): record(ref("used"), size=8 * GIB)}
+    room = make_room(ref("new"), 4 * GIB, records, {ref("used"), ref("new")}, 10 * GIB)
+    assert not room.fits
+    assert room.evict == ()
+
+
+def test_evicted_failed_and_its_own_record_take_no_room() -> None:
+    records = {
+        ref("gone"): record(ref("gone"), state="evicted", size=0),
+        ref("bad"): record(ref("bad"), state="failed", size=9 * GIB),
+        ref("new"): record(ref("new"), state="warming", size=9 * GIB),  # a resumed warm
+    }
+    assert make_room(ref("new"), 9 * GIB, records, {ref("new")}, 10 * GIB).fits
+
+
+@given(
+    sizes=st.lists(st.integers(0, 20), min_size=0, max_size=8),
+    referenced=st.lists(st.booleans(), min_size=8, max_size=8),
+    size=st.integers(0, 20),
+    budget=st.integers(0, 40),
+)
+def test_the_budget_holds_and_only_unreferenced_bentos_go(
+    sizes: list[int], referenced: list[bool], size: int, budget: int
+) -> None:
+    records = {ref(f"m{i}"): record(ref(f"m{i}"), size=s) for i, s in enumerate(sizes)}
+    used_by = {ref(f"m{i}") for i in range(len(sizes)) if referenced[i]}
+    room = make_room(ref("new"), size, records, used_by, budget)
+    assert not set(room.evict) & used_by
+    left = sum(sizes) - sum(records[r].bytes for r in room.evict)
+    assert room.used == (left if room.fits else sum(sizes))
+    if room.fits:
+        assert left + size <= budget
+    else:
+        # Even every unreferenced Bento gone would not make room.
+        assert sum(records[r].bytes for r in used_by) + size > budget
+
+
+def test_unreferenced_bentos_expire_after_the_grace_from_when_they_were_first_seen_unused() -> None:
+    records = {ref("a"): record(ref("a")), ref("b"): record(ref("b"))}
+    seen = track_unreferenced({}, records, {ref("b")}, NOW)
+    assert seen == {ref("a"): NOW}
+    later = NOW + dt.timedelta(minutes=30)
+    seen = track_unreferenced(seen, records, {ref("b")}, later)
+    assert seen == {ref("a"): NOW}, "the first sighting stays"
+    assert expired(records, seen, later, 3600) == []
+    assert expired(records, seen, NOW + dt.timedelta(hours=1), 3600) == [ref("a")]
+    # Used again: forgotten.
+    assert track_unreferenced(seen, records, {ref("a"), ref("b")}, later) == {}
+
+
+def test_what_needs_warming_and_when_a_failure_is_tried_again() -> None:
+    warm = record(ref("a"))
+    assert not needs_warming(warm, ())
+    assert needs_warming(warm, ("llm:v1",)), "other models"
+    assert needs_warming(record(ref("a"), state="warming"), ()), "a restart resumes"
+    assert needs_warming(None, ())
+    failed = record(ref("a"), state="failed", at="2026-11-29T11:59:30Z")
+    assert not retry_due(failed, NOW, 60)
+    assert retry_due(failed, NOW + dt.timedelta(seconds=31), 60)
+    assert retry_due(None, NOW, 60)
+
+
+# The record on the Node.
+
+
+def test_warm_label_keys_are_readable_and_short_enough() -> None:
+    assert warm_label_key("llama3-8b-instruct", "4fd7wxrbkcxfylg5") == (
+        WARM_LABEL_PREFIX + "llama3-8b-instruct.4fd7wxrbkcxfylg5"
+    )
+    long_key = warm_label_key("a" * 60, "v" * 100)
+    name = long_key.removeprefix(WARM_LABEL_PREFIX)
+    assert len(name) <= 63
+    assert name[-1].isalnum()
+    assert long_key != warm_label_key("a" * 60, "v" * 99 + "w")
+
+
+def test_the_record_round_trips_and_labels_only_verified_warm_bentos() -> None:
+    warmth = NodeWarmth(
+        {
+            ref("a"): record(ref("a")),
+            ref("b"): record(ref("b"), state="warming"),
+            ref("c", volume="other"): record(ref("c", volume="other")),
+        }
+    )
+    text = warmth.render()
+    assert NodeWarmth.parse(text) == warmth
+    entry = json.loads(text)[0]
+    assert entry["bento"] == "a:v1"
+    assert entry["volume"] == "models"
+    assert entry["verified"]
+    assert warmth.labels() == {
+        WARM_LABEL_PREFIX + "a.v1": "models",
+        WARM_LABEL_PREFIX + "c.v1": "other",
+    }
+    assert NodeWarmth.parse("not json") == NodeWarmth()
+    assert NodeWarmth.parse('[{"bento": "x"}]') == NodeWarmth()
+
+
+def test_the_node_patch_touches_only_our_labels_and_annotation() -> None:
+    current = {
+        "cloud.google.com/gke-ephemeral-storage-local-ssd": "true",
+        WARM_LABEL_PREFIX + "old.v1": "models",
+        WARM_LABEL_PREFIX + "kept.v1": "models",
+    }
+    wanted = {WARM_LABEL_PREFIX + "kept.v1": "models", WARM_LABEL_PREFIX + "new.v1": "models"}
+    patch = node_patch(current, wanted, "[]")
+    assert patch == {
+        "metadata": {
+            "labels": {WARM_LABEL_PREFIX + "old.v1": None, WARM_LABEL_PREFIX + "new.v1": "models"},
+            "annotations": {WARM_ANNOTATION: "[]"},
+        }
+    }
+
+
+# How the agent mounts: as the node's sidecars would.
+
+
+def test_the_agent_mounts_with_the_sidecars_node_cache_settings(tmp_path: Path) -> None:
+    config = InjectorConfig()
+    workload = workload_bento(deployment(), "Deployment", config)
+    assert not isinstance(workload, str)
+    [want] = wanted_bentos([workload])
+    settings = mount_settings(
+        config,
+        want,
+        AgentIdentity("node-1", "agent-x", "bento-juicefs-system"),
+        Credentials("redis://meta:6379/1", None, None),
+        tmp_path,
+        "juicefs",
+    )
+    assert settings.cache_mode == "node"
+    assert settings.cache_dir == Path(str(config.node_cache_path)) / "models"
+    assert settings.cache_size_mib == 184320  # 0.9 x 200Gi, what the injector writes
+    assert settings.bento_path == "/bentos/llama/v1"
+    assert settings.private_mount.is_relative_to(tmp_path)
+
+
+def test_credentials_are_the_mounted_secrets_files(tmp_path: Path) -> None:
+    config = InjectorConfig()
+    with pytest.raises(CredentialsError, match="metaurl is missing"):
+        read_credentials(tmp_path, config)
+    (tmp_path / "metaurl").write_text("redis://meta:6379/1\n")
+    (tmp_path / "access-key").write_text("reader")
+    assert read_credentials(tmp_path, config) == Credentials("redis://meta:6379/1", "reader", None)
