@@ -34,6 +34,7 @@ from common.warm import (
 )
 from injector.config import InjectorConfig
 from nodeagent.kube import API_ERRORS
+from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
     expired,
     format_time,
@@ -96,6 +97,7 @@ class NodeAgent:
     identity: AgentIdentity
     api: NodeApi
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    metrics: AgentMetrics = field(default_factory=AgentMetrics)
     warmth: NodeWarmth = field(default_factory=NodeWarmth)
     unreferenced_since: dict[BentoRef, dt.datetime] = field(default_factory=dict)
     _node_labels: dict[str, str] = field(default_factory=dict)
@@ -124,6 +126,8 @@ class NodeAgent:
         meta = node.get("metadata") or {}
         self._node_labels = dict(meta.get("labels") or {})
         self.warmth = NodeWarmth.parse((meta.get("annotations") or {}).get(WARM_ANNOTATION))
+        self.metrics.observe(self.warmth)
+        self.metrics.budget_bytes.set(self.budget)
         workloads = await self.api.workloads(self.config, self._node_labels)
         wanted = wanted_bentos(workloads)
         referenced = {w.bento for w in wanted}
@@ -148,6 +152,7 @@ class NodeAgent:
     async def _write(self, record: WarmRecord) -> None:
         records = {**self.warmth.records, record.bento: record}
         self.warmth = NodeWarmth(records)
+        self.metrics.observe(self.warmth)
         wanted_labels = self.warmth.labels()
         await self.api.record(self._node_labels, wanted_labels, self.warmth.render())
         self._node_labels = {
@@ -200,6 +205,7 @@ class NodeAgent:
                     await self._write(
                         self._record(ref, "over-budget", want.models, size, message=message)
                     )
+                    self.metrics.outcomes.labels("over-budget").inc()
                     await self.api.event(WARNING, "ModelOverBudget", f"{ref}: {message}")
                     log.warning("warm.over_budget", bento=str(ref), bytes=size, used=room.used)
                     return
@@ -224,6 +230,11 @@ class NodeAgent:
             await self._failed(want, type(err).__name__.replace("Error", "Failed"), err)
             return
         sources = byte_sources(progress.done_bytes, before, after)
+        self.metrics.outcomes.labels("warm").inc()
+        self.metrics.warmed_bytes.inc(progress.done_bytes)
+        self.metrics.warm_seconds.inc(progress.elapsed)
+        if sources is not None:
+            self.metrics.store_bytes.inc(sources.from_store)
         fetched = "" if sources is None else f"; {sources.describe('node')}"
         await self._write(self._record(ref, "warm", want.models, size, verified=True))
         await self.api.event(
@@ -243,6 +254,7 @@ class NodeAgent:
     async def _failed(self, want: WantedBento, reason: str, err: BaseException) -> None:
         message = str(err) or type(err).__name__
         log.error("warm.failed", bento=str(want.bento), reason=reason, error=message)
+        self.metrics.outcomes.labels(reason).inc()
         await self._write(self._record(want.bento, "failed", want.models, message=message))
         await self.api.event(WARNING, reason, f"{want.bento}: {message}")
 
@@ -264,6 +276,7 @@ class NodeAgent:
                 await bento.evict(files)
         except (CredentialsError, MountError, OSError, ValueError) as err:
             log.error("evict.failed", bento=str(ref), error=str(err))
+            self.metrics.outcomes.labels("EvictFailed").inc()
             await self.api.event(WARNING, "EvictFailed", f"{ref}: {err}")
             return
         await self._write(
@@ -272,6 +285,7 @@ class NodeAgent:
         await self.api.event(
             NORMAL, "ModelEvicted", f"{ref}: {record.bytes / MIB:.0f} MiB removed ({why})"
         )
+        self.metrics.outcomes.labels("evicted").inc()
         log.info("evict.done", bento=str(ref), bytes=record.bytes, why=why)
 
 

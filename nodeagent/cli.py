@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--pod-namespace", default=os.environ.get("POD_NAMESPACE", "bento-juicefs-system")
     )
+    run.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics (0: none)")
     run.add_argument("--log-level", default="info")
     return parser
 
@@ -76,6 +77,8 @@ async def _run(args: argparse.Namespace) -> int:
     agent = NodeAgent(
         config, options, identity, AgentApi(api_client, args.node_name, args.pod_name)
     )
+    if args.metrics_port:
+        agent.metrics.serve(args.metrics_port)
     task = asyncio.ensure_future(agent.run_forever())
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -21,6 +21,7 @@ from common.warm import (
 )
 from injector.config import InjectorConfig
 from nodeagent.kube import node_patch
+from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
     expired,
     make_room,
@@ -349,3 +350,21 @@ def test_credentials_are_the_mounted_secrets_files(tmp_path: Path) -> None:
     (tmp_path / "metaurl").write_text("redis://meta:6379/1\n")
     (tmp_path / "access-key").write_text("reader")
     assert read_credentials(tmp_path, config) == Credentials("redis://meta:6379/1", "reader", None)
+
+
+def test_the_metrics_follow_the_record() -> None:
+    metrics = AgentMetrics()
+    metrics.observe(
+        NodeWarmth(
+            {
+                ref("a"): record(ref("a"), size=3 * GIB),
+                ref("b"): record(ref("b"), state="warming", size=GIB),
+                ref("c"): record(ref("c"), state="over-budget", size=9 * GIB),
+            }
+        )
+    )
+    value = metrics.registry.get_sample_value
+    assert value("bento_juicefs_node_cache_held_bytes") == 4 * GIB
+    assert value("bento_juicefs_node_cache_bentos", {"state": "warm"}) == 1
+    assert value("bento_juicefs_node_cache_bentos", {"state": "over-budget"}) == 1
+    assert value("bento_juicefs_node_cache_bentos", {"state": "evicted"}) == 0

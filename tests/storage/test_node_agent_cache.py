@@ -138,9 +138,14 @@ def test_a_wanted_bento_is_warmed_verified_recorded_and_fetched_once(
     model = models["agent-a"]
     node.api.workloads_now = [workload("agent-a", "v1", "2026-11-29T10:00:00Z")]
     before = store_requests(node.stack.store)
-    asyncio.run(node.agent().reconcile())
+    agent = node.agent()
+    asyncio.run(agent.reconcile())
     served = store_requests(node.stack.store) - before
 
+    metric = agent.metrics.registry.get_sample_value
+    assert metric("bento_juicefs_node_agent_verified_bytes_total") == model.total_bytes
+    assert metric("bento_juicefs_node_agent_outcomes_total", {"outcome": "warm"}) == 1
+    assert metric("bento_juicefs_node_cache_held_bytes") == model.total_bytes
     record = node.api.warmth().records[BentoRef("models", "agent-a", "v1")]
     assert (record.state, record.verified, record.bytes) == ("warm", True, model.total_bytes)
     assert node.api.labels == {"warm.juicefs.bentoml.com/agent-a.v1": "models"}

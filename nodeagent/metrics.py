@@ -1,0 +1,58 @@
+"""The agent's Prometheus metrics: what its node cache holds, and what warming cost."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from common.warm import WARM_STATES, NodeWarmth
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.bentos = Gauge(
+            "bento_juicefs_node_cache_bentos",
+            "Bentos in the node's record, by state",
+            ["state"],
+            registry=self.registry,
+        )
+        self.held_bytes = Gauge(
+            "bento_juicefs_node_cache_held_bytes",
+            "Bytes of the Bentos warm or warming in the node cache (the budget's use)",
+            registry=self.registry,
+        )
+        self.budget_bytes = Gauge(
+            "bento_juicefs_node_cache_budget_bytes",
+            "What the Bentos held together may take (JuiceFS's limit for the node cache)",
+            registry=self.registry,
+        )
+        self.warmed_bytes = Counter(
+            "bento_juicefs_node_agent_verified_bytes",
+            "Bytes warmed and verified against their manifests",
+            registry=self.registry,
+        )
+        self.store_bytes = Counter(
+            "bento_juicefs_node_agent_store_bytes",
+            "Bytes the agent's warms fetched from the object store",
+            registry=self.registry,
+        )
+        self.warm_seconds = Counter(
+            "bento_juicefs_node_agent_warm_seconds",
+            "Seconds spent warming (with verified_bytes: the agent's MB/s)",
+            registry=self.registry,
+        )
+        self.outcomes = Counter(
+            "bento_juicefs_node_agent_outcomes",
+            "What each warm or eviction ended in (warm, over-budget, failures by reason, evicted)",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def observe(self, warmth: NodeWarmth) -> None:
+        records = warmth.records.values()
+        for state in WARM_STATES:
+            self.bentos.labels(state).set(sum(1 for r in records if r.state == state))
+        self.held_bytes.set(sum(r.bytes for r in records if r.state in ("warm", "warming")))
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
