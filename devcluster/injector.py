@@ -114,6 +114,18 @@ def local_overlay(directory: Path, url: str, node_cache: Path | None = None) -> 
                     }
                 ),
             },
+            # Not run here yet: the node agent's DaemonSet is left out too.
+            {
+                "target": {"kind": "DaemonSet", "name": "bento-juicefs-node-agent"},
+                "patch": yaml.safe_dump(
+                    {
+                        "$patch": "delete",
+                        "apiVersion": "apps/v1",
+                        "kind": "DaemonSet",
+                        "metadata": {"name": "bento-juicefs-node-agent", "namespace": NAMESPACE},
+                    }
+                ),
+            },
         ],
     }
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))

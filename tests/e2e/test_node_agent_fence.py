@@ -1,0 +1,365 @@
+"""The node agent's RBAC and fence on a real kube-apiserver.
+
+The ClusterRole, the Role for Node Events and the
+bento-juicefs-node-agent-fence ValidatingAdmissionPolicy are the ones in
+manifests/base, applied by the injector's install (devcluster/injector.py;
+the DaemonSet itself is left out there). The agent's writes are made from the
+admin kubeconfig impersonating its service account, with or without the
+`authentication.kubernetes.io/node-name` extra a pod-bound token carries, on
+Nodes registered in the API only (no kubelet behind them, tainted so that
+nothing lands there): only this test touches them. One test takes a real
+TokenRequest token bound to a pod on such a node, to show the extra is there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from common.warm import WARM_ANNOTATION, warm_label_key
+from devcluster import Cluster, ControlPlane, wait_for
+
+NAMESPACE = "bento-juicefs-system"
+SERVICE_ACCOUNT = "bento-juicefs-node-agent"
+AGENT = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+POLICY = "bento-juicefs-node-agent-fence"
+BASE = Path(__file__).resolve().parents[2] / "manifests" / "base"
+SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
+FAKE_TAINT = {"key": "e2e.bento-juicefs/fake-node", "value": "true", "effect": "NoSchedule"}
+WARM = warm_label_key("llama3-service", "v1")
+
+OTHER_NODE = "the node agent may change only the node its pod runs on"
+ONLY_WARM_LABELS = "the node agent may change only labels under warm.juicefs.bentoml.com/"
+ONLY_OUR_ANNOTATION = (
+    "the node agent may change only the juicefs.bentoml.com/warm-models annotation"
+)
+NO_OTHER_FIELD = "the node agent may change only its warm labels and annotation, no other field"
+
+
+@pytest.fixture
+def fence(cluster: Cluster) -> None:
+    found = cluster.kubectl("get", "validatingadmissionpolicy", POLICY, check=False)
+    if found.returncode != 0:
+        if isinstance(cluster, ControlPlane):  # the local cluster always installs it
+            pytest.fail(f"{POLICY} is not installed: {found.stderr}")
+        pytest.skip(f"{POLICY} is not installed in this cluster (manifests/base)")
+
+
+@dataclass
+class FakeNodes:
+    own: str
+    other: str
+
+
+@pytest.fixture
+def nodes(cluster: Cluster, fence: None) -> Iterator[FakeNodes]:
+    suffix = uuid.uuid4().hex[:6]
+    found = FakeNodes(own=f"agent-fence-{suffix}-own", other=f"agent-fence-{suffix}-other")
+    for name in (found.own, found.other):
+        cluster.register_fake_node(name, labels={SSD: "true"})
+        taint = {"spec": {"taints": [FAKE_TAINT]}}
+        cluster.kubectl("patch", "node", name, "--type=merge", "-p", json.dumps(taint))
+    yield found
+    cluster.kubectl("delete", "node", found.own, found.other, "--wait=false", check=False)
+
+
+def as_agent(cluster: Cluster, *args: str, node: str | None) -> subprocess.CompletedProcess[str]:
+    """kubectl as the agent's service account; `node`: the token's node-name extra (None: none)."""
+    extra = [f"--as-user-extra={NODE_NAME_EXTRA}={node}"] if node is not None else []
+    return cluster.kubectl(f"--as={AGENT}", *extra, *args, check=False)
+
+
+def patch_node(
+    cluster: Cluster, name: str, patch: dict[str, Any], node: str | None
+) -> subprocess.CompletedProcess[str]:
+    return as_agent(
+        cluster, "patch", "node", name, "--type=merge", "-p", json.dumps(patch), node=node
+    )
+
+
+def get_node(cluster: Cluster, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = cluster.get_json("node", name)
+    return found
+
+
+def assert_denied(proc: subprocess.CompletedProcess[str], message: str, what: str) -> None:
+    assert proc.returncode != 0, f"{what} was allowed"
+    assert f"ValidatingAdmissionPolicy '{POLICY}'" in proc.stderr, (what, proc.stderr)
+    assert message in proc.stderr, (what, proc.stderr)
+    print(f"denied, {what}: {proc.stderr.strip()}")
+
+
+def test_the_agent_records_warm_models_on_its_own_node(cluster: Cluster, nodes: FakeNodes) -> None:
+    own = nodes.own
+    record = '[{"bento":"llama3-service:v1","state":"warm","volume":"models"}]'
+
+    label = as_agent(cluster, "label", "node", own, f"{WARM}=models", node=own)
+    assert label.returncode == 0, label.stderr
+    annotate = as_agent(cluster, "annotate", "node", own, f"{WARM_ANNOTATION}={record}", node=own)
+    assert annotate.returncode == 0, annotate.stderr
+    after = get_node(cluster, own)["metadata"]
+    assert after["labels"][WARM] == "models"
+    assert after["annotations"][WARM_ANNOTATION] == record
+
+    # Both in one patch, as the agent writes them: one label off, another on.
+    other_warm = warm_label_key("mistral-service", "v2")
+    both = {
+        "metadata": {
+            "labels": {WARM: None, other_warm: "models"},
+            "annotations": {WARM_ANNOTATION: "[]"},
+        }
+    }
+    patched = patch_node(cluster, own, both, node=own)
+    assert patched.returncode == 0, patched.stderr
+    after = get_node(cluster, own)["metadata"]
+    assert WARM not in after["labels"]
+    assert after["labels"][other_warm] == "models"
+    assert after["labels"][SSD] == "true"
+    assert after["annotations"][WARM_ANNOTATION] == "[]"
+
+    removed = as_agent(cluster, "label", "node", own, f"{other_warm}-", node=own)
+    assert removed.returncode == 0, removed.stderr
+    assert not any(k.startswith("warm.") for k in get_node(cluster, own)["metadata"]["labels"])
+
+
+def test_the_fence_keeps_the_agent_to_its_node_and_its_keys(
+    cluster: Cluster, nodes: FakeNodes
+) -> None:
+    own, other = nodes.own, nodes.other
+    warm = {"metadata": {"labels": {WARM: "models"}}}
+    before = {name: get_node(cluster, name) for name in (own, other)}
+    denials = {
+        "another node": (
+            patch_node(cluster, other, warm, node=own),
+            f"node {other}: {OTHER_NODE} (this token is bound to a pod on node {own})",
+        ),
+        "a token without a node": (
+            patch_node(cluster, own, warm, node=None),
+            f"node {own}: {OTHER_NODE} (this token names no node",
+        ),
+        "the SSD label": (
+            patch_node(cluster, own, {"metadata": {"labels": {SSD: "false"}}}, node=own),
+            ONLY_WARM_LABELS,
+        ),
+        "a new label, next to a warm one": (
+            patch_node(
+                cluster, own, {"metadata": {"labels": {WARM: "models", "hijacked": "1"}}}, node=own
+            ),
+            ONLY_WARM_LABELS,
+        ),
+        "a label removed": (
+            patch_node(
+                cluster, own, {"metadata": {"labels": {"kubernetes.io/hostname": None}}}, node=own
+            ),
+            ONLY_WARM_LABELS,
+        ),
+        "another annotation": (
+            patch_node(
+                cluster, own, {"metadata": {"annotations": {"example.com/note": "x"}}}, node=own
+            ),
+            ONLY_OUR_ANNOTATION,
+        ),
+        "spec.unschedulable": (
+            patch_node(cluster, own, {"spec": {"unschedulable": True}}, node=own),
+            NO_OTHER_FIELD,
+        ),
+        "the taints": (
+            patch_node(cluster, own, {"spec": {"taints": []}}, node=own),
+            NO_OTHER_FIELD,
+        ),
+        "a finalizer": (
+            patch_node(cluster, own, {"metadata": {"finalizers": ["example.com/hold"]}}, node=own),
+            NO_OTHER_FIELD,
+        ),
+    }
+    for what, (proc, message) in denials.items():
+        assert_denied(proc, message, what)
+    for name, node in before.items():
+        now = get_node(cluster, name)
+        for part in ("labels", "annotations", "finalizers"):
+            assert now["metadata"].get(part) == node["metadata"].get(part), (name, part)
+        assert now["spec"] == node["spec"], name
+
+
+def can_i(cluster: Cluster, *args: str) -> bool:
+    proc = cluster.kubectl("auth", "can-i", f"--as={AGENT}", *args, check=False)
+    answer = proc.stdout.strip()
+    assert answer in ("yes", "no"), (args, proc.stdout, proc.stderr)
+    return answer == "yes"
+
+
+def test_the_agent_role_grants_what_it_needs_and_no_more(cluster: Cluster, fence: None) -> None:
+    granted = [
+        ("get", "namespaces"),
+        ("watch", "namespaces"),
+        ("list", "deployments.apps", "-A"),
+        ("watch", "statefulsets.apps", "-A"),
+        ("get", "nodes"),
+        ("watch", "nodes"),
+        ("patch", "nodes"),
+        ("create", "events", "-n", "default"),
+        ("patch", "events", "-n", "default"),
+        ("create", "events.events.k8s.io", "-n", "default"),
+    ]
+    refused = [
+        ("get", "secrets", "-n", NAMESPACE),
+        ("list", "secrets", "-A"),
+        ("get", "secrets", "-A"),
+        ("watch", "secrets", "-A"),
+        ("patch", "nodes", "--subresource=status"),
+        ("update", "nodes", "--subresource=status"),
+        ("update", "nodes"),
+        ("create", "nodes"),
+        ("delete", "nodes"),
+        ("patch", "namespaces"),
+        ("patch", "deployments.apps", "-A"),
+        ("list", "pods", "-A"),
+        ("create", "events", "-n", "kube-system"),
+        ("create", "events", "-n", NAMESPACE),
+    ]
+    assert [a for a in granted if not can_i(cluster, *a)] == []
+    assert [a for a in refused if can_i(cluster, *a)] == []
+
+
+def test_a_token_bound_to_the_agents_pod_names_its_node(
+    cluster: Cluster, nodes: FakeNodes, tmp_path: Path
+) -> None:
+    """What the fence reads is really there: TokenRequest for a pod on the node."""
+    pod_name = f"agent-token-{uuid.uuid4().hex[:6]}"
+    # Bound to the fake node, so it never runs; restricted-clean whatever the namespace enforces.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": NAMESPACE},
+        "spec": {
+            "nodeName": nodes.own,
+            "serviceAccountName": SERVICE_ACCOUNT,
+            "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "registry.invalid/never-pulled:1",
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+    cluster.apply(pod)
+    try:
+        uid = cluster.get_json("pod", pod_name, "-n", NAMESPACE)["metadata"]["uid"]
+        token = cluster.kubectl(
+            "create", "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--bound-object-kind", "Pod",
+            "--bound-object-name", pod_name, "--bound-object-uid", uid, "--duration=10m",
+        ).stdout.strip()  # fmt: skip
+        agent = TokenKubectl(cluster, token, tmp_path)
+
+        whoami = json.loads(agent.run("auth", "whoami", "-o", "json").stdout)
+        user = whoami["status"]["userInfo"]
+        assert user["username"] == AGENT
+        assert user["extra"][NODE_NAME_EXTRA] == [nodes.own], user
+        print(f"the pod-bound token's extra: {json.dumps(user['extra'], sort_keys=True)}")
+
+        warm = json.dumps({"metadata": {"labels": {WARM: "models"}}})
+        allowed = agent.run("patch", "node", nodes.own, "--type=merge", "-p", warm)
+        assert allowed.returncode == 0, allowed.stderr
+        assert get_node(cluster, nodes.own)["metadata"]["labels"][WARM] == "models"
+        denied = agent.run("patch", "node", nodes.other, "--type=merge", "-p", warm)
+        assert_denied(denied, f"(this token is bound to a pod on node {nodes.own})", "another node")
+    finally:
+        cluster.kubectl(
+            "delete", "pod", pod_name, "-n", NAMESPACE, "--grace-period=0", "--force",
+            "--wait=false", check=False,
+        )  # fmt: skip
+
+
+class TokenKubectl:
+    """kubectl with a bearer token alone (with the admin kubeconfig, its client cert would win)."""
+
+    def __init__(self, cluster: Cluster, token: str, work: Path) -> None:
+        self.cluster = cluster
+        self.token = token
+        config = json.loads(
+            cluster.kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout
+        )
+        details = config["clusters"][0]["cluster"]
+        self.config = work / "token.kubeconfig"
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": details}],
+                    "users": [{"name": "u", "user": {"token": token}}],
+                    "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "c",
+                }
+            )
+        )
+        self.config.chmod(0o600)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.cluster.kubectl_path, f"--kubeconfig={self.config}", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+
+def test_the_node_agent_manifests_pass_the_apiserver(cluster: Cluster, fence: None) -> None:
+    """The DaemonSet (not applied on the local cluster) and its pod, as a dry run on the server.
+
+    Schema, defaults and the namespace's Pod Security level: a privileged pod
+    with a hostPath, admitted in bento-juicefs-system.
+    """
+    rendered = cluster.kubectl("kustomize", str(BASE)).stdout
+    (daemonset,) = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "DaemonSet"]
+    applied = cluster.kubectl(
+        "apply", "--dry-run=server", "-f", "-", "-o", "json", input=json.dumps(daemonset)
+    )
+    assert "PodSecurity" not in applied.stderr, applied.stderr
+    spec = json.loads(applied.stdout)["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == SERVICE_ACCOUNT
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "node-agent-dry-run", "namespace": NAMESPACE},
+        "spec": daemonset["spec"]["template"]["spec"],
+    }
+    created = cluster.kubectl(
+        "create", "--dry-run=server", "-f", "-", "-o", "json", input=json.dumps(pod), check=False
+    )
+    assert created.returncode == 0, created.stderr
+    container = json.loads(created.stdout)["spec"]["containers"][0]
+    assert container["securityContext"]["privileged"] is True
+    if isinstance(cluster, ControlPlane):  # devcluster's overlay leaves the DaemonSet out
+        found = cluster.kubectl("get", "daemonset", SERVICE_ACCOUNT, "-n", NAMESPACE, check=False)
+        assert "NotFound" in found.stderr, (found.stdout, found.stderr)
+
+
+def test_the_fence_type_checks_cleanly(cluster: Cluster, fence: None) -> None:
+    """The apiserver's type check of every expression against the Node schema: no warnings."""
+
+    def checked() -> dict[str, Any] | None:
+        policy: dict[str, Any] = cluster.get_json("validatingadmissionpolicy", POLICY)
+        status = policy.get("status") or {}
+        done = status.get("observedGeneration") == policy["metadata"]["generation"]
+        return status if done else None
+
+    status = wait_for(checked, timeout=30, what=f"{POLICY} to be type-checked")
+    assert not (status.get("typeChecking") or {}).get("expressionWarnings"), status
+    print(f"{POLICY} status: {json.dumps(status, sort_keys=True)}")
