@@ -31,6 +31,7 @@ from common.ports import free_port
 from sidecar.env import Settings
 from sidecar.manifest import MODELS_DIR
 from sidecar.probe import mount_answers
+from sidecar.sources import JuiceFSCounters, MountCounters, cache_writes_settled
 
 log = structlog.get_logger("sidecar.mount")
 
@@ -251,6 +252,25 @@ class JuiceFSMount:
         """
         if self._cache_size_mib > 0:
             await self._warmup(paths)
+            await self._cache_written()
+
+    async def _cache_written(self, every: float = 0.2, quiet: int = 2) -> None:
+        """Return once juicefs has written the blocks it queued for the cache disk.
+
+        `juicefs warmup` returns when every block is in the cache's index,
+        some still queued in memory for the disk; a client that unmounts then
+        (the node agent) would lose them, and the node's next pod would fetch
+        them again. Without readable metrics it returns at once (the blocks
+        are still written while this mount lives).
+        """
+        counters = MountCounters(self)
+        samples: list[JuiceFSCounters] = []
+        while not cache_writes_settled(samples, quiet):
+            snapshot = await counters.snapshot()
+            if snapshot is None:
+                return
+            samples.append(snapshot.counters)
+            await asyncio.sleep(every)
 
     async def evict_cache(self, paths: Sequence[Path]) -> None:
         """Remove every cached block of paths from the cache dir (the node agent's eviction)."""

@@ -19,6 +19,7 @@ import asyncio
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,11 +42,17 @@ class JuiceFSCounters:
     gets: int = 0
     hit_bytes: int = 0
     miss_bytes: int = 0
+    # Cache files juicefs began writing, and finished writing (its write-time
+    # histogram counts each at the end). Blocks queued for the disk are in neither.
+    cache_writes: int = 0
+    cache_writes_done: int = 0
 
 
 def parse_counters(text: str) -> JuiceFSCounters:
     """The counters above from juicefs's Prometheus text (summed over label sets)."""
-    totals = {"get_bytes": 0.0, "gets": 0.0, "hit_bytes": 0.0, "miss_bytes": 0.0}
+    totals = dict.fromkeys(
+        ("get_bytes", "gets", "hit_bytes", "miss_bytes", "cache_writes", "cache_writes_done"), 0.0
+    )
     for line in text.splitlines():
         match = _SAMPLE.match(line)
         if match is None:
@@ -63,6 +70,10 @@ def parse_counters(text: str) -> JuiceFSCounters:
             totals["hit_bytes"] += value
         elif name == "juicefs_blockcache_miss_bytes":
             totals["miss_bytes"] += value
+        elif name == "juicefs_blockcache_writes":
+            totals["cache_writes"] += value
+        elif name == "juicefs_blockcache_write_hist_seconds_count":
+            totals["cache_writes_done"] += value
     return JuiceFSCounters(**{key: int(value) for key, value in totals.items()})
 
 
@@ -112,6 +123,20 @@ def byte_sources(total: int, before: Snapshot | None, after: Snapshot | None) ->
         store_gets=after.counters.gets - before.counters.gets,
         cache_hit_bytes=after.counters.hit_bytes - before.counters.hit_bytes,
     )
+
+
+def cache_writes_settled(samples: Sequence[JuiceFSCounters], quiet: int) -> bool:
+    """Whether juicefs has written every block it queued for the cache disk.
+
+    Each of the last `quiet` samples (taken some time apart) shows the same
+    number of writes begun, all of them finished: a queued block would have
+    started a write in between.
+    """
+    if len(samples) < quiet or quiet < 1:
+        return False
+    last = samples[-quiet:]
+    writes = last[0].cache_writes
+    return all(s.cache_writes == writes and s.cache_writes_done == writes for s in last)
 
 
 class Counted(Protocol):

@@ -25,6 +25,7 @@ from sidecar.sources import (
     MountCounters,
     Snapshot,
     byte_sources,
+    cache_writes_settled,
     parse_counters,
 )
 from tests.helpers import minimal_env
@@ -43,14 +44,43 @@ juicefs_object_request_durations_histogram_seconds_count{method="GET",mp="/v"} 2
 juicefs_object_request_durations_histogram_seconds_count{method="HEAD",mp="/v"} 3
 juicefs_blockcache_hit_bytes{mp="/v",vol_name="models"} 3.00618566e+08
 juicefs_blockcache_miss_bytes{mp="/v",vol_name="models"} 0
+juicefs_blockcache_writes{mp="/v",vol_name="models"} 4
+juicefs_blockcache_write_hist_seconds_sum{mp="/v",vol_name="models"} 0.018440534
+juicefs_blockcache_write_hist_seconds_count{mp="/v",vol_name="models"} 3
 """
 
 
 def test_counters_are_parsed_from_juicefs_prometheus_text() -> None:
     assert parse_counters(METRICS) == JuiceFSCounters(
-        get_bytes=67310406, gets=21, hit_bytes=300618566, miss_bytes=0
+        get_bytes=67310406,
+        gets=21,
+        hit_bytes=300618566,
+        miss_bytes=0,
+        cache_writes=4,
+        cache_writes_done=3,
     )
     assert parse_counters("") == JuiceFSCounters()
+
+
+def writes(begun: int, done: int) -> JuiceFSCounters:
+    return JuiceFSCounters(cache_writes=begun, cache_writes_done=done)
+
+
+@pytest.mark.parametrize(
+    ("samples", "settled"),
+    [
+        ([writes(4, 4), writes(4, 4)], True),
+        ([writes(2, 1), writes(4, 4), writes(4, 4)], True),
+        ([writes(4, 4)], False),  # one look proves nothing
+        ([writes(4, 3), writes(4, 3)], False),  # a write in progress
+        ([writes(3, 3), writes(4, 4)], False),  # a queued block started meanwhile
+        ([], False),
+    ],
+)
+def test_the_cache_is_written_once_every_begun_write_is_done_and_none_starts(
+    samples: list[JuiceFSCounters], settled: bool
+) -> None:
+    assert cache_writes_settled(samples, quiet=2) is settled
 
 
 def snap(generation: int, get_bytes: int, gets: int = 0) -> Snapshot:

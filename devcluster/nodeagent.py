@@ -1,0 +1,121 @@
+"""The node agent on the local cluster: the shipped DaemonSet, as a real pod on the real node.
+
+`manifests/base/node-agent.yaml` as users apply it, with what this machine
+needs changed (the same changes a platform team makes in an overlay for its
+own node cache path):
+
+- the node cache hostPath is the local node's (devcluster's cache.nodePath,
+  under the node's own directory), mounted at the same path inside;
+- its config is the local injector's config file (same labels, volumes,
+  node cache path and budget), in a ConfigMap of its own;
+- shorter resync and retry periods, so tests see a change within seconds.
+
+Its RBAC, ServiceAccount and fence policy come with the injector's install
+(manifests/base); only the DaemonSet is left out of that, because the e2e
+suite decides when an agent runs (it warms every node-cache Bento in every
+opted-in namespace, which other tests measure cold).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from devcluster.cluster import Cluster, wait_for
+from devcluster.injector import BASE, NAMESPACE, LocalInjector
+
+DAEMONSET = "bento-juicefs-node-agent"
+CONFIG_MAP = "bento-juicefs-node-agent-local-config"
+SELECTOR = "app.kubernetes.io/name=bento-juicefs-node-agent"
+
+
+def shipped_daemonset() -> dict[str, Any]:
+    documents = yaml.safe_load_all((BASE / "node-agent.yaml").read_text())
+    return next(d for d in documents if d and d["kind"] == "DaemonSet")
+
+
+def local_daemonset(
+    shipped: dict[str, Any], node_cache: str, extra_args: list[str]
+) -> dict[str, Any]:
+    """The shipped DaemonSet with the local node cache path, config and periods."""
+    daemonset = copy.deepcopy(shipped)
+    spec = daemonset["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    container["args"] = [*container["args"], *extra_args]
+    # The image is imported into the node's containerd; there is no registry.
+    container["imagePullPolicy"] = "Never"
+    for volume in spec["volumes"]:
+        if "hostPath" in volume:
+            shipped_path = volume["hostPath"]["path"]
+            volume["hostPath"]["path"] = node_cache
+            for mount in container["volumeMounts"]:
+                if mount["name"] == volume["name"]:
+                    assert mount["mountPath"] == shipped_path
+                    mount["mountPath"] = node_cache
+        if "configMap" in volume:
+            volume["configMap"]["name"] = CONFIG_MAP
+    return daemonset
+
+
+class LocalNodeAgent:
+    """Install, await and remove the agent's DaemonSet on the local cluster."""
+
+    def __init__(self, cluster: Cluster, injector: LocalInjector) -> None:
+        self.cluster = cluster
+        self.injector = injector
+
+    def install(
+        self,
+        resync_seconds: float = 2,
+        retry_seconds: float = 5,
+        evict_after_seconds: float = 3600,
+        timeout: float = 120,
+    ) -> str:
+        """Apply the DaemonSet; return its pod's name once it runs."""
+        self.cluster.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": CONFIG_MAP, "namespace": NAMESPACE},
+                "data": {"config.yaml": self.injector.config_file.read_text()},
+            }
+        )
+        args = [
+            "--resync-seconds",
+            str(resync_seconds),
+            "--retry-seconds",
+            str(retry_seconds),
+            "--evict-after-seconds",
+            str(evict_after_seconds),
+            "--log-level",
+            "debug",
+        ]
+        self.cluster.apply(
+            local_daemonset(shipped_daemonset(), str(self.injector.node_cache), args)
+        )
+        return wait_for(self.running_pod, timeout=timeout, what=f"the {DAEMONSET} pod to run")
+
+    def running_pod(self) -> str | None:
+        pods = self.cluster.get_json("pods", "-n", NAMESPACE, "-l", SELECTOR)["items"]
+        for pod in pods:
+            statuses = pod.get("status", {}).get("containerStatuses") or []
+            if statuses and all("running" in (s.get("state") or {}) for s in statuses):
+                return str(pod["metadata"]["name"])
+        return None
+
+    def logs(self) -> str:
+        result = self.cluster.kubectl(
+            "logs", "-n", NAMESPACE, "-l", SELECTOR, "--tail=200", check=False
+        )
+        return result.stdout + result.stderr
+
+    def uninstall(self) -> None:
+        self.cluster.kubectl(
+            "delete", "daemonset", DAEMONSET, "-n", NAMESPACE, "--ignore-not-found", "--wait=true",
+            "--timeout=60s", check=False, timeout=90,
+        )  # fmt: skip
+        self.cluster.kubectl(
+            "delete", "configmap", CONFIG_MAP, "-n", NAMESPACE, "--ignore-not-found", check=False
+        )
