@@ -37,7 +37,7 @@ from devcluster.containerd import Containerd, ContainerdPaths, cni_config, conta
 from devcluster.images import PAUSE_IMAGE
 from devcluster.mountns import MachineShape, NodeMountNamespace
 from devcluster.netns import NodeNetwork
-from devcluster.nodeconfig import kube_proxy_config, kubelet_config
+from devcluster.nodeconfig import kube_proxy_config, kubelet_config, kubelet_root_problem
 from devcluster.nodehost import (
     CREATED_HOST_DIRS,
     PRIVATE_HOST_DIRS,
@@ -137,6 +137,9 @@ class Node:
 
     def start(self, server: str, timeout: float = 90.0) -> None:
         """Bring the node up against the apiserver at `server` (reachable from the node)."""
+        problem = kubelet_root_problem(self.dir / "kubelet")
+        if problem is not None:
+            raise NodeError(problem)
         started = time.monotonic()
         try:
             self._start(server, timeout)

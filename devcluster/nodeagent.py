@@ -19,6 +19,7 @@ opted-in namespace, which other tests measure cold).
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 import yaml
@@ -29,6 +30,7 @@ from devcluster.injector import BASE, NAMESPACE, LocalInjector
 DAEMONSET = "bento-juicefs-node-agent"
 CONFIG_MAP = "bento-juicefs-node-agent-local-config"
 SELECTOR = "app.kubernetes.io/name=bento-juicefs-node-agent"
+CONFIG_HASH = "bento-juicefs.devcluster/config-sha256"
 
 
 def shipped_daemonset() -> dict[str, Any]:
@@ -71,15 +73,23 @@ class LocalNodeAgent:
         resync_seconds: float = 2,
         retry_seconds: float = 5,
         evict_after_seconds: float = 3600,
+        cache: dict[str, Any] | None = None,
         timeout: float = 120,
     ) -> str:
-        """Apply the DaemonSet; return its pod's name once it runs."""
+        """Apply the DaemonSet; return its pod's name once it runs.
+
+        `cache` overrides keys of the config's `cache` section for the agent
+        alone (e.g. a small nodeBudget to test eviction with small models).
+        """
+        config = yaml.safe_load(self.injector.config_file.read_text())
+        config["cache"] = {**config.get("cache", {}), **(cache or {})}
+        text = yaml.safe_dump(config)
         self.cluster.apply(
             {
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
                 "metadata": {"name": CONFIG_MAP, "namespace": NAMESPACE},
-                "data": {"config.yaml": self.injector.config_file.read_text()},
+                "data": {"config.yaml": text},
             }
         )
         args = [
@@ -92,14 +102,26 @@ class LocalNodeAgent:
             "--log-level",
             "debug",
         ]
-        self.cluster.apply(
-            local_daemonset(shipped_daemonset(), str(self.injector.node_cache), args)
+        daemonset = local_daemonset(shipped_daemonset(), str(self.injector.node_cache), args)
+        # A new config is a new pod (the agent reads its config once), as a
+        # chart's checksum annotation does.
+        template = daemonset["spec"]["template"]["metadata"]
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        template.setdefault("annotations", {})[CONFIG_HASH] = digest
+        self.cluster.apply(daemonset)
+        return wait_for(
+            lambda: self.running_pod(digest), timeout=timeout, what=f"the {DAEMONSET} pod to run"
         )
-        return wait_for(self.running_pod, timeout=timeout, what=f"the {DAEMONSET} pod to run")
 
-    def running_pod(self) -> str | None:
+    def running_pod(self, config_hash: str | None = None) -> str | None:
+        """The agent pod that runs (with that config, if given), not one on its way out."""
         pods = self.cluster.get_json("pods", "-n", NAMESPACE, "-l", SELECTOR)["items"]
         for pod in pods:
+            meta = pod["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue
+            if config_hash and (meta.get("annotations") or {}).get(CONFIG_HASH) != config_hash:
+                continue
             statuses = pod.get("status", {}).get("containerStatuses") or []
             if statuses and all("running" in (s.get("state") or {}) for s in statuses):
                 return str(pod["metadata"]["name"])

@@ -88,3 +88,25 @@ def kube_proxy_config(*, kubeconfig: Path, node: str, pod_cidr: str) -> dict[str
         # route_localnet is a sysctl the node should not need.
         "iptables": {"localhostNodePorts": False},
     }
+
+
+# sun_path holds 108 bytes with the NUL: a unix socket path has at most 107.
+UNIX_SOCKET_PATH_MAX = 107
+# The deepest socket the kubelet binds under its root dir: pod-resources/<10 digits>.
+_DEEPEST_KUBELET_SOCKET = "pod-resources/0123456789"
+
+
+def kubelet_root_problem(root_dir: Path) -> str | None:
+    """Why the kubelet could not bind its sockets under root_dir, or None.
+
+    Past the limit the kubelet only logs `bind: invalid argument` for its
+    pod-resources socket and the node never turns Ready.
+    """
+    deepest = f"{root_dir}/{_DEEPEST_KUBELET_SOCKET}"
+    if len(deepest) <= UNIX_SOCKET_PATH_MAX:
+        return None
+    return (
+        f"the kubelet's root dir {root_dir} is too deep: its sockets (e.g. {deepest}, "
+        f"{len(deepest)} bytes) would pass the {UNIX_SOCKET_PATH_MAX}-byte limit of a unix "
+        f"socket path; use a state dir {len(deepest) - UNIX_SOCKET_PATH_MAX} bytes shorter"
+    )

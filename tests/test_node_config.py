@@ -8,7 +8,12 @@ from pathlib import Path
 from devcluster.containerd import ContainerdPaths, cni_config, containerd_config
 from devcluster.mountns import MachineShape
 from devcluster.netns import NodeNetwork
-from devcluster.nodeconfig import kube_proxy_config, kubelet_config
+from devcluster.nodeconfig import (
+    UNIX_SOCKET_PATH_MAX,
+    kube_proxy_config,
+    kubelet_config,
+    kubelet_root_problem,
+)
 from devcluster.pki import KeyPair
 
 
@@ -82,3 +87,14 @@ def test_node_networks_do_not_overlap() -> None:
     assert {first.host_ip, first.node_ip}.isdisjoint({second.host_ip, second.node_ip})
     assert first.pod_cidr != second.pod_cidr
     assert first.netns != second.netns
+
+
+def test_a_state_dir_too_deep_for_the_kubelets_sockets_is_refused_with_the_reason() -> None:
+    assert kubelet_root_problem(Path("/tmp/pytest-of-root/pytest-12/cluster0/node/kubelet")) is None
+    deep = Path(
+        "/tmp/pytest-of-root/pytest-124/test_cluster_up_and_down_leave0/cluster/node/kubelet"
+    )
+    problem = kubelet_root_problem(deep)
+    assert problem is not None
+    assert f"{UNIX_SOCKET_PATH_MAX}-byte limit" in problem
+    assert "bytes shorter" in problem

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from common.mounts import mounts
@@ -99,10 +101,11 @@ def _node_traces(network: NodeNetwork, state: Path) -> list[str]:
     return found
 
 
-def test_cluster_up_and_down_leave_nothing_behind(node: Node, tmp_path: Path) -> None:
+def test_cluster_up_and_down_leave_nothing_behind(node: Node) -> None:
     """`make cluster-up` then `make cluster-down` (beside the session's cluster)."""
     before = _host_state()
-    state = tmp_path / "cluster"
+    # Short: the kubelet binds unix sockets under it (107 bytes at most).
+    state = Path(tempfile.mkdtemp(prefix="bj-up-"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     up = subprocess.run(
         [sys.executable, "-m", "devcluster", "up", "--state-dir", str(state)],
@@ -150,6 +153,7 @@ def test_cluster_up_and_down_leave_nothing_behind(node: Node, tmp_path: Path) ->
     assert after["iptables"] == before["iptables"]
     left = [p for p in os.listdir("/proc") if p.isdigit() and str(state) in _cmdline(int(p))]
     assert left == [], left
+    shutil.rmtree(state, ignore_errors=True)
 
 
 def _cmdline(pid: int) -> str:
