@@ -33,6 +33,34 @@ class CacheSpeed:
         return f"write {self.write_mbps:.0f} MB/s, read {self.read_mbps:.0f} MB/s ({mode})"
 
 
+@dataclass(frozen=True)
+class DiskSpace:
+    """The cache directory's file system, as JuiceFS sees it (statfs: blocks available to us)."""
+
+    total_bytes: int
+    free_bytes: int
+    total_inodes: int = 0
+    free_inodes: int = 0
+
+    def describe(self) -> str:
+        return f"{self.free_bytes / MIB:.0f} MiB free of {self.total_bytes / MIB:.0f} MiB"
+
+
+def disk_space(directory: Path) -> DiskSpace | None:
+    """statvfs of directory (made if missing); None when it cannot be read."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return DiskSpace(
+        total_bytes=st.f_blocks * st.f_frsize,
+        free_bytes=st.f_bavail * st.f_frsize,
+        total_inodes=st.f_files,
+        free_inodes=st.f_favail,
+    )
+
+
 def _open(path: Path, flags: int) -> tuple[int, bool]:
     direct = getattr(os, "O_DIRECT", 0)
     if direct:

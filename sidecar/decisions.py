@@ -11,15 +11,87 @@ says so.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from common.env import SsdPolicy
-from sidecar.cacheprobe import CacheSpeed
+from sidecar.cacheprobe import MIB, CacheSpeed, DiskSpace
+
+# `juicefs mount --free-space-ratio` (left at its default): below this share
+# of free space (or inodes) on the cache disk, JuiceFS caches nothing more
+# (and evicts what it can); reads then come from the object store.
+JUICEFS_FREE_RATIO = 0.1
+
+# What juicefs 1.4 logs when it could not cache: a block write that failed
+# ("Write to cache file ... failed: ... no space left on device", "Can't
+# create cache file ...") and, with --debug only, a block dropped ("Caching
+# directory is full (DIR), drop ..."). Not its warning at mount ("not
+# enough space (8%) ... for caching"): below the ratio it evicts its own
+# blocks to make room, which is a cache at its limit, not a full disk.
+_JUICEFS_CACHE_FULL = re.compile(
+    r"cache file .*(no space left on device|disk quota exceeded)"
+    r"|caching directory is full",
+    re.IGNORECASE,
+)
 
 
-def should_probe_cache(policy: SsdPolicy) -> bool:
-    """Measure the cache disk only when the pod asked for local SSD at all."""
-    return policy != "off"
+def should_probe_cache(policy: SsdPolicy, full: bool = False) -> bool:
+    """Measure the cache disk only when the pod asked for local SSD, and it has room to."""
+    return policy != "off" and not full
+
+
+def cache_full(space: DiskSpace | None, free_ratio: float = JUICEFS_FREE_RATIO) -> bool:
+    """The disk is too full for JuiceFS to cache: under half its free ratio of space or inodes.
+
+    Between the ratio and half of it JuiceFS evicts its own blocks to make
+    room (a cache at its limit, which still works); under half it stops
+    writing even staged blocks, as here: what fills the disk is not its to
+    evict. Unknown (statfs failed) is not full: JuiceFS itself says so if it is.
+    """
+    if space is None or space.total_bytes <= 0:
+        return False
+    floor = free_ratio / 2
+    if space.free_bytes < floor * space.total_bytes:
+        return True
+    return space.total_inodes > 0 and space.free_inodes < floor * space.total_inodes
+
+
+def juicefs_says_cache_full(line: str) -> bool:
+    """A juicefs log line saying that it cannot (or could not) cache on the disk."""
+    return _JUICEFS_CACHE_FULL.search(line) is not None
+
+
+def cache_full_message(
+    directory: str,
+    space: DiskSpace | None,
+    juicefs_line: str | None,
+    free_ratio: float = JUICEFS_FREE_RATIO,
+) -> str:
+    """The CacheDiskFull Event: what is full, and what the pod does about it."""
+    if space is not None and space.total_bytes > 0:
+        what = (
+            f"cache dir {directory}: {space.describe()} "
+            f"({space.free_bytes / space.total_bytes:.0%} free; JuiceFS keeps {free_ratio:.0%} "
+            f"({free_ratio * space.total_bytes / MIB:.0f} MiB) free and writes no block below "
+            f"{free_ratio / 2:.0%})"
+        )
+    else:
+        what = f"cache dir {directory}: free space unknown"
+    said = f"; juicefs: {juicefs_line.strip()[-300:]}" if juicefs_line else ""
+    return (
+        f"{what}{said}. The model is read from the object store where it cannot be cached "
+        "(slower, and fetched again by the next pod); it is still streamed and verified "
+        "against the manifest before the gate opens"
+    )
+
+
+def should_fill_cache(disk_cache: bool, full: bool) -> bool:
+    """Complete the cache after verifying (juicefs warmup) only where it can hold the blocks.
+
+    On a full disk the fill would fetch the whole model from the store once
+    more, only for JuiceFS to fail writing it.
+    """
+    return disk_cache and not full
 
 
 @dataclass(frozen=True)
@@ -28,6 +100,8 @@ class CachePlan:
     cache_size_mib: int
     # The disk measured below the minimum: say so (SlowCacheDisk).
     slow: bool = False
+    # The disk is full (JuiceFS will cache nothing): say so (CacheDiskFull).
+    full: bool = False
 
     @property
     def disk_cache(self) -> bool:
@@ -35,15 +109,24 @@ class CachePlan:
 
 
 def cache_plan(
-    policy: SsdPolicy, speed: CacheSpeed | None, minimum_mbps: float, cache_size_mib: int
+    policy: SsdPolicy,
+    speed: CacheSpeed | None,
+    minimum_mbps: float,
+    cache_size_mib: int,
+    full: bool = False,
 ) -> CachePlan:
     """What to do with the cache disk, given the pod's SSD policy and the measurement.
 
     A disk slower than the object store makes cache hits slower than misses:
     with `required` the mount goes without a disk cache; with `preferred` it
     keeps the slow cache (the pod accepted non-SSD nodes). Unmeasured
-    (`off`) or fast enough: keep the cache as configured.
+    (`off`) or fast enough: keep the cache as configured. A full disk
+    (unmeasured: no room to) keeps its cache too: what is cached there (the
+    node cache of a warm node) still serves, and JuiceFS reads the rest from
+    the object store.
     """
+    if full:
+        return CachePlan(cache_size_mib, full=cache_size_mib > 0)
     if speed is None or not speed.slower_than(minimum_mbps):
         return CachePlan(cache_size_mib)
     if policy == "required":
@@ -85,8 +168,30 @@ def gate_plan(warmup: bool, cache: CachePlan) -> GatePlan:
             reason="ModelsVerified",
             message="model streamed and verified; no disk cache (the cache disk is too slow)",
         )
+    if cache.full:
+        return _verified_on_a_full_disk()
     return GatePlan(
         verify=True,
         reason="ModelsCached",
         message="model streamed into the local cache and verified",
     )
+
+
+def _verified_on_a_full_disk() -> GatePlan:
+    return GatePlan(
+        verify=True,
+        reason="ModelsVerified",
+        message="model streamed and verified; the cache disk is full, so what it could not "
+        "cache is read from the object store",
+    )
+
+
+def gate_after_warmup(gate: GatePlan, cache_full_seen: bool) -> GatePlan:
+    """The gate plan once the model is verified: a disk found full meanwhile is said.
+
+    It never drops the verification: only the reason and message change
+    (ModelsCached would claim a local copy the disk could not hold).
+    """
+    if gate.verify and cache_full_seen and gate.reason == "ModelsCached":
+        return _verified_on_a_full_disk()
+    return gate

@@ -17,17 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from common.mounts import UnmountError, is_fuse, is_mounted, unmount
 from common.ports import free_port
+from sidecar.decisions import juicefs_says_cache_full
 from sidecar.env import Settings
 from sidecar.manifest import MODELS_DIR
 from sidecar.probe import mount_answers
@@ -41,6 +44,41 @@ _NO_SUBDIR = "read-only file system"
 
 class MountError(Exception):
     pass
+
+
+# `juicefs warmup --check` (1.4): "check cache: 6 files checked, 12 MiB of 16 MiB (75.0%) cached"
+_CHECK = re.compile(
+    r"check cache: (?P<files>\d+) files checked, (?P<cached>.+?) of (?P<total>.+?) "
+    r"\((?P<percent>[\d.]+)%\) cached"
+)
+
+
+@dataclass(frozen=True)
+class CacheCheck:
+    """What `juicefs warmup --check` says of some files: how much of them the cache holds."""
+
+    files: int
+    cached: str  # humanized by juicefs, e.g. "12 MiB"
+    total: str
+    percent: float
+
+    @property
+    def complete(self) -> bool:
+        # Both figures are rounded (a block missing from more than ~8 GiB reads 100.0%).
+        return self.cached == self.total and self.percent >= 100.0
+
+    def describe(self) -> str:
+        return f"{self.cached} of {self.total} ({self.percent:.1f}%)"
+
+
+def parse_cache_check(output: str) -> CacheCheck | None:
+    """The last `check cache:` line of juicefs's output; None when there is none."""
+    found = None
+    for match in _CHECK.finditer(output):
+        found = match
+    if found is None:
+        return None
+    return CacheCheck(int(found["files"]), found["cached"], found["total"], float(found["percent"]))
 
 
 def _lazy(path: Path, error: str) -> None:
@@ -84,6 +122,9 @@ class JuiceFSMount:
         self._cache_size_mib = settings.cache_size_mib if cache_size_mib is None else cache_size_mib
         self._process: asyncio.subprocess.Process | None = None
         self._log_tail: deque[str] = deque(maxlen=40)
+        # What juicefs said about a cache disk it cannot write (the last few, and how many).
+        self.cache_full_lines: deque[str] = deque(maxlen=5)
+        self.cache_full_count = 0
         self._reader: asyncio.Task[None] | None = None
         # juicefs's Prometheus endpoint (a new port each start) and how many
         # times it was started: its counters begin at zero with each process.
@@ -161,6 +202,11 @@ class JuiceFSMount:
             line = raw.decode(errors="replace").rstrip()
             self._log_tail.append(line)
             log.debug("juicefs", line=line)
+            if juicefs_says_cache_full(line):
+                self.cache_full_count += 1
+                self.cache_full_lines.append(line)
+                if self.cache_full_count == 1:
+                    log.warning("juicefs.cache_full", line=line)
 
     def _exited_early(self, code: int) -> MountError:
         s = self._settings
@@ -242,17 +288,36 @@ class JuiceFSMount:
     def answers(self) -> bool:
         return mount_answers(self._settings.mount_point)
 
-    async def fill_cache(self, paths: Sequence[Path]) -> None:
+    async def fill_cache(self, paths: Sequence[Path], rounds: int = 5, pause: float = 1.0) -> None:
         """Put every block of paths into the cache dir: what reading them left out.
 
         A read through FUSE caches its blocks on the side and drops one when
         juicefs's disk-write queue is full (a slow or busy disk), so a verified
         model may be only partly local. `juicefs warmup` fetches exactly the
         blocks the cache lacks, and waits for the disk instead of dropping.
+
+        It also exits 0 having cached nothing when the object store fails
+        (1.4.2: "warmup cache: 6 files (16 MiB bytes)" in 0.1 s with MinIO
+        down), so `juicefs warmup --check` says what the cache holds after
+        each round; a round short of everything is run again, after a pause,
+        up to `rounds` times, then it is a MountError (the caller's to log).
         """
-        if self._cache_size_mib > 0:
+        if self._cache_size_mib <= 0:
+            return
+        for attempt in range(1, rounds + 1):
             await self._warmup(paths)
-            await self._cache_written()
+            check = parse_cache_check(await self._warmup(paths, "--check"))
+            if check is None or check.complete:
+                break
+            log.info("cache.fill_incomplete", attempt=attempt, cached=check.describe())
+            if attempt == rounds:
+                await self._cache_written()
+                raise MountError(
+                    f"the cache holds {check.describe()} of the model after {rounds} rounds "
+                    "of juicefs warmup (is the object store failing?)"
+                )
+            await asyncio.sleep(pause * 2 ** (attempt - 1))
+        await self._cache_written()
 
     async def _cache_written(self, every: float = 0.2, quiet: int = 2) -> None:
         """Return once juicefs has written the blocks it queued for the cache disk.
@@ -276,10 +341,10 @@ class JuiceFSMount:
         """Remove every cached block of paths from the cache dir (the node agent's eviction)."""
         await self._warmup(paths, "--evict")
 
-    async def _warmup(self, paths: Sequence[Path], *options: str) -> None:
-        """`juicefs warmup [options] paths` against this mount; MountError when it fails."""
+    async def _warmup(self, paths: Sequence[Path], *options: str) -> str:
+        """`juicefs warmup [options] paths` against this mount, its log; MountError if it fails."""
         if not paths:
-            return
+            return ""
         s = self._settings
         process = await asyncio.create_subprocess_exec(
             s.juicefs_bin,
@@ -306,6 +371,7 @@ class JuiceFSMount:
                 f"juicefs warmup {' '.join(options)} exited with code {process.returncode}: "
                 f"{' '.join(tail)}"
             )
+        return stderr.decode(errors="replace")
 
     async def _drain_log(self, within: float = 1.0) -> None:
         """The last lines of juicefs's output, without waiting for an orphaned worker.

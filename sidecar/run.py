@@ -10,27 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
-from sidecar.cacheprobe import measure
+from sidecar.cacheprobe import CacheSpeed, disk_space, measure
 from sidecar.decisions import (
     GatePlan,
+    cache_full,
+    cache_full_message,
     cache_plan,
+    gate_after_warmup,
     gate_plan,
+    should_fill_cache,
     should_probe_cache,
     slow_disk_action,
 )
 from sidecar.env import Settings
 from sidecar.manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest
 from sidecar.mount import JuiceFSMount, MountError
-from sidecar.reporter import NORMAL, WARNING, Reporter
+from sidecar.reporter import NORMAL, WARNING, OrderedReporter, Reporter
 from sidecar.sources import ByteSources, MountCounters, byte_sources
 from sidecar.warmup import (
     MIB,
@@ -47,6 +52,7 @@ __all__ = [
     "WARNING",
     "BentoTree",
     "CacheFiller",
+    "CacheSpaceWatch",
     "ProgressReporter",
     "open_gate",
     "run",
@@ -71,6 +77,43 @@ class BentoTree(Protocol):
 
     @property
     def models_dir(self) -> Path: ...
+
+
+@dataclass
+class CacheSpaceWatch:
+    """Says once (CacheDiskFull Event) when the cache disk is too full for JuiceFS to cache.
+
+    Looks at the disk itself (statfs, JuiceFS's own free-ratio rule) and at
+    what juicefs logged (`juicefs_lines`: its lines about a cache it could
+    not write), before mounting and again once the model is verified.
+    """
+
+    directory: Path
+    reporter: Reporter
+    juicefs_lines: Callable[[], Sequence[str]] = lambda: ()
+    full: bool = False
+    reported: bool = False
+
+    async def check(self, when: str, *, full: bool = False) -> bool:
+        """Whether the disk is (or was found) full; the Event the first time. full: known so."""
+        space = await asyncio.to_thread(disk_space, self.directory)
+        said = list(self.juicefs_lines())
+        if not (full or cache_full(space) or said):
+            return self.full
+        self.full = True
+        log.warning(
+            "cache.full",
+            when=when,
+            directory=str(self.directory),
+            free_bytes=None if space is None else space.free_bytes,
+            total_bytes=None if space is None else space.total_bytes,
+            juicefs=said[-1] if said else None,
+        )
+        if not self.reported:
+            self.reported = True
+            message = cache_full_message(str(self.directory), space, said[-1] if said else None)
+            await self.reporter.event(WARNING, "CacheDiskFull", f"{when}: {message}")
+        return True
 
 
 @dataclass
@@ -174,6 +217,7 @@ async def warm(
     reporter: Reporter,
     counters: MountCounters | None = None,
     filler: CacheFiller | None = None,
+    cache_watch: CacheSpaceWatch | None = None,
 ) -> bool:
     """Stream and verify the model; True when the gate may open.
 
@@ -186,6 +230,10 @@ async def warm(
     warmup.done log say how many of the verified bytes came from the cache
     and how many from the object store. A warm start verifies exactly as a
     cold one: every byte is read through the mount and hashed.
+
+    With `cache_watch`, a cache disk found full once the model is verified
+    is reported (CacheDiskFull) and not filled: the fill would only fetch
+    the model again for JuiceFS to fail writing it.
     """
     deadline = time.monotonic() + settings.warmup_timeout_seconds
     manifest = await wait_for_manifest(mount, reporter, deadline)
@@ -208,8 +256,10 @@ async def warm(
             deadline,
             on_progress=progress_reporter.on_progress,
             on_error=progress_reporter.on_error,
-            filler=filler,
         )
+        full = cache_watch is not None and await cache_watch.check("after streaming the model")
+        if filler is not None and should_fill_cache(True, full):
+            await _fill_cache(filler, [mount.models_dir / f.path for f in files], deadline)
     except VerificationError as err:
         log.error("warmup.verification_failed", error=str(err))
         await reporter.event(
@@ -313,14 +363,46 @@ async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    # The apiserver must never hold up the mount or the stream: Events go out
+    # in the background, conditions in order (see OrderedReporter).
+    ordered = OrderedReporter(reporter)
+    try:
+        return await _run(settings, ordered, stop)
+    finally:
+        # What is still queued (Unmounted...) gets a moment, within the pod's grace period.
+        if not await ordered.close(within=3.0):
+            log.warning("events.unsent", dropped=ordered.dropped)
 
-    speed = None
-    if should_probe_cache(settings.ssd_policy):
+
+async def _probe(settings: Settings, full: bool) -> tuple[CacheSpeed | None, bool]:
+    """The cache disk's speed (None: not measured) and whether it turned out full."""
+    if not should_probe_cache(settings.ssd_policy, full):
+        return None, full
+    try:
         speed = await asyncio.to_thread(measure, settings.cache_dir)
-        log.info(
-            "cache.probed", write_mbps=round(speed.write_mbps), read_mbps=round(speed.read_mbps)
-        )
-    cache = cache_plan(settings.ssd_policy, speed, settings.cache_min_mbps, settings.cache_size_mib)
+    except OSError as err:
+        # A disk with no room for the probe's file; or one we cannot write at
+        # all: JuiceFS will say more (it reads from the store what it cannot cache).
+        log.warning("cache.probe_failed", directory=str(settings.cache_dir), error=str(err))
+        return None, full or err.errno in (errno.ENOSPC, errno.EDQUOT)
+    log.info("cache.probed", write_mbps=round(speed.write_mbps), read_mbps=round(speed.read_mbps))
+    return speed, full
+
+
+async def _run(settings: Settings, reporter: OrderedReporter, stop: asyncio.Event) -> int:
+    mount: JuiceFSMount | None = None
+    watch = CacheSpaceWatch(
+        settings.cache_dir,
+        reporter,
+        lambda: () if mount is None else tuple(mount.cache_full_lines),
+    )
+    full = settings.cache_size_mib > 0 and await watch.check("before mounting")
+    speed, full = await _probe(settings, full)
+    if full and not watch.reported:  # no room for the probe's file (ENOSPC)
+        await watch.check("measuring the cache disk failed", full=True)
+    cache = cache_plan(
+        settings.ssd_policy, speed, settings.cache_min_mbps, settings.cache_size_mib, full
+    )
     if speed is not None and cache.slow:
         action = slow_disk_action(cache)
         await reporter.event(
@@ -335,7 +417,7 @@ async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None
 
     mount = JuiceFSMount(settings, cache_size_mib=cache.cache_size_mib)
     # Informational only: the mount must not wait on, or fail with, the apiserver.
-    await _best_effort(reporter.set_condition("False", "Mounting", "mounting JuiceFS", attempts=1))
+    reporter.post_condition("False", "Mounting", "mounting JuiceFS", attempts=1)
     stopping = asyncio.create_task(stop.wait())
     try:
         seconds = await _mount_unless_stopped(mount, stopping)
@@ -360,7 +442,15 @@ async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None
     # serving the mount until it is stopped. Reads that fail while juicefs is
     # being remounted are retried by the streamer like any other failed read.
     work = asyncio.create_task(
-        open_gate(settings, mount, reporter, gate, counters=MountCounters(mount), filler=mount)
+        open_gate(
+            settings,
+            mount,
+            reporter,
+            gate,
+            counters=MountCounters(mount),
+            filler=mount,
+            cache_watch=watch if cache.disk_cache else None,
+        )
     )
     work.add_done_callback(_log_crash)
     code = await _supervise(settings, mount, reporter, stopping)
@@ -448,6 +538,7 @@ async def open_gate(
     gate: GatePlan,
     counters: MountCounters | None = None,
     filler: CacheFiller | None = None,
+    cache_watch: CacheSpaceWatch | None = None,
 ) -> None:
     """Verify the model if the gate plan says so, then set the condition to True.
 
@@ -455,7 +546,7 @@ async def open_gate(
     False saying why.
     """
     try:
-        if gate.verify and not await warm(settings, mount, reporter, counters, filler):
+        if gate.verify and not await warm(settings, mount, reporter, counters, filler, cache_watch):
             return
     except (OSError, ValueError) as err:
         # No manifest, an unreadable one, a file the mount cannot open...
@@ -463,6 +554,7 @@ async def open_gate(
         await reporter.event(WARNING, "WarmupFailed", f"cannot stream the model: {err}")
         await _best_effort(reporter.set_condition("False", "WarmupFailed", str(err)[:256]))
         return
+    gate = gate_after_warmup(gate, cache_watch is not None and cache_watch.full)
     # The one call that must land: retried until it does or the pod stops.
     await reporter.set_condition("True", gate.reason, gate.message, attempts=None)
     await reporter.event(
