@@ -10,6 +10,7 @@ help:
 	@echo "make test          lint, type-check and run the test suite (installs into $(VENV))"
 	@echo "make demo          control plane + a real node + JuiceFS: the example Bento injected, run and Ready, then kubectl describe pod"
 	@echo "make golden-update regenerate tests/golden/*.injected"
+	@echo "make fuzz          the admission path on 100,000+ fuzzed inputs (hypothesis, /mutate over HTTPS, atheris); bench-results/fuzz.json"
 	@echo "make bench         streaming, cold-start, warm-start, admission against their limits (SCENARIO=NAME for one); bench-results/"
 
 $(STAMP): pyproject.toml
@@ -64,6 +65,14 @@ golden-update: $(STAMP)
 # runs one. Needs root and /dev/fuse (FUSE mounts, network namespaces, tc).
 bench: $(STAMP) binaries images
 	$(BIN)/python -m benchmarks $(if $(SCENARIO),--scenario $(SCENARIO)) $(BENCH_ARGS)
+
+# Fuzz the admission path (tests/fuzzing.py): 20,000 inputs per target, the
+# real server's /mutate over HTTPS, and atheris (coverage-guided) when it
+# installs; counts and times in bench-results/fuzz.json. FUZZ_ARGS=--help.
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(BIN)/pip install --quiet 'atheris>=2.3' || echo "atheris did not install: fuzzing without it"
+	$(BIN)/python -m tests.fuzzing $(FUZZ_ARGS)
 
 render-example: $(STAMP)
 	$(BIN)/python -m injector render -f examples/bento-deployment.yaml

@@ -35,8 +35,13 @@ BOOL_FORM = "'true' or 'false'"
 # model tree in JuiceFS.
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
-NAME_FORM = "lowercase letters, digits, '.', '_' or '-', starting and ending alphanumeric"
-VERSION_FORM = "letters, digits, '.', '_' or '-', starting and ending alphanumeric"
+NAME_FORM = (
+    "lowercase letters, digits, '.', '_' or '-', starting and ending alphanumeric, "
+    "at most 63 characters"
+)
+VERSION_FORM = (
+    "letters, digits, '.', '_' or '-', starting and ending alphanumeric, at most 128 characters"
+)
 MODELS_FORM = "a comma-separated list of BentoML model tags, e.g. 'llama3:v1,tokenizer'"
 
 # Defaults and bounds the injector's config takes from here.
@@ -99,11 +104,12 @@ def render_bool(value: bool) -> str:
 
 
 def is_bento_name(value: str) -> bool:
-    return bool(_NAME_RE.match(value))
+    # fullmatch: `$` alone would also accept a trailing newline.
+    return bool(_NAME_RE.fullmatch(value))
 
 
 def is_bento_version(value: str) -> bool:
-    return bool(_VERSION_RE.match(value))
+    return bool(_VERSION_RE.fullmatch(value))
 
 
 def parse_model_tags(value: str) -> tuple[str, ...]:

@@ -1,7 +1,9 @@
 """AdmissionReview v1: the envelope as typed models, the pod as a plain dict.
 
-`review()` is the whole webhook decision without I/O: parse, decide, mutate,
-answer. The server, the `render` command and the tests all call it.
+`review()` is the whole webhook decision without I/O: parse, check the pod's
+shape, decide, check Pod Security, mutate, answer. The server, the `render`
+command and the tests all call it. It never raises on what a request holds:
+whatever reaches /mutate gets an answer that says what is wrong with it.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ import base64
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import to_json
 
+from injector import podsecurity, podshape
 from injector.config import InjectorConfig
 from injector.mutation import mutate
 from injector.patch import PatchOp
-from injector.plan import Deny, Skip, decide
+from injector.plan import Deny, Skip, decide, shown
+from injector.podsecurity import NamespaceSecurityRegistry
 
 API_VERSION = "admission.k8s.io/v1"
 
@@ -39,6 +43,10 @@ class GroupVersionResource(_Envelope):
     resource: str
 
 
+class UserInfo(_Envelope):
+    username: str = ""
+
+
 class AdmissionRequest(_Envelope):
     uid: str = Field(min_length=1)
     kind: GroupVersionKind
@@ -51,6 +59,22 @@ class AdmissionRequest(_Envelope):
     # fields the model does not know.
     object: dict[str, Any] | None = None
     dry_run: bool = Field(default=False, alias="dryRun")
+    # Who creates the pod: Pod Security's username exemptions apply to them.
+    user_info: UserInfo | None = Field(default=None, alias="userInfo")
+
+    @field_validator("object")
+    @classmethod
+    def _object_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The object's metadata names it in every log line: it must be an object of strings."""
+        metadata = (value or {}).get("metadata")
+        if metadata is None:
+            return value
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata must be an object")
+        for key in ("name", "generateName", "namespace"):
+            if key in metadata and not isinstance(metadata[key], str):
+                raise ValueError(f"metadata.{key} must be a string")
+        return value
 
 
 class AdmissionReview(_Envelope):
@@ -70,7 +94,7 @@ def _describe(err: ValidationError) -> str:
         if item["type"] == "missing":
             parts.append(f"{where} is missing")
         elif item["type"] == "literal_error":
-            parts.append(f"{where} must be {item['ctx']['expected']}, got {item['input']!r}")
+            parts.append(f"{where} must be {item['ctx']['expected']}, got {shown(item['input'])}")
         else:
             parts.append(f"{where}: {item['msg']}")
     return "not an AdmissionReview admission.k8s.io/v1 request: " + "; ".join(parts)
@@ -80,8 +104,11 @@ def parse_review(body: bytes) -> AdmissionReview:
     try:
         return AdmissionReview.model_validate_json(body)
     except ValidationError as err:
-        if any(item["type"] == "json_invalid" for item in err.errors()):
-            raise BadReview("request body is not valid JSON") from None
+        invalid = [item for item in err.errors() if item["type"] == "json_invalid"]
+        if invalid:
+            # e.g. "EOF while parsing a value at line 1 column 2", "recursion limit exceeded"
+            reason = str(invalid[0].get("ctx", {}).get("error") or invalid[0]["msg"])
+            raise BadReview(f"request body is not valid JSON: {reason}") from None
         raise BadReview(_describe(err)) from None
 
 
@@ -118,7 +145,21 @@ def _skip(uid: str, reason: str) -> ReviewResult:
     return ReviewResult("skipped", reason, _answer(uid, allowed=True), [], [])
 
 
-def review(request: AdmissionRequest, config: InjectorConfig) -> ReviewResult:
+def _deny(uid: str, message: str) -> ReviewResult:
+    message = f"JuiceFS model injection: {message}"
+    return ReviewResult("denied", message, _answer(uid, allowed=False, message=message), [], [])
+
+
+def review(
+    request: AdmissionRequest,
+    config: InjectorConfig,
+    namespaces: NamespaceSecurityRegistry | None = None,
+) -> ReviewResult:
+    """The answer to one AdmissionReview request.
+
+    namespaces: the opted-in namespaces' Pod Security labels; by default the
+    process's own registry, which the namespace controller keeps.
+    """
     uid = request.uid
     kind = request.kind
     if (kind.group, kind.kind) != ("", "Pod") or request.sub_resource:
@@ -130,21 +171,36 @@ def review(request: AdmissionRequest, config: InjectorConfig) -> ReviewResult:
         return _skip(uid, f"operation {request.operation} is not CREATE")
     pod = request.object
     if not isinstance(pod, dict):
-        message = "pod CREATE request carries no object to mutate"
-        return ReviewResult("denied", message, _answer(uid, allowed=False, message=message), [], [])
+        return _deny(
+            uid,
+            "pod CREATE request carries no object to mutate: expected the Pod in request.object",
+        )
+    if problems := podshape.metadata_problems(pod):
+        return _deny(uid, podshape.describe(problems))
     namespace = request.namespace or (pod.get("metadata") or {}).get("namespace") or "default"
 
     decision = decide(pod, namespace, config)
     if isinstance(decision, Skip):
         return _skip(uid, decision.reason)
     if isinstance(decision, Deny):
-        message = f"JuiceFS model injection: {decision.message}"
-        return ReviewResult("denied", message, _answer(uid, allowed=False, message=message), [], [])
+        return _deny(uid, decision.message)
+    if problems := podshape.spec_problems(pod):
+        return _deny(uid, podshape.describe(problems))
+    registry = podsecurity.NAMESPACES if namespaces is None else namespaces
+    refused = podsecurity.denial(
+        namespace,
+        registry.get(namespace),
+        decision,
+        config,
+        username=request.user_info.username if request.user_info else None,
+        runtime_class=(pod.get("spec") or {}).get("runtimeClassName"),
+    )
+    if refused:
+        return _deny(uid, refused)
 
     result = mutate(pod, decision, config)
     if result.conflicts:
-        message = "JuiceFS model injection: " + "; ".join(result.conflicts)
-        return ReviewResult("denied", message, _answer(uid, allowed=False, message=message), [], [])
+        return _deny(uid, "; ".join(result.conflicts))
     outcome: Outcome = "injected" if result.ops else "unchanged"
     reason = "already injected" if decision.already_injected else "injected"
     if decision.already_injected and result.ops:
@@ -156,14 +212,22 @@ def review(request: AdmissionRequest, config: InjectorConfig) -> ReviewResult:
 def pod_review_request(
     pod: dict[str, Any], namespace: str, uid: str = "render", dry_run: bool = True
 ) -> AdmissionRequest:
-    """A CREATE request for pod, as the apiserver would send it (used by render)."""
-    return AdmissionRequest(
+    """A CREATE request for pod, as the apiserver would send it (used by render).
+
+    Built without validation: a pod whose metadata the envelope would refuse
+    still reaches `review()`, which denies it naming the field.
+    """
+    metadata = pod.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return AdmissionRequest.model_construct(
         uid=uid,
         kind=GroupVersionKind(group="", version="v1", kind="Pod"),
         resource=GroupVersionResource(group="", version="v1", resource="pods"),
+        sub_resource=None,
         operation="CREATE",
         namespace=namespace,
-        name=(pod.get("metadata") or {}).get("name"),
+        name=name if isinstance(name, str) else None,
         object=pod,
-        dryRun=dry_run,
+        dry_run=dry_run,
+        user_info=None,
     )

@@ -354,6 +354,36 @@ class Server(_Model):
     shutdown_delay_seconds: float = Field(default=5.0, ge=0)
 
 
+PodSecurityLevel = Literal["privileged", "baseline", "restricted"]
+
+
+def _check_pss_version(value: str) -> str:
+    if value != "latest" and not re.fullmatch(r"v1\.(0|[1-9][0-9]*)", value):
+        raise ValueError("must be latest or v1.<minor>, e.g. v1.30")
+    return value
+
+
+class PodSecurity(_Model):
+    """The cluster's Pod Security Admission, as far as the injector must know it.
+
+    A Bento pod in a namespace that enforces `baseline` or `restricted` is
+    denied by the injector (the sidecar is privileged). The defaults and
+    exemptions mirror the PodSecurity plugin's AdmissionConfiguration; the
+    values here are Kubernetes' own defaults (no AdmissionConfiguration).
+    """
+
+    enabled: bool = True
+    # defaults.enforce / defaults.enforce-version: what a namespace without
+    # the pod-security.kubernetes.io/enforce label enforces.
+    default_enforce: PodSecurityLevel = "privileged"
+    default_enforce_version: Annotated[str, AfterValidator(_check_pss_version)] = "latest"
+    # exemptions.namespaces / usernames / runtimeClasses: Pod Security lets
+    # these through whatever the level, so the injector does too.
+    exempt_namespaces: tuple[str, ...] = ()
+    exempt_usernames: tuple[str, ...] = ()
+    exempt_runtime_classes: tuple[str, ...] = ()
+
+
 class InjectorConfig(_Model):
     labels: Labels = Labels()
     annotations: Annotations = Annotations()
@@ -369,6 +399,7 @@ class InjectorConfig(_Model):
     webhook: Webhook = Webhook()
     controller: Controller = Controller()
     server: Server = Server()
+    pod_security: PodSecurity = PodSecurity()
 
     @model_validator(mode="after")
     def _consistent(self) -> InjectorConfig:

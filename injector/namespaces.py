@@ -9,6 +9,12 @@ created is recorded in the namespace's `juicefs.bentoml.com/provisioned`
 annotation; when the label goes, exactly that goes. It never lists or reads
 the namespace's Secrets, and never takes over an object someone else created
 with the same name. Charts stay untouched.
+
+It also keeps, in memory, each opted-in namespace's Pod Security enforce
+labels (`injector.podsecurity`), which the admission review consults: the
+AdmissionReview does not carry the namespace's labels. Nothing it logs
+holds a Secret's data: the names of what it made, and an API error's status
+and reason, never its body.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from kubernetes_asyncio import client, watch
 from injector.config import InjectorConfig
 from injector.kube import APPLY, FIELD_MANAGER, KUBE_API, TIMEOUT, is_status
 from injector.lifecycle import CleanupContext, background
+from injector.podsecurity import NAMESPACES, NamespaceSecurityRegistry
 
 log = structlog.get_logger("injector.namespaces")
 
@@ -87,11 +94,32 @@ def desired_binding(namespace: str, config: InjectorConfig) -> dict[str, Any]:
     }
 
 
+def describe_error(err: BaseException) -> str:
+    """What to log about a failure: an API error's status and reason, never its body."""
+    if isinstance(err, client.exceptions.ApiException):
+        return f"API error {err.status} {err.reason}"
+    return f"{type(err).__name__}: {err}"
+
+
 class NamespaceController:
-    def __init__(self, api: Any, config: InjectorConfig) -> None:
+    def __init__(
+        self,
+        api: Any,
+        config: InjectorConfig,
+        security: NamespaceSecurityRegistry = NAMESPACES,
+    ) -> None:
         self._config = config
         self._core = client.CoreV1Api(api)
         self._rbac = client.RbacAuthorizationV1Api(api)
+        self.security = security
+
+    def observe(self, event: str, namespace: Any) -> None:
+        """Keep the Pod Security labels of opted-in namespaces, and only theirs."""
+        name, labels = namespace.metadata.name, namespace.metadata.labels
+        if event != "DELETED" and opted_in(name, labels, self._config):
+            self.security.observe(name, labels)
+        else:
+            self.security.forget(name)
 
     async def _sources(self) -> list[dict[str, Any]]:
         sources = []
@@ -164,6 +192,9 @@ class NamespaceController:
         """Reconcile every namespace; returns the list's resourceVersion to watch from."""
         sources = await self._sources()
         namespaces = await self._core.list_namespace(**TIMEOUT)
+        self.security.retain(ns.metadata.name for ns in namespaces.items)
+        for ns in namespaces.items:
+            self.observe("ADDED", ns)
         for ns in namespaces.items:
             if ns.status and ns.status.phase == "Terminating":
                 continue
@@ -198,6 +229,8 @@ class NamespaceController:
                         _request_timeout=int(resync) + 30,
                     ):
                         ns = event["object"]
+                        if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                            self.observe(event["type"], ns)
                         if event["type"] in ("ADDED", "MODIFIED") and not (
                             ns.status and ns.status.phase == "Terminating"
                         ):
@@ -208,7 +241,7 @@ class NamespaceController:
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # keep the controller alive through API hiccups
-                log.warning("namespaces.watch_error", error=str(err))
+                log.warning("namespaces.watch_error", error=describe_error(err))
                 await asyncio.sleep(2)
 
 

@@ -7,6 +7,7 @@ steps only read the plan. Nothing here does I/O.
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from common.env import (
     MODELS_FORM,
     NAME_FORM,
     SSD_POLICY_FORM,
+    VERSION_FORM,
     CacheMode,
     SsdPolicy,
     is_bento_name,
@@ -53,7 +55,14 @@ class Skip:
 
 @dataclass(frozen=True)
 class Deny:
+    """Refuse the pod; each problem names its label or annotation and what is accepted."""
+
     message: str
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, problems: list[str]) -> Deny:
+        return cls("; ".join(problems), tuple(problems))
 
 
 @dataclass(frozen=True)
@@ -104,9 +113,14 @@ def is_selected(pod: Pod, config: InjectorConfig) -> bool:
     return bool(labels.get(config.labels.model_store) == config.labels.model_store_value)
 
 
-def _bad(key: str, value: str, form: str) -> str:
-    shown = value if len(value) <= 64 else value[:61] + "..."
-    return f"annotation {key}={shown!r} is invalid: expected {form}"
+def shown(value: object) -> str:
+    """A pod's value quoted for a message: at most 64 characters of it."""
+    text = str(value)
+    return repr(text if len(text) <= 64 else text[:61] + "...")
+
+
+def _bad(key: str, value: str, form: str, kind: str = "annotation") -> str:
+    return f"{kind} {key}={shown(value)} is invalid: expected {form}"
 
 
 def _parse_models(key: str, value: str, errors: list[str]) -> tuple[str, ...]:
@@ -181,8 +195,8 @@ def _resources(
         if final_limit is not None and _below(final_limit, final_request):
             if limit is not None:
                 errors.append(
-                    f"annotation {lim_key}={limit!r} is below the {kind} request "
-                    f"{final_request!r} ({req_key}): a limit must be at least its request"
+                    f"annotation {lim_key}={shown(limit)} is below the {kind} request "
+                    f"{shown(final_request)} ({req_key}): expected a limit at least its request"
                 )
             else:
                 final_limit = final_request
@@ -202,6 +216,14 @@ def _below(limit: str, request: str) -> bool:
         return False  # already reported
 
 
+def _is_status(value: str) -> bool:
+    """Whether value could be the status annotation the injector writes: a JSON object."""
+    try:
+        return isinstance(json.loads(value), dict)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
+        return False
+
+
 def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
     labels = _labels(pod)
     keys = config.labels
@@ -216,23 +238,23 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
         if opt_out == "false":
             return Skip(f"pod opted out with {keys.inject}=false")
         if opt_out != "true":
-            return Deny(
-                f"label {keys.inject}={opt_out!r} is invalid: expected 'true' or 'false' "
-                "(lowercase)"
-            )
+            return Deny.of([_bad(keys.inject, opt_out, "'true' or 'false' (lowercase)", "label")])
 
     errors: list[str] = []
     identity: dict[str, str] = {}
-    for label in (keys.bento_repository, keys.bento_version):
+    for label, valid, what, form in (
+        (keys.bento_repository, is_bento_name, "name", NAME_FORM),
+        (keys.bento_version, is_bento_version, "version", VERSION_FORM),
+    ):
         value = labels.get(label)
-        valid = is_bento_name if label == keys.bento_repository else is_bento_version
         if not value:
             errors.append(
                 f"pod is marked {keys.model_store}={keys.model_store_value} "
-                f"but has no {label} label; the Bento deployment sets it"
+                f"but has no {label} label: expected the Bento's {what} ({form}), "
+                "which the Bento deployment sets"
             )
         elif not valid(str(value)):
-            errors.append(f"label {label}={value!r} is invalid: expected {NAME_FORM}")
+            errors.append(_bad(label, str(value), form, "label"))
         else:
             identity[label] = str(value)
 
@@ -242,6 +264,11 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
     def override(key: str) -> str | None:
         value = annotations.get(key)
         return None if value is None else str(value)
+
+    if (raw := override(ann.status)) is not None and not _is_status(raw):
+        errors.append(
+            _bad(ann.status, raw, "the injector's own JSON object: it cannot be set by hand")
+        )
 
     models: tuple[str, ...] = ()
     if (raw := override(ann.models)) is not None:
@@ -274,8 +301,9 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
         else:
             if cache_mode == "node" and config.node_cache_path is None:
                 errors.append(
-                    f"annotation {ann.cache_mode}={raw!r} needs a node cache directory, and "
-                    f"profile {config.cluster.platform_profile!r} names none (cache.nodePath)"
+                    f"annotation {ann.cache_mode}={shown(raw)} needs a node cache directory, and "
+                    f"profile {config.cluster.platform_profile!r} names none (cache.nodePath): "
+                    "expected 'pod'"
                 )
     node_cache_dir = None
     if cache_mode == "node" and config.node_cache_path is not None:
@@ -291,8 +319,8 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
         else:
             if raw != "off" and config.ssd_node_label is None:
                 errors.append(
-                    f"annotation {ann.ssd_policy}={raw!r} needs a local-SSD node label, and "
-                    "none is configured (scheduling.ssdNodeLabel)"
+                    f"annotation {ann.ssd_policy}={shown(raw)} needs a local-SSD node label, and "
+                    "none is configured (scheduling.ssdNodeLabel): expected 'off'"
                 )
 
     resources = _resources(config, override, errors)
@@ -312,7 +340,7 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
                 errors.append(_bad(ann.warmup_timeout, raw, "a duration between 30s and 24h"))
 
     if errors:
-        return Deny("; ".join(errors))
+        return Deny.of(errors)
 
     name = identity[keys.bento_repository]
     version = identity[keys.bento_version]

@@ -43,7 +43,8 @@ def parse_quantity(text: str) -> Decimal:
     """Return the quantity's value in base units (bytes, cores)."""
     if not isinstance(text, str) or len(text) > MAX_QUANTITY_CHARS:
         raise QuantityError(f"{str(text)[:40]!r} is not {QUANTITY_FORM}")
-    match = _QUANTITY_RE.match(text.strip())
+    # Exactly as written, no surrounding spaces: the value goes into the pod as is.
+    match = _QUANTITY_RE.fullmatch(text)
     if match is None:
         raise QuantityError(f"{text!r} is not {QUANTITY_FORM}")
     try:

@@ -42,7 +42,7 @@ def _forged_parts(ctx: MutationContext) -> list[str]:
         if not isinstance(volume, dict) or volume.get("name") not in allowed:
             continue
         name = volume["name"]
-        source = [k for k in volume if k != "name"]
+        source = [k for k, v in volume.items() if k != "name" and v is not None]
         if len(source) != 1 or source[0] not in allowed[name]:
             kind = "/".join(source) or "empty"
             problems.append(
