@@ -74,6 +74,26 @@ def logs(cluster: Cluster, namespace: str, name: str, container: str = SIDECAR) 
     return proc.stdout + proc.stderr
 
 
+def wait_log(
+    cluster: Cluster, namespace: str, name: str, container: str, text: str, timeout: float = 30
+) -> str:
+    """The container's log once it contains text (a container is Ready before it prints).
+
+    AssertionError with the pod's diagnosis if it never does.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        out = logs(cluster, namespace, name, container)
+        if text in out:
+            return out
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{container} never logged {text!r} in {timeout:.0f}s:\n"
+                f"{diagnose(cluster, namespace, name)}"
+            )
+        time.sleep(0.3)
+
+
 def diagnose(cluster: Cluster, namespace: str, name: str) -> str:
     """describe + the sidecar's log, for assertion messages."""
     describe = cluster.kubectl("describe", "pod", name, "-n", namespace, check=False).stdout

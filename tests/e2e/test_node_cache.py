@@ -40,6 +40,7 @@ from tests.e2e.pods import (
     get_pod,
     is_ready,
     wait_event,
+    wait_log,
 )
 from tests.e2e.test_pods_on_node import bento_labels, check_command
 
@@ -207,8 +208,7 @@ def test_a_second_replica_and_a_rollout_start_from_the_node_cache(
         assert f"{len(model.files)} files verified" in pod.models_ready
     # Every pod ran the app's own check of the shard's sha256 through the mount.
     for pod in (first, second, *rolled):
-        log = cluster.kubectl("logs", pod.name, "-n", namespace, "-c", "main", check=False)
-        assert "verified" in log.stdout, diagnose(cluster, namespace, pod.name)
+        wait_log(cluster, namespace, pod.name, "main", "verified")
 
 
 def test_the_node_cache_is_the_nodes_and_only_the_sidecar_sees_it(
