@@ -86,17 +86,25 @@ def _lazy(path: Path, error: str) -> None:
     log.warning("umount.lazy", path=str(path), error=error)
 
 
-def _unmount(path: Path) -> None:
+def _unmount(path: Path) -> bool:
     """FUSE mounts stacked on path go (live or dead); what is under them stays.
 
     The mount dir is the pod's volume, bind-mounted into this container by the
     kubelet with Bidirectional propagation: unmounting that bind would leave
     our mount on the container's own filesystem, where no app container sees it.
+    True when a mount was busy (detached lazily: still there for its users).
     """
+    busy: list[str] = []
+
+    def lazy(target: Path, error: str) -> None:
+        busy.append(error)
+        _lazy(target, error)
+
     try:
-        unmount(path, on_busy=_lazy, only=is_fuse)
+        unmount(path, on_busy=lazy, only=is_fuse)
     except UnmountError as err:
         log.error("umount.failed", path=str(path), error=str(err))
+    return bool(busy)
 
 
 def credentials_env(settings: Settings) -> dict[str, str]:
@@ -396,23 +404,30 @@ class JuiceFSMount:
         await self._drain_log()
         return code
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float = 10.0, busy_grace: float = 0.5) -> None:
         """Unmount every FUSE mount we stacked (dead ones too) and end juicefs.
 
         Nothing may stay on the shared dir: the kubelet cannot tear down a
         volume whose dir a dead FUSE mount makes unstat-able.
+
+        juicefs exits on its own once unmounted. A busy mount (reads hanging
+        on an object store that is away) is only detached, and juicefs then
+        serves those reads until they end, which may be never: it gets
+        `busy_grace` seconds, then SIGTERM. A pod whose app hung on such a
+        read is SIGKILLed at the end of its grace period, after which the
+        kubelet gives the sidecar 2 s: waiting `grace` here made it exit 137
+        with the mount still there (seen on the real node).
         """
-        _unmount(self._settings.mount_point)
-        _unmount(self._settings.private_mount)
+        busy = _unmount(self._settings.mount_point)
+        busy = _unmount(self._settings.private_mount) or busy
         process = self._process
         if process is not None and process.returncode is None:
-            # juicefs exits on its own once unmounted; a lazy unmount may leave it running.
             try:
-                await asyncio.wait_for(self._exit_code(), grace)
+                await asyncio.wait_for(self._exit_code(), busy_grace if busy else grace)
             except TimeoutError:
                 process.terminate()  # the supervisor passes SIGTERM on to its worker
                 try:
-                    await asyncio.wait_for(self._exit_code(), grace)
+                    await asyncio.wait_for(self._exit_code(), 1.0 if busy else grace)
                 except TimeoutError:
                     process.kill()
                     await self._exit_code()

@@ -369,8 +369,9 @@ async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None
     try:
         return await _run(settings, ordered, stop)
     finally:
-        # What is still queued (Unmounted...) gets a moment, within the pod's grace period.
-        if not await ordered.close(within=3.0):
+        # What is still queued (Unmounted...) gets a moment: a sidecar may have
+        # only the kubelet's last 2 s of the pod's grace period.
+        if not await ordered.close(within=1.0):
             log.warning("events.unsent", dropped=ordered.dropped)
 
 

@@ -1,0 +1,343 @@
+"""The sidecar under faults on the real node (issue 12).
+
+- The apiserver cut off from the pod (an iptables DROP in the node, for that
+  pod's IP only) while the sidecar sets its condition: it verifies the model
+  meanwhile, retries the condition, and sets it once the path is back.
+- The pod deleted mid-warmup, while its reads hang on an object store cut
+  off from it: the sidecar unmounts, the pod is gone within its grace
+  period, no FUSE mount is left in the node's mountinfo.
+- The node cache directory full (a 48 MiB tmpfs with 2 MiB free mounted on
+  the volume's node cache path inside the node): the sidecar says so
+  (CacheDiskFull), serves the model from the object store, and opens the
+  gate only once every byte is verified (reason ModelsVerified).
+
+Each prints its figures (retries, seconds, bytes) for the closing note.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+from devcluster import Cluster, wait_for
+from devcluster.faults import FullDirectory, PathCut
+from devcluster.images import SAMPLE_BENTO_IMAGE
+from devcluster.juicefs import cached_blocks
+from devcluster.node import Node
+from devcluster.nodehost import node_cache_dir
+from devcluster.storage import MIB, PATH_TEMPLATE, StorageStack, write_random_model
+from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manifest, sha256_file
+from sidecar.publish import bento_dir
+from tests.e2e.pods import (
+    GATE,
+    SIDECAR,
+    condition,
+    diagnose,
+    events,
+    get_pod,
+    is_ready,
+    logs,
+    reasons,
+    wait_pod,
+)
+from tests.e2e.test_pods_on_node import apiserver, bento_labels, check_command, pod_manifest
+
+VERSION = "v1"
+OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """An opted-in namespace of the test's own (credentials and RBAC provisioned)."""
+    name = f"e2e-faults-{uuid.uuid4().hex[:6]}"
+    cluster.create_namespace(name, OPT_IN)
+    cluster.wait_provisioned(name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def _juicefs_mounts(node: Node, uid: str) -> list[Path]:
+    return [m for m in node.mounts("fuse.juicefs") if uid in str(m)]
+
+
+def _pod_ip(cluster: Cluster, namespace: str, name: str) -> tuple[str, str]:
+    pod = wait_pod(
+        cluster, namespace, name, lambda p: bool(p.get("status", {}).get("podIP")),
+        timeout=60, what=f"pod {name} to get an IP",
+    )  # fmt: skip
+    return str(pod["status"]["podIP"]), str(pod["metadata"]["uid"])
+
+
+def _app(model: Manifest, then: str = "exec sleep 3600") -> dict[str, Any]:
+    shard = max(model.files, key=lambda f: f.size)
+    return {
+        "name": "main",
+        "image": SAMPLE_BENTO_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "command": check_command(shard.path, shard.sha256, then=then),
+    }
+
+
+def _apply(cluster: Cluster, namespace: str, pod: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+
+
+def stage_unpublished(
+    storage: StorageStack, scratch: Path, name: str, shards: list[int]
+) -> Callable[[], Manifest]:
+    """The Bento's models/ on the volume without its manifest; the returned call writes it.
+
+    The sidecar mounts, then waits for manifest.json (WaitingForManifest):
+    the test decides when the model may be streamed.
+    """
+    source = write_random_model(scratch / f"src-{name}", shards)
+    target = bento_dir(storage.writer_mount, PATH_TEMPLATE, name, VERSION)
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, target / MODELS_DIR)
+    shutil.rmtree(scratch / f"src-{name}", ignore_errors=True)
+
+    def publish_manifest() -> Manifest:
+        manifest = build_manifest(target / MODELS_DIR, f"{name}:{VERSION}")
+        tmp = target / ".manifest.tmp"
+        tmp.write_text(manifest.model_dump_json(indent=2))
+        os.replace(tmp, target / MANIFEST_NAME)
+        return manifest
+
+    return publish_manifest
+
+
+# -- 1. the apiserver unreachable while the condition is set -------------------------------
+
+
+def test_the_condition_is_retried_while_the_apiserver_is_cut_off_and_set_once_it_is_back(
+    cluster: Cluster,
+    node: Node,
+    namespace: str,
+    storage: StorageStack,
+    tmp_path: Path,
+) -> None:
+    name = "apiserver-cut"
+    publish_manifest = stage_unpublished(storage, tmp_path, name, [16 * MIB] * 2)
+    # The app reads the shard once the sidecar's startup probe passes (the mount).
+    shard_dir = bento_dir(storage.writer_mount, PATH_TEMPLATE, name, VERSION) / MODELS_DIR
+    shard = sorted(shard_dir.rglob("*.safetensors"))[-1]
+    app = {
+        "name": "main",
+        "image": SAMPLE_BENTO_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "command": check_command(str(shard.relative_to(shard_dir)), sha256_file(shard)),
+    }
+    pod = pod_manifest(name, {"containers": [app]})
+    pod["metadata"]["labels"] = bento_labels(name, VERSION)
+    _apply(cluster, namespace, pod)
+    ip, uid = _pod_ip(cluster, namespace, name)
+    server = urlparse(apiserver(cluster)[0])
+    assert server.hostname is not None
+    assert server.port is not None
+    assert node.network is not None
+
+    with PathCut(node.network, ip, server.hostname, server.port) as cut:
+        cut_at = time.monotonic()
+        # Nothing to stream until the manifest is there: the cut is in place first.
+        publish_manifest()
+
+        def retried() -> int | None:
+            text = logs(cluster, namespace, name)
+            verified = "warmup.done" in text
+            count = text.count("condition.retry")
+            return count if verified and count >= 2 else None
+
+        retries_during = wait_for(retried, timeout=180, interval=1, what="2 condition retries")
+        held = get_pod(cluster, namespace, name)
+        assert not is_ready(held), diagnose(cluster, namespace, name)
+        assert (condition(held, GATE) or {}).get("status") != "True"
+        dropped = cut.dropped_packets()
+        assert dropped > 0
+        cut_seconds = time.monotonic() - cut_at
+    back_at = time.monotonic()
+    ready = wait_pod(cluster, namespace, name, is_ready, timeout=120, what="Ready once back")
+    back_seconds = time.monotonic() - back_at
+
+    gate = condition(ready, GATE)
+    assert gate is not None
+    assert gate["status"] == "True"
+    assert gate["reason"] == "ModelsCached"
+    text = logs(cluster, namespace, name)
+    retries = text.count("condition.retry")
+    assert text.index("warmup.done") < text.index("condition.retry")  # verified, then retried
+    assert "condition.set" in text
+    seen = reasons(cluster, namespace, name)
+    assert "Ready" in seen, seen
+    print(
+        f"apiserver cut off from pod {ip} for {cut_seconds:.1f}s ({dropped} packets dropped): "
+        f"the model was verified meanwhile, the condition retried {retries} times "
+        f"({retries_during} while cut), and was set {back_seconds:.1f}s after the path was back; "
+        f"Events that reached the apiserver: {seen}"
+    )
+    cluster.kubectl("delete", "pod", name, "-n", namespace, "--wait=true", timeout=60)
+    assert not _juicefs_mounts(node, uid)
+
+
+# -- 3. SIGTERM during warmup ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("app_kind", ["idle", "reading"])
+def test_a_pod_deleted_mid_warmup_unmounts_and_exits_cleanly(
+    cluster: Cluster,
+    node: Node,
+    namespace: str,
+    storage: StorageStack,
+    tmp_path: Path,
+    app_kind: str,
+) -> None:
+    """idle: the app ends on SIGTERM at once, so the sidecar is stopped right away and
+    the pod is gone within its grace period. reading: the app hangs reading the model
+    through the mount (the store is cut off), so the kubelet SIGKILLs it at the end of
+    the grace period and then gives the sidecar 2 s: it must still unmount and exit 0.
+    """
+    name = f"sigterm-{app_kind}"
+    model = storage.publish_random(tmp_path, name, VERSION, [64 * MIB] * 4)
+    grace = 20
+    trap = "trap 'exit 0' TERM; sleep 3600 & wait"
+    if app_kind == "idle":
+        app = {
+            "name": "main",
+            "image": SAMPLE_BENTO_IMAGE,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["sh", "-c", trap],
+        }
+    else:
+        app = _app(model, then=trap)
+    pod = pod_manifest(name, {"containers": [app]}, **{"juicefs.bentoml.com/cache-mode": "pod"})
+    pod["metadata"]["labels"] = bento_labels(name, VERSION)
+    pod["spec"]["terminationGracePeriodSeconds"] = grace
+    _apply(cluster, namespace, pod)
+    ip, uid = _pod_ip(cluster, namespace, name)
+    cache = (
+        node.dir
+        / "kubelet"
+        / "pods"
+        / uid
+        / "volumes"
+        / "kubernetes.io~empty-dir"
+        / "juicefs-cache"
+    )
+    assert node.network is not None
+    store = PathCut(node.network, ip, storage.store.host, storage.store.port)
+    try:
+        # Cut the store once the stream is under way: its reads then hang in FUSE.
+        wait_for(
+            lambda: sum(cached_blocks(cache).values()) >= model.total_bytes // 10,
+            timeout=120,
+            interval=0.02,
+            what="10% of the model in the pod's cache",
+        )
+        store.start()
+        cached = sum(cached_blocks(cache).values())
+        time.sleep(3)
+        before = get_pod(cluster, namespace, name)
+        assert not is_ready(before)
+        assert "ModelsReady" not in reasons(cluster, namespace, name)
+        mounts_before = _juicefs_mounts(node, uid)
+        assert mounts_before, "the sidecar's JuiceFS mounts are in the node's mountinfo"
+
+        started = time.monotonic()
+        cluster.kubectl("delete", "pod", name, "-n", namespace, "--wait=false")
+        last_sidecar: dict[str, Any] = {}
+        while time.monotonic() - started < grace + 30:
+            proc = cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json", check=False)
+            if proc.returncode != 0:
+                break  # NotFound: gone
+            for status in (
+                json.loads(proc.stdout).get("status", {}).get("initContainerStatuses") or []
+            ):
+                if status["name"] == SIDECAR:
+                    last_sidecar = status
+            time.sleep(0.2)
+        gone = time.monotonic() - started
+    finally:
+        store.stop()
+    terminated = (last_sidecar.get("state") or {}).get("terminated") or {}
+    seen_state = {k: v for k, v in terminated.items() if k in ("exitCode", "reason")}
+    print(
+        f"pod ({app_kind} app) deleted mid-warmup ({cached / MIB:.0f} of "
+        f"{model.total_bytes / MIB:.0f} MiB cached, the sidecar's reads hanging on a cut-off "
+        f"store): gone in {gone:.1f}s (grace {grace}s); sidecar terminated "
+        f"{seen_state or last_sidecar.get('state')}; {len(mounts_before)} JuiceFS mounts before"
+    )
+    if app_kind == "idle":
+        assert gone < grace, f"the pod took {gone:.1f}s to go (grace {grace}s)"
+    if terminated:  # seen before the pod went: a clean exit, not the kubelet's SIGKILL (137)
+        assert terminated.get("exitCode") == 0, terminated
+    wait_for(lambda: not _juicefs_mounts(node, uid), timeout=30, what="no JuiceFS mount left")
+    seen = reasons(cluster, namespace, name)
+    assert "Unmounted" in seen, seen  # the sidecar unmounted, not the kubelet's SIGKILL
+    assert "ModelsReady" not in seen, seen
+    assert "Ready" not in seen, seen
+
+
+# -- 4. the node cache directory full ----------------------------------------------------------
+
+
+def test_a_full_node_cache_disk_is_reported_and_the_model_served_verified_from_the_store(
+    cluster: Cluster,
+    node: Node,
+    namespace: str,
+    storage: StorageStack,
+    tmp_path: Path,
+) -> None:
+    name = "cache-disk-full"
+    model = storage.publish_random(tmp_path, name, VERSION, [8 * MIB] * 3)
+    volume_cache = node_cache_dir(node.dir) / storage.volume_name
+    full = FullDirectory(node.mount_ns, volume_cache, size_mib=48, free_mib=2).start()
+    try:
+        total, free_before = full.space()
+        pod = pod_manifest(name, {"containers": [_app(model)]})
+        pod["metadata"]["labels"] = bento_labels(name, VERSION)
+        _apply(cluster, namespace, pod)
+        ready = wait_pod(cluster, namespace, name, is_ready, timeout=180, what=f"{name} Ready")
+        host_paths = [v["hostPath"]["path"] for v in ready["spec"]["volumes"] if v.get("hostPath")]
+        assert str(volume_cache) in host_paths, host_paths  # the node cache, as configured
+        _, free_after = full.space()
+        cached_files = [f for f in full.files() if "/raw/chunks/" in f]
+
+        gate = condition(ready, GATE)
+        assert gate is not None
+        assert gate["status"] == "True"
+        assert gate["reason"] == "ModelsVerified", gate
+        assert "cache disk is full" in gate["message"]
+        found = {e["reason"]: e for e in events(cluster, namespace, name)}
+        seen = reasons(cluster, namespace, name)
+        assert seen.index("CacheDiskFull") < seen.index("ModelsReady") < seen.index("Ready")
+        assert found["CacheDiskFull"]["type"] == "Warning"
+        full_message = found["CacheDiskFull"]["message"]
+        assert "MiB free of 48 MiB" in full_message
+        assert "read from the object store" in full_message
+        ready_message = found["ModelsReady"]["message"]
+        assert "from the object store" in ready_message
+        assert "files verified" in ready_message
+        text = logs(cluster, namespace, name)
+        assert "cache.full" in text
+        out = cluster.kubectl("logs", name, "-n", namespace, "-c", "main").stdout
+        assert "verified" in out  # the app read the published bytes through the mount
+        print(
+            f"node cache dir full ({free_before / MIB:.1f} MiB free of {total / MIB:.0f} MiB, "
+            f"{free_after / MIB:.1f} MiB after; {len(cached_files)} blocks cached): "
+            f"CacheDiskFull: {full_message}\nModelsReady: {ready_message}\n"
+            f"juicefs said so: {'juicefs.cache_full' in text}"
+        )
+        cluster.kubectl("delete", "pod", name, "-n", namespace, "--wait=true", timeout=60)
+    finally:
+        full.stop()
+
+
+pytestmark = pytest.mark.usefixtures("local_only")
