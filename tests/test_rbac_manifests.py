@@ -1,0 +1,144 @@
+"""The RBAC in manifests/base is docs/security.md's tables, and the fences name the right keys.
+
+Static: the roles and bindings as written; tests/e2e/test_rbac.py checks
+the same rows against what a real apiserver grants.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from injector.config import InjectorConfig
+from injector.namespaces import PROVISIONED, credential_secret_names, desired_binding
+from tests.rbac_docs import Atom, documented, expected
+
+BASE = Path(__file__).resolve().parent.parent / "manifests" / "base"
+SYSTEM = "bento-juicefs-system"
+CONFIG = InjectorConfig()
+
+
+def manifests() -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for name in yaml.safe_load((BASE / "kustomization.yaml").read_text())["resources"]:
+        found.extend(d for d in yaml.safe_load_all((BASE / name).read_text()) if d)
+    return found
+
+
+def atoms(rules: list[dict[str, Any]]) -> set[Atom]:
+    return {
+        Atom(group, resource, verb, name)
+        for rule in rules
+        for group in rule.get("apiGroups") or [""]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames") or ["*"]
+    }
+
+
+def granted(account: str, namespace: str) -> dict[str, set[Atom]]:
+    """What manifests/base binds to the service account: scope -> atoms."""
+    docs = manifests()
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs}
+    scopes: dict[str, set[Atom]] = {}
+    for binding in docs:
+        if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        subjects = binding.get("subjects") or []
+        if not any(
+            s["kind"] == "ServiceAccount" and s["name"] == account and s["namespace"] == namespace
+            for s in subjects
+        ):
+            continue
+        ref = binding["roleRef"]
+        role_namespace = None if ref["kind"] == "ClusterRole" else binding["metadata"]["namespace"]
+        role = roles[(ref["kind"], role_namespace, ref["name"])]
+        scope = (
+            "cluster"
+            if binding["kind"] == "ClusterRoleBinding"
+            else binding["metadata"]["namespace"]
+        )
+        scopes.setdefault(scope, set()).update(atoms(role["rules"]))
+    return scopes
+
+
+def documented_scopes(doc: str, heading: str) -> dict[str, set[Atom]]:
+    scopes: dict[str, set[Atom]] = {}
+    for row in documented(doc, heading):
+        scopes.setdefault(row.scope, set()).update(row.atoms)
+    return scopes
+
+
+def test_the_injectors_rbac_is_its_table() -> None:
+    assert granted("bento-juicefs-injector", SYSTEM) == documented_scopes(
+        "security.md", "### The injector"
+    )
+
+
+def test_the_node_agents_rbac_is_its_table_in_both_documents() -> None:
+    held = granted("bento-juicefs-node-agent", SYSTEM)
+    assert held == documented_scopes("security.md", "### The node agent")
+    assert held == documented_scopes("node-agent.md", "## Permissions")
+
+
+def test_the_workloads_rbac_is_its_table() -> None:
+    """The namespace controller binds the shipped ClusterRole to the namespace's accounts."""
+    binding = desired_binding("team-a", CONFIG)
+    assert binding["subjects"] == [
+        {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Group",
+            "name": "system:serviceaccounts:team-a",
+        }
+    ]
+    role = next(
+        d
+        for d in manifests()
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == binding["roleRef"]["name"]
+    )
+    rows = documented("security.md", "### The workloads")
+    assert atoms(role["rules"]) == expected(rows, "team-a", own="team-a")
+    assert expected(rows, "other", own="team-a") == set()
+
+
+def test_the_injectors_names_are_the_configs() -> None:
+    """resourceNames spell out the config's defaults: the Secrets it copies, its RoleBinding."""
+    role = next(
+        d
+        for d in manifests()
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "bento-juicefs-injector"
+    )
+    names = {
+        resource: set(rule.get("resourceNames") or ["*"])
+        for rule in role["rules"]
+        for resource in rule["resources"]
+    }
+    assert names["secrets"] == set(credential_secret_names(CONFIG))
+    assert names["rolebindings"] == {CONFIG.controller.role_name}
+    assert names["clusterroles"] == {CONFIG.controller.role_name}
+    assert names["mutatingwebhookconfigurations"] == {CONFIG.webhook.configuration_name}
+
+
+def test_the_injector_fence_names_its_account_and_annotation() -> None:
+    docs = manifests()
+    policy = next(
+        d
+        for d in docs
+        if d["kind"] == "ValidatingAdmissionPolicy"
+        and d["metadata"]["name"] == "bento-juicefs-injector-fence"
+    )["spec"]
+    (condition,) = policy["matchConditions"]
+    username = f"system:serviceaccount:{CONFIG.webhook.namespace}:bento-juicefs-injector"
+    assert f"'{username}'" in condition["expression"]
+    variables = {v["name"]: str(v["expression"]).strip() for v in policy["variables"]}
+    assert variables["annotation"] == f"'{PROVISIONED}'"
+    assert policy["failurePolicy"] == "Fail"
+    binding = next(
+        d
+        for d in docs
+        if d["kind"] == "ValidatingAdmissionPolicyBinding"
+        and d["metadata"]["name"] == "bento-juicefs-injector-fence"
+    )["spec"]
+    assert binding == {"policyName": "bento-juicefs-injector-fence", "validationActions": ["Deny"]}
