@@ -1,4 +1,4 @@
-"""`python -m injector {render,config,serve}`."""
+"""`python -m injector {render,config,serve,check}`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="another DNS name or IP for the serving certificate (repeatable)",
     )
+    check = sub.add_parser(
+        "check",
+        help="preflight: what the current cluster lacks for injection (exit 1 on a FAIL)",
+    )
+    check.add_argument("--config", help="injector config file (YAML) to check against")
+    check.add_argument(
+        "--kubeconfig", help="kubeconfig to use instead of KUBECONFIG or ~/.kube/config"
+    )
     return parser
 
 
@@ -82,6 +90,23 @@ def cmd_serve(args: argparse.Namespace, config: InjectorConfig) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace, config: InjectorConfig) -> int:
+    from injector.check import Unreachable, check_cluster, exit_code, render
+
+    try:
+        rows, host = asyncio.run(check_cluster(args.kubeconfig, config))
+    except Unreachable as err:  # no cluster to check: exit 2 like the other errors
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    heading = (
+        f"cluster {host}; config {args.config or '(defaults)'}: profile "
+        f"{config.cluster.platform_profile}, cache mode {config.cache_mode}, "
+        f"ssdPolicy {config.scheduling.ssd_policy}\n"
+    )
+    sys.stdout.write(render(rows, heading))
+    return exit_code(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -91,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "render":
             return cmd_render(args, config)
+        if args.command == "check":
+            return cmd_check(args, config)
         return cmd_serve(args, config)
     except (ConfigError, RenderError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,438 @@
+"""`python -m injector check` on the local cluster, run as a user runs it, and each FAIL made real.
+
+The healthy cluster first: every line ok but the node agent (not installed
+by default here), exit 0. Then each blocking line is made to fail for real
+and put back: nodes without the profile's SSD and image-streaming labels; a
+caBundle that trusts another CA (with the injector stopped, and then serving
+while it cannot repair the bundle, so the handshake itself fails); a
+namespace that enforces `restricted` (fixed with the command the line
+prints); a credentials Secret without its metaurl key, in the injector's
+namespace and in a copy. Every change is undone, and the last check of each
+test passes again: other tests share the cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from common.processes import spawn_group, stop_group
+from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord
+from devcluster import Cluster, ControlPlane, wait_for
+from devcluster.injector import CREDENTIALS_SECRET, NAMESPACE, LocalInjector
+from devcluster.node import Node
+from devcluster.nodeagent import LocalNodeAgent
+from injector.certs import generate_ca
+
+REPO = Path(__file__).resolve().parents[2]
+OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
+ENFORCE = "pod-security.kubernetes.io/enforce"
+SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
+STREAMING = "cloud.google.com/gke-image-streaming"
+WEBHOOK = "bento-juicefs-injector"
+CA_BUNDLE = "MutatingWebhookConfiguration bento-juicefs-injector"
+SOURCE = f"Secret {NAMESPACE}/{CREDENTIALS_SECRET}"
+
+
+@dataclass(frozen=True)
+class Line:
+    verdict: str
+    found: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class Checked:
+    code: int
+    out: str
+    lines: dict[tuple[str, str], Line]
+
+    def line(self, check: str, subject: str) -> Line:
+        assert (check, subject) in self.lines, f"no line {check} / {subject}:\n{self.out}"
+        return self.lines[(check, subject)]
+
+    def subjects(self, check: str) -> list[str]:
+        return [subject for (name, subject) in self.lines if name == check]
+
+    def failing(self) -> list[tuple[str, str]]:
+        return [key for key, line in self.lines.items() if line.verdict == "FAIL"]
+
+
+def parse_table(out: str) -> dict[tuple[str, str], Line]:
+    """The table as a user reads it: columns from the header, `fix:` lines under their row."""
+    text = out.splitlines()
+    start = next(i for i, line in enumerate(text) if line.startswith("VERDICT "))
+    header = text[start]
+    check_at, on_at, found_at = (header.index(word) for word in (" CHECK ", " ON ", " FOUND"))
+    rows: dict[tuple[str, str], Line] = {}
+    last: tuple[str, str] | None = None
+    for line in text[start + 1 :]:
+        if not line.strip():
+            break
+        if line[: found_at + 1].strip() == "" and line.strip().startswith("fix: "):
+            assert last is not None
+            rows[last] = Line(rows[last].verdict, rows[last].found, line.strip()[len("fix: ") :])
+            continue
+        key = (line[check_at:on_at].strip(), line[on_at:found_at].strip())
+        rows[key] = Line(line[: check_at + 1].strip(), line[found_at:].strip(), "")
+        last = key
+    return rows
+
+
+def run_check(
+    cluster: Cluster, config: Path, *, via_env: bool = False, expect: int | None = None
+) -> Checked:
+    """`python -m injector check`, as a user runs it (--kubeconfig, or KUBECONFIG)."""
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    args = [sys.executable, "-m", "injector", "check", "--config", str(config)]
+    if via_env:
+        env["KUBECONFIG"] = str(cluster.kubeconfig)
+    else:
+        args += ["--kubeconfig", str(cluster.kubeconfig)]
+    proc = subprocess.run(
+        args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    print(proc.stdout)
+    assert proc.returncode in (0, 1), proc.stderr
+    checked = Checked(proc.returncode, proc.stdout, parse_table(proc.stdout))
+    if expect is not None:
+        assert checked.code == expect, f"exit {checked.code}, FAIL on {checked.failing()}"
+    return checked
+
+
+@pytest.fixture(scope="module")
+def injector(cluster: Cluster) -> LocalInjector:
+    found = cluster.addons.get("injector") if isinstance(cluster, ControlPlane) else None
+    if not isinstance(found, LocalInjector):
+        pytest.skip("needs the local injector process (E2E_KUBECONFIG is set)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster: Cluster, injector: LocalInjector) -> Iterator[str]:
+    name = f"e2e-check-{uuid.uuid4().hex[:6]}"
+    cluster.create_namespace(name, OPT_IN)
+    cluster.wait_provisioned(name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def write_config(path: Path, base: Path, **changes: Any) -> Path:
+    """The local injector's config with some sections merged in."""
+    config = yaml.safe_load(base.read_text())
+    for section, values in changes.items():
+        config[section] = {**config.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@contextmanager
+def fake_node(
+    cluster: Cluster, labels: dict[str, str], annotations: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A Node with no kubelet, tainted so nothing (the agent's DaemonSet included) goes there."""
+    name = f"e2e-check-{uuid.uuid4().hex[:6]}"
+    cluster.register_fake_node(name)
+    taint = [{"key": "e2e-check", "value": "fake", "effect": "NoSchedule"}]
+    cluster.kubectl("patch", "node", name, "--type=json", "-p", json.dumps(
+        [{"op": "add", "path": "/spec/taints", "value": taint}]
+    ))  # fmt: skip
+    # Labelled once tainted: the DaemonSet never makes a pod for it.
+    cluster.kubectl("label", "node", name, *(f"{k}={v}" for k, v in labels.items()))
+    if annotations:
+        cluster.kubectl("annotate", "node", name, *(f"{k}={v}" for k, v in annotations.items()))
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "node", name, "--wait=false", check=False)
+
+
+def test_a_healthy_cluster_passes(
+    cluster: Cluster, node: Node, injector: LocalInjector, namespace: str
+) -> None:
+    checked = run_check(cluster, injector.config_file, via_env=True, expect=0)
+    server = json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
+    version = checked.line("server version", "cluster")
+    assert version.verdict == "ok"
+    assert version.found.startswith(f"{server['gitVersion']}: native sidecars (1.29+)")
+    ssd = checked.line("SSD nodes", f"{SSD}=true")
+    assert ssd.verdict == "ok"
+    assert node.name in ssd.found
+    assert checked.line("image streaming nodes", f"{STREAMING}=true").verdict == "ok"
+    bundle = checked.line("caBundle", CA_BUNDLE)
+    assert bundle.verdict == "ok"
+    assert f"trusts the CA in Secret {NAMESPACE}/bento-juicefs-injector-ca" in bundle.found
+    endpoint = checked.line("webhook endpoint", f"127.0.0.1:{injector.port}")
+    assert endpoint.verdict == "ok"
+    assert "which the caBundle verifies for 127.0.0.1" in endpoint.found
+    assert checked.line("pod security", f"namespace {namespace}").verdict == "ok"
+    assert checked.line("credentials", SOURCE).verdict == "ok"
+    copy = checked.line("credentials", f"Secret {namespace}/{CREDENTIALS_SECRET}")
+    assert copy.found == "copied, same keys and values as the source"
+    # devcluster leaves the node agent out unless a test installs it.
+    agent = checked.line("node agent", f"DaemonSet {NAMESPACE}/bento-juicefs-node-agent")
+    assert agent.verdict == "warn"
+    assert agent.found.startswith("not installed")
+    assert checked.out.rstrip().endswith("nothing blocks injection")
+
+
+def test_a_classic_sidecar_config_on_a_native_server_is_a_warning(
+    cluster: Cluster, injector: LocalInjector, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "classic.yaml", injector.config_file, cluster={"kubernetesVersion": "1.28"}
+    )
+    checked = run_check(cluster, config, expect=0)
+    line = checked.line("server version", "cluster")
+    assert line.verdict == "warn"
+    assert "cluster.kubernetesVersion 1.28 makes the injector add a classic one" in line.found
+
+
+def test_the_node_agent_line_reads_its_pod_and_each_nodes_record(
+    cluster: Cluster, node: Node, injector: LocalInjector, namespace: str
+) -> None:
+    warm, failed = BentoRef("models", "summarizer", "v3"), BentoRef("models", "llama3", "v1")
+    record = NodeWarmth(
+        {
+            warm: WarmRecord(warm, "warm", 1 << 20, verified=True),
+            failed: WarmRecord(failed, "failed", message="sha256 mismatch in model.safetensors"),
+        }
+    ).render()
+    agent = LocalNodeAgent(cluster, injector)
+    pod = agent.install()
+    try:
+        with fake_node(cluster, {SSD: "true"}, {WARM_ANNOTATION: record}) as fake:
+            checked = run_check(cluster, injector.config_file, expect=0)
+            real = checked.line("node agent", f"node {node.name}")
+            assert real.verdict == "ok"
+            assert real.found.startswith(f"pod {pod} running; ")
+            other = checked.line("node agent", f"node {fake}")
+            assert other.verdict == "warn"
+            assert other.found.startswith(
+                f"no agent pod on this node (the DaemonSet selects {SSD}=true); "
+                "Bentos: 1 warm, 0 warming, 1 failed; failed: llama3:v1 (sha256 mismatch"
+            )
+            assert "2 of" in checked.line("SSD nodes", f"{SSD}=true").found
+    finally:
+        agent.uninstall()
+
+
+def test_nodes_without_the_profiles_labels_fail(
+    cluster: Cluster, injector: LocalInjector, tmp_path: Path
+) -> None:
+    """A profile whose SSD and streaming labels only a fake node has; then not even it."""
+    suffix = uuid.uuid4().hex[:6]
+    ssd, stream = f"check.e2e.example.com/ssd-{suffix}", f"check.e2e.example.com/stream-{suffix}"
+    base = yaml.safe_load(injector.config_file.read_text())
+    profile = {
+        "ssdNodeLabel": {"key": ssd, "value": "true"},
+        "nodeCachePath": base["cache"]["nodePath"],
+        "streamingNodeLabel": {"key": stream, "value": None},
+        "streamingAffinity": "required",
+        "description": "e2e profile",
+    }
+    config = write_config(
+        tmp_path / "profile.yaml",
+        injector.config_file,
+        cluster={"platformProfile": "e2e", "profiles": {"e2e": profile}},
+    )
+    with fake_node(cluster, {ssd: "true", stream: "yes"}) as fake:
+        checked = run_check(cluster, config, expect=0)
+        assert checked.line("SSD nodes", f"{ssd}=true").found.endswith(f": {fake}")
+        assert checked.line("image streaming nodes", stream).verdict == "ok"
+
+        cluster.kubectl("label", "node", fake, f"{ssd}-")
+        checked = run_check(cluster, config, expect=1)
+        line = checked.line("SSD nodes", f"{ssd}=true")
+        assert line.verdict == "FAIL"
+        assert "no node of" in line.found
+        assert "so they stay Pending" in line.found
+        assert f"kubectl label node NAME {ssd}=true" in line.fix
+        assert checked.line("image streaming nodes", stream).verdict == "ok"
+
+        cluster.kubectl("label", "node", fake, f"{stream}-")
+        checked = run_check(cluster, config, expect=1)
+        line = checked.line("image streaming nodes", stream)
+        assert line.verdict == "FAIL"
+        assert line.found.startswith("profile e2e (e2e profile), required: no node of")
+        assert "cluster.profiles.e2e.streamingAffinity: preferred" in line.fix
+        assert set(checked.failing()) == {
+            ("SSD nodes", f"{ssd}=true"),
+            ("image streaming nodes", stream),
+        }
+
+
+def ca_bundles(cluster: Cluster) -> list[str]:
+    hooks = cluster.get_json("mutatingwebhookconfiguration", WEBHOOK)["webhooks"]
+    return [str(hook["clientConfig"].get("caBundle", "")) for hook in hooks]
+
+
+def set_ca_bundles(cluster: Cluster, bundles: list[str]) -> None:
+    patch = [
+        {"op": "replace", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": bundle}
+        for i, bundle in enumerate(bundles)
+    ]
+    cluster.kubectl(
+        "patch", "mutatingwebhookconfiguration", WEBHOOK, "--type=json", "-p", json.dumps(patch)
+    )
+
+
+@contextmanager
+def injector_stopped(injector: LocalInjector) -> Iterator[None]:
+    """The shared injector stopped (nothing repairs the caBundle or the copies); back after."""
+    injector.stop()
+    try:
+        injector.wait_unreachable()
+        yield
+    finally:
+        injector.start()
+
+
+@contextmanager
+def injector_that_cannot_repair(injector: LocalInjector, tmp_path: Path) -> Iterator[None]:
+    """The injector serving its certificate at its usual address, but keeping no caBundle
+    and no namespaces (webhook.manageCaBundle and the controller off): as with
+    certificates from elsewhere whose CA nobody put in the bundle."""
+    config = write_config(
+        tmp_path / "frozen.yaml",
+        injector.config_file,
+        webhook={"manageCaBundle": False},
+        controller={"enabled": False},
+    )
+    log = tmp_path / "frozen-injector.log"
+    process = spawn_group(
+        [sys.executable, "-m", "injector", "serve", "--config", str(config),
+         "--kubeconfig", str(injector.kubeconfig)],
+        log,
+        cwd=REPO,
+    )  # fmt: skip
+    try:
+        wait_for(injector.ready, timeout=60, what=f"the injector without repairs ({log})")
+        yield
+    finally:
+        stop_group(process, 15)
+
+
+def test_a_caBundle_that_does_not_verify_the_serving_certificate_fails(
+    cluster: Cluster, injector: LocalInjector, namespace: str, tmp_path: Path
+) -> None:
+    original = ca_bundles(cluster)
+    wrong = base64.b64encode(generate_ca("someone-elses-ca")[0]).decode()
+    with injector_stopped(injector):
+        try:
+            set_ca_bundles(cluster, [wrong for _ in original])
+            checked = run_check(cluster, injector.config_file, expect=1)
+            line = checked.line("caBundle", CA_BUNDLE)
+            assert line.verdict == "FAIL"
+            assert f"does not hold the CA in Secret {NAMESPACE}/bento-juicefs-injector-ca" in (
+                line.found
+            )
+            assert "is it running?" in line.fix
+            # Nobody answers at the webhook's URL: said, and judged from the Secret only.
+            endpoint = checked.line("webhook endpoint", injector.url)
+            assert endpoint.verdict == "warn"
+            assert "checked against the Secret only" in endpoint.found
+
+            with injector_that_cannot_repair(injector, tmp_path):
+                checked = run_check(cluster, injector.config_file, expect=1)
+                assert checked.line("caBundle", CA_BUNDLE).verdict == "FAIL"
+                endpoint = checked.line("webhook endpoint", f"127.0.0.1:{injector.port}")
+                assert endpoint.verdict == "FAIL"
+                assert "presents CN=" in endpoint.found
+                assert "which the caBundle does not verify for 127.0.0.1" in endpoint.found
+                assert ca_bundles(cluster) == [wrong for _ in original]  # nobody repaired it
+        finally:
+            set_ca_bundles(cluster, original)
+    wait_for(injector.ready, timeout=30, what="the injector's /readyz")
+    run_check(cluster, injector.config_file, expect=0)
+
+
+def test_a_namespace_that_enforces_restricted_fails_until_the_printed_fix(
+    cluster: Cluster, injector: LocalInjector, namespace: str
+) -> None:
+    cluster.kubectl("label", "namespace", namespace, f"{ENFORCE}=restricted")
+    try:
+        checked = run_check(cluster, injector.config_file, expect=1)
+        line = checked.line("pod security", f"namespace {namespace}")
+        assert line.verdict == "FAIL"
+        assert line.found.startswith("enforces restricted:latest (its label), which refuses")
+        assert checked.failing() == [("pod security", f"namespace {namespace}")]
+        # The fix, as printed, run as printed.
+        command = line.fix.split(" (")[0].split()
+        assert command[:3] == ["kubectl", "label", "namespace"]
+        cluster.kubectl(*command[1:])
+        checked = run_check(cluster, injector.config_file, expect=0)
+        assert checked.line("pod security", f"namespace {namespace}").found == (
+            "enforces privileged:latest (its label)"
+        )
+    finally:
+        cluster.kubectl("label", "namespace", namespace, f"{ENFORCE}-")
+
+
+def secret_data(cluster: Cluster, namespace: str) -> dict[str, str]:
+    return dict(cluster.get_json("secret", CREDENTIALS_SECRET, "-n", namespace)["data"])
+
+
+def remove_key(cluster: Cluster, namespace: str, key: str) -> None:
+    patch = [{"op": "remove", "path": f"/data/{key}"}]
+    cluster.kubectl(
+        "patch", "secret", CREDENTIALS_SECRET, "-n", namespace, "--type=json", "-p",
+        json.dumps(patch),
+    )  # fmt: skip
+
+
+def test_credentials_without_metaurl_fail(
+    cluster: Cluster, injector: LocalInjector, namespace: str
+) -> None:
+    source = secret_data(cluster, NAMESPACE)
+    values = [base64.b64decode(value).decode() for value in source.values()]
+    copy_subject = f"Secret {namespace}/{CREDENTIALS_SECRET}"
+    with injector_stopped(injector):  # its namespace controller would repair the copy
+        try:
+            remove_key(cluster, namespace, "metaurl")
+            checked = run_check(cluster, injector.config_file, expect=1)
+            line = checked.line("credentials", copy_subject)
+            assert line.verdict == "FAIL"
+            assert line.found.startswith("the copy has no metaurl key")
+            assert "CreateContainerConfigError" in line.found
+            assert checked.line("credentials", SOURCE).verdict == "ok"
+
+            cluster.kubectl("delete", "secret", CREDENTIALS_SECRET, "-n", namespace)
+            checked = run_check(cluster, injector.config_file, expect=1)
+            assert checked.line("credentials", copy_subject).found.startswith(
+                "no copy in this opted-in namespace"
+            )
+
+            remove_key(cluster, NAMESPACE, "metaurl")
+            checked = run_check(cluster, injector.config_file, expect=1)
+            line = checked.line("credentials", SOURCE)
+            assert line.verdict == "FAIL"
+            assert line.found.startswith("no metaurl key")
+            assert not [value for value in values if value in checked.out]  # never printed
+        finally:
+            cluster.kubectl(
+                "patch", "secret", CREDENTIALS_SECRET, "-n", NAMESPACE, "--type=merge", "-p",
+                json.dumps({"data": source}),
+            )  # fmt: skip
+    # Back up, the namespace controller copies it again.
+    wait_for(
+        lambda: cluster.kubectl(
+            "get", "secret", CREDENTIALS_SECRET, "-n", namespace, check=False
+        ).returncode == 0 and secret_data(cluster, namespace) == source,
+        timeout=60,
+        what="the credentials copied again",
+    )  # fmt: skip
+    checked = run_check(cluster, injector.config_file, expect=0)
+    assert checked.line("credentials", copy_subject).verdict == "ok"
