@@ -255,6 +255,9 @@ class LocalInjector:
 def start_injector(cp: ControlPlane) -> None:
     injector = LocalInjector(cp)
     storage = cp.addons.get("storage")
+    # The tenants' read-only credentials (docs/tenants.md): what the namespace
+    # controller copies into every opted-in namespace and the node agent mounts.
+    # The publisher's stay on the host, with the storage stack's writer mount.
     injector.install(storage.credentials() if isinstance(storage, StorageStack) else None)
     injector.start()
     cp.addons["injector"] = injector

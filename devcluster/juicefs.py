@@ -1,9 +1,13 @@
 """A JuiceFS 1.x volume over an ObjectStore and a Redis: format, mount, and look inside.
 
     volume = JuiceFSVolume("models", store, redis, logs)
-    volume.format()
-    with volume.mounted(tmp / "mnt") as mnt:
+    volume.format()                        # no keys in the volume: each client brings its own
+    with volume.mounted(tmp / "mnt") as mnt:  # the writer: admin metadata URL, root keys (env)
         volume.object_keys(mnt / "file")   # the objects holding its blocks, in file order
+
+This class is the publisher's side: `meta_url` and `keys_env` are the
+admin's. Tenants get `reader_meta_url` and a read-only MinIO user (see
+`devcluster.storage.StorageStack.tenant`), and mount with `--read-only`.
 
 Object keys (JuiceFS 1.x, as `juicefs info` prints them and MinIO stores
 them): `NAME/chunks/<id // 1_000_000>/<id // 1000>/<slice id>_<block index>_<block size>`.
@@ -93,6 +97,11 @@ def wait_cached(cache_dir: Path, want: int, within: float = 60.0) -> int:
         time.sleep(0.2)
 
 
+def keys_env(access_key: str, secret_key: str) -> dict[str, str]:
+    """Object-store keys where JuiceFS 1.x's MinIO client reads them (as the sidecar sets them)."""
+    return {"MINIO_ACCESS_KEY": access_key, "MINIO_SECRET_KEY": secret_key}
+
+
 class JuiceFSVolume:
     """A JuiceFS volume formatted over an ObjectStore bucket and a Redis database."""
 
@@ -116,25 +125,28 @@ class JuiceFSVolume:
 
     @property
     def meta_url(self) -> str:
+        """The admin's metadata URL (read-write)."""
         return self.redis.url(self.db)
 
     @property
+    def reader_meta_url(self) -> str:
+        """The metadata URL of the Redis user that can only read."""
+        return self.redis.reader_url(self.db)
+
+    @property
     def keys_env(self) -> dict[str, str]:
-        """The store's keys where JuiceFS's MinIO client reads them when the volume has none."""
-        return {
-            "MINIO_ACCESS_KEY": self.store.access_key,
-            "MINIO_SECRET_KEY": self.store.secret_key,
-        }
+        """The store's root keys where JuiceFS's MinIO client reads them (the volume has none)."""
+        return keys_env(self.store.access_key, self.store.secret_key)
 
     def run(self, *args: str, timeout: float = 300, env: Mapping[str, str] | None = None) -> str:
-        """`juicefs ARGS`; its output, or StorageError with it."""
+        """`juicefs ARGS` with the admin's keys (env overrides them); output, or StorageError."""
         proc = subprocess.run(
             [str(self.binary), "--no-agent", *args],
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **self.keys_env, **(env or {})},
         )
         if proc.returncode != 0:
             raise StorageError(
@@ -142,8 +154,13 @@ class JuiceFSVolume:
             )
         return proc.stdout + proc.stderr
 
-    def format(self, *, store_keys: bool = True) -> None:
-        """Format the volume; with store_keys=False every client brings its own keys (env)."""
+    def format(self, *, store_keys: bool = False) -> None:
+        """Format the volume, by default without keys: every client brings its own (env).
+
+        Keys stored at format time would win over every client's own (JuiceFS
+        1.4.2's mount ignores its environment then), and any mount could read
+        them in its `.config`: a tenant would hold the writer's keys.
+        """
         keys = ["--access-key", self.store.access_key, "--secret-key", self.store.secret_key]
         self.run(
             "format",
@@ -156,7 +173,6 @@ class JuiceFSVolume:
             "0",  # test volumes: a removed file's objects go at once
             self.meta_url,
             self.name,
-            env=None if store_keys else self.keys_env,  # format checks it can write
         )
 
     def mount(
@@ -166,9 +182,13 @@ class JuiceFSVolume:
         *,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        meta_url: str | None = None,
         timeout: float = 60.0,
     ) -> Path:
-        """A read-write FUSE mount of the volume at path (juicefs runs in the background)."""
+        """A read-write FUSE mount of the volume at path (juicefs runs in the background).
+
+        The admin's metadata URL and keys unless `meta_url` and `env` say otherwise.
+        """
         path = Path(path).resolve()
         path.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -185,11 +205,11 @@ class JuiceFSVolume:
             "--metrics",
             f"127.0.0.1:{free_port()}",
             *extra_args,
-            self.meta_url,
+            meta_url or self.meta_url,
             str(path),
         ]
         log = self.log_dir / f"juicefs-mount-{path.name}.log"
-        process = spawn_group(args, log, env={**os.environ, **(env or {})})
+        process = spawn_group(args, log, env={**os.environ, **self.keys_env, **(env or {})})
         self._mounts[path] = process
         deadline = time.monotonic() + timeout
         while not (is_mounted(path) and os.path.ismount(path)):

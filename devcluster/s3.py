@@ -1,8 +1,9 @@
 """A small S3 client (path-style, AWS Signature Version 4) and a parallel-GET benchmark.
 
 Standard library only (hmac, hashlib, http.client): enough to create a
-bucket, PUT/GET/LIST objects on MinIO and measure what the object store
-gives without JuiceFS or FUSE in the way.
+bucket, PUT/GET/LIST/DELETE/copy objects on MinIO (and check which of them a
+read-only user is denied) and measure what the object store gives without
+JuiceFS or FUSE in the way.
 
     s3 = S3Client("http://127.0.0.1:9000", "access", "secret")
     s3.put_object("bucket", "key", b"bytes")
@@ -80,12 +81,17 @@ class S3Client:
         query: Mapping[str, str] | None = None,
         payload: bytes = b"",
         now: dt.datetime | None = None,
+        extra: Mapping[str, str] | None = None,
     ) -> dict[str, str]:
-        """The headers that authenticate one request (path not yet URL-encoded)."""
+        """The headers that authenticate one request (path not yet URL-encoded).
+
+        `extra` headers (e.g. x-amz-copy-source) are sent and signed too.
+        """
         stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
         payload_hash = hashlib.sha256(payload).hexdigest()
-        headers = {"host": self.host, "x-amz-content-sha256": payload_hash, "x-amz-date": stamp}
+        headers = {k.lower(): v for k, v in (extra or {}).items()}
+        headers |= {"host": self.host, "x-amz-content-sha256": payload_hash, "x-amz-date": stamp}
         names = sorted(headers)
         canonical = "\n".join(
             [
@@ -130,16 +136,17 @@ class S3Client:
         query: Mapping[str, str] | None = None,
         payload: bytes = b"",
         sink: Callable[[bytes], None] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
         """(status, body); with `sink`, a 200 body is streamed to it instead (body is b"")."""
-        headers = self.signed_headers(method, path, query, payload)
+        signed = self.signed_headers(method, path, query, payload, extra=headers)
         url = _quote(path, safe="/-_.~")
         if query:
             url += "?" + _query_string(query)
         for attempt in (1, 2):  # a kept-alive connection the server closed: reconnect once
             conn = self._connection()
             try:
-                conn.request(method, url, body=payload or None, headers=headers)
+                conn.request(method, url, body=payload or None, headers=signed)
                 resp = conn.getresponse()
                 if sink is not None and resp.status == 200:
                     while chunk := resp.read(MIB):
@@ -169,6 +176,16 @@ class S3Client:
 
     def get_object(self, bucket: str, key: str) -> bytes:
         return self._expect(self.request("GET", f"/{bucket}/{key}"), f"GET {bucket}/{key}")
+
+    def delete_object(self, bucket: str, key: str) -> None:
+        what = f"DELETE {bucket}/{key}"
+        self._expect(self.request("DELETE", f"/{bucket}/{key}"), what, ok=(204,))
+
+    def copy_object(self, bucket: str, key: str, source: str) -> None:
+        """CopyObject: key becomes a copy of source (`bucket/key`), server side."""
+        copy = {"x-amz-copy-source": _quote(f"/{source}", safe="/-_.~")}
+        reply = self.request("PUT", f"/{bucket}/{key}", headers=copy)
+        self._expect(reply, f"copy {source} to {bucket}/{key}")
 
     def list_objects(self, bucket: str, prefix: str = "") -> dict[str, int]:
         """key -> size for every object under prefix (ListObjectsV2, all pages)."""

@@ -7,7 +7,16 @@ raises StorageError ending with the service's log tail.
 
     with ObjectStore(tmp / "minio", tmp / "logs") as store, Redis(tmp / "logs") as redis:
         store.s3.put_object(store.bucket, "key", b"bytes")
-        redis.url(1)
+        store.grant_read("reader", "reader-secret", "models")  # GET/LIST under models/ only
+        redis.url(1)                     # the admin (the publisher's, read-write)
+        redis.reader_url(1)              # a user that can only read (READER_COMMANDS)
+        redis.command("SET", "k", "v", user=READER_USER, password=READER_PASSWORD)  # NOPERM
+
+Both have two kinds of users: the admin (MinIO's root user, Redis's
+`default` user with a password) whom only the publisher gets, and readers
+(a MinIO user with a read-only policy on one volume's prefix; a Redis user
+allowed only the commands `juicefs mount --read-only` needs), whose
+credentials tenants get. Neither accepts anonymous writes.
 
 Fault tests: `store.stop(kill=True)` then `store.start()` brings MinIO back on
 the same port and data dir; `store.object_files(key)` names the files MinIO
@@ -19,12 +28,16 @@ its Prometheus metrics (`/minio/v2/metrics/cluster`) need no token.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from common.ports import free_port, port_answers
 from common.processes import log_tail, spawn_group, stop_group
@@ -33,10 +46,28 @@ from devcluster.lifecycle import StartStop
 from devcluster.packages import PackagesError, ensure_packages
 from devcluster.s3 import S3Client, S3Error
 
+# The admin's (publisher's) keys: MinIO's root user. Fixed development values.
 ACCESS_KEY = "bento-juicefs"
 SECRET_KEY = "bento-juicefs-secret-key"
 BUCKET = "juicefs"
 LOOPBACK = "127.0.0.1"
+
+# Redis: the `default` user is the admin, with this password; READER_USER can only read.
+REDIS_PASSWORD = "bento-juicefs-redis-admin"
+READER_USER = "jfs-reader"
+READER_PASSWORD = "bento-juicefs-redis-reader"
+
+# What `juicefs mount --read-only` (JuiceFS 1.4.2) sends a Redis metadata engine,
+# measured with MONITOR while mounting, listing, reading, stat-ing and warming
+# a volume: SELECT the db, GET (the format, attributes, counters), MGET
+# (attributes of a directory's entries), HGET (a name in a directory),
+# HSCAN (a directory's entries), LRANGE (a file's slices). Nothing else is
+# needed: a read-only mount opens no session (no ZADD/HSET) and so never loads
+# its Lua scripts (no SCRIPT LOAD, no EVALSHA: lookups fall back to HGET +
+# GET). INFO and CLUSTER INFO are left out (server details, @dangerous): the
+# mount then logs "parse info: NOPERM" once, treats the server as standalone
+# and skips its maxmemory-policy check (which would try CONFIG SET).
+READER_COMMANDS: tuple[str, ...] = ("select", "get", "mget", "hget", "hscan", "lrange")
 
 
 class StorageError(RuntimeError):
@@ -53,6 +84,10 @@ class RedisUnavailable(StorageError):
     """redis-server is missing and cannot be installed here (tests skip on this)."""
 
 
+class RedisReplyError(StorageError):
+    """Redis answered a command with an error (e.g. `NOPERM ...` for a reader's write)."""
+
+
 def find_redis_server() -> Path:
     """redis-server, installed from Debian's `redis-server` package when missing."""
     try:
@@ -62,8 +97,28 @@ def find_redis_server() -> Path:
 
 
 def storage_binaries() -> dict[str, Path]:
-    """minio and juicefs from the pinned build (hack/build-binaries.sh), built on first use."""
-    return ensure_binaries(["minio", "juicefs"])
+    """minio, mc and juicefs from the pinned build (hack/build-binaries.sh), built on first use."""
+    return ensure_binaries(["minio", "mc", "juicefs"])
+
+
+def read_only_policy(bucket: str, prefix: str) -> dict[str, Any]:
+    """An IAM policy allowing GET of the objects under prefix/ and LIST of that prefix only."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{bucket}/{prefix}/*"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{bucket}"],
+                "Condition": {"StringLike": {"s3:prefix": [f"{prefix}/*"]}},
+            },
+        ],
+    }
 
 
 class Service(StartStop):
@@ -138,6 +193,7 @@ class ObjectStore(Service):
         self.port = port
         self.console_port = 0
         self.binary = binary
+        self.mc_binary: Path | None = None
         self._s3: S3Client | None = None
 
     @property
@@ -218,6 +274,51 @@ class ObjectStore(Service):
         while self.port and port_answers(self.port, self.host) and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def mc(self, *args: str) -> str:
+        """`mc ARGS` as the root user, the server as alias `store`; its output, or StorageError.
+
+        The credentials go in `MC_HOST_store`, never on the command line; mc's
+        config dir is a throwaway one.
+        """
+        binary = self.mc_binary or storage_binaries()["mc"]
+        host = urllib.parse.urlsplit(self.endpoint).netloc
+        root = f"{urllib.parse.quote(self.access_key, safe='')}:" + urllib.parse.quote(
+            self.secret_key, safe=""
+        )
+        with tempfile.TemporaryDirectory(prefix="mc-") as config:
+            env = {**os.environ, "MC_HOST_store": f"http://{root}@{host}"}
+            proc = subprocess.run(
+                [str(binary), "--config-dir", config, "--no-color", "--quiet", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env=env,
+            )
+        if proc.returncode != 0:
+            raise StorageError(
+                f"mc {' '.join(args[:3])} failed (exit {proc.returncode}):\n"
+                f"{proc.stdout}{proc.stderr}"
+            )
+        return proc.stdout
+
+    def grant_read(self, access_key: str, secret_key: str, prefix: str) -> None:
+        """A MinIO user that may only GET the bucket's objects under prefix/ and LIST them.
+
+        Idempotent (users and policies live in the data dir: they survive a restart).
+        """
+        policy = f"{self.bucket}-{prefix}-read-only"
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as document:
+            json.dump(read_only_policy(self.bucket, prefix), document)
+            document.flush()
+            self.mc("admin", "policy", "create", "store", policy, document.name)
+        self.mc("admin", "user", "add", "store", access_key, secret_key)
+        try:
+            self.mc("admin", "policy", "attach", "store", policy, "--user", access_key)
+        except StorageError as err:
+            if "already" not in str(err).lower():
+                raise
+
     def object_files(self, key: str) -> list[Path]:
         """The files in MinIO's data dir that hold object `key` (xl.meta and data parts).
 
@@ -231,7 +332,13 @@ class ObjectStore(Service):
 
 
 class Redis(Service):
-    """redis-server without persistence, on 127.0.0.1 and on `host` when that differs."""
+    """redis-server without persistence, on 127.0.0.1 and on `host` when that differs.
+
+    No anonymous access: the `default` user (the admin) has `password`, and
+    `reader` (user, password) may run READER_COMMANDS only, on any key
+    (ACLs cannot tell Redis's numbered databases apart). Both are set from
+    the command line, so a restart brings them back.
+    """
 
     name = "redis"
 
@@ -242,20 +349,57 @@ class Redis(Service):
         host: str = LOOPBACK,
         port: int = 0,
         binary: Path | None = None,
+        password: str = REDIS_PASSWORD,
+        reader: tuple[str, str] = (READER_USER, READER_PASSWORD),
     ) -> None:
         super().__init__(log_dir, host)
         self.port = port
         self.binary = binary
+        self.password = password
+        self.reader_user, self.reader_password = reader
+
+    def _url(self, user: str, password: str, db: int) -> str:
+        credentials = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}"
+        return f"redis://{credentials}@{self.host}:{self.port}/{db}"
 
     def url(self, db: int = 1) -> str:
-        return f"redis://{self.host}:{self.port}/{db}"
+        """The admin's metadata URL (read-write): for the publisher only."""
+        return self._url("default", self.password, db)
+
+    def reader_url(self, db: int = 1) -> str:
+        """The reader's metadata URL: what tenants get."""
+        return self._url(self.reader_user, self.reader_password, db)
+
+    def command(
+        self,
+        *args: str,
+        user: str = "default",
+        password: str | None = None,
+        db: int | None = None,
+        timeout: float = 5.0,
+    ) -> Any:
+        """One command on a fresh connection, as user (the admin by default), in db if given.
+
+        Returns the decoded reply (str, int, None or a list); an error reply
+        raises RedisReplyError with Redis's message (`NOPERM ...`).
+        """
+        secret = self.password if password is None else password
+        requests: list[Sequence[str]] = [("AUTH", user, secret)]
+        if db is not None:
+            requests.append(("SELECT", str(db)))
+        with (
+            socket.create_connection((self.host, self.port), timeout=timeout) as sock,
+            sock.makefile("rb") as stream,
+        ):
+            for request in [*requests, args]:
+                sock.sendall(_resp_request(request))
+                reply = _resp_reply(stream)
+            return reply
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection((self.host, self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
+            return bool(self.command("PING", timeout=1) == "PONG")
+        except (OSError, StorageError):
             return False
 
     def start(self, timeout: float = 30.0) -> None:
@@ -266,6 +410,7 @@ class Redis(Service):
         workdir = self.log_dir / "redis-data"
         workdir.mkdir(parents=True, exist_ok=True)
         addresses = list(dict.fromkeys([LOOPBACK, self.host]))
+        reads = [f"+{name}" for name in READER_COMMANDS]
         self._spawn(
             [
                 str(binary),
@@ -283,6 +428,44 @@ class Redis(Service):
                 str(workdir),
                 "--loglevel",
                 "warning",
+                # ACL rules: on, its password, every key, no pub/sub channel, commands.
+                "--user",
+                *("default", "reset", "on", f">{self.password}", "~*", "&*", "+@all"),
+                "--user",
+                *(self.reader_user, "reset", "on", f">{self.reader_password}", "~*"),
+                *("resetchannels", "-@all", *reads),
             ]
         )
         self._wait_ready(self.ping, timeout, f"PING on {self.host}:{self.port}")
+
+
+def _resp_request(args: Sequence[str]) -> bytes:
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _resp_reply(stream: Any) -> Any:
+    """One RESP2 reply from a binary file object."""
+    line = stream.readline()
+    if not line.endswith(b"\r\n"):
+        raise OSError("connection closed by Redis")
+    kind, body = line[:1], line[1:-2].decode(errors="replace")
+    if kind == b"+":
+        return body
+    if kind == b"-":
+        raise RedisReplyError(body)
+    if kind == b":":
+        return int(body)
+    if kind == b"$":
+        size = int(body)
+        if size < 0:
+            return None
+        data: bytes = stream.read(size + 2)
+        return data[:-2].decode(errors="replace")
+    if kind == b"*":
+        count = int(body)
+        return None if count < 0 else [_resp_reply(stream) for _ in range(count)]
+    raise OSError(f"unexpected reply from Redis: {line[:80]!r}")

@@ -4,6 +4,16 @@
         manifest = stack.publish_random(tmp, "llm", "v1", [64 << 20] * 4)
         settings = stack.sidecar_settings(tmp / "pod", "llm", "v1")
         stack.block_keys(manifest, "llm", "v1")           # the model's objects in the bucket
+        stack.credentials()                               # the tenants' Secret: read-only
+
+Two sets of credentials, as a platform would hand them out: the publisher's
+(`stack.writer`: Redis's admin user, MinIO's root keys), used only here on
+the host by the writer mount (`publish_random`, `bento_dir`); and the
+tenants' (`stack.tenant`: a Redis user that can only read, a MinIO user
+whose policy allows GET/LIST under the volume's prefix only), which is what
+the credentials Secret holds, what `sidecar_settings` mounts with, and all a
+pod or the node agent ever gets. The volume is formatted without keys, so
+each client's own keys are the ones used.
 
 The pieces are in their own modules: `devcluster.s3` (S3 client, raw GET
 benchmark), `devcluster.services` (MinIO, Redis), `devcluster.juicefs` (the
@@ -14,12 +24,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from devcluster.juicefs import JuiceFSVolume
+from devcluster.juicefs import JuiceFSVolume, keys_env
 from devcluster.lifecycle import StartStop
 from devcluster.services import LOOPBACK, ObjectStore, Redis, storage_binaries
 from sidecar.env import Settings
@@ -28,6 +40,37 @@ from sidecar.publish import bento_dir, publish
 
 MIB = 1 << 20
 PATH_TEMPLATE = "/bentos/{name}/{version}"  # the injector's default models.juicefsPathTemplate
+# The tenants' MinIO user (read-only policy on the volume's prefix). Fixed development values.
+TENANT_ACCESS_KEY = "bento-juicefs-tenant"
+TENANT_SECRET_KEY = "bento-juicefs-tenant-secret-key"
+_URL_PASSWORD = re.compile(r"(//[^:/@]*:)[^@]*@")
+
+
+def redacted(url: str) -> str:
+    """A URL with its password replaced by ****."""
+    return _URL_PASSWORD.sub(r"\1****@", url)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A metadata URL and object-store keys: one credentials Secret's worth."""
+
+    meta_url: str
+    access_key: str
+    secret_key: str
+
+    def secret_data(self) -> dict[str, str]:
+        """The Secret's data under the injector's default keys (juicefs.*Key)."""
+        return {
+            "metaurl": self.meta_url,
+            "access-key": self.access_key,
+            "secret-key": self.secret_key,
+        }
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The keys where `juicefs` reads them (the volume stores none)."""
+        return keys_env(self.access_key, self.secret_key)
 
 
 class StorageStack(StartStop):
@@ -58,13 +101,16 @@ class StorageStack(StartStop):
     def start(self) -> Self:
         binaries = storage_binaries()
         self.store.binary = binaries["minio"]
+        self.store.mc_binary = binaries["mc"]
         try:
             self.redis.start()
             self.store.start()
+            # The volume's objects are all under <volume name>/ in the bucket.
+            self.store.grant_read(TENANT_ACCESS_KEY, TENANT_SECRET_KEY, self.volume_name)
             self.volume = JuiceFSVolume(
                 self.volume_name, self.store, self.redis, self.logs, binary=binaries["juicefs"]
             )
-            self.volume.format()
+            self.volume.format()  # without keys
             self.volume.mount(self.writer_mount, self.work_dir / "writer-cache")
         except BaseException:
             self.stop()
@@ -77,18 +123,25 @@ class StorageStack(StartStop):
             raise RuntimeError("storage stack not started")
         return self.volume
 
+    @property
+    def writer(self) -> Credentials:
+        """The publisher's credentials (read-write): never in a Secret a tenant can read."""
+        return Credentials(self.juicefs.meta_url, self.store.access_key, self.store.secret_key)
+
+    @property
+    def tenant(self) -> Credentials:
+        """The tenants' credentials: they can read the volume and change nothing in it."""
+        return Credentials(self.juicefs.reader_meta_url, TENANT_ACCESS_KEY, TENANT_SECRET_KEY)
+
     def credentials(self) -> dict[str, str]:
-        """The JuiceFS credentials Secret's data, as the platform team would write it."""
-        return {
-            "metaurl": self.juicefs.meta_url,
-            "access-key": self.store.access_key,
-            "secret-key": self.store.secret_key,
-        }
+        """The JuiceFS credentials Secret's data, as the platform team would write it: read-only."""
+        return self.tenant.secret_data()
 
     def describe(self) -> dict[str, str]:
         return {
             "s3": self.store.bucket_url,
-            "meta": self.juicefs.meta_url,
+            "meta": redacted(self.juicefs.meta_url),
+            "tenant meta": redacted(self.tenant.meta_url),
             "volume": self.volume_name,
             "logs": str(self.logs),
         }
@@ -120,14 +173,18 @@ class StorageStack(StartStop):
         return [key for f in manifest.files for key in self.juicefs.object_keys(models / f.path)]
 
     def sidecar_settings(self, work: Path, name: str, version: str) -> Settings:
-        """The sidecar's settings as the injector's defaults make them, its paths under work."""
+        """The sidecar's settings as the injector's defaults make them, its paths under work.
+
+        With the tenants' read-only credentials, as a pod gets them.
+        """
+        tenant = self.tenant
         return Settings(
             pod_name="storage-stack",
             pod_namespace="storage-stack",
             pod_uid="",
-            meta_url=self.juicefs.meta_url,
-            access_key=None,
-            secret_key=None,
+            meta_url=tenant.meta_url,
+            access_key=tenant.access_key,
+            secret_key=tenant.secret_key,
             bento_name=name,
             bento_version=version,
             bento_path=PATH_TEMPLATE.format(name=name, version=version),

