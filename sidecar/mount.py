@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,8 +108,28 @@ def _unmount(path: Path) -> bool:
     return bool(busy)
 
 
+def split_meta_password(meta_url: str) -> tuple[str, str | None]:
+    """The metadata URL without its password, and the password (None if it has none).
+
+    juicefs takes the password from META_PASSWORD when the URL has none, so
+    it never appears on a command line (/proc/<pid>/cmdline, `ps`) that any
+    process of the pod can read.
+    """
+    parts = urllib.parse.urlsplit(meta_url)
+    if parts.password is None:
+        return meta_url, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    netloc = f"{user}@{hostport}" if user else hostport
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return bare, urllib.parse.unquote(parts.password)
+
+
 def credentials_env(settings: Settings) -> dict[str, str]:
-    """The object-store credentials for `juicefs mount`, in the variables 1.x reads.
+    """The credentials for `juicefs mount`, in the variables 1.x reads.
+
+    The metadata engine's password goes in META_PASSWORD (see
+    split_meta_password).
 
     `juicefs mount` takes no keys itself: the keys stored by `juicefs format`
     win, and only when it stored none does the storage client read them from
@@ -117,6 +138,9 @@ def credentials_env(settings: Settings) -> dict[str, str]:
     volume formatted without keys.
     """
     env: dict[str, str] = {}
+    _, password = split_meta_password(settings.meta_url)
+    if password is not None:
+        env["META_PASSWORD"] = password
     if settings.access_key:
         env["MINIO_ACCESS_KEY"] = env["AWS_ACCESS_KEY_ID"] = settings.access_key
     if settings.secret_key:
@@ -192,7 +216,7 @@ class JuiceFSMount:
             str(s.prefetch),
             "--metrics",
             f"127.0.0.1:{port}",
-            s.meta_url,
+            split_meta_password(s.meta_url)[0],  # its password goes by env
             str(s.private_mount),
         ]
 

@@ -15,6 +15,7 @@ import pytest
 from sidecar.cacheprobe import measure
 from sidecar.env import Settings, SettingsError
 from sidecar.manifest import Manifest, build_manifest, read_manifest
+from sidecar.mount import split_meta_password
 from sidecar.publish import PublishError, publish
 from sidecar.warmup import Progress, Streamer, VerificationError, WarmupTimeout
 from tests.helpers import minimal_env
@@ -147,3 +148,22 @@ def test_manifest_paths_cannot_leave_models(path: str) -> None:
     entry = {"path": path, "model": "m", "size": 1, "sha256": "0" * 64, "order": 0}
     with pytest.raises(ValueError, match="inside models"):
         Manifest.model_validate({"bento": "b:1", "files": [entry]})
+
+
+@pytest.mark.parametrize(
+    ("url", "bare", "password"),
+    [
+        (
+            "redis://jfs-reader:s3cr%40t@10.0.0.5:6379/1",
+            "redis://jfs-reader@10.0.0.5:6379/1",
+            "s3cr@t",
+        ),
+        ("redis://:onlypass@redis:6379/2", "redis://redis:6379/2", "onlypass"),
+        ("redis://redis:6379/1", "redis://redis:6379/1", None),
+        ("tikv://pd1:2379,pd2:2379/jfs", "tikv://pd1:2379,pd2:2379/jfs", None),
+    ],
+)
+def test_the_metadata_password_leaves_the_command_line_for_the_env(
+    url: str, bare: str, password: str | None
+) -> None:
+    assert split_meta_password(url) == (bare, password)
