@@ -43,6 +43,7 @@ etcd --version | sed -n 1p # not head: SIGPIPE + pipefail
 minio --version | sed -n 1p
 command -v mc >/dev/null && mc --version | sed -n 1p
 command -v juicefs >/dev/null && juicefs --version
+command -v helm >/dev/null && helm version --short
 
 echo "== etcd"
 EP="$(free_port)" PP="$(free_port)"

@@ -1,0 +1,79 @@
+{{/*
+Helm's standard labels, on every object's metadata (never on selectors or pod
+templates, so an upgrade never changes what a Deployment selects).
+tests/test_chart.py ignores exactly these four when it compares with kustomize.
+*/}}
+{{- define "bento-juicefs.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+
+{{- define "bento-juicefs.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/*
+The profiles' local-SSD node label and node cache directory: the chart's copy
+of injector/config.py's defaults (aks has no standard label there, so the
+chart names one and writes it into the config's scheduling.ssdNodeLabel).
+*/}}
+{{- define "bento-juicefs.profiles" -}}
+gke:
+  ssdNodeLabel: {key: cloud.google.com/gke-ephemeral-storage-local-ssd, value: "true"}
+  nodeCachePath: /mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs
+eks:
+  ssdNodeLabel: {key: karpenter.k8s.aws/instance-local-nvme, value: null}
+  nodeCachePath: /mnt/k8s-disks/0/bento-juicefs
+aks:
+  ssdNodeLabel: {key: juicefs.bentoml.com/local-ssd, value: "true"}
+  chartLabel: true
+  nodeCachePath: /mnt/bento-juicefs
+{{- end }}
+
+{{- define "bento-juicefs.profile" -}}
+{{- $all := include "bento-juicefs.profiles" . | fromYaml }}
+{{- if not (hasKey $all .Values.profile) }}
+{{- fail (printf "profile %q is not one of gke, eks, aks" .Values.profile) }}
+{{- end }}
+{{- toYaml (get $all .Values.profile) }}
+{{- end }}
+
+{{/* The node label the node agent is placed by: ssdNodeLabel, else the profile's. */}}
+{{- define "bento-juicefs.ssdNodeLabel" -}}
+{{- if .Values.ssdNodeLabel }}
+{{- if not .Values.ssdNodeLabel.key }}{{ fail "ssdNodeLabel needs a key" }}{{ end }}
+{{- toYaml (dict "key" .Values.ssdNodeLabel.key "value" (get .Values.ssdNodeLabel "value")) }}
+{{- else }}
+{{- toYaml (include "bento-juicefs.profile" . | fromYaml).ssdNodeLabel }}
+{{- end }}
+{{- end }}
+
+{{- define "bento-juicefs.nodeCachePath" -}}
+{{- .Values.cache.nodePath | default (include "bento-juicefs.profile" . | fromYaml).nodeCachePath }}
+{{- end }}
+
+{{- define "bento-juicefs.certManager" -}}
+{{- if eq .Values.certificates.mode "certManager" }}true{{ else if ne .Values.certificates.mode "selfSigned" }}
+{{- fail (printf "certificates.mode %q is not selfSigned or certManager" .Values.certificates.mode) }}
+{{- end }}
+{{- end }}
+
+{{/* config.yaml: what the values set, then .Values.config merged over it. */}}
+{{- define "bento-juicefs.config" -}}
+{{- $p := include "bento-juicefs.profile" . | fromYaml }}
+{{- $cfg := dict "cluster" (dict "kubernetesVersion" (toString .Values.kubernetesVersion) "platformProfile" .Values.profile) }}
+{{- $cache := dict }}
+{{- if .Values.cache.mode }}{{ $_ := set $cache "mode" .Values.cache.mode }}{{ end }}
+{{- if .Values.cache.nodePath }}{{ $_ := set $cache "nodePath" .Values.cache.nodePath }}{{ end }}
+{{- if $cache }}{{ $_ := set $cfg "cache" $cache }}{{ end }}
+{{- if or .Values.ssdNodeLabel $p.chartLabel }}
+{{- $_ := set $cfg "scheduling" (dict "ssdNodeLabel" (include "bento-juicefs.ssdNodeLabel" . | fromYaml)) }}
+{{- end }}
+{{- if include "bento-juicefs.certManager" . }}
+{{- $_ := set $cfg "server" (dict "selfSigned" false) }}
+{{- $_ := set $cfg "webhook" (dict "manageCaBundle" false) }}
+{{- end }}
+{{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.config)) }}
+{{- end }}

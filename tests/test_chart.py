@@ -1,0 +1,396 @@
+"""The Helm chart (charts/bento-juicefs) against the kustomize overlays.
+
+`helm template` (the pinned Helm, hack/binaries/helm) and `kubectl kustomize`
+(the pinned kubectl) render from the same tree; both are built or taken from
+the binaries cache by devcluster.binaries.ensure_binaries.
+
+Equivalence, per profile (gke: the chart's defaults against
+manifests/overlays/gke; eks and aks: `--set profile=X` against overlays/X):
+the same set of objects by (kind, name, namespace), and each object equal
+after this normalisation and nothing else:
+
+- the four labels the chart adds to every object's metadata.labels are
+  removed from metadata.labels (and metadata.labels with it when that leaves
+  it empty): helm.sh/chart, app.kubernetes.io/managed-by,
+  app.kubernetes.io/instance, app.kubernetes.io/version (HELM_LABELS below).
+  Selectors and pod template labels are compared as they are;
+- the ConfigMap's config.yaml (a YAML document inside a string) is compared
+  parsed, so its key order, quoting and comments do not count;
+- everything else is compared as parsed YAML, i.e. key order and YAML
+  formatting (flow or block style, comments) do not count; values do.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from devcluster.binaries import CHART_COMPONENTS, ensure_binaries
+from injector.config import parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "charts" / "bento-juicefs"
+OVERLAYS = REPO / "manifests" / "overlays"
+PROFILES = ("gke", "eks", "aks")
+HELM_LABELS = frozenset(
+    {
+        "helm.sh/chart",
+        "app.kubernetes.io/managed-by",
+        "app.kubernetes.io/instance",
+        "app.kubernetes.io/version",
+    }
+)
+NAMESPACE = "bento-juicefs-system"
+CONFIG_MAP = ("ConfigMap", "bento-juicefs-injector-config", NAMESPACE)
+DAEMON_SET = ("DaemonSet", "bento-juicefs-node-agent", NAMESPACE)
+
+Key = tuple[str, str, str]
+
+
+@cache
+def _binaries() -> dict[str, Path]:
+    return ensure_binaries(CHART_COMPONENTS)
+
+
+def _run(args: list[str]) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+def _objects(text: str) -> dict[Key, dict[str, Any]]:
+    objects: dict[Key, dict[str, Any]] = {}
+    for doc in yaml.safe_load_all(text):
+        if not doc:
+            continue
+        meta = doc["metadata"]
+        key = (doc["kind"], meta["name"], meta.get("namespace", ""))
+        assert key not in objects, f"rendered twice: {key}"
+        objects[key] = doc
+    return objects
+
+
+@cache
+def _helm_text(*sets: str) -> str:
+    args = [str(_binaries()["helm"]), "template", "bento-juicefs", str(CHART)]
+    for item in sets:
+        args += ["--set", item]
+    return _run(args)
+
+
+def helm(*sets: str) -> dict[Key, dict[str, Any]]:
+    return _objects(_helm_text(*sets))
+
+
+@cache
+def _kustomize_text(profile: str) -> str:
+    return _run([str(_binaries()["kubectl"]), "kustomize", str(OVERLAYS / profile)])
+
+
+def kustomize(profile: str) -> dict[Key, dict[str, Any]]:
+    return _objects(_kustomize_text(profile))
+
+
+def normalise(obj: dict[str, Any]) -> dict[str, Any]:
+    obj = json.loads(json.dumps(obj))  # a deep copy
+    labels = obj["metadata"].get("labels")
+    if labels is not None:
+        for name in HELM_LABELS:
+            labels.pop(name, None)
+        if not labels:
+            del obj["metadata"]["labels"]
+    if obj["kind"] == "ConfigMap" and isinstance(obj.get("data", {}).get("config.yaml"), str):
+        obj["data"]["config.yaml"] = yaml.safe_load(obj["data"]["config.yaml"])
+    return obj
+
+
+def config_of(objects: dict[Key, dict[str, Any]]) -> dict[str, Any]:
+    data = yaml.safe_load(objects[CONFIG_MAP]["data"]["config.yaml"])
+    assert isinstance(data, dict)
+    return data
+
+
+def pod_spec(objects: dict[Key, dict[str, Any]], key: Key) -> dict[str, Any]:
+    spec = objects[key]["spec"]["template"]["spec"]
+    assert isinstance(spec, dict)
+    return spec
+
+
+def node_cache(spec: dict[str, Any]) -> tuple[str, str]:
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "node-cache"]
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "node-cache"]
+    return volume["hostPath"]["path"], mount["mountPath"]
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, indent=1)
+
+
+def _sets(profile: str) -> Iterable[str]:
+    return () if profile == "gke" else (f"profile={profile}",)
+
+
+# --- the chart and the overlays render the same objects -----------------------
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_chart_and_overlay_render_the_same_objects(profile: str) -> None:
+    chart, overlay = helm(*_sets(profile)), kustomize(profile)
+    assert sorted(chart) == sorted(overlay)
+    for key in sorted(chart):
+        assert _dump(normalise(chart[key])) == _dump(normalise(overlay[key])), (
+            f"{profile}: {key} differs between the chart and manifests/overlays/{profile}"
+        )
+
+
+def test_the_gke_overlay_is_the_base() -> None:
+    base = _objects(_run([str(_binaries()["kubectl"]), "kustomize", str(REPO / "manifests/base")]))
+    assert base == kustomize("gke")
+
+
+def test_helm_lint_passes() -> None:
+    out = _run([str(_binaries()["helm"]), "lint", "--strict", str(CHART)])
+    assert "0 chart(s) failed" in out
+
+
+def test_only_the_helm_labels_are_ignored() -> None:
+    chart = helm()
+    for key, obj in chart.items():
+        labels = obj["metadata"].get("labels", {})
+        assert set(labels) >= HELM_LABELS, f"{key} lacks Helm's labels"
+    # A label the normalisation must not hide.
+    changed = normalise(chart[CONFIG_MAP])
+    changed["metadata"]["labels"] = {"app.kubernetes.io/name": "x"}
+    assert normalise(changed) != normalise(chart[CONFIG_MAP])
+
+
+# --- what the profile values change ------------------------------------------
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profile_sets_config_node_selector_and_host_path(profile: str) -> None:
+    objects = helm(*_sets(profile))
+    config = parse_config(config_of(objects), f"chart {profile}")
+    assert config.cluster.platform_profile == profile
+    spec = pod_spec(objects, DAEMON_SET)
+    # The node agent goes where the injector's SSD affinity sends Bentos, and
+    # keeps the directory the injector mounts into sidecars.
+    label = config.ssd_node_label
+    assert label is not None
+    if label.value is None:
+        assert "nodeSelector" not in spec
+        terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert terms["nodeSelectorTerms"] == [{"matchExpressions": [label.expression()]}]
+    else:
+        assert spec["nodeSelector"] == {label.key: label.value}
+        assert "affinity" not in spec
+    assert node_cache(spec) == (config.node_cache_path, config.node_cache_path)
+
+
+def test_eks_and_aks_differ_from_gke() -> None:
+    gke = pod_spec(helm(), DAEMON_SET)
+    assert gke["nodeSelector"] == {"cloud.google.com/gke-ephemeral-storage-local-ssd": "true"}
+    assert node_cache(gke)[0] == "/mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs"
+
+    eks = pod_spec(helm("profile=eks"), DAEMON_SET)
+    assert "nodeSelector" not in eks
+    expr = eks["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert expr["nodeSelectorTerms"][0]["matchExpressions"] == [
+        {"key": "karpenter.k8s.aws/instance-local-nvme", "operator": "Exists"}
+    ]
+    assert node_cache(eks) == ("/mnt/k8s-disks/0/bento-juicefs",) * 2
+    assert config_of(helm("profile=eks"))["cluster"]["platformProfile"] == "eks"
+
+    aks_objects = helm("profile=aks")
+    aks = pod_spec(aks_objects, DAEMON_SET)
+    assert aks["nodeSelector"] == {"juicefs.bentoml.com/local-ssd": "true"}
+    assert node_cache(aks) == ("/mnt/bento-juicefs",) * 2
+    aks_config = config_of(aks_objects)
+    assert aks_config["cluster"]["platformProfile"] == "aks"
+    # The aks profile names no SSD label; without one the injector refuses to start.
+    assert aks_config["scheduling"]["ssdNodeLabel"] == {
+        "key": "juicefs.bentoml.com/local-ssd",
+        "value": "true",
+    }
+
+
+def test_unknown_profile_fails() -> None:
+    args = [str(_binaries()["helm"]), "template", "x", str(CHART), "--set", "profile=openshift"]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "is not one of gke, eks, aks" in proc.stderr
+
+
+def test_node_path_ssd_label_cache_mode_and_config_map() -> None:
+    objects = helm(
+        "profile=eks",
+        "cache.nodePath=/var/lib/nvme/bento-juicefs",
+        "cache.mode=node",
+        "ssdNodeLabel.key=example.com/nvme",
+        "ssdNodeLabel.value=yes",
+        "config.scheduling.ssdPolicy=preferred",
+        "config.juicefs.bufferSizeMib=512",
+    )
+    data = config_of(objects)
+    config = parse_config(data, "chart")
+    assert config.cache.mode == "node"
+    assert config.node_cache_path == "/var/lib/nvme/bento-juicefs"
+    assert config.scheduling.ssd_policy == "preferred"
+    assert config.juicefs.buffer_size_mib == 512
+    assert str(config.ssd_node_label) == "example.com/nvme=yes"
+    assert data["cluster"] == {"kubernetesVersion": "1.30", "platformProfile": "eks"}
+    spec = pod_spec(objects, DAEMON_SET)
+    assert spec["nodeSelector"] == {"example.com/nvme": "yes"}
+    assert "affinity" not in spec
+    assert node_cache(spec) == ("/var/lib/nvme/bento-juicefs",) * 2
+    # The sidecar-required policy admits the hostPath the injector now writes.
+    policy = objects[("ValidatingAdmissionPolicy", "bento-juicefs-sidecar-required", "")]
+    (regex,) = [v["expression"] for v in policy["spec"]["variables"] if v["name"] == "nodeCacheDir"]
+    assert "|/var/lib/nvme/bento-juicefs)/" in regex
+
+
+def test_image_replicas_resources_and_node_agent_args() -> None:
+    objects = helm(
+        "image.repository=registry.example.com/bj",
+        "image.tag=1.2.3",
+        "image.pullPolicy=Always",
+        "injector.replicas=3",
+        "injector.resources.limits.memory=512Mi",
+        "nodeAgent.resyncSeconds=30",
+        "nodeAgent.evictAfterSeconds=7200",
+        "nodeAgent.extraArgs={--log-level,debug}",
+    )
+    deployment = objects[("Deployment", "bento-juicefs-injector", NAMESPACE)]
+    assert deployment["spec"]["replicas"] == 3
+    for key in (("Deployment", "bento-juicefs-injector", NAMESPACE), DAEMON_SET):
+        container = pod_spec(objects, key)["containers"][0]
+        assert container["image"] == "registry.example.com/bj:1.2.3"
+        assert container["imagePullPolicy"] == "Always"
+    injector = pod_spec(objects, ("Deployment", "bento-juicefs-injector", NAMESPACE))
+    assert injector["containers"][0]["resources"]["limits"] == {"memory": "512Mi"}
+    agent = pod_spec(objects, DAEMON_SET)["containers"][0]
+    assert agent["args"] == [
+        "nodeagent",
+        "run",
+        "--config",
+        "/etc/bento-juicefs/config.yaml",
+        "--resync-seconds",
+        "30",
+        "--evict-after-seconds",
+        "7200",
+        "--log-level",
+        "debug",
+    ]
+
+
+def test_node_agent_disabled() -> None:
+    objects = helm("nodeAgent.enabled=false")
+    assert not [key for key in objects if "node-agent" in key[1] and "fence" not in key[1]]
+    assert ("Deployment", "bento-juicefs-injector", NAMESPACE) in objects
+
+
+# --- certificates ---------------------------------------------------------------
+
+
+def test_self_signed_by_default() -> None:
+    objects = helm()
+    assert not [key for key in objects if key[0] in {"Certificate", "Issuer"}]
+    webhook = objects[("MutatingWebhookConfiguration", "bento-juicefs-injector", "")]
+    assert "annotations" not in webhook["metadata"]
+    config = parse_config(config_of(objects))
+    assert config.server.self_signed
+    assert config.webhook.manage_ca_bundle
+
+
+def test_cert_manager() -> None:
+    objects = helm("certificates.mode=certManager")
+    issuer = objects[("Issuer", "bento-juicefs-injector-selfsigned", NAMESPACE)]
+    assert issuer["spec"] == {"selfSigned": {}}
+    cert = objects[("Certificate", "bento-juicefs-injector-serving", NAMESPACE)]
+    assert "bento-juicefs-injector.bento-juicefs-system.svc" in cert["spec"]["dnsNames"]
+    assert cert["spec"]["issuerRef"]["name"] == "bento-juicefs-injector-selfsigned"
+    webhook = objects[("MutatingWebhookConfiguration", "bento-juicefs-injector", "")]
+    assert webhook["metadata"]["annotations"] == {
+        "cert-manager.io/inject-ca-from": f"{NAMESPACE}/bento-juicefs-injector-serving"
+    }
+    # The injector serves cert-manager's files and leaves the caBundle alone.
+    config = parse_config(config_of(objects))
+    assert not config.server.self_signed
+    assert not config.webhook.manage_ca_bundle
+    spec = pod_spec(objects, ("Deployment", "bento-juicefs-injector", NAMESPACE))
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "certs"]
+    assert volume == {"name": "certs", "secret": {"secretName": cert["spec"]["secretName"]}}
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "certs"]
+    assert mount["mountPath"] == config.server.cert_dir
+    assert mount["readOnly"] is True
+
+
+def test_cert_manager_with_an_issuer() -> None:
+    objects = helm(
+        "certificates.mode=certManager",
+        "certificates.certManager.issuerRef.name=corp-ca",
+        "certificates.certManager.issuerRef.kind=ClusterIssuer",
+    )
+    assert not [key for key in objects if key[0] == "Issuer"]
+    cert = objects[("Certificate", "bento-juicefs-injector-serving", NAMESPACE)]
+    assert cert["spec"]["issuerRef"] == {
+        "name": "corp-ca",
+        "kind": "ClusterIssuer",
+        "group": "cert-manager.io",
+    }
+
+
+# --- monitoring -------------------------------------------------------------------
+
+
+def test_monitors_are_off_by_default() -> None:
+    assert not [key for key in helm() if key[0] in {"ServiceMonitor", "PodMonitor"}]
+
+
+@pytest.mark.parametrize("mode", ["selfSigned", "certManager"])
+def test_monitors(mode: str) -> None:
+    objects = helm(
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.podMonitor.enabled=true",
+        "metrics.serviceMonitor.labels.release=prom",
+        f"certificates.mode={mode}",
+    )
+    monitor = objects[("ServiceMonitor", "bento-juicefs-injector", NAMESPACE)]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    service = objects[("Service", "bento-juicefs-injector", NAMESPACE)]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert (endpoint["scheme"], endpoint["path"]) == ("https", "/metrics")
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    secret = endpoint["tlsConfig"]["ca"]["secret"]
+    config = parse_config(config_of(objects))
+    expected = (
+        config.webhook.ca_secret_name
+        if mode == "selfSigned"
+        else objects[("Certificate", "bento-juicefs-injector-serving", NAMESPACE)]["spec"][
+            "secretName"
+        ]
+    )
+    assert secret == {"name": expected, "key": "ca.crt"}
+
+    pod_monitor = objects[("PodMonitor", "bento-juicefs-node-agent", NAMESPACE)]
+    (pod_endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
+    ports = pod_spec(objects, DAEMON_SET)["containers"][0]["ports"]
+    assert {"name": pod_endpoint["port"], "containerPort": 9464} in ports
+    labels = objects[DAEMON_SET]["spec"]["selector"]["matchLabels"]
+    assert pod_monitor["spec"]["selector"]["matchLabels"] == labels
+
+
+def test_the_comparison_sees_a_changed_value() -> None:
+    chart, overlay = helm("injector.replicas=3"), kustomize("gke")
+    key = ("Deployment", "bento-juicefs-injector", NAMESPACE)
+    assert _dump(normalise(chart[key])) != _dump(normalise(overlay[key]))
+    chart = helm("config.cluster.kubernetesVersion=1.31")
+    assert _dump(normalise(chart[CONFIG_MAP])) != _dump(normalise(overlay[CONFIG_MAP]))
