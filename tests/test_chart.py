@@ -23,6 +23,7 @@ after this normalisation and nothing else:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterable
 from functools import cache
@@ -38,6 +39,7 @@ from injector.config import parse_config
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "bento-juicefs"
 OVERLAYS = REPO / "manifests" / "overlays"
+CERT_MANAGER = REPO / "manifests" / "components" / "cert-manager"
 PROFILES = ("gke", "eks", "aks")
 HELM_LABELS = frozenset(
     {
@@ -94,6 +96,30 @@ def _kustomize_text(profile: str) -> str:
     return _run([str(_binaries()["kubectl"]), "kustomize", str(OVERLAYS / profile)])
 
 
+def kustomize_cert_manager(profile: str, work: Path) -> dict[Key, dict[str, Any]]:
+    """A user's overlay: the profile's, the cert-manager component, its config (installation.md)."""
+    config = config_of(kustomize(profile))
+    config["server"] = {"selfSigned": False}
+    config["webhook"] = {"manageCaBundle": False}
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": CONFIG_MAP[1], "namespace": NAMESPACE},
+        "data": {"config.yaml": yaml.safe_dump(config)},
+    }
+    (work / "config.yaml").write_text(yaml.safe_dump(config_map))
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        # kustomize refuses absolute paths; relative ones may leave the root.
+        "resources": [os.path.relpath(OVERLAYS / profile, work)],
+        "components": [os.path.relpath(CERT_MANAGER, work)],
+        "patches": [{"path": "config.yaml"}],
+    }
+    (work / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return _objects(_run([str(_binaries()["kubectl"]), "kustomize", str(work)]))
+
+
 def kustomize(profile: str) -> dict[Key, dict[str, Any]]:
     return _objects(_kustomize_text(profile))
 
@@ -147,6 +173,20 @@ def test_chart_and_overlay_render_the_same_objects(profile: str) -> None:
     for key in sorted(chart):
         assert _dump(normalise(chart[key])) == _dump(normalise(overlay[key])), (
             f"{profile}: {key} differs between the chart and manifests/overlays/{profile}"
+        )
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_chart_with_cert_manager_and_the_component_render_the_same_objects(
+    profile: str, tmp_path: Path
+) -> None:
+    chart = helm(*_sets(profile), "certificates.mode=certManager")
+    overlay = kustomize_cert_manager(profile, tmp_path)
+    assert sorted(chart) == sorted(overlay)
+    assert ("Certificate", "bento-juicefs-injector-serving", NAMESPACE) in chart
+    for key in sorted(chart):
+        assert _dump(normalise(chart[key])) == _dump(normalise(overlay[key])), (
+            f"{profile}: {key} differs between the chart and components/cert-manager"
         )
 
 
@@ -288,6 +328,16 @@ def test_image_replicas_resources_and_node_agent_args() -> None:
         "--log-level",
         "debug",
     ]
+
+
+def test_namespace_values() -> None:
+    namespace = ("Namespace", NAMESPACE, "")
+    assert "annotations" not in helm()[namespace]["metadata"]
+    kept = helm("namespace.keep=true")[namespace]
+    assert kept["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    objects = helm("namespace.create=false")
+    assert namespace not in objects
+    assert sorted(objects) == sorted(key for key in helm() if key != namespace)
 
 
 def test_node_agent_disabled() -> None:
