@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Real etcd, kube-apiserver, controller-manager, scheduler, kubectl, kubelet,
-# kube-proxy, containerd, MinIO and JuiceFS, built once into
+# kube-proxy, containerd, MinIO, mc, JuiceFS and Helm, built once into
 # ~/.cache/bento-juicefs (progress on stderr).
 binaries: $(STAMP)
 	PYTHON=$(BIN)/python bash hack/build-binaries.sh >/dev/null
