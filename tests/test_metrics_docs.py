@@ -1,0 +1,156 @@
+"""docs/metrics.md lists every Prometheus metric the code defines, and every juicefs one it reads.
+
+Read from the code's AST, not listed by hand: each `Counter(...)`,
+`Gauge(...)`, `Histogram(...)` or `Summary(...)` with a literal name in the
+injector, the sidecar, the node agent and common (a counter under its
+scraped name, with `_total`), with its label names; and each `juicefs_...`
+string literal in sidecar/sources.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "metrics.md"
+PACKAGES = ("common", "injector", "sidecar", "nodeagent")
+KINDS = {"Counter": "counter", "Gauge": "gauge", "Histogram": "histogram", "Summary": "summary"}
+JUICEFS_METRIC = re.compile(r"^juicefs_[a-z_]+$")
+
+
+@dataclass(frozen=True, order=True)
+class Metric:
+    name: str  # as scraped
+    kind: str
+    labels: tuple[str, ...]
+    where: str
+
+
+def _strings(node: ast.expr | None) -> tuple[str, ...]:
+    if isinstance(node, ast.List | ast.Tuple):
+        return tuple(str(e.value) for e in node.elts if isinstance(e, ast.Constant))
+    return ()
+
+
+def defined_metrics(source: str, where: str) -> list[Metric]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+        if called not in KINDS or not node.args:
+            continue
+        first = node.args[0]
+        literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
+        assert literal, f"{where}:{node.lineno}: a metric whose name is not a literal"
+        kind = KINDS[called]
+        name = str(getattr(first, "value", ""))
+        if kind == "counter":
+            name = name.removesuffix("_total") + "_total"
+        labels = _strings(node.args[2] if len(node.args) > 2 else None)
+        for keyword in node.keywords:
+            if keyword.arg == "labelnames":
+                labels = _strings(keyword.value)
+        found.append(Metric(name, kind, labels, f"{where}:{node.lineno}"))
+    return found
+
+
+def code_metrics() -> list[Metric]:
+    found: list[Metric] = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            where = str(path.relative_to(ROOT))
+            found += defined_metrics(path.read_text(), where)
+    return sorted(found)
+
+
+def juicefs_metrics() -> list[str]:
+    tree = ast.parse((ROOT / "sidecar" / "sources.py").read_text())
+    return sorted(
+        {
+            node.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and JUICEFS_METRIC.match(node.value)
+        }
+    )
+
+
+def rows(doc: str) -> dict[str, str]:
+    """Table rows by the metric in their first cell."""
+    found = {}
+    for line in doc.splitlines():
+        match = re.match(r"^\| `([a-z_]+)`", line)
+        if match:
+            found[match[1]] = line
+    return found
+
+
+def undocumented(metrics: list[Metric], doc: str) -> list[str]:
+    table = rows(doc)
+    problems = []
+    for metric in metrics:
+        row = table.get(metric.name)
+        if row is None:
+            problems.append(f"{metric.name} ({metric.where}) has no row")
+            continue
+        cells = [c.strip() for c in row.split("|")]
+        if metric.kind not in cells:
+            problems.append(f"{metric.name}: its row does not say {metric.kind}")
+        for label in metric.labels:
+            if f"`{label}`" not in row:
+                problems.append(f"{metric.name}: its row does not name label {label}")
+    return problems
+
+
+def test_every_metric_the_code_defines_is_documented() -> None:
+    metrics = code_metrics()
+    assert len({m.where.split(":")[0] for m in metrics}) >= 2, "the injector's and the agent's"
+    problems = undocumented(metrics, DOC.read_text())
+    assert not problems, "docs/metrics.md: " + "; ".join(problems)
+
+
+def test_every_juicefs_metric_the_sidecar_reads_is_documented() -> None:
+    read = juicefs_metrics()
+    assert "juicefs_object_request_data_bytes" in read
+    table = rows(DOC.read_text())
+    assert not [name for name in read if name not in table]
+
+
+def test_the_check_fails_on_a_metric_missing_from_the_doc() -> None:
+    source = (
+        "from prometheus_client import Counter, Gauge\n"
+        "A = Counter('bento_juicefs_things', 'h', ['outcome'])\n"
+        "B = Gauge('bento_juicefs_level', 'h')\n"
+    )
+    metrics = defined_metrics(source, "x.py")
+    assert [m.name for m in metrics] == ["bento_juicefs_things_total", "bento_juicefs_level"]
+    doc = "| `bento_juicefs_things_total` | counter | `outcome` | x |\n"
+    assert undocumented(metrics, doc) == ["bento_juicefs_level (x.py:3) has no row"]
+    doc += "| `bento_juicefs_level` | counter | | x |\n"
+    assert undocumented(metrics, doc) == ["bento_juicefs_level: its row does not say gauge"]
+    no_label = "| `bento_juicefs_things_total` | counter | | x |\n"
+    assert undocumented(metrics[:1], no_label) == [
+        "bento_juicefs_things_total: its row does not name label outcome"
+    ]
+
+
+def test_the_scraped_names_are_what_the_registries_expose() -> None:
+    """The AST's names (a counter with `_total`) against a real scrape of both registries."""
+    from prometheus_client import generate_latest
+
+    from injector.metrics import Metrics
+    from nodeagent.metrics import AgentMetrics
+
+    text = b"".join(generate_latest(m.registry) for m in (Metrics(), AgentMetrics())).decode()
+    scraped = {
+        (name, kind)
+        for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M)
+        if not name.endswith("_created")
+    }
+    assert scraped == {(m.name, m.kind) for m in code_metrics()}
