@@ -261,11 +261,20 @@ def test_eks_and_aks_differ_from_gke() -> None:
     }
 
 
-def test_unknown_profile_fails() -> None:
-    args = [str(_binaries()["helm"]), "template", "x", str(CHART), "--set", "profile=openshift"]
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("profile=openshift", "value must be one of 'gke', 'eks', 'aks'"),
+        ("profle=eks", "additional properties 'profle' not allowed"),
+        ("certificates.mode=vault", "value must be one of 'selfSigned', 'certManager'"),
+        ("cache.mode=disk", "value must be one of '', 'pod', 'node'"),
+    ],
+)
+def test_values_schema_refuses(value: str, message: str) -> None:
+    args = [str(_binaries()["helm"]), "template", "x", str(CHART), "--set", value]
     proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode != 0
-    assert "is not one of gke, eks, aks" in proc.stderr
+    assert message in proc.stderr
 
 
 def test_node_path_ssd_label_cache_mode_and_config_map() -> None:
