@@ -493,3 +493,20 @@ def test_event_reasons_through_a_parameter_and_an_exception_class() -> None:
     assert calls, "the agent's _failed sends its reason parameter"
     reasons = {r for call in calls for r, _ in module.reasons(call.args[1])}
     assert {"WarmFailed", "VerificationFailed", "WarmupTimeout"} <= reasons
+
+
+def test_no_event_or_condition_row_outlives_its_reason() -> None:
+    """A reason renamed in the code leaves no stale row behind."""
+    found = {(m.group, m.key) for m in all_messages()}
+    doc = DOC.read_text()
+    stale, rows = [], 0
+    for group in (SIDECAR_EVENT, CONDITION, AGENT_EVENT):
+        start = doc.index(f"## {group}\n")
+        end = doc.find("\n## ", start + 1)
+        for line in doc[start : end if end > 0 else None].splitlines():
+            match = re.match(r"^\| (`\w+`) \|", line)
+            rows += bool(match)
+            if match and (group, match[1]) not in found:
+                stale.append(f"{group}: {match[1]}")
+    assert rows == sum(1 for g, _ in found if g in (SIDECAR_EVENT, CONDITION, AGENT_EVENT))
+    assert not stale, f"docs/troubleshooting.md documents reasons the code no longer has: {stale}"
