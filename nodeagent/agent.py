@@ -199,7 +199,7 @@ class NodeAgent:
                 if not room.fits:
                     message = (
                         f"{size / MIB:.0f} MiB does not fit: the node budget is "
-                        f"{self.budget / MIB:.0f} MiB and the Bentos workloads still use "
+                        f"{self.budget / MIB:.0f} MiB and the Bentos that workloads still use "
                         f"hold {room.used / MIB:.0f} MiB"
                     )
                     await self._write(
@@ -226,8 +226,11 @@ class NodeAgent:
         except (CredentialsError, MountError, OSError, ValueError) as err:
             await self._failed(want, "WarmFailed", err)
             return
-        except (VerificationError, WarmupTimeout) as err:
-            await self._failed(want, type(err).__name__.replace("Error", "Failed"), err)
+        except VerificationError as err:
+            await self._failed(want, "VerificationFailed", err)
+            return
+        except WarmupTimeout as err:  # the sidecar's reason for the same
+            await self._failed(want, "WarmupTimedOut", err)
             return
         sources = byte_sources(progress.done_bytes, before, after)
         self.metrics.outcomes.labels("warm").inc()

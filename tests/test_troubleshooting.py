@@ -414,7 +414,7 @@ def test_the_extraction_finds_what_a_reader_would() -> None:
         (SIDECAR_EVENT, "`WarmupResumed`"),  # sent by ProgressReporter._send
         (CONDITION, "`ModelsCached`"),  # GatePlan(reason=...)
         (AGENT_EVENT, "`WarmFailed`"),  # a parameter followed to its caller
-        (AGENT_EVENT, "`WarmupTimeout`"),  # type(err).__name__.replace("Error", "Failed")
+        (AGENT_EVENT, "`WarmupTimedOut`"),  # a literal passed to _failed
         (AGENT_EVENT, "`VerificationFailed`"),
         (POLICY, "the injected juicefs-mount container cannot be changed after the pod is created"),
     }
@@ -492,7 +492,7 @@ def test_event_reasons_through_a_parameter_and_an_exception_class() -> None:
     ]
     assert calls, "the agent's _failed sends its reason parameter"
     reasons = {r for call in calls for r, _ in module.reasons(call.args[1])}
-    assert {"WarmFailed", "VerificationFailed", "WarmupTimeout"} <= reasons
+    assert {"WarmFailed", "VerificationFailed", "WarmupTimedOut"} <= reasons
 
 
 def test_no_event_or_condition_row_outlives_its_reason() -> None:
