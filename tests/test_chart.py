@@ -80,7 +80,7 @@ def _objects(text: str) -> dict[Key, dict[str, Any]]:
 
 
 @cache
-def _helm_text(*sets: str) -> str:
+def helm_text(*sets: str) -> str:
     args = [str(_binaries()["helm"]), "template", "bento-juicefs", str(CHART)]
     for item in sets:
         args += ["--set", item]
@@ -88,7 +88,7 @@ def _helm_text(*sets: str) -> str:
 
 
 def helm(*sets: str) -> dict[Key, dict[str, Any]]:
-    return _objects(_helm_text(*sets))
+    return _objects(helm_text(*sets))
 
 
 @cache
