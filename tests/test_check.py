@@ -49,7 +49,11 @@ ENFORCE = "pod-security.kubernetes.io/enforce"
 HOME = "bento-juicefs-system"
 CREDENTIALS = "juicefs-models-credentials"
 SERVICE_NAME = "bento-juicefs-injector.bento-juicefs-system.svc"
-NOW = dt.datetime.now(dt.UTC)
+
+
+def now() -> dt.datetime:
+    """The time of each check: certificates made during a long run start minutes later."""
+    return dt.datetime.now(dt.UTC)
 
 
 def config(**sections: Any) -> InjectorConfig:
@@ -283,7 +287,7 @@ def test_nodes_that_cannot_be_read_are_not_judged() -> None:
 
 
 def test_a_caBundle_that_holds_the_secrets_ca_is_ok(ca: tuple[bytes, bytes]) -> None:
-    row = one(check_ca_bundle(webhook_configuration(ca[0]), ca_secret(*ca), CONFIG, NOW))
+    row = one(check_ca_bundle(webhook_configuration(ca[0]), ca_secret(*ca), CONFIG, now()))
     assert row.verdict == "ok"
     assert "trusts the CA in Secret bento-juicefs-system/bento-juicefs-injector-ca" in row.found
     assert "CN=bento-juicefs-injector-ca" in row.found
@@ -293,7 +297,7 @@ def test_older_cas_in_the_bundle_are_fine(
     ca: tuple[bytes, bytes], other_ca: tuple[bytes, bytes]
 ) -> None:
     bundle = other_ca[0] + ca[0]
-    row = one(check_ca_bundle(webhook_configuration(bundle, bundle), ca_secret(*ca), CONFIG, NOW))
+    row = one(check_ca_bundle(webhook_configuration(bundle, bundle), ca_secret(*ca), CONFIG, now()))
     assert row.verdict == "ok"
     assert "(and 1 older CA still trusted)" in row.found
 
@@ -302,7 +306,7 @@ def test_a_caBundle_without_the_secrets_ca_is_a_fail(
     ca: tuple[bytes, bytes], other_ca: tuple[bytes, bytes]
 ) -> None:
     hooks = webhook_configuration(ca[0], other_ca[0])
-    row = one(check_ca_bundle(hooks, ca_secret(*ca), CONFIG, NOW))
+    row = one(check_ca_bundle(hooks, ca_secret(*ca), CONFIG, now()))
     assert row.verdict == "FAIL"
     assert "the caBundle of webhook other.juicefs.bentoml.com does not hold the CA" in row.found
     assert "failurePolicy Ignore" in row.found
@@ -313,9 +317,11 @@ def test_what_a_broken_bundle_means_follows_the_failure_policy(
     ca: tuple[bytes, bytes], other_ca: tuple[bytes, bytes]
 ) -> None:
     hooks = webhook_configuration(other_ca[0])
-    assert "failurePolicy Ignore" in one(check_ca_bundle(hooks, ca_secret(*ca), CONFIG, NOW)).found
+    assert (
+        "failurePolicy Ignore" in one(check_ca_bundle(hooks, ca_secret(*ca), CONFIG, now())).found
+    )
     hooks["webhooks"][0]["failurePolicy"] = "Fail"
-    row = one(check_ca_bundle(hooks, ca_secret(*ca), CONFIG, NOW))
+    row = one(check_ca_bundle(hooks, ca_secret(*ca), CONFIG, now()))
     assert row.found.endswith("every Bento pod is refused (failurePolicy Fail)")
 
 
@@ -329,7 +335,7 @@ def test_what_a_broken_bundle_means_follows_the_failure_policy(
 def test_an_empty_or_corrupt_caBundle_is_a_fail(
     ca: tuple[bytes, bytes], bundle: bytes, problem: str
 ) -> None:
-    row = one(check_ca_bundle(webhook_configuration(bundle), ca_secret(*ca), CONFIG, NOW))
+    row = one(check_ca_bundle(webhook_configuration(bundle), ca_secret(*ca), CONFIG, now()))
     assert row.verdict == "FAIL"
     assert f"webhook inject.juicefs.bentoml.com: {problem}" in row.found
 
@@ -337,32 +343,32 @@ def test_an_empty_or_corrupt_caBundle_is_a_fail(
 def test_a_caBundle_that_is_not_base64_is_a_fail(ca: tuple[bytes, bytes]) -> None:
     hooks = webhook_configuration(ca[0])
     hooks["webhooks"][0]["clientConfig"]["caBundle"] = "%%%"
-    assert "is not base64" in one(check_ca_bundle(hooks, ca_secret(*ca), CONFIG, NOW)).found
+    assert "is not base64" in one(check_ca_bundle(hooks, ca_secret(*ca), CONFIG, now())).found
 
 
 def test_expired_certificates_are_a_fail(ca: tuple[bytes, bytes]) -> None:
-    later = NOW + dt.timedelta(days=3651 + 1)
+    later = now() + dt.timedelta(days=3651 + 1)
     row = one(check_ca_bundle(webhook_configuration(ca[0]), ca_secret(*ca), CONFIG, later))
     assert row.verdict == "FAIL"
     assert "every certificate in the caBundle has expired" in row.found
 
 
 def test_no_webhook_configuration_is_a_fail() -> None:
-    row = one(check_ca_bundle(None, None, CONFIG, NOW))
+    row = one(check_ca_bundle(None, None, CONFIG, now()))
     assert row.verdict == "FAIL"
     assert "not installed" in row.found
     assert "kubectl apply -k manifests/base" in row.fix
 
 
 def test_a_missing_ca_secret_is_a_fail_when_the_injector_makes_it(ca: tuple[bytes, bytes]) -> None:
-    row = one(check_ca_bundle(webhook_configuration(ca[0]), None, CONFIG, NOW))
+    row = one(check_ca_bundle(webhook_configuration(ca[0]), None, CONFIG, now()))
     assert row.verdict == "FAIL"
     assert "is missing (the injector creates it at start)" in row.found
 
 
 def test_without_the_injectors_ca_secret_the_endpoints_decide(ca: tuple[bytes, bytes]) -> None:
     certmanager = config(server={"selfSigned": False})
-    row = one(check_ca_bundle(webhook_configuration(ca[0]), None, certmanager, NOW))
+    row = one(check_ca_bundle(webhook_configuration(ca[0]), None, certmanager, now()))
     assert row.verdict == "warn"
     assert "judged from the endpoints only" in row.found
 
@@ -371,17 +377,17 @@ def test_a_serving_certificate_in_the_secret_is_verified_for_the_service_name(
     ca: tuple[bytes, bytes], other_ca: tuple[bytes, bytes], leaf: bytes
 ) -> None:
     served = {"metadata": {"name": "x"}, "data": {"tls.crt": b64(leaf), "ca.crt": b64(ca[0])}}
-    row = one(check_ca_bundle(webhook_configuration(ca[0]), served, CONFIG, NOW))
+    row = one(check_ca_bundle(webhook_configuration(ca[0]), served, CONFIG, now()))
     assert row.verdict == "ok"
     assert f"for {SERVICE_NAME}" in row.found
-    row = one(check_ca_bundle(webhook_configuration(other_ca[0]), served, CONFIG, NOW))
+    row = one(check_ca_bundle(webhook_configuration(other_ca[0]), served, CONFIG, now()))
     assert row.verdict == "FAIL"
     assert "does not verify the serving certificate" in row.found
 
 
 def test_a_secret_without_a_ca_is_a_fail(ca: tuple[bytes, bytes]) -> None:
     empty = {"metadata": {"name": "x"}, "data": {}}
-    row = one(check_ca_bundle(webhook_configuration(ca[0]), empty, CONFIG, NOW))
+    row = one(check_ca_bundle(webhook_configuration(ca[0]), empty, CONFIG, now()))
     assert row.verdict == "FAIL"
     assert "holds no CA certificate (ca.crt)" in row.found
 
@@ -389,16 +395,16 @@ def test_a_secret_without_a_ca_is_a_fail(ca: tuple[bytes, bytes]) -> None:
 def test_verify_served_checks_issuer_name_and_time(
     ca: tuple[bytes, bytes], other_ca: tuple[bytes, bytes], leaf: bytes
 ) -> None:
-    assert verify_served(leaf, ca[0], SERVICE_NAME, NOW) is None
-    assert verify_served(leaf, ca[0], "127.0.0.1", NOW) is None
-    assert "subjectAltName" in str(verify_served(leaf, ca[0], "elsewhere.svc", NOW))
-    assert verify_served(leaf, other_ca[0], SERVICE_NAME, NOW) is not None  # same name, other key
+    assert verify_served(leaf, ca[0], SERVICE_NAME, now()) is None
+    assert verify_served(leaf, ca[0], "127.0.0.1", now()) is None
+    assert "subjectAltName" in str(verify_served(leaf, ca[0], "elsewhere.svc", now()))
+    assert verify_served(leaf, other_ca[0], SERVICE_NAME, now()) is not None  # same name, other key
     stranger = generate_ca("someone-elses-ca")[0]
-    assert verify_served(leaf, stranger, SERVICE_NAME, NOW) == (
+    assert verify_served(leaf, stranger, SERVICE_NAME, now()) == (
         "it is issued by CN=bento-juicefs-injector-ca, and the caBundle holds CN=someone-elses-ca"
     )
-    assert verify_served(leaf, ca[0], SERVICE_NAME, NOW + dt.timedelta(days=400)) is not None
-    assert verify_served(b"junk", ca[0], SERVICE_NAME, NOW) == (
+    assert verify_served(leaf, ca[0], SERVICE_NAME, now() + dt.timedelta(days=400)) is not None
+    assert verify_served(b"junk", ca[0], SERVICE_NAME, now()) == (
         "the serving certificate is not a PEM certificate"
     )
 
@@ -412,7 +418,7 @@ def test_a_reached_endpoint_whose_certificate_the_bundle_verifies_is_ok(
     hooks = webhook_configuration(ca[0], url="https://127.0.0.1:9443/mutate")
     probe = Probe("127.0.0.1:9443", "127.0.0.1", leaf_pem=leaf)
     endpoints = Endpoints("url", "https://127.0.0.1:9443/mutate", "127.0.0.1", None, (probe,))
-    row = one(check_endpoints(hooks, endpoints, CONFIG, NOW))
+    row = one(check_endpoints(hooks, endpoints, CONFIG, now()))
     assert row.verdict == "ok"
     assert row.subject == "127.0.0.1:9443"
     assert "which the caBundle verifies for 127.0.0.1" in row.found
@@ -424,7 +430,7 @@ def test_a_reached_endpoint_with_a_certificate_of_another_ca_is_a_fail(
     hooks = webhook_configuration(other_ca[0])
     probe = Probe("10.0.0.5:9443", SERVICE_NAME, leaf_pem=leaf)
     endpoints = Endpoints("service", f"{HOME}/bento-juicefs-injector", SERVICE_NAME, 1, (probe,))
-    row = one(check_endpoints(hooks, endpoints, CONFIG, NOW))
+    row = one(check_endpoints(hooks, endpoints, CONFIG, now()))
     assert row.verdict == "FAIL"
     assert "does not verify" in row.found
     assert "signature does not match" in row.found
@@ -434,24 +440,24 @@ def test_an_endpoint_out_of_reach_leaves_the_secret_to_judge(ca: tuple[bytes, by
     hooks = webhook_configuration(ca[0])
     probe = Probe("10.0.0.5:9443", SERVICE_NAME, error="timed out")
     endpoints = Endpoints("service", f"{HOME}/bento-juicefs-injector", SERVICE_NAME, 2, (probe,))
-    row = one(check_endpoints(hooks, endpoints, CONFIG, NOW))
+    row = one(check_endpoints(hooks, endpoints, CONFIG, now()))
     assert row.verdict == "ok"
     assert "2 ready endpoints, not reachable from here (10.0.0.5:9443: timed out)" in row.found
     assert "checked against the Secret only" in row.found
     # A URL nobody answers at is worth a warning.
     url = Endpoints("url", "https://127.0.0.1:1/mutate", "127.0.0.1", None, (probe,))
-    assert one(check_endpoints(hooks, url, CONFIG, NOW)).verdict == "warn"
+    assert one(check_endpoints(hooks, url, CONFIG, now())).verdict == "warn"
 
 
 def test_a_service_without_ready_endpoints_is_a_fail(ca: tuple[bytes, bytes]) -> None:
     endpoints = Endpoints("service", f"{HOME}/bento-juicefs-injector", SERVICE_NAME, 0)
-    row = one(check_endpoints(webhook_configuration(ca[0]), endpoints, CONFIG, NOW))
+    row = one(check_endpoints(webhook_configuration(ca[0]), endpoints, CONFIG, now()))
     assert row.verdict == "FAIL"
     assert "no injector pod is ready" in row.found
 
 
 def test_no_endpoint_row_without_a_webhook_configuration() -> None:
-    assert check_endpoints(None, Endpoints("none", "", ""), CONFIG, NOW) == []
+    assert check_endpoints(None, Endpoints("none", "", ""), CONFIG, now()) == []
 
 
 # -- Pod Security --------------------------------------------------------------------------
@@ -794,7 +800,7 @@ async def test_fetch_reads_what_the_checks_need_and_run_checks_judges_it(
     assert state.copies[("team", CREDENTIALS)] == Unreadable("403 Forbidden")
     assert state.copies[("psa", CREDENTIALS)] is None
     assert (f"/api/v1/namespaces/{HOME}/pods", []) not in api.paths  # by the DaemonSet's selector
-    rows = run_checks(state, CONFIG, NOW)
+    rows = run_checks(state, CONFIG, now())
     table = {(r.check, r.subject): r.verdict for r in rows}
     assert table == {
         ("server version", "cluster"): "ok",
@@ -834,7 +840,7 @@ async def test_probe_tls_takes_the_presented_certificate(
     probe = await probe_tls("127.0.0.1", tls_server, "127.0.0.1")
     assert probe.error is None
     assert probe.leaf_pem is not None
-    assert verify_served(probe.leaf_pem, ca[0], "127.0.0.1", NOW) is None
+    assert verify_served(probe.leaf_pem, ca[0], "127.0.0.1", now()) is None
     assert probe.address == f"127.0.0.1:{tls_server}"
 
 
@@ -901,6 +907,6 @@ async def test_a_services_ready_endpoints_are_each_connected_to(
     ) in api.paths
     assert endpoints.ready == 1
     assert [p.address for p in endpoints.probes] == [f"127.0.0.1:{tls_server}"]
-    row = one(check_endpoints(hooks, endpoints, CONFIG, NOW))
+    row = one(check_endpoints(hooks, endpoints, CONFIG, now()))
     assert row.verdict == "ok"
     assert f"which the caBundle verifies for {SERVICE_NAME}" in row.found
