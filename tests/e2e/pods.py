@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devcluster import Cluster, wait_for
+from devcluster.images import SAMPLE_BENTO_IMAGE
 
 GATE = "juicefs.bentoml.com/models-ready"
 SIDECAR = "juicefs-mount"
@@ -190,3 +191,35 @@ class StartupWatch:
         return wait_pod(
             self.cluster, self.namespace, name, ready, timeout=timeout, what=f"pod {name} Ready"
         )
+
+
+def bento_deployment(
+    name: str,
+    labels: dict[str, str],
+    command: list[str],
+    replicas: int,
+    annotations: dict[str, str] | None = None,
+    strategy: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Deployment of the sample Bento image: pods labelled labels (+ app=name) running command."""
+    spec: dict[str, Any] = {
+        "replicas": replicas,
+        "selector": {"matchLabels": {"app": name}},
+        "template": {
+            "metadata": {"labels": {**labels, "app": name}, "annotations": annotations or {}},
+            "spec": {
+                "terminationGracePeriodSeconds": 20,
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": SAMPLE_BENTO_IMAGE,
+                        "imagePullPolicy": "IfNotPresent",
+                        "command": command,
+                    }
+                ],
+            },
+        },
+    }
+    if strategy is not None:
+        spec["strategy"] = strategy
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}, "spec": spec}

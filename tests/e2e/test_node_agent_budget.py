@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 
 from common.warm import WARM_ANNOTATION, NodeWarmth, warm_label_key
-from devcluster import Cluster, ControlPlane, wait_for
-from devcluster.injector import LocalInjector
+from devcluster import Cluster, wait_for
 from devcluster.juicefs import cached_blocks
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
@@ -29,6 +28,7 @@ from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.e2e.test_node_agent import deployment as bento_deployment
+from tests.e2e.test_node_agent import local_agent
 
 BENTOS = ("budget-a", "budget-b", "budget-c")  # oldest first
 VERSION = "v1"
@@ -45,10 +45,7 @@ def models(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> d
 
 @pytest.fixture(scope="module")
 def agent(cluster: Cluster, node: Node) -> Iterator[LocalNodeAgent]:
-    found = cluster.addons.get("injector") if isinstance(cluster, ControlPlane) else None
-    if not isinstance(found, LocalInjector):
-        pytest.skip("needs the local injector's config (E2E_KUBECONFIG is set)")
-    local = LocalNodeAgent(cluster, found)
+    local = local_agent(cluster)
     yield local  # installed by the test, once its workloads exist
     print(local.logs()[-3000:])
     local.uninstall()
@@ -74,6 +71,18 @@ def states(cluster: Cluster, node: Node) -> dict[str, str]:
     annotations = cluster.get_json("node", node.name)["metadata"].get("annotations") or {}
     records = NodeWarmth.parse(annotations.get(WARM_ANNOTATION)).records
     return {ref.name: r.state for ref, r in records.items() if ref.name in BENTOS}
+
+
+def wait_states(
+    cluster: Cluster, node: Node, agent: LocalNodeAgent, expected: dict[str, str]
+) -> None:
+    try:
+        wait_for(lambda: states(cluster, node) == expected, timeout=180, interval=0.5,
+                 what=f"the agent's record to be {expected}")  # fmt: skip
+    except TimeoutError:
+        raise AssertionError(
+            f"record {states(cluster, node)}, expected {expected}:\n{agent.logs()}"
+        ) from None
 
 
 def held(storage: StorageStack, node: Node, models: dict[str, Manifest]) -> dict[str, int]:
@@ -110,14 +119,8 @@ def test_three_bentos_over_the_budget_the_newest_two_are_held_and_an_unused_one_
     # for a newer one: the newcomer is over budget until room is free.)
     agent.install(cache={"nodeBudget": "1Gi"})
 
-    expected = {"budget-c": "warm", "budget-b": "warm", "budget-a": "over-budget"}
-    try:
-        wait_for(lambda: states(cluster, node) == expected, timeout=180, interval=0.5,
-                 what=f"the agent's record to be {expected}")  # fmt: skip
-    except TimeoutError:
-        raise AssertionError(
-            f"record {states(cluster, node)}, expected {expected}:\n{agent.logs()}"
-        ) from None
+    wait_states(cluster, node, agent, {"budget-c": "warm", "budget-b": "warm",
+                                       "budget-a": "over-budget"})  # fmt: skip
     by_bento = held(storage, node, models)
     print(f"\nbudget {BUDGET / MIB:.0f} MiB, three {size / MIB:.0f} MiB Bentos: held "
           f"{ {k: round(v / MIB) for k, v in by_bento.items()} } MiB")  # fmt: skip
@@ -135,14 +138,8 @@ def test_three_bentos_over_the_budget_the_newest_two_are_held_and_an_unused_one_
 
     # budget-c's workload goes: it is the one no workload uses, so it makes room for budget-a.
     cluster.kubectl("delete", "deployment", "budget-c", "-n", namespace)
-    expected = {"budget-c": "evicted", "budget-b": "warm", "budget-a": "warm"}
-    try:
-        wait_for(lambda: states(cluster, node) == expected, timeout=180, interval=0.5,
-                 what=f"the agent's record to be {expected}")  # fmt: skip
-    except TimeoutError:
-        raise AssertionError(
-            f"record {states(cluster, node)}, expected {expected}:\n{agent.logs()}"
-        ) from None
+    wait_states(cluster, node, agent, {"budget-c": "evicted", "budget-b": "warm",
+                                       "budget-a": "warm"})  # fmt: skip
     by_bento = held(storage, node, models)
     print(f"after budget-c's Deployment went: held "
           f"{ {k: round(v / MIB) for k, v in by_bento.items()} } MiB")  # fmt: skip

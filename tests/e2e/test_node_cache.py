@@ -33,6 +33,7 @@ from sidecar.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
     SIDECAR,
+    bento_deployment,
     condition,
     diagnose,
     events,
@@ -68,32 +69,15 @@ def namespace(cluster: Cluster, node: Node) -> Iterator[str]:
 
 def deployment(model: Manifest, replicas: int, rollout: str) -> dict[str, Any]:
     shard = max(model.files, key=lambda f: f.size)
-    labels = {**bento_labels(BENTO, VERSION), "app": DEPLOYMENT}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": DEPLOYMENT},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": DEPLOYMENT}},
-            # A new pod starts before an old one goes, as in most rollouts.
-            "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {
-                "metadata": {"labels": labels, "annotations": {ROLLOUT: rollout}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 20,
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": SAMPLE_BENTO_IMAGE,
-                            "imagePullPolicy": "IfNotPresent",
-                            "command": check_command(shard.path, shard.sha256),
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    return bento_deployment(
+        DEPLOYMENT,
+        bento_labels(BENTO, VERSION),
+        check_command(shard.path, shard.sha256),
+        replicas,
+        annotations={ROLLOUT: rollout},
+        # A new pod starts before an old one goes, as in most rollouts.
+        strategy={"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+    )
 
 
 def live_pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:

@@ -256,6 +256,8 @@ def test_an_agent_restarted_mid_warm_resumes_without_fetching_again(
         f"{first.bytes_sent / MIB:.0f} MiB: the rest was in flight); the next agent fetched "
         f"{second.bytes_sent / MIB:.0f} MiB for the {missing / MIB:.0f} MiB missing"
     )
-    # The new agent fetches only what the cache lacks, not the whole model again.
-    assert second.bytes_sent <= missing * 1.05 + 8 * MIB
+    # The new agent fetches what the cache lacks, not the model again. Up to a
+    # quarter more: blocks its own reads could not queue for a busy disk are
+    # fetched again by the cache fill (juicefs drops them rather than wait).
+    assert second.bytes_sent <= missing * 1.25 + 8 * MIB
     assert json.loads(node.api.annotations[WARM_ANNOTATION])[0]["verified"] is True
