@@ -40,7 +40,7 @@ from devcluster.images import (
     run_in_image,
 )
 from devcluster.images.base import apt_sources
-from devcluster.images.oci import archive_digest, is_unpacked
+from devcluster.images.oci import KEEP_BUILDS, archive_digest, is_unpacked, prune_builds
 from devcluster.images.steps import inputs_key
 from devcluster.packages import PackagesError, ensure_packages
 from devcluster.storage import bentoml_model_yaml
@@ -488,3 +488,23 @@ def test_import_into_a_throwaway_containerd_unpacks_and_then_skips(
             if mount.point.is_relative_to(work):
                 unmount(mount.point)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_older_builds_of_an_image_are_pruned_but_the_last_few_stay(tmp_path: Path) -> None:
+    builds = []
+    for age, key in enumerate(["k5", "k4", "k3", "k2", "k1"]):
+        archive = tmp_path / f"ghcr.io_x_sidecar_0.1.0-{key}.oci.tar"
+        archive.write_bytes(b"x")
+        archive.with_suffix(".json").write_text("{}")
+        os.utime(archive, (1000 - age, 1000 - age))  # k5 the newest by time
+        builds.append(archive)
+    other = tmp_path / "localhost_pause_3.10-p1.oci.tar"
+    other.write_bytes(b"x")
+    newest = builds[-1]  # just exported: kept whatever its time
+    gone = prune_builds(tmp_path, newest)
+    kept = sorted(p.name for p in tmp_path.glob("ghcr.io_x_sidecar_0.1.0-*.oci.tar"))
+    assert len(kept) == KEEP_BUILDS
+    assert newest.name in kept
+    assert builds[0].name in kept  # the most recent other checkout's
+    assert other.exists()
+    assert not any(p.exists() for p in gone)

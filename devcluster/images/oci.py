@@ -82,6 +82,27 @@ def archive_chain_id(path: Path) -> str:
     return chain
 
 
+# Builds of one image kept beside the newest: two checkouts on one machine (a
+# worktree, a CI clone) each find theirs instead of deleting the other's.
+KEEP_BUILDS = 3
+
+
+def prune_builds(archives: Path, newest: Path) -> list[Path]:
+    """Remove all but the KEEP_BUILDS most recent builds of newest's image; what went."""
+    prefix = newest.name.rsplit("-", 1)[0]
+    builds = sorted(
+        (a for a in archives.glob(f"{prefix}-*.oci.tar") if a.name.rsplit("-", 1)[0] == prefix),
+        key=lambda a: (a == newest, a.stat().st_mtime),
+        reverse=True,
+    )
+    gone = []
+    for stale in builds[KEEP_BUILDS:]:
+        for part in (stale, stale.with_suffix(".json")):
+            part.unlink(missing_ok=True)
+            gone.append(part)
+    return gone
+
+
 def export(buildah: Buildah, layout: Layout, name: str, key: str, started: float) -> ImageArchive:
     """`buildah push NAME oci-archive:FILE:NAME`, then the note that marks it complete."""
     path = archive_path(layout, name, key)
@@ -100,9 +121,7 @@ def export(buildah: Buildah, layout: Layout, name: str, key: str, started: float
         os.replace(partial, path)
         note = {"name": name, "key": key, "digest": digest, "created": int(time.time())}
         path.with_suffix(".json").write_text(json.dumps(note, indent=2) + "\n")
-    for stale in layout.archives.glob(f"{path.name.rsplit('-', 1)[0]}-*.oci.*"):
-        if stale.name not in (path.name, path.with_suffix(".json").name):
-            stale.unlink(missing_ok=True)  # older builds of the same image
+    prune_builds(layout.archives, path)
     size = path.stat().st_size >> 20
     say(f"{name}: {digest} ({size} MiB)")
     return ImageArchive(name=name, path=path, digest=digest, seconds=time.monotonic() - started)
