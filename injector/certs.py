@@ -159,10 +159,74 @@ def generate_bundle(hosts: Sequence[str]) -> CertBundle:
 
 
 def needs_renewal(cert_pem: bytes, now: dt.datetime | None = None) -> bool:
+    """Less than RENEW_FRACTION of its lifetime left (or expired, or not yet valid)."""
     cert = x509.load_pem_x509_certificate(cert_pem)
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    remaining = end - (now or _now())
-    return remaining < (end - start) * RENEW_FRACTION
+    now = now or _now()
+    if now < start:
+        return True
+    return end - now < (end - start) * RENEW_FRACTION
+
+
+def not_after(cert_pem: bytes) -> dt.datetime:
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+
+def _spki(public: ec.EllipticCurvePublicKey | object) -> bytes:
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        return b""
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def ca_problem(ca_pem: bytes, ca_key_pem: bytes, now: dt.datetime | None = None) -> str | None:
+    """None when the pair is a usable CA; otherwise what is wrong with it.
+
+    Usable: both parse, the key is the certificate's, the certificate may sign
+    certificates, and it is not expired or close to it (RENEW_FRACTION).
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        return "the CA certificate is not a PEM certificate"
+    try:
+        key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    except (ValueError, TypeError):
+        return "the CA key is not an unencrypted PEM private key"
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        return "the CA key is not an EC key"
+    if _spki(key.public_key()) != _spki(cert.public_key()):
+        return "the CA key does not belong to the CA certificate"
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return "the CA certificate has no basicConstraints"
+    if not constraints.ca:
+        return "the CA certificate is not a CA (basicConstraints ca=false)"
+    if needs_renewal(ca_pem, now):
+        return f"the CA certificate expires at {cert.not_valid_after_utc.isoformat()}"
+    return None
+
+
+def split_certificates(bundle: bytes) -> list[bytes]:
+    """The PEM certificates of a bundle, each re-encoded; unparsable input gives []."""
+    try:
+        certs = x509.load_pem_x509_certificates(bundle)
+    except ValueError:
+        return []
+    return [c.public_bytes(serialization.Encoding.PEM) for c in certs]
+
+
+def valid_certificates(bundle: bytes, now: dt.datetime | None = None) -> list[bytes]:
+    """The certificates of a bundle that are valid now, in order, without duplicates."""
+    now = now or _now()
+    kept: list[bytes] = []
+    for pem in split_certificates(bundle):
+        cert = x509.load_pem_x509_certificate(pem)
+        if cert.not_valid_before_utc <= now < cert.not_valid_after_utc and pem not in kept:
+            kept.append(pem)
+    return kept
 
 
 def service_hosts(service: str, namespace: str, extra: Sequence[str] = ()) -> list[str]:

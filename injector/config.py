@@ -352,6 +352,12 @@ class Server(_Model):
     max_body_bytes: int = Field(default=3 * 1024 * 1024, ge=1024)
     # On SIGTERM: fail /readyz, keep serving this long, then close.
     shutdown_delay_seconds: float = Field(default=5.0, ge=0)
+    # Slow or idle clients: a connection without a complete request header this
+    # long after it opened or after its last response is closed (longer than
+    # the apiserver's 90 s idle timeout, so the apiserver closes idle ones first).
+    idle_timeout_seconds: float = Field(default=120.0, gt=0)
+    body_timeout_seconds: float = Field(default=10.0, gt=0)
+    tls_handshake_timeout_seconds: float = Field(default=10.0, gt=0)
 
 
 PodSecurityLevel = Literal["privileged", "baseline", "restricted"]

@@ -22,6 +22,10 @@ CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 READY_CHECKS = web.AppKey("ready_checks", list[ReadyCheck])
 # Set once the listener serves TLS; cleared when draining on shutdown.
 SERVING = web.AppKey("serving", asyncio.Event)
+# Set on shutdown: every response then closes its connection, so clients that
+# keep connections open (the apiserver does) dial again, to a replica that is
+# still in the endpoints, instead of reusing one to us that is about to close.
+DRAINING = web.AppKey("draining", asyncio.Event)
 
 
 @contextlib.asynccontextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -24,6 +24,27 @@ class Metrics:
         self.cert_reloads = Counter(
             "bento_juicefs_certificate_reloads",
             "Serving certificate reloads",
+            registry=self.registry,
+        )
+        self.cert_expiry = Gauge(
+            "bento_juicefs_certificate_expiry_timestamp_seconds",
+            "When the serving certificate in use expires (Unix time)",
+            registry=self.registry,
+        )
+        self.ca_bundle_patches = Counter(
+            "bento_juicefs_ca_bundle_patches",
+            "caBundle patches of the webhook configuration made by this replica",
+            registry=self.registry,
+        )
+        self.ca_switches = Counter(
+            "bento_juicefs_ca_switches",
+            "Times this replica moved its serving certificate to a new shared CA",
+            registry=self.registry,
+        )
+        self.ca_repairs = Counter(
+            "bento_juicefs_ca_secret_writes",
+            "Shared CA Secrets this replica wrote: missing, or invalid (empty, corrupt, expiring)",
+            ["reason"],
             registry=self.registry,
         )
 

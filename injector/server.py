@@ -4,18 +4,30 @@
 needs (the serving certificate, the API client, the shared CA and caBundle
 keeper, the namespace controller) starts and stops with the app as an aiohttp
 cleanup context; see `build_app`.
+
+Slow and hostile clients are bounded, never waited for: a TLS handshake
+has `server.tlsHandshakeTimeoutSeconds`, a request's header must be complete
+within `server.idleTimeoutSeconds` of the connection opening or of its last
+response, its body within `server.bodyTimeoutSeconds` (408), and a body
+larger than `server.maxBodyBytes` is refused (413) without being read. One
+event loop serves every connection, so a slow one holds only its socket;
+the file descriptor limit is raised to its hard limit at start so that
+thousands of them do not run it out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
+import resource
 import signal
+import ssl
 import time
 from dataclasses import dataclass
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.exposition import generate_latest
 from pydantic_core import to_json
@@ -24,7 +36,7 @@ from injector.admission import BadReview, parse_review, review
 from injector.cluster_certs import shared_ca
 from injector.config import InjectorConfig
 from injector.kube import api_client
-from injector.lifecycle import READY_CHECKS, SERVING, ReadyCheck
+from injector.lifecycle import DRAINING, READY_CHECKS, SERVING, ReadyCheck
 from injector.metrics import METRICS, Metrics
 from injector.namespaces import namespace_controller
 from injector.review_cache import ReviewCache
@@ -52,17 +64,32 @@ async def handle_mutate(request: web.Request) -> web.Response:
     config, metrics = app[CONFIG], app[METRICS]
     started = time.perf_counter()
     structlog.contextvars.clear_contextvars()
+    limit = config.server.max_body_bytes
     try:
-        body = await request.read()
+        if (request.content_length or 0) > limit:
+            raise web.HTTPRequestEntityTooLarge(limit, request.content_length or 0)
+        async with asyncio.timeout(config.server.body_timeout_seconds):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         metrics.requests.labels("too_large").inc()
-        limit = config.server.max_body_bytes
         log.warning("admission.rejected", reason="body too large", limit=limit)
-        return _text_error(
+        response = _text_error(
             413,
             f"AdmissionReview body exceeds the configured limit of {limit} bytes "
             "(server.maxBodyBytes)",
         )
+        response.force_close()  # the rest of the body is never read
+        return response
+    except TimeoutError:
+        metrics.requests.labels("body_timeout").inc()
+        seconds = config.server.body_timeout_seconds
+        log.warning("admission.rejected", reason="body too slow", seconds=seconds)
+        response = _text_error(
+            408,
+            f"AdmissionReview body not received within {seconds:g}s (server.bodyTimeoutSeconds)",
+        )
+        response.force_close()
+        return response
     if request.content_type not in ("application/json", ""):
         metrics.requests.labels("bad_request").inc()
         return _text_error(400, f"content type {request.content_type} is not application/json")
@@ -121,6 +148,12 @@ async def handle_mutate(request: web.Request) -> web.Response:
     return web.Response(body=payload, content_type="application/json", charset="utf-8")
 
 
+async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    if request.app[DRAINING].is_set():
+        response.force_close()
+        response.headers[hdrs.CONNECTION] = "close"  # the headers are already prepared
+
+
 async def handle_healthz(_: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
@@ -160,6 +193,8 @@ def build_app(
     app[REVIEWS] = ReviewCache()
     app[READY_CHECKS] = list(ready_checks or [])
     app[SERVING] = asyncio.Event()
+    app[DRAINING] = asyncio.Event()
+    app.on_response_prepare.append(_close_when_draining)
     app.router.add_post("/mutate", handle_mutate)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
@@ -172,6 +207,99 @@ def build_app(
     if cluster is not None and config.controller.enabled:
         app.cleanup_ctx.append(namespace_controller(config))
     return app
+
+
+class TlsSite(web.BaseSite):
+    """aiohttp's TCPSite with a TLS handshake timeout (asyncio's default is 60 s)."""
+
+    __slots__ = ("_handshake_timeout", "_host", "_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext,
+        handshake_timeout: float,
+        backlog: int = 1024,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._host, self._port = host, port
+        self._handshake_timeout = handshake_timeout
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=self._handshake_timeout,
+        )
+
+
+def raise_open_files_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (as Go does); the limit now in force.
+
+    Containers often start with a soft limit of 1024, which a thousand slow
+    clients would use up, and then nobody could connect.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY:
+        return soft
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft
+
+
+# After a refused body (413, 408) the rest is read and dropped this long, so the
+# client gets to read the answer before the connection closes (aiohttp: 10 s).
+LINGER_SECONDS = 2.0
+
+
+# asyncio gives every TLS connection a 256 KiB receive buffer (and reads up to
+# that much per call); a review is a few KB, and 500 connections then held
+# 250+ MiB. TLS records are at most 16 KiB: 32 KiB loses nothing here.
+TLS_READ_BUFFER = 32 * 1024
+
+
+def shrink_tls_buffers(size: int = TLS_READ_BUFFER) -> None:
+    """Per-connection TLS buffers of `size` (asyncio.sslproto's class default is 256 KiB)."""
+    protocol = getattr(asyncio.sslproto, "SSLProtocol", None)
+    if protocol is not None and isinstance(getattr(protocol, "max_size", None), int):
+        protocol.max_size = size
+
+
+def make_runner(app: web.Application, config: InjectorConfig) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=10.0,
+        keepalive_timeout=config.server.idle_timeout_seconds,
+        lingering_time=LINGER_SECONDS,
+    )
+
+
+def make_site(
+    runner: web.AppRunner, config: InjectorConfig, host: str | None = None, port: int | None = None
+) -> TlsSite:
+    return TlsSite(
+        runner,
+        config.server.host if host is None else host,
+        config.server.port if port is None else port,
+        ssl_context=runner.app[TLS].context,
+        handshake_timeout=config.server.tls_handshake_timeout_seconds,
+    )
 
 
 async def serve(
@@ -189,29 +317,32 @@ async def serve(
     """
     cluster = None if standalone else ClusterAccess(kubeconfig)
     app = build_app(config, cluster=cluster, extra_hosts=extra_hosts)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
+    runner = make_runner(app, config)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    open_files = raise_open_files_limit()
+    shrink_tls_buffers()
     try:
         await runner.setup()
-        site = web.TCPSite(
-            runner, config.server.host, config.server.port, ssl_context=app[TLS].context
-        )
-        await site.start()
+        await make_site(runner, config).start()
         app[SERVING].set()
         log.info(
             "server.started",
             host=config.server.host,
             port=config.server.port,
             standalone=standalone,
+            open_files_limit=open_files,
         )
         await stop.wait()
         # Fail /readyz first and keep serving while endpoints catch up, so
-        # the apiserver stops sending us reviews before the listener closes.
+        # the apiserver stops sending us reviews before the listener closes;
+        # meanwhile every response closes its connection, so the apiserver's
+        # next review dials again and reaches a replica that stays.
         app[SERVING].clear()
+        app[DRAINING].set()
         log.info("server.draining", seconds=config.server.shutdown_delay_seconds)
         await asyncio.sleep(config.server.shutdown_delay_seconds)
     finally:

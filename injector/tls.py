@@ -1,13 +1,19 @@
 """The serving certificate: loaded (or generated) before the listener opens, kept fresh.
 
-Changed files are reloaded into the live SSLContext, which affects new
-handshakes only, so connections in flight are never dropped; a self-signed
-serving certificate is re-issued from its CA before it expires.
+The listener's SSLContext never changes; for every handshake it hands the
+connection to the context built from the newest good files (its SNI
+callback, which OpenSSL calls with or without SNI). A reload builds a whole
+new context and swaps it in only once the certificate and its key have
+loaded together, so a half-written or mismatched pair (cert-manager's files
+swapped between our two reads, a cert written before its key) never reaches
+a handshake, and connections in flight keep the session they have. A
+self-signed serving certificate is re-issued from its CA before it expires.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,6 +27,7 @@ from injector.certs import (
     generate_bundle,
     issue_serving_cert,
     needs_renewal,
+    not_after,
     server_ssl_context,
     service_hosts,
     write_atomic,
@@ -35,10 +42,23 @@ log = structlog.get_logger("injector.tls")
 @dataclass
 class TlsState:
     files: CertFiles
-    context: ssl.SSLContext
+    # What handshakes use: the newest context whose cert and key loaded together.
+    current: ssl.SSLContext
     stamp: tuple[float, float]
     ca_key: Path | None = None
     hosts: list[str] = field(default_factory=list)
+    expires: dt.datetime | None = None
+    context: ssl.SSLContext = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The listener's context: same settings, and each handshake goes to `current`.
+        self.context = server_ssl_context(self.files)
+        self.context.sni_callback = self._select
+
+    def _select(
+        self, connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        connection.context = self.current
 
 
 TLS = web.AppKey("tls", TlsState)
@@ -66,41 +86,73 @@ def prepare_tls(config: InjectorConfig, extra_hosts: list[str] | None = None) ->
         bundle = generate_bundle(hosts)
         write_atomic(ca_key, bundle.ca_key_pem)
         files.write(bundle)
+    own_ca = ca_key if server.self_signed and ca_key.is_file() else None
+    if own_ca is not None and needs_renewal(files.cert.read_bytes()):
+        # Left from an earlier run and close to expiry: never start on it.
+        _write_renewed(files, own_ca, hosts)
+    stamp = files.stamp()
     return TlsState(
         files=files,
-        context=server_ssl_context(files),
-        stamp=files.stamp(),
-        ca_key=ca_key if server.self_signed and ca_key.is_file() else None,
+        current=server_ssl_context(files),
+        stamp=stamp,
+        ca_key=own_ca,
         hosts=hosts,
+        expires=_expiry(files),
     )
 
 
-def reload_if_changed(state: TlsState, metrics: Metrics | None = None) -> bool:
-    """Renew a self-signed cert that is close to expiry; reload changed files.
+def _expiry(files: CertFiles) -> dt.datetime | None:
+    try:
+        return not_after(files.cert.read_bytes())
+    except (OSError, ValueError):
+        return None
 
-    Loading into the same SSLContext affects new handshakes only, so
-    connections in flight keep their session and nothing is dropped.
+
+def renew_if_due(state: TlsState) -> bool:
+    """Re-issue a self-signed serving cert from its CA when little of its life is left."""
+    if state.ca_key is None or not needs_renewal(state.files.cert.read_bytes()):
+        return False
+    _write_renewed(state.files, state.ca_key, state.hosts)
+    return True
+
+
+def _write_renewed(files: CertFiles, ca_key: Path, hosts: list[str]) -> None:
+    cert_pem, key_pem = issue_serving_cert(files.ca.read_bytes(), ca_key.read_bytes(), hosts)
+    # Key before cert: a reader that sees the new cert finds its key.
+    write_atomic(files.key, key_pem)
+    write_atomic(files.cert, cert_pem, 0o644)
+    log.info("tls.renewed", expires=not_after(cert_pem).isoformat())
+
+
+def reload_if_changed(state: TlsState, metrics: Metrics | None = None) -> bool:
+    """Renew a self-signed cert that is close to expiry; serve changed files.
+
+    A new context is built from the files and swapped in whole; if the pair
+    does not load (a cert without its key yet), the old one keeps serving and
+    the next pass tries again.
     """
+    renew_if_due(state)
     files = state.files
-    if state.ca_key is not None and needs_renewal(files.cert.read_bytes()):
-        cert_pem, key_pem = issue_serving_cert(
-            files.ca.read_bytes(), state.ca_key.read_bytes(), state.hosts
-        )
-        write_atomic(files.key, key_pem)
-        write_atomic(files.cert, cert_pem, 0o644)
-    stamp = files.stamp()
+    stamp = files.stamp()  # before reading: a change after it is seen next pass
     if stamp == state.stamp:
         return False
     try:
-        state.context.load_cert_chain(files.cert, files.key)
-    except (ssl.SSLError, OSError) as err:
-        # A cert written before its key: keep serving the old pair, retry later.
+        context = server_ssl_context(files)
+    except (ssl.SSLError, OSError, ValueError) as err:
         log.warning("tls.reload_failed", error=str(err))
         return False
+    state.current = context
     state.stamp = stamp
+    state.expires = _expiry(files)
     if metrics is not None:
         metrics.cert_reloads.inc()
-    log.info("tls.reloaded", cert=str(files.cert))
+        if state.expires is not None:
+            metrics.cert_expiry.set(state.expires.timestamp())
+    log.info(
+        "tls.reloaded",
+        cert=str(files.cert),
+        expires=state.expires.isoformat() if state.expires else None,
+    )
     return True
 
 
@@ -121,8 +173,11 @@ def serving_certificate(
     async def context(app: web.Application) -> AsyncIterator[None]:
         state = prepare_tls(config, extra_hosts)
         app[TLS] = state
+        metrics = app[METRICS]
+        if state.expires is not None:
+            metrics.cert_expiry.set(state.expires.timestamp())
         interval = config.server.cert_check_interval_seconds
-        async with background(_watch(state, app[METRICS], interval)):
+        async with background(_watch(state, metrics, interval)):
             yield
 
     return context

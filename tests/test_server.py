@@ -341,10 +341,10 @@ async def test_cluster_parts_start_with_the_app_and_stop_before_the_client_close
 async def test_a_failed_start_still_closes_the_client(
     tmp_path: Path, cluster_events: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def ensure_shared_ca(api: object, config: InjectorConfig) -> tuple[bytes, bytes]:
+    async def start(self: cluster_certs.CaKeeper) -> cluster_certs.SharedCa:
         raise RuntimeError("apiserver unreachable")
 
-    monkeypatch.setattr(cluster_certs, "ensure_shared_ca", ensure_shared_ca)
+    monkeypatch.setattr(cluster_certs.CaKeeper, "start", start)
     config = server_config(tmp_path, port=free_port())
     with pytest.raises(RuntimeError, match="apiserver unreachable"):
         await serve(config, kubeconfig="/tmp/kubeconfig", stop=asyncio.Event())
