@@ -4,14 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test lint typecheck unit e2e binaries images cluster-up cluster-down golden-update bench render-example demo clean
+.PHONY: help venv test lint typecheck unit e2e binaries images cluster-up cluster-down golden-update bench bench-load render-example demo clean
 
 help:
 	@echo "make test          lint, type-check and run the test suite (installs into $(VENV))"
 	@echo "make demo          control plane + a real node + JuiceFS: the example Bento injected, run and Ready, then kubectl describe pod"
 	@echo "make golden-update regenerate tests/golden/*.injected"
 	@echo "make fuzz          the admission path on 100,000+ fuzzed inputs (hypothesis, /mutate over HTTPS, atheris); bench-results/fuzz.json"
-	@echo "make bench         streaming, cold-start, warm-start, admission against their limits (SCENARIO=NAME for one); bench-results/"
+	@echo "make bench         streaming, cold-start, warm-start, admission, load against their limits (SCENARIO=NAME for one); bench-results/"
+	@echo "make bench-load    10,000 reviews per run at 500 connections over TLS: errors, 5xx, the injector's memory; bench-results/load.json"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,10 +62,14 @@ golden-update: $(STAMP)
 	$(BIN)/pytest tests/test_golden.py --update-golden
 
 # Ratios against limits measured in the same run (BENCHMARKS.md); one table,
-# bench-results/<scenario>.json each. SCENARIO=streaming|cold-start|warm-start|admission
+# bench-results/<scenario>.json each. SCENARIO=streaming|cold-start|warm-start|admission|load
 # runs one. Needs root and /dev/fuse (FUSE mounts, network namespaces, tc).
 bench: $(STAMP) binaries images
 	$(BIN)/python -m benchmarks $(if $(SCENARIO),--scenario $(SCENARIO)) $(BENCH_ARGS)
+
+# The injector alone under load (no cluster, no root): bench-results/load.json.
+bench-load: $(STAMP)
+	$(BIN)/python -m benchmarks --scenario load $(BENCH_ARGS)
 
 # Fuzz the admission path (tests/fuzzing.py): 20,000 inputs per target, the
 # real server's /mutate over HTTPS, and atheris (coverage-guided) when it

@@ -1,7 +1,9 @@
 """`make bench`: every scenario (or one), one table, bench-results/<scenario>.json each.
 
-    python -m benchmarks                          # streaming, cold-start, warm-start, admission
+    python -m benchmarks                          # streaming, cold-start, warm-start, admission,
+                                                  # load
     python -m benchmarks --scenario cold-start    # one (make bench SCENARIO=cold-start)
+    python -m benchmarks --scenario load          # make bench-load: 10,000 reviews, errors, memory
 
 Figures are ratios measured in one run against a limit measured in the same
 run; absolute times are printed, never asserted. See BENCHMARKS.md.
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import admission, coldstart, streaming
+from benchmarks import load as load_scenario
 from benchmarks.record import DEFAULT_OUT, load, say, write_record
 from benchmarks.store import interrupts_as_exit
 from common.logs import configure_logging
@@ -31,6 +34,7 @@ SCENARIOS: dict[str, tuple[Runner, Table]] = {
     "cold-start": (coldstart.run_cold, coldstart.table),
     "warm-start": (coldstart.run_warm, coldstart.table),
     "admission": (admission.run, admission.table),
+    "load": (load_scenario.run, load_scenario.table),
 }
 
 
@@ -69,6 +73,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="run the injector from this checkout (a before/after comparison)",
     )
+    g = p.add_argument_group("load")
+    g.add_argument("--load-requests", type=int, default=10_000, help="reviews per run")
+    g.add_argument("--load-connections", type=int, default=500)
+    g.add_argument("--load-runs", type=int, default=3, help="kept-alive runs (2+)")
+    g.add_argument("--rotate-seconds", type=float, default=0.5, help="a new serving cert every")
+    g.add_argument("--slow-connections", type=int, default=1000)
     return p
 
 

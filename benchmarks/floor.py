@@ -4,8 +4,9 @@
 
 What any Python webhook on aiohttp costs at least: the same TLS context as
 the injector (`injector.certs.server_ssl_context` on the injector's own
-serving certificate), the same runner settings (one process, one event
-loop, no access log, the same body limit), the body read and parsed as JSON,
+serving certificate), the same runner settings (`injector.server.make_runner`
+and `TlsSite`: one process, one event loop, no access log, the same body
+limit, timeouts and TLS buffers), the body read and parsed as JSON,
 and a fixed "allowed" AdmissionReview response carrying the request's uid.
 """
 
@@ -22,6 +23,7 @@ from aiohttp import web
 
 from injector.certs import CertFiles, server_ssl_context
 from injector.config import InjectorConfig
+from injector.server import TlsSite, make_runner, shrink_tls_buffers
 
 
 async def handle(request: web.Request) -> web.Response:
@@ -38,7 +40,9 @@ async def serve(cert_dir: Path, host: str, port: int) -> None:
     server = InjectorConfig().server
     app = web.Application(client_max_size=server.max_body_bytes)
     app.router.add_post("/mutate", handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
+    config = InjectorConfig()
+    runner = make_runner(app, config)  # the injector's runner settings and TLS buffers
+    shrink_tls_buffers()
     files = CertFiles(
         cert_dir / server.cert_file, cert_dir / server.key_file, cert_dir / server.ca_file
     )
@@ -48,7 +52,13 @@ async def serve(cert_dir: Path, host: str, port: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=server_ssl_context(files))
+        site = TlsSite(
+            runner,
+            host,
+            port,
+            ssl_context=server_ssl_context(files),
+            handshake_timeout=config.server.tls_handshake_timeout_seconds,
+        )
         await site.start()
         print(f"floor serving on https://{host}:{port}/mutate", flush=True)
         await stop.wait()

@@ -1,0 +1,436 @@
+"""Load: 10,000-review runs at high concurrency over TLS; errors, 5xx and the injector's memory.
+
+One injector (`python -m injector serve --standalone`, default settings but
+`server.certCheckIntervalSeconds: 0.2`, info logs to a file) on loopback,
+and wrk (Debian's, one thread) POSTing AdmissionReviews of the example
+Bento pod, each with its own uid and a label that makes every pod distinct
+(so every review is decided, none answered from the cache of answers). Each
+run stops once `--load-requests` responses have arrived; wrk's Lua checks
+every 200 carries `"allowed":true` and a patch. The runs, in order:
+
+1. `keep-alive` twice: `--load-connections` connections, kept alive. The
+   injector's RSS (VmRSS of /proc/PID/status) is read when it is up and
+   idle, after the first run and after the second: the first run's growth
+   is warm-up (allocator arenas, caches filling), the second's what every
+   further 10,000 reviews cost.
+2. `handshake-each-rotating`: every review on a new connection (a full
+   TLS handshake; `Connection: close`) while a new serving certificate is
+   written every `--rotate-seconds`, and the injector picks each one up:
+   wrk counts every failed handshake as a connect error.
+3. `slow-clients`: the keep-alive run again while `--slow-connections`
+   slow clients stay connected (a third open TCP and never start TLS, a
+   third send their headers a byte every 0.5 s, a third a body a byte every
+   0.5 s; each one that the injector's timeouts close is reopened).
+
+Figures: reviews, errors (connect, read, write, timeout), non-2xx, wrong
+answers, req/s, p50/p99 and RSS; absolute times are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.admission import Server, bento_pod, review_body
+from benchmarks.record import REPO, new_record, package_versions, say
+from common.ports import free_port
+from devcluster.packages import ensure_packages
+from injector.certs import issue_serving_cert, service_hosts, write_atomic
+
+SCENARIO = "load"
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+%(close)s
+local f = assert(io.open("%(body)s", "rb"))
+local template = f:read("*a")
+f:close()
+local counter = 0
+answered = 0
+wrong = 0
+local limit = %(limit)d
+function request()
+  counter = counter + 1
+  local id = string.format("%%012d", counter)
+  local body = template:gsub("@UID@", "3f1c1d2e-6b7a-4c51-9a7e-" .. id, 1)
+  body = body:gsub("@VARIANT@", id, 1)
+  return wrk.format(nil, nil, nil, body)
+end
+function response(status, headers, body)
+  answered = answered + 1
+  if status == 200 and not (string.find(body, '"allowed":true', 1, true)
+      and string.find(body, '"patch":', 1, true)) then
+    wrong = wrong + 1
+  end
+  if answered == limit then
+    -- wrk's main thread sleeps out -d; the runner sees this file and sends SIGINT
+    local flag = assert(io.open("%(flag)s", "w"))
+    flag:close()
+  end
+end
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  local bad = 0
+  for _, t in ipairs(threads) do
+    bad = bad + t:get("wrong")
+  end
+  io.write(string.format(
+    '{"requests": %%d, "duration_us": %%d, "connect_errors": %%d, "read_errors": %%d, ' ..
+    '"write_errors": %%d, "timeouts": %%d, "non_2xx": %%d, "wrong_answers": %%d, ' ..
+    '"p50_us": %%d, "p99_us": %%d, "max_us": %%d}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.timeout, e.status,
+    bad, latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+def memory(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak) of a process, MiB."""
+    found: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = round(int(value.split()[0]) / 1024, 1)
+    return found
+
+
+def metric(url: str, context: ssl.SSLContext, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", context=context, timeout=10) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wrk(
+    url: str, body: Path, work: Path, *, connections: int, limit: int, close: bool
+) -> dict[str, Any]:
+    """One wrk run, interrupted (SIGINT: it prints its summary) once `limit` responses are in."""
+    binary = ensure_packages({"wrk": "wrk"})["wrk"]
+    stamp = time.monotonic_ns()
+    script, flag = work / f"load-{stamp}.lua", work / f"load-{stamp}.done"
+    script.write_text(
+        WRK_SCRIPT
+        % {
+            "body": str(body),
+            "limit": limit,
+            "flag": str(flag),
+            "close": 'wrk.headers["Connection"] = "close"' if close else "",
+        }
+    )
+    command = [
+        str(binary),
+        "-t1",
+        f"-c{connections}",
+        "-d600s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url + "/mutate",
+    ]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        deadline = time.monotonic() + 600
+        while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    lines = [line for line in stdout.splitlines() if line.startswith('{"requests"')]
+    if not flag.exists() or not lines:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {stdout}\n{stderr}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    result["errors"] = sum(
+        result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
+    )
+    result["rps"] = round(result["requests"] / (result["duration_us"] / 1e6), 1)
+    result["p50_ms"] = round(result["p50_us"] / 1000, 2)
+    result["p99_ms"] = round(result["p99_us"] / 1000, 2)
+    result["connections"] = connections
+    return result
+
+
+class Rotator(threading.Thread):
+    """Writes a new serving certificate (key first) every `period` seconds until stopped."""
+
+    def __init__(self, cert_dir: Path, period: float) -> None:
+        super().__init__(daemon=True)
+        self.cert_dir, self.period = cert_dir, period
+        self.stopped = threading.Event()
+        self.written = 0
+
+    def run(self) -> None:
+        hosts = service_hosts(
+            "bento-juicefs-injector", "bento-juicefs-system", ["localhost", "127.0.0.1"]
+        )
+        ca = (self.cert_dir / "ca.crt").read_bytes()
+        ca_key = (self.cert_dir / "ca.key").read_bytes()
+        while not self.stopped.wait(self.period):
+            cert_pem, key_pem = issue_serving_cert(ca, ca_key, hosts)
+            write_atomic(self.cert_dir / "tls.key", key_pem)
+            write_atomic(self.cert_dir / "tls.crt", cert_pem, 0o644)
+            self.written += 1
+
+
+class SlowClients(threading.Thread):
+    """Keeps `count` slow connections open (reopening what the server closes)."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, count: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.context, self.count = port, context, count
+        self.open = 0
+        self.closed_by_server = 0
+        self.failed_to_open = 0
+        self._halt = threading.Event()
+        self.ready = threading.Event()
+
+    async def _one(self, kind: int) -> None:
+        head = (
+            b"POST /mutate HTTP/1.1\r\nHost: injector\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        )
+        while not self._halt.is_set():
+            try:
+                if kind == 0:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                else:
+                    reader, writer = await asyncio.open_connection(
+                        "127.0.0.1", self.port, ssl=self.context, server_hostname="localhost"
+                    )
+            except (OSError, ssl.SSLError):
+                self.failed_to_open += 1
+                await asyncio.sleep(0.5)
+                continue
+            self.open += 1
+            sent = 0
+            try:
+                if kind == 2:
+                    writer.write(head)
+                while not self._halt.is_set():
+                    if kind == 1 and sent < len(head) - 1:
+                        writer.write(head[sent : sent + 1])
+                        sent += 1
+                    elif kind == 2:
+                        writer.write(b" ")
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):
+                            if not await reader.read(4096):
+                                raise ConnectionResetError
+            except (OSError, ssl.SSLError):
+                if not self._halt.is_set():
+                    self.closed_by_server += 1
+            finally:
+                self.open -= 1
+                writer.close()
+
+    async def _main(self) -> None:
+        tasks = [asyncio.create_task(self._one(i % 3)) for i in range(self.count)]
+        for _ in range(1200):  # until nearly all are open (at most 2 minutes)
+            if self.open >= self.count * 0.95 or self._halt.is_set():
+                break
+            await asyncio.sleep(0.1)
+        self.ready.set()
+        await asyncio.to_thread(self._halt.wait)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(30)
+
+
+def _summary(name: str, result: dict[str, Any], rss: dict[str, float]) -> str:
+    return (
+        f"{name}: {result['requests']} reviews, {result['rps']} req/s, "
+        f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, errors {result['errors']}, "
+        f"non-2xx {result['non_2xx']}, wrong {result['wrong_answers']}; RSS {rss['VmRSS']} MiB"
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    connections, limit = args.load_connections, args.load_requests
+    record = new_record(
+        SCENARIO,
+        {
+            "load_generator": "wrk -t1 (Debian), Lua POST, stops after the given responses",
+            "requests_per_run": limit,
+            "connections": connections,
+            "workload": "distinct pods (every review decided; none from the cache of answers)",
+            "server": "python -m injector serve --standalone, TLS on 127.0.0.1, defaults "
+            "but certCheckIntervalSeconds 0.2",
+            "rotate_seconds": args.rotate_seconds,
+            "slow_connections": args.slow_connections,
+            "injector_tree": str(args.injector_tree or REPO),
+        },
+    )
+    record["versions"] = {
+        **package_versions(["aiohttp", "pydantic", "structlog", "prometheus_client"]),
+        "wrk": subprocess.run(
+            [str(ensure_packages({"wrk": "wrk"})["wrk"]), "-v"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.splitlines()[0:1],
+    }
+    runs: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        work = Path(tmp)
+        port = free_port()
+        cert_dir = work / "certs"
+        config = work / "config.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "server": {
+                        "host": "127.0.0.1",
+                        "port": port,
+                        "certDir": str(cert_dir),
+                        "certCheckIntervalSeconds": 0.2,
+                    }
+                }
+            )
+        )
+        body = work / "bento.json"
+        body.write_bytes(review_body(bento_pod()))
+        url = f"https://127.0.0.1:{port}"
+        injector = Server(
+            "injector",
+            [sys.executable, "-m", "injector", "serve", "--standalone", "--config", str(config)],
+            port,
+            work / "injector.log",
+            cwd=args.injector_tree or REPO,
+        )
+        with injector.running():
+            assert injector.process is not None
+            pid = injector.process.pid
+            context = ssl.create_default_context(cafile=str(cert_dir / "ca.crt"))
+            time.sleep(1)
+            rss = {"idle": memory(pid)}
+            say(SCENARIO, f"injector up, pid {pid}, RSS {rss['idle']['VmRSS']} MiB")
+
+            for name in [f"keep-alive-{n}" for n in range(1, args.load_runs + 1)]:
+                runs[name] = wrk(url, body, work, connections=connections, limit=limit, close=False)
+                rss[name] = memory(pid)
+                say(SCENARIO, _summary(name, runs[name], rss[name]))
+
+            reloads = metric(url, context, "bento_juicefs_certificate_reloads_total")
+            rotator = Rotator(cert_dir, args.rotate_seconds)
+            rotator.start()
+            try:
+                name = "handshake-each-rotating"
+                runs[name] = wrk(url, body, work, connections=connections, limit=limit, close=True)
+            finally:
+                rotator.stopped.set()
+                rotator.join()
+            time.sleep(0.5)
+            runs[name]["certificates_written"] = rotator.written
+            runs[name]["certificates_loaded"] = int(
+                metric(url, context, "bento_juicefs_certificate_reloads_total") - reloads
+            )
+            rss[name] = memory(pid)
+            say(
+                SCENARIO,
+                _summary(name, runs[name], rss[name])
+                + f"; {rotator.written} certificates written, "
+                f"{runs[name]['certificates_loaded']} loaded",
+            )
+
+            slow = SlowClients(port, context, args.slow_connections)
+            slow.start()
+            slow.ready.wait(120)
+            try:
+                name = "slow-clients"
+                held = slow.open
+                runs[name] = wrk(url, body, work, connections=connections, limit=limit, close=False)
+                runs[name]["slow_connections_open_at_start"] = held
+                runs[name]["slow_connections_open_at_end"] = slow.open
+            finally:
+                slow.stop()
+            runs[name]["slow_closed_by_server"] = slow.closed_by_server
+            rss[name] = memory(pid)
+            say(
+                SCENARIO,
+                _summary(name, runs[name], rss[name])
+                + f"; {held} slow connections held, {slow.closed_by_server} closed by the "
+                "injector's timeouts (and reopened)",
+            )
+            counts = _outcomes(url, context)
+        log_text = (work / "injector.log").read_text(errors="replace")
+    record["runs"] = runs
+    record["rss_mib"] = rss
+    record["injector_outcomes"] = counts
+    record["injector_log_errors"] = len(re.findall(r'"level": ?"(error|critical)"', log_text))
+    total_errors = sum(r["errors"] + r["non_2xx"] + r["wrong_answers"] for r in runs.values())
+    record["total_reviews"] = sum(r["requests"] for r in runs.values())
+    record["total_errors_and_non_2xx"] = total_errors
+    kept = [rss["idle"]["VmRSS"]] + [
+        rss[f"keep-alive-{n}"]["VmRSS"] for n in range(1, args.load_runs + 1)
+    ]
+    # Per kept-alive run: the first is warm-up, the later ones what more reviews cost.
+    record["rss_growth_per_run_mib"] = [round(b - a, 1) for a, b in itertools.pairwise(kept)]
+    record["rss_growth_total_mib"] = round(rss["slow-clients"]["VmRSS"] - rss["idle"]["VmRSS"], 1)
+    if total_errors:
+        say(SCENARIO, f"FAILED: {total_errors} errors, non-2xx or wrong answers")
+    return record
+
+
+def _outcomes(url: str, context: ssl.SSLContext) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", context=context, timeout=10) as resp:
+        text = resp.read().decode()
+    found = {}
+    pattern = r'bento_juicefs_admission_requests_total\{outcome="(\w+)"\} (\S+)'
+    for match in re.finditer(pattern, text):
+        found[match.group(1)] = float(match.group(2))
+    return found
+
+
+def table(record: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for name, result in record["runs"].items():
+        rss = record["rss_mib"][name]["VmRSS"]
+        rows.append(
+            (
+                f"{name}: {result['requests']} reviews, {result['connections']} connections",
+                f"{result['rps']:.0f} req/s",
+                f"errors {result['errors']}, non-2xx {result['non_2xx']}, "
+                f"wrong {result['wrong_answers']}; p99 {result['p99_ms']} ms; RSS {rss} MiB",
+            )
+        )
+    idle = record["rss_mib"]["idle"]["VmRSS"]
+    rows.append(
+        (
+            "injector RSS: idle -> after each run",
+            f"{idle} MiB",
+            " -> ".join(str(v["VmRSS"]) for k, v in record["rss_mib"].items() if k != "idle")
+            + " MiB (growth per kept-alive run: "
+            + ", ".join(f"{g:+}" for g in record["rss_growth_per_run_mib"])
+            + " MiB)",
+        )
+    )
+    return rows
