@@ -137,6 +137,19 @@ def review_body(pod: dict[str, Any]) -> bytes:
     ).encode()
 
 
+def server_versions() -> dict[str, Any]:
+    """What the admission figures depend on: the server's packages and wrk's version."""
+    return {
+        **package_versions(["aiohttp", "pydantic", "structlog", "prometheus_client"]),
+        "wrk": subprocess.run(
+            [str(ensure_packages({"wrk": "wrk"})["wrk"]), "-v"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.splitlines()[0:1],
+    }
+
+
 def bodies() -> dict[str, bytes]:
     many = yaml.safe_load(MANY_ENV.read_text())
     return {"bento": review_body(bento_pod()), "env-1500": review_body(many)}
@@ -310,15 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "injector_tree": str(args.injector_tree or REPO),
         },
     )
-    record["versions"] = {
-        **package_versions(["aiohttp", "pydantic", "structlog", "prometheus_client"]),
-        "wrk": subprocess.run(
-            [str(ensure_packages({"wrk": "wrk"})["wrk"]), "-v"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.splitlines()[0:1],
-    }
+    record["versions"] = server_versions()
     cases: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-admission-") as tmp:
         work = Path(tmp)

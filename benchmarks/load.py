@@ -47,8 +47,8 @@ from typing import Any
 
 import yaml
 
-from benchmarks.admission import Server, bento_pod, review_body
-from benchmarks.record import REPO, new_record, package_versions, say
+from benchmarks.admission import Server, bento_pod, review_body, server_versions
+from benchmarks.record import REPO, new_record, say
 from common.ports import free_port
 from devcluster.packages import ensure_packages
 from injector.certs import issue_serving_cert, service_hosts, write_atomic
@@ -289,15 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "injector_tree": str(args.injector_tree or REPO),
         },
     )
-    record["versions"] = {
-        **package_versions(["aiohttp", "pydantic", "structlog", "prometheus_client"]),
-        "wrk": subprocess.run(
-            [str(ensure_packages({"wrk": "wrk"})["wrk"]), "-v"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.splitlines()[0:1],
-    }
+    record["versions"] = server_versions()
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(tmp)

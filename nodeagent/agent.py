@@ -53,6 +53,7 @@ from nodeagent.warmer import (
     read_credentials,
 )
 from nodeagent.workloads import WantedBento, Workload, recorded_bento, wanted_bentos
+from sidecar.env import Settings
 from sidecar.mount import MountError
 from sidecar.sources import byte_sources
 from sidecar.warmup import Progress, VerificationError, WarmupTimeout
@@ -179,19 +180,24 @@ class NodeAgent:
             message=message[:200],
         )
 
+    def _settings(self, bento: WantedBento) -> Settings:
+        """How the agent mounts bento: as a sidecar would on this node (CredentialsError)."""
+        credentials = read_credentials(
+            self.options.credentials_dir / bento.bento.volume, self.config
+        )
+        return mount_settings(
+            self.config,
+            bento,
+            self.identity,
+            credentials,
+            self.options.work_dir,
+            self.options.juicefs_bin,
+        )
+
     async def warm(self, want: WantedBento, referenced: set[BentoRef]) -> None:
         ref = want.bento
         try:
-            credentials = read_credentials(self.options.credentials_dir / ref.volume, self.config)
-            settings = mount_settings(
-                self.config,
-                want,
-                self.identity,
-                credentials,
-                self.options.work_dir,
-                self.options.juicefs_bin,
-            )
-            async with mounted(settings) as bento:
+            async with mounted(self._settings(want)) as bento:
                 manifest = await asyncio.to_thread(bento.manifest)
                 files = bento.files(manifest)
                 size = sum(f.size for f in files)
@@ -265,16 +271,7 @@ class NodeAgent:
         record = self.warmth.records[ref]
         target = recorded_bento(ref, record.models, self.config)
         try:
-            credentials = read_credentials(self.options.credentials_dir / ref.volume, self.config)
-            settings = mount_settings(
-                self.config,
-                target,
-                self.identity,
-                credentials,
-                self.options.work_dir,
-                self.options.juicefs_bin,
-            )
-            async with mounted(settings) as bento:
+            async with mounted(self._settings(target)) as bento:
                 files = bento.files(await asyncio.to_thread(bento.manifest))
                 await bento.evict(files)
         except (CredentialsError, MountError, OSError, ValueError) as err:
