@@ -7,6 +7,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from devcluster import Cluster, wait_for
@@ -223,3 +224,11 @@ def bento_deployment(
     if strategy is not None:
         spec["strategy"] = strategy
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}, "spec": spec}
+
+
+def pod_cache_dir(node_dir: Path, pod_uid: str) -> Path:
+    """Where the kubelet keeps a pod-cache pod's juicefs-cache emptyDir on the node."""
+    return (
+        node_dir / "kubelet" / "pods" / pod_uid / "volumes" / "kubernetes.io~empty-dir"
+        / "juicefs-cache"
+    )  # fmt: skip

@@ -34,6 +34,7 @@ from tests.e2e.pods import (
     diagnose,
     get_pod,
     is_ready,
+    pod_cache_dir,
     reasons,
     wait_event,
     wait_log,
@@ -266,16 +267,7 @@ def test_deleting_a_pod_whose_mount_hangs_still_ends_within_the_grace_period(
 
 
 def _cache_dir(node: Node, pod: dict[str, Any]) -> Path:
-    uid = str(pod["metadata"]["uid"])
-    return (
-        node.dir
-        / "kubelet"
-        / "pods"
-        / uid
-        / "volumes"
-        / "kubernetes.io~empty-dir"
-        / "juicefs-cache"
-    )
+    return pod_cache_dir(node.dir, str(pod["metadata"]["uid"]))
 
 
 def test_an_object_store_outage_holds_the_gate_until_it_is_back(

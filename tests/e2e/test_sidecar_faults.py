@@ -46,6 +46,7 @@ from tests.e2e.pods import (
     get_pod,
     is_ready,
     logs,
+    pod_cache_dir,
     reasons,
     wait_pod,
 )
@@ -222,15 +223,7 @@ def test_a_pod_deleted_mid_warmup_unmounts_and_exits_cleanly(
     pod["spec"]["terminationGracePeriodSeconds"] = grace
     _apply(cluster, namespace, pod)
     ip, uid = _pod_ip(cluster, namespace, name)
-    cache = (
-        node.dir
-        / "kubelet"
-        / "pods"
-        / uid
-        / "volumes"
-        / "kubernetes.io~empty-dir"
-        / "juicefs-cache"
-    )
+    cache = pod_cache_dir(node.dir, uid)
     assert node.network is not None
     store = PathCut(node.network, ip, storage.store.host, storage.store.port)
     try:
