@@ -49,8 +49,14 @@ unit: $(STAMP)
 e2e: $(STAMP) binaries images
 	$(BIN)/pytest -m e2e
 
+# The whole suite with the injector installed by Helm as real pods (the
+# default), then the install tests and admission tests again with it installed
+# by `kubectl apply -k` over manifests/overlays/gke (devcluster/injector_pods.py).
+KUSTOMIZE_E2E := tests/e2e/test_injector_pods.py tests/e2e/test_admission.py
+
 test: lint typecheck binaries images
 	$(BIN)/pytest
+	BENTO_INJECTOR_INSTALL=kustomize $(BIN)/pytest -m e2e $(KUSTOMIZE_E2E)
 
 cluster-up: $(STAMP) binaries images
 	@$(BIN)/python -m devcluster up

@@ -42,7 +42,7 @@ from benchmarks.record import MIB, REPO, new_record, say
 from benchmarks.store import ShapedStorage
 from devcluster.controlplane import ControlPlane
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.injector import start_injector, stop_injector
+from devcluster.injector_pods import start_injector, stop_injector
 from devcluster.local import local_cluster
 from devcluster.s3 import read_objects
 from devcluster.storage import PATH_TEMPLATE, write_random_model

@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from devcluster.controlplane import ControlPlane, Hook
-from devcluster.injector import start_injector, stop_injector
+from devcluster.injector_pods import start_injector, stop_injector
 from devcluster.storage import StorageStack
 
 

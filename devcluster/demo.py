@@ -1,7 +1,7 @@
 """`make demo`: the whole path on one machine, ending with `kubectl describe pod`.
 
 A real control plane and a real node (containerd + kubelet, shaped like a
-GKE local-SSD L4 node), the injector registered from manifests/base, a real
+GKE local-SSD L4 node), the injector installed by Helm as pods on the node, a real
 JuiceFS volume (MinIO + Redis) into which a Bento's models are published,
 and then, as a user would: the namespace label and `kubectl apply` of the
 unchanged examples/bento-deployment.yaml. The kubelet runs the injected
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step(
         "the local cluster: control plane, a real node (containerd + kubelet) with the project's "
-        "images, MinIO + Redis + JuiceFS, the injector from manifests/base"
+        "images, MinIO + Redis + JuiceFS, the injector installed by Helm (two pods on the node)"
     )
     cp = local_cluster(work / "cluster", die_with_parent=not args.keep)
     cp.start()

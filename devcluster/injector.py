@@ -1,6 +1,8 @@
-"""The injector on the local control plane: the user's manifests, a local process.
+"""The injector on the local control plane as a local process (BENTO_INJECTOR_INSTALL=process).
 
-There is no kubelet to run the injector's Deployment, so the manifests from
+By default devcluster installs the injector as real pods with Helm or
+kustomize (devcluster/injector_pods.py). This module keeps the other way,
+for debugging the injector with a local process: the manifests from
 `manifests/base` are applied as users apply them, with two changes made by a
 generated kustomize overlay: the webhook's `clientConfig` points at
 `https://127.0.0.1:PORT/mutate` instead of the Service, and the Deployment
@@ -12,17 +14,21 @@ itself: the same code path as in a cluster.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -31,7 +37,6 @@ from common.processes import log_tail, spawn_group, stop_group
 from devcluster.cluster import Cluster, wait_for
 from devcluster.controlplane import ControlPlane
 from devcluster.nodehost import node_cache_dir
-from devcluster.storage import StorageStack
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "manifests" / "base"
@@ -132,6 +137,20 @@ def local_overlay(directory: Path, url: str, node_cache: Path | None = None) -> 
     return directory
 
 
+def local_settings(cluster: Cluster, node_cache: Path) -> dict[str, Any]:
+    """What the local cluster's injector config sets over the shipped one, however installed."""
+    return {
+        "cluster": {"kubernetesVersion": server_minor(cluster)},
+        # The node's local SSD is a directory of its own state (removed with
+        # the node), never the profile's real path on this machine.
+        "cache": {"nodePath": str(node_cache)},
+        # Shorter periods than the defaults, so tests see a repair within seconds.
+        "server": {"certCheckIntervalSeconds": 2},
+        "webhook": {"caBundleCheckSeconds": 2},
+        "controller": {"resyncSeconds": 10},
+    }
+
+
 def server_minor(cluster: Cluster) -> str:
     version = json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
     return f"{version['major']}.{version['minor'].rstrip('+')}"
@@ -159,6 +178,53 @@ def token_kubeconfig(cluster: Cluster, path: Path, server: str, ca_file: Path) -
     return path
 
 
+class InjectorInstall(Protocol):
+    """The local cluster's injector, however installed: what the e2e tests use of it."""
+
+    config_file: Path  # the config the replicas run with (a copy, for `injector check`)
+    node_cache: Path
+    server_name: str  # the name the webhook's caBundle verifies the serving certificate for
+    url: str  # where the webhook's clientConfig points, for messages
+
+    def install(self, credentials: dict[str, str] | None = None) -> None: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def ready(self) -> bool: ...
+    def wait_unreachable(self) -> None: ...
+    def endpoints(self) -> list[str]: ...
+    def ca_certificate(self) -> bytes: ...
+    def serving_certificates(self) -> list[bytes]: ...
+    def logs(self) -> str: ...
+    def reconfigured(self, changes: Mapping[str, Any]) -> AbstractContextManager[None]: ...
+
+
+def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """base with changes merged in, mappings key by key, anything else replaced."""
+    result = copy.deepcopy(dict(base))
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def served_certificate(address: str, server_name: str, timeout: float = 3) -> bytes | None:
+    """The DER certificate served at host:port, unverified (the caller judges it)."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=server_name) as tls,
+        ):
+            return tls.getpeercert(binary_form=True)
+    except OSError:
+        return None
+
+
 class LocalInjector:
     """`python -m injector serve` for the local control plane; start() and stop() repeatable."""
 
@@ -173,6 +239,7 @@ class LocalInjector:
         self.kubeconfig = self.dir / "injector.kubeconfig"
         node_dir = cp.node.dir if cp.node is not None else (cp.state_dir / "node").resolve()
         self.node_cache = node_cache_dir(node_dir)
+        self.server_name = "127.0.0.1"
 
     def install(self, credentials: dict[str, str] | None = None) -> None:
         """Apply the manifests and the credentials Secret the platform team would create."""
@@ -186,20 +253,13 @@ class LocalInjector:
                 "stringData": credentials or {"metaurl": "redis://127.0.0.1:6379/1"},
             }
         )
-        config: dict[str, Any] = {
-            "cluster": {"kubernetesVersion": server_minor(self.cp)},
-            # The node's local SSD is a directory of its own state (removed with
-            # the node), never the profile's real path on this machine.
-            "cache": {"nodePath": str(self.node_cache)},
-            "server": {
-                "host": "127.0.0.1",
-                "port": self.port,
-                "certDir": str(self.dir / "certs"),
-                "certCheckIntervalSeconds": 2,
-                "shutdownDelaySeconds": 0.2,
-            },
-            "webhook": {"caBundleCheckSeconds": 2},
-            "controller": {"resyncSeconds": 10},
+        config = local_settings(self.cp, self.node_cache)
+        config["server"] = {
+            **config["server"],
+            "host": "127.0.0.1",
+            "port": self.port,
+            "certDir": str(self.dir / "certs"),
+            "shutdownDelaySeconds": 0.2,
         }
         self.config_file.write_text(yaml.safe_dump(config))
         token_kubeconfig(self.cp, self.kubeconfig, self.cp.server, self.cp.pki.ca.cert)
@@ -251,20 +311,37 @@ class LocalInjector:
     def wait_unreachable(self) -> None:
         wait_for(lambda: not self.ready(), timeout=15, what="injector to stop answering")
 
+    def endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{self.port}"] if self.ready() else []
 
-def start_injector(cp: ControlPlane) -> None:
-    injector = LocalInjector(cp)
-    storage = cp.addons.get("storage")
-    # The tenants' read-only credentials (docs/tenants.md): what the namespace
-    # controller copies into every opted-in namespace and the node agent mounts.
-    # The publisher's stay on the host, with the storage stack's writer mount.
-    injector.install(storage.credentials() if isinstance(storage, StorageStack) else None)
-    injector.start()
-    cp.addons["injector"] = injector
-    cp.log(f"injector ready at {injector.url} (log: {injector.log_file})")
+    def ca_certificate(self) -> bytes:
+        return (self.dir / "certs" / "ca.crt").read_bytes()
 
+    def serving_certificates(self) -> list[bytes]:
+        found = served_certificate(f"127.0.0.1:{self.port}", self.server_name)
+        return [found] if found is not None else []
 
-def stop_injector(cp: ControlPlane) -> None:
-    injector = cp.addons.get("injector")
-    if isinstance(injector, LocalInjector):
-        injector.stop()
+    def logs(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    @contextmanager
+    def reconfigured(self, changes: Mapping[str, Any]) -> Iterator[None]:
+        """A second process at the same address with changes merged into the config, while
+        the usual one is stopped; the usual one as it was after."""
+        running = self.process is not None and self.process.poll() is None
+        self.stop()
+        config = self.dir / "reconfigured.yaml"
+        config.write_text(
+            yaml.safe_dump(merged(yaml.safe_load(self.config_file.read_text()), changes))
+        )
+        log = self.dir / "reconfigured.log"
+        command = [sys.executable, "-m", "injector", "serve", "--config", str(config),
+                   "--kubeconfig", str(self.kubeconfig)]  # fmt: skip
+        process = spawn_group(command, log, cwd=REPO)
+        try:
+            wait_for(self.ready, timeout=60, what=f"the reconfigured injector ({log})")
+            yield
+        finally:
+            stop_group(process, 15)
+            if running:
+                self.start()

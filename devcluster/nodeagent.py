@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from devcluster.cluster import Cluster, wait_for
-from devcluster.injector import BASE, NAMESPACE, LocalInjector
+from devcluster.injector import BASE, NAMESPACE, InjectorInstall
 
 DAEMONSET = "bento-juicefs-node-agent"
 CONFIG_MAP = "bento-juicefs-node-agent-local-config"
@@ -64,7 +64,7 @@ def local_daemonset(
 class LocalNodeAgent:
     """Install, await and remove the agent's DaemonSet on the local cluster."""
 
-    def __init__(self, cluster: Cluster, injector: LocalInjector) -> None:
+    def __init__(self, cluster: Cluster, injector: InjectorInstall) -> None:
         self.cluster = cluster
         self.injector = injector
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from devcluster import Cluster, ControlPlane, ensure_binaries
+from devcluster.injector import InjectorInstall, LocalInjector
+from devcluster.injector_pods import PodInjector
 from devcluster.local import local_cluster
 from devcluster.node import Node
 from devcluster.storage import StorageStack
@@ -80,6 +82,17 @@ def example_model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactor
     return storage.publish_random(
         tmp_path_factory.mktemp("example-model"), name, version, [48 << 20] * 4
     )
+
+
+@pytest.fixture(scope="session")
+def injector(cluster: Cluster) -> InjectorInstall:
+    """The local cluster's injector: pods from Helm or kustomize, or a local process
+    ($BENTO_INJECTOR_INSTALL, devcluster/injector_pods.py); tests stop, start and
+    reconfigure it through this."""
+    found = cluster.addons.get("injector") if isinstance(cluster, ControlPlane) else None
+    if not isinstance(found, LocalInjector | PodInjector):
+        pytest.skip("needs the local cluster's injector (E2E_KUBECONFIG is set)")
+    return found
 
 
 @pytest.fixture

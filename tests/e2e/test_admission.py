@@ -1,9 +1,9 @@
 """The admission path end to end on a real kube-apiserver.
 
-The webhook configuration, both ValidatingAdmissionPolicies and the RBAC are
-the ones in manifests/base (see devcluster/injector.py); the injector runs
-as a local process (there is no kubelet to run its Deployment) and patched
-the caBundle itself.
+The chart (or the gke overlay) installed as users install it: the injector's
+two replicas run as pods on the real node and patched the caBundle
+themselves (devcluster/injector_pods.py; BENTO_INJECTOR_INSTALL=process runs
+it as a local process instead, devcluster/injector.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
 from devcluster import Cluster, wait_for
-from devcluster.injector import LocalInjector
+from devcluster.injector import InjectorInstall
 from tests.e2e.webhooks import TestWebhook, running_test_webhook
 from tests.helpers import GOLDEN_DIR
 
@@ -46,14 +47,6 @@ def new_namespace(cluster: Cluster) -> Iterator[NewNamespace]:
     yield make
     for name in created:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture
-def injector(cluster: Cluster) -> LocalInjector:
-    found = getattr(cluster, "addons", {}).get("injector")
-    if not isinstance(found, LocalInjector):
-        pytest.skip("needs the local injector process (E2E_KUBECONFIG is set)")
-    return found
 
 
 def bento_labels(name: str = "llama3-service", version: str = "v1") -> dict[str, str]:
@@ -148,12 +141,19 @@ def assert_injected(pod: dict[str, Any]) -> None:
         assert {"key": SSD, "operator": "In", "values": ["true"]} in term["matchExpressions"]
 
 
-def test_ca_bundle_is_the_injectors_own_ca(cluster: Cluster, injector: LocalInjector) -> None:
+def test_ca_bundle_is_the_injectors_own_ca(cluster: Cluster, injector: InjectorInstall) -> None:
     config = cluster.get_json("mutatingwebhookconfiguration", "bento-juicefs-injector")
     bundle = base64.b64decode(config["webhooks"][0]["clientConfig"]["caBundle"])
     secret = cluster.get_json("secret", "bento-juicefs-injector-ca", "-n", "bento-juicefs-system")
     assert bundle == base64.b64decode(secret["data"]["ca.crt"])
-    assert bundle == (injector.dir / "certs" / "ca.crt").read_bytes()
+    assert bundle == injector.ca_certificate()
+    # What each replica serves is issued by it, for the name the webhook calls.
+    served = injector.serving_certificates()
+    assert served
+    assert len(served) == len(injector.endpoints())
+    ca = x509.load_pem_x509_certificate(bundle)
+    for der in served:
+        x509.load_der_x509_certificate(der).verify_directly_issued_by(ca)
 
 
 def test_unlabelled_namespace_pods_stored_untouched(
@@ -306,7 +306,7 @@ def test_server_side_dry_run_returns_injected_pod_and_stores_nothing(
 
 
 def test_injector_down_bento_denied_by_policy_others_created(
-    cluster: Cluster, new_namespace: NewNamespace, injector: LocalInjector
+    cluster: Cluster, new_namespace: NewNamespace, injector: InjectorInstall
 ) -> None:
     namespace = new_namespace()
     injector.stop()
@@ -324,7 +324,7 @@ def test_injector_down_bento_denied_by_policy_others_created(
 
 @pytest.fixture
 def test_webhook(
-    cluster: Cluster, tmp_path: Path, injector: LocalInjector
+    cluster: Cluster, tmp_path: Path, injector: InjectorInstall
 ) -> Iterator[TestWebhook]:
     with running_test_webhook(cluster, tmp_path) as hook:
         yield hook
@@ -464,7 +464,7 @@ def test_namespace_controller_leaves_a_tenants_own_secret_alone(
     assert kept.returncode == 0
 
 
-def test_reset_ca_bundle_is_healed(cluster: Cluster, injector: LocalInjector) -> None:
+def test_reset_ca_bundle_is_healed(cluster: Cluster, injector: InjectorInstall) -> None:
     """A chart upgrade or GitOps sync that blanks the caBundle is repaired without a restart."""
     reset = [{"op": "replace", "path": "/webhooks/0/clientConfig/caBundle", "value": ""}]
     cluster.kubectl(
@@ -475,7 +475,7 @@ def test_reset_ca_bundle_is_healed(cluster: Cluster, injector: LocalInjector) ->
         "-p",
         json.dumps(reset),
     )
-    expected = base64.b64encode((injector.dir / "certs" / "ca.crt").read_bytes()).decode()
+    expected = base64.b64encode(injector.ca_certificate()).decode()
 
     def healed() -> bool:
         config = cluster.get_json("mutatingwebhookconfiguration", "bento-juicefs-injector")

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,9 @@ from typing import Any
 import pytest
 import yaml
 
-from common.processes import spawn_group, stop_group
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord
-from devcluster import Cluster, ControlPlane, wait_for
-from devcluster.injector import CREDENTIALS_SECRET, NAMESPACE, LocalInjector
+from devcluster import Cluster, wait_for
+from devcluster.injector import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
 from injector.certs import generate_ca
@@ -113,15 +112,7 @@ def run_check(
 
 
 @pytest.fixture(scope="module")
-def injector(cluster: Cluster) -> LocalInjector:
-    found = cluster.addons.get("injector") if isinstance(cluster, ControlPlane) else None
-    if not isinstance(found, LocalInjector):
-        pytest.skip("needs the local injector process (E2E_KUBECONFIG is set)")
-    return found
-
-
-@pytest.fixture(scope="module")
-def namespace(cluster: Cluster, injector: LocalInjector) -> Iterator[str]:
+def namespace(cluster: Cluster, injector: InjectorInstall) -> Iterator[str]:
     name = f"e2e-check-{uuid.uuid4().hex[:6]}"
     cluster.create_namespace(name, OPT_IN)
     cluster.wait_provisioned(name)
@@ -160,7 +151,7 @@ def fake_node(
 
 
 def test_a_healthy_cluster_passes(
-    cluster: Cluster, node: Node, injector: LocalInjector, namespace: str
+    cluster: Cluster, node: Node, injector: InjectorInstall, namespace: str
 ) -> None:
     checked = run_check(cluster, injector.config_file, via_env=True, expect=0)
     server = json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
@@ -174,9 +165,12 @@ def test_a_healthy_cluster_passes(
     bundle = checked.line("caBundle", CA_BUNDLE)
     assert bundle.verdict == "ok"
     assert f"trusts the CA in Secret {NAMESPACE}/bento-juicefs-injector-ca" in bundle.found
-    endpoint = checked.line("webhook endpoint", f"127.0.0.1:{injector.port}")
-    assert endpoint.verdict == "ok"
-    assert "which the caBundle verifies for 127.0.0.1" in endpoint.found
+    endpoints = injector.endpoints()
+    assert endpoints
+    for address in endpoints:  # each replica, as the apiserver reaches it
+        endpoint = checked.line("webhook endpoint", address)
+        assert endpoint.verdict == "ok"
+        assert f"which the caBundle verifies for {injector.server_name}" in endpoint.found
     assert checked.line("pod security", f"namespace {namespace}").verdict == "ok"
     assert checked.line("credentials", SOURCE).verdict == "ok"
     copy = checked.line("credentials", f"Secret {namespace}/{CREDENTIALS_SECRET}")
@@ -189,7 +183,7 @@ def test_a_healthy_cluster_passes(
 
 
 def test_a_classic_sidecar_config_on_a_native_server_is_a_warning(
-    cluster: Cluster, injector: LocalInjector, tmp_path: Path
+    cluster: Cluster, injector: InjectorInstall, tmp_path: Path
 ) -> None:
     config = write_config(
         tmp_path / "classic.yaml", injector.config_file, cluster={"kubernetesVersion": "1.28"}
@@ -201,7 +195,7 @@ def test_a_classic_sidecar_config_on_a_native_server_is_a_warning(
 
 
 def test_the_node_agent_line_reads_its_pod_and_each_nodes_record(
-    cluster: Cluster, node: Node, injector: LocalInjector, namespace: str
+    cluster: Cluster, node: Node, injector: InjectorInstall, namespace: str
 ) -> None:
     warm, failed = BentoRef("models", "summarizer", "v3"), BentoRef("models", "llama3", "v1")
     record = NodeWarmth(
@@ -230,7 +224,7 @@ def test_the_node_agent_line_reads_its_pod_and_each_nodes_record(
 
 
 def test_nodes_without_the_profiles_labels_fail(
-    cluster: Cluster, injector: LocalInjector, tmp_path: Path
+    cluster: Cluster, injector: InjectorInstall, tmp_path: Path
 ) -> None:
     """A profile whose SSD and streaming labels only a fake node has; then not even it."""
     suffix = uuid.uuid4().hex[:6]
@@ -290,7 +284,7 @@ def set_ca_bundles(cluster: Cluster, bundles: list[str]) -> None:
 
 
 @contextmanager
-def injector_stopped(injector: LocalInjector) -> Iterator[None]:
+def injector_stopped(injector: InjectorInstall) -> Iterator[None]:
     """The shared injector stopped (nothing repairs the caBundle or the copies); back after."""
     injector.stop()
     try:
@@ -300,33 +294,17 @@ def injector_stopped(injector: LocalInjector) -> Iterator[None]:
         injector.start()
 
 
-@contextmanager
-def injector_that_cannot_repair(injector: LocalInjector, tmp_path: Path) -> Iterator[None]:
+def injector_that_cannot_repair(injector: InjectorInstall) -> AbstractContextManager[None]:
     """The injector serving its certificate at its usual address, but keeping no caBundle
     and no namespaces (webhook.manageCaBundle and the controller off): as with
     certificates from elsewhere whose CA nobody put in the bundle."""
-    config = write_config(
-        tmp_path / "frozen.yaml",
-        injector.config_file,
-        webhook={"manageCaBundle": False},
-        controller={"enabled": False},
+    return injector.reconfigured(
+        {"webhook": {"manageCaBundle": False}, "controller": {"enabled": False}}
     )
-    log = tmp_path / "frozen-injector.log"
-    process = spawn_group(
-        [sys.executable, "-m", "injector", "serve", "--config", str(config),
-         "--kubeconfig", str(injector.kubeconfig)],
-        log,
-        cwd=REPO,
-    )  # fmt: skip
-    try:
-        wait_for(injector.ready, timeout=60, what=f"the injector without repairs ({log})")
-        yield
-    finally:
-        stop_group(process, 15)
 
 
 def test_a_caBundle_that_does_not_verify_the_serving_certificate_fails(
-    cluster: Cluster, injector: LocalInjector, namespace: str, tmp_path: Path
+    cluster: Cluster, injector: InjectorInstall, namespace: str, tmp_path: Path
 ) -> None:
     original = ca_bundles(cluster)
     wrong = base64.b64encode(generate_ca("someone-elses-ca")[0]).decode()
@@ -340,18 +318,26 @@ def test_a_caBundle_that_does_not_verify_the_serving_certificate_fails(
                 line.found
             )
             assert "is it running?" in line.fix
-            # Nobody answers at the webhook's URL: said, and judged from the Secret only.
+            # Nobody answers: a URL is judged from the Secret only; a Service has no endpoint.
             endpoint = checked.line("webhook endpoint", injector.url)
-            assert endpoint.verdict == "warn"
-            assert "checked against the Secret only" in endpoint.found
+            if injector.url.startswith("Service "):
+                assert endpoint.verdict == "FAIL"
+                assert endpoint.found.startswith("no ready endpoint")
+            else:
+                assert endpoint.verdict == "warn"
+                assert "checked against the Secret only" in endpoint.found
 
-            with injector_that_cannot_repair(injector, tmp_path):
+            with injector_that_cannot_repair(injector):
                 checked = run_check(cluster, injector.config_file, expect=1)
                 assert checked.line("caBundle", CA_BUNDLE).verdict == "FAIL"
-                endpoint = checked.line("webhook endpoint", f"127.0.0.1:{injector.port}")
-                assert endpoint.verdict == "FAIL"
-                assert "presents CN=" in endpoint.found
-                assert "which the caBundle does not verify for 127.0.0.1" in endpoint.found
+                for address in injector.endpoints():
+                    endpoint = checked.line("webhook endpoint", address)
+                    assert endpoint.verdict == "FAIL"
+                    assert "presents CN=" in endpoint.found
+                    assert (
+                        f"which the caBundle does not verify for {injector.server_name}"
+                        in endpoint.found
+                    )
                 assert ca_bundles(cluster) == [wrong for _ in original]  # nobody repaired it
         finally:
             set_ca_bundles(cluster, original)
@@ -360,7 +346,7 @@ def test_a_caBundle_that_does_not_verify_the_serving_certificate_fails(
 
 
 def test_a_namespace_that_enforces_restricted_fails_until_the_printed_fix(
-    cluster: Cluster, injector: LocalInjector, namespace: str
+    cluster: Cluster, injector: InjectorInstall, namespace: str
 ) -> None:
     cluster.kubectl("label", "namespace", namespace, f"{ENFORCE}=restricted")
     try:
@@ -394,7 +380,7 @@ def remove_key(cluster: Cluster, namespace: str, key: str) -> None:
 
 
 def test_credentials_without_metaurl_fail(
-    cluster: Cluster, injector: LocalInjector, namespace: str
+    cluster: Cluster, injector: InjectorInstall, namespace: str
 ) -> None:
     source = secret_data(cluster, NAMESPACE)
     values = [base64.b64decode(value).decode() for value in source.values()]

@@ -13,20 +13,16 @@ apiserver refuses it, or if the pod comes back without the sidecar.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import json
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -36,6 +32,7 @@ from devcluster.injector import NAMESPACE
 from devcluster.injector_ha import CA_SECRET, HaInjectors, Replica
 from devcluster.netns import NodeNetwork
 from injector.certs import issue_serving_cert, service_hosts, split_certificates, write_atomic
+from tests.e2e.podload import PodLoad
 
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 
@@ -74,90 +71,6 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
     control_plane.create_namespace(name, OPT_IN)
     yield name
     control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@dataclass
-class Creation:
-    started: float
-    finished: float
-    status: int
-    injected: bool
-    message: str = ""
-
-
-@dataclass
-class PodLoad:
-    """Creates Bento pods through the apiserver, `concurrency` at a time, until stopped."""
-
-    ha: HaInjectors
-    namespace: str
-    concurrency: int = 4
-    results: list[Creation] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    def __enter__(self) -> PodLoad:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(120)
-
-    @property
-    def failures(self) -> list[Creation]:
-        return [c for c in self.results if not c.injected]
-
-    def wait_more(self, count: int, timeout: float = 120) -> None:
-        target = len(self.results) + count
-        wait_for(lambda: len(self.results) >= target, timeout=timeout, what=f"{count} creations")
-
-    def body(self) -> bytes:
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "generateName": "llama-",
-                "labels": {
-                    "juicefs.bentoml.com/model-store": "juicefs",
-                    "yatai.ai/bento-repository": "llama3-service",
-                    "yatai.ai/bento-version": "v1",
-                },
-            },
-            "spec": {"containers": [{"name": "main", "image": "us-docker.pkg.dev/p/r/llama:1"}]},
-        }
-        return json.dumps(pod).encode()
-
-    async def _run(self) -> None:
-        url = f"{self.ha.cp.server}/api/v1/namespaces/{self.namespace}/pods"
-        connector = aiohttp.TCPConnector(ssl=self.ha.api.context, limit=self.concurrency)
-        timeout = aiohttp.ClientTimeout(total=60)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-            async def creator() -> None:
-                while not self._stop.is_set():
-                    started = time.monotonic()
-                    try:
-                        async with session.post(
-                            url, data=self.body(), headers={"Content-Type": "application/json"}
-                        ) as resp:
-                            answer: dict[str, Any] = await resp.json(content_type=None)
-                            status = resp.status
-                    except (aiohttp.ClientError, TimeoutError) as err:
-                        self.results.append(
-                            Creation(started, time.monotonic(), 0, False, repr(err))
-                        )
-                        continue
-                    init = (answer.get("spec") or {}).get("initContainers") or [{}]
-                    injected = status == 201 and init[0].get("name") == "juicefs-mount"
-                    message = "" if injected else str(answer.get("message") or answer)[:500]
-                    self.results.append(
-                        Creation(started, time.monotonic(), status, injected, message)
-                    )
-
-            await asyncio.gather(*(creator() for _ in range(self.concurrency)))
 
 
 def ca_certificate(ha: HaInjectors) -> bytes:
@@ -251,7 +164,7 @@ def drained(replica: Replica) -> list[tuple[int, float | None]]:
 def stop_each_replica_under_load(ha: HaInjectors, namespace: str) -> PodLoad:
     """SIGTERM one replica (the probe alone takes it out), then delete the other as a pod."""
     ha.start()
-    with PodLoad(ha, namespace) as load:
+    with PodLoad(ha.api, namespace) as load:
         load.wait_more(30)
         ha.signal(0, signal.SIGTERM)
         assert ha.wait_exit(0) == 0
@@ -312,7 +225,7 @@ def test_a_killed_replica_fails_creations_only_until_its_endpoint_goes(
     readiness probe takes its endpoint out; then none do.
     """
     ha.start()
-    with PodLoad(ha, namespace) as load:
+    with PodLoad(ha.api, namespace) as load:
         load.wait_more(30)
         killed = time.monotonic()
         ha.signal(0, signal.SIGKILL)
@@ -367,7 +280,7 @@ def test_a_broken_ca_secret_is_repaired_and_every_replica_follows_under_load(
     before = {
         e: count(ha, e) for e in ("ca.created", "ca.replaced", "ca.switched", "ca_bundle.patched")
     }
-    with PodLoad(ha, namespace) as load:
+    with PodLoad(ha.api, namespace) as load:
         load.wait_more(30)
         if damage == "deleted":
             ha.cp.kubectl("delete", "secret", CA_SECRET, "-n", NAMESPACE)
@@ -405,7 +318,7 @@ def test_a_nearly_expired_serving_certificate_is_renewed_under_load(
     short_serial = x509.load_pem_x509_certificate(short).serial_number
     before = x509.load_der_x509_certificate(ha.served_certificate(0)).serial_number
     pid = replica.pid
-    with PodLoad(ha, namespace) as load:
+    with PodLoad(ha.api, namespace) as load:
         load.wait_more(30)
         write_atomic(replica.cert_dir / "tls.key", short_key)
         write_atomic(replica.cert_dir / "tls.crt", short, 0o644)

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from common.warm import WARM_ANNOTATION, NodeWarmth, warm_label_key
-from devcluster import Cluster, ControlPlane, wait_for
-from devcluster.injector import LocalInjector
+from devcluster import Cluster, wait_for
+from devcluster.injector import InjectorInstall
 from devcluster.juicefs import cached_blocks
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
@@ -48,17 +48,9 @@ def model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Ma
     return storage.publish_random(tmp_path_factory.mktemp("agent"), BENTO, VERSION, SHARDS)
 
 
-def local_agent(cluster: Cluster) -> LocalNodeAgent:
-    """The node agent for the local cluster (it takes the local injector's config)."""
-    found = cluster.addons.get("injector") if isinstance(cluster, ControlPlane) else None
-    if not isinstance(found, LocalInjector):
-        pytest.skip("needs the local injector's config (E2E_KUBECONFIG is set)")
-    return LocalNodeAgent(cluster, found)
-
-
 @pytest.fixture(scope="module")
-def agent(cluster: Cluster, node: Node) -> Iterator[LocalNodeAgent]:
-    local = local_agent(cluster)
+def agent(cluster: Cluster, node: Node, injector: InjectorInstall) -> Iterator[LocalNodeAgent]:
+    local = LocalNodeAgent(cluster, injector)
     # A short grace, so that a version no workload uses is evicted within the test.
     pod = local.install(evict_after_seconds=EVICT_AFTER)
     print(f"node agent pod {pod} runs")

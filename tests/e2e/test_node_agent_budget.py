@@ -21,6 +21,7 @@ import pytest
 
 from common.warm import WARM_ANNOTATION, NodeWarmth, warm_label_key
 from devcluster import Cluster, wait_for
+from devcluster.injector import InjectorInstall
 from devcluster.juicefs import cached_blocks
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
@@ -28,7 +29,6 @@ from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.e2e.test_node_agent import deployment as bento_deployment
-from tests.e2e.test_node_agent import local_agent
 
 BENTOS = ("budget-a", "budget-b", "budget-c")  # oldest first
 VERSION = "v1"
@@ -44,8 +44,8 @@ def models(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> d
 
 
 @pytest.fixture(scope="module")
-def agent(cluster: Cluster, node: Node) -> Iterator[LocalNodeAgent]:
-    local = local_agent(cluster)
+def agent(cluster: Cluster, node: Node, injector: InjectorInstall) -> Iterator[LocalNodeAgent]:
+    local = LocalNodeAgent(cluster, injector)
     yield local  # installed by the test, once its workloads exist
     print(local.logs()[-3000:])
     local.uninstall()

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from devcluster import Cluster, ControlPlane, wait_for
+from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.injector import LocalInjector
+from devcluster.injector import InjectorInstall
 from devcluster.juicefs import cached_blocks
 from devcluster.node import Node
 from devcluster.nodehost import node_cache_dir
@@ -218,14 +218,6 @@ def test_the_node_cache_is_the_nodes_and_only_the_sidecar_sees_it(
         assert " /var/lib/juicefs/cache " in out
 
 
-@pytest.fixture
-def injector(cluster: Cluster) -> LocalInjector:
-    found = cluster.addons.get("injector") if isinstance(cluster, ControlPlane) else None
-    if not isinstance(found, LocalInjector):
-        pytest.skip("needs the local injector process (E2E_KUBECONFIG is set)")
-    return found
-
-
 def own_sidecar_pod(name: str, cache: dict[str, Any], app_mounts_cache: bool) -> dict[str, Any]:
     """A pod that brings its own juicefs-mount and cache volume, as if the injector had run."""
     cache_mount = {"name": "juicefs-cache", "mountPath": "/cache"}
@@ -258,7 +250,7 @@ def own_sidecar_pod(name: str, cache: dict[str, Any], app_mounts_cache: bool) ->
 
 
 def test_with_the_injector_down_the_policy_refuses_a_cache_volume_it_would_not_write(
-    cluster: Cluster, node: Node, namespace: str, injector: LocalInjector
+    cluster: Cluster, node: Node, namespace: str, injector: InjectorInstall
 ) -> None:
     """failurePolicy: Ignore lets pods through unmutated; the policy still holds the line."""
     ours = {"hostPath": {"path": str(node_cache_dir(node.dir) / "models"), "type": "Directory"}}
