@@ -225,6 +225,22 @@ def served_certificate(address: str, server_name: str, timeout: float = 3) -> by
         return None
 
 
+def readyz_answers(address: str, ca: Path | None = None) -> bool:
+    """GET https://address/readyz answers 200; verified against ca if given, else
+    like the kubelet's probe, whoever issued the certificate."""
+    context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+    if ca is None:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(
+            f"https://{address}/readyz", context=context, timeout=2
+        ) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 class LocalInjector:
     """`python -m injector serve` for the local control plane; start() and stop() repeatable."""
 
@@ -292,16 +308,7 @@ class LocalInjector:
 
     def ready(self) -> bool:
         ca = self.dir / "certs" / "ca.crt"
-        if not ca.exists():
-            return False
-        context = ssl.create_default_context(cafile=str(ca))
-        try:
-            with urllib.request.urlopen(
-                f"https://127.0.0.1:{self.port}/readyz", context=context, timeout=2
-            ) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return ca.exists() and readyz_answers(f"127.0.0.1:{self.port}", ca)
 
     def stop(self) -> None:
         """SIGTERM (the injector drains its requests), SIGKILL after 15 s."""

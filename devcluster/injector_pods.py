@@ -24,10 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import ssl
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +46,7 @@ from devcluster.injector import (
     local_settings,
     merged,
     node_cache_pattern_patch,
+    readyz_answers,
     served_certificate,
 )
 from devcluster.nodehost import node_cache_dir
@@ -244,24 +242,11 @@ class PodInjector:
         found = [served_certificate(a, self.server_name) for a in self.endpoints()]
         return [c for c in found if c is not None]
 
-    def _answers(self, address: str) -> bool:
-        # Like the kubelet's probe: /readyz answering 200, whoever issued the certificate
-        # (with webhook.manageCaBundle off a replica may serve one the Secret did not).
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        try:
-            with urllib.request.urlopen(
-                f"https://{address}/readyz", context=context, timeout=2
-            ) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
     def ready(self) -> bool:
-        """Every replica is a ready endpoint and answers /readyz from here."""
+        """Every replica is a ready endpoint and answers /readyz from here (whoever issued
+        its certificate: with webhook.manageCaBundle off it is not the Secret's CA)."""
         endpoints = self.endpoints()
-        return len(endpoints) >= self.replicas and all(self._answers(a) for a in endpoints)
+        return len(endpoints) >= self.replicas and all(readyz_answers(a) for a in endpoints)
 
     def wait_ready(self, timeout: float = 180) -> None:
         try:
