@@ -69,6 +69,12 @@ DEFAULT_CACHE_SCAN_SECONDS = 10
 MIN_CACHE_SCAN_SECONDS = 1
 MAX_CACHE_SCAN_SECONDS = 3600
 DEFAULT_VOLUME = "models"
+# sidecar.metricsPort: where the sidecar serves its own Prometheus metrics on
+# the pod's IP. Not juicefs's (the sidecar gives each `juicefs mount` a free
+# port from the kernel's ephemeral range, on 127.0.0.1) nor the node agent's
+# (9464, in its own pod). 0: no endpoint.
+DEFAULT_METRICS_PORT = 9465
+METRICS_PORT_FORM = "a TCP port from 1 to 65535, or 0 for no metrics endpoint"
 DEFAULT_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_PRIVATE_MOUNT = "/var/lib/juicefs/volume"
 
@@ -101,6 +107,13 @@ def parse_bool(value: str) -> bool:
 
 def render_bool(value: bool) -> str:
     return "true" if value else "false"
+
+
+def parse_metrics_port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(value)
+    return port
 
 
 def is_bento_name(value: str) -> bool:
@@ -271,6 +284,9 @@ WARMUP_CONCURRENCY = _count(
     MAX_WARMUP_CONCURRENCY,
 )
 CONDITION_TYPE = _text("JFS_CONDITION_TYPE")
+METRICS_PORT = EnvVar(
+    "JFS_METRICS_PORT", parse_metrics_port, METRICS_PORT_FORM, str(DEFAULT_METRICS_PORT)
+)
 # Not set by the injector: the defaults suit the container; tests that run
 # the sidecar as a host process point them at temp dirs.
 PRIVATE_MOUNT = _path("JFS_PRIVATE_MOUNT", DEFAULT_PRIVATE_MOUNT)
@@ -304,6 +320,7 @@ ALL: tuple[EnvVar[Any], ...] = (
     WARMUP_TIMEOUT_SECONDS,
     WARMUP_CONCURRENCY,
     CONDITION_TYPE,
+    METRICS_PORT,
     PRIVATE_MOUNT,
     JUICEFS_BIN,
     TOKEN_DIR,

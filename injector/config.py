@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     model_validator,
 )
@@ -100,6 +101,18 @@ class Annotations(_Model):
     cache_mode: str = PREFIX + "cache-mode"
 
 
+def _check_metrics_port(value: int) -> int:
+    try:
+        return env.parse_metrics_port(str(value))
+    except ValueError:
+        raise ValueError(f"expected {env.METRICS_PORT_FORM}") from None
+
+
+# The rule is the sidecar's (common.env), so the injector never writes a port it
+# refuses. Strict: YAML's `true` is not port 1.
+MetricsPort = Annotated[StrictInt, AfterValidator(_check_metrics_port)]
+
+
 class Resources(_Model):
     cpu_request: Quantity = "250m"
     memory_request: Quantity = "512Mi"
@@ -122,6 +135,9 @@ class Sidecar(_Model):
     # goes through the mesh from the start.
     mesh_proxy_containers: tuple[str, ...] = ("istio-proxy", "linkerd-proxy")
     mesh_init_containers: tuple[str, ...] = ("istio-init", "istio-validation", "linkerd-init")
+    # The sidecar's own Prometheus /metrics, plain HTTP on the pod's IP, declared
+    # as its container port `metrics` (what a PodMonitor selects). 0: none.
+    metrics_port: MetricsPort = env.DEFAULT_METRICS_PORT
 
 
 class Volumes(_Model):

@@ -38,6 +38,7 @@ _CONTAINER = {
     "volumeMounts": [
         {"name": Required(str), "mountPath": str, "readOnly": bool, "mountPropagation": str}
     ],
+    "ports": [{"containerPort": int, "protocol": str}],
 }
 _VOLUME = {
     "name": Required(str),

@@ -72,6 +72,11 @@ class Settings:
     cache_mode: CacheMode = "pod"
     node_cache_budget_mib: int = contract.DEFAULT_NODE_CACHE_BUDGET_MIB
     cache_scan_seconds: int = contract.DEFAULT_CACHE_SCAN_SECONDS
+    # The sidecar's own Prometheus endpoint on the pod's IP; 0: none. (From the
+    # environment the default is common.env's; code that builds Settings
+    # itself, the node agent and tests running sidecars as host processes,
+    # gets none, so they never contend for one host port.)
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -109,6 +114,7 @@ class Settings:
                 cache_mode=c.CACHE_MODE.read(source),
                 node_cache_budget_mib=c.NODE_CACHE_BUDGET_MIB.read(source),
                 cache_scan_seconds=c.CACHE_SCAN_SECONDS.read(source),
+                metrics_port=c.METRICS_PORT.read(source),
             )
         except EnvError as err:
             raise SettingsError(str(err)) from None

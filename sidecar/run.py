@@ -34,6 +34,7 @@ from sidecar.decisions import (
 )
 from sidecar.env import Settings
 from sidecar.manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest
+from sidecar.metrics import MetricsEndpoint, SidecarMetrics
 from sidecar.mount import JuiceFSMount, MountError
 from sidecar.reporter import NORMAL, WARNING, OrderedReporter, Reporter
 from sidecar.sources import ByteSources, MountCounters, byte_sources
@@ -130,6 +131,7 @@ class ProgressReporter:
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
     # The streamer's progress, once it has reported any (the stall watchdog reads it).
     current: Progress | None = None
+    metrics: SidecarMetrics = field(default_factory=SidecarMetrics)
 
     def _send(self, kind: str, reason: str, message: str) -> None:
         task = asyncio.get_running_loop().create_task(self.reporter.event(kind, reason, message))
@@ -138,6 +140,7 @@ class ProgressReporter:
 
     def on_progress(self, progress: Progress) -> None:
         self.current = progress
+        self.metrics.stream_progressed(progress)
         now = time.monotonic()
         if self._stalled and now - progress.last_advance < 1:
             self._stalled = False
@@ -218,6 +221,7 @@ async def warm(
     counters: MountCounters | None = None,
     filler: CacheFiller | None = None,
     cache_watch: CacheSpaceWatch | None = None,
+    metrics: SidecarMetrics | None = None,
 ) -> bool:
     """Stream and verify the model; True when the gate may open.
 
@@ -234,7 +238,10 @@ async def warm(
     With `cache_watch`, a cache disk found full once the model is verified
     is reported (CacheDiskFull) and not filled: the fill would only fetch
     the model again for JuiceFS to fail writing it.
+
+    `metrics` records the stream (without it, a registry nobody serves).
     """
+    metrics = metrics or SidecarMetrics()
     deadline = time.monotonic() + settings.warmup_timeout_seconds
     manifest = await wait_for_manifest(mount, reporter, deadline)
     files = manifest.select(settings.models)
@@ -245,7 +252,8 @@ async def warm(
         f"streaming {len(files)} files ({total / MIB:.0f} MiB) of {manifest.bento} into the "
         f"{settings.cache_mode} cache with {settings.warmup_concurrency} parallel reads",
     )
-    progress_reporter = ProgressReporter(reporter)
+    metrics.stream_started(total)
+    progress_reporter = ProgressReporter(reporter, metrics=metrics)
     before = None if counters is None else await counters.snapshot()
     watchdog = asyncio.create_task(progress_reporter.watch_stalls())
     try:
@@ -262,6 +270,7 @@ async def warm(
             await _fill_cache(filler, [mount.models_dir / f.path for f in files], deadline)
     except VerificationError as err:
         log.error("warmup.verification_failed", error=str(err))
+        metrics.warmup_failed("VerificationFailed")
         await reporter.event(
             WARNING, "VerificationFailed", f"model bytes do not match the manifest: {err}"
         )
@@ -269,6 +278,7 @@ async def warm(
         return False
     except WarmupTimeout as err:
         log.error("warmup.timeout", error=str(err))
+        metrics.warmup_failed("WarmupTimedOut")
         await reporter.event(
             WARNING,
             "WarmupTimedOut",
@@ -281,6 +291,7 @@ async def warm(
         await progress_reporter.drain()
     after = None if counters is None else await counters.snapshot()
     sources = byte_sources(progress.done_bytes, before, after)
+    metrics.stream_verified(progress, sources)
     message = (
         f"model ready: {progress.done_bytes / MIB:.0f} MiB in {progress.elapsed:.1f}s "
         f"({progress.mb_per_s:.1f} MB/s), {progress.done_files} files verified"
@@ -357,8 +368,16 @@ def _sources_text(sources: ByteSources | None, settings: Settings) -> str:
     return sources.describe(settings.cache_mode)
 
 
-async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None = None) -> int:
+async def run(
+    settings: Settings,
+    reporter: Reporter,
+    stop: asyncio.Event | None = None,
+    metrics: SidecarMetrics | None = None,
+) -> int:
     stop = stop or asyncio.Event()
+    # Created first: time_to_ready counts from here.
+    metrics = metrics or SidecarMetrics()
+    metrics.describe(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -366,13 +385,41 @@ async def run(settings: Settings, reporter: Reporter, stop: asyncio.Event | None
     # The apiserver must never hold up the mount or the stream: Events go out
     # in the background, conditions in order (see OrderedReporter).
     ordered = OrderedReporter(reporter)
+    endpoint = await _serve_metrics(metrics, settings.metrics_port, ordered)
     try:
-        return await _run(settings, ordered, stop)
+        return await _run(settings, ordered, stop, metrics)
     finally:
         # What is still queued (Unmounted...) gets a moment: a sidecar may have
         # only the kubelet's last 2 s of the pod's grace period.
         if not await ordered.close(within=1.0):
             log.warning("events.unsent", dropped=ordered.dropped)
+        if endpoint is not None:
+            await asyncio.to_thread(endpoint.close)
+
+
+async def _serve_metrics(
+    metrics: SidecarMetrics, port: int, reporter: Reporter
+) -> MetricsEndpoint | None:
+    """The /metrics endpoint for the pod's life; None when off or the port is taken.
+
+    A port taken (by an app container that listens there without declaring
+    it) costs the metrics only, never the model.
+    """
+    if port == 0:
+        return None
+    try:
+        endpoint = metrics.serve(port)
+    except OSError as err:
+        log.warning("metrics.unavailable", port=port, error=str(err))
+        await reporter.event(
+            WARNING,
+            "MetricsUnavailable",
+            f"cannot serve Prometheus metrics on port {port} (sidecar.metricsPort): {err}; "
+            "the model is streamed and verified as usual",
+        )
+        return None
+    log.info("metrics.serving", port=endpoint.port)
+    return endpoint
 
 
 async def _probe(settings: Settings, full: bool) -> tuple[CacheSpeed | None, bool]:
@@ -390,7 +437,9 @@ async def _probe(settings: Settings, full: bool) -> tuple[CacheSpeed | None, boo
     return speed, full
 
 
-async def _run(settings: Settings, reporter: OrderedReporter, stop: asyncio.Event) -> int:
+async def _run(
+    settings: Settings, reporter: OrderedReporter, stop: asyncio.Event, metrics: SidecarMetrics
+) -> int:
     mount: JuiceFSMount | None = None
     watch = CacheSpaceWatch(
         settings.cache_dir,
@@ -451,6 +500,7 @@ async def _run(settings: Settings, reporter: OrderedReporter, stop: asyncio.Even
             counters=MountCounters(mount),
             filler=mount,
             cache_watch=watch if cache.disk_cache else None,
+            metrics=metrics,
         )
     )
     work.add_done_callback(_log_crash)
@@ -540,24 +590,30 @@ async def open_gate(
     counters: MountCounters | None = None,
     filler: CacheFiller | None = None,
     cache_watch: CacheSpaceWatch | None = None,
+    metrics: SidecarMetrics | None = None,
 ) -> None:
     """Verify the model if the gate plan says so, then set the condition to True.
 
     Any failure leaves the gate closed, with an Event and the condition
     False saying why.
     """
+    metrics = metrics or SidecarMetrics()
     try:
-        if gate.verify and not await warm(settings, mount, reporter, counters, filler, cache_watch):
+        if gate.verify and not await warm(
+            settings, mount, reporter, counters, filler, cache_watch, metrics
+        ):
             return
     except (OSError, ValueError) as err:
         # No manifest, an unreadable one, a file the mount cannot open...
         log.error("warmup.failed", error=str(err))
+        metrics.warmup_failed("WarmupFailed")
         await reporter.event(WARNING, "WarmupFailed", f"cannot stream the model: {err}")
         await _best_effort(reporter.set_condition("False", "WarmupFailed", str(err)[:256]))
         return
     gate = gate_after_warmup(gate, cache_watch is not None and cache_watch.full)
     # The one call that must land: retried until it does or the pod stops.
     await reporter.set_condition("True", gate.reason, gate.message, attempts=None)
+    metrics.gate_opened()
     await reporter.event(
         NORMAL, "Ready", f"condition {settings.condition_type}=True: {gate.message}"
     )

@@ -57,8 +57,12 @@ class Progress:
         return max(time.monotonic() - self.started, 1e-9)
 
     @property
+    def bytes_per_s(self) -> float:
+        return self.done_bytes / self.elapsed
+
+    @property
     def mb_per_s(self) -> float:
-        return self.done_bytes / MIB / self.elapsed
+        return self.bytes_per_s / MIB
 
     @property
     def eta_seconds(self) -> float | None:

@@ -116,3 +116,27 @@ def test_cache_mode_defaults_follow_the_profile() -> None:
     assert none.node_cache_path is None
     pinned = parse_config({"cache": {"mode": "pod"}, "volumes": {"cacheMedium": "Memory"}})
     assert pinned.cache_mode == "pod"
+
+
+@pytest.mark.parametrize(
+    ("port", "expected"),
+    [
+        (70000, "expected a TCP port from 1 to 65535, or 0 for no metrics endpoint"),
+        (-1, "expected a TCP port from 1 to 65535, or 0 for no metrics endpoint"),
+        # Strict: YAML's true is not port 1, nor a quoted number a port.
+        (True, "Input should be a valid integer"),
+        ("9465", "Input should be a valid integer"),
+    ],
+)
+def test_a_bad_sidecar_metrics_port_names_the_key_and_the_accepted_form(
+    port: object, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"sidecar": {"metricsPort": port}})
+    assert f"sidecar.metricsPort: {expected}" in str(info.value).replace("Value error, ", "")
+
+
+@pytest.mark.parametrize("port", [0, 1, 9465, 65535])
+def test_sidecar_metrics_port(port: int) -> None:
+    assert InjectorConfig().sidecar.metrics_port == 9465
+    assert parse_config({"sidecar": {"metricsPort": port}}).sidecar.metrics_port == port

@@ -15,6 +15,7 @@ import pytest
 
 from common import env
 from injector.config import InjectorConfig
+from injector.mutation.metrics import pod_metrics_port
 from injector.plan import InjectionPlan, decide
 from sidecar.env import Settings, SettingsError
 from tests.helpers import GOLDEN_CASES, bento_pod, case_config, inject, injected_pods, minimal_env
@@ -73,7 +74,9 @@ def test_enough_injected_pods() -> None:
     assert len(INJECTED) >= 20
 
 
-def expected_settings(plan: InjectionPlan, config: InjectorConfig) -> dict[str, Any]:
+def expected_settings(
+    plan: InjectionPlan, config: InjectorConfig, spec: dict[str, Any]
+) -> dict[str, Any]:
     jfs = config.juicefs
     node = plan.cache_mode == "node"
     limit = config.node_budget_bytes if node else plan.cache_bytes
@@ -109,6 +112,10 @@ def expected_settings(plan: InjectionPlan, config: InjectorConfig) -> dict[str, 
         "warmup_timeout_seconds": plan.warmup_timeout_seconds,
         "warmup_concurrency": config.warmup.concurrency,
         "condition_type": config.readiness.condition_type,
+        # 0 where the pod's own network would clash (hostNetwork, a declared port).
+        "metrics_port": pod_metrics_port(
+            spec, config.sidecar.metrics_port, config.sidecar.container_name
+        ),
     }
 
 
@@ -126,8 +133,9 @@ def test_sidecar_reads_back_what_the_plan_chose(
 
     settings = Settings.from_env(resolve(entries))
 
-    actual = {key: getattr(settings, key) for key in expected_settings(plan, config)}
-    assert actual == expected_settings(plan, config)
+    expected = expected_settings(plan, config, pod["spec"])
+    actual = {key: getattr(settings, key) for key in expected}
+    assert actual == expected
 
 
 def test_the_sidecar_defaults_are_what_the_default_config_writes() -> None:
@@ -158,6 +166,8 @@ def test_the_sidecar_defaults_are_what_the_default_config_writes() -> None:
         ("JFS_NODE_CACHE_BUDGET_MIB", "0", "at least 1"),
         ("JFS_CACHE_SCAN_SECONDS", "0", "from 1 to 3600"),
         ("JFS_CACHE_MIN_MBPS", "nan", "at least 0"),
+        ("JFS_METRICS_PORT", "65536", "a TCP port from 1 to 65535, or 0"),
+        ("JFS_METRICS_PORT", "-1", "a TCP port from 1 to 65535, or 0"),
         ("JFS_MODELS", "llama3:v1,,tokenizer", "BentoML model tags"),
         ("BENTO_NAME", "../etc", "lowercase letters"),
         ("BENTO_VERSION", "v1/../../x", "letters, digits"),

@@ -790,3 +790,60 @@ def test_our_own_node_cache_output_is_accepted_again() -> None:
     again = run(out)
     assert again.outcome == "unchanged"
     assert again.ops == []
+
+
+# --- the sidecar's metrics port ---------------------------------------------------------
+
+
+def metrics_env(sidecar: dict[str, Any]) -> str:
+    (entry,) = [e for e in sidecar["env"] if e["name"] == "JFS_METRICS_PORT"]
+    return str(entry["value"])
+
+
+def test_the_sidecar_declares_its_metrics_port_and_is_told_it() -> None:
+    sidecar = sidecar_of(inject(bento_pod()))
+    assert sidecar["ports"] == [{"name": "metrics", "containerPort": 9465, "protocol": "TCP"}]
+    assert metrics_env(sidecar) == "9465"
+    other = parse_config({"sidecar": {"metricsPort": 9500}})
+    assert sidecar_of(inject(bento_pod(), other))["ports"][0]["containerPort"] == 9500
+
+
+@pytest.mark.parametrize(
+    ("spec", "config"),
+    [
+        ({}, {"sidecar": {"metricsPort": 0}}),
+        # The port would be the node's, and a declared one a hostPort.
+        ({"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"}, {}),
+    ],
+)
+def test_no_metrics_port_without_a_warning(spec: dict[str, Any], config: dict[str, Any]) -> None:
+    result = run(bento_pod(**spec), parse_config(config))
+    assert result.warnings == []
+    sidecar = sidecar_of(inject(bento_pod(**spec), parse_config(config)))
+    assert "ports" not in sidecar
+    assert metrics_env(sidecar) == "0"
+
+
+def test_an_app_that_declares_the_metrics_port_keeps_it_with_a_warning() -> None:
+    app = {
+        "name": "main",
+        "image": "us-docker.pkg.dev/p/r/llama:1",
+        "ports": [{"containerPort": 9465}],
+    }
+    pod = bento_pod(containers=[app])
+    (warning,) = run(pod).warnings
+    assert "serves no Prometheus metrics" in warning
+    assert "container 'main' declares port 9465" in warning
+    sidecar = sidecar_of(inject(pod))
+    assert "ports" not in sidecar
+    assert metrics_env(sidecar) == "0"
+    # UDP on the same number does not clash with the sidecar's TCP.
+    app["ports"] = [{"containerPort": 9465, "protocol": "UDP"}]
+    assert run(bento_pod(containers=[app])).warnings == []
+
+
+def test_reinjecting_a_pod_with_our_metrics_port_changes_nothing() -> None:
+    once = inject(bento_pod())
+    result = run(once)
+    assert result.outcome == "unchanged", result.reason
+    assert result.warnings == []

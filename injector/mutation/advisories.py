@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from injector.mutation.context import MutationContext
+from injector.mutation.metrics import container_declaring
 
 
 def add_advisories(ctx: MutationContext) -> None:
@@ -21,6 +22,14 @@ def add_advisories(ctx: MutationContext) -> None:
             f"annotation {size_key} is ignored: this pod uses the node cache, shared within "
             f"the node budget ({ctx.config.cache.node_budget}, cache.nodeBudget); set "
             f"{ctx.config.annotations.cache_mode}=pod for a cache of its own"
+        )
+    port = ctx.config.sidecar.metrics_port
+    owner = container_declaring(spec, port, ctx.owned.container) if port else None
+    if owner is not None:
+        # Not a denial: the pod runs as it would without us, only without our metrics.
+        ctx.warnings.append(
+            f"juicefs-mount serves no Prometheus metrics in this pod (port {port}, "
+            f"sidecar.metricsPort): container {owner!r} declares port {port}"
         )
     if ctx.plan.sidecar_mode == "classic" and spec.get("restartPolicy") in ("Never", "OnFailure"):
         ctx.warnings.append(

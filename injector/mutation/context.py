@@ -12,6 +12,7 @@ from functools import cached_property
 from typing import Any, Literal
 
 from injector.config import InjectorConfig
+from injector.mutation.metrics import pod_metrics_port
 from injector.mutation.owned import Owned, owned_names
 from injector.patch import PatchBuilder
 from injector.plan import InjectionPlan
@@ -65,6 +66,11 @@ class MutationContext:
     @property
     def spec(self) -> Mapping[str, Any]:
         return self.pod.get("spec") or {}
+
+    @cached_property
+    def metrics_port(self) -> int:
+        """The port of the sidecar's metrics in this pod; 0: none."""
+        return pod_metrics_port(self.spec, self.config.sidecar.metrics_port, self.owned.container)
 
     def containers(self, key: str) -> list[Container]:
         items = self.spec.get(key) or []

@@ -7,6 +7,7 @@ from typing import Any
 
 from common import env
 from injector.mutation.context import MutationContext
+from injector.mutation.metrics import METRICS_PORT_NAME
 from injector.mutation.token import choose_token, token_mount
 from injector.quantity import parse_quantity
 
@@ -65,6 +66,7 @@ def sidecar_env(ctx: MutationContext) -> list[dict[str, Any]]:
         env.WARMUP_TIMEOUT_SECONDS.entry(plan.warmup_timeout_seconds),
         env.WARMUP_CONCURRENCY.entry(config.warmup.concurrency),
         env.CONDITION_TYPE.entry(config.readiness.condition_type),
+        env.METRICS_PORT.entry(ctx.metrics_port),
     ]
 
 
@@ -122,6 +124,10 @@ def sidecar_container(ctx: MutationContext) -> dict[str, Any]:
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if ctx.metrics_port:
+        container["ports"] = [
+            {"name": METRICS_PORT_NAME, "containerPort": ctx.metrics_port, "protocol": "TCP"}
+        ]
     probe_cmd = list(side.probe_command)
     if ctx.plan.sidecar_mode == "native":
         container["restartPolicy"] = "Always"
