@@ -35,6 +35,7 @@ import yaml
 
 from devcluster.binaries import CHART_COMPONENTS, ensure_binaries
 from injector.config import parse_config
+from tests.helpers import bento_pod, inject
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "bento-juicefs"
@@ -51,6 +52,7 @@ HELM_LABELS = frozenset(
 )
 NAMESPACE = "bento-juicefs-system"
 CONFIG_MAP = ("ConfigMap", "bento-juicefs-injector-config", NAMESPACE)
+DASHBOARD_CONFIG_MAP = ("ConfigMap", "bento-juicefs-dashboard", NAMESPACE)
 DAEMON_SET = ("DaemonSet", "bento-juicefs-node-agent", NAMESPACE)
 
 Key = tuple[str, str, str]
@@ -410,7 +412,9 @@ def test_cert_manager_with_an_issuer() -> None:
 
 
 def test_monitors_are_off_by_default() -> None:
-    assert not [key for key in helm() if key[0] in {"ServiceMonitor", "PodMonitor"}]
+    objects = helm()
+    assert not [key for key in objects if key[0] in {"ServiceMonitor", "PodMonitor"}]
+    assert DASHBOARD_CONFIG_MAP not in objects
 
 
 @pytest.mark.parametrize("mode", ["selfSigned", "certManager"])
@@ -445,6 +449,61 @@ def test_monitors(mode: str) -> None:
     assert {"name": pod_endpoint["port"], "containerPort": 9464} in ports
     labels = objects[DAEMON_SET]["spec"]["selector"]["matchLabels"]
     assert pod_monitor["spec"]["selector"]["matchLabels"] == labels
+
+
+def test_the_sidecars_pod_monitor_finds_the_port_the_injector_declares() -> None:
+    objects = helm(
+        "metrics.sidecarPodMonitor.enabled=true",
+        "metrics.sidecarPodMonitor.interval=15s",
+        "metrics.sidecarPodMonitor.labels.release=prom",
+    )
+    monitor = objects[("PodMonitor", "bento-juicefs-sidecars", NAMESPACE)]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    config = parse_config(config_of(objects))
+    # Every JuiceFS Bento pod, in whichever tenant namespace it runs.
+    assert monitor["spec"]["selector"] == {
+        "matchLabels": {config.labels.model_store: config.labels.model_store_value}
+    }
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["scheme"], endpoint["path"], endpoint["interval"]) == (
+        "http",
+        "/metrics",
+        "15s",
+    )
+    keep = [r for r in endpoint["relabelings"] if r.get("action") == "keep"]
+    assert keep == [
+        {
+            "sourceLabels": ["__meta_kubernetes_pod_container_name"],
+            "regex": config.sidecar.container_name,
+            "action": "keep",
+        }
+    ]
+    sidecar = next(
+        c for c in inject(bento_pod(), config)["spec"]["initContainers"]
+        if c["name"] == config.sidecar.container_name
+    )  # fmt: skip
+    assert {"name": endpoint["port"], "containerPort": config.sidecar.metrics_port} in [
+        {"name": p["name"], "containerPort": p["containerPort"]} for p in sidecar["ports"]
+    ]
+    # Only the sidecars': the node agents' stays behind its own value.
+    assert ("PodMonitor", "bento-juicefs-node-agent", NAMESPACE) not in objects
+
+
+def test_the_grafana_dashboard_config_map() -> None:
+    objects = helm("metrics.grafanaDashboard.enabled=true")
+    config_map = objects[DASHBOARD_CONFIG_MAP]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (name,) = config_map["data"]
+    dashboard = CHART / "dashboards" / "bento-juicefs.json"
+    assert json.loads(config_map["data"][name]) == json.loads(dashboard.read_text())
+    moved = helm(
+        "metrics.grafanaDashboard.enabled=true",
+        "metrics.grafanaDashboard.namespace=monitoring",
+        "metrics.grafanaDashboard.labels.grafana_folder=bento",
+    )
+    config_map = moved[("ConfigMap", "bento-juicefs-dashboard", "monitoring")]
+    assert config_map["metadata"]["labels"]["grafana_folder"] == "bento"
 
 
 def test_the_comparison_sees_a_changed_value() -> None:
