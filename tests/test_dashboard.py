@@ -1,6 +1,7 @@
 """The Grafana dashboard (charts/bento-juicefs/dashboards/bento-juicefs.json) queries real metrics.
 
-Every metric name in its PromQL (the panels' targets and the variables'
+Every query parses as PromQL (promql-parser, a port of Prometheus's parser),
+and every metric name in its PromQL (the panels' targets and the variables'
 label_values queries) must be one the code defines, as scraped: the names
 tests/test_metrics_docs.py reads from the injector's, the sidecar's and the
 node agent's source (and checks against a real scrape of their registries).
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import pytest
 
 from tests.test_metrics_docs import code_metrics
@@ -23,29 +25,36 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "charts" / "bento-juicefs" / "dashboards" / "bento-juicefs.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
-# PromQL words that look like names but are not metrics.
-KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "inf", "nan"})
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_VARIABLE = re.compile(r"\$\{?\w+\}?")
-_MATCHERS = re.compile(r"\{[^}]*\}")
-_RANGE = re.compile(r"\[[^\]]*\]")
-# Label lists: by/without (...), on/ignoring (...), group_left/group_right (...).
-_LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-_MODIFIER = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\b")
-# A name not followed by "(" (a function); numbers never start with a letter.
-_NAME = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()")
+_VARIABLE = re.compile(r"\$\{?(\w+)\}?")
+# Grafana's interval variables stand for durations; any other variable is a label value.
+_DURATIONS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
 _LABEL_VALUES = re.compile(r"^label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)")
+# The attributes of promql_parser's nodes that hold sub-expressions.
+_CHILDREN = ("expr", "lhs", "rhs", "args", "param", "vector_selector")
+
+
+def parse(expr: str) -> Any:
+    """The expression as Prometheus parses it, Grafana's variables given example values
+    (promql-parser: the Rust port of Prometheus's own parser); ValueError if it does not."""
+    text = _VARIABLE.sub(lambda m: _DURATIONS.get(m[1], "x"), expr)
+    return promql_parser.parse(text)
 
 
 def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects."""
-    text = _STRING.sub('""', expr)
-    text = _VARIABLE.sub("", text)
-    text = _MATCHERS.sub("", text)
-    text = _RANGE.sub("", text)
-    text = _LABEL_LIST.sub("", text)
-    text = _MODIFIER.sub("", text)
-    return {name for name in _NAME.findall(text) if name.lower() not in KEYWORDS}
+    """The metric names a PromQL expression selects, read from its syntax tree."""
+    names: set[str] = set()
+    pending = [parse(expr)]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            names.add(node.name)
+        for attribute in _CHILDREN:
+            child = getattr(node, attribute, None)
+            if isinstance(child, list | tuple):
+                pending.extend(child)
+            elif child is not None and type(child).__module__ == "promql_parser":
+                pending.append(child)
+    return names
 
 
 def scraped_names() -> set[str]:
@@ -86,10 +95,12 @@ def queries(board: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 def test_the_name_extraction() -> None:
     expr = (
-        'histogram_quantile(0.99, sum by (le) (rate(x_bucket{outcome=~"a|b"}[$__rate_interval])))'
+        'histogram_quantile(0.99, sum by (le) (rate(x_bucket{outcome=~"$o"}[$__rate_interval])))'
         " / on (namespace, pod) group_left (bento) y_info and z == 1 - time() > bool 0"
     )
     assert metric_names(expr) == {"x_bucket", "y_info", "z"}
+    with pytest.raises(ValueError, match="parenthesis"):
+        parse("sum by (le (rate(x[5m]))")
 
 
 def test_every_metric_the_dashboard_queries_is_one_the_code_defines() -> None:
