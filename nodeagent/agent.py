@@ -16,6 +16,7 @@ reads what is on the disk already and fetches only the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -90,6 +91,13 @@ class NodeApi(Protocol):
 
     async def event(self, kind: str, reason: str, message: str) -> None: ...
 
+    async def watch_workloads(self, changed: Callable[[], None]) -> None: ...
+
+
+# After a workload change wakes the loop, how long to let more changes gather
+# (a `helm upgrade` changes several Deployments within a moment).
+SETTLE_SECONDS = 1.0
+
 
 @dataclass
 class NodeAgent:
@@ -115,12 +123,23 @@ class NodeAgent:
             budget_bytes=self.budget,
             node_cache=self.config.node_cache_path,
         )
-        while True:
-            try:
-                await self.reconcile()
-            except API_ERRORS as err:
-                log.warning("agent.pass_failed", error=str(err) or type(err).__name__)
-            await asyncio.sleep(self.options.resync_seconds)
+        changed = asyncio.Event()
+        watcher = asyncio.create_task(self.api.watch_workloads(changed.set))
+        try:
+            while True:
+                changed.clear()
+                try:
+                    await self.reconcile()
+                    log.debug("agent.pass_done")
+                except API_ERRORS as err:
+                    log.warning("agent.pass_failed", error=str(err) or type(err).__name__)
+                if await woken(changed, self.options.resync_seconds):
+                    log.debug("agent.woken", reason="a workload changed")
+                    await asyncio.sleep(SETTLE_SECONDS)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     async def reconcile(self) -> None:
         node = await self.api.node()
@@ -287,6 +306,16 @@ class NodeAgent:
         )
         self.metrics.outcomes.labels("evicted").inc()
         log.info("evict.done", bento=str(ref), bytes=record.bytes, why=why)
+
+
+async def woken(changed: asyncio.Event, seconds: float) -> bool:
+    """Wait for changed, at most `seconds`; whether it was set."""
+    try:
+        async with asyncio.timeout(seconds):
+            await changed.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def _ours(labels: dict[str, str]) -> set[str]:

@@ -8,25 +8,29 @@ Events about its Node in `default`, where `kubectl describe node` finds them.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import aiohttp
 import structlog
-from kubernetes_asyncio import client
+from kubernetes_asyncio import client, watch
 
 from common.warm import AGENT_COMPONENT, NODE_EVENTS_NAMESPACE, WARM_ANNOTATION, is_warm_label
 from injector.config import InjectorConfig
-from injector.namespaces import opted_in
-from nodeagent.plan import format_time
+from injector.namespaces import describe_error, opted_in
+from nodeagent.plan import format_time, generations_changed, spec_changed
 from nodeagent.workloads import Workload, template_fits_node, workload_bento
 
 log = structlog.get_logger("nodeagent.kube")
 
 MERGE = "application/merge-patch+json"
 TIMEOUT: dict[str, Any] = {"_request_timeout": 30}
+# How long one watch request lasts before the agent relists (the server ends it then).
+WATCH_SECONDS = 300
+WATCH_RETRY_SECONDS = 5
 API_ERRORS = (client.exceptions.ApiException, OSError, TimeoutError, aiohttp.ClientError)
 
 
@@ -87,6 +91,48 @@ class AgentApi:
                 else:
                     log.debug("workload.ignored", reason=result)
         return found
+
+    async def watch_workloads(self, changed: Callable[[], None]) -> None:
+        """Call changed() whenever a Deployment or StatefulSet anywhere is added, deleted or
+        given a new spec, until cancelled: the agent then reconciles at once rather than at
+        its next resync. Which of them matter is the reconcile's business, not the watch's."""
+        await asyncio.gather(
+            self._watch(self._apps.list_deployment_for_all_namespaces, changed),
+            self._watch(self._apps.list_stateful_set_for_all_namespaces, changed),
+        )
+
+    async def _watch(
+        self, list_all: Callable[..., Awaitable[Any]], changed: Callable[[], None]
+    ) -> None:
+        seen: dict[str, int | None] | None = None
+        while True:
+            try:
+                listed = await list_all(**TIMEOUT)
+                relisted = {i.metadata.uid: i.metadata.generation for i in listed.items}
+                if seen is not None and generations_changed(seen, relisted):
+                    changed()
+                seen = relisted
+                stream = watch.Watch()
+                async with stream:
+                    async for event in stream.stream(
+                        list_all,
+                        resource_version=listed.metadata.resource_version,
+                        timeout_seconds=WATCH_SECONDS,
+                        # The client gives up a little after the server would.
+                        _request_timeout=WATCH_SECONDS + 30,
+                    ):
+                        meta = event["object"].metadata
+                        if spec_changed(event["type"], seen.get(meta.uid), meta.generation):
+                            changed()
+                        if event["type"] == "DELETED":
+                            seen.pop(meta.uid, None)
+                        elif event["type"] in ("ADDED", "MODIFIED"):
+                            seen[meta.uid] = meta.generation
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the resync still runs; try the watch again
+                log.warning("workloads.watch_error", error=describe_error(err))
+                await asyncio.sleep(WATCH_RETRY_SECONDS)
 
     async def record(
         self, current_labels: Mapping[str, str], wanted_labels: Mapping[str, str], record: str

@@ -111,3 +111,17 @@ def parse_time(text: str) -> dt.datetime | None:
         return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
     except ValueError:
         return None
+
+
+def spec_changed(event: str, seen: int | None, generation: int | None) -> bool:
+    """Whether a watch event on a Deployment or StatefulSet may change what the node should
+    hold: one added or deleted, or given a new spec (its generation moves). Status updates,
+    which a rollout makes many of (replica counts), leave the generation alone."""
+    if event in ("ADDED", "DELETED"):
+        return True
+    return event == "MODIFIED" and generation != seen
+
+
+def generations_changed(before: Mapping[str, int | None], after: Mapping[str, int | None]) -> bool:
+    """Whether a relist (workload uid -> generation) shows anything the watch missed."""
+    return dict(before) != dict(after)

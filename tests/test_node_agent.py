@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import nodeagent.agent as agent_module
 from common.warm import (
     WARM_ANNOTATION,
     WARM_LABEL_PREFIX,
@@ -20,13 +24,16 @@ from common.warm import (
     warm_label_key,
 )
 from injector.config import InjectorConfig
+from nodeagent.agent import AgentOptions, NodeAgent, woken
 from nodeagent.kube import node_patch
 from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
     expired,
+    generations_changed,
     make_room,
     needs_warming,
     retry_due,
+    spec_changed,
     track_unreferenced,
 )
 from nodeagent.warmer import (
@@ -37,6 +44,7 @@ from nodeagent.warmer import (
     read_credentials,
 )
 from nodeagent.workloads import (
+    Workload,
     changed_at,
     template_fits_node,
     wanted_bentos,
@@ -368,3 +376,73 @@ def test_the_metrics_follow_the_record() -> None:
     assert value("bento_juicefs_node_cache_bentos", {"state": "warm"}) == 1
     assert value("bento_juicefs_node_cache_bentos", {"state": "over-budget"}) == 1
     assert value("bento_juicefs_node_cache_bentos", {"state": "evicted"}) == 0
+
+
+def test_only_added_deleted_or_a_new_spec_wakes_the_agent() -> None:
+    assert spec_changed("ADDED", None, 1)
+    assert spec_changed("DELETED", 3, 3)
+    assert spec_changed("MODIFIED", 3, 4)  # a new version, or any template change
+    assert not spec_changed("MODIFIED", 4, 4)  # status: a rollout's replica counts
+    assert not spec_changed("BOOKMARK", None, None)
+    assert generations_changed({"a": 1}, {"a": 2})
+    assert generations_changed({"a": 1}, {"a": 1, "b": 1})
+    assert not generations_changed({"a": 1, "b": 2}, {"b": 2, "a": 1})
+
+
+class WatchedApi:
+    """A NodeApi with no workloads, whose watch reports one change after the first pass."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+        self.watch_cancelled = False
+        self.first_pass = asyncio.Event()
+        self.second_pass = asyncio.Event()
+
+    async def node(self) -> dict[str, Any]:
+        self.passes += 1
+        (self.first_pass if self.passes == 1 else self.second_pass).set()
+        return {"metadata": {"name": "n1", "labels": {}, "annotations": {}}}
+
+    async def workloads(self, config: InjectorConfig, node_labels: Any) -> list[Workload]:
+        return []
+
+    async def record(self, current_labels: Any, wanted_labels: Any, record: str) -> None:
+        raise AssertionError("nothing to record")
+
+    async def event(self, kind: str, reason: str, message: str) -> None:
+        raise AssertionError("nothing to say")
+
+    async def watch_workloads(self, changed: Callable[[], None]) -> None:
+        try:
+            await self.first_pass.wait()
+            changed()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.watch_cancelled = True
+            raise
+
+
+async def test_a_workload_change_reconciles_at_once_not_at_the_next_resync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent_module, "SETTLE_SECONDS", 0.01)
+    api = WatchedApi()
+    options = AgentOptions(credentials_dir=tmp_path, work_dir=tmp_path, resync_seconds=3600)
+    agent = NodeAgent(InjectorConfig(), options, AgentIdentity("n1", "agent-0", "ns"), api)
+    running = asyncio.create_task(agent.run_forever())
+    try:
+        async with asyncio.timeout(5):
+            await api.second_pass.wait()
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert api.passes == 2  # the change's, not the hour's resync
+    assert api.watch_cancelled  # the watch goes with the loop
+
+
+async def test_woken_says_whether_the_event_came_in_time() -> None:
+    changed = asyncio.Event()
+    assert not await woken(changed, 0.01)
+    changed.set()
+    assert await woken(changed, 1)

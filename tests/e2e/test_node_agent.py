@@ -244,3 +244,46 @@ def test_a_new_version_is_warmed_across_an_agent_restart_and_the_old_one_evicted
     assert held < held_before - 0.9 * model.total_bytes + new.total_bytes + 8 * MIB
     reasons = [e["reason"] for e in node_events(cluster, node.name)]
     assert "ModelEvicted" in reasons
+
+
+def test_with_an_hour_between_resyncs_a_new_deployment_is_warmed_at_once(
+    cluster: Cluster,
+    node: Node,
+    storage: StorageStack,
+    agent: LocalNodeAgent,
+    namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The agent watches Deployments and StatefulSets: a new one wakes its loop at once;
+    the resync is only the fallback. Runs last: it reinstalls the agent."""
+    pod = agent.install(resync_seconds=3600, evict_after_seconds=3600)
+
+    def first_pass_done() -> bool:
+        out = cluster.kubectl("logs", "-n", "bento-juicefs-system", pod, check=False).stdout
+        return '"agent.pass_done"' in out
+
+    wait_for(first_pass_done, timeout=120, interval=0.5, what=f"{pod}'s first pass")
+    name = "agent-watched-bento"
+    watched = storage.publish_random(
+        tmp_path_factory.mktemp("agent-watched"), name, VERSION, [16 * MIB] * 2
+    )
+    label = warm_label_key(name, VERSION)
+    shard = watched.files[0]
+    since = time.monotonic()
+    manifest = bento_deployment(
+        name, bento_labels(name, VERSION), check_command(shard.path, shard.sha256), 0
+    )
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    try:
+        wait_for(
+            lambda: node_labels(cluster, node).get(label),
+            timeout=120,
+            interval=0.3,
+            what=f"node label {label}",
+        )
+    except TimeoutError:
+        raise AssertionError(f"the agent did not react to {name}:\n{agent.logs()}") from None
+    print(
+        f"\nwith a 3600 s resync, {name} ({watched.total_bytes / MIB:.0f} MiB) was warm "
+        f"{time.monotonic() - since:.1f}s after kubectl apply"
+    )
