@@ -13,7 +13,7 @@ import asyncio
 import datetime as dt
 import json
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,9 @@ class FakeNodeApi:
 
     async def event(self, kind: str, reason: str, message: str) -> None:
         self.events.append((kind, reason, message))
+
+    async def watch_workloads(self, changed: Callable[[], None]) -> None:
+        """These tests call reconcile() themselves: nothing changes behind their back."""
 
     def reasons(self) -> list[str]:
         return [reason for _, reason, _ in self.events]
