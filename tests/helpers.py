@@ -122,3 +122,10 @@ def minimal_env(**extra: str) -> dict[str, str]:
         "JFS_CONDITION_TYPE": "x/y",
         **extra,
     }
+
+
+def flip_middle_byte(path: Path) -> None:
+    """Corrupt a file as bit rot would: same size, one byte changed, so its sha256 differs."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

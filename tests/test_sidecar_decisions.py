@@ -29,6 +29,7 @@ from sidecar.decisions import (
 from sidecar.env import Settings
 from sidecar.publish import publish
 from sidecar.run import open_gate
+from tests.helpers import flip_middle_byte
 
 SLOW = CacheSpeed(write_mbps=80, read_mbps=500, direct_io=True)
 FAST = CacheSpeed(write_mbps=900, read_mbps=2500, direct_io=True)
@@ -175,9 +176,7 @@ def test_required_policy_on_a_slow_disk_keeps_the_gate_shut_on_bad_bytes(
 ) -> None:
     bento = published_bento(tmp_path)
     shard = bento.models_dir / "llama3" / "v1" / "model.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_middle_byte(shard)
     reporter = open_with(bento, SLOW_DISK_REQUIRED)
     assert ("condition", "False", "VerificationFailed") in reporter.said
     assert not any(said[:2] == ("condition", "True") for said in reporter.said)

@@ -26,6 +26,7 @@ from sidecar.metrics import FAILURE_REASONS, STATES, SidecarMetrics
 from sidecar.run import open_gate, warm
 from sidecar.sources import ByteSources, JuiceFSCounters, MountCounters, Snapshot
 from sidecar.warmup import Progress
+from tests.helpers import flip_middle_byte
 from tests.test_sidecar_decisions import (
     FakeReporter,
     PublishedBento,
@@ -177,9 +178,7 @@ def test_bytes_that_differ_from_the_manifest_count_a_verification_failure(
 ) -> None:
     bento = published_bento(tmp_path)
     shard = bento.models_dir / "llama3" / "v1" / "model.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_middle_byte(shard)
     metrics = SidecarMetrics()
     gate = gate_plan(True, CachePlan(18432))
     asyncio.run(open_gate(settings_for(bento), bento, FakeReporter(), gate, metrics=metrics))

@@ -18,7 +18,7 @@ from sidecar.manifest import Manifest, build_manifest, read_manifest
 from sidecar.mount import split_meta_password
 from sidecar.publish import PublishError, publish
 from sidecar.warmup import Progress, Streamer, VerificationError, WarmupTimeout
-from tests.helpers import minimal_env
+from tests.helpers import flip_middle_byte, minimal_env
 
 
 def make_models(root: Path) -> Path:
@@ -92,9 +92,7 @@ def test_streamer_rejects_a_changed_byte(tmp_path: Path) -> None:
     models = make_models(tmp_path)
     files = build_manifest(models, "svc:1").select(())
     shard = models / "llama3" / "v1" / "model-00001-of-00002.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_middle_byte(shard)
     run, _ = streamer(models)
     with pytest.raises(VerificationError, match="sha256"):
         asyncio.run(run.run(files))
