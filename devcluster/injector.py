@@ -65,17 +65,31 @@ def node_cache_pattern_patch(node_cache: Path) -> list[dict[str, Any]]:
     variables = policy["spec"]["variables"]
     index = next(i for i, v in enumerate(variables) if v["name"] == NODE_CACHE_VARIABLE)
     pattern = str(variables[index]["expression"]).strip()
-    opening = "'^("  # the directories are the first group: '^(dir|dir|dir)/<volume>$'
-    if not pattern.startswith(opening):
-        raise ValueError(f"{POLICY}: {NODE_CACHE_VARIABLE} does not start with {opening}")
+    # The directories are the first group, '^(dir|dir|dir)/<volume>$'; the chart
+    # adds cache.nodePath as the group's last (tests/test_local_install.py).
+    opening, closing = "'^(", ")/"
+    end = pattern.find(closing)
+    if not pattern.startswith(opening) or end < 0:
+        raise ValueError(f"{POLICY}: {NODE_CACHE_VARIABLE} is not {opening}dir|dir{closing}...")
     mine = path.replace(".", "[.]")
     return [
         {
             "op": "replace",
             "path": f"/spec/variables/{index}/expression",
-            "value": f"{opening}{mine}|{pattern.removeprefix(opening)}",
+            "value": f"{pattern[:end]}|{mine}{pattern[end:]}",
         }
     ]
+
+
+def delete_patch(kind: str, name: str) -> dict[str, Any]:
+    """A kustomize patch leaving out one apps/v1 object of the injector's namespace."""
+    document = {
+        "$patch": "delete",
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": NAMESPACE},
+    }
+    return {"target": {"kind": kind, "name": name}, "patch": yaml.safe_dump(document)}
 
 
 def local_overlay(directory: Path, url: str, node_cache: Path | None = None) -> Path:
@@ -108,29 +122,9 @@ def local_overlay(directory: Path, url: str, node_cache: Path | None = None) -> 
                 if node_cache is not None
                 else []
             ),
-            {
-                "target": {"kind": "Deployment", "name": "bento-juicefs-injector"},
-                "patch": yaml.safe_dump(
-                    {
-                        "$patch": "delete",
-                        "apiVersion": "apps/v1",
-                        "kind": "Deployment",
-                        "metadata": {"name": "bento-juicefs-injector", "namespace": NAMESPACE},
-                    }
-                ),
-            },
-            # Not run here yet: the node agent's DaemonSet is left out too.
-            {
-                "target": {"kind": "DaemonSet", "name": "bento-juicefs-node-agent"},
-                "patch": yaml.safe_dump(
-                    {
-                        "$patch": "delete",
-                        "apiVersion": "apps/v1",
-                        "kind": "DaemonSet",
-                        "metadata": {"name": "bento-juicefs-node-agent", "namespace": NAMESPACE},
-                    }
-                ),
-            },
+            delete_patch("Deployment", "bento-juicefs-injector"),
+            # The tests decide when a node agent runs (devcluster/nodeagent.py).
+            delete_patch("DaemonSet", "bento-juicefs-node-agent"),
         ],
     }
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))

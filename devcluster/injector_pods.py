@@ -43,6 +43,7 @@ from devcluster.injector import (
     REPO,
     InjectorInstall,
     LocalInjector,
+    delete_patch,
     local_settings,
     merged,
     node_cache_pattern_patch,
@@ -94,16 +95,6 @@ def shipped_config() -> dict[str, Any]:
     return parsed
 
 
-def _delete_patch(kind: str, name: str) -> dict[str, Any]:
-    document = {
-        "$patch": "delete",
-        "apiVersion": "apps/v1",
-        "kind": kind,
-        "metadata": {"name": name, "namespace": NAMESPACE},
-    }
-    return {"target": {"kind": kind, "name": name}, "patch": yaml.safe_dump(document)}
-
-
 def kustomize_overlay(directory: Path, settings: Mapping[str, Any]) -> Path:
     """A kustomization over manifests/overlays/gke with the local settings."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -132,7 +123,7 @@ def kustomize_overlay(directory: Path, settings: Mapping[str, Any]) -> Path:
                 "target": {"kind": "ValidatingAdmissionPolicy", "name": POLICY},
                 "patch": json.dumps(node_cache_pattern_patch(node_cache)),
             },
-            _delete_patch("DaemonSet", "bento-juicefs-node-agent"),
+            delete_patch("DaemonSet", "bento-juicefs-node-agent"),
         ],
     }
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
