@@ -63,6 +63,13 @@ class MetricsEndpoint:
         self.server.server_close()
         self.thread.join(timeout=5)
 
+    def close_in_background(self) -> threading.Thread:
+        """close() in a daemon thread, for a process on its way out: it does not wait for
+        the server's poll, and exiting ends the thread wherever it is."""
+        closer = threading.Thread(target=self.close, name="metrics-close", daemon=True)
+        closer.start()
+        return closer
+
 
 class SidecarMetrics:
     def __init__(self, started: float | None = None) -> None:

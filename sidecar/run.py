@@ -389,12 +389,14 @@ async def run(
     try:
         return await _run(settings, ordered, stop, metrics)
     finally:
-        # What is still queued (Unmounted...) gets a moment: a sidecar may have
-        # only the kubelet's last 2 s of the pod's grace period.
+        # A sidecar may have only the kubelet's last 2 s of the pod's grace
+        # period: the metrics endpoint is not waited for (its server polls every
+        # 0.5 s; a CI run saw the kubelet's SIGKILL land while it did), and what
+        # is still queued (Unmounted...) gets the moment instead.
+        if endpoint is not None:
+            endpoint.close_in_background()
         if not await ordered.close(within=1.0):
             log.warning("events.unsent", dropped=ordered.dropped)
-        if endpoint is not None:
-            await asyncio.to_thread(endpoint.close)
 
 
 async def _serve_metrics(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -227,6 +228,16 @@ def test_the_endpoint_serves_the_registry_and_releases_its_port_on_close() -> No
     assert all(name.startswith(PREFIX) for name in samples)
     assert port_is_free(endpoint.port)
     assert not endpoint.thread.is_alive()
+
+
+def test_a_sidecar_on_its_way_out_does_not_wait_for_the_endpoint() -> None:
+    endpoint = SidecarMetrics().serve(0, host="127.0.0.1")
+    closer = endpoint.close_in_background()
+    assert closer is not threading.current_thread()
+    assert closer.daemon  # exiting does not wait for it
+    closer.join(5)
+    assert not closer.is_alive()
+    assert port_is_free(endpoint.port)
 
 
 @pytest.fixture
