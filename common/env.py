@@ -77,6 +77,16 @@ DEFAULT_METRICS_PORT = 9465
 METRICS_PORT_FORM = "a TCP port from 1 to 65535, or 0 for no metrics endpoint"
 DEFAULT_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_PRIVATE_MOUNT = "/var/lib/juicefs/volume"
+# The unprivileged sidecar's own volume (an emptyDir no other container
+# mounts): the node agent's socket for this pod, and the private FUSE mount
+# the agent makes there and hands over as a /dev/fuse descriptor.
+# /run, not /var/run: mountinfo names the real path, and /var/run is a symlink
+# to /run in the image, so a check of the private mount by its path would miss it.
+AGENT_DIR = "/run/bento-juicefs/agent"
+AGENT_SOCKET_NAME = "agent.sock"
+AGENT_MOUNT_NAME = "volume"
+# The uid and gid the unprivileged sidecar runs as: the image's own user.
+SIDECAR_UID = 65532
 
 
 class EnvError(ValueError):
@@ -178,6 +188,14 @@ def _optional(value: str) -> str | None:
 
 def _render_optional(value: str | None) -> str:
     return value or ""
+
+
+def _optional_path(value: str) -> Path | None:
+    return Path(value) if value else None
+
+
+def _render_optional_path(value: Path | None) -> str:
+    return "" if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -287,8 +305,20 @@ CONDITION_TYPE = _text("JFS_CONDITION_TYPE")
 METRICS_PORT = EnvVar(
     "JFS_METRICS_PORT", parse_metrics_port, METRICS_PORT_FORM, str(DEFAULT_METRICS_PORT)
 )
-# Not set by the injector: the defaults suit the container; tests that run
-# the sidecar as a host process point them at temp dirs.
+# Set only for an unprivileged sidecar: the node agent's socket for this pod,
+# through which the sidecar gets its /dev/fuse descriptor, reports its Events
+# and asks for the readiness condition (it holds no Kubernetes credential).
+AGENT_SOCKET = EnvVar(
+    "JFS_AGENT_SOCKET",
+    _optional_path,
+    "empty (the sidecar mounts JuiceFS itself) or the path of the node agent's socket",
+    "",
+    _render_optional_path,
+)
+# PRIVATE_MOUNT is set by the injector only for an unprivileged sidecar (the
+# agent volume's AGENT_MOUNT_NAME, where the node agent mounts for it). The
+# others are not set by the injector: the defaults suit the container; tests
+# that run the sidecar as a host process point them at temp dirs.
 PRIVATE_MOUNT = _path("JFS_PRIVATE_MOUNT", DEFAULT_PRIVATE_MOUNT)
 JUICEFS_BIN = _text("JFS_JUICEFS_BIN", "juicefs")
 TOKEN_DIR = _path("JFS_TOKEN_DIR", DEFAULT_TOKEN_DIR)
@@ -321,6 +351,7 @@ ALL: tuple[EnvVar[Any], ...] = (
     WARMUP_CONCURRENCY,
     CONDITION_TYPE,
     METRICS_PORT,
+    AGENT_SOCKET,
     PRIVATE_MOUNT,
     JUICEFS_BIN,
     TOKEN_DIR,
