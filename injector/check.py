@@ -20,8 +20,9 @@ What is checked, and against what:
   the injector's shared Secret (the issuer of every replica's serving
   certificate), and against the certificate each reachable endpoint presents,
   verified for the name the apiserver asks for;
-- each opted-in namespace's Pod Security level (the sidecar is privileged),
-  read as the PodSecurity plugin reads it (`injector.podsecurity`);
+- each opted-in namespace's Pod Security level (unless `sidecar.unprivileged`,
+  the sidecar is privileged), read as the PodSecurity plugin reads it
+  (`injector.podsecurity`);
 - the JuiceFS credentials Secret in the injector's namespace, and its copy in
   each opted-in namespace (names of keys only: values are never printed);
 - the node agent on each SSD node: its DaemonSet pod there, and the node's
@@ -50,7 +51,7 @@ from common.warm import WARM_ANNOTATION, WARM_STATES, NodeWarmth
 from injector.config import InjectorConfig, NodeLabel
 from injector.kube import ApiException, new_api_client
 from injector.namespaces import credential_secret_names, opted_in
-from injector.podsecurity import ENFORCE, NamespaceSecurity, enforcement, exempt
+from injector.podsecurity import ENFORCE, NamespaceSecurity, enforcement, exempt, refused_levels
 
 Verdict = Literal["ok", "warn", "FAIL"]
 VERDICTS: tuple[Verdict, ...] = ("ok", "warn", "FAIL")
@@ -737,7 +738,7 @@ def opted_in_namespaces(namespaces: Iterable[Obj], config: InjectorConfig) -> li
 
 
 def check_pod_security(namespaces: Sequence[Obj] | Unreadable, config: InjectorConfig) -> list[Row]:
-    """Each opted-in namespace must let the privileged sidecar run."""
+    """Each opted-in namespace must let the sidecar run (any level, when it is unprivileged)."""
     check = "pod security"
     if isinstance(namespaces, Unreadable):
         return [_unreadable(check, "namespaces", "namespaces", namespaces)]
@@ -794,8 +795,13 @@ def check_pod_security(namespaces: Sequence[Obj] | Unreadable, config: InjectorC
                     f"exempt from Pod Security (podSecurity.exemptNamespaces); enforce {level}",
                 )
             )
-        elif enforced.level == "privileged":
-            rows.append(Row(check, subject, "ok", f"enforces {level} ({why})"))
+        elif enforced.level not in refused_levels(config):
+            passes = (
+                f"; the unprivileged {sidecar} sidecar passes restricted"
+                if config.sidecar.unprivileged and enforced.level != "privileged"
+                else ""
+            )
+            rows.append(Row(check, subject, "ok", f"enforces {level} ({why}){passes}"))
         else:
             rows.append(
                 Row(

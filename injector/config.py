@@ -138,12 +138,21 @@ class Sidecar(_Model):
     # The sidecar's own Prometheus /metrics, plain HTTP on the pod's IP, declared
     # as its container port `metrics` (what a PodMonitor selects). 0: none.
     metrics_port: MetricsPort = env.DEFAULT_METRICS_PORT
+    # Transitional: the sidecar runs unprivileged (non-root, no capabilities,
+    # Pod Security `restricted`) and the node agent opens /dev/fuse, mounts and
+    # hands it the descriptor over a socket in the pod's agent volume. Off: the
+    # privileged, root sidecar that mounts FUSE itself.
+    unprivileged: bool = False
 
 
 class Volumes(_Model):
     mount_dir_name: str = "juicefs-mount-dir"
     cache_name: str = "juicefs-cache"
     token_name: str = "juicefs-sa-token"
+    # The unprivileged sidecar's own emptyDir, at common.env.AGENT_DIR: the node
+    # agent's socket for the pod and its private FUSE mount. The node agent
+    # finds the pods it serves by this volume.
+    agent_name: str = "juicefs-agent"
     # Where the sidecar mounts JuiceFS (the shared mount dir) and keeps its cache.
     mount_path: str = "/var/lib/juicefs/mnt"
     cache_path: str = "/var/lib/juicefs/cache"
@@ -389,8 +398,9 @@ class PodSecurity(_Model):
     """The cluster's Pod Security Admission, as far as the injector must know it.
 
     A Bento pod in a namespace that enforces `baseline` or `restricted` is
-    denied by the injector (the sidecar is privileged). The defaults and
-    exemptions mirror the PodSecurity plugin's AdmissionConfiguration; the
+    denied by the injector when the sidecar is privileged (not with
+    `sidecar.unprivileged`, whose injected parts pass `restricted`). The
+    defaults and exemptions mirror the PodSecurity plugin's AdmissionConfiguration; the
     values here are Kubernetes' own defaults (no AdmissionConfiguration).
     """
 

@@ -1,11 +1,16 @@
 """Pod Security Admission: deny, in the injector, Bento pods their namespace would refuse.
 
-The `juicefs-mount` sidecar runs privileged (FUSE) as root, and on the node
-cache mounts a hostPath: no version of the `baseline` or `restricted` Pod
-Security level admits that. Without this check the pod would be injected and
-then rejected by the PodSecurity admission plugin (which runs after every
-mutating webhook) with a list of violations in a container the user never
-wrote. The injector denies it first, saying why and what to do.
+By default the `juicefs-mount` sidecar runs privileged (FUSE) as root, and on
+the node cache mounts a hostPath: no version of the `baseline` or
+`restricted` Pod Security level admits that. Without this check the pod would
+be injected and then rejected by the PodSecurity admission plugin (which
+runs after every mutating webhook) with a list of violations in a container
+the user never wrote. The injector denies it first, saying why and what to do.
+
+With `sidecar.unprivileged` nothing the injector adds needs more than
+`restricted` (a non-root sidecar without capabilities, emptyDir volumes
+only), so no level is a reason to deny; the plugin still judges the pod's
+own containers, as for any pod.
 
 The AdmissionReview does not carry the namespace's labels, so the namespace
 controller (`injector.namespaces`), which watches every namespace anyway,
@@ -114,19 +119,31 @@ def denial(
 ) -> str | None:
     """Why Pod Security would refuse this injected pod, and what to do; None if it would not.
 
-    None too when the check is off, the namespace is unknown, or the pod is
-    exempt. Every version of `baseline` and `restricted` refuses a privileged
-    container (and a hostPath volume), so only the level decides; the version
-    is reported.
+    None too when the check is off, the namespace is unknown, the pod is
+    exempt, or the sidecar is unprivileged (it passes every level). Every
+    version of `baseline` and `restricted` refuses a privileged container (and
+    a hostPath volume), so only the level decides; the version is reported.
     """
     if not config.pod_security.enabled or state is None:
         return None
     if exempt(namespace, username, runtime_class, config):
         return None
     enforced = enforcement(state, config)
-    if enforced.level == "privileged":
+    if enforced.level not in refused_levels(config):
         return None
     return _message(namespace, state, enforced, plan, config)
+
+
+def refused_levels(config: InjectorConfig) -> tuple[PodSecurityLevel, ...]:
+    """The Pod Security levels that refuse what the injector adds to a pod.
+
+    The privileged sidecar (and the node cache's hostPath) is refused by
+    `baseline` and `restricted` alike; the unprivileged sidecar, with only
+    emptyDir volumes, passes `restricted`, so by no level.
+    """
+    if config.sidecar.unprivileged:
+        return ()
+    return ("baseline", "restricted")
 
 
 def _message(
@@ -159,6 +176,8 @@ def _message(
         f"injected pod. Either let the namespace run privileged pods "
         f"(kubectl label namespace {namespace} {ENFORCE}=privileged --overwrite; keep "
         f"{WARN} and {AUDIT} at {enforced.level} to still see other pods' violations), "
+        "or have the cluster's administrator turn on sidecar.unprivileged in the injector's "
+        "config (the node agent then mounts for the sidecar, which passes restricted), "
         f"or opt this pod out with label {opt_out}=false (it then starts without the JuiceFS "
         "models: only for an image built with them)"
     )

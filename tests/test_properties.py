@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import jsonpatch
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,9 @@ from injector.mutation.owned import owned_names
 from tests.helpers import run
 
 CONFIG = InjectorConfig()
+# The same properties hold for the unprivileged sidecar (sidecar.unprivileged).
+UNPRIVILEGED = InjectorConfig.model_validate({"sidecar": {"unprivileged": True}})
+CONFIGS = {"privileged": CONFIG, "unprivileged": UNPRIVILEGED}
 OURS_VOLUMES = set(owned_names(CONFIG).volumes)
 OUR_EXPRESSIONS = [
     {
@@ -194,11 +198,14 @@ def _container(spec: dict[str, Any], key: str, name: str) -> dict[str, Any]:
     return next((c for c in spec.get(key, []) if c["name"] == name), {})
 
 
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pods())
-def test_patch_applies_cleanly_and_loses_nothing(pod: dict[str, Any]) -> None:
+def test_patch_applies_cleanly_and_loses_nothing(
+    config: InjectorConfig, pod: dict[str, Any]
+) -> None:
     original = copy.deepcopy(pod)
-    result = run(pod, CONFIG)
+    result = run(pod, config)
     assert pod == original, "the webhook must not mutate its input"
     selected = pod["metadata"]["labels"].get("juicefs.bentoml.com/model-store") == "juicefs"
     if not selected:
@@ -232,5 +239,17 @@ def test_patch_applies_cleanly_and_loses_nothing(pod: dict[str, Any]) -> None:
     terms = node["preferredDuringSchedulingIgnoredDuringExecution"]
     assert [t["preference"]["matchExpressions"] for t in terms].count([warm]) == 1
     assert strip_injection(patched, original) == original
-    again = run(patched, CONFIG)
+    if config.sidecar.unprivileged:
+        # No host path and no credential in the pod; nothing but the sidecar
+        # mounts the agent volume.
+        assert not any("hostPath" in v for v in patched["spec"].get("volumes", []))
+        assert sidecars[0]["securityContext"]["runAsNonRoot"] is True
+        assert not any(
+            m["name"] == owned_names(config).agent_volume
+            for key in ("initContainers", "containers")
+            for c in patched["spec"].get(key, [])
+            if c["name"] != "juicefs-mount"
+            for m in c.get("volumeMounts", [])
+        )
+    again = run(patched, config)
     assert again.ops == []

@@ -3,10 +3,10 @@
 Four kinds: names or mounts of the pod's own that collide with ours; a pod
 claiming (by our status annotation) to be injected whose "ours" parts are not
 what we create (a host path above all: only the configured node cache of the
-pod's own JuiceFS volume); a container of the pod's that mounts our cache;
-and shapes that would never start (a classic mesh proxy
-capturing the sidecar's traffic, a native sidecar stripped of its restart
-policy by another webhook).
+pod's own JuiceFS volume); a container of the pod's that mounts our cache
+or the unprivileged sidecar's agent volume; and shapes that would never
+start (a classic mesh proxy capturing the sidecar's traffic, a native
+sidecar stripped of its restart policy by another webhook).
 """
 
 from __future__ import annotations
@@ -92,20 +92,34 @@ def _node_cache_source(ctx: MutationContext) -> dict[str, Any] | None:
 
 
 def _sidecar_only_mounts(ctx: MutationContext) -> list[str]:
-    """No container but ours mounts the cache: in node mode it is every pod's on the node."""
-    private = ctx.owned.sidecar_only_volumes
+    """No container but ours mounts the cache or the agent volume.
+
+    In node mode the cache is every pod's on the node; the agent volume's
+    socket speaks for the pod to the privileged node agent.
+    """
+    owned = ctx.owned
+    private = owned.sidecar_only_volumes
     problems = []
     for key in ("initContainers", "containers", "ephemeralContainers"):
         for container in ctx.containers(key):
-            if container.get("name") == ctx.owned.container:
+            if container.get("name") == owned.container:
                 continue
             for mount in container.get("volumeMounts") or []:
-                if isinstance(mount, dict) and mount.get("name") in private:
-                    problems.append(
+                if not isinstance(mount, dict) or mount.get("name") not in private:
+                    continue
+                if mount.get("name") == owned.agent_volume:
+                    message = (
+                        f"container {container.get('name')!r} in spec.{key} mounts volume "
+                        f"{mount.get('name')!r}, the node agent's socket for the sidecar, "
+                        f"which only {owned.container} may mount; remove that mount"
+                    )
+                else:
+                    message = (
                         f"container {container.get('name')!r} in spec.{key} mounts volume "
                         f"{mount.get('name')!r}, the JuiceFS cache, which only "
-                        f"{ctx.owned.container} may mount; remove that mount"
+                        f"{owned.container} may mount; remove that mount"
                     )
+                problems.append(message)
     return problems
 
 
