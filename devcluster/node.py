@@ -41,6 +41,7 @@ from devcluster.nodeconfig import kube_proxy_config, kubelet_config, kubelet_roo
 from devcluster.nodehost import (
     CREATED_HOST_DIRS,
     PRIVATE_HOST_DIRS,
+    kubelet_root_dir,
     make_cgroups,
     node_cgroup_root,
     pids_in_mount_ns,
@@ -123,6 +124,11 @@ class Node:
         return self.spec.name
 
     @property
+    def kubelet_root(self) -> Path:
+        """The kubelet's --root-dir: pods' volumes are under <it>/pods/<uid>/volumes."""
+        return kubelet_root_dir(self.dir)
+
+    @property
     def cgroup_root(self) -> str:
         return node_cgroup_root(self.network)
 
@@ -137,7 +143,7 @@ class Node:
 
     def start(self, server: str, timeout: float = 90.0) -> None:
         """Bring the node up against the apiserver at `server` (reachable from the node)."""
-        problem = kubelet_root_problem(self.dir / "kubelet")
+        problem = kubelet_root_problem(self.kubelet_root)
         if problem is not None:
             raise NodeError(problem)
         started = time.monotonic()
@@ -227,7 +233,7 @@ class Node:
             str(self.binaries["kubelet"]),
             f"--config={config}",
             f"--kubeconfig={kubeconfig}",
-            f"--root-dir={self.dir / 'kubelet'}",
+            f"--root-dir={self.kubelet_root}",
             f"--cert-dir={self.dir / 'kubelet-pki'}",
             f"--hostname-override={self.name}",
             f"--node-ip={self.network.node_ip}",

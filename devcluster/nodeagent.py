@@ -6,11 +6,15 @@ own node cache path):
 
 - the node cache hostPath is the local node's (devcluster's cache.nodePath,
   under the node's own directory), mounted at the same path inside;
+- the kubelet root hostPath, its mount and `--kubelet-root` are the local
+  kubelet's `--root-dir` (`<node dir>/kubelet`, where real nodes have
+  /var/lib/kubelet), so the agent finds the pods' emptyDirs and its mounts
+  there reach the pods;
 - its config is the local injector's config file (same labels, volumes,
   node cache path and budget), in a ConfigMap of its own;
 - shorter resync and retry periods, so tests see a change within seconds.
 
-Its RBAC, ServiceAccount and fence policy come with the injector's install
+Its RBAC, ServiceAccount and fence policies come with the injector's install
 (manifests/base); only the DaemonSet is left out of that, because the e2e
 suite decides when an agent runs (it warms every node-cache Bento in every
 opted-in namespace, which other tests measure cold).
@@ -20,11 +24,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from devcluster.cluster import Cluster, wait_for
+from devcluster.controlplane import ControlPlane
 from devcluster.injector import BASE, NAMESPACE, InjectorInstall
 
 DAEMONSET = "bento-juicefs-node-agent"
@@ -38,27 +44,55 @@ def shipped_daemonset() -> dict[str, Any]:
     return next(d for d in documents if d and d["kind"] == "DaemonSet")
 
 
+# The shipped DaemonSet's hostPath volumes, and which local path replaces each.
+NODE_CACHE_VOLUME = "node-cache"
+KUBELET_ROOT_VOLUME = "kubelet-root"
+KUBELET_ROOT_FLAG = "--kubelet-root"
+
+
 def local_daemonset(
-    shipped: dict[str, Any], node_cache: str, extra_args: list[str]
+    shipped: dict[str, Any], node_cache: str, kubelet_root: str, extra_args: list[str]
 ) -> dict[str, Any]:
-    """The shipped DaemonSet with the local node cache path, config and periods."""
+    """The shipped DaemonSet with the local node cache path, kubelet root, config and periods.
+
+    Each hostPath is rewritten with the mount that names it (the same path
+    inside, as shipped); a hostPath this does not know fails loudly rather
+    than pointing the agent at the real host's directory.
+    """
+    local_paths = {NODE_CACHE_VOLUME: node_cache, KUBELET_ROOT_VOLUME: kubelet_root}
     daemonset = copy.deepcopy(shipped)
     spec = daemonset["spec"]["template"]["spec"]
     (container,) = spec["containers"]
-    container["args"] = [*container["args"], *extra_args]
-    # The image is imported into the node's containerd; there is no registry.
-    container["imagePullPolicy"] = "Never"
+    args = list(container["args"])
     for volume in spec["volumes"]:
         if "hostPath" in volume:
+            if volume["name"] not in local_paths:
+                raise ValueError(f"hostPath volume {volume['name']!r}: no local path for it")
             shipped_path = volume["hostPath"]["path"]
-            volume["hostPath"]["path"] = node_cache
+            local = local_paths[volume["name"]]
+            volume["hostPath"]["path"] = local
             for mount in container["volumeMounts"]:
                 if mount["name"] == volume["name"]:
                     assert mount["mountPath"] == shipped_path
-                    mount["mountPath"] = node_cache
+                    mount["mountPath"] = local
+            if volume["name"] == KUBELET_ROOT_VOLUME:
+                index = args.index(KUBELET_ROOT_FLAG) + 1
+                assert args[index] == shipped_path
+                args[index] = local
         if "configMap" in volume:
             volume["configMap"]["name"] = CONFIG_MAP
+    container["args"] = [*args, *extra_args]
+    # The image is imported into the node's containerd; there is no registry.
+    container["imagePullPolicy"] = "Never"
     return daemonset
+
+
+def local_kubelet_root(cluster: Cluster) -> Path:
+    """The local node's kubelet root dir (its --root-dir), the agent's kubelet-root hostPath."""
+    node = cluster.node if isinstance(cluster, ControlPlane) else None
+    if node is None:
+        raise RuntimeError("the node agent runs on the local cluster's real node: there is none")
+    return node.kubelet_root
 
 
 class LocalNodeAgent:
@@ -102,7 +136,12 @@ class LocalNodeAgent:
             "--log-level",
             "debug",
         ]
-        daemonset = local_daemonset(shipped_daemonset(), str(self.injector.node_cache), args)
+        daemonset = local_daemonset(
+            shipped_daemonset(),
+            str(self.injector.node_cache),
+            str(local_kubelet_root(self.cluster)),
+            args,
+        )
         # A new config is a new pod (the agent reads its config once), as a
         # chart's checksum annotation does.
         template = daemonset["spec"]["template"]["metadata"]

@@ -114,6 +114,16 @@ def node_cache_dir(directory: Path) -> Path:
     return Path(directory) / NODE_CACHE_DIR
 
 
+# The kubelet's --root-dir on this node (pods/<uid>/volumes/... under it):
+# what a real node has at /var/lib/kubelet.
+KUBELET_ROOT_DIR = "kubelet"
+
+
+def kubelet_root_dir(directory: Path) -> Path:
+    """The kubelet's root dir (--root-dir) of the node whose state is in directory."""
+    return Path(directory) / KUBELET_ROOT_DIR
+
+
 SOCKETS_DIR = Path("/run/bento-juicefs")
 
 

@@ -270,6 +270,8 @@ def test_eks_and_aks_differ_from_gke() -> None:
         ("profle=eks", "additional properties 'profle' not allowed"),
         ("certificates.mode=vault", "value must be one of 'selfSigned', 'certManager'"),
         ("cache.mode=disk", "value must be one of '', 'pod', 'node'"),
+        ("nodeAgent.kubeletRoot=var/lib/kubelet", "nodeAgent/kubeletRoot"),
+        ("nodeAgent.kubeletRoot=/", "nodeAgent/kubeletRoot"),
     ],
 )
 def test_values_schema_refuses(value: str, message: str) -> None:
@@ -332,6 +334,8 @@ def test_image_replicas_resources_and_node_agent_args() -> None:
         "run",
         "--config",
         "/etc/bento-juicefs/config.yaml",
+        "--kubelet-root",
+        "/var/lib/kubelet",
         "--resync-seconds",
         "30",
         "--evict-after-seconds",
@@ -339,6 +343,41 @@ def test_image_replicas_resources_and_node_agent_args() -> None:
         "--log-level",
         "debug",
     ]
+
+
+def kubelet_root(spec: dict[str, Any]) -> tuple[str, str, str]:
+    """The kubelet-root hostPath, its mountPath and the agent's --kubelet-root."""
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "kubelet-root"]
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "kubelet-root"]
+    args = spec["containers"][0]["args"]
+    assert volume["hostPath"]["type"] == "Directory"
+    assert mount["mountPropagation"] == "Bidirectional"
+    return volume["hostPath"]["path"], mount["mountPath"], args[args.index("--kubelet-root") + 1]
+
+
+def test_the_kubelet_root_value_sets_the_host_path_the_mount_and_the_flag() -> None:
+    for profile in PROFILES:
+        assert (
+            kubelet_root(pod_spec(helm(*_sets(profile)), DAEMON_SET)) == ("/var/lib/kubelet",) * 3
+        )
+    objects = helm("nodeAgent.kubeletRoot=/var/data/kubelet")
+    assert kubelet_root(pod_spec(objects, DAEMON_SET)) == ("/var/data/kubelet",) * 3
+
+
+def test_the_pod_status_fences_share_the_charts_field_list() -> None:
+    """One helper in the chart renders both policies' field list, as the base spells it twice."""
+    objects = helm()
+    last = [
+        " ".join(
+            objects[("ValidatingAdmissionPolicy", name, "")]["spec"]["validations"][-1][
+                "expression"
+            ].split()
+        )
+        for name in ("bento-juicefs-models-ready-fence", "bento-juicefs-node-agent-pods-fence")
+    ]
+    assert last[0] == last[1]
+    assert last[0].startswith("object.status.?observedGeneration == ")
+    assert last[0].endswith("object.metadata.?finalizers == oldObject.metadata.?finalizers")
 
 
 def test_namespace_values() -> None:

@@ -142,3 +142,41 @@ def test_the_injector_fence_names_its_account_and_annotation() -> None:
         and d["metadata"]["name"] == "bento-juicefs-injector-fence"
     )["spec"]
     assert binding == {"policyName": "bento-juicefs-injector-fence", "validationActions": ["Deny"]}
+
+
+def test_every_write_of_the_node_agent_but_events_is_fenced() -> None:
+    """Each resource the agent may write (events aside) is matched, on that write, by a
+    Deny policy whose match condition is the agent's username."""
+    username = f"system:serviceaccount:{SYSTEM}:bento-juicefs-node-agent"
+    writes = {
+        atom.resource
+        for atoms_ in granted("bento-juicefs-node-agent", SYSTEM).values()
+        for atom in atoms_
+        if atom.verb not in ("get", "list", "watch") and atom.resource != "events"
+    }
+    assert writes == {"nodes", "pods/status"}
+    docs = manifests()
+    bindings = {
+        d["spec"]["policyName"]: d["spec"]
+        for d in docs
+        if d["kind"] == "ValidatingAdmissionPolicyBinding"
+    }
+    fenced: dict[str, str] = {}
+    for policy in docs:
+        if policy["kind"] != "ValidatingAdmissionPolicy":
+            continue
+        spec = policy["spec"]
+        conditions = [c["expression"] for c in spec.get("matchConditions") or []]
+        if not any(f"'{username}'" in c for c in conditions):
+            continue
+        name = policy["metadata"]["name"]
+        assert spec["failurePolicy"] == "Fail", name
+        assert bindings[name]["validationActions"] == ["Deny"], name
+        for rule in spec["matchConstraints"]["resourceRules"]:
+            assert rule["operations"] == ["UPDATE"], name
+            for resource in rule["resources"]:
+                fenced[resource] = name
+    assert fenced == {
+        "nodes": "bento-juicefs-node-agent-fence",
+        "pods/status": "bento-juicefs-node-agent-pods-fence",
+    }

@@ -1,14 +1,15 @@
-"""The node agent's RBAC and fence on a real kube-apiserver.
+"""The node agent's RBAC and fences on a real kube-apiserver.
 
-The ClusterRole, the Role for Node Events and the
-bento-juicefs-node-agent-fence ValidatingAdmissionPolicy are the ones in
-manifests/base, applied by the injector's install (devcluster/injector.py;
+The ClusterRole and the bento-juicefs-node-agent-fence and
+bento-juicefs-node-agent-pods-fence ValidatingAdmissionPolicies are the ones
+in manifests/base, applied by the injector's install (devcluster/injector.py;
 the DaemonSet itself is left out there). The agent's writes are made from the
 admin kubeconfig impersonating its service account, with or without the
 `authentication.kubernetes.io/node-name` extra a pod-bound token carries, on
 Nodes registered in the API only (no kubelet behind them, tainted so that
-nothing lands there): only this test touches them. One test takes a real
-TokenRequest token bound to a pod on such a node, to show the extra is there.
+nothing lands there) and on pods bound to them (which never run): only this
+test touches them. One test takes a real TokenRequest token bound to a pod
+on such a node, to show the extra is there.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ SERVICE_ACCOUNT = "bento-juicefs-node-agent"
 AGENT = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 POLICY = "bento-juicefs-node-agent-fence"
+PODS_POLICY = "bento-juicefs-node-agent-pods-fence"
+CONDITION = "juicefs.bentoml.com/models-ready"
+AGENT_VOLUME = {"name": "juicefs-agent", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
 BASE = Path(__file__).resolve().parents[2] / "manifests" / "base"
 SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
 FAKE_TAINT = {"key": "e2e.bento-juicefs/fake-node", "value": "true", "effect": "NoSchedule"}
@@ -43,15 +47,31 @@ ONLY_OUR_ANNOTATION = (
     "the node agent may change only the juicefs.bentoml.com/warm-models annotation"
 )
 NO_OTHER_FIELD = "the node agent may change only its warm labels and annotation, no other field"
+POD_ON_OTHER_NODE = (
+    "the node agent may set the readiness condition only of pods on the node its own pod runs on"
+)
+NOT_SERVED = "has no juicefs-agent volume: the node agent sets the readiness condition only of"
+ONLY_OUR_CONDITION = (
+    "the node agent may change only the juicefs.bentoml.com/models-ready condition, "
+    "no other condition"
+)
+NO_OTHER_POD_FIELD = (
+    "the node agent may change only the juicefs.bentoml.com/models-ready condition, "
+    "no other status field, label, annotation or finalizer"
+)
+
+
+def require_policy(cluster: Cluster, name: str) -> None:
+    found = cluster.kubectl("get", "validatingadmissionpolicy", name, check=False)
+    if found.returncode != 0:
+        if isinstance(cluster, ControlPlane):  # the local cluster always installs it
+            pytest.fail(f"{name} is not installed: {found.stderr}")
+        pytest.skip(f"{name} is not installed in this cluster (manifests/base)")
 
 
 @pytest.fixture
 def fence(cluster: Cluster) -> None:
-    found = cluster.kubectl("get", "validatingadmissionpolicy", POLICY, check=False)
-    if found.returncode != 0:
-        if isinstance(cluster, ControlPlane):  # the local cluster always installs it
-            pytest.fail(f"{POLICY} is not installed: {found.stderr}")
-        pytest.skip(f"{POLICY} is not installed in this cluster (manifests/base)")
+    require_policy(cluster, POLICY)
 
 
 @dataclass
@@ -91,9 +111,11 @@ def get_node(cluster: Cluster, name: str) -> dict[str, Any]:
     return found
 
 
-def assert_denied(proc: subprocess.CompletedProcess[str], message: str, what: str) -> None:
+def assert_denied(
+    proc: subprocess.CompletedProcess[str], message: str, what: str, policy: str = POLICY
+) -> None:
     assert proc.returncode != 0, f"{what} was allowed"
-    assert f"ValidatingAdmissionPolicy '{POLICY}'" in proc.stderr, (what, proc.stderr)
+    assert f"ValidatingAdmissionPolicy '{policy}'" in proc.stderr, (what, proc.stderr)
     assert message in proc.stderr, (what, proc.stderr)
     print(f"denied, {what}: {proc.stderr.strip()}")
 
@@ -209,6 +231,13 @@ def test_the_agent_role_grants_what_it_needs_and_no_more(cluster: Cluster, fence
         ("create", "events", "-n", "default"),
         ("patch", "events", "-n", "default"),
         ("create", "events.events.k8s.io", "-n", "default"),
+        # The pods on its node it mounts for, their condition and their Events.
+        ("list", "pods", "-A"),
+        ("watch", "pods", "-A"),
+        ("get", "pods", "-n", "kube-system"),
+        ("patch", "pods", "--subresource=status", "-A"),
+        ("create", "events", "-n", "kube-system"),
+        ("create", "events.events.k8s.io", "-n", NAMESPACE),
     ]
     refused = [
         ("get", "secrets", "-n", NAMESPACE),
@@ -222,9 +251,14 @@ def test_the_agent_role_grants_what_it_needs_and_no_more(cluster: Cluster, fence
         ("delete", "nodes"),
         ("patch", "namespaces"),
         ("patch", "deployments.apps", "-A"),
-        ("list", "pods", "-A"),
-        ("create", "events", "-n", "kube-system"),
-        ("create", "events", "-n", NAMESPACE),
+        ("create", "pods", "-A"),
+        ("patch", "pods", "-A"),
+        ("update", "pods", "-A"),
+        ("delete", "pods", "-A"),
+        ("create", "pods/exec", "-A"),
+        ("update", "pods", "--subresource=status", "-A"),
+        ("get", "pods", "--subresource=log", "-A"),
+        ("delete", "events", "-A"),
     ]
     assert [a for a in granted if not can_i(cluster, *a)] == []
     assert [a for a in refused if can_i(cluster, *a)] == []
@@ -351,15 +385,188 @@ def test_the_node_agent_manifests_pass_the_apiserver(cluster: Cluster, fence: No
         assert "NotFound" in found.stderr, (found.stdout, found.stderr)
 
 
-def test_the_fence_type_checks_cleanly(cluster: Cluster, fence: None) -> None:
-    """The apiserver's type check of every expression against the Node schema: no warnings."""
+@pytest.mark.parametrize("name", [POLICY, PODS_POLICY])
+def test_the_fence_type_checks_cleanly(cluster: Cluster, name: str) -> None:
+    """The apiserver's type check of every expression against the Node or Pod schema: no
+    warnings."""
+    require_policy(cluster, name)
 
     def checked() -> dict[str, Any] | None:
-        policy: dict[str, Any] = cluster.get_json("validatingadmissionpolicy", POLICY)
+        policy: dict[str, Any] = cluster.get_json("validatingadmissionpolicy", name)
         status = policy.get("status") or {}
         done = status.get("observedGeneration") == policy["metadata"]["generation"]
         return status if done else None
 
-    status = wait_for(checked, timeout=30, what=f"{POLICY} to be type-checked")
+    status = wait_for(checked, timeout=30, what=f"{name} to be type-checked")
     assert not (status.get("typeChecking") or {}).get("expressionWarnings"), status
-    print(f"{POLICY} status: {json.dumps(status, sort_keys=True)}")
+    print(f"{name} status: {json.dumps(status, sort_keys=True)}")
+
+
+# -- the pods fence -----------------------------------------------------------------------
+
+
+@dataclass
+class FencePods:
+    namespace: str
+    served: str  # on the agent's node, with the agent volume: the agent's to set
+    elsewhere: str  # on the other node, with the agent volume
+    plain: str  # on the agent's node, without it (a privileged sidecar's pod, or no Bento)
+
+
+@pytest.fixture
+def pods(cluster: Cluster, nodes: FakeNodes) -> Iterator[FencePods]:
+    """Pods bound to the fake nodes (never run), in a namespace of their own.
+
+    Not opted in, not Bentos: the agent's fence is cluster-wide and the
+    injector leaves them alone.
+    """
+    require_policy(cluster, PODS_POLICY)
+    suffix = uuid.uuid4().hex[:6]
+    found = FencePods(f"agent-pods-fence-{suffix}", "served", "elsewhere", "plain")
+    cluster.create_namespace(found.namespace)
+    for name, node, volumes in (
+        (found.served, nodes.own, [AGENT_VOLUME]),
+        (found.elsewhere, nodes.other, [AGENT_VOLUME]),
+        (found.plain, nodes.own, []),
+    ):
+        cluster.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": found.namespace},
+                "spec": {
+                    "nodeName": node,
+                    "automountServiceAccountToken": False,
+                    "tolerations": [{"operator": "Exists"}],
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "registry.invalid/never-pulled:1",
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            }
+        )
+    yield found
+    # No kubelet confirms their deletion: force it, then the namespace goes.
+    cluster.kubectl(
+        "delete", "pods", "--all", "-n", found.namespace, "--grace-period=0", "--force",
+        "--wait=false", check=False,
+    )  # fmt: skip
+    cluster.kubectl("delete", "namespace", found.namespace, "--wait=false", check=False)
+
+
+def patch_pod_status(
+    cluster: Cluster, pods: FencePods, name: str, patch: dict[str, Any], node: str | None
+) -> subprocess.CompletedProcess[str]:
+    """A strategic merge patch of pods/status as the agent writes it (nodeagent/kube.py)."""
+    return as_agent(
+        cluster, "patch", "pod", name, "-n", pods.namespace, "--subresource=status",
+        "--type=strategic", "-p", json.dumps(patch), node=node,
+    )  # fmt: skip
+
+
+def condition_patch(kind: str = CONDITION, status: str = "True") -> dict[str, Any]:
+    return {
+        "status": {
+            "conditions": [
+                {"type": kind, "status": status, "reason": "Test", "message": "set by the agent"}
+            ]
+        }
+    }
+
+
+def pod_condition(cluster: Cluster, pods: FencePods, name: str, kind: str) -> str | None:
+    pod = cluster.get_json("pod", name, "-n", pods.namespace)
+    for found in pod.get("status", {}).get("conditions") or []:
+        if found["type"] == kind:
+            return str(found["status"])
+    return None
+
+
+def test_the_agent_sets_the_condition_of_a_served_pod_on_its_node(
+    cluster: Cluster, nodes: FakeNodes, pods: FencePods
+) -> None:
+    for status in ("False", "True", "False"):
+        patched = patch_pod_status(
+            cluster, pods, pods.served, condition_patch(status=status), node=nodes.own
+        )
+        assert patched.returncode == 0, patched.stderr
+        assert pod_condition(cluster, pods, pods.served, CONDITION) == status
+
+
+def test_the_pods_fence_keeps_the_agent_to_its_nodes_served_pods_and_one_condition(
+    cluster: Cluster, nodes: FakeNodes, pods: FencePods
+) -> None:
+    own, other, ns = nodes.own, nodes.other, pods.namespace
+    ready = condition_patch()
+    denials = {
+        "a pod on another node": (
+            patch_pod_status(cluster, pods, pods.elsewhere, ready, node=own),
+            f"pod {ns}/{pods.elsewhere}: {POD_ON_OTHER_NODE} (this pod is on node {other}; "
+            f"this token is bound to a pod on node {own})",
+        ),
+        "a token without a node": (
+            patch_pod_status(cluster, pods, pods.served, ready, node=None),
+            f"pod {ns}/{pods.served}: {POD_ON_OTHER_NODE} (this pod is on node {own}; "
+            "this token names no node",
+        ),
+        "a pod without the agent volume": (
+            patch_pod_status(cluster, pods, pods.plain, ready, node=own),
+            f"pod {ns}/{pods.plain} {NOT_SERVED}",
+        ),
+        "another condition type": (
+            patch_pod_status(
+                cluster, pods, pods.served, condition_patch("example.com/other"), node=own
+            ),
+            ONLY_OUR_CONDITION,
+        ),
+        "the PodScheduled condition": (
+            patch_pod_status(
+                cluster, pods, pods.served, condition_patch("PodScheduled", "False"), node=own
+            ),
+            ONLY_OUR_CONDITION,
+        ),
+        "another status field": (
+            patch_pod_status(cluster, pods, pods.served, {"status": {"message": "x"}}, node=own),
+            NO_OTHER_POD_FIELD,
+        ),
+        "a label through pods/status": (
+            patch_pod_status(
+                cluster, pods, pods.served, {"metadata": {"labels": {"hijacked": "1"}}}, node=own
+            ),
+            NO_OTHER_POD_FIELD,
+        ),
+        "an annotation through pods/status": (
+            patch_pod_status(
+                cluster,
+                pods,
+                pods.served,
+                {"metadata": {"annotations": {"example.com/note": "x"}}},
+                node=own,
+            ),
+            NO_OTHER_POD_FIELD,
+        ),
+    }
+    for what, (proc, message) in denials.items():
+        assert_denied(proc, message, what, policy=PODS_POLICY)
+    for name in (pods.served, pods.elsewhere, pods.plain):
+        assert pod_condition(cluster, pods, name, CONDITION) is None, name
+        assert pod_condition(cluster, pods, name, "example.com/other") is None, name
+    served = cluster.get_json("pod", pods.served, "-n", ns)
+    assert "hijacked" not in (served["metadata"].get("labels") or {})
+    assert "example.com/note" not in (served["metadata"].get("annotations") or {})
+    assert "message" not in served["status"]
+    # The pod itself stays out of reach: RBAC, before any policy.
+    spec = as_agent(cluster, "label", "pod", pods.served, "-n", ns, "hijacked=1", node=own)
+    assert spec.returncode != 0
+    assert 'cannot patch resource "pods"' in spec.stderr, spec.stderr

@@ -450,3 +450,37 @@ def test_the_readiness_fence_lets_a_pod_token_set_only_its_own_condition(
     a_pod = get_pod(cluster, namespace, "fence-a")
     assert "hijacked" not in a_pod["metadata"].get("labels", {})
     assert "message" not in a_pod["status"]
+
+
+def test_no_token_of_the_namespace_changes_the_condition_of_a_pod_the_agent_serves(
+    cluster: Cluster, new_namespace: NewNamespace, tmp_path: Path
+) -> None:
+    """A pod with the agent volume (an unprivileged sidecar's): its condition is the node
+    agent's alone, and not even a token bound to the pod itself may change it."""
+    namespace = new_namespace()
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "served"},
+        "spec": {
+            # Never scheduled, and not a Bento (no model-store label): the injector
+            # leaves it alone, and nothing but this test touches its status.
+            "nodeSelector": {"e2e.bento-juicefs/nowhere": "true"},
+            "containers": [{"name": "main", "image": SAMPLE_BENTO_IMAGE}],
+            "volumes": [
+                {"name": "juicefs-agent", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+            ],
+        },
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    own = PodIdentity(cluster, namespace, "served", tmp_path)
+    for status in ("True", "False"):
+        denied = own.patch_status("served", _condition_patch(status=status))
+        assert denied.returncode != 0, f"{status} was allowed"
+        assert "ValidatingAdmissionPolicy 'bento-juicefs-models-ready-fence'" in denied.stderr
+        assert (
+            "pod served runs an unprivileged juicefs-mount sidecar (volume juicefs-agent): "
+            "only the node agent sets its juicefs.bentoml.com/models-ready condition"
+        ) in denied.stderr, denied.stderr
+        print(f"denied, {status}: {denied.stderr.strip()}")
+    assert condition(get_pod(cluster, namespace, "served"), GATE) is None

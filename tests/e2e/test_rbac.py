@@ -188,6 +188,13 @@ def test_nothing_outside_the_rows(cluster: Cluster, namespaces: Namespaces) -> N
             ("patch", "pods", "--subresource=status", "-n", tenant),
             ("create", "events", "-n", tenant),
         ],
+        # The pods on its node it mounts for, in any namespace: their
+        # condition (fenced: bento-juicefs-node-agent-pods-fence) and Events.
+        AGENT: [
+            ("list", "pods", "-A"),
+            ("patch", "pods", "--subresource=status", "-n", tenant),
+            ("create", "events", "-n", tenant),
+        ],
     }
     refused = {
         INJECTOR: [
@@ -214,10 +221,14 @@ def test_nothing_outside_the_rows(cluster: Cluster, namespaces: Namespaces) -> N
         ],
         AGENT: [
             ("get", "secrets", "-n", SYSTEM),
-            ("list", "pods", "-A"),
+            ("get", "secrets", "-n", tenant),
             ("patch", "nodes", "--subresource=status"),
             ("delete", "nodes"),
-            ("create", "events", "-n", tenant),
+            ("create", "pods", "-n", tenant),
+            ("patch", "pods", "-n", tenant),
+            ("delete", "pods", "-n", tenant),
+            ("create", "pods/exec", "-n", tenant),
+            ("update", "pods", "--subresource=status", "-n", tenant),
         ],
         workload: [
             ("patch", "pods", "-n", tenant),
