@@ -7,6 +7,9 @@ or believed. The sidecar holds no Kubernetes credential; through this socket
 it asks the agent to mount (the reply carries the `/dev/fuse` descriptor,
 SCM_RIGHTS), to expose the Bento's models to the app containers, to post
 its Events and to set its readiness condition, and to unmount on the way out.
+In node cache mode it asks to `seal` instead of verifying: the agent opens
+the gate itself from its own record of the Bento, verified once per node,
+after checking every block is in the node cache (warming it first if cold).
 
 Framing: one JSON object per line, each request answered by one reply line
 `{"ok": true}` or `{"ok": false, "error": "..."}`. The agent parses every
@@ -31,7 +34,7 @@ MAX_LINE = 16 * 1024
 MAX_REASON = 64
 MAX_MESSAGE = 1024
 
-Op = Literal["mount", "expose", "event", "condition", "unmount"]
+Op = Literal["mount", "expose", "seal", "event", "condition", "unmount"]
 OPS: tuple[Op, ...] = get_args(Op)
 EventType = Literal["Normal", "Warning"]
 ConditionStatus = Literal["True", "False"]

@@ -166,11 +166,13 @@ class LocalNodeAgent:
                 return str(pod["metadata"]["name"])
         return None
 
-    def logs(self) -> str:
+    def logs(self, tail: int = 200, quiet: tuple[str, ...] = ("agent.pass_done",)) -> str:
+        """The agent pod's last `tail` log lines, without those naming an event in quiet."""
         result = self.cluster.kubectl(
-            "logs", "-n", NAMESPACE, "-l", SELECTOR, "--tail=200", check=False
+            "logs", "-n", NAMESPACE, "-l", SELECTOR, f"--tail={tail}", check=False
         )
-        return result.stdout + result.stderr
+        lines = (result.stdout + result.stderr).splitlines()
+        return "\n".join(line for line in lines if not any(q in line for q in quiet))
 
     def uninstall(self) -> None:
         self.cluster.kubectl(

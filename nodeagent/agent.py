@@ -37,6 +37,7 @@ from injector.config import InjectorConfig
 from nodeagent.kube import API_ERRORS
 from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
+    covers,
     expired,
     format_time,
     make_room,
@@ -109,7 +110,13 @@ class NodeAgent:
     metrics: AgentMetrics = field(default_factory=AgentMetrics)
     warmth: NodeWarmth = field(default_factory=NodeWarmth)
     unreferenced_since: dict[BentoRef, dt.datetime] = field(default_factory=dict)
+    # The Bentos of the pods on this node that read the node cache (PodMounts):
+    # referenced, so never evicted while such a pod runs.
+    pod_bentos: Callable[[], set[BentoRef]] = set
     _node_labels: dict[str, str] = field(default_factory=dict)
+    _referenced: set[BentoRef] = field(default_factory=set)
+    # One change to the node cache at a time: the loop's and the pods' seals.
+    _cache: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def budget(self) -> int:
@@ -150,7 +157,8 @@ class NodeAgent:
         self.metrics.budget_bytes.set(self.budget)
         workloads = await self.api.workloads(self.config, self._node_labels)
         wanted = wanted_bentos(workloads)
-        referenced = {w.bento for w in wanted}
+        referenced = {w.bento for w in wanted} | self.pod_bentos()
+        self._referenced = referenced
         now = self.clock()
         self.unreferenced_since = track_unreferenced(
             self.unreferenced_since, self.warmth.records, referenced, now
@@ -158,16 +166,18 @@ class NodeAgent:
         for ref in expired(
             self.warmth.records, self.unreferenced_since, now, self.options.evict_after_seconds
         ):
-            await self.evict(
-                ref, f"no workload has used it for {self.options.evict_after_seconds:.0f}s"
-            )
+            async with self._cache:
+                await self.evict(
+                    ref, f"no workload has used it for {self.options.evict_after_seconds:.0f}s"
+                )
         for want in wanted:
             record = self.warmth.records.get(want.bento)
             if not needs_warming(record, want.models):
                 continue
             if not retry_due(record, self.clock(), self.options.retry_seconds):
                 continue
-            await self.warm(want, referenced)
+            async with self._cache:
+                await self.warm(want, referenced)
 
     async def _write(self, record: WarmRecord) -> None:
         records = {**self.warmth.records, record.bento: record}
@@ -291,7 +301,7 @@ class NodeAgent:
         target = recorded_bento(ref, record.models, self.config)
         try:
             async with mounted(self._settings(target)) as bento:
-                files = bento.files(await asyncio.to_thread(bento.manifest))
+                files = bento.listed(await asyncio.to_thread(bento.manifest))
                 await bento.evict(files)
         except (CredentialsError, MountError, OSError, ValueError) as err:
             log.error("evict.failed", bento=str(ref), error=str(err))
@@ -306,6 +316,48 @@ class NodeAgent:
         )
         self.metrics.outcomes.labels("evicted").inc()
         log.info("evict.done", bento=str(ref), bytes=record.bytes, why=why)
+
+    async def seal(self, ref: BentoRef, models: tuple[str, ...]) -> str | None:
+        """Make sure the node holds ref sealed for a pod that reads models; None when it does,
+        else why not.
+
+        Sealed: warmed and verified by this agent once per node (its record on
+        the Node, which no tenant can write), and every block of the pod's
+        files in the node cache now (`juicefs warmup --check`): what eviction
+        took is fetched again once. A cold Bento is warmed here, on demand.
+        Nothing is hashed again on a warm node.
+        """
+        want = recorded_bento(ref, models, self.config)
+        async with self._cache:
+            try:
+                return await self._seal(ref, models, want)
+            except (CredentialsError, MountError, OSError, ValueError, VerificationError) as err:
+                return f"checking {ref} for this pod: {err}"
+
+    async def _seal(self, ref: BentoRef, models: tuple[str, ...], want: WantedBento) -> str | None:
+        # The pod's selection is checked against the manifest first: a tenant
+        # naming a model the Bento lacks must not touch the node's record of it.
+        if not covers(self.warmth.records.get(ref), models):
+            async with mounted(self._settings(want)) as bento:
+                bento.files(await asyncio.to_thread(bento.manifest))
+            await self.warm(want, self._referenced | {ref})
+        record = self.warmth.records.get(ref)
+        if not covers(record, models):
+            state = "nothing" if record is None else f"{record.state}: {record.message}"
+            return f"the node agent could not warm {ref} ({state})"
+        for attempt in (1, 2):
+            async with mounted(self._settings(want)) as bento:
+                files = bento.files(await asyncio.to_thread(bento.manifest))
+                check = await bento.cached(files)
+                if check is not None and check.complete:
+                    log.info("seal.ok", bento=str(ref), cached=check.describe())
+                    return None
+                if attempt == 2:
+                    held = "unknown" if check is None else check.describe()
+                    return f"the node cache holds {held} of {ref} after refilling it"
+                log.info("seal.refill", bento=str(ref), cached=check and check.describe())
+                await bento.mount.fill_cache([bento.mount.models_dir / f.path for f in files])
+        return None
 
 
 async def woken(changed: asyncio.Event, seconds: float) -> bool:

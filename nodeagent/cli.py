@@ -24,12 +24,14 @@ from injector.config import ConfigError, load_config
 from injector.kube import new_api_client
 from nodeagent.agent import AgentOptions, NodeAgent
 from nodeagent.kube import AgentApi
+from nodeagent.podmounts import PodMounts
 from nodeagent.warmer import AgentIdentity
 
 log = structlog.get_logger("nodeagent")
 
 DEFAULT_CREDENTIALS_DIR = "/etc/bento-juicefs/credentials"
 DEFAULT_WORK_DIR = "/var/lib/bento-juicefs-agent"
+DEFAULT_KUBELET_ROOT = "/var/lib/kubelet"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         help="one directory per JuiceFS volume, its Secret's keys as files",
     )
     run.add_argument("--work-dir", type=Path, default=Path(DEFAULT_WORK_DIR))
+    run.add_argument(
+        "--kubelet-root",
+        type=Path,
+        default=Path(DEFAULT_KUBELET_ROOT),
+        help="the kubelet's root dir, where the pods' volumes are (mounted Bidirectional)",
+    )
     run.add_argument("--juicefs", default="juicefs", help="the juicefs binary")
     run.add_argument("--resync-seconds", type=float, default=10.0)
     run.add_argument("--evict-after-seconds", type=float, default=3600.0)
@@ -74,12 +82,13 @@ async def _run(args: argparse.Namespace) -> int:
     )
     identity = AgentIdentity(args.node_name, args.pod_name, args.pod_namespace)
     api_client = await new_api_client(args.kubeconfig)
-    agent = NodeAgent(
-        config, options, identity, AgentApi(api_client, args.node_name, args.pod_name)
-    )
+    api = AgentApi(api_client, args.node_name, args.pod_name)
+    agent = NodeAgent(config, options, identity, api)
+    pod_mounts = PodMounts(config, args.kubelet_root, api, args.work_dir / "stage", agent.seal)
+    agent.pod_bentos = pod_mounts.bentos
     if args.metrics_port:
         agent.metrics.serve(args.metrics_port)
-    task = asyncio.ensure_future(agent.run_forever())
+    task = asyncio.ensure_future(asyncio.gather(agent.run_forever(), pod_mounts.run_forever()))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         # Cancelling unwinds the warm in progress: its mount is unmounted on the way out.

@@ -9,8 +9,6 @@ Events about its Node in `default`, where `kubectl describe node` finds them.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
@@ -18,15 +16,20 @@ import aiohttp
 import structlog
 from kubernetes_asyncio import client, watch
 
+from common.kubeevents import condition_patch, event_body, pod_involved
 from common.warm import AGENT_COMPONENT, NODE_EVENTS_NAMESPACE, WARM_ANNOTATION, is_warm_label
 from injector.config import InjectorConfig
 from injector.namespaces import describe_error, opted_in
-from nodeagent.plan import format_time, generations_changed, spec_changed
+from nodeagent.plan import generations_changed, spec_changed
+from nodeagent.podmounts import ServedPod
 from nodeagent.workloads import Workload, template_fits_node, workload_bento
 
 log = structlog.get_logger("nodeagent.kube")
 
 MERGE = "application/merge-patch+json"
+STRATEGIC = "application/strategic-merge-patch+json"
+# The Events the agent posts for a pod's sidecar name it as their source.
+SIDECAR_COMPONENT = "juicefs-mount"
 TIMEOUT: dict[str, Any] = {"_request_timeout": 30}
 # How long one watch request lasts before the agent relists (the server ends it then).
 WATCH_SECONDS = 300
@@ -143,29 +146,92 @@ class AgentApi:
 
     async def event(self, kind: str, reason: str, message: str) -> None:
         """An Event on our Node; one that cannot be sent is logged and dropped."""
-        now = format_time(dt.datetime.now(dt.UTC))
-        body: dict[str, Any] = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{self.node_name}.{time.time_ns():x}",
-                "namespace": NODE_EVENTS_NAMESPACE,
-            },
+        body = event_body(
+            namespace=NODE_EVENTS_NAMESPACE,
             # A Node's Events name it by its name as uid, as the kubelet does.
-            "involvedObject": {"kind": "Node", "name": self.node_name, "uid": self.node_name},
-            "type": kind,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": AGENT_COMPONENT, "host": self.node_name},
-            "reportingComponent": f"juicefs.bentoml.com/{AGENT_COMPONENT}",
-            "reportingInstance": self.pod_name,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+            involved={"kind": "Node", "name": self.node_name, "uid": self.node_name},
+            kind=kind,
+            reason=reason,
+            message=message,
+            component=AGENT_COMPONENT,
+            instance=self.pod_name,
+            host=self.node_name,
+        )
         try:
             await self._core.create_namespaced_event(
                 NODE_EVENTS_NAMESPACE, cast(Any, body), **TIMEOUT
             )
         except API_ERRORS as err:
             log.warning("event.dropped", reason=reason, error=str(err) or type(err).__name__)
+
+    # The pods on this node whose unprivileged sidecars it mounts for (nodeagent.podmounts).
+
+    async def pod_event(self, pod: ServedPod, kind: str, reason: str, message: str) -> None:
+        """An Event on a served pod, as its sidecar asked; one that cannot be sent is dropped."""
+        body = event_body(
+            namespace=pod.namespace,
+            involved=pod_involved(pod.name, pod.namespace, pod.uid),
+            kind=kind,
+            reason=reason,
+            message=message,
+            component=SIDECAR_COMPONENT,
+            instance=self.pod_name,
+            host=self.node_name,
+        )
+        try:
+            await self._core.create_namespaced_event(pod.namespace, cast(Any, body), **TIMEOUT)
+        except API_ERRORS as err:
+            log.warning("pod_event.dropped", pod=str(pod), reason=reason, error=describe_error(err))
+
+    async def pod_condition(self, pod: ServedPod, status: str, reason: str, message: str) -> None:
+        """The served pod's readiness condition (the pods fence policy holds us to that alone).
+
+        The pod's uid is a precondition: a pod recreated under the same name
+        is another pod, whose condition this is not.
+        """
+        body = condition_patch(pod.condition_type, status, reason, message)
+        body["metadata"] = {"uid": pod.uid}
+        options: dict[str, Any] = {"_content_type": STRATEGIC, **TIMEOUT}
+        await self._core.patch_namespaced_pod_status(pod.name, pod.namespace, body, **options)
+        log.info("pod.condition_set", pod=str(pod), status=status, reason=reason)
+
+    async def watch_pods(
+        self, seen: Callable[[dict[str, Any]], None], gone: Callable[[str], None]
+    ) -> None:
+        """Tell seen() of every JuiceFS Bento pod on this node as it is listed, added or
+        changed, and gone() of each deleted (by uid), until cancelled."""
+        selector = f"spec.nodeName={self.node_name}"
+        known: set[str] = set()
+        while True:
+            try:
+                listed = await self._core.list_pod_for_all_namespaces(
+                    field_selector=selector, **TIMEOUT
+                )
+                current = {item.metadata.uid for item in listed.items}
+                for uid in known - current:
+                    gone(uid)
+                known = current
+                for item in listed.items:
+                    seen(self._json(item))
+                stream = watch.Watch()
+                async with stream:
+                    async for event in stream.stream(
+                        self._core.list_pod_for_all_namespaces,
+                        field_selector=selector,
+                        resource_version=listed.metadata.resource_version,
+                        timeout_seconds=WATCH_SECONDS,
+                        _request_timeout=WATCH_SECONDS + 30,
+                    ):
+                        pod = self._json(event["object"])
+                        uid = str((pod.get("metadata") or {}).get("uid") or "")
+                        if event["type"] == "DELETED":
+                            known.discard(uid)
+                            gone(uid)
+                        elif event["type"] in ("ADDED", "MODIFIED"):
+                            known.add(uid)
+                            seen(pod)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # relist, then watch again
+                log.warning("pods.watch_error", error=describe_error(err))
+                await asyncio.sleep(WATCH_RETRY_SECONDS)

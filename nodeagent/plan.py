@@ -94,6 +94,17 @@ def needs_warming(record: WarmRecord | None, models: tuple[str, ...]) -> bool:
     )
 
 
+def covers(record: WarmRecord | None, models: tuple[str, ...]) -> bool:
+    """Whether the node's seal of a Bento covers a pod that reads `models` (empty: all).
+
+    Sealed: warm and verified by the agent. A record of all the models covers
+    any selection; a record of some covers a pod that reads only those.
+    """
+    if record is None or record.state != "warm" or not record.verified:
+        return False
+    return not record.models or (bool(models) and set(models) <= set(record.models))
+
+
 def retry_due(record: WarmRecord | None, now: dt.datetime, retry_seconds: float) -> bool:
     """A failed or over-budget Bento is tried again only after retry_seconds."""
     if record is None or record.state not in ("failed", "over-budget"):

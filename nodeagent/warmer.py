@@ -4,7 +4,9 @@ Each Bento is mounted on its own (read-only, `--subdir` of its directory,
 the node cache dir of its volume as the cache dir, the node budget as the
 sidecars compute it) only while the agent works on it. Warming is the
 sidecar's own `stream_model`: every file read through the mount and proven
-against the manifest, then the cache completed with `juicefs warmup`. A
+against the manifest (which must name the Bento and have every model
+chosen), a file that differs read once more after its cached blocks are
+evicted, then the cache completed with `juicefs warmup`. A
 restarted agent's fresh mount finds the blocks already on disk (juicefs
 scans its cache dir at start), so an interrupted warm resumes where it was.
 """
@@ -20,8 +22,8 @@ from pathlib import Path
 from injector.config import InjectorConfig
 from nodeagent.workloads import WantedBento
 from sidecar.env import Settings
-from sidecar.manifest import Manifest, ManifestFile, read_manifest
-from sidecar.mount import JuiceFSMount
+from sidecar.manifest import Manifest, ManifestFile, bento_tag, files_to_verify, read_manifest
+from sidecar.mount import CacheCheck, JuiceFSMount
 from sidecar.run import stream_model
 from sidecar.sources import MountCounters
 from sidecar.warmup import ErrorCallback, Progress, ProgressCallback
@@ -129,6 +131,12 @@ class MountedBento:
         return read_manifest(self.mount.bento_dir)
 
     def files(self, manifest: Manifest) -> list[ManifestFile]:
+        """The files to warm and verify (ManifestMismatch: the manifest cannot prove them)."""
+        s = self.settings
+        return files_to_verify(manifest, bento_tag(s.bento_name, s.bento_version), s.models)
+
+    def listed(self, manifest: Manifest) -> list[ManifestFile]:
+        """The files of the chosen models the manifest lists, whatever it says: what to evict."""
         return manifest.select(self.settings.models)
 
     async def warm(
@@ -146,7 +154,12 @@ class MountedBento:
             on_progress=on_progress,
             on_error=on_error,
             filler=self.mount,
+            purger=self.mount,  # the agent's mounts always write the node cache
         )
+
+    async def cached(self, files: list[ManifestFile]) -> CacheCheck | None:
+        """What the node cache holds of files' blocks (None: juicefs did not say)."""
+        return await self.mount.check_cache([self.mount.models_dir / f.path for f in files])
 
     async def evict(self, files: list[ManifestFile]) -> None:
         await self.mount.evict_cache([self.mount.models_dir / f.path for f in files])

@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run() -> int:
     from common.logs import configure_logging
+    from sidecar.agent import AgentChannel, AgentReporter
     from sidecar.kube import PodReporter, api_client
     from sidecar.run import run
 
@@ -56,6 +57,13 @@ def _run() -> int:
         return 2
 
     async def main() -> int:
+        if settings.agent_socket is not None:
+            # Unprivileged: no Kubernetes credential; the node agent reports for us.
+            channel = AgentChannel(settings.agent_socket)
+            try:
+                return await run(settings, AgentReporter(channel), agent=channel)
+            finally:
+                channel.close()
         api = api_client(settings.token_dir)
         async with api:
             return await run(settings, PodReporter(settings, api))
@@ -85,4 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = wait_for_mount(mount_point, args.timeout) if args.wait else mount_answers(mount_point)
     if not ok:
         print(f"JuiceFS mount at {mount_point} does not answer yet", file=sys.stderr)
+        socket_path = os.environ.get(env.AGENT_SOCKET)
+        if socket_path and not Path(socket_path).exists():
+            from sidecar.agent import NO_AGENT
+
+            # The kubelet puts this in the probe's Event: say what is missing.
+            print(NO_AGENT, file=sys.stderr)
     return 0 if ok else 1

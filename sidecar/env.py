@@ -15,6 +15,7 @@ from common import env as contract
 from common.env import DEFAULT_TOKEN_DIR, CacheMode, EnvError, SsdPolicy
 
 __all__ = [
+    "AGENT_SOCKET",
     "CACHE_DIR",
     "DEFAULT_TOKEN_DIR",
     "JUICEFS_BIN",
@@ -32,6 +33,7 @@ CACHE_DIR = contract.CACHE_DIR.name
 PRIVATE_MOUNT = contract.PRIVATE_MOUNT.name
 JUICEFS_BIN = contract.JUICEFS_BIN.name
 TOKEN_DIR = contract.TOKEN_DIR.name
+AGENT_SOCKET = contract.AGENT_SOCKET.name
 
 
 class SettingsError(EnvError):
@@ -77,6 +79,8 @@ class Settings:
     # itself, the node agent and tests running sidecars as host processes,
     # gets none, so they never contend for one host port.)
     metrics_port: int = 0
+    # Unprivileged: the node agent's socket for this pod (None: mount for itself).
+    agent_socket: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -115,6 +119,7 @@ class Settings:
                 node_cache_budget_mib=c.NODE_CACHE_BUDGET_MIB.read(source),
                 cache_scan_seconds=c.CACHE_SCAN_SECONDS.read(source),
                 metrics_port=c.METRICS_PORT.read(source),
+                agent_socket=c.AGENT_SOCKET.read(source),
             )
         except EnvError as err:
             raise SettingsError(str(err)) from None

@@ -8,8 +8,6 @@ backoff; an Event that cannot be sent is logged and dropped, never fatal.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,16 +16,13 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
+from common.kubeevents import condition_patch, event_body, pod_involved
 from sidecar.env import Settings
 
 log = structlog.get_logger("sidecar.kube")
 
 COMPONENT = "juicefs-mount"
 STRATEGIC = "application/strategic-merge-patch+json"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def api_client(token_dir: Path) -> client.ApiClient:
@@ -57,20 +52,7 @@ class PodReporter:
         way. Only a pod that is gone (404) or a refused body (400/422) stop it.
         """
         s = self._settings
-        body: dict[str, Any] = {
-            "status": {
-                "conditions": [
-                    {
-                        "type": s.condition_type,
-                        "status": status,
-                        "reason": reason,
-                        "message": message,
-                        "lastTransitionTime": _now(),
-                        "lastProbeTime": None,
-                    }
-                ]
-            }
-        }
+        body = condition_patch(s.condition_type, status, reason, message)
         delay = 0.5
         attempt = 0
         while True:
@@ -99,33 +81,16 @@ class PodReporter:
 
     async def event(self, kind: str, reason: str, message: str) -> None:
         s = self._settings
-        now = _now()
-        body: dict[str, Any] = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                # As client-go names them: list order (kubectl describe's order
-                # within one second) is then creation order, the kubelet's too.
-                "name": f"{s.pod_name}.{time.time_ns():x}",
-                "namespace": s.pod_namespace,
-            },
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": s.pod_name,
-                "namespace": s.pod_namespace,
-                "uid": self._uid or None,
-            },
-            "type": kind,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": COMPONENT, "host": s.node_name or None},
-            "reportingComponent": f"juicefs.bentoml.com/{COMPONENT}",
-            "reportingInstance": s.pod_name,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        body = event_body(
+            namespace=s.pod_namespace,
+            involved=pod_involved(s.pod_name, s.pod_namespace, self._uid or None),
+            kind=kind,
+            reason=reason,
+            message=message,
+            component=COMPONENT,
+            instance=s.pod_name,
+            host=s.node_name,
+        )
         try:
             timeout: dict[str, Any] = {"_request_timeout": 10}
             await self._core.create_namespaced_event(s.pod_namespace, cast(Any, body), **timeout)

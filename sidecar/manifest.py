@@ -8,6 +8,11 @@ The manifest lists every file under models/ with its size, sha256 and load
 order (the order the app reads them: small metadata first, then weights in
 name order, which is shard order for safetensors/GGUF splits). The sidecar
 streams files in that order and verifies each against it.
+
+A manifest proves a pod's model only when it names the pod's Bento and
+lists every model the pod chose (`files_to_verify`): one copied from
+another Bento, carrying that Bento's hashes, or a selection that matches
+nothing, is a `ManifestMismatch`, never an empty list of files verified.
 """
 
 from __future__ import annotations
@@ -24,6 +29,19 @@ MODELS_DIR = "models"
 # Files at or below this size are metadata (model.yaml, configs, tokenizers).
 SMALL_FILE_BYTES = 1 << 20
 HASH_CHUNK = 4 << 20
+
+
+class VerificationError(Exception):
+    """The model cannot be proven against the manifest: never open the gate on it."""
+
+
+class ManifestMismatch(VerificationError):
+    """The manifest does not describe the pod's model: another Bento's, or not the files chosen."""
+
+
+def bento_tag(name: str, version: str) -> str:
+    """The Bento as a manifest names it (`name:version`, as `publish` writes it)."""
+    return f"{name}:{version}"
 
 
 def _inside(path: str) -> str:
@@ -55,17 +73,52 @@ class Manifest(BaseModel):
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The model tags the manifest lists, sorted."""
+        return tuple(sorted({f.model for f in self.files}))
+
     def select(self, models: tuple[str, ...]) -> list[ManifestFile]:
         """Files of the chosen models (all when none chosen), in load order.
 
-        A model is chosen by its full tag or by name alone.
+        A model is chosen by its full tag or by name alone. A choice that
+        matches no file is left out silently: verification goes through
+        `files_to_verify`, which refuses that.
         """
-        chosen = [
-            f
-            for f in self.files
-            if not models or f.model in models or f.model.split(":", 1)[0] in models
-        ]
+        chosen = [f for f in self.files if not models or any(_chooses(m, f) for m in models)]
         return sorted(chosen, key=lambda f: f.order)
+
+    def unmatched(self, models: tuple[str, ...]) -> tuple[str, ...]:
+        """The chosen tags or names that match no file of the manifest, in the order given."""
+        return tuple(m for m in models if not any(_chooses(m, f) for f in self.files))
+
+
+def _chooses(model: str, entry: ManifestFile) -> bool:
+    return entry.model == model or entry.model.split(":", 1)[0] == model
+
+
+def files_to_verify(manifest: Manifest, bento: str, models: tuple[str, ...]) -> list[ManifestFile]:
+    """The files that prove `bento`'s chosen `models`, in load order; ManifestMismatch if none can.
+
+    Refused: a manifest that names another Bento (copied with its hashes, it
+    would verify that Bento's bytes, not this one's), a manifest without
+    files, and a choice of models of which any matches no file (a typo
+    would otherwise verify the rest, or nothing, and open the gate).
+    """
+    if manifest.bento != bento:
+        raise ManifestMismatch(
+            f"{MANIFEST_NAME} names Bento {manifest.bento!r}, not this pod's {bento!r}: "
+            "a manifest copied from another Bento proves nothing about this one"
+        )
+    if not manifest.files:
+        raise ManifestMismatch(f"{MANIFEST_NAME} of {bento} lists no file: nothing to verify")
+    unmatched = manifest.unmatched(models)
+    if unmatched:
+        raise ManifestMismatch(
+            f"models {', '.join(unmatched)} (juicefs.bentoml.com/models) match no file of "
+            f"{bento}'s {MANIFEST_NAME}, which has {', '.join(manifest.models)}"
+        )
+    return manifest.select(models)
 
 
 def sha256_file(path: Path) -> str:

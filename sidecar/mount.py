@@ -31,6 +31,7 @@ import structlog
 
 from common.mounts import UnmountError, is_fuse, is_mounted, unmount
 from common.ports import free_port
+from sidecar.agent import AgentChannel, AgentError
 from sidecar.decisions import juicefs_says_cache_full
 from sidecar.env import Settings
 from sidecar.manifest import MODELS_DIR
@@ -149,8 +150,15 @@ def credentials_env(settings: Settings) -> dict[str, str]:
 
 
 class JuiceFSMount:
-    def __init__(self, settings: Settings, cache_size_mib: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        cache_size_mib: int | None = None,
+        agent: AgentChannel | None = None,
+    ) -> None:
         self._settings = settings
+        # Unprivileged: the node agent mounts and exposes, this process only serves.
+        self._agent = agent
         self._cache_size_mib = settings.cache_size_mib if cache_size_mib is None else cache_size_mib
         self._process: asyncio.subprocess.Process | None = None
         self._log_tail: deque[str] = deque(maxlen=40)
@@ -165,6 +173,11 @@ class JuiceFSMount:
         # The private mount's root is the Bento's directory.
         self.bento_dir = settings.private_mount
         self.models_dir = self.bento_dir / MODELS_DIR
+
+    @property
+    def writes_cache(self) -> bool:
+        """Whether this client may write its cache: not the node cache an agent lent it."""
+        return self._agent is None or self._settings.cache_mode != "node"
 
     @property
     def metrics_url(self) -> str | None:
@@ -186,14 +199,23 @@ class JuiceFSMount:
         s = self._settings
         if s.cache_mode != "node" or self._cache_size_mib == 0:
             return []
+        if self._agent is not None:
+            # The node cache is the agent's, bound read-only here: nothing to
+            # evict, but the scan shows this client the blocks the agent wrote.
+            return ["--cache-scan-interval", f"{s.cache_scan_seconds}s"]
         return [
+            # Blocks readable by the unprivileged sidecars that read this cache
+            # (juicefs writes them 0600 by default).
+            "--cache-mode",
+            "0644",
             "--cache-eviction",
             "lru",
             "--cache-scan-interval",
             f"{s.cache_scan_seconds}s",
         ]
 
-    def command(self) -> list[str]:
+    def command(self, mount_point: str | None = None) -> list[str]:
+        """`juicefs mount`; mount_point is `/dev/fd/N` when the agent opened the connection."""
         s = self._settings
         port = self._metrics_port or free_port()
         return [
@@ -217,7 +239,7 @@ class JuiceFSMount:
             "--metrics",
             f"127.0.0.1:{port}",
             split_meta_password(s.meta_url)[0],  # its password goes by env
-            str(s.private_mount),
+            mount_point or str(s.private_mount),
         ]
 
     @property
@@ -264,20 +286,33 @@ class JuiceFSMount:
         if self._process is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._process.pid, signal.SIGKILL)
-        _unmount(s.private_mount)
-        for directory in (s.private_mount, s.mount_point, s.cache_dir):
-            if not is_mounted(directory):  # a dead FUSE mount there fails every stat
-                directory.mkdir(parents=True, exist_ok=True)
+        fuse_fd: int | None = None
+        if self._agent is None:
+            _unmount(s.private_mount)
+            for directory in (s.private_mount, s.mount_point, s.cache_dir):
+                if not is_mounted(directory):  # a dead FUSE mount there fails every stat
+                    directory.mkdir(parents=True, exist_ok=True)
+        else:
+            # The agent replaces a dead private mount with a new one itself.
+            try:
+                fuse_fd = await self._agent.mount()
+            except AgentError as err:
+                raise MountError(str(err)) from None
         env = {**os.environ, **credentials_env(s)}
         self._metrics_port = free_port()
         self.generation += 1
-        self._process = await asyncio.create_subprocess_exec(
-            *self.command(),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # its own group: stop() can reach an orphaned worker
-        )
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.command(None if fuse_fd is None else f"/dev/fd/{fuse_fd}"),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own group: stop() can reach an orphaned worker
+                pass_fds=() if fuse_fd is None else (fuse_fd,),
+            )
+        finally:
+            if fuse_fd is not None:
+                os.close(fuse_fd)  # juicefs holds it now
         assert self._process.stdout is not None
         self._reader = asyncio.create_task(self._pump(self._process.stdout))
         while not await self._answers(s.private_mount):
@@ -294,7 +329,7 @@ class JuiceFSMount:
                 f"{s.bento_path} on the volume has no {MODELS_DIR}/: was Bento "
                 f"{s.bento_name}:{s.bento_version} published with `python -m sidecar publish`?"
             )
-        self._expose()
+        await self._expose()
         return time.monotonic() - started
 
     @staticmethod
@@ -308,12 +343,20 @@ class JuiceFSMount:
         except TimeoutError:
             return False
 
-    def _expose(self) -> None:
+    async def _expose(self) -> None:
+        if self._agent is not None:
+            try:
+                await self._agent.expose()
+            except AgentError as err:
+                raise MountError(f"exposing the models: {err}") from None
+            return
         # The FUSE mount refuses writes itself, so a plain bind is read-only too.
         # --no-canonicalize: the target may be a dead FUSE mount, where a stat fails.
         target = str(self._settings.mount_point)
         args = ["mount", "--no-canonicalize", "--bind", str(self.models_dir), target]
-        result = subprocess.run(args, capture_output=True, text=True, check=False)
+        result = await asyncio.to_thread(
+            subprocess.run, args, capture_output=True, text=True, check=False
+        )
         if result.returncode != 0:
             raise MountError(f"{' '.join(args)} failed: {result.stderr.strip()}")
 
@@ -334,11 +377,11 @@ class JuiceFSMount:
         each round; a round short of everything is run again, after a pause,
         up to `rounds` times, then it is a MountError (the caller's to log).
         """
-        if self._cache_size_mib <= 0:
+        if self._cache_size_mib <= 0 or not self.writes_cache:
             return
         for attempt in range(1, rounds + 1):
             await self._warmup(paths)
-            check = parse_cache_check(await self._warmup(paths, "--check"))
+            check = await self.check_cache(paths)
             if check is None or check.complete:
                 break
             log.info("cache.fill_incomplete", attempt=attempt, cached=check.describe())
@@ -368,6 +411,10 @@ class JuiceFSMount:
                 return
             samples.append(snapshot.counters)
             await asyncio.sleep(every)
+
+    async def check_cache(self, paths: Sequence[Path]) -> CacheCheck | None:
+        """How much of paths' blocks this client's cache holds (`juicefs warmup --check`)."""
+        return parse_cache_check(await self._warmup(paths, "--check"))
 
     async def evict_cache(self, paths: Sequence[Path]) -> None:
         """Remove every cached block of paths from the cache dir (the node agent's eviction)."""
@@ -428,6 +475,17 @@ class JuiceFSMount:
         await self._drain_log()
         return code
 
+    async def _agent_unmount(self) -> bool:
+        """Ask the agent to take the mounts down (lazily); True: treat the mount as busy."""
+        assert self._agent is not None
+        try:
+            async with asyncio.timeout(5.0):
+                await self._agent.unmount()
+        except (AgentError, TimeoutError) as err:
+            log.error("umount.failed", via="node agent", error=str(err))
+            return True
+        return False
+
     async def stop(self, grace: float = 10.0, busy_grace: float = 0.5) -> None:
         """Unmount every FUSE mount we stacked (dead ones too) and end juicefs.
 
@@ -442,8 +500,11 @@ class JuiceFSMount:
         kubelet gives the sidecar 2 s: waiting `grace` here made it exit 137
         with the mount still there (seen on the real node).
         """
-        busy = _unmount(self._settings.mount_point)
-        busy = _unmount(self._settings.private_mount) or busy
+        if self._agent is not None:
+            busy = await self._agent_unmount()
+        else:
+            busy = _unmount(self._settings.mount_point)
+            busy = _unmount(self._settings.private_mount) or busy
         process = self._process
         if process is not None and process.returncode is None:
             try:

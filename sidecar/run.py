@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from sidecar.agent import AgentChannel, AgentError
 from sidecar.cacheprobe import CacheSpeed, disk_space, measure
 from sidecar.decisions import (
     GatePlan,
@@ -33,7 +34,15 @@ from sidecar.decisions import (
     slow_disk_action,
 )
 from sidecar.env import Settings
-from sidecar.manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest
+from sidecar.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestFile,
+    ManifestMismatch,
+    bento_tag,
+    files_to_verify,
+    read_manifest,
+)
 from sidecar.metrics import MetricsEndpoint, SidecarMetrics
 from sidecar.mount import JuiceFSMount, MountError
 from sidecar.reporter import NORMAL, WARNING, OrderedReporter, Reporter
@@ -43,6 +52,7 @@ from sidecar.warmup import (
     ErrorCallback,
     Progress,
     ProgressCallback,
+    Purge,
     Streamer,
     VerificationError,
     WarmupTimeout,
@@ -53,6 +63,7 @@ __all__ = [
     "WARNING",
     "BentoTree",
     "CacheFiller",
+    "CachePurger",
     "CacheSpaceWatch",
     "ProgressReporter",
     "open_gate",
@@ -68,6 +79,16 @@ class CacheFiller(Protocol):
     """Completes the local cache with the blocks of files that reading left out."""
 
     async def fill_cache(self, paths: Sequence[Path]) -> None: ...
+
+
+class CachePurger(Protocol):
+    """Removes the cached blocks of files (`juicefs warmup --evict`): JuiceFSMount.
+
+    Only a client that may write its cache is one: not the node cache an
+    agent lends an unprivileged sidecar read-only.
+    """
+
+    async def evict_cache(self, paths: Sequence[Path]) -> None: ...
 
 
 class BentoTree(Protocol):
@@ -173,6 +194,14 @@ class ProgressReporter:
                 f"engine may be unreachable; retrying with backoff. {progress.describe()}",
             )
 
+    def on_purge(self, entry: ManifestFile, problem: str) -> None:
+        self._send(
+            WARNING,
+            "CacheBlocksPurged",
+            f"{problem}; evicting the file's cached blocks (a block in the cache may be "
+            "corrupt) and reading it once more: a second mismatch fails verification",
+        )
+
     async def watch_stalls(self) -> None:
         """A read that hangs (rather than fails) is noticed too."""
         while True:
@@ -222,8 +251,12 @@ async def warm(
     filler: CacheFiller | None = None,
     cache_watch: CacheSpaceWatch | None = None,
     metrics: SidecarMetrics | None = None,
+    purger: CachePurger | None = None,
 ) -> bool:
     """Stream and verify the model; True when the gate may open.
+
+    The manifest must name this pod's Bento and have every model chosen
+    (`files_to_verify`), or nothing is streamed and verification fails.
 
     With `filler`, the cache is then completed with any block the reads left
     out (juicefs drops cache writes when its disk queue is full), so the next
@@ -240,11 +273,26 @@ async def warm(
     the model again for JuiceFS to fail writing it.
 
     `metrics` records the stream (without it, a registry nobody serves).
+
+    With `purger` (a client that may write its cache), a file whose bytes
+    differ from the manifest has its cached blocks evicted and is read once
+    more (a CacheBlocksPurged Event); only a second mismatch fails.
     """
     metrics = metrics or SidecarMetrics()
     deadline = time.monotonic() + settings.warmup_timeout_seconds
     manifest = await wait_for_manifest(mount, reporter, deadline)
-    files = manifest.select(settings.models)
+    try:
+        files = files_to_verify(
+            manifest, bento_tag(settings.bento_name, settings.bento_version), settings.models
+        )
+    except ManifestMismatch as err:
+        log.error("warmup.manifest_mismatch", error=str(err))
+        metrics.warmup_failed("VerificationFailed")
+        await reporter.event(
+            WARNING, "VerificationFailed", f"the manifest cannot prove this pod's model: {err}"
+        )
+        await _best_effort(reporter.set_condition("False", "VerificationFailed", str(err)[:256]))
+        return False
     total = sum(f.size for f in files)
     await reporter.event(
         NORMAL,
@@ -264,6 +312,8 @@ async def warm(
             deadline,
             on_progress=progress_reporter.on_progress,
             on_error=progress_reporter.on_error,
+            purger=purger,
+            on_purge=progress_reporter.on_purge,
         )
         full = cache_watch is not None and await cache_watch.check("after streaming the model")
         if filler is not None and should_fill_cache(True, full):
@@ -321,19 +371,57 @@ async def stream_model(
     on_progress: ProgressCallback,
     on_error: ErrorCallback,
     filler: CacheFiller | None = None,
+    purger: CachePurger | None = None,
+    on_purge: Callable[[ManifestFile, str], None] | None = None,
 ) -> Progress:
-    """Read and verify every file through the mount, then complete the cache (see warm)."""
+    """Read and verify every file through the mount, then complete the cache (see warm).
+
+    No files is a VerificationError: a gate never opens on nothing verified.
+    With `purger`, a file that differs from the manifest is read once more
+    after its cached blocks are evicted (`on_purge` is told first).
+    """
+    if not files:
+        raise VerificationError("no file of the manifest was chosen: nothing to verify")
     streamer = Streamer(
         root=tree.models_dir,
         concurrency=settings.warmup_concurrency,
         deadline=deadline,
         on_progress=on_progress,
         on_error=on_error,
+        purge=None if purger is None else _purge(purger, tree, deadline, on_purge),
     )
     progress = await streamer.run(files)
     if filler is not None:
         await _fill_cache(filler, [tree.models_dir / f.path for f in files], deadline)
     return progress
+
+
+def _purge(
+    purger: CachePurger,
+    tree: BentoTree,
+    deadline: float,
+    on_purge: Callable[[ManifestFile, str], None] | None,
+) -> Purge:
+    """The streamer's purge: evict one file's cached blocks, by the deadline."""
+
+    async def purge(entry: ManifestFile, problem: str) -> str | None:
+        log.warning("verify.purging", path=entry.path, problem=problem)
+        if on_purge is not None:
+            on_purge(entry, problem)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 1.0)):
+                await purger.evict_cache([tree.models_dir / entry.path])
+        except TimeoutError:
+            failed = "not done by the warmup deadline"
+        except (OSError, MountError) as err:
+            failed = str(err) or type(err).__name__
+        else:
+            log.info("cache.purged", path=entry.path)
+            return None
+        log.warning("cache.purge_failed", path=entry.path, error=failed)
+        return failed
+
+    return purge
 
 
 async def _fill_cache(filler: CacheFiller, paths: list[Path], deadline: float) -> None:
@@ -373,6 +461,7 @@ async def run(
     reporter: Reporter,
     stop: asyncio.Event | None = None,
     metrics: SidecarMetrics | None = None,
+    agent: AgentChannel | None = None,
 ) -> int:
     stop = stop or asyncio.Event()
     # Created first: time_to_ready counts from here.
@@ -387,7 +476,7 @@ async def run(
     ordered = OrderedReporter(reporter)
     endpoint = await _serve_metrics(metrics, settings.metrics_port, ordered)
     try:
-        return await _run(settings, ordered, stop, metrics)
+        return await _run(settings, ordered, stop, metrics, agent)
     finally:
         # A sidecar may have only the kubelet's last 2 s of the pod's grace
         # period: the metrics endpoint is not waited for (its server polls every
@@ -440,7 +529,11 @@ async def _probe(settings: Settings, full: bool) -> tuple[CacheSpeed | None, boo
 
 
 async def _run(
-    settings: Settings, reporter: OrderedReporter, stop: asyncio.Event, metrics: SidecarMetrics
+    settings: Settings,
+    reporter: OrderedReporter,
+    stop: asyncio.Event,
+    metrics: SidecarMetrics,
+    agent: AgentChannel | None = None,
 ) -> int:
     mount: JuiceFSMount | None = None
     watch = CacheSpaceWatch(
@@ -449,7 +542,9 @@ async def _run(
         lambda: () if mount is None else tuple(mount.cache_full_lines),
     )
     full = settings.cache_size_mib > 0 and await watch.check("before mounting")
-    speed, full = await _probe(settings, full)
+    # The node cache an agent lends is read-only here: the agent measures and writes it.
+    lent = agent is not None and settings.cache_mode == "node"
+    speed, full = (None, full) if lent else await _probe(settings, full)
     if full and not watch.reported:  # no room for the probe's file (ENOSPC)
         await watch.check("measuring the cache disk failed", full=True)
     cache = cache_plan(
@@ -467,7 +562,7 @@ async def _run(
         log.warning("cache.slow", policy=settings.ssd_policy, action=action)
     gate = gate_plan(settings.warmup, cache)
 
-    mount = JuiceFSMount(settings, cache_size_mib=cache.cache_size_mib)
+    mount = JuiceFSMount(settings, cache_size_mib=cache.cache_size_mib, agent=agent)
     # Informational only: the mount must not wait on, or fail with, the apiserver.
     reporter.post_condition("False", "Mounting", "mounting JuiceFS", attempts=1)
     stopping = asyncio.create_task(stop.wait())
@@ -493,18 +588,23 @@ async def _run(
     # Warmup runs beside the mount; whatever it concludes, the sidecar keeps
     # serving the mount until it is stopped. Reads that fail while juicefs is
     # being remounted are retried by the streamer like any other failed read.
-    work = asyncio.create_task(
-        open_gate(
-            settings,
-            mount,
-            reporter,
-            gate,
-            counters=MountCounters(mount),
-            filler=mount,
-            cache_watch=watch if cache.disk_cache else None,
-            metrics=metrics,
+    if lent and agent is not None and gate.verify:
+        # Node cache mode, unprivileged: the agent's seal opens the gate.
+        work = asyncio.create_task(open_gate_sealed(settings, agent, reporter, metrics))
+    else:
+        work = asyncio.create_task(
+            open_gate(
+                settings,
+                mount,
+                reporter,
+                gate,
+                counters=MountCounters(mount),
+                filler=mount if mount.writes_cache else None,
+                cache_watch=watch if cache.disk_cache and mount.writes_cache else None,
+                metrics=metrics,
+                purger=mount if cache.disk_cache and mount.writes_cache else None,
+            )
         )
-    )
     work.add_done_callback(_log_crash)
     code = await _supervise(settings, mount, reporter, stopping)
     work.cancel()
@@ -593,6 +693,7 @@ async def open_gate(
     filler: CacheFiller | None = None,
     cache_watch: CacheSpaceWatch | None = None,
     metrics: SidecarMetrics | None = None,
+    purger: CachePurger | None = None,
 ) -> None:
     """Verify the model if the gate plan says so, then set the condition to True.
 
@@ -602,7 +703,7 @@ async def open_gate(
     metrics = metrics or SidecarMetrics()
     try:
         if gate.verify and not await warm(
-            settings, mount, reporter, counters, filler, cache_watch, metrics
+            settings, mount, reporter, counters, filler, cache_watch, metrics, purger
         ):
             return
     except (OSError, ValueError) as err:
@@ -618,4 +719,46 @@ async def open_gate(
     metrics.gate_opened()
     await reporter.event(
         NORMAL, "Ready", f"condition {settings.condition_type}=True: {gate.message}"
+    )
+
+
+async def open_gate_sealed(
+    settings: Settings, agent: AgentChannel, reporter: Reporter, metrics: SidecarMetrics
+) -> None:
+    """Node cache mode, unprivileged: the node agent opens the gate from its seal.
+
+    The agent verified the Bento once on this node and is the only writer of
+    the node cache this sidecar reads; it checks every block is there
+    (warming the Bento first if the node is cold) and sets the condition
+    itself. Nothing is hashed here again.
+    """
+    started = time.monotonic()
+    await reporter.event(
+        NORMAL,
+        "WarmupStarted",
+        f"asking the node agent to seal {settings.bento_name}:{settings.bento_version} "
+        "in the node cache (verified once per node; warmed first if the node is cold)",
+    )
+    sealing = agent.sibling(reply_timeout=None)
+    try:
+        async with asyncio.timeout(settings.warmup_timeout_seconds):
+            await sealing.seal()
+    except (AgentError, TimeoutError) as err:
+        message = str(err) or f"not sealed within {settings.warmup_timeout_seconds}s"
+        log.error("seal.failed", error=message)
+        metrics.warmup_failed("SealFailed")
+        await reporter.event(
+            WARNING, "SealFailed", f"the node agent did not seal the model: {message}"
+        )
+        return
+    finally:
+        sealing.close()
+    seconds = time.monotonic() - started
+    metrics.gate_opened()
+    log.info("seal.done", seconds=round(seconds, 2))
+    await reporter.event(
+        NORMAL,
+        "ModelsReady",
+        f"model sealed by the node agent in {seconds:.1f}s: verified once on this node, "
+        "every block in the node cache",
     )

@@ -12,29 +12,45 @@ A failed read (the object store went away) is retried with backoff until
 the deadline, on a freshly opened file: JuiceFS (still 1.4.2) keeps a read
 error on the open file handle for good, so every later read on that
 descriptor, at any offset, fails with EIO even after the store is back,
-while a new descriptor reads fine. A wrong size or checksum is never retried.
+while a new descriptor reads fine. A wrong size or checksum is not retried
+as a failed read is: with `purge` (a client that may write its cache), the
+file's cached blocks are evicted and the file is read once more, through a
+fresh descriptor with the kernel's pages of it dropped; only a second
+mismatch fails. JuiceFS's cache is keyed by block: a block that went bad on
+the cache disk (or was written there by someone else) keeps being served
+until it is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.manifest import ManifestFile
+from sidecar.manifest import ManifestFile, VerificationError
+
+__all__ = [
+    "MIB",
+    "RANGE_BYTES",
+    "ErrorCallback",
+    "Progress",
+    "ProgressCallback",
+    "Purge",
+    "Streamer",
+    "VerificationError",
+    "WarmupTimeout",
+    "content_problem",
+]
 
 RANGE_BYTES = 4 << 20  # one JuiceFS block
 MIB = 1 << 20
-
-
-class VerificationError(Exception):
-    """Fetched bytes differ from the manifest: never open the gate on them."""
 
 
 class WarmupTimeout(Exception):
@@ -87,6 +103,21 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], None]
 ErrorCallback = Callable[[Progress, OSError], None]
+# Evicts a file's cached blocks, given why (its bytes differ from the manifest); returns
+# None once done, or why it could not. The file is read once more either way.
+Purge = Callable[[ManifestFile, str], Awaitable[str | None]]
+
+
+def content_problem(entry: ManifestFile, seen: int, extra: bool, sha256: str) -> str | None:
+    """How the bytes read differ from the manifest's entry; None when they are the file listed.
+
+    seen: the bytes read up to the manifest's size; extra: whether there was more.
+    """
+    if seen != entry.size or extra:
+        return f"{entry.path}: size differs from the manifest ({entry.size} bytes expected)"
+    if sha256 != entry.sha256:
+        return f"{entry.path}: sha256 {sha256} differs from the manifest's {entry.sha256}"
+    return None
 
 
 def _read_and_hash(fd: int, offset: int, length: int, digest: Any) -> int:
@@ -109,12 +140,19 @@ def _read_and_hash(fd: int, offset: int, length: int, digest: Any) -> int:
 
 
 class _OpenFile:
-    """A model file's descriptor, replaced by a fresh one after a failed read."""
+    """A model file's descriptor, replaced by a fresh one after a failed read.
 
-    def __init__(self, path: Path) -> None:
+    forget: drop the kernel's cached pages of the file first, so that every
+    byte is asked of JuiceFS again (a read after its cached blocks were purged).
+    """
+
+    def __init__(self, path: Path, forget: bool = False) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self._retired: list[int] = []  # closed at the end: reads in flight may still use them
+        if forget:
+            with contextlib.suppress(OSError):  # advice only: the hash still decides
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def reopen(self, failed_fd: int) -> None:
         if failed_fd == self.fd:  # the first failed read to get here reopens for all
@@ -127,6 +165,18 @@ class _OpenFile:
             os.close(fd)
 
 
+@dataclass(frozen=True)
+class _Read:
+    """One read of a file through the mount: what the manifest's entry is checked against."""
+
+    seen: int  # bytes read, up to the manifest's size
+    extra: bool  # whether the file goes on past that size
+    sha256: str
+
+    def problem(self, entry: ManifestFile) -> str | None:
+        return content_problem(entry, self.seen, self.extra, self.sha256)
+
+
 @dataclass
 class Streamer:
     root: Path
@@ -136,6 +186,9 @@ class Streamer:
     on_error: ErrorCallback
     range_bytes: int = RANGE_BYTES
     max_backoff: float = 8.0
+    # Set where the cache is this client's to change: a file whose bytes differ
+    # from the manifest has its cached blocks evicted and is read once more.
+    purge: Purge | None = None
 
     async def _read_with_retry(
         self,
@@ -179,9 +232,41 @@ class Streamer:
     async def _stream_file(
         self, pool: ThreadPoolExecutor, entry: ManifestFile, progress: Progress
     ) -> None:
+        """Read and verify one file; with `purge`, a mismatch gets one more read after it."""
+        read = await self._read_file(pool, entry, progress)
+        problem = read.problem(entry)
+        if problem is not None and self.purge is not None:
+            not_purged = await self.purge(entry, problem)
+            again = await self._read_file(pool, entry, progress, counted=read.seen, forget=True)
+            still = again.problem(entry)
+            if still is None:
+                problem = None
+            elif not_purged is None:
+                problem = f"{still} (read again after evicting its cached blocks)"
+            else:
+                problem = f"{still} (read again; evicting its cached blocks failed: {not_purged})"
+        if problem is not None:
+            raise VerificationError(problem)
+        progress.done_files += 1
+        self.on_progress(progress)
+
+    async def _read_file(
+        self,
+        pool: ThreadPoolExecutor,
+        entry: ManifestFile,
+        progress: Progress,
+        counted: int = 0,
+        forget: bool = False,
+    ) -> _Read:
+        """Read entry through the mount in order, hashing it, and add to progress.
+
+        counted: bytes of this file that progress has already (a second read
+        adds only what goes past them: its done_bytes never go back, nor
+        past the model's size). forget: see _OpenFile.
+        """
         path = self.root / entry.path
         try:
-            handle = await asyncio.to_thread(_OpenFile, path)
+            handle = await asyncio.to_thread(_OpenFile, path, forget)
         except FileNotFoundError:
             raise VerificationError(f"{entry.path}: listed in the manifest but missing") from None
         loop = asyncio.get_running_loop()
@@ -194,7 +279,9 @@ class Streamer:
                 length = min(self.range_bytes, entry.size - offset)
                 got = await self._read_with_retry(pool, handle, offset, length, digest, progress)
                 seen += got
-                progress.done_bytes += got
+                if seen > counted:
+                    progress.done_bytes += seen - counted
+                    counted = seen
                 if got:
                     progress.last_advance = time.monotonic()
                 self.on_progress(progress)
@@ -204,17 +291,7 @@ class Streamer:
             extra = await loop.run_in_executor(pool, os.pread, handle.fd, 1, entry.size)
         finally:
             handle.close()
-        if seen != entry.size or extra:
-            raise VerificationError(
-                f"{entry.path}: size differs from the manifest ({entry.size} bytes expected)"
-            )
-        if digest.hexdigest() != entry.sha256:
-            raise VerificationError(
-                f"{entry.path}: sha256 {digest.hexdigest()} differs from the manifest's "
-                f"{entry.sha256}"
-            )
-        progress.done_files += 1
-        self.on_progress(progress)
+        return _Read(seen=seen, extra=bool(extra), sha256=digest.hexdigest())
 
     async def run(self, files: list[ManifestFile]) -> Progress:
         """Stream files (in load order, `concurrency` at once); the first failure ends all."""

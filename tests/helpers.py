@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from typing import Any
 import jsonpatch
 import pytest
 
+from common.processes import processes_named
 from devcluster.services import RedisUnavailable, find_redis_server
 from devcluster.storage import StorageStack
 from injector.admission import ReviewResult, pod_review_request, review
@@ -129,3 +131,39 @@ def flip_middle_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def fuse_servers(pod_namespace: str) -> list[tuple[int, str]]:
+    """(uid, CapEff) of every juicefs serving FUSE for a sidecar of pod_namespace.
+
+    Found by what they hold (a /dev/fuse descriptor) and inherit (the
+    sidecar's POD_NAMESPACE): juicefs rewrites its argv into one truncated
+    string, so the command line cannot say.
+    """
+    found = []
+    for pid in processes_named("juicefs"):
+        try:
+            fds = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        if "/dev/fuse" not in fds or f"POD_NAMESPACE={pod_namespace}".encode() not in environ:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        found.append((int(fields["Uid"].split()[0]), fields["CapEff"].strip()))
+    return found
+
+
+def sidecar_of(pod: dict[str, Any]) -> dict[str, Any]:
+    """The injected juicefs-mount container of a pod (native or classic)."""
+    for key in ("initContainers", "containers"):
+        for container in pod["spec"].get(key) or []:
+            if container["name"] == "juicefs-mount":
+                return dict(container)
+    raise AssertionError("no sidecar")
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    """A container's env: name -> value, or its valueFrom."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}

@@ -10,7 +10,7 @@ import pytest
 from injector.admission import pod_review_request as request_for
 from injector.admission import review
 from injector.config import ConfigError, InjectorConfig, parse_config
-from tests.helpers import bento_pod, inject, run
+from tests.helpers import bento_pod, env_of, inject, run, sidecar_of
 
 STATUS = "juicefs.bentoml.com/status"
 
@@ -19,18 +19,6 @@ def annotated(**annotations: str) -> dict[str, Any]:
     pod = bento_pod()
     pod["metadata"]["annotations"] = {f"juicefs.bentoml.com/{k}": v for k, v in annotations.items()}
     return pod
-
-
-def sidecar_of(pod: dict[str, Any]) -> dict[str, Any]:
-    for key in ("initContainers", "containers"):
-        for container in pod["spec"].get(key) or []:
-            if container["name"] == "juicefs-mount":
-                return dict(container)
-    raise AssertionError("no sidecar")
-
-
-def env_of(container: dict[str, Any]) -> dict[str, Any]:
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
 def test_native_sidecar_first_with_startup_probe() -> None:

@@ -446,3 +446,20 @@ async def test_woken_says_whether_the_event_came_in_time() -> None:
     assert not await woken(changed, 0.01)
     changed.set()
     assert await woken(changed, 1)
+
+
+def test_a_seal_covers_a_pod_only_when_verified_and_of_its_models() -> None:
+    from common.warm import BentoRef, WarmRecord
+    from nodeagent.plan import covers
+
+    ref = BentoRef("models", "llama3", "v1")
+    sealed_all = WarmRecord(ref, "warm", verified=True)
+    sealed_some = WarmRecord(ref, "warm", verified=True, models=("llama3", "tokenizer"))
+    assert covers(sealed_all, ())
+    assert covers(sealed_all, ("llama3",))
+    assert covers(sealed_some, ("tokenizer",))
+    assert not covers(sealed_some, ())  # all models: more than the seal holds
+    assert not covers(sealed_some, ("vision",))
+    assert not covers(WarmRecord(ref, "warm", verified=False), ())
+    assert not covers(WarmRecord(ref, "warming", verified=True), ())
+    assert not covers(None, ())

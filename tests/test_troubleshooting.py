@@ -315,6 +315,11 @@ def event_messages(path: str, group: str) -> list[Message]:
             given = node.args[1]
             if isinstance(given, ast.Constant) and isinstance(given.value, str):
                 found.append(Message(CONDITION, f"`{given.value}`", module.where(node)))
+        # The node agent sets a served pod's condition: pod_condition(pod, status, reason, ...).
+        if name == "pod_condition" and len(node.args) >= 3:
+            given = node.args[2]
+            if isinstance(given, ast.Constant) and isinstance(given.value, str):
+                found.append(Message(CONDITION, f"`{given.value}`", module.where(node)))
         if name == "GatePlan":
             for keyword in node.keywords:
                 value = keyword.value

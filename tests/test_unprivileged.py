@@ -21,7 +21,7 @@ from injector.config import InjectorConfig, parse_config
 from injector.mutation.owned import owned_names
 from injector.plan import InjectionPlan, decide
 from injector.podsecurity import ENFORCE, NamespaceSecurity, NamespaceSecurityRegistry, denial
-from tests.helpers import bento_pod, inject, run
+from tests.helpers import bento_pod, env_of, inject, run, sidecar_of
 
 STATUS = "juicefs.bentoml.com/status"
 AGENT = "juicefs-agent"
@@ -43,18 +43,6 @@ RESTRICTED_VOLUMES = {
     "projected",
     "secret",
 }
-
-
-def sidecar_of(pod: dict[str, Any]) -> dict[str, Any]:
-    for key in ("initContainers", "containers"):
-        for container in pod["spec"].get(key) or []:
-            if container["name"] == "juicefs-mount":
-                return dict(container)
-    raise AssertionError("no sidecar")
-
-
-def env_of(container: dict[str, Any]) -> dict[str, Any]:
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
 def restricted_violations(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ from devcluster.injector import InjectorInstall, LocalInjector
 from devcluster.injector_pods import PodInjector
 from devcluster.local import local_cluster
 from devcluster.node import Node
+from devcluster.nodeagent import LocalNodeAgent
 from devcluster.storage import StorageStack
 from sidecar.manifest import Manifest
 
@@ -99,3 +100,17 @@ def injector(cluster: Cluster) -> InjectorInstall:
 def local_only() -> None:
     if EXTERNAL_KUBECONFIG:
         pytest.skip("needs the local control plane (E2E_KUBECONFIG is set)")
+
+
+@pytest.fixture(scope="module")
+def unprivileged(
+    cluster: Cluster, node: Node, injector: InjectorInstall
+) -> Iterator[LocalNodeAgent]:
+    """For one test module: the injector with sidecar.unprivileged on, and the node agent
+    (which mounts for those sidecars) running on the node."""
+    agent = LocalNodeAgent(cluster, injector)
+    print(f"node agent pod {agent.install()} runs")
+    with injector.reconfigured({"sidecar": {"unprivileged": True}}):
+        yield agent
+    print(agent.logs(tail=3000)[-20000:])
+    agent.uninstall()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from devcluster.images import SAMPLE_BENTO_IMAGE
 
 GATE = "juicefs.bentoml.com/models-ready"
 SIDECAR = "juicefs-mount"
+# Where the app containers read the Bento's models (the injector's default).
+MODELS_PATH = "/home/bentoml/bento/models"
 
 
 def get_pod(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
@@ -232,3 +235,85 @@ def pod_cache_dir(node_dir: Path, pod_uid: str) -> Path:
         node_dir / "kubelet" / "pods" / pod_uid / "volumes" / "kubernetes.io~empty-dir"
         / "juicefs-cache"
     )  # fmt: skip
+
+
+# Pods with an unprivileged sidecar (sidecar.unprivileged; the `unprivileged` fixture).
+
+OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
+ENFORCE = "pod-security.kubernetes.io/enforce"
+
+
+def bento_labels(name: str, version: str) -> dict[str, str]:
+    """The labels of a JuiceFS Bento's pod: the model-store mark and the Bento's identity."""
+    return {
+        "juicefs.bentoml.com/model-store": "juicefs",
+        "yatai.ai/bento-repository": name,
+        "yatai.ai/bento-version": version,
+    }
+
+
+def namespace_enforcing(cluster: Cluster, level: str, prefix: str = "e2e") -> str:
+    """A new opted-in namespace that enforces Pod Security `level`, provisioned."""
+    name = f"{prefix}-{level}-{uuid.uuid4().hex[:6]}"
+    cluster.create_namespace(name, {**OPT_IN, ENFORCE: level})
+    cluster.wait_provisioned(name)
+    return name
+
+
+def checking_pod(
+    name: str,
+    labels: dict[str, str],
+    path: str,
+    sha256: str,
+    *,
+    restricted: bool = False,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A Bento pod whose app checks one model file's sha256, then sleeps.
+
+    restricted: the app's own containers pass Pod Security `restricted` too.
+    """
+    script = (
+        f'got=$(sha256sum "{MODELS_PATH}/{path}" | cut -d" " -f1) || exit 2; '
+        f'if [ "$got" != "{sha256}" ]; then echo "sha256 $got != {sha256}"; exit 1; fi; '
+        f"echo verified {path}; exec sleep 3600"
+    )
+    container: dict[str, Any] = {
+        "name": "main",
+        "image": SAMPLE_BENTO_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["sh", "-c", script],
+    }
+    spec: dict[str, Any] = {"terminationGracePeriodSeconds": 10, "containers": [container]}
+    if restricted:
+        spec["securityContext"] = {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        container["securityContext"] = {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels, "annotations": annotations or {}},
+        "spec": spec,
+    }
+
+
+def create_pod(cluster: Cluster, namespace: str, pod: dict[str, Any]) -> None:
+    created = cluster.kubectl(
+        "create", "-n", namespace, "-f", "-", input=json.dumps(pod), check=False
+    )
+    assert created.returncode == 0, created.stderr
+
+
+def run_until_ready(
+    cluster: Cluster, namespace: str, pod: dict[str, Any], timeout: float = 180
+) -> dict[str, Any]:
+    """Create pod and wait until it is Ready (the gate open); its JSON then."""
+    create_pod(cluster, namespace, pod)
+    name = pod["metadata"]["name"]
+    return wait_pod(cluster, namespace, name, is_ready, timeout=timeout, what=f"pod {name} Ready")

@@ -32,6 +32,7 @@ from sidecar.manifest import Manifest, read_manifest, sha256_file
 from sidecar.mount import JuiceFSMount
 from sidecar.run import stream_model, warm
 from sidecar.warmup import Progress, Streamer, VerificationError
+from tests.helpers import flip_middle_byte
 
 from .conftest import SMALL_SHARDS
 
@@ -244,7 +245,8 @@ def test_a_corrupted_block_fails_verification_and_the_gate_stays_shut(
             )
             with pytest.raises(VerificationError, match=rf"{shard.path}: sha256 .* differs"):
                 await streamer.run(manifest.select(()))
-            return await warm(settings, mount, cast(PodReporter, reporter))
+            # Evicting the file's cached blocks and reading it again fetches the same bad bytes.
+            return await warm(settings, mount, cast(PodReporter, reporter), purger=mount)
         finally:
             await mount.stop()
 
@@ -252,8 +254,82 @@ def test_a_corrupted_block_fails_verification_and_the_gate_stays_shut(
     assert [c[:2] for c in reporter.conditions] == [("False", "VerificationFailed")]
     assert not any(c[0] == "True" for c in reporter.conditions)
     reasons = [e[1] for e in reporter.events]
-    assert reasons == ["WarmupStarted", "VerificationFailed"], reporter.events
+    assert reasons == ["WarmupStarted", "CacheBlocksPurged", "VerificationFailed"], reporter.events
     assert shard.path in reporter.events[-1][2]
+    assert reporter.events[-1][2].endswith("(read again after evicting its cached blocks)")
+
+
+def _cached_block(cache_dir: Path, name: str) -> Path:
+    found = [p for p in cache_dir.glob("*/raw/**/*") if p.name == name]
+    assert len(found) == 1, f"block {name} in {cache_dir}: {found}"
+    return found[0]
+
+
+def test_a_corrupt_cached_block_is_purged_and_fetched_again(
+    stack: StorageStack, scratch: Path, tmp_path: Path
+) -> None:
+    """The cache serves a bad block until it is removed; the sidecar removes it and reads again."""
+    manifest = stack.publish_random(scratch, "llm-cache-rot", "v1", SMALL_SHARDS)
+    shard = manifest.select(())[-1]
+    keys = stack.juicefs.object_keys(stack.bento_dir("llm-cache-rot", "v1") / "models" / shard.path)
+    victim = keys[1]
+    name = victim.rsplit("/", 1)[1]  # the object's <slice>_<index>_<size>, the cached block's
+    size = int(name.rsplit("_", 1)[1])
+    good = stack.store.s3.get_object(stack.store.bucket, victim)
+    assert len(good) == size
+    settings = stack.sidecar_settings(tmp_path, "llm-cache-rot", "v1")
+
+    async def verify(purge: bool) -> RecordingReporter:
+        """A pod's warm on a fresh mount of the same cache dir, purging or not."""
+        reporter = RecordingReporter()
+        mount = JuiceFSMount(settings)
+        await mount.start()
+        try:
+            await warm(
+                settings,
+                mount,
+                cast(PodReporter, reporter),
+                filler=mount,
+                purger=mount if purge else None,
+            )
+        finally:
+            await mount.stop()
+        return reporter
+
+    def reasons(reporter: RecordingReporter) -> list[str]:
+        return [e[1] for e in reporter.events]
+
+    first = asyncio.run(verify(purge=True))  # a cold cache: every block from MinIO
+    assert reasons(first) == ["WarmupStarted", "ModelsReady"], first.events
+    block = _cached_block(settings.cache_dir, name)
+    assert block.read_bytes()[:size] == good
+
+    # One byte flipped with JuiceFS's checksums (after the block's bytes) intact:
+    # JuiceFS itself refuses the block and reads it from the store.
+    flip_middle_byte(block)
+    caught = asyncio.run(verify(purge=False))
+    assert reasons(caught) == ["WarmupStarted", "ModelsReady"], caught.events
+
+    # The block's bytes alone, one changed, without checksums: JuiceFS 1.4.2 serves
+    # a cache file of exactly the block's size unchecked, as a writer of the cache dir
+    # could make it. Without a purge, the pod can never verify on this node.
+    block = _cached_block(settings.cache_dir, name)
+    corrupt = bytearray(good)
+    corrupt[size // 2] ^= 0xFF
+    block.write_bytes(bytes(corrupt))
+    stuck = asyncio.run(verify(purge=False))
+    assert reasons(stuck) == ["WarmupStarted", "VerificationFailed"], stuck.events
+    assert shard.path in stuck.events[-1][2]
+    assert _cached_block(settings.cache_dir, name).read_bytes() == bytes(corrupt)
+
+    purged = asyncio.run(verify(purge=True))
+    assert reasons(purged) == ["WarmupStarted", "CacheBlocksPurged", "ModelsReady"], purged.events
+    assert purged.events[1][2].startswith(f"{shard.path}: sha256 ")
+    assert not purged.conditions, "warm() sets no condition when it verified"
+    # The block is good in the cache afterwards (fetched again, or by the fill).
+    cached = _cached_block(settings.cache_dir, name).read_bytes()
+    assert cached[:size] == good
+    assert len(cached) > size, "written by JuiceFS again, with its checksums"
 
 
 def test_bytes_rotting_in_the_store_stall_the_stream_and_never_open_the_gate(

@@ -206,7 +206,9 @@ from tests.storage.test_sidecar_faults import run_until_ready
 fields = json.loads(Path(sys.argv[1]).read_text())
 paths = {f.name for f in dataclasses.fields(Settings) if "Path" in str(f.type)}
 fields["models"] = tuple(fields["models"])
-settings = Settings(**{k: Path(v) if k in paths else v for k, v in fields.items()})
+settings = Settings(
+    **{k: Path(v) if k in paths and v is not None else v for k, v in fields.items()}
+)
 code, recorder = run_until_ready(settings)
 print(json.dumps({"code": code, "said": recorder.said}))
 """

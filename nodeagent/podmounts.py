@@ -1,0 +1,532 @@
+"""The agent mounts for the unprivileged sidecars on its node, and speaks for them.
+
+For each pod on this node whose sidecar is unprivileged (it has the agent
+volume), the agent listens on a unix socket in that volume, on the host
+(`<kubelet root>/pods/<uid>/volumes/kubernetes.io~empty-dir/<volume>`). The
+socket is the pod's: what arrives there is that pod's sidecar, whatever it
+says. Through it (`common.agentsocket`) the sidecar asks to:
+
+- `mount`: the agent opens /dev/fuse, mounts that connection on the private
+  directory of the agent volume, and sends the descriptor back; the
+  sidecar's `juicefs mount META /dev/fd/N` serves it without privilege. In
+  node cache mode the agent also binds the node cache's directory of the
+  pod's JuiceFS volume read-only onto the pod's cache volume: tenants read
+  the node cache, only the agent writes it.
+- `expose`: bind the Bento's `models/` read-only onto the pod's mount dir,
+  which the app containers see (HostToContainer).
+- `event`, `condition`: an Event on the pod, its readiness condition. The
+  sidecar holds no Kubernetes credential; the app containers cannot reach
+  the socket (the volume is the sidecar's alone).
+- `unmount`: on the sidecar's way out.
+
+A pod that is gone, or whose containers have all ended, is unmounted by the
+agent itself (the kubelet cannot tear down a volume with a mount on it).
+Mounts live in the node's mount namespace, not in the agent: an agent
+restart leaves them serving, and the new agent listens again for the pods
+it finds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from common import env as contract
+from common.agentsocket import (
+    LineBuffer,
+    ProtocolError,
+    Request,
+    parse_request,
+    render_reply,
+    send_with_fd,
+    short_name,
+)
+from common.mounts import is_mounted, unmount
+from common.warm import BentoRef
+from injector.config import InjectorConfig
+from nodeagent import fuse
+
+log = structlog.get_logger("nodeagent.podmounts")
+
+EMPTY_DIR = "kubernetes.io~empty-dir"
+# How long the agent waits on a FUSE lookup served by the pod's own juicefs.
+LOOKUP_TIMEOUT = 10.0
+# Events a pod's sidecar may post: a burst, then one a second.
+EVENT_BURST = 60
+EVENT_PER_SECOND = 1.0
+
+
+@dataclass(frozen=True)
+class PodPaths:
+    """Where a pod's volumes are on the node (the kubelet's layout)."""
+
+    volumes: Path  # <kubelet root>/pods/<uid>/volumes/kubernetes.io~empty-dir
+    agent: str
+    mount_dir: str
+    cache: str
+
+    @property
+    def agent_dir(self) -> Path:
+        return self.volumes / self.agent
+
+    @property
+    def socket(self) -> Path:
+        return self.agent_dir / contract.AGENT_SOCKET_NAME
+
+    @property
+    def private_mount(self) -> Path:
+        return self.agent_dir / contract.AGENT_MOUNT_NAME
+
+    @property
+    def mount_dir_path(self) -> Path:
+        return self.volumes / self.mount_dir
+
+    @property
+    def cache_path(self) -> Path:
+        return self.volumes / self.cache
+
+
+@dataclass(frozen=True)
+class ServedPod:
+    """A pod on this node with an unprivileged sidecar, as the agent serves it."""
+
+    namespace: str
+    name: str
+    uid: str
+    # The node cache directory of its JuiceFS volume when the pod reads the
+    # node cache (bound read-only), else None.
+    node_cache: Path | None
+    condition_type: str
+    # Node mode: the Bento and models the agent seals for it (its gate is the agent's).
+    bento: BentoRef | None = None
+    models: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def pod_paths(kubelet_root: Path, uid: str, config: InjectorConfig) -> PodPaths:
+    names = config.volumes
+    return PodPaths(
+        volumes=kubelet_root / "pods" / uid / "volumes" / EMPTY_DIR,
+        agent=names.agent_name,
+        mount_dir=names.mount_dir_name,
+        cache=names.cache_name,
+    )
+
+
+def _sidecar_env(pod: Mapping[str, Any], container_name: str) -> dict[str, str]:
+    spec = pod.get("spec") or {}
+    for key in ("initContainers", "containers"):
+        for container in spec.get(key) or []:
+            if container.get("name") == container_name:
+                return {
+                    str(e.get("name")): str(e.get("value"))
+                    for e in container.get("env") or []
+                    if isinstance(e, dict) and isinstance(e.get("value"), str)
+                }
+    return {}
+
+
+def served_pod(pod: Mapping[str, Any], config: InjectorConfig) -> ServedPod | str:
+    """The pod as the agent serves it, or why it does not (a pure reading of the pod's JSON).
+
+    The pod is the tenant's: the volume it names is only believed when it is
+    one the config knows, and then only its node cache directory is bound.
+    """
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    volumes = {v.get("name"): v for v in spec.get("volumes") or [] if isinstance(v, dict)}
+    if "emptyDir" not in (volumes.get(config.volumes.agent_name) or {}):
+        return "no agent volume: its sidecar mounts for itself"
+    uid = str(meta.get("uid") or "")
+    if not uid or "/" in uid or uid in (".", ".."):
+        return "no uid"
+    environment = _sidecar_env(pod, config.sidecar.container_name)
+    node_cache: Path | None = None
+    bento: BentoRef | None = None
+    try:
+        mode = contract.CACHE_MODE.read(environment)
+        volume = contract.VOLUME.read(environment)
+        if mode == "node":
+            bento = BentoRef(
+                volume,
+                contract.BENTO_NAME.read(environment),
+                contract.BENTO_VERSION.read(environment),
+            )
+        models = contract.MODELS.read(environment)
+    except contract.EnvError as err:
+        return f"its sidecar's environment: {err}"
+    if mode == "node":
+        if volume not in config.juicefs.allowed_volumes:
+            return f"volume {volume!r} is not one of the configured JuiceFS volumes"
+        if config.node_cache_path is None:
+            return "node cache mode, but the config names no node cache directory"
+        node_cache = Path(config.node_cache_path) / volume
+    return ServedPod(
+        namespace=str(meta.get("namespace") or ""),
+        name=str(meta.get("name") or ""),
+        uid=uid,
+        node_cache=node_cache,
+        condition_type=config.readiness.condition_type,
+        bento=bento,
+        models=models,
+    )
+
+
+def containers_ended(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod will run nothing more: terminal, or every container terminated."""
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return True
+    if not (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    statuses = [
+        *(status.get("initContainerStatuses") or []),
+        *(status.get("containerStatuses") or []),
+    ]
+    return bool(statuses) and all("terminated" in (s.get("state") or {}) for s in statuses)
+
+
+class PodApi(Protocol):
+    """What the pod mounts need of the API (nodeagent.kube.AgentApi in a cluster)."""
+
+    async def pod_event(self, pod: ServedPod, kind: str, reason: str, message: str) -> None: ...
+
+    async def pod_condition(
+        self, pod: ServedPod, status: str, reason: str, message: str
+    ) -> None: ...
+
+    async def watch_pods(
+        self, seen: Callable[[dict[str, Any]], None], gone: Callable[[str], None]
+    ) -> None: ...
+
+
+# The node agent's seal of a Bento for a pod (NodeAgent.seal): None, or why not.
+Sealer = Callable[[BentoRef, tuple[str, ...]], Awaitable[str | None]]
+
+
+async def _no_sealer(bento: BentoRef, models: tuple[str, ...]) -> str | None:
+    return "this node agent keeps no node cache"
+
+
+@dataclass
+class TokenBucket:
+    """At most `burst` at once, refilled at `rate` a second."""
+
+    burst: float
+    rate: float
+    tokens: float = -1.0
+    at: float = 0.0
+
+    def take(self, now: float) -> bool:
+        if self.tokens < 0:
+            self.tokens, self.at = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+@dataclass
+class PodBroker:
+    """One pod's socket, mounts and reports."""
+
+    pod: ServedPod
+    paths: PodPaths
+    api: PodApi
+    # A private mount of the agent's own where binds are made read-only (fuse.prepare_stage).
+    stage: Path
+    sealer: Sealer = _no_sealer
+    events: TokenBucket = field(default_factory=lambda: TokenBucket(EVENT_BURST, EVENT_PER_SECOND))
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def close(self, release: bool) -> None:
+        """Stop listening; with release, take the pod's mounts down too."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if release:
+            await asyncio.to_thread(self.release)
+
+    async def _serve(self) -> None:
+        listener = await self._listen()
+        loop = asyncio.get_running_loop()
+        conversations: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                # Several at once: a seal may take a whole warm while Events go on.
+                task = loop.create_task(self._converse_and_close(conn))
+                conversations.add(task)
+                task.add_done_callback(conversations.discard)
+        finally:
+            listener.close()
+            for task in conversations:
+                task.cancel()
+
+    async def _converse_and_close(self, conn: socket.socket) -> None:
+        try:
+            await self._converse(conn)
+        except OSError as err:
+            log.info("pod.connection_lost", pod=str(self.pod), error=str(err))
+        finally:
+            conn.close()
+
+    async def _listen(self) -> socket.socket:
+        """Bind the pod's socket once the kubelet has made its volume."""
+        while not await asyncio.to_thread(self.paths.agent_dir.is_dir):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)  # the kubelet makes it; no event says when
+        path = self.paths.socket
+        while True:
+            # Whatever the sidecar left at that name (a symlink, a file) goes;
+            # unlink never follows a symlink, and bind refuses an existing name.
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                path.unlink()
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with short_name(path) as name:
+                    listener.bind(name)
+            except OSError as err:
+                listener.close()
+                log.warning("pod.socket_bind_failed", pod=str(self.pod), error=str(err))
+                await asyncio.sleep(1.0)
+                continue
+            break
+        os.chmod(path, 0o666)  # the sidecar's uid connects
+        listener.listen(4)
+        listener.setblocking(False)
+        log.info("pod.listening", pod=str(self.pod), socket=str(path))
+        return listener
+
+    async def _converse(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        lines = LineBuffer()
+        while True:
+            data = await loop.sock_recv(conn, 4096)
+            if not data:
+                return
+            try:
+                received = lines.feed(data)
+            except ProtocolError as err:
+                await loop.sock_sendall(conn, render_reply(str(err)))
+                return
+            for line in received:
+                await self._answer(conn, line)
+
+    async def _answer(self, conn: socket.socket, line: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            request = parse_request(line)
+        except ProtocolError as err:
+            await loop.sock_sendall(conn, render_reply(str(err)))
+            return
+        if request.op == "mount":
+            try:
+                fd = await asyncio.to_thread(self.mount)
+            except OSError as err:
+                log.error("pod.mount_failed", pod=str(self.pod), error=str(err))
+                await loop.sock_sendall(
+                    conn, render_reply(f"the node agent could not mount: {err}")
+                )
+                return
+            try:
+                await _send_fd(conn, render_reply(), fd)
+            finally:
+                os.close(fd)
+            return
+        error = await self._act(request)
+        await loop.sock_sendall(conn, render_reply(error))
+
+    async def _act(self, request: Request) -> str | None:
+        try:
+            if request.op == "expose":
+                async with asyncio.timeout(LOOKUP_TIMEOUT):
+                    await asyncio.to_thread(self.expose)
+            elif request.op == "unmount":
+                await asyncio.to_thread(self.release)
+            elif request.op == "event":
+                if self.events.take(time.monotonic()):
+                    await self.api.pod_event(
+                        self.pod, request.kind, request.reason, request.message
+                    )
+            elif request.op == "seal":
+                return await self._seal()
+            elif request.op == "condition":
+                # The sidecar's word moves only its own pod's gate (the socket is
+                # that pod's, and no app container can reach it).
+                await self.api.pod_condition(
+                    self.pod, request.kind, request.reason, request.message
+                )
+        except TimeoutError:
+            return f"{request.op}: the pod's JuiceFS mount did not answer in {LOOKUP_TIMEOUT:.0f}s"
+        except OSError as err:
+            log.error("pod.request_failed", pod=str(self.pod), op=request.op, error=str(err))
+            return f"{request.op}: {err}"
+        except Exception as err:  # an API error: the sidecar retries what matters
+            log.warning("pod.request_failed", pod=str(self.pod), op=request.op, error=str(err))
+            return f"{request.op}: {type(err).__name__}: {err}"[:512]
+        return None
+
+    async def _seal(self) -> str | None:
+        """Open the pod's gate from the node's seal of its Bento (warmed first if cold)."""
+        bento = self.pod.bento
+        if bento is None:
+            return "seal is for node cache mode: this pod verifies its own cache"
+        started = time.monotonic()
+        try:
+            why = await self.sealer(bento, self.pod.models)
+        except Exception as err:  # the gate stays closed, and says why
+            log.error("pod.seal_crashed", pod=str(self.pod), error=str(err))
+            why = f"the node agent failed sealing {bento}: {type(err).__name__}: {err}"
+        if why is not None:
+            await self.api.pod_condition(self.pod, "False", "SealFailed", why[:256])
+            return why
+        seconds = time.monotonic() - started
+        message = (
+            f"{bento}: verified once on this node by the node agent, every block in the "
+            f"node cache (checked in {seconds:.1f}s)"
+        )
+        await self.api.pod_condition(self.pod, "True", "ModelsSealed", message)
+        log.info("pod.sealed", pod=str(self.pod), bento=str(bento), seconds=round(seconds, 2))
+        return None
+
+    # The privileged acts, blocking: run in a thread.
+
+    def mount(self) -> int:
+        """A FUSE connection mounted on the private dir (fresh each time); its descriptor."""
+        paths = self.paths
+        # A remount (juicefs died): the dead mounts go first, lazily.
+        self._unmount(paths.private_mount)
+        fuse_fd = fuse.open_fuse_device()
+        try:
+            with (
+                fuse.opened_path(paths.agent_dir) as agent_dir,
+                fuse.opened_dir(agent_dir, contract.AGENT_MOUNT_NAME, create=True) as target,
+            ):
+                fuse.mount_fuse(target, fuse_fd, f"bento-juicefs:{self.pod.uid}")
+            if self.pod.node_cache is not None and not is_mounted(paths.cache_path):
+                self.pod.node_cache.mkdir(parents=True, exist_ok=True)
+                with fuse.opened_path(self.pod.node_cache) as source:
+                    fuse.bind_read_only(source, paths.cache_path, self.stage, noexec=True)
+        except BaseException:
+            os.close(fuse_fd)
+            raise
+        log.info("pod.mounted", pod=str(self.pod), node_cache=str(self.pod.node_cache or ""))
+        return fuse_fd
+
+    def expose(self) -> None:
+        """Bind the Bento's models/ (in the pod's FUSE mount) read-only onto the mount dir.
+
+        The FUSE mount is served by the pod's own juicefs, so what it calls
+        models/ is checked: a real directory of that mount, no symlink.
+        """
+        paths = self.paths
+        with (
+            fuse.opened_path(paths.private_mount) as root,
+            fuse.opened_dir(root, "models") as models,
+        ):
+            if not fuse.is_fuse_dir(models) or os.fstat(models).st_dev != os.fstat(root).st_dev:
+                raise fuse.MountFailed(0, "models/ is not a directory of the pod's JuiceFS mount")
+            # A remount (juicefs died): the dead bind goes, the new one
+            # propagates to the app containers in its place.
+            self._unmount(paths.mount_dir_path)
+            fuse.bind_read_only(models, paths.mount_dir_path, self.stage)
+        log.info("pod.exposed", pod=str(self.pod))
+
+    def release(self) -> None:
+        """Every mount the agent made for the pod goes (lazily where busy)."""
+        paths = self.paths
+        for path in (paths.mount_dir_path, paths.private_mount, paths.cache_path):
+            self._unmount(path)
+        log.info("pod.unmounted", pod=str(self.pod))
+
+    def _unmount(self, path: Path) -> None:
+        try:
+            unmount(path)
+        except OSError as err:
+            log.warning("pod.unmount_failed", pod=str(self.pod), path=str(path), error=str(err))
+        except RuntimeError as err:
+            log.warning("pod.unmount_failed", pod=str(self.pod), path=str(path), error=str(err))
+
+
+async def _send_fd(conn: socket.socket, data: bytes, fd: int) -> None:
+    # A reply is a few bytes on a fresh unix socket: the buffer has room,
+    # but a non-blocking socket may still say so; then wait a moment.
+    for _ in range(100):
+        try:
+            send_with_fd(conn, data, fd)
+            return
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
+    raise OSError("the sidecar's socket stayed full")
+
+
+@dataclass
+class PodMounts:
+    """Every served pod on this node: a broker each, started and closed as the API says."""
+
+    config: InjectorConfig
+    kubelet_root: Path
+    api: PodApi
+    stage: Path
+    sealer: Sealer = _no_sealer
+    brokers: dict[str, PodBroker] = field(default_factory=dict)
+    _pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def run_forever(self) -> None:
+        await asyncio.to_thread(fuse.prepare_stage, self.stage)
+        try:
+            await self.api.watch_pods(self.seen, self.gone)
+        finally:
+            for broker in list(self.brokers.values()):
+                await broker.close(release=False)  # mounts stay: they serve the pods
+
+    def seen(self, pod: dict[str, Any]) -> None:
+        """A pod on this node was listed, added or changed."""
+        uid = str((pod.get("metadata") or {}).get("uid") or "")
+        if containers_ended(pod):
+            self.gone(uid)
+            return
+        if uid in self.brokers:
+            return
+        served = served_pod(pod, self.config)
+        if isinstance(served, str):
+            log.debug("pod.not_served", uid=uid, why=served)
+            return
+        paths = pod_paths(self.kubelet_root, served.uid, self.config)
+        broker = PodBroker(served, paths, self.api, self.stage, self.sealer)
+        self.brokers[uid] = broker
+        broker.start()
+        log.info("pod.served", pod=str(served), uid=uid)
+
+    def bentos(self) -> set[BentoRef]:
+        """The Bentos the served pods read from the node cache."""
+        return {b.pod.bento for b in self.brokers.values() if b.pod.bento is not None}
+
+    def gone(self, uid: str) -> None:
+        """A pod was deleted, or ended: stop listening and unmount."""
+        broker = self.brokers.pop(uid, None)
+        if broker is None:
+            return
+        self._spawn(broker.close(release=True))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)

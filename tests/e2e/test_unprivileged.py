@@ -1,0 +1,154 @@
+"""Unprivileged sidecars on the real node: the node agent mounts, the pod holds no privilege.
+
+With `sidecar.unprivileged` on, the injected `juicefs-mount` runs as uid
+65532 with no capabilities and no service-account token; the node agent
+(the DaemonSet, privileged, in bento-juicefs-system) opens /dev/fuse,
+mounts into the pod's own emptyDir on the node, hands the descriptor over
+the pod's socket, binds the models read-only for the app, and sets the
+readiness condition when the sidecar has verified the model. So a Bento
+runs in a namespace that enforces Pod Security `baseline`, and a
+restricted-ready one under `restricted`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from devcluster import Cluster
+from devcluster.node import Node
+from devcluster.nodeagent import LocalNodeAgent
+from devcluster.storage import MIB, StorageStack
+from sidecar.manifest import Manifest
+from tests.e2e.pods import (
+    GATE,
+    SIDECAR,
+    bento_labels,
+    checking_pod,
+    condition,
+    exec_in,
+    namespace_enforcing,
+    reasons,
+    run_until_ready,
+)
+from tests.helpers import fuse_servers
+
+pytestmark = pytest.mark.e2e
+
+BENTO = "unpriv-llm"
+VERSION = "v1"
+SHARDS = [16 * MIB, 8 * MIB]
+LABELS = bento_labels(BENTO, VERSION)
+
+
+@pytest.fixture(scope="module")
+def model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    return storage.publish_random(tmp_path_factory.mktemp("unpriv"), BENTO, VERSION, SHARDS)
+
+
+def bento_pod(name: str, model: Manifest, restricted: bool, cache_mode: str) -> dict[str, Any]:
+    shard = max(model.files, key=lambda f: f.size)
+    annotations = {"juicefs.bentoml.com/cache-mode": cache_mode}
+    return checking_pod(
+        name,
+        LABELS,
+        shard.path,
+        shard.sha256,
+        restricted=restricted,
+        annotations=annotations,
+    )
+
+
+def mount_options(mountinfo: str) -> dict[str, set[str]]:
+    """Each mount point's per-mount options, the top mount's where several are stacked."""
+    options: dict[str, set[str]] = {}
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 5:
+            options[fields[4]] = set(fields[5].split(","))
+    return options
+
+
+def assert_unprivileged(pod: dict[str, Any]) -> None:
+    spec = pod["spec"]
+    assert not [v["name"] for v in spec.get("volumes", []) if "hostPath" in v]
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        context = container.get("securityContext") or {}
+        assert not context.get("privileged"), container["name"]
+    sidecar = next(c for c in spec["initContainers"] if c["name"] == SIDECAR)
+    context = sidecar["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert context["runAsUser"] != 0
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    # No token: the token's path holds an empty directory of the sidecar's own volume.
+    at_token = [
+        m["name"]
+        for m in sidecar.get("volumeMounts", [])
+        if m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+    ]
+    assert at_token == ["juicefs-agent"]
+
+
+@pytest.mark.parametrize(
+    ("level", "restricted", "cache_mode"),
+    [("baseline", False, "node"), ("restricted", True, "pod")],
+)
+def test_a_bento_turns_ready_under_pod_security_without_privilege(
+    cluster: Cluster,
+    node: Node,
+    unprivileged: LocalNodeAgent,
+    model: Manifest,
+    level: str,
+    restricted: bool,
+    cache_mode: str,
+) -> None:
+    namespace = namespace_enforcing(cluster, level, "e2e-unpriv")
+    try:
+        pod = run_until_ready(cluster, namespace, bento_pod("llm", model, restricted, cache_mode))
+        assert_unprivileged(pod)
+        gate = condition(pod, GATE)
+        assert gate is not None
+        assert gate["status"] == "True", gate
+        seen = reasons(cluster, namespace, "llm")
+        print(f"{level}: events {seen}")
+        assert "MountReady" in seen
+        assert "ModelsReady" in seen
+        # What the sidecar sees the agent mount: the model and (node mode) the
+        # node cache read-only, its private FUSE mount nosuid and nodev.
+        code, mountinfo = exec_in(cluster, namespace, "llm", SIDECAR, "cat", "/proc/self/mountinfo")
+        assert code == 0, mountinfo
+        options = mount_options(mountinfo)
+        print(f"{level}: sidecar mounts {options}")
+        assert "ro" in options["/var/lib/juicefs/mnt"]
+        assert {"nosuid", "nodev"} <= options["/run/bento-juicefs/agent/volume"]
+        if cache_mode == "node":
+            assert {"ro", "nosuid", "nodev", "noexec"} <= options["/var/lib/juicefs/cache"]
+        served = fuse_servers(namespace)
+        print(f"juicefs serving pods: {served}")
+        assert served
+        assert all(uid != 0 and caps == "0000000000000000" for uid, caps in served)
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_a_second_pod_on_a_warm_node_opens_its_gate_from_the_seal(
+    cluster: Cluster, node: Node, unprivileged: LocalNodeAgent, model: Manifest
+) -> None:
+    """Node cache mode: the node agent warmed and verified the Bento once (for the first
+    pod, on demand); a second pod's gate opens from that seal, nothing hashed again."""
+    namespace = namespace_enforcing(cluster, "baseline", "e2e-unpriv")
+    try:
+        first = run_until_ready(cluster, namespace, bento_pod("first", model, False, "node"))
+        second = run_until_ready(cluster, namespace, bento_pod("second", model, False, "node"))
+        for pod in (first, second):
+            gate = condition(pod, GATE)
+            assert gate is not None
+            assert gate["reason"] == "ModelsSealed", gate
+            print(f"{pod['metadata']['name']}: {gate['message']}")
+        seen = reasons(cluster, namespace, "second")
+        assert "ModelsReady" in seen
+        assert "WarmupStarted" in seen
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

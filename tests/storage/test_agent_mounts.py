@@ -1,0 +1,191 @@
+"""The node agent mounting for an unprivileged sidecar, over real JuiceFS, MinIO and Redis.
+
+No Kubernetes here: the agent's `PodBroker` runs in this process (root) over
+a directory laid out as the kubelet lays out a pod's emptyDirs, with a fake
+API that records the Events and the condition; the sidecar runs as it does
+in its container, `python -m sidecar run` as uid 65532 with no capabilities
+and no_new_privs (setpriv). What it shows: the sidecar mounts nothing
+itself, serves the FUSE mount through the descriptor the agent passed,
+verifies the model and gets its condition set through the agent, and the
+app's view (the mount dir) has exactly the published bytes, read-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common import env as contract
+from common.mounts import is_mounted, unmount
+from common.warm import BentoRef
+from devcluster.storage import StorageStack
+from injector.config import parse_config
+from nodeagent import fuse
+from nodeagent.podmounts import PodBroker, ServedPod, pod_paths
+from sidecar.manifest import Manifest, sha256_file
+from tests.helpers import fuse_servers
+
+from .conftest import SMALL_SHARDS
+
+REPO = Path(__file__).resolve().parents[2]
+UID = contract.SIDECAR_UID
+
+
+@dataclass
+class RecordingApi:
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    conditions: list[tuple[str, str, str]] = field(default_factory=list)
+
+    async def pod_event(self, pod: ServedPod, kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+
+    async def pod_condition(self, pod: ServedPod, status: str, reason: str, message: str) -> None:
+        self.conditions.append((status, reason, message))
+
+    async def watch_pods(self, seen: Any, gone: Any) -> None:
+        raise NotImplementedError
+
+
+@pytest.fixture
+def world_readable() -> Iterator[Path]:
+    """A directory uid 65532 can reach (pytest's own tmp dirs are root's alone)."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to run the sidecar unprivileged")
+    work = Path(tempfile.mkdtemp(prefix="bento-juicefs-agent-"))
+    work.chmod(0o755)
+    yield work
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _sidecar_env(stack: StorageStack, paths: Any, juicefs: Path, cache_mode: str) -> dict[str, str]:
+    tenant = stack.tenant
+    site = next((REPO / ".venv" / "lib").glob("python3*/site-packages"))
+    return {
+        "PYTHONPATH": f"{REPO}:{site}",
+        "PATH": os.environ["PATH"],
+        "HOME": "/tmp",
+        "POD_NAME": "llm-0",
+        "POD_NAMESPACE": "tenant-a",
+        "JFS_META_URL": tenant.meta_url,
+        "JFS_ACCESS_KEY": tenant.access_key or "",
+        "JFS_SECRET_KEY": tenant.secret_key or "",
+        "BENTO_NAME": f"agent-{cache_mode}",
+        "BENTO_VERSION": "v1",
+        "JFS_BENTO_PATH": f"/bentos/agent-{cache_mode}/v1",
+        "JFS_MOUNT_POINT": str(paths.mount_dir_path),
+        "JFS_CACHE_DIR": str(paths.cache_path),
+        "JFS_CACHE_MODE": cache_mode,
+        "JFS_CACHE_SIZE_MIB": "1024",
+        "JFS_SSD_POLICY": "off",
+        "JFS_CONDITION_TYPE": "juicefs.bentoml.com/models-ready",
+        "JFS_METRICS_PORT": "0",
+        "JFS_JUICEFS_BIN": str(juicefs),
+        "JFS_AGENT_SOCKET": str(paths.socket),
+        "JFS_PRIVATE_MOUNT": str(paths.private_mount),
+    }
+
+
+@pytest.mark.parametrize("cache_mode", ["pod", "node"])
+def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
+    stack: StorageStack, scratch: Path, world_readable: Path, cache_mode: str
+) -> None:
+    model: Manifest = stack.publish_random(scratch, f"agent-{cache_mode}", "v1", SMALL_SHARDS)
+    juicefs = world_readable / "juicefs"
+    shutil.copy2(stack.juicefs.binary, juicefs)
+    juicefs.chmod(0o755)
+    config = parse_config({})
+    paths = pod_paths(world_readable / "kubelet", "uid-1", config)
+    for volume in (paths.agent_dir, paths.mount_dir_path, paths.cache_path):
+        volume.mkdir(parents=True)
+        volume.chmod(0o777)  # as the kubelet makes an emptyDir
+    for parent in paths.agent_dir.parents:
+        if parent == world_readable:
+            break
+        parent.chmod(0o755)
+    api = RecordingApi()
+    node_cache = world_readable / "node-cache" / "models" if cache_mode == "node" else None
+    bento = BentoRef("models", f"agent-{cache_mode}", "v1") if node_cache else None
+    pod = ServedPod(
+        "tenant-a", "llm-0", "uid-1", node_cache, "juicefs.bentoml.com/models-ready", bento
+    )
+    command = [
+        "setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups",
+        "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+        "/usr/bin/python3", "-m", "sidecar", "run",
+    ]  # fmt: skip
+
+    stage = world_readable / "stage"
+    fuse.prepare_stage(stage)
+
+    sealed: list[tuple[BentoRef, tuple[str, ...]]] = []
+
+    async def seal(bento: BentoRef, models: tuple[str, ...]) -> str | None:
+        # The node agent's seal (NodeAgent.seal, tested on the real node): here, yes.
+        sealed.append((bento, models))
+        return None
+
+    async def scenario() -> tuple[int, list[tuple[int, str]]]:
+        broker = PodBroker(pod, paths, api, stage, seal)
+        broker.start()
+        sidecar = await asyncio.create_subprocess_exec(
+            *command,
+            env=_sidecar_env(stack, paths, juicefs, cache_mode),
+            cwd=str(world_readable),
+        )
+        try:
+            async with asyncio.timeout(120):
+                while not any(status == "True" for status, _, _ in api.conditions):
+                    assert sidecar.returncode is None, "the sidecar exited early"
+                    await asyncio.sleep(0.2)
+            served = fuse_servers("tenant-a")
+            # What the app sees: the published bytes, read-only.
+            for entry in model.files:
+                got = await asyncio.to_thread(sha256_file, paths.mount_dir_path / entry.path)
+                assert got == entry.sha256, entry.path
+            with pytest.raises(OSError, match="Read-only file system") as refused:
+                (paths.mount_dir_path / "planted").write_bytes(b"x")
+            assert refused.value.errno == errno.EROFS
+            if node_cache is not None:
+                # The node cache the agent lent is read-only, even to root.
+                with pytest.raises(OSError, match="Read-only file system"):
+                    (paths.cache_path / "planted").write_bytes(b"x")
+            sidecar.terminate()
+            code = await asyncio.wait_for(sidecar.wait(), 30)
+        finally:
+            if sidecar.returncode is None:
+                sidecar.kill()
+            await broker.close(release=True)
+        return code, served
+
+    try:
+        code, served = asyncio.run(scenario())
+    finally:
+        unmount(stage)
+    print(f"events: {[reason for _, reason, _ in api.events]}; juicefs: {served}")
+    assert code == 0
+    assert served
+    assert all(uid == UID and caps == "0000000000000000" for uid, caps in served)
+    reasons = [reason for _, reason, _ in api.events]
+    assert "MountReady" in reasons
+    assert "ModelsReady" in reasons
+    opened = [reason for status, reason, _ in api.conditions if status == "True"]
+    if bento is None:
+        # Pod mode: the sidecar verified its own cache, and said so.
+        assert opened == ["ModelsCached"]
+        assert not sealed
+    else:
+        # Node mode: the gate is the agent's, from its seal; nothing verified here.
+        assert opened == ["ModelsSealed"]
+        assert sealed == [(bento, ())]
+    assert not is_mounted(paths.mount_dir_path)
+    assert not is_mounted(paths.private_mount)
+    assert not is_mounted(paths.cache_path)

@@ -1,0 +1,108 @@
+"""The node agent's decisions about the pods it mounts for (nodeagent.podmounts), without I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from common.warm import BentoRef
+from injector.config import InjectorConfig, parse_config
+from nodeagent.podmounts import (
+    ServedPod,
+    TokenBucket,
+    containers_ended,
+    pod_paths,
+    served_pod,
+)
+
+NODE_CACHE = "/mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs"
+
+
+def _config() -> InjectorConfig:
+    return parse_config({"juicefs": {"allowedVolumes": ["models", "other"]}})
+
+
+BENTO_ENV = {"BENTO_NAME": "llama3", "BENTO_VERSION": "v1"}
+
+
+def _pod(env: dict[str, str], agent_volume: bool = True, **status: Any) -> dict[str, Any]:
+    volumes: list[dict[str, Any]] = [{"name": "juicefs-mount-dir", "emptyDir": {}}]
+    if agent_volume:
+        volumes.append({"name": "juicefs-agent", "emptyDir": {"medium": "Memory"}})
+    return {
+        "metadata": {"name": "llama-0", "namespace": "tenant-a", "uid": "5f2c-11"},
+        "spec": {
+            "initContainers": [
+                {
+                    "name": "juicefs-mount",
+                    "env": [{"name": k, "value": v} for k, v in env.items()],
+                }
+            ],
+            "volumes": volumes,
+        },
+        "status": status,
+    }
+
+
+def test_a_node_cache_pod_gets_its_volumes_directory_of_the_node_cache() -> None:
+    pod = _pod({"JFS_CACHE_MODE": "node", "JFS_VOLUME": "other", **BENTO_ENV})
+    served = served_pod(pod, _config())
+    assert served == ServedPod(
+        namespace="tenant-a",
+        name="llama-0",
+        uid="5f2c-11",
+        node_cache=Path(NODE_CACHE) / "other",
+        condition_type="juicefs.bentoml.com/models-ready",
+        bento=BentoRef("other", "llama3", "v1"),
+        models=(),
+    )
+
+
+def test_a_pod_cache_pod_gets_no_node_cache() -> None:
+    served = served_pod(_pod({"JFS_CACHE_MODE": "pod"}), _config())
+    assert isinstance(served, ServedPod)
+    assert served.node_cache is None
+
+
+def test_a_pod_that_names_an_unknown_volume_or_a_path_is_not_served() -> None:
+    for volume in ("secret-volume", "../../etc"):
+        pod = _pod({"JFS_CACHE_MODE": "node", "JFS_VOLUME": volume, **BENTO_ENV})
+        why = served_pod(pod, _config())
+        assert isinstance(why, str)
+        assert "not one of the configured" in why
+
+
+def test_a_privileged_sidecar_pod_or_a_bad_environment_is_not_served() -> None:
+    assert "no agent volume" in str(served_pod(_pod({}, agent_volume=False), _config()))
+    assert "JFS_CACHE_MODE" in str(served_pod(_pod({"JFS_CACHE_MODE": "disk"}), _config()))
+    # The Bento it reads from the node cache must be a Bento name, never a path.
+    escape = _pod({"JFS_CACHE_MODE": "node", "BENTO_NAME": "../x", "BENTO_VERSION": "v1"})
+    assert "BENTO_NAME" in str(served_pod(escape, _config()))
+
+
+def test_pod_paths_are_the_kubelets_empty_dirs() -> None:
+    paths = pod_paths(Path("/var/lib/kubelet"), "5f2c-11", _config())
+    volumes = Path("/var/lib/kubelet/pods/5f2c-11/volumes/kubernetes.io~empty-dir")
+    assert paths.socket == volumes / "juicefs-agent" / "agent.sock"
+    assert paths.private_mount == volumes / "juicefs-agent" / "volume"
+    assert paths.mount_dir_path == volumes / "juicefs-mount-dir"
+    assert paths.cache_path == volumes / "juicefs-cache"
+
+
+def test_containers_ended() -> None:
+    running: dict[str, Any] = {"state": {"running": {}}}
+    done = {"state": {"terminated": {"exitCode": 0}}}
+    assert containers_ended(_pod({}, phase="Succeeded"))
+    assert not containers_ended(_pod({}, phase="Running", containerStatuses=[done]))
+    deleting = _pod({}, phase="Running", initContainerStatuses=[done], containerStatuses=[done])
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-06T03:00:00Z"
+    assert containers_ended(deleting)
+    deleting["status"]["initContainerStatuses"] = [running]
+    assert not containers_ended(deleting)
+
+
+def test_a_sidecar_posts_a_burst_of_events_then_one_a_second() -> None:
+    bucket = TokenBucket(burst=3, rate=1.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(1.0)
+    assert not bucket.take(1.1)
