@@ -1004,24 +1004,36 @@ def check_node_agent(
     pods: Sequence[Obj] | Unreadable,
     config: InjectorConfig,
 ) -> list[Row]:
-    """On each SSD node: the agent's pod, and what its record says is warm."""
+    """On each SSD node: the agent's pod, and what its record says is warm.
+
+    With sidecar.unprivileged the agent mounts for every Bento pod on its
+    node, in either cache mode: a node without it starts none (FAIL).
+    """
     check = "node agent"
     home = config.webhook.namespace
     subject = f"DaemonSet {home}/{NODE_AGENT}"
-    if config.cache_mode != "node":
+    required = config.sidecar.unprivileged
+    missing: Verdict = "FAIL" if required else "warn"
+    if config.cache_mode != "node" and not required:
         return [
             Row(check, "cluster", "ok", "cache mode pod: the node agent warms only the node cache")
         ]
     if isinstance(daemonset, Unreadable):
         return [_unreadable(check, subject, "it", daemonset)]
     if daemonset is None:
+        found = (
+            "not installed: with sidecar.unprivileged it mounts for every Bento pod, so "
+            "none starts (each waits for it, its startup probe says so)"
+            if required
+            else "not installed: no node is warmed before its pods arrive (each first pod "
+            "streams its model itself)"
+        )
         return [
             Row(
                 check,
                 subject,
-                "warn",
-                "not installed: no node is warmed before its pods arrive (each first pod "
-                "streams its model itself)",
+                missing,
+                found,
                 "kubectl apply -k manifests/base (docs/node-agent.md)",
             )
         ]
@@ -1055,7 +1067,7 @@ def check_node_agent(
         on_node = by_node.get(name, [])
         states = [(_name(p), *_pod_state(p)) for p in on_node]
         running = [s for s in states if s[1]]
-        verdict: Verdict = "ok" if running else "warn"
+        verdict: Verdict = "ok" if running else missing
         if running:
             found, fix = f"pod {running[0][0]} running; {record}", ""
         elif states:
@@ -1066,12 +1078,13 @@ def check_node_agent(
             wanted = ", ".join(f"{k}={v}" for k, v in sorted(selector.items())) or "every node"
             found = f"no agent pod on this node (the DaemonSet selects {wanted}); {record}"
             fix = "make the DaemonSet's nodeSelector and tolerations match this node"
+        # A record unread or a failed warm is a warning; never one that hides a FAIL.
         if warmth is None:
-            verdict = "warn"
+            verdict = "warn" if verdict == "ok" else verdict
         elif warmth.records:
             failed = [r for r in warmth.records.values() if r.state == "failed"]
             if failed:
-                verdict = "warn"
+                verdict = "warn" if verdict == "ok" else verdict
                 shown = _listed(
                     [
                         f"{r.bento.name}:{r.bento.version}"

@@ -910,3 +910,16 @@ async def test_a_services_ready_endpoints_are_each_connected_to(
     row = one(check_endpoints(hooks, endpoints, CONFIG, now()))
     assert row.verdict == "ok"
     assert f"which the caBundle verifies for {SERVICE_NAME}" in row.found
+
+
+def test_with_unprivileged_sidecars_a_node_without_the_agent_fails() -> None:
+    """The agent mounts for every Bento pod then, in either cache mode."""
+    config = CONFIG.model_copy(
+        update={"sidecar": CONFIG.sidecar.model_copy(update={"unprivileged": True})}
+    )
+    (row,) = check_node_agent([node("n", {SSD: "true"})], None, [], config)
+    assert row.verdict == "FAIL"
+    assert "none starts" in row.found
+    (row,) = check_node_agent([node("n", {SSD: "true"})], DAEMONSET, [], config)
+    assert row.verdict == "FAIL"
+    assert "no agent pod on this node" in row.found
