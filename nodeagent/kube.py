@@ -34,6 +34,11 @@ TIMEOUT: dict[str, Any] = {"_request_timeout": 30}
 # How long one watch request lasts before the agent relists (the server ends it then).
 WATCH_SECONDS = 300
 WATCH_RETRY_SECONDS = 5
+# The pods on its node are relisted this often, whatever the watch said: a
+# sidecar waits for its socket until the agent has seen its pod (an e2e run
+# saw a new pod's events missed for minutes), and one field-selected list of
+# one node's pods is cheap.
+POD_WATCH_SECONDS = 30
 API_ERRORS = (client.exceptions.ApiException, OSError, TimeoutError, aiohttp.ClientError)
 
 
@@ -219,8 +224,8 @@ class AgentApi:
                         self._core.list_pod_for_all_namespaces,
                         field_selector=selector,
                         resource_version=listed.metadata.resource_version,
-                        timeout_seconds=WATCH_SECONDS,
-                        _request_timeout=WATCH_SECONDS + 30,
+                        timeout_seconds=POD_WATCH_SECONDS,
+                        _request_timeout=POD_WATCH_SECONDS + 30,
                     ):
                         pod = self._json(event["object"])
                         uid = str((pod.get("metadata") or {}).get("uid") or "")

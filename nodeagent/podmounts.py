@@ -500,6 +500,7 @@ class PodMounts:
     def seen(self, pod: dict[str, Any]) -> None:
         """A pod on this node was listed, added or changed."""
         uid = str((pod.get("metadata") or {}).get("uid") or "")
+        log.debug("pod.seen", uid=uid, served=uid in self.brokers)
         if containers_ended(pod):
             self.gone(uid)
             return

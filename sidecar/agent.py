@@ -7,7 +7,9 @@ readiness condition. `AgentReporter` is the sidecar's `Reporter` over it.
 
 One connection, one request at a time (a lock); blocking socket calls run
 in a thread. A connection the agent dropped (it restarted) is made again on
-the next request; the socket appears once the agent has seen the pod.
+the next request; the socket appears once the agent has seen the pod, which
+may take until its next relist of the node's pods (30 s): the sidecar waits
+for it up to 90 s rather than exit into the kubelet's restart backoff.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class AgentError(RuntimeError):
 
 class AgentChannel:
     def __init__(
-        self, path: Path, connect_timeout: float = 10.0, reply_timeout: float | None = 120.0
+        self, path: Path, connect_timeout: float = 90.0, reply_timeout: float | None = 120.0
     ) -> None:
         self.path = path
         self._connect_timeout = connect_timeout

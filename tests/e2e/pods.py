@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
 import time
 import urllib.request
 import uuid
@@ -317,3 +319,53 @@ def run_until_ready(
     create_pod(cluster, namespace, pod)
     name = pod["metadata"]["name"]
     return wait_pod(cluster, namespace, name, is_ready, timeout=timeout, what=f"pod {name} Ready")
+
+
+def apiserver(cluster: Cluster) -> tuple[str, bytes]:
+    """(server URL, CA bundle PEM) of the cluster's current kubeconfig context."""
+    config = json.loads(cluster.kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout)
+    details = config["clusters"][0]["cluster"]
+    if "certificate-authority-data" in details:
+        return str(details["server"]), base64.b64decode(details["certificate-authority-data"])
+    return str(details["server"]), Path(details["certificate-authority"]).read_bytes()
+
+
+class PodIdentity:
+    """kubectl with only a TokenRequest token bound to one pod (what the kubelet projects)."""
+
+    def __init__(self, cluster: Cluster, namespace: str, pod: str, work: Path) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        uid = get_pod(cluster, namespace, pod)["metadata"]["uid"]
+        self.token = cluster.kubectl(
+            "create", "token", "default", "-n", namespace, "--bound-object-kind", "Pod",
+            "--bound-object-name", pod, "--bound-object-uid", uid, "--duration=10m",
+        ).stdout.strip()  # fmt: skip
+        self.server, ca = apiserver(cluster)
+        self.ca_file = work / f"{pod}-ca.crt"
+        self.ca_file.write_bytes(ca)
+        self.empty_config = work / "empty.kubeconfig"
+        self.empty_config.write_text("apiVersion: v1\nkind: Config\n")
+
+    def kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                self.cluster.kubectl_path,
+                f"--kubeconfig={self.empty_config}",
+                f"--server={self.server}",
+                f"--certificate-authority={self.ca_file}",
+                f"--token={self.token}",
+                "-n",
+                self.namespace,
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    def patch_status(self, pod: str, patch: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return self.kubectl(
+            "patch", "pod", pod, "--subresource=status", "--type=strategic", "-p", json.dumps(patch)
+        )

@@ -40,6 +40,7 @@ from sidecar.publish import bento_dir
 from tests.e2e.pods import (
     GATE,
     SIDECAR,
+    apiserver,
     condition,
     diagnose,
     events,
@@ -50,7 +51,7 @@ from tests.e2e.pods import (
     reasons,
     wait_pod,
 )
-from tests.e2e.test_pods_on_node import apiserver, bento_labels, check_command, pod_manifest
+from tests.e2e.test_pods_on_node import bento_labels, check_command, pod_manifest
 
 VERSION = "v1"
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
