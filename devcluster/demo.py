@@ -4,15 +4,20 @@ A real control plane and a real node (containerd + kubelet, shaped like a
 GKE local-SSD L4 node), the injector installed by Helm as pods on the node, a real
 JuiceFS volume (MinIO + Redis) into which a Bento's models are published,
 and then, as a user would: the namespace label and `kubectl apply` of the
-unchanged examples/bento-deployment.yaml. The kubelet runs the injected
-`juicefs-mount` sidecar and the sample Bento (BentoML); the pod turns Ready
-once the model is streamed and verified; the app answers from the bytes it
-loaded. Everything is stopped at the end unless --keep is given.
+unchanged examples/bento-deployment.yaml, in a namespace that enforces Pod
+Security `baseline`. The injector runs with `sidecar.unprivileged` and the
+node agent (the DaemonSet) on the node: the injected `juicefs-mount`
+sidecar holds no privilege, the agent mounts for it, warms and verifies
+the model into the node cache once, and opens the gate from that seal.
+The kubelet runs the sidecar and the sample Bento (BentoML); the app
+answers from the bytes it loaded. Everything is stopped at the end unless
+--keep is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -24,7 +29,10 @@ from typing import Any
 import yaml
 
 from devcluster.cluster import wait_for
+from devcluster.injector import LocalInjector
+from devcluster.injector_pods import PodInjector
 from devcluster.local import local_cluster
+from devcluster.nodeagent import LocalNodeAgent
 from devcluster.storage import MIB, StorageStack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,10 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     cp = local_cluster(work / "cluster", die_with_parent=not args.keep)
     cp.start()
+    unprivileged = contextlib.ExitStack()
     try:
         storage = cp.addons["storage"]
         assert isinstance(storage, StorageStack)
         print(cp.kubectl("get", "nodes", "-o", "wide").stdout)
+
+        step(
+            "the platform team: the node agent (DaemonSet) on the node, and the injector "
+            "with sidecar.unprivileged (no privilege in tenant pods)"
+        )
+        injector = cp.addons["injector"]
+        assert isinstance(injector, PodInjector | LocalInjector)
+        agent = LocalNodeAgent(cp, injector)
+        print(f"node agent pod {agent.install()} runs")
+        unprivileged.enter_context(injector.reconfigured({"sidecar": {"unprivileged": True}}))
 
         step("the Bento's build pipeline: publish its models into JuiceFS (sidecar publish layout)")
         deployment, name, version = bento_identity()
@@ -98,8 +117,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{manifest.total_bytes / MIB:.0f} MiB"
         )
 
-        step(f"user: label namespace {NAMESPACE}, apply the unchanged {EXAMPLE.relative_to(REPO)}")
-        cp.create_namespace(NAMESPACE, {"juicefs.bentoml.com/injection": "enabled"})
+        step(
+            f"user: label namespace {NAMESPACE} (it enforces Pod Security baseline), "
+            f"apply the unchanged {EXAMPLE.relative_to(REPO)}"
+        )
+        cp.create_namespace(
+            NAMESPACE,
+            {
+                "juicefs.bentoml.com/injection": "enabled",
+                "pod-security.kubernetes.io/enforce": "baseline",
+            },
+        )
         cp.wait_provisioned(NAMESPACE, service_account=deployment)
         applied = time.monotonic()
         cp.kubectl("apply", "-f", str(EXAMPLE))
@@ -150,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     finally:
         if not args.keep:
+            unprivileged.close()
             step("clean up: the node (pods, mounts, namespaces), storage and the control plane")
             cp.stop()
     return 0

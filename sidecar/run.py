@@ -441,6 +441,8 @@ async def _fill_cache(filler: CacheFiller, paths: list[Path], deadline: float) -
 def _cache_text(settings: Settings, cache_size_mib: int) -> str:
     if cache_size_mib == 0:
         return "none"
+    if settings.cache_mode == "node" and settings.agent_socket is not None:
+        return f"the node cache of volume {settings.volume}, read-only (the node agent writes it)"
     if settings.cache_mode == "node":
         return (
             f"the node cache of volume {settings.volume}, shared with the node's pods "
