@@ -8,11 +8,20 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make test          lint, type-check and run the test suite (installs into $(VENV))"
-	@echo "make demo          control plane + a real node + JuiceFS: the example Bento injected, run and Ready, then kubectl describe pod"
+	@echo "make demo          control plane + a real node + JuiceFS: the example Bento injected (unprivileged, a baseline namespace), run and Ready, then kubectl describe pod"
+	@echo "make lint          ruff (check and format) and the import-linter layer contract"
+	@echo "make typecheck     mypy --strict"
+	@echo "make unit          the tests that need no cluster (pytest -m 'not e2e')"
+	@echo "make e2e           the end-to-end tests on the local cluster (builds binaries and images first)"
+	@echo "make binaries      etcd, Kubernetes, containerd, MinIO, JuiceFS, Helm into ~/.cache/bento-juicefs"
+	@echo "make images        the node's images (base rootfs, the project's image, the sample Bento, pause)"
+	@echo "make cluster-up    a local control plane and node to poke at; make cluster-down stops it"
 	@echo "make golden-update regenerate tests/golden/*.injected"
+	@echo "make render-example the injector's offline render of examples/bento-deployment.yaml"
 	@echo "make fuzz          the admission path on 100,000+ fuzzed inputs (hypothesis, /mutate over HTTPS, atheris); bench-results/fuzz.json"
-	@echo "make bench         streaming, cold-start, warm-start, admission, load against their limits (SCENARIO=NAME for one); bench-results/"
+	@echo "make bench         streaming, cold-start, warm-start (with the warm gate), admission, load against their limits (SCENARIO=NAME for one); bench-results/"
 	@echo "make bench-load    10,000 reviews per run at 500 connections over TLS: errors, 5xx, the injector's memory; bench-results/load.json"
+	@echo "make venv          the virtualenv alone; make clean removes it and the tool caches"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
