@@ -138,6 +138,7 @@ def test_the_agents_rbac_is_read_only_but_for_nodes_pod_status_and_events() -> N
         *(("apps", "statefulsets", verb) for verb in read),
         *(("", "nodes", verb) for verb in (*read, "patch")),
         *(("", "pods", verb) for verb in read),
+        ("", "pods/status", "get"),
         ("", "pods/status", "patch"),
         *(
             (group, "events", verb)

@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from devcluster import Cluster
+from devcluster import Cluster, wait_for
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
 from devcluster.storage import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
+    MODELS_PATH,
     SIDECAR,
     bento_labels,
     checking_pod,
@@ -150,5 +151,37 @@ def test_a_second_pod_on_a_warm_node_opens_its_gate_from_the_seal(
         seen = reasons(cluster, namespace, "second")
         assert "ModelsReady" in seen
         assert "WarmupStarted" in seen
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_restarting_the_agent_leaves_the_mounts_serving(
+    cluster: Cluster, node: Node, unprivileged: LocalNodeAgent, model: Manifest
+) -> None:
+    """The mounts live in the node's mount namespace and the FUSE descriptor is the
+    sidecar's: the agent's pod deleted (the DaemonSet makes a new one), the app still
+    reads its model; the new agent serves a new pod, and unmounts the old one's when it
+    is deleted, so the kubelet tears its volumes down and the pod goes."""
+    namespace = namespace_enforcing(cluster, "baseline", "e2e-unpriv")
+    try:
+        run_until_ready(cluster, namespace, bento_pod("before", model, False, "node"))
+        old = unprivileged.running_pod()
+        assert old is not None
+        cluster.kubectl("delete", "pod", old, "-n", "bento-juicefs-system", "--wait=true")
+
+        def replaced() -> str | None:
+            running = unprivileged.running_pod()
+            return running if running != old else None
+
+        new = wait_for(replaced, timeout=120, what="a new node agent pod")
+        print(f"node agent {old} deleted, {new} runs")
+        shard = max(model.files, key=lambda f: f.size)
+        code, said = exec_in(
+            cluster, namespace, "before", "main", "sha256sum", f"{MODELS_PATH}/{shard.path}"
+        )
+        assert code == 0, said
+        assert said.split()[0] == shard.sha256
+        run_until_ready(cluster, namespace, bento_pod("after", model, False, "node"))
+        cluster.kubectl("delete", "pod", "before", "-n", namespace, "--wait=true", timeout=120)
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
