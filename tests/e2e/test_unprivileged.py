@@ -12,9 +12,11 @@ restricted-ready one under `restricted`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from devcluster import Cluster, wait_for
 from devcluster.node import Node
@@ -29,6 +31,7 @@ from tests.e2e.pods import (
     checking_pod,
     condition,
     exec_in,
+    is_ready,
     namespace_enforcing,
     reasons,
     run_until_ready,
@@ -36,6 +39,8 @@ from tests.e2e.pods import (
 from tests.helpers import fuse_servers
 
 pytestmark = pytest.mark.e2e
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bento-deployment.yaml"
 
 BENTO = "unpriv-llm"
 VERSION = "v1"
@@ -183,5 +188,39 @@ def test_restarting_the_agent_leaves_the_mounts_serving(
         assert said.split()[0] == shard.sha256
         run_until_ready(cluster, namespace, bento_pod("after", model, False, "node"))
         cluster.kubectl("delete", "pod", "before", "-n", namespace, "--wait=true", timeout=120)
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_the_unchanged_example_turns_ready_in_a_baseline_namespace(
+    cluster: Cluster, node: Node, unprivileged: LocalNodeAgent, example_model: Manifest
+) -> None:
+    """examples/bento-deployment.yaml as a user applies it (only its namespace is this
+    test's own, and one replica: the node has one GPU), in a namespace that enforces
+    baseline: Ready through the gate, sealed by the agent, nothing privileged."""
+    namespace = namespace_enforcing(cluster, "baseline", "e2e-example")
+    try:
+        docs = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
+        for doc in docs:
+            doc["metadata"]["namespace"] = namespace
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        deployment["spec"]["replicas"] = 1
+        applied = cluster.kubectl(
+            "apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs), check=False
+        )
+        assert applied.returncode == 0, applied.stderr
+        selector = f"yatai.ai/bento-deployment={deployment['metadata']['name']}"
+
+        def ready() -> dict[str, Any] | None:
+            pods = cluster.get_json("pods", "-n", namespace, "-l", selector)["items"]
+            return next((p for p in pods if is_ready(p)), None)
+
+        # The GPU may still be held by the previous example's pod, on its way out.
+        pod = wait_for(ready, timeout=420, what="the example's pod Ready")
+        assert_unprivileged(pod)
+        gate = condition(pod, GATE)
+        assert gate is not None
+        assert gate["reason"] == "ModelsSealed", gate
+        print(f"example: {gate['message']}")
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
