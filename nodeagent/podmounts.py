@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -302,13 +303,13 @@ class PodBroker:
             try:
                 with short_name(path) as name:
                     listener.bind(name)
+                _let_anyone_connect(path)
             except OSError as err:
                 listener.close()
                 log.warning("pod.socket_bind_failed", pod=str(self.pod), error=str(err))
                 await asyncio.sleep(1.0)
                 continue
             break
-        os.chmod(path, 0o666)  # the sidecar's uid connects
         listener.listen(4)
         listener.setblocking(False)
         log.info("pod.listening", pod=str(self.pod), socket=str(path))
@@ -463,6 +464,19 @@ class PodBroker:
             log.warning("pod.unmount_failed", pod=str(self.pod), path=str(path), error=str(err))
         except RuntimeError as err:
             log.warning("pod.unmount_failed", pod=str(self.pod), path=str(path), error=str(err))
+
+
+def _let_anyone_connect(path: Path) -> None:
+    """0666 on the socket just bound at path (the sidecar's uid connects), never on what a
+    symlink there points to: it is opened O_PATH without following one, checked to be a
+    socket, and changed through that descriptor."""
+    fd = os.open(path, fuse.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise fuse.MountFailed(0, f"{path} is not the agent's socket any more")
+        os.chmod(fuse.fd_path(fd), 0o666)
+    finally:
+        os.close(fd)
 
 
 async def _send_fd(conn: socket.socket, data: bytes, fd: int) -> None:

@@ -1,15 +1,23 @@
-"""The node agent's decisions about the pods it mounts for (nodeagent.podmounts), without I/O."""
+"""The node agent's decisions about the pods it mounts for (nodeagent.podmounts); the socket's
+mode on a temporary directory."""
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from common.warm import BentoRef
 from injector.config import InjectorConfig, parse_config
+from nodeagent.fuse import MountFailed
 from nodeagent.podmounts import (
     ServedPod,
     TokenBucket,
+    _let_anyone_connect,
     containers_ended,
     pod_paths,
     served_pod,
@@ -106,3 +114,30 @@ def test_a_sidecar_posts_a_burst_of_events_then_one_a_second() -> None:
     assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
     assert bucket.take(1.0)
     assert not bucket.take(1.1)
+
+
+def test_the_socket_is_opened_to_the_sidecar_never_what_a_symlink_names(tmp_path: Path) -> None:
+    """The sidecar can write in the directory of its socket: a symlink planted there in
+    place of the socket must not make the agent chmod the file it names."""
+    target = tmp_path / "host-file"
+    target.write_text("secret")
+    target.chmod(0o600)
+    planted = tmp_path / "agent.sock"
+    planted.symlink_to(target)
+    # O_PATH | O_NOFOLLOW opens the symlink itself, which is no socket.
+    with pytest.raises(MountFailed, match="is not the agent"):
+        _let_anyone_connect(planted)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    planted.unlink()
+    planted.write_text("not a socket")
+    with pytest.raises(MountFailed, match="is not the agent"):
+        _let_anyone_connect(planted)
+    planted.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(planted))
+        os.chmod(planted, 0o600)
+        _let_anyone_connect(planted)
+        assert stat.S_IMODE(planted.stat().st_mode) == 0o666
+    finally:
+        listener.close()
