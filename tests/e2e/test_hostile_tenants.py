@@ -194,7 +194,16 @@ def test_no_credential_in_a_tenant_pod_opens_the_gate(
     still = condition(get_pod(cluster, tenants.attacker, "closed"), GATE)
     assert still is not None
     assert still["status"] == "False"
+
     # The app containers have no way to the agent: the socket's volume is the sidecar's.
+    # (The seal fails before the app has started: wait for it to run.)
+    def app_running(pod: dict[str, Any]) -> bool:
+        return any(
+            s["name"] == "main" and "running" in (s.get("state") or {})
+            for s in pod.get("status", {}).get("containerStatuses") or []
+        )
+
+    wait_pod(cluster, tenants.attacker, "closed", app_running, timeout=120, what="its app running")
     code, said = exec_in(
         cluster, tenants.attacker, "closed", "main", "sh", "-c", "ls /run/bento-juicefs 2>&1"
     )
