@@ -200,6 +200,13 @@ class AgentApi:
         await self._core.patch_namespaced_pod_status(pod.name, pod.namespace, body, **options)
         log.info("pod.condition_set", pod=str(pod), status=status, reason=reason)
 
+    async def pods_on_node(self) -> list[dict[str, Any]]:
+        """Every pod bound to this node, as JSON."""
+        listed = await self._core.list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={self.node_name}", **TIMEOUT
+        )
+        return [self._json(item) for item in listed.items]
+
     async def watch_pods(
         self, seen: Callable[[dict[str, Any]], None], gone: Callable[[str], None]
     ) -> None:

@@ -211,6 +211,12 @@ class PodApi(Protocol):
         self, seen: Callable[[dict[str, Any]], None], gone: Callable[[str], None]
     ) -> None: ...
 
+    async def pods_on_node(self) -> list[dict[str, Any]]: ...
+
+
+# How often the served pods are reconciled from a plain list, whatever the
+# watch says: e2e runs saw a new pod go unserved for minutes with the watch alone.
+RESYNC_SECONDS = 10.0
 
 # The node agent's seal of a Bento for a pod (NodeAgent.seal): None, or why not.
 Sealer = Callable[[BentoRef, tuple[str, ...]], Awaitable[str | None]]
@@ -255,6 +261,15 @@ class PodBroker:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve())
+        self._task.add_done_callback(self._ended)
+
+    @property
+    def serving(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("pod.broker_crashed", pod=str(self.pod), error=repr(task.exception()))
 
     async def close(self, release: bool) -> None:
         """Stop listening; with release, take the pod's mounts down too."""
@@ -506,10 +521,25 @@ class PodMounts:
     async def run_forever(self) -> None:
         await asyncio.to_thread(fuse.prepare_stage, self.stage)
         try:
-            await self.api.watch_pods(self.seen, self.gone)
+            await asyncio.gather(self.api.watch_pods(self.seen, self.gone), self._resync())
         finally:
             for broker in list(self.brokers.values()):
                 await broker.close(release=False)  # mounts stay: they serve the pods
+
+    async def _resync(self) -> None:
+        """Every RESYNC_SECONDS: serve every pod listed, let go of every one not."""
+        while True:
+            await asyncio.sleep(RESYNC_SECONDS)
+            try:
+                listed = await self.api.pods_on_node()
+            except Exception as err:  # the watch goes on; the next resync tries again
+                log.warning("pods.resync_failed", error=str(err) or type(err).__name__)
+                continue
+            uids = {str((p.get("metadata") or {}).get("uid") or "") for p in listed}
+            for uid in set(self.brokers) - uids:
+                self.gone(uid)
+            for pod in listed:
+                self.seen(pod)
 
     def seen(self, pod: dict[str, Any]) -> None:
         """A pod on this node was listed, added or changed."""
@@ -518,7 +548,7 @@ class PodMounts:
         if containers_ended(pod):
             self.gone(uid)
             return
-        if uid in self.brokers:
+        if uid in self.brokers and self.brokers[uid].serving:
             return
         served = served_pod(pod, self.config)
         if isinstance(served, str):

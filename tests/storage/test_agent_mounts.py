@@ -54,6 +54,9 @@ class RecordingApi:
     async def watch_pods(self, seen: Any, gone: Any) -> None:
         raise NotImplementedError
 
+    async def pods_on_node(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
 
 @pytest.fixture
 def world_readable() -> Iterator[Path]:
