@@ -75,6 +75,8 @@ DEFAULT_VOLUME = "models"
 # (9464, in its own pod). 0: no endpoint.
 DEFAULT_METRICS_PORT = 9465
 METRICS_PORT_FORM = "a TCP port from 1 to 65535, or 0 for no metrics endpoint"
+# Where Kubernetes mounts a service-account token; the injector covers it in
+# the sidecar with an empty directory (the sidecar holds no credential).
 DEFAULT_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_PRIVATE_MOUNT = "/var/lib/juicefs/volume"
 # The unprivileged sidecar's own volume (an emptyDir no other container
@@ -190,14 +192,6 @@ def _render_optional(value: str | None) -> str:
     return value or ""
 
 
-def _optional_path(value: str) -> Path | None:
-    return Path(value) if value else None
-
-
-def _render_optional_path(value: Path | None) -> str:
-    return "" if value is None else str(value)
-
-
 @dataclass(frozen=True)
 class EnvVar(Generic[T]):
     """One variable: its name, the rule for its value, and its default.
@@ -305,23 +299,17 @@ CONDITION_TYPE = _text("JFS_CONDITION_TYPE")
 METRICS_PORT = EnvVar(
     "JFS_METRICS_PORT", parse_metrics_port, METRICS_PORT_FORM, str(DEFAULT_METRICS_PORT)
 )
-# Set only for an unprivileged sidecar: the node agent's socket for this pod,
-# through which the sidecar gets its /dev/fuse descriptor, reports its Events
-# and asks for the readiness condition (it holds no Kubernetes credential).
-AGENT_SOCKET = EnvVar(
-    "JFS_AGENT_SOCKET",
-    _optional_path,
-    "empty (the sidecar mounts JuiceFS itself) or the path of the node agent's socket",
-    "",
-    _render_optional_path,
-)
-# PRIVATE_MOUNT is set by the injector only for an unprivileged sidecar (the
-# agent volume's AGENT_MOUNT_NAME, where the node agent mounts for it). The
+# The node agent's socket for this pod: the sidecar gets its /dev/fuse
+# descriptor through it, reports its Events and asks for the readiness
+# condition (it holds no Kubernetes credential and no privilege). Required:
+# there is no sidecar that mounts JuiceFS itself.
+AGENT_SOCKET = _path("JFS_AGENT_SOCKET")
+# PRIVATE_MOUNT is set by the injector (the agent volume's AGENT_MOUNT_NAME,
+# where the node agent mounts for the sidecar). The
 # others are not set by the injector: the defaults suit the container; tests
 # that run the sidecar as a host process point them at temp dirs.
 PRIVATE_MOUNT = _path("JFS_PRIVATE_MOUNT", DEFAULT_PRIVATE_MOUNT)
 JUICEFS_BIN = _text("JFS_JUICEFS_BIN", "juicefs")
-TOKEN_DIR = _path("JFS_TOKEN_DIR", DEFAULT_TOKEN_DIR)
 
 ALL: tuple[EnvVar[Any], ...] = (
     POD_NAME,
@@ -354,5 +342,4 @@ ALL: tuple[EnvVar[Any], ...] = (
     AGENT_SOCKET,
     PRIVATE_MOUNT,
     JUICEFS_BIN,
-    TOKEN_DIR,
 )

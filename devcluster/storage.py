@@ -202,7 +202,6 @@ class StorageStack(StartStop):
             condition_type="juicefs.bentoml.com/models-ready",
             cache_min_mbps=0,
             juicefs_bin=str(self.juicefs.binary),
-            token_dir=work / "token",
         )
 
 

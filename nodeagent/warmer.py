@@ -111,7 +111,6 @@ def mount_settings(
         condition_type=config.readiness.condition_type,
         cache_min_mbps=0,
         juicefs_bin=juicefs_bin,
-        token_dir=work_dir / "token",  # unused: the agent reports through its own client
         volume=ref.volume,
         node_name=identity.node_name,
         cache_mode="node",

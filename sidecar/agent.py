@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,10 @@ class AgentError(RuntimeError):
     """The agent refused a request, or could not be reached; the text says which."""
 
 
+class AgentUnreachable(AgentError):
+    """No agent answered (none runs on the node, or it restarted mid-request)."""
+
+
 class AgentChannel:
     def __init__(
         self, path: Path, connect_timeout: float = 90.0, reply_timeout: float | None = 120.0
@@ -53,6 +58,11 @@ class AgentChannel:
         self._reply_timeout = reply_timeout
         self._sock: socket.socket | None = None
         self._lock = asyncio.Lock()
+        # Set by close(): a thread still waiting for the socket gives up at
+        # once. asyncio.run waits for its threads on the way out, so one left
+        # waiting for an agent that is not there would hold up the sidecar's
+        # exit, and the pod's deletion, by up to connect_timeout.
+        self._closing = threading.Event()
 
     def _connect(self) -> socket.socket:
         deadline = time.monotonic() + self._connect_timeout
@@ -64,8 +74,11 @@ class AgentChannel:
             except (FileNotFoundError, ConnectionRefusedError) as err:
                 sock.close()
                 if time.monotonic() > deadline:
-                    raise AgentError(f"{NO_AGENT} ({self.path}: {err.strerror})") from None
-                time.sleep(0.2)
+                    raise AgentUnreachable(f"{NO_AGENT} ({self.path}: {err.strerror})") from None
+                if self._closing.wait(0.2):
+                    raise AgentUnreachable(
+                        f"{NO_AGENT} (given up: the sidecar is stopping)"
+                    ) from None
                 continue
             sock.settimeout(self._reply_timeout)
             return sock
@@ -80,7 +93,7 @@ class AgentChannel:
                 return parse_reply(line), fd
             except OSError:
                 # The agent restarted: its old socket is gone; once more on a new one.
-                self.close()
+                self._drop()
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -91,7 +104,7 @@ class AgentChannel:
             try:
                 error, fd = await asyncio.to_thread(self._exchange, request)
             except OSError as err:
-                raise AgentError(f"the node agent's socket {self.path}: {err}") from None
+                raise AgentUnreachable(f"the node agent's socket {self.path}: {err}") from None
         if error is not None:
             if fd is not None:
                 socket.close(fd)
@@ -119,7 +132,16 @@ class AgentChannel:
         return AgentChannel(self.path, self._connect_timeout, reply_timeout)
 
     def close(self) -> None:
+        """Done with the agent: the connection goes, and nothing waits for one any more."""
+        self._closing.set()
+        self._drop()
+
+    def _drop(self) -> None:
         if self._sock is not None:
+            with contextlib.suppress(OSError):
+                # shutdown wakes a thread blocked reading a reply (close alone
+                # does not), which asyncio.run would wait for on the way out.
+                self._sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None

@@ -46,7 +46,6 @@ def _parser() -> argparse.ArgumentParser:
 def _run() -> int:
     from common.logs import configure_logging
     from sidecar.agent import AgentChannel, AgentReporter
-    from sidecar.kube import PodReporter, api_client
     from sidecar.run import run
 
     configure_logging()
@@ -55,18 +54,16 @@ def _run() -> int:
     except env.SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    socket_path = settings.agent_socket
+    assert socket_path is not None  # from_env requires it
 
     async def main() -> int:
-        if settings.agent_socket is not None:
-            # Unprivileged: no Kubernetes credential; the node agent reports for us.
-            channel = AgentChannel(settings.agent_socket)
-            try:
-                return await run(settings, AgentReporter(channel), agent=channel)
-            finally:
-                channel.close()
-        api = api_client(settings.token_dir)
-        async with api:
-            return await run(settings, PodReporter(settings, api))
+        # No Kubernetes credential and no privilege: the node agent mounts and reports for us.
+        channel = AgentChannel(socket_path)
+        try:
+            return await run(settings, AgentReporter(channel), agent=channel)
+        finally:
+            channel.close()
 
     return asyncio.run(main())
 

@@ -12,16 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import env as contract
-from common.env import DEFAULT_TOKEN_DIR, CacheMode, EnvError, SsdPolicy
+from common.env import CacheMode, EnvError, SsdPolicy
 
 __all__ = [
     "AGENT_SOCKET",
     "CACHE_DIR",
-    "DEFAULT_TOKEN_DIR",
     "JUICEFS_BIN",
     "MOUNT_POINT",
     "PRIVATE_MOUNT",
-    "TOKEN_DIR",
     "Settings",
     "SettingsError",
 ]
@@ -32,7 +30,6 @@ MOUNT_POINT = contract.MOUNT_POINT.name
 CACHE_DIR = contract.CACHE_DIR.name
 PRIVATE_MOUNT = contract.PRIVATE_MOUNT.name
 JUICEFS_BIN = contract.JUICEFS_BIN.name
-TOKEN_DIR = contract.TOKEN_DIR.name
 AGENT_SOCKET = contract.AGENT_SOCKET.name
 
 
@@ -65,7 +62,6 @@ class Settings:
     condition_type: str
     cache_min_mbps: float
     juicefs_bin: str
-    token_dir: Path
     volume: str = contract.DEFAULT_VOLUME
     node_name: str = ""
     # Node mode: cache_dir is the node cache of this JuiceFS volume, shared
@@ -79,7 +75,9 @@ class Settings:
     # itself, the node agent and tests running sidecars as host processes,
     # gets none, so they never contend for one host port.)
     metrics_port: int = 0
-    # Unprivileged: the node agent's socket for this pod (None: mount for itself).
+    # The node agent's socket for this pod; always set from the environment.
+    # None only where the node agent itself mounts with these settings (its
+    # warmer, the benchmarks and storage tests, as root on the node).
     agent_socket: Path | None = None
 
     @classmethod
@@ -112,7 +110,6 @@ class Settings:
                 condition_type=c.CONDITION_TYPE.read(source),
                 cache_min_mbps=c.CACHE_MIN_MBPS.read(source),
                 juicefs_bin=c.JUICEFS_BIN.read(source),
-                token_dir=c.TOKEN_DIR.read(source),
                 volume=c.VOLUME.read(source),
                 node_name=c.NODE_NAME.read(source),
                 cache_mode=c.CACHE_MODE.read(source),

@@ -501,7 +501,10 @@ class JuiceFSMount:
         with the mount still there (seen on the real node).
         """
         if self._agent is not None:
-            busy = await self._agent_unmount()
+            # The agent detaches lazily where it must, and this juicefs then
+            # serves a mount nobody can reach: it gets busy_grace, not grace.
+            await self._agent_unmount()
+            busy = True
         else:
             busy = _unmount(self._settings.mount_point)
             busy = _unmount(self._settings.private_mount) or busy

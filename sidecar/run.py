@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from sidecar.agent import AgentChannel, AgentError
+from sidecar.agent import AgentChannel, AgentError, AgentUnreachable
 from sidecar.cacheprobe import CacheSpeed, disk_space, measure
 from sidecar.decisions import (
     GatePlan,
@@ -744,7 +744,7 @@ async def open_gate_sealed(
     sealing = agent.sibling(reply_timeout=None)
     try:
         async with asyncio.timeout(settings.warmup_timeout_seconds):
-            await sealing.seal()
+            await _seal_until_answered(sealing, reporter)
     except (AgentError, TimeoutError) as err:
         message = str(err) or f"not sealed within {settings.warmup_timeout_seconds}s"
         log.error("seal.failed", error=message)
@@ -764,3 +764,29 @@ async def open_gate_sealed(
         f"model sealed by the node agent in {seconds:.1f}s: verified once on this node, "
         "every block in the node cache",
     )
+
+
+# Between asking a restarted node agent again to seal (it resumes the warm:
+# the blocks already in the node cache are not fetched again).
+SEAL_RETRY_SECONDS = 2.0
+
+
+async def _seal_until_answered(sealing: AgentChannel, reporter: Reporter) -> None:
+    """Ask the agent to seal until one answers (AgentError: it refused).
+
+    An agent deleted or rolled mid-seal drops the connection; its successor
+    gets the same request, so the warm resumes instead of leaving the gate
+    closed until the pod is deleted. The caller's timeout bounds it.
+    """
+    while True:
+        try:
+            await sealing.seal()
+            return
+        except AgentUnreachable as err:
+            log.warning("seal.interrupted", error=str(err))
+            await reporter.event(
+                WARNING,
+                "SealInterrupted",
+                f"the node agent went away while sealing ({err}); asking it again",
+            )
+        await asyncio.sleep(SEAL_RETRY_SECONDS)

@@ -122,6 +122,7 @@ def minimal_env(**extra: str) -> dict[str, str]:
         "JFS_MOUNT_POINT": "/m",
         "JFS_CACHE_DIR": "/c",
         "JFS_CONDITION_TYPE": "x/y",
+        "JFS_AGENT_SOCKET": "/run/bento-juicefs/agent/agent.sock",
         **extra,
     }
 

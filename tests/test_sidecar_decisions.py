@@ -148,6 +148,7 @@ def settings_for(bento: PublishedBento) -> Settings:
             "JFS_CACHE_DIR": str(bento.bento_dir.parent / "cache"),
             "JFS_CONDITION_TYPE": "juicefs.bentoml.com/models-ready",
             "JFS_WARMUP_TIMEOUT_SECONDS": "60",
+            "JFS_AGENT_SOCKET": str(bento.bento_dir.parent / "agent.sock"),
         }
     )
 

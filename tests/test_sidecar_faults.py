@@ -1,27 +1,28 @@
 """The sidecar's answers to faults, without a cluster: a full cache disk, an apiserver away.
 
 The decisions are pure functions (sidecar.decisions); the ordered reporter
-keeps the apiserver off the mount's and the stream's path; PodReporter
-retries its condition against a real HTTP server that fails, then answers.
+keeps the apiserver off the mount's and the stream's path; the condition
+and the seal are asked again of a node agent (a real unix socket) that
+restarts mid-request.
 The same faults on the real node: tests/e2e/test_sidecar_faults.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
-from kubernetes_asyncio import client
 
+from common.agentsocket import LineBuffer, Request, parse_request, render_reply
 from common.env import SSD_POLICIES, SsdPolicy
+from sidecar.agent import AgentChannel, AgentReporter, AgentUnreachable
 from sidecar.cacheprobe import CacheSpeed, DiskSpace, disk_space
 from sidecar.decisions import (
     CachePlan,
@@ -34,7 +35,6 @@ from sidecar.decisions import (
     should_fill_cache,
     should_probe_cache,
 )
-from sidecar.kube import PodReporter
 from sidecar.reporter import OrderedReporter
 from sidecar.run import CacheSpaceWatch, open_gate
 from tests.test_sidecar_decisions import FakeReporter, published_bento, settings_for
@@ -317,68 +317,83 @@ def test_close_gives_up_after_its_time_and_counts_overflow() -> None:
     assert dropped == 2
 
 
-# -- PodReporter against an HTTP server that is away, then back ------------------------------
+# -- the node agent away, then back: the condition and the seal are asked again --------------
 
 
-@dataclass
-class FlakyApiserver:
-    """Answers the status PATCH with failures first, then with the pod."""
+class RestartingAgent:
+    """A node agent on a real unix socket that drops its first `drops` requests.
 
-    failures: list[int]  # HTTP statuses to answer with, in turn (0: drop the connection)
-    patches: list[dict[str, Any]] = field(default_factory=list)
+    Each drop closes the connection without a reply and the listening socket
+    with it, as a deleted agent pod does; the next listener (its successor)
+    binds the same path a moment later and answers.
+    """
 
-    async def patch_status(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        if self.failures:
-            status = self.failures.pop(0)
-            if status == 0:
-                assert request.transport is not None
-                request.transport.close()  # the connection goes away mid-request
-                return web.Response(status=500)
-            return web.json_response({"kind": "Status", "code": status}, status=status)
-        self.patches.append(body)
-        return web.json_response({"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "p"}})
+    def __init__(self, path: Path, drops: int) -> None:
+        self.path = path
+        self.drops = drops
+        self.answered: list[Request] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> RestartingAgent:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(timeout=10)
+
+    def _listen(self) -> socket.socket:
+        self.path.unlink(missing_ok=True)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(self.path))
+        server.listen()
+        return server
+
+    def _serve(self) -> None:
+        while True:
+            with self._listen() as server:
+                conn, _ = server.accept()
+                with conn:
+                    buffer = LineBuffer()
+                    lines: list[bytes] = []
+                    while not lines:
+                        lines = buffer.feed(conn.recv(4096))
+                    request = parse_request(lines[0])
+                    if self.drops > 0:
+                        self.drops -= 1
+                        continue  # gone mid-request, socket and all
+                    self.answered.append(request)
+                    conn.sendall(render_reply())
+                    return
+            time.sleep(0.3)  # the successor pod takes a moment to bind
 
 
-@pytest.fixture
-def flaky() -> FlakyApiserver:
-    return FlakyApiserver(failures=[0, 503, 0])
-
-
-def test_the_condition_is_retried_through_failures_then_lands(
-    tmp_path: Path, flaky: FlakyApiserver
+def test_the_condition_is_asked_again_of_a_restarted_agent_until_it_lands(
+    tmp_path: Path,
 ) -> None:
-    settings = replace(settings_for(published_bento(tmp_path)), pod_name="p")
+    with RestartingAgent(tmp_path / "agent.sock", drops=3) as agent:
+        channel = AgentChannel(agent.path, connect_timeout=10)
+        reporter = AgentReporter(channel)
+        asyncio.run(reporter.set_condition("True", "ModelsCached", "verified", attempts=None))
+        channel.close()
+    assert [(r.op, r.kind, r.reason) for r in agent.answered] == [
+        ("condition", "True", "ModelsCached")
+    ]
 
-    async def scenario() -> float:
-        app = web.Application()
-        app.router.add_patch("/api/v1/namespaces/serving/pods/p/status", flaky.patch_status)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        configuration = client.Configuration(host=f"http://127.0.0.1:{port}")
-        try:
-            async with client.ApiClient(configuration) as api:
-                reporter = PodReporter(settings, api)
-                started = time.monotonic()
-                await reporter.set_condition("True", "ModelsCached", "verified", attempts=None)
-                return time.monotonic() - started
-        finally:
-            await runner.cleanup()
 
-    seconds = asyncio.run(scenario())
-    print(f"condition set after 3 failed attempts in {seconds:.1f}s")
-    assert flaky.failures == []
-    assert len(flaky.patches) == 1
-    (sent,) = flaky.patches[0]["status"]["conditions"]
-    assert (sent["type"], sent["status"], sent["reason"]) == (
-        "juicefs.bentoml.com/models-ready",
-        "True",
-        "ModelsCached",
-    )
-    assert json.dumps(sent)  # plain JSON
+def test_a_seal_interrupted_by_an_agent_restart_is_asked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar import run as sidecar_run
+
+    monkeypatch.setattr(sidecar_run, "SEAL_RETRY_SECONDS", 0.1)
+    reporter = FakeReporter()
+    with RestartingAgent(tmp_path / "agent.sock", drops=3) as agent:
+        channel = AgentChannel(agent.path, connect_timeout=10, reply_timeout=None)
+        asyncio.run(sidecar_run._seal_until_answered(channel, reporter))
+        channel.close()
+    assert [r.op for r in agent.answered] == ["seal"]
+    # The channel retries once by itself; each loss it gives up on is an Event.
+    assert reporter.said == [("event", "SealInterrupted")]
 
 
 def test_a_probe_with_no_room_for_its_file_counts_as_full_and_is_reported(
@@ -441,3 +456,20 @@ def test_what_juicefs_warmup_check_says_is_parsed() -> None:
     assert partly is not None
     assert not partly.complete
     assert parse_cache_check("warmup cache: 6 files (16 MiB bytes)") is None
+
+
+def test_closing_the_channel_ends_a_wait_for_an_agent_that_is_not_there(tmp_path: Path) -> None:
+    """A sidecar stopping on a node without the agent exits at once (asyncio.run waits
+    for its threads, and a pod's deletion waits for the sidecar)."""
+    channel = AgentChannel(tmp_path / "agent.sock", connect_timeout=60)
+
+    async def scenario() -> float:
+        started = time.monotonic()
+        asking = asyncio.create_task(channel.unmount())
+        await asyncio.sleep(0.3)
+        channel.close()
+        with pytest.raises(AgentUnreachable, match="the sidecar is stopping"):
+            await asking
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 5

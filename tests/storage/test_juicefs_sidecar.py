@@ -27,7 +27,7 @@ from devcluster.s3 import S3Error, read_objects
 from devcluster.storage import MIB, StorageStack
 from devcluster.throttle import ThrottledDirectory, ThrottleUnavailable
 from sidecar.env import Settings
-from sidecar.kube import PodReporter
+from sidecar.reporter import Reporter
 from sidecar.manifest import Manifest, read_manifest, sha256_file
 from sidecar.mount import JuiceFSMount
 from sidecar.run import stream_model, warm
@@ -200,7 +200,7 @@ def test_object_store_outage_stalls_the_stream_until_it_is_back(
 
 
 class RecordingReporter:
-    """Stands in for PodReporter where no apiserver is involved."""
+    """Stands in for AgentReporter where no apiserver is involved."""
 
     def __init__(self) -> None:
         self.conditions: list[tuple[str, str, str]] = []
@@ -246,7 +246,7 @@ def test_a_corrupted_block_fails_verification_and_the_gate_stays_shut(
             with pytest.raises(VerificationError, match=rf"{shard.path}: sha256 .* differs"):
                 await streamer.run(manifest.select(()))
             # Evicting the file's cached blocks and reading it again fetches the same bad bytes.
-            return await warm(settings, mount, cast(PodReporter, reporter), purger=mount)
+            return await warm(settings, mount, cast(Reporter, reporter), purger=mount)
         finally:
             await mount.stop()
 
@@ -288,7 +288,7 @@ def test_a_corrupt_cached_block_is_purged_and_fetched_again(
             await warm(
                 settings,
                 mount,
-                cast(PodReporter, reporter),
+                cast(Reporter, reporter),
                 filler=mount,
                 purger=mount if purge else None,
             )
@@ -358,7 +358,7 @@ def test_bytes_rotting_in_the_store_stall_the_stream_and_never_open_the_gate(
         mount = JuiceFSMount(settings)
         await mount.start()
         try:
-            return await warm(settings, mount, cast(PodReporter, reporter))
+            return await warm(settings, mount, cast(Reporter, reporter))
         finally:
             await mount.stop()
 

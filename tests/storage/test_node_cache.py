@@ -28,7 +28,7 @@ from devcluster.storemetrics import store_requests
 from injector.config import InjectorConfig
 from sidecar.decisions import CachePlan, gate_plan
 from sidecar.env import Settings
-from sidecar.kube import PodReporter
+from sidecar.reporter import Reporter
 from sidecar.manifest import Manifest
 from sidecar.mount import JuiceFSMount
 from sidecar.run import open_gate
@@ -43,7 +43,7 @@ READY = re.compile(
 
 
 class RecordingReporter:
-    """Events and conditions, in order (stands in for PodReporter; no apiserver here)."""
+    """Events and conditions, in order (stands in for the agent reporter; no apiserver here)."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str, str]] = []
@@ -91,7 +91,7 @@ class Pod:
     async def start(self) -> Pod:
         await self.mount.start()
         started = time.monotonic()
-        reporter = cast(PodReporter, self.reporter)
+        reporter = cast(Reporter, self.reporter)
         gate = gate_plan(True, CachePlan(self.settings.cache_size_mib))
         await open_gate(self.settings, self.mount, reporter, gate, MountCounters(self.mount))
         self.seconds = time.monotonic() - started

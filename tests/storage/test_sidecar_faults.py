@@ -9,7 +9,7 @@
   loop device): the sidecar mounts without a disk cache and still streams
   and verifies every byte before it sets the condition (ModelsVerified).
 
-Nothing is mocked but the apiserver (a recorder stands in for PodReporter).
+Nothing is mocked but the apiserver (a recorder stands in for the agent reporter).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass
 class Recorder:
-    """Stands in for PodReporter: what the sidecar told the cluster, with when; stops on Ready."""
+    """Stands in for AgentReporter: what the sidecar told the cluster, with when; stops on Ready."""
 
     stop: asyncio.Event | None = None
     said: list[tuple[float, str, str, str]] = field(default_factory=list)
