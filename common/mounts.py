@@ -85,11 +85,14 @@ def unmount(
         top = top_mount(path)
         if top is None or (only is not None and not only(top)):
             return
-        proc = subprocess.run(["umount", str(path)], capture_output=True, text=True, check=False)
+        # --no-canonicalize: umount otherwise resolves the path first, and a
+        # stat on a FUSE mount whose daemon hangs never returns.
+        umount = ["umount", "--no-canonicalize"]
+        proc = subprocess.run([*umount, str(path)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             if on_busy is not None:
                 on_busy(path, proc.stderr.strip())
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+            subprocess.run([*umount, "-l", str(path)], capture_output=True, check=False)
     top = top_mount(path)
     if top is not None and (only is None or only(top)):
         raise UnmountError(f"cannot unmount {path}")

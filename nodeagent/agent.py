@@ -75,6 +75,11 @@ class AgentOptions:
     evict_after_seconds: float = 3600.0
     # How long a failed or over-budget Bento waits before the next try.
     retry_seconds: float = 60.0
+    # Warm the Bentos of the opted-in workloads before their pods arrive. Off:
+    # no workload is listed or watched; a Bento is warmed only when a pod on
+    # this node asks for its seal (tests that measure cold nodes; clusters that
+    # would rather not pay the egress ahead of time).
+    prewarm: bool = True
 
 
 class NodeApi(Protocol):
@@ -131,7 +136,9 @@ class NodeAgent:
             node_cache=self.config.node_cache_path,
         )
         changed = asyncio.Event()
-        watcher = asyncio.create_task(self.api.watch_workloads(changed.set))
+        watcher = asyncio.create_task(
+            self.api.watch_workloads(changed.set) if self.options.prewarm else _never()
+        )
         try:
             while True:
                 changed.clear()
@@ -155,7 +162,9 @@ class NodeAgent:
         self.warmth = NodeWarmth.parse((meta.get("annotations") or {}).get(WARM_ANNOTATION))
         self.metrics.observe(self.warmth)
         self.metrics.budget_bytes.set(self.budget)
-        workloads = await self.api.workloads(self.config, self._node_labels)
+        workloads = (
+            await self.api.workloads(self.config, self._node_labels) if self.options.prewarm else []
+        )
         wanted = wanted_bentos(workloads)
         referenced = {w.bento for w in wanted} | self.pod_bentos()
         self._referenced = referenced
@@ -358,6 +367,10 @@ class NodeAgent:
                 log.info("seal.refill", bento=str(ref), cached=check and check.describe())
                 await bento.mount.fill_cache([bento.mount.models_dir / f.path for f in files])
         return None
+
+
+async def _never() -> None:
+    await asyncio.Event().wait()
 
 
 async def woken(changed: asyncio.Event, seconds: float) -> bool:

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -57,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resync-seconds", type=float, default=10.0)
     run.add_argument("--evict-after-seconds", type=float, default=3600.0)
     run.add_argument("--retry-seconds", type=float, default=60.0)
+    run.add_argument(
+        "--no-prewarm",
+        dest="prewarm",
+        action="store_false",
+        help="warm a Bento only when a pod on this node asks for it, never ahead of its pods",
+    )
     run.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""))
     run.add_argument("--pod-name", default=os.environ.get("POD_NAME", "bento-juicefs-node-agent"))
     run.add_argument(
@@ -67,7 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Threads for the blocking work (mounts, unmounts, socket replies): asyncio's
+# default, cores + 4, is 6 on a 2-core node, and a FUSE daemon that hangs
+# holds a thread in a syscall for as long as it hangs. With few threads a
+# couple of hung pods would stall every other pod's mount on the node.
+AGENT_THREADS = 128
+
+
 async def _run(args: argparse.Namespace) -> int:
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(AGENT_THREADS, thread_name_prefix="agent")
+    )
     config = load_config(args.config)
     if config.node_cache_path is None:
         log.error("agent.no_node_cache", profile=config.cluster.platform_profile)
@@ -79,6 +96,7 @@ async def _run(args: argparse.Namespace) -> int:
         resync_seconds=args.resync_seconds,
         evict_after_seconds=args.evict_after_seconds,
         retry_seconds=args.retry_seconds,
+        prewarm=args.prewarm,
     )
     identity = AgentIdentity(args.node_name, args.pod_name, args.pod_namespace)
     api_client = await new_api_client(args.kubeconfig)

@@ -459,9 +459,10 @@ class PodBroker:
         ):
             if not fuse.is_fuse_dir(models) or os.fstat(models).st_dev != os.fstat(root).st_dev:
                 raise fuse.MountFailed(0, "models/ is not a directory of the pod's JuiceFS mount")
-            # A remount (juicefs died): the dead bind goes, the new one
-            # propagates to the app containers in its place.
-            self._unmount(paths.mount_dir_path)
+            # A remount (juicefs died): the new bind goes on top of the dead
+            # one and propagates to the app containers over it. Unmounting
+            # the dead one first would leave the app an empty dir meanwhile,
+            # and may block on a hung FUSE daemon; release() pops the stack.
             fuse.bind_read_only(models, paths.mount_dir_path, self.stage)
         log.info("pod.exposed", pod=str(self.pod))
 

@@ -441,6 +441,33 @@ async def test_a_workload_change_reconciles_at_once_not_at_the_next_resync(
     assert api.watch_cancelled  # the watch goes with the loop
 
 
+class UnlistedApi(WatchedApi):
+    """A WatchedApi that fails the test if the agent lists or watches workloads."""
+
+    async def workloads(self, config: InjectorConfig, node_labels: Any) -> list[Workload]:
+        raise AssertionError("listed workloads with prewarm off")
+
+    async def watch_workloads(self, changed: Callable[[], None]) -> None:
+        raise AssertionError("watched workloads with prewarm off")
+
+
+async def test_without_prewarm_no_workload_is_listed_or_watched(tmp_path: Path) -> None:
+    api = UnlistedApi()
+    options = AgentOptions(
+        credentials_dir=tmp_path, work_dir=tmp_path, resync_seconds=0.01, prewarm=False
+    )
+    agent = NodeAgent(InjectorConfig(), options, AgentIdentity("n1", "agent-0", "ns"), api)
+    running = asyncio.create_task(agent.run_forever())
+    try:
+        async with asyncio.timeout(5):
+            await api.second_pass.wait()  # the loop still reads the node's record
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert api.passes >= 2
+
+
 async def test_woken_says_whether_the_event_came_in_time() -> None:
     changed = asyncio.Event()
     assert not await woken(changed, 0.01)
