@@ -177,6 +177,26 @@ def gate_plan(warmup: bool, cache: CachePlan) -> GatePlan:
     )
 
 
+def gate_unsealed(gate: GatePlan, cache_full_seen: bool) -> GatePlan:
+    """Node cache mode, when the node agent could not seal the Bento: this pod verifies it.
+
+    The node cache stays the agent's alone (this sidecar only reads it), so
+    whatever it lacks is read from the object store; the gate still opens
+    only on every byte verified against the manifest, never on the refusal.
+    A full cache disk (the usual reason) is said as such.
+    """
+    if not gate.verify:
+        return gate
+    if cache_full_seen:
+        return _verified_on_a_full_disk()
+    return GatePlan(
+        verify=True,
+        reason="ModelsVerified",
+        message="model streamed and verified by this pod; the node agent could not seal it in "
+        "the node cache, so what the cache lacks is read from the object store",
+    )
+
+
 def _verified_on_a_full_disk() -> GatePlan:
     return GatePlan(
         verify=True,

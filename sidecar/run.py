@@ -29,6 +29,7 @@ from sidecar.decisions import (
     cache_plan,
     gate_after_warmup,
     gate_plan,
+    gate_unsealed,
     should_fill_cache,
     should_probe_cache,
     slow_disk_action,
@@ -591,8 +592,11 @@ async def _run(
     # serving the mount until it is stopped. Reads that fail while juicefs is
     # being remounted are retried by the streamer like any other failed read.
     if lent and agent is not None and gate.verify:
-        # Node cache mode, unprivileged: the agent's seal opens the gate.
-        work = asyncio.create_task(open_gate_sealed(settings, agent, reporter, metrics))
+        # Node cache mode: the agent's seal opens the gate; if it cannot
+        # seal (a full cache disk...), this pod verifies what it reads.
+        work = asyncio.create_task(
+            _open_gate_sealed_else_verified(settings, agent, mount, reporter, gate, watch, metrics)
+        )
     else:
         work = asyncio.create_task(
             open_gate(
@@ -724,15 +728,41 @@ async def open_gate(
     )
 
 
+async def _open_gate_sealed_else_verified(
+    settings: Settings,
+    agent: AgentChannel,
+    mount: JuiceFSMount,
+    reporter: Reporter,
+    gate: GatePlan,
+    watch: CacheSpaceWatch,
+    metrics: SidecarMetrics,
+) -> None:
+    refused = await open_gate_sealed(settings, agent, reporter, metrics)
+    if refused is None:
+        return
+    await watch.check("the node agent could not seal the model")
+    unsealed = gate_unsealed(gate, watch.full)
+    await reporter.event(
+        WARNING,
+        "VerifyingUnsealed",
+        f"the node agent could not seal the model ({refused}); this pod streams and verifies "
+        "it itself, reading what the node cache lacks from the object store",
+    )
+    await open_gate(
+        settings, mount, reporter, unsealed, counters=MountCounters(mount), metrics=metrics
+    )
+
+
 async def open_gate_sealed(
     settings: Settings, agent: AgentChannel, reporter: Reporter, metrics: SidecarMetrics
-) -> None:
-    """Node cache mode, unprivileged: the node agent opens the gate from its seal.
+) -> str | None:
+    """Node cache mode: the node agent opens the gate from its seal.
 
     The agent verified the Bento once on this node and is the only writer of
     the node cache this sidecar reads; it checks every block is there
     (warming the Bento first if the node is cold) and sets the condition
-    itself. Nothing is hashed here again.
+    itself. Nothing is hashed here again. None when it did (or the warmup's
+    time ran out); else why it refused.
     """
     started = time.monotonic()
     await reporter.event(
@@ -752,7 +782,9 @@ async def open_gate_sealed(
         await reporter.event(
             WARNING, "SealFailed", f"the node agent did not seal the model: {message}"
         )
-        return
+        if isinstance(err, TimeoutError):
+            return None  # the warmup's time is up: the gate stays closed
+        return message
     finally:
         sealing.close()
     seconds = time.monotonic() - started
@@ -764,6 +796,7 @@ async def open_gate_sealed(
         f"model sealed by the node agent in {seconds:.1f}s: verified once on this node, "
         "every block in the node cache",
     )
+    return None
 
 
 # Between asking a restarted node agent again to seal (it resumes the warm:

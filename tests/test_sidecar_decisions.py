@@ -23,6 +23,7 @@ from sidecar.decisions import (
     GatePlan,
     cache_plan,
     gate_plan,
+    gate_unsealed,
     should_probe_cache,
     slow_disk_action,
 )
@@ -82,6 +83,20 @@ def test_the_slow_disk_event_says_what_happens_next() -> None:
 def test_gate_plan(warmup: bool, cache: CachePlan, expected: tuple[str, bool]) -> None:
     gate = gate_plan(warmup, cache)
     assert (gate.reason, gate.verify) == expected
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_an_unsealed_node_cache_pod_still_verifies_and_never_claims_a_cached_copy(
+    full: bool,
+) -> None:
+    node_gate = gate_plan(True, cache_plan("required", FAST, MINIMUM, 18432))
+    unsealed = gate_unsealed(node_gate, full)
+    assert unsealed.verify
+    assert unsealed.reason == "ModelsVerified"
+    assert ("cache disk is full" in unsealed.message) is full
+    # warmup=false stays what its owner chose: the mount alone.
+    mounted = gate_plan(False, cache_plan("required", FAST, MINIMUM, 18432))
+    assert gate_unsealed(mounted, full) == mounted
 
 
 @given(

@@ -27,9 +27,9 @@ from devcluster.s3 import S3Error, read_objects
 from devcluster.storage import MIB, StorageStack
 from devcluster.throttle import ThrottledDirectory, ThrottleUnavailable
 from sidecar.env import Settings
-from sidecar.reporter import Reporter
 from sidecar.manifest import Manifest, read_manifest, sha256_file
 from sidecar.mount import JuiceFSMount
+from sidecar.reporter import Reporter
 from sidecar.run import stream_model, warm
 from sidecar.warmup import Progress, Streamer, VerificationError
 from tests.helpers import flip_middle_byte

@@ -28,9 +28,9 @@ from devcluster.storemetrics import store_requests
 from injector.config import InjectorConfig
 from sidecar.decisions import CachePlan, gate_plan
 from sidecar.env import Settings
-from sidecar.reporter import Reporter
 from sidecar.manifest import Manifest
 from sidecar.mount import JuiceFSMount
+from sidecar.reporter import Reporter
 from sidecar.run import open_gate
 from sidecar.sources import MountCounters
 
