@@ -278,11 +278,10 @@ class Session:
     def ours(self, key: str, what: str) -> StartResult:
         if key not in self.results:
             if not self.opted_in:
-                deployment, _, _ = self.identity()
                 self.cp.create_namespace(
                     OURS_NAMESPACE, {"juicefs.bentoml.com/injection": "enabled"}
                 )
-                self.cp.wait_provisioned(OURS_NAMESPACE, service_account=deployment)
+                self.cp.wait_provisioned(OURS_NAMESPACE)
                 self.opted_in = True
             self.results[key] = self.apply_and_wait(OURS_NAMESPACE, self.ours_docs(), what)
         return self.results[key]

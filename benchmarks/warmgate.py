@@ -1,6 +1,6 @@
 """Warm gate: on a node where the Bento is sealed, how long from the sidecar's start to its gate.
 
-Unprivileged sidecars (`sidecar.unprivileged`) with the node agent on the
+Unprivileged sidecars with the node agent on the
 local node, in node cache mode. For a small and a large model (2 and 8 GiB
 by default): a first pod makes the agent warm and verify the Bento into the
 node cache (on demand), then a second pod on the now warm node has its gate
@@ -16,7 +16,6 @@ small one: the gate must not grow with the model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import shutil
@@ -30,10 +29,7 @@ from benchmarks.record import MIB, new_record, say
 from devcluster.cluster import wait_for
 from devcluster.controlplane import ControlPlane
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.injector import LocalInjector
-from devcluster.injector_pods import PodInjector
 from devcluster.local import local_cluster
-from devcluster.nodeagent import LocalNodeAgent
 from devcluster.storage import StorageStack
 
 SCENARIO = "warm-start"
@@ -125,18 +121,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cp.start()
     try:
         storage = cp.addons["storage"]
-        injector = cp.addons["injector"]
         assert isinstance(storage, StorageStack)
-        assert isinstance(injector, PodInjector | LocalInjector)
-        agent = LocalNodeAgent(cp, injector)
-        agent.install()
-        with injector.reconfigured({"sidecar": {"unprivileged": True}}):
-            cp.create_namespace(NAMESPACE, {"juicefs.bentoml.com/injection": "enabled"})
-            cp.wait_provisioned(NAMESPACE)
-            runs = {"small": measure(cp, storage, work, small)}
-            runs["large"] = measure(cp, storage, work, large)
-        with contextlib.suppress(Exception):
-            agent.uninstall()
+        # The node agent (a cluster add-on) warms each Bento on the cold pod's seal.
+        cp.create_namespace(NAMESPACE, {"juicefs.bentoml.com/injection": "enabled"})
+        cp.wait_provisioned(NAMESPACE)
+        runs = {"small": measure(cp, storage, work, small)}
+        runs["large"] = measure(cp, storage, work, large)
     finally:
         cp.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from devcluster.controlplane import ControlPlane, Hook
 from devcluster.injector_pods import start_injector, stop_injector
+from devcluster.nodeagent import start_node_agent, stop_node_agent
 from devcluster.storage import StorageStack
 
 
@@ -36,5 +37,6 @@ def stop_storage(cp: ControlPlane) -> None:
         storage.stop()
 
 
-ON_READY: list[Hook] = [start_storage, start_injector]
-ON_STOP: list[Hook] = [stop_storage, stop_injector]
+# The node agent mounts for every injected sidecar: it comes right after the injector.
+ON_READY: list[Hook] = [start_storage, start_injector, start_node_agent]
+ON_STOP: list[Hook] = [stop_storage, stop_injector, stop_node_agent]

@@ -75,22 +75,17 @@ class Cluster:
     def wait_provisioned(
         self,
         namespace: str,
-        service_account: str = "default",
         secret: str = "juicefs-models-credentials",
         timeout: float = 60,
     ) -> None:
         """Until the injector's namespace controller has given an opted-in namespace
-        what its pods need: the credentials Secret, and RBAC for the readiness condition."""
+        what its pods need: the credentials Secret (tenants get no RBAC from it)."""
 
         def provisioned() -> bool:
-            can = self.kubectl(
-                "auth", "can-i", "patch", "pods", "--subresource=status", "-n", namespace,
-                f"--as=system:serviceaccount:{namespace}:{service_account}", check=False,
-            )  # fmt: skip
             found = self.kubectl("get", "secret", secret, "-n", namespace, check=False)
-            return can.stdout.strip() == "yes" and found.returncode == 0
+            return found.returncode == 0
 
-        wait_for(provisioned, timeout=timeout, what=f"{secret} and readiness RBAC in {namespace}")
+        wait_for(provisioned, timeout=timeout, what=f"{secret} in {namespace}")
 
     def register_fake_node(
         self,

@@ -5,9 +5,9 @@ GKE local-SSD L4 node), the injector installed by Helm as pods on the node, a re
 JuiceFS volume (MinIO + Redis) into which a Bento's models are published,
 and then, as a user would: the namespace label and `kubectl apply` of the
 unchanged examples/bento-deployment.yaml, in a namespace that enforces Pod
-Security `baseline`. The injector runs with `sidecar.unprivileged` and the
-node agent (the DaemonSet) on the node: the injected `juicefs-mount`
-sidecar holds no privilege, the agent mounts for it, warms and verifies
+Security `baseline`. The node agent (the DaemonSet) runs on the node: the
+injected `juicefs-mount` sidecar holds no privilege, the agent mounts for
+it, warms and verifies
 the model into the node cache once, and opens the gate from that seal.
 The kubelet runs the sidecar and the sample Bento (BentoML); the app
 answers from the bytes it loaded. Everything is stopped at the end unless
@@ -17,7 +17,6 @@ answers from the bytes it loaded. Everything is stopped at the end unless
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -29,10 +28,7 @@ from typing import Any
 import yaml
 
 from devcluster.cluster import wait_for
-from devcluster.injector import LocalInjector
-from devcluster.injector_pods import PodInjector
 from devcluster.local import local_cluster
-from devcluster.nodeagent import LocalNodeAgent
 from devcluster.storage import MIB, StorageStack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,21 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     cp = local_cluster(work / "cluster", die_with_parent=not args.keep)
     cp.start()
-    unprivileged = contextlib.ExitStack()
     try:
         storage = cp.addons["storage"]
         assert isinstance(storage, StorageStack)
         print(cp.kubectl("get", "nodes", "-o", "wide").stdout)
 
         step(
-            "the platform team: the node agent (DaemonSet) on the node, and the injector "
-            "with sidecar.unprivileged (no privilege in tenant pods)"
+            "the platform team: the node agent (a DaemonSet, the only privileged part) on the "
+            "node, beside the injector"
         )
-        injector = cp.addons["injector"]
-        assert isinstance(injector, PodInjector | LocalInjector)
-        agent = LocalNodeAgent(cp, injector)
-        print(f"node agent pod {agent.install()} runs")
-        unprivileged.enter_context(injector.reconfigured({"sidecar": {"unprivileged": True}}))
+        print(
+            cp.kubectl(
+                "get", "pods", "-n", "bento-juicefs-system", "-o", "wide", check=False
+            ).stdout
+        )
 
         step("the Bento's build pipeline: publish its models into JuiceFS (sidecar publish layout)")
         deployment, name, version = bento_identity()
@@ -128,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pod-security.kubernetes.io/enforce": "baseline",
             },
         )
-        cp.wait_provisioned(NAMESPACE, service_account=deployment)
+        cp.wait_provisioned(NAMESPACE)
         applied = time.monotonic()
         cp.kubectl("apply", "-f", str(EXAMPLE))
         # The node has one GPU: one replica (the example asks for two).
@@ -178,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     finally:
         if not args.keep:
-            unprivileged.close()
             step("clean up: the node (pods, mounts, namespaces), storage and the control plane")
             cp.stop()
     return 0

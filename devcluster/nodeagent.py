@@ -15,9 +15,11 @@ own node cache path):
 - shorter resync and retry periods, so tests see a change within seconds.
 
 Its RBAC, ServiceAccount and fence policies come with the injector's install
-(manifests/base); only the DaemonSet is left out of that, because the e2e
-suite decides when an agent runs (it warms every node-cache Bento in every
-opted-in namespace, which other tests measure cold).
+(manifests/base); the DaemonSet is applied here, as a cluster add-on
+(`start_node_agent`) right after the injector: every injected sidecar needs
+it. That agent runs with `--no-prewarm` (it warms a Bento only when a pod
+asks for it), so tests still see cold nodes; the tests of prewarming install
+it with `prewarm=True` and put the default back with `restore()`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import yaml
 
 from devcluster.cluster import Cluster, wait_for
 from devcluster.controlplane import ControlPlane
-from devcluster.injector import BASE, NAMESPACE, InjectorInstall
+from devcluster.injector import BASE, NAMESPACE, InjectorInstall, LocalInjector
+from devcluster.injector_pods import PodInjector
 
 DAEMONSET = "bento-juicefs-node-agent"
 CONFIG_MAP = "bento-juicefs-node-agent-local-config"
@@ -104,6 +107,7 @@ class LocalNodeAgent:
 
     def install(
         self,
+        prewarm: bool = False,
         resync_seconds: float = 2,
         retry_seconds: float = 5,
         evict_after_seconds: float = 3600,
@@ -135,6 +139,7 @@ class LocalNodeAgent:
             str(evict_after_seconds),
             "--log-level",
             "debug",
+            *([] if prewarm else ["--no-prewarm"]),
         ]
         daemonset = local_daemonset(
             shipped_daemonset(),
@@ -174,6 +179,26 @@ class LocalNodeAgent:
         lines = (result.stdout + result.stderr).splitlines()
         return "\n".join(line for line in lines if not any(q in line for q in quiet))
 
+    def restore(self) -> str:
+        """The cluster's default agent again (no prewarm), after a test installed another."""
+        return self.install()
+
+    def ensure_running(self) -> str:
+        """The running agent pod; the default one is installed again if none runs."""
+        return self.running_pod() or self.restore()
+
+    def restart(self, timeout: float = 120) -> str:
+        """Delete the agent's pod; the name of the one the DaemonSet runs in its place."""
+        old = self.running_pod()
+        if old is not None:
+            self.cluster.kubectl("delete", "pod", old, "-n", NAMESPACE, "--wait=false", check=False)
+
+        def replaced() -> str | None:
+            running = self.running_pod()
+            return running if running not in (None, old) else None
+
+        return wait_for(replaced, timeout=timeout, what=f"a new {DAEMONSET} pod")
+
     def uninstall(self) -> None:
         self.cluster.kubectl(
             "delete", "daemonset", DAEMONSET, "-n", NAMESPACE, "--ignore-not-found", "--wait=true",
@@ -182,3 +207,22 @@ class LocalNodeAgent:
         self.cluster.kubectl(
             "delete", "configmap", CONFIG_MAP, "-n", NAMESPACE, "--ignore-not-found", check=False
         )
+
+
+AGENT_ADDON = "node-agent"
+
+
+def start_node_agent(cp: ControlPlane) -> None:
+    """Add-on: the node agent's DaemonSet on the local node, after the injector."""
+    injector = cp.addons.get("injector")
+    if not isinstance(injector, LocalInjector | PodInjector):
+        raise RuntimeError("the node agent add-on needs the injector add-on before it")
+    agent = LocalNodeAgent(cp, injector)
+    cp.addons[AGENT_ADDON] = agent
+    cp.log(f"node agent pod {agent.install()} runs")
+
+
+def stop_node_agent(cp: ControlPlane) -> None:
+    agent = cp.addons.get(AGENT_ADDON)
+    if isinstance(agent, LocalNodeAgent):
+        agent.uninstall()

@@ -17,7 +17,7 @@ from devcluster.injector import InjectorInstall, LocalInjector
 from devcluster.injector_pods import PodInjector
 from devcluster.local import local_cluster
 from devcluster.node import Node
-from devcluster.nodeagent import LocalNodeAgent
+from devcluster.nodeagent import AGENT_ADDON, LocalNodeAgent
 from devcluster.storage import StorageStack
 from sidecar.manifest import Manifest
 
@@ -102,15 +102,21 @@ def local_only() -> None:
         pytest.skip("needs the local control plane (E2E_KUBECONFIG is set)")
 
 
-@pytest.fixture(scope="module")
-def unprivileged(
-    cluster: Cluster, node: Node, injector: InjectorInstall
-) -> Iterator[LocalNodeAgent]:
-    """For one test module: the injector with sidecar.unprivileged on, and the node agent
-    (which mounts for those sidecars) running on the node."""
-    agent = LocalNodeAgent(cluster, injector)
-    print(f"node agent pod {agent.install()} runs")
-    with injector.reconfigured({"sidecar": {"unprivileged": True}}):
-        yield agent
-    print(agent.logs(tail=3000)[-20000:])
-    agent.uninstall()
+@pytest.fixture(scope="session")
+def node_agent(cluster: Cluster, node: Node) -> LocalNodeAgent:
+    """The node agent the local cluster runs (devcluster.nodeagent, without prewarm):
+    it mounts for every injected sidecar. Tests that install it otherwise restore it."""
+    found = cluster.addons.get(AGENT_ADDON) if isinstance(cluster, ControlPlane) else None
+    if not isinstance(found, LocalNodeAgent):
+        pytest.skip("needs the local cluster's node agent (E2E_KUBECONFIG is set)")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _node_agent_runs(request: pytest.FixtureRequest) -> None:
+    """Every test with pods on the local node starts with the default agent running:
+    one test that deleted or replaced it must not fail the next ones."""
+    if "node" in request.fixturenames and not EXTERNAL_KUBECONFIG:
+        agent = request.getfixturevalue("node_agent")
+        assert isinstance(agent, LocalNodeAgent)
+        agent.ensure_running()

@@ -239,7 +239,7 @@ def pod_cache_dir(node_dir: Path, pod_uid: str) -> Path:
     )  # fmt: skip
 
 
-# Pods with an unprivileged sidecar (sidecar.unprivileged; the `unprivileged` fixture).
+# Pods in namespaces that enforce a Pod Security level (the sidecar passes restricted).
 
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 ENFORCE = "pod-security.kubernetes.io/enforce"

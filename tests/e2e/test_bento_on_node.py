@@ -79,7 +79,7 @@ def example_pod_name(cluster: Cluster) -> str | None:
 def running(cluster: Cluster, node: Node, example_model: Manifest) -> Iterator[Running]:
     """Opt the namespace in, add a Service, apply the example unchanged, watch it start."""
     cluster.create_namespace(NAMESPACE, OPT_IN)
-    cluster.wait_provisioned(NAMESPACE, service_account=DEPLOYMENT)
+    cluster.wait_provisioned(NAMESPACE)
     service = {
         "apiVersion": "v1",
         "kind": "Service",

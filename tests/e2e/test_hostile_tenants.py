@@ -1,7 +1,7 @@
 """Hostile tenants on a shared node: what an opted-in namespace can do cannot reach another's.
 
-Two namespaces that enforce Pod Security `baseline`, unprivileged sidecars
-(`sidecar.unprivileged`), one node, one Bento in the node cache. The
+Two namespaces that enforce Pod Security `baseline`, unprivileged sidecars,
+one node, one Bento in the node cache. The
 attacker has what the usual `edit` role gives: exec into its own pod's
 containers, its own pods' specs and annotations, tokens for its own
 service accounts. After each attack the victim, in the other namespace,
@@ -12,6 +12,9 @@ same node cache). docs/security.md lists each attack and its test.
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ import pytest
 from devcluster import Cluster
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
+from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.e2e.pods import (
@@ -47,6 +51,7 @@ VERSION = "v1"
 SHARDS = [16 * MIB, 8 * MIB]
 LABELS = bento_labels(BENTO, VERSION)
 NODE_MODE = {"juicefs.bentoml.com/cache-mode": "node"}
+CREDENTIALS = "juicefs-models-credentials"
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ def pod_of(name: str, model: Manifest, **annotations: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def tenants(
-    cluster: Cluster, node: Node, unprivileged: LocalNodeAgent, model: Manifest
+    cluster: Cluster, node: Node, node_agent: LocalNodeAgent, model: Manifest
 ) -> Iterator[Tenants]:
     """Each tenant runs the Bento from the node cache; both Ready."""
     made = Tenants(
@@ -174,8 +179,9 @@ def test_no_credential_in_a_tenant_pod_opens_the_gate(
     )
 
     def refused(pod: dict[str, Any]) -> bool:
+        # The agent refuses the seal, then the sidecar its own verification.
         gate = condition(pod, GATE)
-        return gate is not None and gate["reason"] == "SealFailed"
+        return gate is not None and gate["reason"] in ("SealFailed", "WarmupFailed")
 
     pod = wait_pod(
         cluster, tenants.attacker, "closed", refused, timeout=120, what="the seal refused"
@@ -190,7 +196,11 @@ def test_no_credential_in_a_tenant_pod_opens_the_gate(
     forged = own.patch_status("closed", patch)
     print(forged.stderr)
     assert forged.returncode != 0
-    assert "only the node agent sets its juicefs.bentoml.com/models-ready" in forged.stderr
+    # No RBAC of the namespace lets it (tenants get none); a grant a tenant
+    # admin adds is met by the fence (tests/e2e/test_pods_on_node.py).
+    assert re.search(r'cannot (get|patch) resource "pods/status"', forged.stderr) or (
+        "only the node agent sets its juicefs.bentoml.com/models-ready" in forged.stderr
+    ), forged.stderr
     still = condition(get_pod(cluster, tenants.attacker, "closed"), GATE)
     assert still is not None
     assert still["status"] == "False"
@@ -209,3 +219,61 @@ def test_no_credential_in_a_tenant_pod_opens_the_gate(
     )
     assert code != 0
     assert "No such file" in said
+
+
+def test_an_edited_credentials_secret_reaches_only_the_attackers_own_pod(
+    cluster: Cluster,
+    node: Node,
+    storage: StorageStack,
+    tenants: Tenants,
+    model: Manifest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The attacker points its copy of the credentials Secret at a JuiceFS volume of its
+    own (its own Redis and MinIO, where it is the writer), holding other bytes under
+    the victim's Bento name with a crafted manifest.json to match them. Its next pod
+    mounts that volume; the node agent seals from the real store with its own
+    credentials, never from what a tenant's Secret names. The node cache stays the
+    agent's (read-only to that pod), no block of the rogue volume lands in it, and the
+    victim still verifies and serves the published bytes."""
+    node_cache = node_cache_dir(node.dir) / storage.volume_name
+    volumes_before = {p.name for p in node_cache.iterdir() if p.is_dir()}
+    scratch = tmp_path_factory.mktemp("rogue")
+    rogue = StorageStack(scratch / "stack", host=storage.host).start()
+    try:
+        forged = rogue.publish_random(scratch, BENTO, VERSION, SHARDS)
+        assert forged.files[0].sha256 != model.files[0].sha256
+        edit = {"stringData": rogue.writer.secret_data()}
+        cluster.kubectl(
+            "patch", "secret", CREDENTIALS, "-n", tenants.attacker, "--type=merge",
+            "-p", json.dumps(edit),
+        )  # fmt: skip
+        create_pod(cluster, tenants.attacker, pod_of("rogue", forged))
+
+        def sidecar_running(pod: dict[str, Any]) -> bool:
+            return any(
+                s["name"] == SIDECAR and "running" in (s.get("state") or {})
+                for s in pod.get("status", {}).get("initContainerStatuses") or []
+            )
+
+        wait_pod(cluster, tenants.attacker, "rogue", sidecar_running, timeout=120,
+                 what="the rogue pod's sidecar running")  # fmt: skip
+        code, meta_url = exec_in(
+            cluster, tenants.attacker, "rogue", SIDECAR, "printenv", "JFS_META_URL"
+        )
+        assert code == 0
+        assert meta_url.strip() == rogue.writer.meta_url, "the pod got the edited Secret"
+        time.sleep(15)  # what the rogue pod would do, it has had time to
+        outcome = get_pod(cluster, tenants.attacker, "rogue")
+        print(f"the rogue pod: Ready={is_ready(outcome)}, gate {condition(outcome, GATE)}")
+    finally:
+        cluster.kubectl("delete", "pod", "rogue", "-n", tenants.attacker, "--wait=false",
+                        check=False)  # fmt: skip
+    try:
+        volumes = {p.name for p in node_cache.iterdir() if p.is_dir()}
+        # A JuiceFS client keeps a volume's blocks under <cache dir>/<volume uuid>/.
+        assert volumes == volumes_before, f"the rogue volume wrote into {node_cache}"
+        print(f"the node cache still holds only volume(s) {sorted(volumes)}")
+        victim_still_serves(cluster, tenants, model, "victim-after-rogue")
+    finally:
+        rogue.stop()

@@ -21,7 +21,6 @@ import pytest
 
 from common.warm import WARM_ANNOTATION, NodeWarmth, warm_label_key
 from devcluster import Cluster, wait_for
-from devcluster.injector import InjectorInstall
 from devcluster.juicefs import cached_blocks
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
@@ -49,14 +48,14 @@ def model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Ma
 
 
 @pytest.fixture(scope="module")
-def agent(cluster: Cluster, node: Node, injector: InjectorInstall) -> Iterator[LocalNodeAgent]:
-    local = LocalNodeAgent(cluster, injector)
-    # A short grace, so that a version no workload uses is evicted within the test.
-    pod = local.install(evict_after_seconds=EVICT_AFTER)
+def agent(node_agent: LocalNodeAgent) -> Iterator[LocalNodeAgent]:
+    # Prewarm on, and a short grace, so that a version no workload uses is
+    # evicted within the test; the cluster's default agent afterwards.
+    pod = node_agent.install(prewarm=True, evict_after_seconds=EVICT_AFTER)
     print(f"node agent pod {pod} runs")
-    yield local
-    print(local.logs()[-4000:])
-    local.uninstall()
+    yield node_agent
+    print(node_agent.logs()[-4000:])
+    node_agent.restore()
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +255,7 @@ def test_with_an_hour_between_resyncs_a_new_deployment_is_warmed_at_once(
 ) -> None:
     """The agent watches Deployments and StatefulSets: a new one wakes its loop at once;
     the resync is only the fallback. Runs last: it reinstalls the agent."""
-    pod = agent.install(resync_seconds=3600, evict_after_seconds=3600)
+    pod = agent.install(prewarm=True, resync_seconds=3600, evict_after_seconds=3600)
 
     def first_pass_done() -> bool:
         out = cluster.kubectl("logs", "-n", "bento-juicefs-system", pod, check=False).stdout

@@ -21,7 +21,6 @@ import pytest
 
 from common.warm import WARM_ANNOTATION, NodeWarmth, warm_label_key
 from devcluster import Cluster, wait_for
-from devcluster.injector import InjectorInstall
 from devcluster.juicefs import cached_blocks
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
@@ -44,11 +43,10 @@ def models(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> d
 
 
 @pytest.fixture(scope="module")
-def agent(cluster: Cluster, node: Node, injector: InjectorInstall) -> Iterator[LocalNodeAgent]:
-    local = LocalNodeAgent(cluster, injector)
-    yield local  # installed by the test, once its workloads exist
-    print(local.logs()[-3000:])
-    local.uninstall()
+def agent(node_agent: LocalNodeAgent) -> Iterator[LocalNodeAgent]:
+    yield node_agent  # installed with prewarm by the test, once its workloads exist
+    print(node_agent.logs()[-3000:])
+    node_agent.restore()
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +115,7 @@ def test_three_bentos_over_the_budget_the_newest_two_are_held_and_an_unused_one_
     # The agent starts as on a node that joins a cluster where the three exist:
     # it warms the newest first. (One that is warm and in use is never evicted
     # for a newer one: the newcomer is over budget until room is free.)
-    agent.install(cache={"nodeBudget": "1Gi"})
+    agent.install(prewarm=True, cache={"nodeBudget": "1Gi"})
 
     wait_states(cluster, node, agent, {"budget-c": "warm", "budget-b": "warm",
                                        "budget-a": "over-budget"})  # fmt: skip

@@ -1,12 +1,14 @@
 """The sidecar's own Prometheus metrics, scraped from the host at real Bento pods' IPs.
 
-Two pods of one Bento run to Ready, one after the other, on the local node's
-shared node cache: the first fetches the model from the object store, the
-second reads it from the cache the first filled. Each pod's `juicefs-mount`
-serves /metrics on its container port `metrics` (sidecar.metricsPort), at
-the pod's IP, which the host routes to, as Prometheus would reach it: the
-verified bytes are the published model's, split between the cache and the
-object store as the two starts say, with the time to ready and the state.
+Two pods of one Bento run to Ready, one after the other: the first with a
+pod cache, whose sidecar streams the model from the object store and
+verifies it itself; the second in node cache mode, whose gate the node
+agent opens from its seal (it warms and verifies the Bento once for the
+node), so its sidecar hashes nothing. Each pod's `juicefs-mount` serves
+/metrics on its container port `metrics` (sidecar.metricsPort), at the
+pod's IP, which the host routes to, as Prometheus would reach it: the
+streamed pod's verified bytes are the published model's, from the object
+store; both say ready, with their time to ready.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-def bento_pod(name: str) -> dict[str, Any]:
+def bento_pod(name: str, cache_mode: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -61,8 +63,7 @@ def bento_pod(name: str) -> dict[str, Any]:
                 "yatai.ai/bento-repository": BENTO,
                 "yatai.ai/bento-version": VERSION,
             },
-            # The node's shared cache: the second pod reads what the first fetched.
-            "annotations": {"juicefs.bentoml.com/cache-mode": "node"},
+            "annotations": {"juicefs.bentoml.com/cache-mode": cache_mode},
         },
         "spec": {
             "terminationGracePeriodSeconds": 20,
@@ -114,9 +115,9 @@ def scrape(ip: str, port: int) -> Samples:
     return samples
 
 
-def run_and_scrape(cluster: Cluster, namespace: str, name: str) -> Scraped:
+def run_and_scrape(cluster: Cluster, namespace: str, name: str, cache_mode: str) -> Scraped:
     started = time.monotonic()
-    pod = bento_pod(name)
+    pod = bento_pod(name, cache_mode)
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
     ready = wait_pod(cluster, namespace, name, is_ready, timeout=240, what=f"pod {name} Ready")
     seconds = time.monotonic() - started
@@ -131,61 +132,72 @@ def run_and_scrape(cluster: Cluster, namespace: str, name: str) -> Scraped:
 
 
 @pytest.fixture(scope="module")
-def started(cluster: Cluster, node: Node, namespace: str, model: Manifest) -> list[Scraped]:
-    """The first pod (cold), then the second (warm from the node cache), each scraped once Ready."""
-    pods = [run_and_scrape(cluster, namespace, name) for name in ("cold", "warm")]
-    for pod in pods:
-        print(
-            f"{pod.name}: Ready {pod.seconds_to_ready:.1f}s after kubectl apply; sidecar "
-            f"time_to_ready {pod.value('time_to_ready_seconds'):.1f}s, stream "
-            f"{pod.value('stream_duration_seconds'):.2f}s at "
-            f"{pod.value('stream_bytes_per_second') / MIB:.0f} MiB/s; "
-            f"{pod.value('cache_bytes_total') / MIB:.0f} MiB from the cache, "
-            f"{pod.value('store_bytes_total') / MIB:.0f} MiB from the object store"
-        )
+def started(cluster: Cluster, node: Node, namespace: str, model: Manifest) -> dict[str, Scraped]:
+    """The streamed pod (pod cache), then the sealed one (node cache), each scraped once Ready."""
+    pods = {
+        "streamed": run_and_scrape(cluster, namespace, "streamed", "pod"),
+        "sealed": run_and_scrape(cluster, namespace, "sealed", "node"),
+    }
+    streamed = pods["streamed"]
+    print(
+        f"streamed: Ready {streamed.seconds_to_ready:.1f}s after kubectl apply; sidecar "
+        f"time_to_ready {streamed.value('time_to_ready_seconds'):.1f}s, stream "
+        f"{streamed.value('stream_duration_seconds'):.2f}s at "
+        f"{streamed.value('stream_bytes_per_second') / MIB:.0f} MiB/s; "
+        f"{streamed.value('cache_bytes_total') / MIB:.0f} MiB from the cache, "
+        f"{streamed.value('store_bytes_total') / MIB:.0f} MiB from the object store"
+    )
+    sealed = pods["sealed"]
+    print(
+        f"sealed: Ready {sealed.seconds_to_ready:.1f}s after kubectl apply; sidecar "
+        f"time_to_ready {sealed.value('time_to_ready_seconds'):.1f}s (the agent warmed it)"
+    )
     return pods
 
 
-def test_the_sidecar_says_it_verified_the_model_and_is_ready(
-    started: list[Scraped], model: Manifest
-) -> None:
-    for pod in started:
-        assert pod.value("verified_bytes_total") == model.total_bytes, pod.name
-        assert pod.value("streamed_bytes_total") == model.total_bytes, pod.name
-        assert pod.value("model_bytes") == model.total_bytes, pod.name
+def test_both_sidecars_say_they_are_ready_without_failures(started: dict[str, Scraped]) -> None:
+    for mode, pod in (("pod", started["streamed"]), ("node", started["sealed"])):
         assert pod.value("state", state="ready") == 1, pod.name
         for state in ("starting", "streaming", "failed"):
             assert pod.value("state", state=state) == 0, (pod.name, state)
         for reason in ("VerificationFailed", "WarmupTimedOut", "WarmupFailed"):
             assert pod.value("warmup_failures_total", reason=reason) == 0, (pod.name, reason)
-        info = {"bento": BENTO, "version": VERSION, "volume": "models", "cache_mode": "node"}
+        info = {"bento": BENTO, "version": VERSION, "volume": "models", "cache_mode": mode}
         assert pod.value("info", **info) == 1, pod.name
 
 
-def test_time_to_ready_is_within_the_pods_start(started: list[Scraped]) -> None:
-    for pod in started:
+def test_the_streaming_sidecar_verified_the_model_from_the_store(
+    started: dict[str, Scraped], model: Manifest
+) -> None:
+    pod = started["streamed"]
+    assert pod.value("verified_bytes_total") == model.total_bytes
+    assert pod.value("streamed_bytes_total") == model.total_bytes
+    assert pod.value("model_bytes") == model.total_bytes
+    split = pod.value("cache_bytes_total") + pod.value("store_bytes_total")
+    assert split == model.total_bytes
+    assert pod.value("store_bytes_total") >= 0.95 * model.total_bytes  # its cache was empty
+
+
+def test_the_sealed_sidecar_hashed_nothing(started: dict[str, Scraped]) -> None:
+    """The node agent verified the Bento for the node; this sidecar read no model byte."""
+    pod = started["sealed"]
+    assert pod.value("verified_bytes_total") == 0
+    assert pod.value("streamed_bytes_total") == 0
+
+
+def test_time_to_ready_is_within_the_pods_start(started: dict[str, Scraped]) -> None:
+    for pod in started.values():
         seconds = pod.value("time_to_ready_seconds")
         # The sidecar starts after the pod is created and sets the condition
         # before the kubelet marks the pod Ready.
         assert 0 < seconds <= pod.seconds_to_ready, (pod.name, seconds, pod.seconds_to_ready)
-        assert 0 < pod.value("stream_duration_seconds") < seconds, pod.name
-        assert pod.value("stream_bytes_per_second") > 0, pod.name
-
-
-def test_the_bytes_came_from_the_store_then_from_the_node_cache(
-    started: list[Scraped], model: Manifest
-) -> None:
-    cold, warm = started
-    for pod in started:
-        split = pod.value("cache_bytes_total") + pod.value("store_bytes_total")
-        assert split == model.total_bytes, pod.name
-    # As tests/e2e/test_node_cache.py holds the ModelsReady Events to.
-    assert cold.value("cache_bytes_total") <= 0.05 * model.total_bytes
-    assert warm.value("cache_bytes_total") >= 0.95 * model.total_bytes
+    streamed = started["streamed"]
+    assert 0 < streamed.value("stream_duration_seconds") < streamed.value("time_to_ready_seconds")
+    assert streamed.value("stream_bytes_per_second") > 0
 
 
 def test_the_metrics_port_is_the_configured_one(cluster: Cluster, namespace: str) -> None:
-    pod = get_pod(cluster, namespace, "cold")
+    pod = get_pod(cluster, namespace, "streamed")
     env = {
         e["name"]: e.get("value")
         for c in pod["spec"]["initContainers"]

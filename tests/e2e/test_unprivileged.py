@@ -1,6 +1,6 @@
 """Unprivileged sidecars on the real node: the node agent mounts, the pod holds no privilege.
 
-With `sidecar.unprivileged` on, the injected `juicefs-mount` runs as uid
+The injected `juicefs-mount` runs as uid
 65532 with no capabilities and no service-account token; the node agent
 (the DaemonSet, privileged, in bento-juicefs-system) opens /dev/fuse,
 mounts into the pod's own emptyDir on the node, hands the descriptor over
@@ -104,7 +104,7 @@ def assert_unprivileged(pod: dict[str, Any]) -> None:
 def test_a_bento_turns_ready_under_pod_security_without_privilege(
     cluster: Cluster,
     node: Node,
-    unprivileged: LocalNodeAgent,
+    node_agent: LocalNodeAgent,
     model: Manifest,
     level: str,
     restricted: bool,
@@ -140,7 +140,7 @@ def test_a_bento_turns_ready_under_pod_security_without_privilege(
 
 
 def test_a_second_pod_on_a_warm_node_opens_its_gate_from_the_seal(
-    cluster: Cluster, node: Node, unprivileged: LocalNodeAgent, model: Manifest
+    cluster: Cluster, node: Node, node_agent: LocalNodeAgent, model: Manifest
 ) -> None:
     """Node cache mode: the node agent warmed and verified the Bento once (for the first
     pod, on demand); a second pod's gate opens from that seal, nothing hashed again."""
@@ -161,7 +161,7 @@ def test_a_second_pod_on_a_warm_node_opens_its_gate_from_the_seal(
 
 
 def test_restarting_the_agent_leaves_the_mounts_serving(
-    cluster: Cluster, node: Node, unprivileged: LocalNodeAgent, model: Manifest
+    cluster: Cluster, node: Node, node_agent: LocalNodeAgent, model: Manifest
 ) -> None:
     """The mounts live in the node's mount namespace and the FUSE descriptor is the
     sidecar's: the agent's pod deleted (the DaemonSet makes a new one), the app still
@@ -170,15 +170,8 @@ def test_restarting_the_agent_leaves_the_mounts_serving(
     namespace = namespace_enforcing(cluster, "baseline", "e2e-unpriv")
     try:
         run_until_ready(cluster, namespace, bento_pod("before", model, False, "node"))
-        old = unprivileged.running_pod()
-        assert old is not None
-        cluster.kubectl("delete", "pod", old, "-n", "bento-juicefs-system", "--wait=true")
-
-        def replaced() -> str | None:
-            running = unprivileged.running_pod()
-            return running if running != old else None
-
-        new = wait_for(replaced, timeout=120, what="a new node agent pod")
+        old = node_agent.running_pod()
+        new = node_agent.restart()
         print(f"node agent {old} deleted, {new} runs")
         shard = max(model.files, key=lambda f: f.size)
         code, said = exec_in(
@@ -193,7 +186,7 @@ def test_restarting_the_agent_leaves_the_mounts_serving(
 
 
 def test_the_unchanged_example_turns_ready_in_a_baseline_namespace(
-    cluster: Cluster, node: Node, unprivileged: LocalNodeAgent, example_model: Manifest
+    cluster: Cluster, node: Node, node_agent: LocalNodeAgent, example_model: Manifest
 ) -> None:
     """examples/bento-deployment.yaml as a user applies it (only its namespace is this
     test's own, and one replica: the node has one GPU), in a namespace that enforces
