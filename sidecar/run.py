@@ -796,6 +796,12 @@ async def open_gate_sealed(
         f"model sealed by the node agent in {seconds:.1f}s: verified once on this node, "
         "every block in the node cache",
     )
+    # The agent set the condition; `kubectl describe pod` tells it as for a verified pod.
+    await reporter.event(
+        NORMAL,
+        "Ready",
+        f"condition {settings.condition_type}=True (ModelsSealed, by the node agent)",
+    )
     return None
 
 
