@@ -19,9 +19,12 @@ import pytest
 import yaml
 
 from devcluster import Cluster, wait_for
+from devcluster.juicefs import cached_blocks
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
+from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
+from devcluster.storemetrics import store_requests
 from sidecar.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
@@ -30,11 +33,13 @@ from tests.e2e.pods import (
     bento_labels,
     checking_pod,
     condition,
+    create_pod,
     exec_in,
     is_ready,
     namespace_enforcing,
     reasons,
     run_until_ready,
+    wait_pod,
 )
 from tests.helpers import fuse_servers
 
@@ -181,6 +186,54 @@ def test_restarting_the_agent_leaves_the_mounts_serving(
         assert said.split()[0] == shard.sha256
         run_until_ready(cluster, namespace, bento_pod("after", model, False, "node"))
         cluster.kubectl("delete", "pod", "before", "-n", namespace, "--wait=true", timeout=120)
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_a_warm_interrupted_by_an_agent_restart_resumes(
+    cluster: Cluster,
+    node: Node,
+    storage: StorageStack,
+    node_agent: LocalNodeAgent,
+    tmp_path: Path,
+) -> None:
+    """The agent's pod deleted while it warms a cold Bento for a pod's seal: the sidecar
+    asks the new agent again, which finds the blocks already on disk and fetches only
+    the rest; the gate opens from its seal."""
+    name = "resumed-llm"
+    big = storage.publish_random(tmp_path, name, VERSION, [128 * MIB] * 8)
+    shard = max(big.files, key=lambda f: f.size)
+    node_cache = node_cache_dir(node.dir) / storage.volume_name
+    held_before = sum(cached_blocks(node_cache).values())
+    namespace = namespace_enforcing(cluster, "baseline", "e2e-unpriv")
+    try:
+        before = store_requests(storage.store)
+        pod = checking_pod(
+            "resumed", bento_labels(name, VERSION), shard.path, shard.sha256,
+            annotations={"juicefs.bentoml.com/cache-mode": "node"},
+        )  # fmt: skip
+        create_pod(cluster, namespace, pod)
+        wait_for(
+            lambda: sum(cached_blocks(node_cache).values()) - held_before >= big.total_bytes // 5,
+            timeout=180,
+            interval=0.1,
+            what="a fifth of the model warmed",
+        )
+        warmed = sum(cached_blocks(node_cache).values()) - held_before
+        old = node_agent.running_pod()
+        new = node_agent.restart()
+        print(f"agent {old} deleted with {warmed / MIB:.0f} MiB of {big.total_bytes / MIB:.0f} "
+              f"MiB warmed; {new} runs")  # fmt: skip
+        ready = wait_pod(cluster, namespace, "resumed", is_ready, timeout=300, what="Ready")
+        fetched = (store_requests(storage.store) - before).bytes_sent
+        seen = reasons(cluster, namespace, "resumed")
+        print(f"the store sent {fetched / MIB:.0f} MiB for a {big.total_bytes / MIB:.0f} MiB "
+              f"model; Events: {seen}")  # fmt: skip
+        gate = condition(ready, GATE)
+        assert gate is not None
+        assert gate["reason"] == "ModelsSealed", gate
+        assert "SealInterrupted" in seen, seen
+        assert fetched <= 1.5 * big.total_bytes, "the new agent resumed, not started over"
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
