@@ -352,18 +352,19 @@ class RestartingAgent:
         while True:
             with self._listen() as server:
                 conn, _ = server.accept()
-                with conn:
-                    buffer = LineBuffer()
-                    lines: list[bytes] = []
-                    while not lines:
-                        lines = buffer.feed(conn.recv(4096))
-                    request = parse_request(lines[0])
-                    if self.drops > 0:
-                        self.drops -= 1
-                        continue  # gone mid-request, socket and all
+            # The listener is gone before the connection drops: a client
+            # that reconnects at once finds no agent, as after a pod delete.
+            with conn:
+                buffer = LineBuffer()
+                lines: list[bytes] = []
+                while not lines:
+                    lines = buffer.feed(conn.recv(4096))
+                request = parse_request(lines[0])
+                if self.drops == 0:
                     self.answered.append(request)
                     conn.sendall(render_reply())
                     return
+                self.drops -= 1  # gone mid-request, socket and all
             time.sleep(0.3)  # the successor pod takes a moment to bind
 
 
