@@ -83,7 +83,7 @@ def test_the_layout_as_declared_passes(tmp_path: Path) -> None:
             "injector.mutation.sidecar -> sidecar.env",
         ),
         ("sidecar/run.py", "import injector.config\n", "sidecar.run -> injector.config"),
-        ("common/logs.py", "import sidecar.kube\n", "common.logs -> sidecar.kube"),
+        ("common/logs.py", "import sidecar.agent\n", "common.logs -> sidecar.agent"),
         ("injector/server.py", "import devcluster\n", "injector.server -> devcluster"),
         ("tests/test_layers.py", "import benchmarks\n", "tests.test_layers -> benchmarks"),
     ],
