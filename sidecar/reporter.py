@@ -1,7 +1,8 @@
 """What the sidecar needs to tell the cluster: an interface, so decisions and tests need no API.
 
-`sidecar.kube.PodReporter` is the real one (Events and the pod condition
-through the apiserver); tests pass fakes that record what they are told.
+`sidecar.agent.AgentReporter` is the real one (Events and the pod condition
+through the node agent, which posts them: the sidecar holds no Kubernetes
+credential); tests pass fakes that record what they are told.
 `OrderedReporter` wraps one so that the apiserver never holds up the mount
 or the model stream: Events go out in the background, in order.
 """
