@@ -1,7 +1,7 @@
 """AdmissionReview v1: the envelope as typed models, the pod as a plain dict.
 
-`review()` is the whole webhook decision without I/O: parse, check the pod's
-shape, decide, check Pod Security, mutate, answer. The server, the `render`
+`review()` is the whole webhook decision without I/O or state: parse, check
+the pod's shape, decide, mutate, answer. The server, the `render`
 command and the tests all call it. It never raises on what a request holds:
 whatever reaches /mutate gets an answer that says what is wrong with it.
 """
@@ -15,12 +15,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import to_json
 
-from injector import podsecurity, podshape
+from injector import podshape
 from injector.config import InjectorConfig
 from injector.mutation import mutate
 from injector.patch import PatchOp
 from injector.plan import Deny, Skip, decide, shown
-from injector.podsecurity import NamespaceSecurityRegistry
 
 API_VERSION = "admission.k8s.io/v1"
 
@@ -43,10 +42,6 @@ class GroupVersionResource(_Envelope):
     resource: str
 
 
-class UserInfo(_Envelope):
-    username: str = ""
-
-
 class AdmissionRequest(_Envelope):
     uid: str = Field(min_length=1)
     kind: GroupVersionKind
@@ -59,8 +54,6 @@ class AdmissionRequest(_Envelope):
     # fields the model does not know.
     object: dict[str, Any] | None = None
     dry_run: bool = Field(default=False, alias="dryRun")
-    # Who creates the pod: Pod Security's username exemptions apply to them.
-    user_info: UserInfo | None = Field(default=None, alias="userInfo")
 
     @field_validator("object")
     @classmethod
@@ -150,15 +143,12 @@ def _deny(uid: str, message: str) -> ReviewResult:
     return ReviewResult("denied", message, _answer(uid, allowed=False, message=message), [], [])
 
 
-def review(
-    request: AdmissionRequest,
-    config: InjectorConfig,
-    namespaces: NamespaceSecurityRegistry | None = None,
-) -> ReviewResult:
-    """The answer to one AdmissionReview request.
+def review(request: AdmissionRequest, config: InjectorConfig) -> ReviewResult:
+    """The answer to one AdmissionReview request: a function of the request and the config.
 
-    namespaces: the opted-in namespaces' Pod Security labels; by default the
-    process's own registry, which the namespace controller keeps.
+    No namespace's Pod Security level is consulted: what the injector adds
+    passes `restricted`, so Pod Security judges only the pod's own containers,
+    as for any pod.
     """
     uid = request.uid
     kind = request.kind
@@ -186,17 +176,6 @@ def review(
         return _deny(uid, decision.message)
     if problems := podshape.spec_problems(pod):
         return _deny(uid, podshape.describe(problems))
-    registry = podsecurity.NAMESPACES if namespaces is None else namespaces
-    refused = podsecurity.denial(
-        namespace,
-        registry.get(namespace),
-        decision,
-        config,
-        username=request.user_info.username if request.user_info else None,
-        runtime_class=(pod.get("spec") or {}).get("runtimeClassName"),
-    )
-    if refused:
-        return _deny(uid, refused)
 
     result = mutate(pod, decision, config)
     if result.conflicts:
@@ -229,5 +208,4 @@ def pod_review_request(
         name=name if isinstance(name, str) else None,
         object=pod,
         dry_run=dry_run,
-        user_info=None,
     )

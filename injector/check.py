@@ -20,12 +20,12 @@ What is checked, and against what:
   the injector's shared Secret (the issuer of every replica's serving
   certificate), and against the certificate each reachable endpoint presents,
   verified for the name the apiserver asks for;
-- each opted-in namespace's Pod Security level (unless `sidecar.unprivileged`,
-  the sidecar is privileged), read as the PodSecurity plugin reads it
-  (`injector.podsecurity`);
+- the opted-in namespaces (any Pod Security level works: what the injector
+  adds passes `restricted`), and an opt-in label where it has no effect;
 - the JuiceFS credentials Secret in the injector's namespace, and its copy in
   each opted-in namespace (names of keys only: values are never printed);
-- the node agent on each SSD node: its DaemonSet pod there, and the node's
+- the node agent on each SSD node: its DaemonSet pod there (it mounts for
+  every Bento pod, so a node without it starts none), and the node's
   warm-models record (`common.warm`).
 """
 
@@ -51,7 +51,6 @@ from common.warm import WARM_ANNOTATION, WARM_STATES, NodeWarmth
 from injector.config import InjectorConfig, NodeLabel
 from injector.kube import ApiException, new_api_client
 from injector.namespaces import credential_secret_names, opted_in
-from injector.podsecurity import ENFORCE, NamespaceSecurity, enforcement, exempt, refused_levels
 
 Verdict = Literal["ok", "warn", "FAIL"]
 VERDICTS: tuple[Verdict, ...] = ("ok", "warn", "FAIL")
@@ -737,9 +736,9 @@ def opted_in_namespaces(namespaces: Iterable[Obj], config: InjectorConfig) -> li
     )
 
 
-def check_pod_security(namespaces: Sequence[Obj] | Unreadable, config: InjectorConfig) -> list[Row]:
-    """Each opted-in namespace must let the sidecar run (any level, when it is unprivileged)."""
-    check = "pod security"
+def check_namespaces(namespaces: Sequence[Obj] | Unreadable, config: InjectorConfig) -> list[Row]:
+    """Which namespaces are opted in; any Pod Security level works for them."""
+    check = "namespaces"
     if isinstance(namespaces, Unreadable):
         return [_unreadable(check, "namespaces", "namespaces", namespaces)]
     keys = config.labels
@@ -773,47 +772,15 @@ def check_pod_security(namespaces: Sequence[Obj] | Unreadable, config: InjectorC
             )
         )
         return rows
-    by_name = {_name(ns): ns for ns in namespaces}
-    sidecar = config.sidecar.container_name
-    for name in opted:
-        subject = f"namespace {name}"
-        state = NamespaceSecurity.from_labels(_labels(by_name[name]))
-        enforced = enforcement(state, config)
-        level = f"{enforced.level}:{enforced.version}"
-        if enforced.source == "label":
-            why = "its label"
-        elif enforced.source == "invalid label":
-            why = f"its label {ENFORCE}={state.level!r} is not a level: enforced as restricted"
-        else:
-            why = "no label: the cluster's default, podSecurity.defaultEnforce"
-        if exempt(name, None, None, config):
-            rows.append(
-                Row(
-                    check,
-                    subject,
-                    "ok",
-                    f"exempt from Pod Security (podSecurity.exemptNamespaces); enforce {level}",
-                )
-            )
-        elif enforced.level not in refused_levels(config):
-            passes = (
-                f"; the unprivileged {sidecar} sidecar passes restricted"
-                if config.sidecar.unprivileged and enforced.level != "privileged"
-                else ""
-            )
-            rows.append(Row(check, subject, "ok", f"enforces {level} ({why}){passes}"))
-        else:
-            rows.append(
-                Row(
-                    check,
-                    subject,
-                    "FAIL",
-                    f"enforces {level} ({why}), which refuses the privileged {sidecar} "
-                    "sidecar: every Bento pod here is denied",
-                    f"kubectl label namespace {name} {ENFORCE}=privileged --overwrite "
-                    f"(keep pod-security.kubernetes.io/warn and audit at {enforced.level})",
-                )
-            )
+    rows.append(
+        Row(
+            check,
+            "namespaces",
+            "ok",
+            f"{_plural(len(opted), 'namespace')} opted in: {_listed(opted)}; any Pod Security "
+            f"level works (the injected {config.sidecar.container_name} sidecar passes restricted)",
+        )
+    )
     return rows
 
 
@@ -1006,34 +973,22 @@ def check_node_agent(
 ) -> list[Row]:
     """On each SSD node: the agent's pod, and what its record says is warm.
 
-    With sidecar.unprivileged the agent mounts for every Bento pod on its
-    node, in either cache mode: a node without it starts none (FAIL).
+    The agent mounts for every Bento pod on its node, in either cache mode:
+    a node without it starts none (FAIL).
     """
     check = "node agent"
     home = config.webhook.namespace
     subject = f"DaemonSet {home}/{NODE_AGENT}"
-    required = config.sidecar.unprivileged
-    missing: Verdict = "FAIL" if required else "warn"
-    if config.cache_mode != "node" and not required:
-        return [
-            Row(check, "cluster", "ok", "cache mode pod: the node agent warms only the node cache")
-        ]
     if isinstance(daemonset, Unreadable):
         return [_unreadable(check, subject, "it", daemonset)]
     if daemonset is None:
-        found = (
-            "not installed: with sidecar.unprivileged it mounts for every Bento pod, so "
-            "none starts (each waits for it, its startup probe says so)"
-            if required
-            else "not installed: no node is warmed before its pods arrive (each first pod "
-            "streams its model itself)"
-        )
         return [
             Row(
                 check,
                 subject,
-                missing,
-                found,
+                "FAIL",
+                "not installed: the node agent mounts for every Bento pod, so none starts "
+                "(each waits for it, its startup probe says so)",
                 "kubectl apply -k manifests/base (docs/node-agent.md)",
             )
         ]
@@ -1067,7 +1022,7 @@ def check_node_agent(
         on_node = by_node.get(name, [])
         states = [(_name(p), *_pod_state(p)) for p in on_node]
         running = [s for s in states if s[1]]
-        verdict: Verdict = "ok" if running else missing
+        verdict: Verdict = "ok" if running else "FAIL"
         if running:
             found, fix = f"pod {running[0][0]} running; {record}", ""
         elif states:
@@ -1115,7 +1070,7 @@ def run_checks(
         *check_streaming_nodes(state.nodes, config),
         *check_ca_bundle(state.webhook, state.ca_secret, config, now),
         *check_endpoints(state.webhook, state.endpoints, config, now),
-        *check_pod_security(state.namespaces, config),
+        *check_namespaces(state.namespaces, config),
         *check_credentials(state.namespaces, state.sources, state.copies, config),
         *check_node_agent(state.nodes, state.daemonset, state.agent_pods, config),
     ]

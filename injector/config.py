@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,7 +24,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_camel, to_snake
 
 from common import env
 from common.env import SSD_POLICIES, CacheMode, SsdPolicy
@@ -138,20 +139,14 @@ class Sidecar(_Model):
     # The sidecar's own Prometheus /metrics, plain HTTP on the pod's IP, declared
     # as its container port `metrics` (what a PodMonitor selects). 0: none.
     metrics_port: MetricsPort = env.DEFAULT_METRICS_PORT
-    # Transitional: the sidecar runs unprivileged (non-root, no capabilities,
-    # Pod Security `restricted`) and the node agent opens /dev/fuse, mounts and
-    # hands it the descriptor over a socket in the pod's agent volume. Off: the
-    # privileged, root sidecar that mounts FUSE itself.
-    unprivileged: bool = False
 
 
 class Volumes(_Model):
     mount_dir_name: str = "juicefs-mount-dir"
     cache_name: str = "juicefs-cache"
-    token_name: str = "juicefs-sa-token"
-    # The unprivileged sidecar's own emptyDir, at common.env.AGENT_DIR: the node
-    # agent's socket for the pod and its private FUSE mount. The node agent
-    # finds the pods it serves by this volume.
+    # The sidecar's own emptyDir, at common.env.AGENT_DIR: the node agent's
+    # socket for the pod and its private FUSE mount. The node agent finds the
+    # pods it serves by this volume.
     agent_name: str = "juicefs-agent"
     # Where the sidecar mounts JuiceFS (the shared mount dir) and keeps its cache.
     mount_path: str = "/var/lib/juicefs/mnt"
@@ -354,13 +349,12 @@ class Webhook(_Model):
 
 
 class Controller(_Model):
-    """The namespace controller: credentials and readiness RBAC per opted-in namespace."""
+    """The namespace controller: the JuiceFS credentials per opted-in namespace."""
 
     enabled: bool = True
     resync_seconds: float = Field(default=60.0, gt=0)
     # Objects the controller owns carry this label, and only those are deleted.
     managed_by: str = "bento-juicefs-injector"
-    role_name: str = "bento-juicefs-models-ready"
 
 
 class Server(_Model):
@@ -385,37 +379,6 @@ class Server(_Model):
     tls_handshake_timeout_seconds: float = Field(default=10.0, gt=0)
 
 
-PodSecurityLevel = Literal["privileged", "baseline", "restricted"]
-
-
-def _check_pss_version(value: str) -> str:
-    if value != "latest" and not re.fullmatch(r"v1\.(0|[1-9][0-9]*)", value):
-        raise ValueError("must be latest or v1.<minor>, e.g. v1.30")
-    return value
-
-
-class PodSecurity(_Model):
-    """The cluster's Pod Security Admission, as far as the injector must know it.
-
-    A Bento pod in a namespace that enforces `baseline` or `restricted` is
-    denied by the injector when the sidecar is privileged (not with
-    `sidecar.unprivileged`, whose injected parts pass `restricted`). The
-    defaults and exemptions mirror the PodSecurity plugin's AdmissionConfiguration; the
-    values here are Kubernetes' own defaults (no AdmissionConfiguration).
-    """
-
-    enabled: bool = True
-    # defaults.enforce / defaults.enforce-version: what a namespace without
-    # the pod-security.kubernetes.io/enforce label enforces.
-    default_enforce: PodSecurityLevel = "privileged"
-    default_enforce_version: Annotated[str, AfterValidator(_check_pss_version)] = "latest"
-    # exemptions.namespaces / usernames / runtimeClasses: Pod Security lets
-    # these through whatever the level, so the injector does too.
-    exempt_namespaces: tuple[str, ...] = ()
-    exempt_usernames: tuple[str, ...] = ()
-    exempt_runtime_classes: tuple[str, ...] = ()
-
-
 class InjectorConfig(_Model):
     labels: Labels = Labels()
     annotations: Annotations = Annotations()
@@ -431,7 +394,6 @@ class InjectorConfig(_Model):
     webhook: Webhook = Webhook()
     controller: Controller = Controller()
     server: Server = Server()
-    pod_security: PodSecurity = PodSecurity()
 
     @model_validator(mode="after")
     def _consistent(self) -> InjectorConfig:
@@ -519,11 +481,58 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+# Keys earlier versions had, and why each went. A config that still sets one
+# fails to load with that reason rather than as an unknown key: its author
+# meant something by it, and should learn that it no longer holds.
+REMOVED_KEYS: dict[tuple[str, ...], str] = {
+    ("sidecar", "unprivileged"): (
+        "the sidecar is always unprivileged and the node agent mounts for it"
+    ),
+    ("podSecurity",): (
+        "what the injector adds passes Pod Security restricted, so it no longer "
+        "needs to know what a namespace enforces"
+    ),
+    ("controller", "roleName"): (
+        "no service account of a tenant namespace may set the readiness condition "
+        "(the node agent sets it), so the controller binds no role there"
+    ),
+    ("volumes", "tokenName"): (
+        "the sidecar holds no service-account token (it asks the node agent through "
+        "its socket), so it gets no token volume"
+    ),
+}
+
+
+_ABSENT = object()
+
+
+def _lookup(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = data
+    for part in path:
+        node = node.get(part, _ABSENT) if isinstance(node, Mapping) else _ABSENT
+    return node
+
+
+def removed_keys(data: Mapping[str, Any]) -> list[str]:
+    """What a config still sets of REMOVED_KEYS, each with why it went and what to do.
+
+    Keys are found as written, camelCase or (as pydantic also reads them) snake_case.
+    """
+    found = []
+    for camel, why in REMOVED_KEYS.items():
+        for path in dict.fromkeys((camel, tuple(to_snake(part) for part in camel))):
+            if _lookup(data, path) is not _ABSENT:
+                found.append(f"{'.'.join(path)} was removed: {why}; delete the key")
+    return found
+
+
 def parse_config(data: Any, source: str = "<inline>") -> InjectorConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping")
+    if removed := removed_keys(data):
+        raise ConfigError("\n".join([f"invalid config {source}:", *(f"  {r}" for r in removed)]))
     try:
         return InjectorConfig.model_validate(data)
     except ValidationError as err:

@@ -1,26 +1,26 @@
 """The namespace controller: what an opted-in namespace's pods need, and nothing after.
 
 For each namespace with the opt-in label it server-side-applies a copy of the
-JuiceFS credentials Secret(s) from the injector's namespace and a RoleBinding
-of the shipped `bento-juicefs-models-ready` ClusterRole that lets the
-namespace's service accounts patch `pods/status` (the
-ValidatingAdmissionPolicy narrows that to a pod's own condition). What it
-created is recorded in the namespace's `juicefs.bentoml.com/provisioned`
-annotation; when the label goes, exactly that goes. It never lists or reads
-the namespace's Secrets, and never takes over an object someone else created
+JuiceFS credentials Secret(s) from the injector's namespace. What it created
+is recorded in the namespace's `juicefs.bentoml.com/provisioned` annotation;
+when the label goes, exactly that goes. It never lists or reads the
+namespace's Secrets, and never takes over an object someone else created
 with the same name. Charts stay untouched.
 
-It also keeps, in memory, each opted-in namespace's Pod Security enforce
-labels (`injector.podsecurity`), which the admission review consults: the
-AdmissionReview does not carry the namespace's labels. Nothing it logs
-holds a Secret's data: the names of what it made, and an API error's status
-and reason, never its body.
+Older versions also bound a readiness role (`bento-juicefs-models-ready`) to
+the namespace's service accounts, so that a privileged sidecar could set its
+pod's condition. Only the node agent sets it now, and no credential of a
+tenant namespace may: a RoleBinding the record names is deleted the next
+time the namespace is reconciled, and dropped from the record. Nothing it
+logs holds a Secret's data: the names of what it made, and an API error's
+status and reason, never its body.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -30,12 +30,14 @@ from kubernetes_asyncio import client, watch
 from injector.config import InjectorConfig
 from injector.kube import APPLY, FIELD_MANAGER, KUBE_API, TIMEOUT, is_status
 from injector.lifecycle import CleanupContext, background
-from injector.podsecurity import NAMESPACES, NamespaceSecurityRegistry
 
 log = structlog.get_logger("injector.namespaces")
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 PROVISIONED = "juicefs.bentoml.com/provisioned"
+# The readiness RoleBinding older versions created in opted-in namespaces;
+# the injector's RBAC lets it delete this name, and nothing else of the kind.
+LEGACY_ROLE_BINDING = "bento-juicefs-models-ready"
 
 
 def opted_in(namespace: str, labels: Mapping[str, str] | None, config: InjectorConfig) -> bool:
@@ -71,27 +73,35 @@ def desired_secret(
     }
 
 
-def desired_binding(namespace: str, config: InjectorConfig) -> dict[str, Any]:
-    """Bind the shipped ClusterRole to every service account of the namespace.
+def recorded_objects(recorded: str | None) -> list[tuple[str, str]]:
+    """(kind, name) of each object the provisioned annotation says the controller made."""
+    items = []
+    for item in (recorded or "").split(","):
+        kind, _, name = item.strip().partition("/")
+        if kind and name:
+            items.append((kind, name))
+    return items
 
-    The ClusterRole (manifests/base/rbac.yaml) grants only pods/status patch
-    and events create; the injector may bind it (RBAC `bind`) without holding
-    those permissions itself.
-    """
-    name = config.controller.role_name
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": _metadata(name, namespace, config),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-        "subjects": [
-            {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Group",
-                "name": f"system:serviceaccounts:{namespace}",
-            }
-        ],
-    }
+
+@dataclass(frozen=True)
+class LegacyRoleBindings:
+    """The readiness RoleBindings an older version recorded in a namespace."""
+
+    # Ours by name: deleted, then dropped from the record.
+    to_delete: tuple[str, ...] = ()
+    # Made under another controller.roleName: the injector may not delete
+    # them (its RBAC names one RoleBinding), so they are dropped from the
+    # record and left to an administrator, with a warning.
+    by_hand: tuple[str, ...] = ()
+
+
+def legacy_role_bindings(recorded: str | None) -> LegacyRoleBindings:
+    """What of an older version's readiness RBAC the record names, and who removes it."""
+    names = [name for kind, name in recorded_objects(recorded) if kind == "rolebinding"]
+    return LegacyRoleBindings(
+        to_delete=tuple(n for n in names if n == LEGACY_ROLE_BINDING),
+        by_hand=tuple(n for n in names if n != LEGACY_ROLE_BINDING),
+    )
 
 
 def describe_error(err: BaseException) -> str:
@@ -102,24 +112,10 @@ def describe_error(err: BaseException) -> str:
 
 
 class NamespaceController:
-    def __init__(
-        self,
-        api: Any,
-        config: InjectorConfig,
-        security: NamespaceSecurityRegistry = NAMESPACES,
-    ) -> None:
+    def __init__(self, api: Any, config: InjectorConfig) -> None:
         self._config = config
         self._core = client.CoreV1Api(api)
         self._rbac = client.RbacAuthorizationV1Api(api)
-        self.security = security
-
-    def observe(self, event: str, namespace: Any) -> None:
-        """Keep the Pod Security labels of opted-in namespaces, and only theirs."""
-        name, labels = namespace.metadata.name, namespace.metadata.labels
-        if event != "DELETED" and opted_in(name, labels, self._config):
-            self.security.observe(name, labels)
-        else:
-            self.security.forget(name)
 
     async def _sources(self) -> list[dict[str, Any]]:
         sources = []
@@ -141,14 +137,23 @@ class NamespaceController:
         name, labels = namespace.metadata.name, namespace.metadata.labels
         if name in self._config.excluded_namespaces:
             return  # our own namespace holds the CA and the source Secrets: never touch it
+        annotations = namespace.metadata.annotations
         if opted_in(name, labels, self._config):
-            await self._apply(name, sources)
+            await self._apply(name, sources, annotations)
         else:
-            await self._remove(name, namespace.metadata.annotations)
+            await self._remove(name, annotations)
 
-    async def _apply(self, namespace: str, sources: list[dict[str, Any]]) -> None:
-        # No force: a Secret or RoleBinding of the tenant's own with our name
-        # is theirs (the apply conflicts, and we leave it alone and say so).
+    async def _apply(
+        self,
+        namespace: str,
+        sources: list[dict[str, Any]],
+        annotations: Mapping[str, str] | None,
+    ) -> None:
+        # Before the record is rewritten without it: once dropped from the
+        # record, nothing would say the RoleBinding was ours.
+        await self._remove_legacy_bindings(namespace, (annotations or {}).get(PROVISIONED))
+        # No force: a Secret of the tenant's own with our name is theirs (the
+        # apply conflicts, and we leave it alone and say so).
         kwargs: dict[str, Any] = {"field_manager": FIELD_MANAGER, "_content_type": APPLY, **TIMEOUT}
         made: list[str] = []
         for source in sources:
@@ -156,16 +161,27 @@ class NamespaceController:
             name = body["metadata"]["name"]
             if await _applied(self._core.patch_namespaced_secret, name, namespace, body, kwargs):
                 made.append(f"secret/{name}")
-        binding = desired_binding(namespace, self._config)
-        name = binding["metadata"]["name"]
-        if await _applied(
-            self._rbac.patch_namespaced_role_binding, name, namespace, binding, kwargs
-        ):
-            made.append(f"rolebinding/{name}")
         # What we created is recorded on the namespace, so that removing it
         # later needs neither a list nor a read of the namespace's Secrets.
         await self._record(namespace, made)
         log.info("namespace.provisioned", namespace=namespace, objects=made)
+
+    async def _remove_legacy_bindings(self, namespace: str, recorded: str | None) -> int:
+        legacy = legacy_role_bindings(recorded)
+        removed = 0
+        for name in legacy.to_delete:
+            removed += await _delete(self._rbac.delete_namespaced_role_binding, name, namespace)
+        if legacy.to_delete:
+            log.info("namespace.legacy_rbac_deleted", namespace=namespace, removed=removed)
+        if legacy.by_hand:
+            log.warning(
+                "namespace.legacy_rbac_left",
+                namespace=namespace,
+                rolebindings=list(legacy.by_hand),
+                reason="an older version made them under another controller.roleName; "
+                "delete them by hand",
+            )
+        return removed
 
     async def _record(self, namespace: str, made: list[str]) -> None:
         value = ",".join(sorted(made)) if made else None
@@ -176,15 +192,10 @@ class NamespaceController:
         recorded = (annotations or {}).get(PROVISIONED)
         if not recorded:
             return
-        removed = 0
-        deleters = {
-            "secret": self._core.delete_namespaced_secret,
-            "rolebinding": self._rbac.delete_namespaced_role_binding,
-        }
-        for item in recorded.split(","):
-            kind, _, name = item.partition("/")
-            if kind in deleters and name:
-                removed += await _delete(deleters[kind], name, namespace)
+        removed = await self._remove_legacy_bindings(namespace, recorded)
+        for kind, name in recorded_objects(recorded):
+            if kind == "secret":
+                removed += await _delete(self._core.delete_namespaced_secret, name, namespace)
         await self._record(namespace, [])
         log.info("namespace.cleaned", namespace=namespace, removed=removed)
 
@@ -192,9 +203,6 @@ class NamespaceController:
         """Reconcile every namespace; returns the list's resourceVersion to watch from."""
         sources = await self._sources()
         namespaces = await self._core.list_namespace(**TIMEOUT)
-        self.security.retain(ns.metadata.name for ns in namespaces.items)
-        for ns in namespaces.items:
-            self.observe("ADDED", ns)
         for ns in namespaces.items:
             if ns.status and ns.status.phase == "Terminating":
                 continue
@@ -229,8 +237,6 @@ class NamespaceController:
                         _request_timeout=int(resync) + 30,
                     ):
                         ns = event["object"]
-                        if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                            self.observe(event["type"], ns)
                         if event["type"] in ("ADDED", "MODIFIED") and not (
                             ns.status and ns.status.phase == "Terminating"
                         ):

@@ -18,12 +18,6 @@ the log line says: strings and bytes, which the garbage collector never
 scans (caching the decoded dicts made every collection longer and parsing
 the next 70 KB pod 30% slower). The cache keeps `size` answers, least
 recently used out first, each with a patch of at most `MAX_PATCH_CHARS`.
-
-Besides the request and the config, `review()` reads the opted-in
-namespaces' Pod Security labels (`injector.podsecurity.NAMESPACES`); the key
-includes that registry's generation, so an answer given before a
-namespace's level changed (a denial, say, before the namespace was labelled
-privileged) is never replayed after.
 """
 
 from __future__ import annotations
@@ -36,22 +30,18 @@ from dataclasses import dataclass
 from pydantic_core import to_json
 
 from injector.admission import AdmissionRequest, Outcome, ReviewResult
-from injector.podsecurity import NAMESPACES, NamespaceSecurityRegistry
 
 MAX_PATCH_CHARS = 64 * 1024
 
 
-def review_key(body: bytes, uid: str, generation: int = 0) -> bytes | None:
-    """The cache key of body, or None when its uid is not written exactly once, literally.
-
-    generation: of the namespaces' Pod Security labels the answer was decided with.
-    """
+def review_key(body: bytes, uid: str) -> bytes | None:
+    """The cache key of body, or None when its uid is not written exactly once, literally."""
     needle = uid.encode()
     position = body.find(needle)
     if position < 0 or body.find(needle, position + 1) >= 0:
         return None
     # sha256: hardware-accelerated here, twice as fast as blake2b on big bodies.
-    digest = hashlib.sha256(generation.to_bytes(8, "big") + position.to_bytes(8, "big"))
+    digest = hashlib.sha256(position.to_bytes(8, "big"))
     digest.update(memoryview(body)[:position])
     digest.update(memoryview(body)[position + len(needle) :])
     return digest.digest()
@@ -94,9 +84,8 @@ def encode(result: ReviewResult, marker: str) -> Answer:
 
 
 class ReviewCache:
-    def __init__(self, size: int = 256, namespaces: NamespaceSecurityRegistry = NAMESPACES) -> None:
+    def __init__(self, size: int = 256) -> None:
         self.size = size
-        self._namespaces = namespaces
         self.hits = 0
         self._answers: OrderedDict[bytes, Answer] = OrderedDict()
         # Where the uid goes in an encoded response; random, so no pod can contain it.
@@ -104,7 +93,7 @@ class ReviewCache:
 
     def get(self, body: bytes, request: AdmissionRequest) -> tuple[bytes | None, Answer | None]:
         """(key, the answer) or (key, None) if not seen yet; key None: not cacheable."""
-        key = review_key(body, request.uid, self._namespaces.generation)
+        key = review_key(body, request.uid)
         if key is None:
             return None, None
         found = self._answers.get(key)

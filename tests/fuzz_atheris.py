@@ -26,7 +26,7 @@ def main() -> None:
     runs, corpus = int(sys.argv[1]), Path(sys.argv[2])
     fuzzing.quiet_logs()
     fuzzing.atheris_seeds(corpus)
-    cache = ReviewCache(size=64, namespaces=fuzzing.NAMESPACES)
+    cache = ReviewCache(size=64)
 
     def one(data: bytes) -> None:
         fuzzing.check_body(data, fuzzing.DEFAULT, cache)

@@ -13,10 +13,10 @@ The invariants, for every input:
 - a denial names the field: a pod whose labels or annotations break a rule
   is denied with the key and what is accepted (`expected ...`);
 - an injected pod's patch applies, applying it again changes nothing, and
-  it opens no escape: the only hostPath is the configured node cache of an
-  allowed JuiceFS volume, the credentials are `secretKeyRef`s to the
-  allowed volumes' Secrets only, and the Bento's directory stays under the
-  models tree.
+  it opens no escape: every volume it adds is an emptyDir (no hostPath,
+  not even the node cache: the node agent mounts that), the credentials
+  are `secretKeyRef`s to the allowed volumes' Secrets only, and the
+  Bento's directory stays under the models tree.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ from common import env
 from common.ports import free_port, port_answers
 from injector.admission import BadReview, parse_review, pod_review_request, review
 from injector.config import InjectorConfig, parse_config
-from injector.podsecurity import NamespaceSecurity, NamespaceSecurityRegistry, enforcement
 from injector.quantity import (
     DurationError,
     QuantityError,
@@ -73,7 +72,7 @@ INTERNAL_ERROR = "failed inside the injector"
 
 # Configs the targets run under: the default (GKE, node cache, native
 # sidecar), the pod cache, an old cluster with no profile, two volumes, and
-# a cluster whose namespaces enforce baseline by default.
+# our volumes under other names.
 CONFIGS: dict[str, InjectorConfig] = {
     "default": InjectorConfig(),
     "pod-cache": parse_config({"cache": {"mode": "pod"}}),
@@ -84,7 +83,9 @@ CONFIGS: dict[str, InjectorConfig] = {
         }
     ),
     "two-volumes": parse_config({"juicefs": {"allowedVolumes": ["models", "team-a"]}}),
-    "baseline-default": parse_config({"podSecurity": {"defaultEnforce": "baseline"}}),
+    "renamed-volumes": parse_config(
+        {"volumes": {"mountDirName": "models-dir", "cacheName": "cache", "agentName": "agent"}}
+    ),
 }
 DEFAULT = CONFIGS["default"]
 ANN = DEFAULT.annotations
@@ -103,16 +104,6 @@ ANNOTATION_KEYS = [
     ANN.warmup_timeout,
 ]
 LABEL_KEYS = [LABELS.inject, LABELS.bento_repository, LABELS.bento_version]
-# Pod Security state of the namespaces the targets use.
-NAMESPACES = NamespaceSecurityRegistry()
-NAMESPACES.observe("serving", {"juicefs.bentoml.com/injection": "enabled"})
-NAMESPACES.observe(
-    "locked",
-    {
-        "juicefs.bentoml.com/injection": "enabled",
-        "pod-security.kubernetes.io/enforce": "restricted",
-    },
-)
 
 # Strings that have broken parsers before, or that an attacker would try.
 TRICKY = [
@@ -268,16 +259,10 @@ def check_no_escape(
         for v in (original.get("spec") or {}).get("volumes") or []
         if isinstance(v, dict)
     }
-    node_dirs = (
-        {posixpath.join(config.node_cache_path, v) for v in allowed}
-        if config.node_cache_path
-        else set()
-    )
     for volume in patched["spec"].get("volumes") or []:
         if volume.get("name") in before:
             continue  # the pod's own, as it was
-        if "hostPath" in volume:
-            assert volume["hostPath"]["path"] in node_dirs, f"hostPath escape: {volume}"
+        assert set(volume) == {"name", "emptyDir"}, f"volume escape: {volume}"
     secrets = {config.juicefs.secret_name_template.format(volume=v) for v in allowed}
     sidecar = _sidecar(patched, config)
     by_name = {}
@@ -319,7 +304,7 @@ def check_result(
     """Review pod as a CREATE in namespace; check the answer. naming: the key a denial must name."""
     original = copy.deepcopy(pod)
     request = pod_review_request(pod, namespace, uid="fuzz")
-    result = review(request, config, NAMESPACES)
+    result = review(request, config)
     assert pod == original, "review() changed its input"
     encoded = json.loads(to_json(result.response))
     response = encoded["response"]
@@ -340,7 +325,7 @@ def check_result(
     if result.outcome == "injected":
         check_no_escape(pod, patched, config)
         if idempotent:
-            again = review(pod_review_request(patched, namespace, uid="again"), config, NAMESPACES)
+            again = review(pod_review_request(patched, namespace, uid="again"), config)
             assert again.outcome == "unchanged", (again.outcome, again.reason, again.ops)
     return result.outcome
 
@@ -368,10 +353,10 @@ def check_body(
         assert reason, "a 400 must say why"
         return "bad_request"
     request = admission.request
-    cache = cache or ReviewCache(size=4, namespaces=NAMESPACES)
+    cache = cache or ReviewCache(size=4)
     key, answer = cache.get(body, request)
     if answer is None:
-        result = review(request, config, NAMESPACES)
+        result = review(request, config)
         answer = cache.answer(result)
         cache.put(key, answer)
     response = json.loads(answer.body(request.uid))["response"]
@@ -404,7 +389,7 @@ requests_ = st.fixed_dictionaries(
             st.sampled_from(["CREATE", "UPDATE", "DELETE", "CONNECT"]), json_values
         ),
         "namespace": st.one_of(
-            st.sampled_from(["serving", "locked", "kube-system", ""]), json_values
+            st.sampled_from(["serving", "team-b", "kube-system", ""]), json_values
         ),
         "name": json_values,
         "object": json_values,
@@ -418,7 +403,7 @@ valid_requests = st.fixed_dictionaries(
         "uid": st.text("abcdef0123456789-", min_size=1, max_size=12),
         "kind": st.just({"group": "", "version": "v1", "kind": "Pod"}),
         "operation": st.just("CREATE"),
-        "namespace": st.sampled_from(["serving", "locked", "kube-system"]),
+        "namespace": st.sampled_from(["serving", "team-b", "kube-system"]),
     },
     optional={
         "resource": st.just({"group": "", "version": "v1", "resource": "pods"}),
@@ -498,8 +483,7 @@ def one_bad_key(draw: st.DrawFn) -> tuple[dict[str, Any], str, str, str]:
     value = draw(values)
     where = "labels" if key in LABEL_KEYS else "annotations"
     pod["metadata"].setdefault(where, {})[key] = value
-    # Not under baseline-default: there every valid pod is denied for Pod Security.
-    config = draw(st.sampled_from(sorted(set(CONFIGS) - {"baseline-default"})))
+    config = draw(st.sampled_from(sorted(CONFIGS)))
     return pod, key, value, config
 
 
@@ -586,7 +570,6 @@ PARSERS = [
     "cache_mode",
     "bento_name",
     "bento_version",
-    "pss_labels",
 ]
 
 
@@ -622,13 +605,6 @@ def check_parser(args: tuple[str, str]) -> str:
             assert text.isascii(), text
             assert text == text.strip(), text
             assert len(text) <= 128, text
-        elif parser == "pss_labels":
-            for config in CONFIGS.values():
-                state = NamespaceSecurity(level=text, version=text)
-                enforced = enforcement(state, config)
-                assert enforced.level in ("privileged", "baseline", "restricted")
-                if text not in ("privileged", "baseline", "restricted"):
-                    assert enforced.level == "restricted", "an unknown level must fail closed"
         return "accepted"
     except (QuantityError, DurationError, ValueError):
         return "refused"
@@ -653,7 +629,7 @@ TARGETS = [
         "pod_labels_annotations",
         st.tuples(
             pods_with_odd_metadata(),
-            st.sampled_from(["serving", "locked", "kube-system"]),
+            st.sampled_from(["serving", "team-b", "kube-system"]),
             st.sampled_from(sorted(CONFIGS)),
         ),
         check_pod,

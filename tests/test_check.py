@@ -25,8 +25,8 @@ from injector.check import (
     check_ca_bundle,
     check_credentials,
     check_endpoints,
+    check_namespaces,
     check_node_agent,
-    check_pod_security,
     check_ssd_nodes,
     check_streaming_nodes,
     check_version,
@@ -460,50 +460,33 @@ def test_no_endpoint_row_without_a_webhook_configuration() -> None:
     assert check_endpoints(None, Endpoints("none", "", ""), CONFIG, now()) == []
 
 
-# -- Pod Security --------------------------------------------------------------------------
+# -- namespaces ----------------------------------------------------------------------------
 
 
-def test_privileged_and_unlabelled_namespaces_are_ok() -> None:
-    rows = check_pod_security(
-        [
-            namespace("a", {**OPT_IN, ENFORCE: "privileged"}),
-            namespace("b", OPT_IN),
-            namespace("c"),  # not opted in: not listed
-        ],
-        CONFIG,
-    )
-    assert [(r.subject, r.verdict) for r in rows] == [("namespace a", "ok"), ("namespace b", "ok")]
-    assert rows[0].found == "enforces privileged:latest (its label)"
-    assert rows[1].found == (
-        "enforces privileged:latest (no label: the cluster's default, podSecurity.defaultEnforce)"
-    )
-
-
-@pytest.mark.parametrize("level", ["baseline", "restricted"])
-def test_baseline_or_restricted_is_a_fail_with_what_to_do(level: str) -> None:
-    row = one(check_pod_security([namespace("team", {**OPT_IN, ENFORCE: level})], CONFIG))
-    assert row.verdict == "FAIL"
-    assert row.found.startswith(f"enforces {level}:latest (its label), which refuses")
-    assert row.fix.startswith(f"kubectl label namespace team {ENFORCE}=privileged --overwrite")
-
-
-def test_a_level_that_is_not_a_level_is_enforced_as_restricted() -> None:
-    row = one(check_pod_security([namespace("team", {**OPT_IN, ENFORCE: "Privileged"})], CONFIG))
-    assert row.verdict == "FAIL"
-    assert "enforces restricted:latest" in row.found
-
-
-def test_the_configured_default_level_applies_to_unlabelled_namespaces() -> None:
-    strict = config(podSecurity={"defaultEnforce": "baseline"})
-    assert one(check_pod_security([namespace("team", OPT_IN)], strict)).verdict == "FAIL"
-    exempted = config(podSecurity={"defaultEnforce": "baseline", "exemptNamespaces": ["team"]})
-    row = one(check_pod_security([namespace("team", OPT_IN)], exempted))
+@pytest.mark.parametrize("level", [None, "privileged", "baseline", "restricted", "Restricted"])
+def test_any_pod_security_level_is_fine(level: str | None) -> None:
+    labels = OPT_IN if level is None else {**OPT_IN, ENFORCE: level}
+    row = one(check_namespaces([namespace("team", labels)], CONFIG))
     assert row.verdict == "ok"
-    assert "exempt" in row.found
+    assert row.found == (
+        "1 namespace opted in: team; any Pod Security level works "
+        "(the injected juicefs-mount sidecar passes restricted)"
+    )
+    assert row.fix == ""
+
+
+def test_the_opted_in_namespaces_are_listed_in_one_line() -> None:
+    names = [f"team-{i}" for i in range(7)]
+    rows = check_namespaces([*(namespace(n, OPT_IN) for n in names), namespace("c")], CONFIG)
+    row = one(rows)
+    assert (row.check, row.subject) == ("namespaces", "namespaces")
+    assert row.found.startswith(
+        "7 namespaces opted in: team-0, team-1, team-2, team-3, team-4 and 2 more; "
+    )
 
 
 def test_no_opted_in_namespace_is_a_warning() -> None:
-    row = one(check_pod_security([namespace("a"), namespace("b")], CONFIG))
+    row = one(check_namespaces([namespace("a"), namespace("b")], CONFIG))
     assert row.verdict == "warn"
     assert "nothing is injected" in row.found
     assert row.fix == "kubectl label namespace NAME juicefs.bentoml.com/injection=enabled"
@@ -511,13 +494,14 @@ def test_no_opted_in_namespace_is_a_warning() -> None:
 
 def test_terminating_namespaces_are_left_out() -> None:
     going = namespace("old", {**OPT_IN, ENFORCE: "restricted"}, phase="Terminating")
-    rows = check_pod_security([going, namespace("a", OPT_IN)], CONFIG)
-    assert [r.subject for r in rows] == ["namespace a"]
+    row = one(check_namespaces([going, namespace("a", OPT_IN)], CONFIG))
+    assert "opted in: a;" in row.found
 
 
 def test_an_excluded_namespace_with_the_label_is_a_warning() -> None:
-    rows = check_pod_security([namespace("kube-system", OPT_IN), namespace("a", OPT_IN)], CONFIG)
+    rows = check_namespaces([namespace("kube-system", OPT_IN), namespace("a", OPT_IN)], CONFIG)
     assert verdicts(rows) == ["warn", "ok"]
+    assert rows[0].subject == "namespace kube-system"
     assert "never mutates it" in rows[0].found
 
 
@@ -685,17 +669,17 @@ def test_failed_bentos_are_a_warning_that_names_them() -> None:
     assert "kubectl describe node n" in row.fix
 
 
-def test_an_ssd_node_without_an_agent_pod_is_a_warning() -> None:
+def test_an_ssd_node_without_an_agent_pod_fails() -> None:
     pods = [agent_pod("p", "other"), {**agent_pod("q", "n"), "metadata": {"name": "q"}}]
     row = one(check_node_agent([node("n", {SSD: "true"})], DAEMONSET, pods, CONFIG))
-    assert row.verdict == "warn"
+    assert row.verdict == "FAIL"
     assert row.found.startswith(f"no agent pod on this node (the DaemonSet selects {SSD}=true)")
 
 
-def test_an_agent_pod_that_does_not_run_is_a_warning() -> None:
+def test_an_agent_pod_that_does_not_run_fails() -> None:
     pods = [agent_pod("p", "n", ready=False, waiting="ImagePullBackOff")]
     row = one(check_node_agent([node("n", {SSD: "true"})], DAEMONSET, pods, CONFIG))
-    assert row.verdict == "warn"
+    assert row.verdict == "FAIL"
     assert row.found.startswith("pod p is Pending, node-agent waiting: ImagePullBackOff")
     assert row.fix == f"kubectl -n {HOME} describe pod p"
 
@@ -707,13 +691,18 @@ def test_an_unreadable_record_is_a_warning() -> None:
     assert "annotation is unreadable" in row.found
 
 
-def test_no_daemonset_is_a_warning_and_the_pod_cache_needs_none() -> None:
-    row = one(check_node_agent([node("n", {SSD: "true"})], None, [], CONFIG))
-    assert row.verdict == "warn"
-    assert row.found.startswith("not installed")
-    row = one(check_node_agent([], None, [], config(cache={"mode": "pod"})))
-    assert row.verdict == "ok"
-    assert "cache mode pod" in row.found
+@pytest.mark.parametrize("cache_mode", ["node", "pod"])
+def test_no_daemonset_fails_in_either_cache_mode(cache_mode: str) -> None:
+    """The agent mounts for every Bento pod: without it none starts."""
+    row = one(
+        check_node_agent([node("n", {SSD: "true"})], None, [], config(cache={"mode": cache_mode}))
+    )
+    assert row.verdict == "FAIL"
+    assert row.found == (
+        "not installed: the node agent mounts for every Bento pod, so none starts "
+        "(each waits for it, its startup probe says so)"
+    )
+    assert row.fix == "kubectl apply -k manifests/base (docs/node-agent.md)"
 
 
 # -- the table and the exit code --------------------------------------------------------------
@@ -722,17 +711,17 @@ def test_no_daemonset_is_a_warning_and_the_pod_cache_needs_none() -> None:
 def test_render_aligns_columns_and_puts_what_to_do_below() -> None:
     rows = [
         Row("server version", "cluster", "ok", "v1.37.2"),
-        Row("pod security", "namespace team", "FAIL", "enforces restricted", "kubectl label ..."),
+        Row("credentials", "Secret team/x", "FAIL", "missing", "kubectl create ..."),
         Row("node agent", "node n", "warn", "not installed"),
     ]
     text = render(rows, "heading")
     assert text == (
         "heading\n"
-        "VERDICT  CHECK           ON              FOUND\n"
-        "ok       server version  cluster         v1.37.2\n"
-        "FAIL     pod security    namespace team  enforces restricted\n"
-        "                                         fix: kubectl label ...\n"
-        "warn     node agent      node n          not installed\n"
+        "VERDICT  CHECK           ON             FOUND\n"
+        "ok       server version  cluster        v1.37.2\n"
+        "FAIL     credentials     Secret team/x  missing\n"
+        "                                        fix: kubectl create ...\n"
+        "warn     node agent      node n         not installed\n"
         "\n"
         "1 FAIL, 1 warn, 1 ok: something blocks injection (the FAIL lines say what to do)\n"
     )
@@ -808,8 +797,7 @@ async def test_fetch_reads_what_the_checks_need_and_run_checks_judges_it(
         ("image streaming nodes", f"{STREAMING}=true"): "ok",
         ("caBundle", "MutatingWebhookConfiguration bento-juicefs-injector"): "ok",
         ("webhook endpoint", f"Service {HOME}/bento-juicefs-injector"): "FAIL",
-        ("pod security", "namespace psa"): "FAIL",
-        ("pod security", "namespace team"): "ok",
+        ("namespaces", "namespaces"): "ok",
         ("credentials", f"Secret {HOME}/{CREDENTIALS}"): "ok",
         ("credentials", f"Secret psa/{CREDENTIALS}"): "FAIL",
         ("credentials", f"Secret team/{CREDENTIALS}"): "warn",
@@ -910,16 +898,3 @@ async def test_a_services_ready_endpoints_are_each_connected_to(
     row = one(check_endpoints(hooks, endpoints, CONFIG, now()))
     assert row.verdict == "ok"
     assert f"which the caBundle verifies for {SERVICE_NAME}" in row.found
-
-
-def test_with_unprivileged_sidecars_a_node_without_the_agent_fails() -> None:
-    """The agent mounts for every Bento pod then, in either cache mode."""
-    config = CONFIG.model_copy(
-        update={"sidecar": CONFIG.sidecar.model_copy(update={"unprivileged": True})}
-    )
-    (row,) = check_node_agent([node("n", {SSD: "true"})], None, [], config)
-    assert row.verdict == "FAIL"
-    assert "none starts" in row.found
-    (row,) = check_node_agent([node("n", {SSD: "true"})], DAEMONSET, [], config)
-    assert row.verdict == "FAIL"
-    assert "no agent pod on this node" in row.found

@@ -50,6 +50,78 @@ def test_bad_config_names_the_key(data: object, expected: str) -> None:
     assert expected in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"sidecar": {"unprivileged": True}}, "sidecar.unprivileged"),
+        ({"sidecar": {"unprivileged": False}}, "sidecar.unprivileged"),
+        ({"podSecurity": {"defaultEnforce": "baseline"}}, "podSecurity"),
+        ({"podSecurity": None}, "podSecurity"),
+        ({"pod_security": {}}, "pod_security"),
+        ({"controller": {"roleName": "bento-juicefs-models-ready"}}, "controller.roleName"),
+        ({"volumes": {"tokenName": "juicefs-sa-token"}}, "volumes.tokenName"),
+        ({"volumes": {"token_name": "t"}}, "volumes.token_name"),
+    ],
+)
+def test_a_removed_key_fails_saying_it_was_removed_and_why(data: object, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    message = str(info.value)
+    (line,) = [line.strip() for line in message.splitlines() if key in line]
+    assert line.startswith(f"{key} was removed: ")
+    assert line.endswith("; delete the key")
+    assert "unknown key" not in message
+
+
+def test_the_removed_sidecar_flag_says_the_sidecar_is_always_unprivileged() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"sidecar": {"unprivileged": True, "image": "x"}})
+    assert str(info.value) == (
+        "invalid config <inline>:\n"
+        "  sidecar.unprivileged was removed: the sidecar is always unprivileged and the node "
+        "agent mounts for it; delete the key"
+    )
+
+
+def test_every_removed_key_is_named_at_once() -> None:
+    data = {
+        "sidecar": {"unprivileged": True},
+        "podSecurity": {},
+        "controller": {"roleName": "x"},
+        "volumes": {"tokenName": "y"},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    lines = str(info.value).splitlines()[1:]
+    assert [line.split(" was removed")[0].strip() for line in lines] == [
+        "sidecar.unprivileged",
+        "podSecurity",
+        "controller.roleName",
+        "volumes.tokenName",
+    ]
+
+
+def test_a_removed_key_in_a_file_fails_the_cli_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = tmp_path / "config.yaml"
+    old.write_text("sidecar:\n  unprivileged: true\n")
+    assert main(["config", "--config", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid config {old}:" in err
+    assert "sidecar.unprivileged was removed: the sidecar is always unprivileged" in err
+    assert "Traceback" not in err
+
+
+def test_the_effective_config_has_no_removed_key() -> None:
+    dumped = yaml.safe_load(InjectorConfig().to_yaml())
+    assert "podSecurity" not in dumped
+    assert "unprivileged" not in dumped["sidecar"]
+    assert "roleName" not in dumped["controller"]
+    assert "tokenName" not in dumped["volumes"]
+    assert dumped["volumes"]["agentName"] == "juicefs-agent"
+
+
 def test_bad_config_file_fails_cli_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,10 +1,11 @@
 """Escapes refused: no annotation or label takes a pod out of its boundaries, no secret leaks.
 
 A pod's author controls its labels and annotations; the injector adds a
-privileged, root sidecar. Nothing they write may make that sidecar (or the
-pod) mount a host path, read another namespace's Secrets or another
-Bento's directory, and the credentials it gets never appear in the pod
-spec, the status annotation, the AdmissionResponse or the injector's logs.
+sidecar that speaks for the pod to the privileged node agent. Nothing they
+write may make that sidecar (or the pod) mount a host path, read another
+namespace's Secrets or another Bento's directory, and the credentials it
+gets never appear in the pod spec, the status annotation, the
+AdmissionResponse or the injector's logs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from structlog.testing import capture_logs
 
 from injector.config import InjectorConfig, parse_config
 from injector.namespaces import NamespaceController
-from injector.podsecurity import NamespaceSecurityRegistry
 from injector.server import build_app
 from tests.fuzzing import check_no_escape
 from tests.helpers import bento_pod, run
@@ -129,18 +129,11 @@ def added_volumes(pod: dict[str, Any], config: InjectorConfig) -> list[dict[str,
         {"ssd-policy": "off", "warmup": "false", "models": "llama3:v1"},
     ],
 )
-def test_the_only_host_path_is_the_configured_node_cache(annotations: dict[str, str]) -> None:
+def test_no_volume_the_injector_adds_is_a_host_path(annotations: dict[str, str]) -> None:
+    """The node cache too is the node agent's to mount: the pod gets emptyDirs only."""
     volumes = added_volumes(annotated(**annotations), TWO_VOLUMES)
-    host_paths = [v["hostPath"]["path"] for v in volumes if "hostPath" in v]
-    mode = annotations.get("cache-mode", "node")
-    volume = annotations.get("volume", "models")
-    root = "/mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs"
-    assert host_paths == ([f"{root}/{volume}"] if mode == "node" else [])
-    assert {next(k for k in v if k != "name") for v in volumes} <= {
-        "emptyDir",
-        "hostPath",
-        "projected",
-    }
+    assert [v["name"] for v in volumes] == ["juicefs-mount-dir", "juicefs-cache", "juicefs-agent"]
+    assert {next(k for k in v if k != "name") for v in volumes} == {"emptyDir"}
 
 
 def test_a_pods_own_host_path_named_like_ours_is_refused() -> None:
@@ -152,7 +145,7 @@ def test_a_pods_own_host_path_named_like_ours_is_refused() -> None:
     pod["metadata"]["annotations"] = {"juicefs.bentoml.com/status": "{}"}
     forged = run(pod)
     assert forged.outcome == "denied"
-    assert "is hostPath '/', not the node cache the injector creates" in forged.reason
+    assert "volume 'juicefs-cache' is hostPath, not what the injector creates" in forged.reason
 
 
 @pytest.mark.parametrize("volume", ["models", "team-a"])
@@ -318,7 +311,7 @@ class FakeCore:
 
 
 class FakeRbac:
-    async def patch_namespaced_role_binding(self, *_: Any, **__: Any) -> None:
+    async def delete_namespaced_role_binding(self, *_: Any, **__: Any) -> None:
         return None
 
 
@@ -327,7 +320,7 @@ class FakeRbac:
 async def test_the_namespace_controller_copies_secrets_without_logging_them(
     fail_apply: bool,
 ) -> None:
-    controller = NamespaceController(object(), DEFAULT, NamespaceSecurityRegistry())
+    controller = NamespaceController(object(), DEFAULT)
     core = FakeCore(fail_apply)
     controller._core, controller._rbac = core, FakeRbac()  # type: ignore[assignment]
     with capture_logs() as logs:
@@ -344,7 +337,7 @@ async def test_the_namespace_controller_copies_secrets_without_logging_them(
 
 @pytest.mark.usefixtures("credentials_in_env")
 async def test_a_watch_error_is_logged_without_the_response_body() -> None:
-    controller = NamespaceController(object(), DEFAULT, NamespaceSecurityRegistry())
+    controller = NamespaceController(object(), DEFAULT)
     body = json.dumps({"data": {"secret-key": SECRET_KEY}})
     error = SimpleNamespace(status=500, reason="Internal", data=body, getheaders=dict)
 

@@ -79,7 +79,7 @@ def test_the_fuzz_script_counts_and_writes_its_report(tmp_path: Path) -> None:
 def test_a_malformed_pod_is_denied_naming_the_field(change: Any, field: str) -> None:
     pod = bento_pod()
     change(pod)
-    result = review(pod_review_request(pod, "serving"), fuzzing.DEFAULT, fuzzing.NAMESPACES)
+    result = review(pod_review_request(pod, "serving"), fuzzing.DEFAULT)
     assert result.outcome == "denied"
     assert "the pod is not a well-formed Kubernetes Pod" in result.reason
     assert field in result.reason
@@ -101,7 +101,7 @@ def test_nulls_are_absent_except_as_list_items() -> None:
 def test_a_forged_status_that_is_not_ours_is_denied() -> None:
     pod = bento_pod()
     pod["metadata"]["annotations"] = {"juicefs.bentoml.com/status": "not json"}
-    result = review(pod_review_request(pod, "serving"), fuzzing.DEFAULT, fuzzing.NAMESPACES)
+    result = review(pod_review_request(pod, "serving"), fuzzing.DEFAULT)
     assert result.outcome == "denied"
     assert "annotation juicefs.bentoml.com/status='not json' is invalid: expected" in result.reason
     pod["metadata"]["annotations"] = {"juicefs.bentoml.com/status": "[" * 100_000}
@@ -114,7 +114,7 @@ def test_a_forged_status_that_is_not_ours_is_denied() -> None:
 def test_a_bento_name_label_is_matched_whole(value: str) -> None:
     pod = bento_pod()
     pod["metadata"]["labels"]["yatai.ai/bento-repository"] = value
-    result = review(pod_review_request(pod, "serving"), fuzzing.DEFAULT, fuzzing.NAMESPACES)
+    result = review(pod_review_request(pod, "serving"), fuzzing.DEFAULT)
     assert result.outcome == "denied"
     assert "label yatai.ai/bento-repository=" in result.reason
     assert "at most 63 characters" in result.reason
@@ -127,6 +127,6 @@ def test_a_quantity_with_spaces_is_refused_not_copied_into_the_pod(value: str) -
         "juicefs.bentoml.com/cache-mode": "pod",
         "juicefs.bentoml.com/cache-size": value,
     }
-    result = review(pod_review_request(pod, "serving"), fuzzing.DEFAULT, fuzzing.NAMESPACES)
+    result = review(pod_review_request(pod, "serving"), fuzzing.DEFAULT)
     assert result.outcome == "denied"
     assert "juicefs.bentoml.com/cache-size=" in result.reason

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 
+from common import env
 from injector.admission import pod_review_request as request_for
 from injector.admission import review
 from injector.config import ConfigError, InjectorConfig, parse_config
+from injector.mutation.owned import owned_names
 from tests.helpers import bento_pod, env_of, inject, run, sidecar_of
 
 STATUS = "juicefs.bentoml.com/status"
@@ -27,8 +30,8 @@ def test_native_sidecar_first_with_startup_probe() -> None:
     assert sidecar["name"] == "juicefs-mount"
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["startupProbe"]["exec"]["command"] == ["python", "-m", "sidecar", "probe"]
-    assert sidecar["securityContext"]["privileged"] is True
-    assert sidecar["volumeMounts"][0]["mountPropagation"] == "Bidirectional"
+    assert "privileged" not in sidecar["securityContext"]
+    assert sidecar["volumeMounts"][0]["mountPropagation"] == "HostToContainer"
 
 
 def test_classic_sidecar_on_old_clusters() -> None:
@@ -98,7 +101,7 @@ def test_native_istio_proxy_stays_ahead_of_our_sidecar() -> None:
         ),
         (
             {"cache-mode": "node"},
-            lambda p: p["spec"]["volumes"][1]["hostPath"]["path"].endswith("/models"),
+            lambda p: p["spec"]["volumes"][1] == {"name": "juicefs-cache", "emptyDir": {}},
         ),
         (
             {"models": "llama3:v2,tokenizer"},
@@ -292,14 +295,9 @@ def test_readiness_gate_appended_to_existing() -> None:
     ]
 
 
-def test_no_automount_gives_only_the_sidecar_a_token() -> None:
+def test_no_automount_gives_the_pod_no_token_at_all() -> None:
     out = inject(bento_pod(automountServiceAccountToken=False))
-    token = next(v for v in out["spec"]["volumes"] if v["name"] == "juicefs-sa-token")
-    assert token["projected"]["sources"][0]["serviceAccountToken"]["path"] == "token"
-    assert any(m["name"] == "juicefs-sa-token" for m in sidecar_of(out)["volumeMounts"])
-    assert all(
-        m["name"] != "juicefs-sa-token" for m in out["spec"]["containers"][0]["volumeMounts"]
-    )
+    assert not any("projected" in v for v in out["spec"]["volumes"])
     assert out["spec"]["automountServiceAccountToken"] is False
 
 
@@ -311,7 +309,7 @@ def test_status_annotation_says_what_was_injected() -> None:
     assert status["cache"]["budget"] == "200Gi"
     assert status["profile"] == "gke"
     assert status["readinessGate"] == "juicefs.bentoml.com/models-ready"
-    assert status["volumes"] == ["juicefs-mount-dir", "juicefs-cache", "juicefs-sa-token"]
+    assert status["volumes"] == ["juicefs-mount-dir", "juicefs-cache", "juicefs-agent"]
 
 
 def test_reinvocation_mounts_models_into_a_container_added_later() -> None:
@@ -374,8 +372,7 @@ def test_hostnetwork_warns_about_dns() -> None:
 
 def test_pod_security_context_does_not_reach_the_sidecar() -> None:
     out = inject(bento_pod(securityContext={"runAsUser": 1000, "runAsNonRoot": True}))
-    assert sidecar_of(out)["securityContext"]["runAsNonRoot"] is False
-    assert sidecar_of(out)["securityContext"]["runAsUser"] == 0
+    assert sidecar_of(out)["securityContext"]["runAsUser"] == env.SIDECAR_UID
     assert out["spec"]["securityContext"] == {"runAsUser": 1000, "runAsNonRoot": True}
 
 
@@ -481,19 +478,6 @@ def test_classic_mode_keeps_kubectl_defaulting_to_the_app() -> None:
     assert out["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "main"
 
 
-def test_sidecar_reuses_the_admission_plugin_token_volume() -> None:
-    token = "/var/run/secrets/kubernetes.io/serviceaccount"
-    projected = {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}
-    pod = bento_pod(volumes=[{"name": "kube-api-access-x7k2p", "projected": projected}])
-    pod["spec"]["containers"][0]["volumeMounts"] = [
-        {"name": "kube-api-access-x7k2p", "mountPath": token, "readOnly": True}
-    ]
-    out = inject(pod)
-    mounts = {m["mountPath"]: m["name"] for m in sidecar_of(out)["volumeMounts"]}
-    assert mounts[token] == "kube-api-access-x7k2p"
-    assert all(v["name"] != "juicefs-sa-token" for v in out["spec"]["volumes"])
-
-
 def test_existing_constraint_on_the_ssd_label_is_left_alone() -> None:
     key = "cloud.google.com/gke-ephemeral-storage-local-ssd"
     terms = [{"matchExpressions": [{"key": key, "operator": "DoesNotExist"}]}]
@@ -540,7 +524,7 @@ def test_status_lists_the_volumes_the_pod_got() -> None:
         {"name": "kube-api-access-x7k2p", "mountPath": token}
     ]
     status = json.loads(inject(pod)["metadata"]["annotations"][STATUS])
-    assert status["volumes"] == ["juicefs-mount-dir", "juicefs-cache"]
+    assert status["volumes"] == ["juicefs-mount-dir", "juicefs-cache", "juicefs-agent"]
 
 
 def test_profile_without_ssd_label_refuses_to_start() -> None:
@@ -554,15 +538,6 @@ def test_profile_without_ssd_label_refuses_to_start() -> None:
     assert terms["nodeSelectorTerms"][0]["matchExpressions"] == [
         {"key": "karpenter.k8s.aws/instance-local-nvme", "operator": "Exists"}
     ]
-
-
-def test_token_volume_with_a_custom_audience_is_not_reused() -> None:
-    token = "/var/run/secrets/kubernetes.io/serviceaccount"
-    audience = {"serviceAccountToken": {"path": "token", "audience": "vault"}}
-    pod = bento_pod(volumes=[{"name": "vault-token", "projected": {"sources": [audience]}}])
-    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "vault-token", "mountPath": token}]
-    mounts = {m["mountPath"]: m["name"] for m in sidecar_of(inject(pod))["volumeMounts"]}
-    assert mounts[token] == "juicefs-sa-token"
 
 
 @pytest.mark.parametrize(
@@ -600,16 +575,22 @@ def volume_named(pod: dict[str, Any], name: str) -> dict[str, Any]:
     return dict(next(v for v in pod["spec"]["volumes"] if v["name"] == name))
 
 
-def test_node_cache_is_the_volumes_directory_on_the_nodes_ssd_mounted_only_by_the_sidecar() -> None:
+def node_cache_path(pod: dict[str, Any]) -> str:
+    """The node cache directory the status says the node agent bind-mounts for the pod."""
+    return str(json.loads(pod["metadata"]["annotations"][STATUS])["cache"]["path"])
+
+
+def test_node_cache_is_a_mount_point_for_the_node_agent_mounted_only_by_the_sidecar() -> None:
     out = inject(bento_pod(initContainers=[{"name": "setup", "image": "busybox"}]))
-    assert volume_named(out, "juicefs-cache") == {
-        "name": "juicefs-cache",
-        "hostPath": {"path": f"{NODE_CACHE}/models", "type": "DirectoryOrCreate"},
-    }
+    # The node agent bind-mounts the volume's directory of the node cache here.
+    assert volume_named(out, "juicefs-cache") == {"name": "juicefs-cache", "emptyDir": {}}
+    assert node_cache_path(out) == f"{NODE_CACHE}/models"
     sidecar = sidecar_of(out)
-    assert {"name": "juicefs-cache", "mountPath": "/var/lib/juicefs/cache"} in sidecar[
-        "volumeMounts"
-    ]
+    assert {
+        "name": "juicefs-cache",
+        "mountPath": "/var/lib/juicefs/cache",
+        "mountPropagation": "HostToContainer",
+    } in sidecar["volumeMounts"]
     others = out["spec"]["initContainers"] + out["spec"]["containers"]
     mounting = [
         c["name"]
@@ -629,7 +610,7 @@ def test_node_cache_is_the_volumes_directory_on_the_nodes_ssd_mounted_only_by_th
 def test_the_volume_annotation_picks_that_volumes_node_cache_directory() -> None:
     config = parse_config({"juicefs": {"allowedVolumes": ["models", "vision"]}})
     out = inject(annotated(volume="vision"), config)
-    assert volume_named(out, "juicefs-cache")["hostPath"]["path"] == f"{NODE_CACHE}/vision"
+    assert node_cache_path(out) == f"{NODE_CACHE}/vision"
 
 
 @pytest.mark.parametrize(
@@ -647,7 +628,7 @@ def test_each_ssd_profile_names_its_node_cache_directory(profile: str, path: str
         }
     )
     assert config.cache_mode == "node"
-    assert volume_named(inject(bento_pod(), config), "juicefs-cache")["hostPath"]["path"] == path
+    assert node_cache_path(inject(bento_pod(), config)) == path
 
 
 def test_the_none_profile_defaults_to_the_pod_cache() -> None:
@@ -665,7 +646,7 @@ def test_the_none_profile_defaults_to_the_pod_cache() -> None:
 def test_the_config_path_overrides_the_profiles() -> None:
     config = parse_config({"cache": {"nodePath": "/var/nvme/jfs"}})
     out = inject(bento_pod(), config)
-    assert volume_named(out, "juicefs-cache")["hostPath"]["path"] == "/var/nvme/jfs/models"
+    assert node_cache_path(out) == "/var/nvme/jfs/models"
 
 
 def test_pod_cache_by_annotation_requests_its_size() -> None:
@@ -732,39 +713,38 @@ def test_a_container_added_after_injection_that_mounts_the_cache_is_denied() -> 
     assert "only juicefs-mount may mount" in result.reason
 
 
+@pytest.mark.parametrize("cache_mode", ["node", "pod"])
 @pytest.mark.parametrize(
     "host_path",
     [
         {"path": "/", "type": "DirectoryOrCreate"},
         {"path": f"{NODE_CACHE}/models/..", "type": "DirectoryOrCreate"},
-        {"path": f"{NODE_CACHE}/other-volume", "type": "DirectoryOrCreate"},
-        {"path": f"{NODE_CACHE}/models", "type": "Directory"},
+        {"path": f"{NODE_CACHE}/models", "type": "DirectoryOrCreate"},
         {"path": f"{NODE_CACHE}/models"},
     ],
 )
-def test_forged_status_vouches_only_for_the_configured_node_cache(
-    host_path: dict[str, str],
-) -> None:
-    out = inject(bento_pod())
+def test_forged_status_vouches_for_no_host_path(host_path: dict[str, str], cache_mode: str) -> None:
+    """Not even the configured node cache: the node agent mounts it, never the pod."""
+    out = inject(annotated(**{"cache-mode": cache_mode}))
     volume = next(v for v in out["spec"]["volumes"] if v["name"] == "juicefs-cache")
+    del volume["emptyDir"]
     volume["hostPath"] = host_path
     result = run(out)
     assert result.outcome == "denied"
-    assert "volume 'juicefs-cache' is hostPath" in result.reason
+    assert "volume 'juicefs-cache' is hostPath, not what the injector creates" in result.reason
     assert "cannot be set by hand" in result.reason
 
 
-def test_forged_status_with_a_host_path_for_a_pod_on_the_pod_cache_denied() -> None:
-    out = inject(annotated(**{"cache-mode": "pod"}))
+def test_forged_status_with_a_cache_of_two_kinds_denied() -> None:
+    out = inject(bento_pod())
     volume = next(v for v in out["spec"]["volumes"] if v["name"] == "juicefs-cache")
-    del volume["emptyDir"]
-    volume["hostPath"] = {"path": f"{NODE_CACHE}/models", "type": "DirectoryOrCreate"}
+    volume["hostPath"] = {"path": f"{NODE_CACHE}/models"}
     result = run(out)
     assert result.outcome == "denied"
-    assert "none: this pod uses the pod cache" in result.reason
+    assert "volume 'juicefs-cache' is emptyDir/hostPath" in result.reason
 
 
-@pytest.mark.parametrize("name", ["juicefs-mount-dir", "juicefs-sa-token"])
+@pytest.mark.parametrize("name", ["juicefs-mount-dir", "juicefs-agent"])
 def test_forged_status_with_a_host_path_under_our_other_names_denied(name: str) -> None:
     pod = bento_pod(volumes=[{"name": name, "hostPath": {"path": f"{NODE_CACHE}/models"}}])
     pod["metadata"]["annotations"] = {STATUS: "{}"}
@@ -835,3 +815,225 @@ def test_reinjecting_a_pod_with_our_metrics_port_changes_nothing() -> None:
     result = run(once)
     assert result.outcome == "unchanged", result.reason
     assert result.warnings == []
+
+
+# --- the sidecar passes Pod Security `restricted` -----------------------------------------
+# The node agent opens /dev/fuse and mounts for the pod; the sidecar reaches it
+# through a socket in its own emptyDir, and holds no Kubernetes credential and
+# no host path.
+
+AGENT = "juicefs-agent"
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+SIDECAR_CONFIGS = {
+    "native, node cache": InjectorConfig(),
+    "classic": parse_config({"cluster": {"kubernetesVersion": "1.28"}}),
+    "pod cache": parse_config({"cache": {"mode": "pod"}}),
+}
+# Pod Security `restricted` (v1.30): the volume types it allows.
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_violations(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """What Pod Security `restricted` says about one container of the pod (and its volumes).
+
+    The checks of the standard that a container or a volume can fail, read
+    with the pod's own securityContext as the fallback, as the plugin does.
+    """
+    spec = pod["spec"]
+    pod_context = spec.get("securityContext") or {}
+    context = container.get("securityContext") or {}
+    problems = []
+    if context.get("privileged"):
+        problems.append("privileged")
+    if context.get("allowPrivilegeEscalation") is not False:
+        problems.append("allowPrivilegeEscalation != false")
+    capabilities = context.get("capabilities") or {}
+    if "ALL" not in (capabilities.get("drop") or []):
+        problems.append("capabilities not dropping ALL")
+    if set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}:
+        problems.append("capabilities added")
+    if not context.get("runAsNonRoot", pod_context.get("runAsNonRoot")):
+        problems.append("runAsNonRoot != true")
+    if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+        problems.append("runAsUser=0")
+    seccomp = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        problems.append("seccompProfile")
+    if any(port.get("hostPort") for port in container.get("ports") or []):
+        problems.append("hostPort")
+    for volume in spec.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            problems.append(f"volume {volume['name']} is {'/'.join(sorted(kinds))}")
+    return problems
+
+
+@pytest.mark.parametrize("config", SIDECAR_CONFIGS.values(), ids=SIDECAR_CONFIGS.keys())
+def test_the_sidecar_passes_restricted(config: InjectorConfig) -> None:
+    pod = inject(bento_pod(), config)
+    assert restricted_violations(pod, sidecar_of(pod)) == []
+
+
+def test_the_restricted_check_is_not_vacuous() -> None:
+    """A privileged root container with a host path fails it."""
+    pod = bento_pod(volumes=[{"name": "cache", "hostPath": {"path": "/mnt"}}])
+    container = {"name": "root", "securityContext": {"privileged": True, "runAsUser": 0}}
+    problems = restricted_violations(pod, container)
+    assert "privileged" in problems
+    assert "runAsNonRoot != true" in problems
+    assert "volume cache is hostPath" in problems
+
+
+def test_the_security_context_is_exactly_the_restricted_one() -> None:
+    assert sidecar_of(inject(bento_pod()))["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": env.SIDECAR_UID,
+        "runAsGroup": env.SIDECAR_UID,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def test_the_pods_own_root_defaults_are_not_inherited() -> None:
+    """A pod running as root by default still gets a non-root sidecar."""
+    pod = bento_pod(securityContext={"runAsUser": 0, "runAsNonRoot": False})
+    sidecar = sidecar_of(inject(pod))
+    assert sidecar["securityContext"]["runAsUser"] == env.SIDECAR_UID
+    assert sidecar["securityContext"]["runAsNonRoot"] is True
+
+
+def test_a_restricted_pod_stays_restricted_once_injected() -> None:
+    app_context = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    pod = bento_pod()
+    pod["spec"]["containers"][0]["securityContext"] = app_context
+    out = inject(pod)
+    for key in ("initContainers", "containers"):
+        for container in out["spec"].get(key) or []:
+            assert restricted_violations(out, container) == [], container["name"]
+
+
+@pytest.mark.parametrize("config", SIDECAR_CONFIGS.values(), ids=SIDECAR_CONFIGS.keys())
+def test_no_host_path_in_either_cache_mode(config: InjectorConfig) -> None:
+    for cache_mode in ("pod", "node"):
+        out = inject(annotated(**{"cache-mode": cache_mode}), config)
+        assert [v for v in out["spec"]["volumes"] if "hostPath" in v] == []
+
+
+def test_the_agent_volume_is_a_small_tmpfs() -> None:
+    volume = volume_named(inject(bento_pod()), AGENT)
+    assert volume == {"name": AGENT, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+
+
+@pytest.mark.parametrize("config", SIDECAR_CONFIGS.values(), ids=SIDECAR_CONFIGS.keys())
+def test_every_sidecar_mount_is_host_to_container(config: InjectorConfig) -> None:
+    mounts = sidecar_of(inject(bento_pod(), config))["volumeMounts"]
+    assert [(m["name"], m["mountPath"], m.get("mountPropagation")) for m in mounts] == [
+        ("juicefs-mount-dir", config.volumes.mount_path, "HostToContainer"),
+        ("juicefs-cache", config.volumes.cache_path, "HostToContainer"),
+        (AGENT, env.AGENT_DIR, "HostToContainer"),
+        # An empty directory where a token would go (see the next test).
+        (AGENT, TOKEN_DIR, None),
+    ]
+
+
+@pytest.mark.parametrize("automount", [None, True, False])
+def test_no_token_mount_and_no_token_volume(automount: bool | None) -> None:
+    pod = bento_pod()
+    if automount is not None:
+        pod["spec"]["automountServiceAccountToken"] = automount
+    if automount is not False:
+        # As the ServiceAccount admission plugin leaves the pod, before webhooks.
+        token = {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}
+        pod["spec"]["volumes"] = [{"name": "kube-api-access-1", "projected": {"sources": [token]}}]
+        pod["spec"]["containers"][0]["volumeMounts"] = [
+            {"name": "kube-api-access-1", "mountPath": TOKEN_DIR, "readOnly": True}
+        ]
+    out = inject(pod)
+    sidecar = sidecar_of(out)
+    # The token's path holds an empty directory of the agent volume, so the
+    # ServiceAccount admission plugin, run again after the webhook, adds nothing there.
+    (at_token,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == TOKEN_DIR]
+    assert at_token == {
+        "name": AGENT,
+        "mountPath": TOKEN_DIR,
+        "subPath": "no-token",
+        "readOnly": True,
+    }
+    assert all(not m["name"].startswith("kube-api-access") for m in sidecar["volumeMounts"])
+    ours = {"juicefs-mount-dir", "juicefs-cache", AGENT}
+    assert [v for v in out["spec"]["volumes"] if v["name"] in ours and "emptyDir" not in v] == []
+    assert "JFS_TOKEN_DIR" not in env_of(sidecar)
+
+
+@pytest.mark.parametrize("config", SIDECAR_CONFIGS.values(), ids=SIDECAR_CONFIGS.keys())
+def test_the_agent_socket_and_private_mount_are_in_the_agent_volume(config: InjectorConfig) -> None:
+    sidecar = sidecar_of(inject(bento_pod(), config))
+    values = env_of(sidecar)
+    (agent_mount,) = [
+        m for m in sidecar["volumeMounts"] if m["name"] == AGENT and "subPath" not in m
+    ]
+    root = PurePosixPath(agent_mount["mountPath"])
+    socket = env.AGENT_SOCKET.parse(values["JFS_AGENT_SOCKET"])
+    private = env.PRIVATE_MOUNT.parse(values["JFS_PRIVATE_MOUNT"])
+    assert socket == Path(root / env.AGENT_SOCKET_NAME)
+    assert private == Path(root / env.AGENT_MOUNT_NAME)
+    # The sidecar's own settings parse the whole environment the injector wrote.
+    literal = {k: v for k, v in values.items() if isinstance(v, str)}
+    assert env.AGENT_SOCKET.read(literal) == socket
+
+
+@pytest.mark.parametrize("key", ["containers", "initContainers"])
+def test_an_app_container_mounting_the_agent_volume_is_denied(key: str) -> None:
+    pod = bento_pod()
+    pod["spec"].setdefault(key, [{"name": "main", "image": "busybox"}])
+    pod["spec"][key][0]["volumeMounts"] = [{"name": AGENT, "mountPath": "/agent"}]
+    result = run(pod)
+    assert result.outcome == "denied"
+    assert (
+        f"container 'main' in spec.{key} mounts volume 'juicefs-agent', the node agent's "
+        "socket for the sidecar, which only juicefs-mount may mount" in result.reason
+    )
+
+
+def test_a_pods_own_volume_named_like_the_agent_volume_clashes() -> None:
+    result = run(bento_pod(volumes=[{"name": AGENT, "emptyDir": {}}]))
+    assert result.outcome == "denied"
+    assert "spec.volumes already has a volume named 'juicefs-agent'" in result.reason
+
+
+def test_the_agent_volume_name_is_configurable() -> None:
+    config = parse_config({"volumes": {"agentName": "agent"}})
+    assert owned_names(config).agent_volume == "agent"
+    out = inject(bento_pod(), config)
+    assert "agent" in {v["name"] for v in out["spec"]["volumes"]}
+    assert any(m["name"] == "agent" for m in sidecar_of(out)["volumeMounts"])
+
+
+@pytest.mark.parametrize("config", SIDECAR_CONFIGS.values(), ids=SIDECAR_CONFIGS.keys())
+def test_its_own_output_is_accepted_again_unchanged(config: InjectorConfig) -> None:
+    again = run(inject(bento_pod(), config), config)
+    assert again.outcome == "unchanged"
+    assert again.ops == []
+
+
+def test_the_status_says_the_node_agent_serves_the_node_cache() -> None:
+    status = json.loads(inject(bento_pod())["metadata"]["annotations"][STATUS])
+    # Always unprivileged: the status carries no flag for it.
+    assert status["sidecar"] == {"name": "juicefs-mount", "mode": "native"}
+    assert status["cache"]["medium"] == "node-local SSD (shared, read-only through the node agent)"

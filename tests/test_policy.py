@@ -1,8 +1,9 @@
-"""The sidecar-required policy's node cache pattern and the injector's profiles agree.
+"""The sidecar-required policy and the injector agree on what an injected pod has.
 
 The ValidatingAdmissionPolicy in manifests/base cannot read the injector's
-config, so it spells out the default profiles' node cache directories; the
-e2e suite runs the policy itself on a real apiserver (tests/e2e/test_node_cache.py).
+config, so it spells out the default names; it admits only emptyDirs under
+our volume names and requires the agent volume. The e2e suite runs the
+policy itself on a real apiserver (tests/e2e/test_admission.py).
 """
 
 from __future__ import annotations
@@ -16,85 +17,80 @@ import yaml
 
 from devcluster.injector import node_cache_pattern_patch
 from injector.config import InjectorConfig
+from injector.mutation.owned import owned_names
 from tests.helpers import GOLDEN_CASES, injected_pods
 
 POLICY = Path(__file__).resolve().parent.parent / "manifests/base/policy-sidecar-required.yaml"
 
 
+def policy_spec() -> dict[str, Any]:
+    documents = yaml.safe_load_all(POLICY.read_text())
+    spec: dict[str, Any] = next(d for d in documents if d["kind"].endswith("Policy"))["spec"]
+    return spec
+
+
 def policy_variable(name: str) -> str:
-    policy = next(d for d in yaml.safe_load_all(POLICY.read_text()) if d["kind"].endswith("Policy"))
-    variables: list[dict[str, Any]] = policy["spec"]["variables"]
+    variables: list[dict[str, Any]] = policy_spec()["variables"]
     return str(next(v["expression"] for v in variables if v["name"] == name)).strip()
 
 
-def node_cache_pattern() -> re.Pattern[str]:
-    literal = policy_variable("nodeCacheDir")
-    assert literal.startswith("'")
-    assert literal.endswith("'")
-    return re.compile(literal[1:-1])
+def validation(message_start: str) -> str:
+    """The expression of the validation whose message starts so, on one line."""
+    for item in policy_spec()["validations"]:
+        if " ".join(item["message"].split()).startswith(message_start):
+            return " ".join(str(item["expression"]).split())
+    raise AssertionError(f"no validation says {message_start!r}")
 
 
-@pytest.mark.parametrize("profile", ["gke", "eks", "aks"])
-def test_every_profiles_node_cache_directory_passes_the_policy(profile: str) -> None:
-    path = InjectorConfig().cluster.profiles[profile].node_cache_path
-    assert path is not None
-    for volume in ("models", "vision-models", "m.v2"):
-        assert node_cache_pattern().match(f"{path}/{volume}"), (profile, volume)
+def test_the_policy_names_our_volumes_and_sidecar() -> None:
+    config = InjectorConfig()
+    assert policy_variable("cacheVolume") == f"'{config.volumes.cache_name}'"
+    assert policy_variable("agentVolume") == f"'{config.volumes.agent_name}'"
+    assert policy_variable("sidecar") == f"'{config.sidecar.container_name}'"
+    expression = validation("volumes juicefs-mount-dir, juicefs-cache and juicefs-agent")
+    assert f"'{config.volumes.mount_dir_name}'" in expression
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/",
-        "/etc",
-        "/var/lib/kubelet",
-        "/mnt/bento-juicefs",
-        "/mnt/bento-juicefs/",
-        "/mnt/bento-juicefs/..",
-        "/mnt/bento-juicefs/models/..",
-        "/mnt/bento-juicefs/models/../../etc",
-        "/mnt/bento-juicefs/-models",
-        "/mnt/stateful_partition/bento-juicefs/models",
-        "/mnt/k8s-disks/1/bento-juicefs/models",
-        "/tmp/mnt/bento-juicefs/models",
-    ],
-)
-def test_other_host_paths_fail_the_policy(path: str) -> None:
-    assert not node_cache_pattern().match(path)
+def test_our_three_volumes_must_be_empty_dirs_at_creation() -> None:
+    assert validation("volumes juicefs-mount-dir, juicefs-cache and juicefs-agent") == (
+        "!variables.creating || variables.volumes.all(v, !(v.name in ['juicefs-mount-dir', "
+        "variables.cacheVolume, variables.agentVolume]) || has(v.emptyDir))"
+    )
 
 
-def test_every_golden_node_cache_passes_the_policy() -> None:
+def test_an_injected_pod_must_keep_the_agent_volume() -> None:
+    assert validation("this pod has the juicefs-mount sidecar but no juicefs-agent volume") == (
+        "!variables.creating || size(variables.native) + size(variables.classic) == 0 || "
+        "variables.volumes.exists(v, v.name == variables.agentVolume)"
+    )
+
+
+def test_no_validation_admits_a_host_path() -> None:
+    for item in policy_spec()["validations"]:
+        assert "hostPath" not in item["expression"]
+        assert "nodeCacheDir" not in item["expression"]
+
+
+def test_every_golden_pod_has_our_volumes_as_the_policy_wants_them() -> None:
+    ours = set(owned_names(InjectorConfig()).volumes)
     seen = 0
     for case in GOLDEN_CASES:
         for _, pod in injected_pods(case):
-            for volume in pod["spec"].get("volumes") or []:
-                if volume["name"] == "juicefs-cache" and "hostPath" in volume:
-                    seen += 1
-                    assert node_cache_pattern().match(volume["hostPath"]["path"]), case.name
+            volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+            assert ours <= set(volumes), case.name
+            for name in ours:
+                assert set(volumes[name]) == {"name", "emptyDir"}, (case.name, name)
+            seen += 1
     assert seen >= 20
 
 
-def test_the_policy_names_our_cache_volume_and_sidecar() -> None:
-    config = InjectorConfig()
-    assert policy_variable("cacheVolume") == f"'{config.volumes.cache_name}'"
-    assert policy_variable("sidecar") == f"'{config.sidecar.container_name}'"
-
-
-def test_the_local_clusters_overlay_adds_its_node_cache_directory(tmp_path: Path) -> None:
-    """devcluster does what a platform with its own cache.nodePath does to the policy."""
+def test_the_local_clusters_overlay_still_finds_the_unused_variable(tmp_path: Path) -> None:
+    """devcluster patches nodeCacheDir until it stops; the policy keeps it, unused, until then."""
     local = tmp_path / "cluster.0" / "node" / "local-ssd"
     (patch,) = node_cache_pattern_patch(local)
     index = int(patch["path"].split("/")[3])
-    assert policy_variable_names()[index] == "nodeCacheDir"
+    assert [str(v["name"]) for v in policy_spec()["variables"]][index] == "nodeCacheDir"
     pattern = re.compile(patch["value"][1:-1])
     assert pattern.match(f"{local}/models")
-    assert not pattern.match(f"{tmp_path}/clusterx0/node/local-ssd/models")  # the dot is literal
-    assert pattern.match("/mnt/k8s-disks/0/bento-juicefs/models")
-    assert not pattern.match(f"{local}/models/../../etc")
     with pytest.raises(ValueError, match="only letters"):
         node_cache_pattern_patch(Path("/mnt/it's"))
-
-
-def policy_variable_names() -> list[str]:
-    policy = next(d for d in yaml.safe_load_all(POLICY.read_text()) if d["kind"].endswith("Policy"))
-    return [str(v["name"]) for v in policy["spec"]["variables"]]

@@ -16,9 +16,9 @@ from injector.mutation.owned import owned_names
 from tests.helpers import run
 
 CONFIG = InjectorConfig()
-# The same properties hold for the unprivileged sidecar (sidecar.unprivileged).
-UNPRIVILEGED = InjectorConfig.model_validate({"sidecar": {"unprivileged": True}})
-CONFIGS = {"privileged": CONFIG, "unprivileged": UNPRIVILEGED}
+# The same properties hold for the classic sidecar (clusters before 1.29).
+CLASSIC = InjectorConfig.model_validate({"cluster": {"kubernetesVersion": "1.28"}})
+CONFIGS = {"native": CONFIG, "classic": CLASSIC}
 OURS_VOLUMES = set(owned_names(CONFIG).volumes)
 OUR_EXPRESSIONS = [
     {
@@ -29,6 +29,7 @@ OUR_EXPRESSIONS = [
     {"key": "cloud.google.com/gke-image-streaming", "operator": "In", "values": ["true"]},
 ]
 GATE = {"conditionType": "juicefs.bentoml.com/models-ready"}
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
 names = st.from_regex(r"[a-z]([a-z0-9-]{0,9}[a-z0-9])?", fullmatch=True).filter(
     lambda n: not n.startswith("juicefs")
@@ -185,6 +186,9 @@ def strip_injection(pod: dict[str, Any], original: dict[str, Any]) -> dict[str, 
         del spec["affinity"]
     annotations = out["metadata"].get("annotations", {})
     annotations.pop("juicefs.bentoml.com/status", None)
+    # A classic sidecar goes first in containers: kubectl is pointed at the app.
+    if DEFAULT_CONTAINER not in original["metadata"].get("annotations", {}):
+        annotations.pop(DEFAULT_CONTAINER, None)
     if not annotations and "annotations" not in original["metadata"]:
         out["metadata"].pop("annotations", None)
     return out
@@ -239,17 +243,16 @@ def test_patch_applies_cleanly_and_loses_nothing(
     terms = node["preferredDuringSchedulingIgnoredDuringExecution"]
     assert [t["preference"]["matchExpressions"] for t in terms].count([warm]) == 1
     assert strip_injection(patched, original) == original
-    if config.sidecar.unprivileged:
-        # No host path and no credential in the pod; nothing but the sidecar
-        # mounts the agent volume.
-        assert not any("hostPath" in v for v in patched["spec"].get("volumes", []))
-        assert sidecars[0]["securityContext"]["runAsNonRoot"] is True
-        assert not any(
-            m["name"] == owned_names(config).agent_volume
-            for key in ("initContainers", "containers")
-            for c in patched["spec"].get(key, [])
-            if c["name"] != "juicefs-mount"
-            for m in c.get("volumeMounts", [])
-        )
+    # No host path and no credential in the pod; nothing but the sidecar
+    # mounts the agent volume.
+    assert not any("hostPath" in v for v in patched["spec"].get("volumes", []))
+    assert sidecars[0]["securityContext"]["runAsNonRoot"] is True
+    assert not any(
+        m["name"] == owned_names(config).agent_volume
+        for key in ("initContainers", "containers")
+        for c in patched["spec"].get(key, [])
+        if c["name"] != "juicefs-mount"
+        for m in c.get("volumeMounts", [])
+    )
     again = run(patched, config)
     assert again.ops == []

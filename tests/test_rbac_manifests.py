@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 
 from injector.config import InjectorConfig
-from injector.namespaces import PROVISIONED, credential_secret_names, desired_binding
-from tests.rbac_docs import Atom, documented, expected
+from injector.namespaces import LEGACY_ROLE_BINDING, PROVISIONED, credential_secret_names
+from tests.rbac_docs import Atom, documented
 
 BASE = Path(__file__).resolve().parent.parent / "manifests" / "base"
 SYSTEM = "bento-juicefs-system"
@@ -83,28 +83,22 @@ def test_the_node_agents_rbac_is_its_table_in_both_documents() -> None:
     assert held == documented_scopes("node-agent.md", "## Permissions")
 
 
-def test_the_workloads_rbac_is_its_table() -> None:
-    """The namespace controller binds the shipped ClusterRole to the namespace's accounts."""
-    binding = desired_binding("team-a", CONFIG)
-    assert binding["subjects"] == [
-        {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "Group",
-            "name": "system:serviceaccounts:team-a",
-        }
-    ]
-    role = next(
-        d
-        for d in manifests()
-        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == binding["roleRef"]["name"]
-    )
-    rows = documented("security.md", "### The workloads")
-    assert atoms(role["rules"]) == expected(rows, "team-a", own="team-a")
-    assert expected(rows, "other", own="team-a") == set()
+def test_no_role_or_binding_grants_a_tenant_anything() -> None:
+    """Tenant namespaces get no RBAC from us: only the node agent sets models-ready."""
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in manifests()}
+    assert ("ClusterRole", LEGACY_ROLE_BINDING) not in kinds
+    for doc in manifests():
+        if doc["kind"] in ("ClusterRoleBinding", "RoleBinding"):
+            for subject in doc.get("subjects") or []:
+                assert subject["kind"] == "ServiceAccount", doc["metadata"]["name"]
+                assert subject["namespace"] == SYSTEM, doc["metadata"]["name"]
 
 
 def test_the_injectors_names_are_the_configs() -> None:
-    """resourceNames spell out the config's defaults: the Secrets it copies, its RoleBinding."""
+    """resourceNames spell out the config's defaults: the Secrets it copies, its webhook.
+
+    And the readiness RoleBinding older versions made, which it may only delete.
+    """
     role = next(
         d
         for d in manifests()
@@ -116,8 +110,10 @@ def test_the_injectors_names_are_the_configs() -> None:
         for resource in rule["resources"]
     }
     assert names["secrets"] == set(credential_secret_names(CONFIG))
-    assert names["rolebindings"] == {CONFIG.controller.role_name}
-    assert names["clusterroles"] == {CONFIG.controller.role_name}
+    assert names["rolebindings"] == {LEGACY_ROLE_BINDING}
+    assert "clusterroles" not in names
+    rolebindings = next(r for r in role["rules"] if r["resources"] == ["rolebindings"])
+    assert rolebindings["verbs"] == ["delete"]
     assert names["mutatingwebhookconfigurations"] == {CONFIG.webhook.configuration_name}
 
 
@@ -180,3 +176,47 @@ def test_every_write_of_the_node_agent_but_events_is_fenced() -> None:
         "nodes": "bento-juicefs-node-agent-fence",
         "pods/status": "bento-juicefs-node-agent-pods-fence",
     }
+
+
+def policy_spec(name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = next(
+        d
+        for d in manifests()
+        if d["kind"] == "ValidatingAdmissionPolicy" and d["metadata"]["name"] == name
+    )["spec"]
+    return spec
+
+
+def test_the_models_ready_fence_leaves_no_service_account_of_the_namespace_a_say() -> None:
+    """One rule, whichever pod the token is bound to: the condition is the node agent's."""
+    policy = policy_spec("bento-juicefs-models-ready-fence")
+    assert policy["failurePolicy"] == "Fail"
+    assert policy["matchConstraints"]["namespaceSelector"] == {
+        "matchLabels": {CONFIG.labels.namespace_opt_in: CONFIG.labels.namespace_opt_in_value}
+    }
+    (rule,) = policy["matchConstraints"]["resourceRules"]
+    assert (rule["resources"], rule["operations"]) == (["pods/status"], ["UPDATE"])
+    (condition,) = policy["matchConditions"]
+    assert condition["expression"] == (
+        "request.userInfo.username.startsWith('system:serviceaccount:' + request.namespace + ':')"
+    )
+    variables = {v["name"]: v["expression"] for v in policy["variables"]}
+    assert variables == {"condition": f"'{CONFIG.readiness.condition_type}'"}
+    (validation,) = policy["validations"]
+    assert " ".join(validation["expression"].split()) == (
+        "object.status.?conditions.orValue([]).filter(c, c.type == variables.condition) == "
+        "oldObject.status.?conditions.orValue([]).filter(c, c.type == variables.condition)"
+    )
+    assert validation["reason"] == "Forbidden"
+    assert validation["messageExpression"] == (
+        "'pod ' + object.metadata.name + ': only the node agent sets its "
+        "juicefs.bentoml.com/models-ready condition; no service account of the namespace "
+        "may change it'"
+    )
+    binding = next(
+        d
+        for d in manifests()
+        if d["kind"] == "ValidatingAdmissionPolicyBinding"
+        and d["metadata"]["name"] == "bento-juicefs-models-ready-fence"
+    )["spec"]
+    assert binding["validationActions"] == ["Deny"]

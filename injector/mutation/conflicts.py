@@ -2,11 +2,11 @@
 
 Four kinds: names or mounts of the pod's own that collide with ours; a pod
 claiming (by our status annotation) to be injected whose "ours" parts are not
-what we create (a host path above all: only the configured node cache of the
-pod's own JuiceFS volume); a container of the pod's that mounts our cache
-or the unprivileged sidecar's agent volume; and shapes that would never
-start (a classic mesh proxy capturing the sidecar's traffic, a native
-sidecar stripped of its restart policy by another webhook).
+what we create (every volume of ours is an emptyDir, never a host path); a
+container of the pod's that mounts our cache or the sidecar's agent volume;
+and shapes that would never start (a classic mesh proxy capturing the
+sidecar's traffic, a native sidecar stripped of its restart policy by
+another webhook).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 
 from injector.mutation.context import MutationContext
 from injector.mutation.sidecar import sidecar_container
-from injector.mutation.volumes import cache_volume
 
 
 def _name_clashes(ctx: MutationContext) -> list[str]:
@@ -36,32 +35,16 @@ def _forged_parts(ctx: MutationContext) -> list[str]:
     """The status annotation is ours alone: what it vouches for must look like ours."""
     owned = ctx.owned
     status = owned.status_annotation
-    allowed = owned.volume_sources
     problems = []
     for volume in ctx.spec.get("volumes") or []:
-        if not isinstance(volume, dict) or volume.get("name") not in allowed:
+        if not isinstance(volume, dict) or volume.get("name") not in owned.volumes:
             continue
-        name = volume["name"]
         source = [k for k, v in volume.items() if k != "name" and v is not None]
-        if len(source) != 1 or source[0] not in allowed[name]:
+        if source != ["emptyDir"]:
             kind = "/".join(source) or "empty"
             problems.append(
-                f"pod carries {status} but volume {name!r} is {kind}, not what the "
+                f"pod carries {status} but volume {volume['name']!r} is {kind}, not what the "
                 "injector creates; that annotation cannot be set by hand"
-            )
-        elif source[0] == "hostPath" and volume["hostPath"] != _node_cache_source(ctx):
-            # A host path is ours only when it is exactly the configured node
-            # cache directory of this pod's JuiceFS volume.
-            ours = _node_cache_source(ctx)
-            expected = (
-                f"hostPath {ours['path']!r}, {ours['type']}"
-                if ours
-                else "none: this pod uses the pod cache"
-            )
-            problems.append(
-                f"pod carries {status} but volume {name!r} is hostPath "
-                f"{volume['hostPath'].get('path')!r}, not the node cache the injector creates "
-                f"({expected}); that annotation cannot be set by hand"
             )
     found = ctx.sidecar_index()
     if found is not None:
@@ -84,11 +67,6 @@ def _forged_parts(ctx: MutationContext) -> list[str]:
                 "rewrote it"
             )
     return problems
-
-
-def _node_cache_source(ctx: MutationContext) -> dict[str, Any] | None:
-    found: dict[str, Any] | None = cache_volume(ctx).get("hostPath")
-    return found
 
 
 def _sidecar_only_mounts(ctx: MutationContext) -> list[str]:

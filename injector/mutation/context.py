@@ -46,8 +46,6 @@ class Record:
 
     # Our volumes the pod has once patched, in the order they were added.
     volumes: list[str] = field(default_factory=list)
-    # The sidecar added runs unprivileged (its mount made by the node agent).
-    unprivileged: bool = False
     # Node label (as `key=value` or `key`) -> what it became.
     affinity: dict[str, AffinityOutcome] = field(default_factory=dict)
 

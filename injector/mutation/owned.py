@@ -17,39 +17,19 @@ class Owned:
     container: str
     mount_dir_volume: str
     cache_volume: str
-    # Only when the sidecar cannot share the token volume the pod already has.
-    token_volume: str
-    # Only for the unprivileged sidecar: the node agent's socket and mount.
+    # The node agent's socket for the sidecar, and the FUSE mount it makes for it.
     agent_volume: str
     status_annotation: str
-    # The privileged sidecar reads the node cache through a hostPath; the
-    # unprivileged one through an emptyDir the node agent bind-mounts it onto.
-    node_cache_host_path: bool
 
     @property
     def volumes(self) -> tuple[str, ...]:
         """Our volume names, in the order the volumes step adds them.
 
-        Every name is reserved whichever sidecar the config chooses, so a pod's
-        own volume never takes a name that a change of the flag would give us.
+        Every one is an emptyDir: whatever the node agent mounts for the pod
+        (the models, the node cache, its socket) it mounts onto these from the
+        host side, so a tenant pod names no host path at all.
         """
-        return (self.mount_dir_volume, self.cache_volume, self.token_volume, self.agent_volume)
-
-    @property
-    def volume_sources(self) -> dict[str, tuple[str, ...]]:
-        """The volume source each of our volumes may have, whoever wrote it.
-
-        A hostPath is only ever the node cache of the privileged sidecar, and
-        then exactly the one the config names for the pod's JuiceFS volume
-        (checked in conflicts.py).
-        """
-        cache = ("emptyDir", "hostPath") if self.node_cache_host_path else ("emptyDir",)
-        return {
-            self.mount_dir_volume: ("emptyDir",),
-            self.cache_volume: cache,
-            self.token_volume: ("projected",),
-            self.agent_volume: ("emptyDir",),
-        }
+        return (self.mount_dir_volume, self.cache_volume, self.agent_volume)
 
     @property
     def sidecar_only_volumes(self) -> tuple[str, ...]:
@@ -67,8 +47,6 @@ def owned_names(config: InjectorConfig) -> Owned:
         container=config.sidecar.container_name,
         mount_dir_volume=names.mount_dir_name,
         cache_volume=names.cache_name,
-        token_volume=names.token_name,
         agent_volume=names.agent_name,
         status_annotation=config.annotations.status,
-        node_cache_host_path=not config.sidecar.unprivileged,
     )

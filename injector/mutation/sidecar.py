@@ -1,8 +1,8 @@
 """The `juicefs-mount` container: a native sidecar on 1.29+, a classic one before.
 
-Privileged and root by default (it mounts FUSE itself); with
-`sidecar.unprivileged` it passes Pod Security `restricted` and serves the
-FUSE mount the node agent made for it, reached through the agent volume.
+It passes Pod Security `restricted` (non-root, no capabilities) and holds no
+Kubernetes credential: it serves the FUSE mount the node agent made for it,
+reached through the agent volume, and asks the agent for the rest.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from typing import Any
 from common import env
 from injector.mutation.context import MutationContext
 from injector.mutation.metrics import METRICS_PORT_NAME
-from injector.mutation.token import TOKEN_MOUNT_PATH, choose_token, token_mount
 from injector.quantity import parse_quantity
 
 MIB = 2**20
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
-# Where the unprivileged sidecar finds the node agent's socket, and the
-# private FUSE mount the agent makes for it (both in the agent volume).
+# Where the sidecar finds the node agent's socket, and the private FUSE
+# mount the agent makes for it (both in the agent volume).
 AGENT_SOCKET_PATH = Path(env.AGENT_DIR) / env.AGENT_SOCKET_NAME
 AGENT_MOUNT_PATH = Path(env.AGENT_DIR) / env.AGENT_MOUNT_NAME
-# The (empty) directory of the agent volume the unprivileged sidecar sees at the token path.
+# Where Kubernetes mounts a service-account token; the sidecar sees an
+# (empty) directory of the agent volume there instead.
+TOKEN_MOUNT_PATH = env.DEFAULT_TOKEN_DIR
 NO_TOKEN_SUBPATH = "no-token"
 
 
@@ -78,12 +79,12 @@ def sidecar_env(ctx: MutationContext) -> list[dict[str, Any]]:
         env.WARMUP_CONCURRENCY.entry(config.warmup.concurrency),
         env.CONDITION_TYPE.entry(config.readiness.condition_type),
         env.METRICS_PORT.entry(ctx.metrics_port),
-        *(_agent_env() if ctx.config.sidecar.unprivileged else []),
+        *agent_env(),
     ]
 
 
-def _agent_env() -> list[dict[str, Any]]:
-    """The unprivileged sidecar's way to its mount: the agent's socket, and where it mounts."""
+def agent_env() -> list[dict[str, Any]]:
+    """The sidecar's way to its mount: the agent's socket, and where the agent mounts."""
     return [
         env.AGENT_SOCKET.entry(AGENT_SOCKET_PATH),
         env.PRIVATE_MOUNT.entry(AGENT_MOUNT_PATH),
@@ -113,23 +114,7 @@ def sidecar_resources(ctx: MutationContext) -> dict[str, Any]:
     return {"requests": requests, "limits": limits} if limits else {"requests": requests}
 
 
-def _privileged_mounts(ctx: MutationContext) -> list[dict[str, Any]]:
-    """The sidecar mounts FUSE itself and talks to the apiserver with the pod's token."""
-    owned, paths = ctx.owned, ctx.config.volumes
-    return [
-        # Bidirectional: the FUSE mount the sidecar makes inside the mount
-        # dir propagates back to the host and from there to the apps.
-        {
-            "name": owned.mount_dir_volume,
-            "mountPath": paths.mount_path,
-            "mountPropagation": "Bidirectional",
-        },
-        {"name": owned.cache_volume, "mountPath": paths.cache_path},
-        token_mount(choose_token(ctx)),
-    ]
-
-
-def _unprivileged_mounts(ctx: MutationContext) -> list[dict[str, Any]]:
+def sidecar_mounts(ctx: MutationContext) -> list[dict[str, Any]]:
     """The node agent mounts on the host side of each volume; the sidecar only sees them.
 
     HostToContainer everywhere: Bidirectional needs a privileged container,
@@ -167,30 +152,25 @@ def _unprivileged_mounts(ctx: MutationContext) -> list[dict[str, Any]]:
     ]
 
 
-def sidecar_security_context(unprivileged: bool) -> dict[str, Any]:
-    """Every field set explicitly, so nothing of the pod's own securityContext is inherited."""
-    if unprivileged:
-        # Pod Security `restricted`, field by field. The uid is fixed, whatever
-        # the pod's runAsUser: the image's own user, the one the node agent
-        # mounts FUSE for.
-        return {
-            "runAsNonRoot": True,
-            "runAsUser": env.SIDECAR_UID,
-            "runAsGroup": env.SIDECAR_UID,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        }
-    # FUSE needs a privileged container whatever the pod's own defaults;
-    # root and runAsNonRoot are set explicitly so a pod-level
-    # runAsNonRoot: true or runAsUser cannot be inherited here.
-    return {"privileged": True, "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False}
+def sidecar_security_context() -> dict[str, Any]:
+    """Pod Security `restricted`, every field set, so nothing of the pod's own is inherited.
+
+    The uid is fixed, whatever the pod's runAsUser: the image's own user, the
+    one the node agent mounts FUSE for.
+    """
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": env.SIDECAR_UID,
+        "runAsGroup": env.SIDECAR_UID,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def sidecar_container(ctx: MutationContext) -> dict[str, Any]:
     config, owned = ctx.config, ctx.owned
     side = config.sidecar
-    mounts = _unprivileged_mounts(ctx) if side.unprivileged else _privileged_mounts(ctx)
     container: dict[str, Any] = {
         "name": owned.container,
         "image": side.image,
@@ -198,8 +178,8 @@ def sidecar_container(ctx: MutationContext) -> dict[str, Any]:
         "command": list(side.command),
         "env": sidecar_env(ctx),
         "resources": sidecar_resources(ctx),
-        "volumeMounts": mounts,
-        "securityContext": sidecar_security_context(side.unprivileged),
+        "volumeMounts": sidecar_mounts(ctx),
+        "securityContext": sidecar_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if ctx.metrics_port:
@@ -227,7 +207,6 @@ def add_sidecar(ctx: MutationContext) -> None:
     if ctx.sidecar_index() is not None:
         return
     container = sidecar_container(ctx)
-    ctx.record.unprivileged = ctx.config.sidecar.unprivileged
     if ctx.plan.sidecar_mode == "native":
         ctx.patch.insert(("spec", "initContainers"), ctx.native_insert_index(), container)
     else:

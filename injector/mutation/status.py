@@ -17,11 +17,7 @@ def status_document(ctx: MutationContext) -> dict[str, Any]:
     if plan.cache_mode == "node":
         cache = {
             "mode": "node",
-            "medium": (
-                "node-local SSD (shared, read-only through the node agent)"
-                if record.unprivileged
-                else "node-local SSD (hostPath, shared)"
-            ),
+            "medium": "node-local SSD (shared, read-only through the node agent)",
             "budget": config.cache.node_budget,
             "path": plan.node_cache_dir,
         }
@@ -31,14 +27,11 @@ def status_document(ctx: MutationContext) -> dict[str, Any]:
             "size": plan.cache_size,
             "medium": config.volumes.cache_medium or "node-local disk (emptyDir)",
         }
-    sidecar: dict[str, Any] = {"name": ctx.owned.container, "mode": plan.sidecar_mode}
-    if record.unprivileged:
-        # Only when set: the privileged sidecar's status stays what it always was.
-        sidecar["unprivileged"] = True
     return {
         "version": __version__,
         "bento": f"{plan.bento_name}:{plan.bento_version}",
-        "sidecar": sidecar,
+        # Always unprivileged (the node agent mounts for it): not a field.
+        "sidecar": {"name": ctx.owned.container, "mode": plan.sidecar_mode},
         "cache": cache,
         "volumes": list(record.volumes),
         "juicefs": {"volume": plan.volume, "path": plan.juicefs_path, "models": list(plan.models)},

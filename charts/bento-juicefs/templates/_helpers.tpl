@@ -77,38 +77,3 @@ aks:
 {{- end }}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.config)) }}
 {{- end }}
-
-{{/*
-The CEL that holds a pods/status write to the conditions: every PodStatus
-field of v1.37 but conditions, and the metadata that pods/status can still
-change (labels, annotations, finalizers), unchanged. One source for the
-bento-juicefs-models-ready-fence and bento-juicefs-node-agent-pods-fence
-policies (manifests/base spells it out in both; tests/test_rbac_manifests.py
-checks they agree).
-*/}}
-{{- define "bento-juicefs.podStatusUnchanged" -}}
-object.status.?observedGeneration == oldObject.status.?observedGeneration &&
-object.status.?phase == oldObject.status.?phase &&
-object.status.?message == oldObject.status.?message &&
-object.status.?reason == oldObject.status.?reason &&
-object.status.?nominatedNodeName == oldObject.status.?nominatedNodeName &&
-object.status.?hostIP == oldObject.status.?hostIP &&
-object.status.?hostIPs == oldObject.status.?hostIPs &&
-object.status.?podIP == oldObject.status.?podIP &&
-object.status.?podIPs == oldObject.status.?podIPs &&
-object.status.?startTime == oldObject.status.?startTime &&
-object.status.?initContainerStatuses == oldObject.status.?initContainerStatuses &&
-object.status.?containerStatuses == oldObject.status.?containerStatuses &&
-object.status.?qosClass == oldObject.status.?qosClass &&
-object.status.?ephemeralContainerStatuses == oldObject.status.?ephemeralContainerStatuses &&
-object.status.?resize == oldObject.status.?resize &&
-object.status.?resourceClaimStatuses == oldObject.status.?resourceClaimStatuses &&
-object.status.?extendedResourceClaimStatus == oldObject.status.?extendedResourceClaimStatus &&
-object.status.?allocatedResources == oldObject.status.?allocatedResources &&
-object.status.?resources == oldObject.status.?resources &&
-object.status.?nodeAllocatableResourceClaimStatuses == oldObject.status.?nodeAllocatableResourceClaimStatuses &&
-object.status.?volumeHealth == oldObject.status.?volumeHealth &&
-object.metadata.?labels == oldObject.metadata.?labels &&
-object.metadata.?annotations == oldObject.metadata.?annotations &&
-object.metadata.?finalizers == oldObject.metadata.?finalizers
-{{- end }}
