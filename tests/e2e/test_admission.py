@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,20 +123,27 @@ def assert_injected(pod: dict[str, Any]) -> None:
     sidecar = spec["initContainers"][0]
     assert sidecar["name"] == "juicefs-mount"
     assert sidecar["restartPolicy"] == "Always"
-    # The node cache by default (gke profile): a hostPath only the sidecar mounts,
-    # no ephemeral-storage request (the node budget bounds it).
+    assert sidecar["securityContext"]["runAsNonRoot"] is True
+    assert "privileged" not in sidecar["securityContext"]
+    # The node cache by default (gke profile): an emptyDir only the sidecar mounts,
+    # onto which the node agent binds the cache; no ephemeral-storage request (the
+    # node budget bounds it). No volume of ours is a host path.
     cache = next(v for v in spec["volumes"] if v["name"] == "juicefs-cache")
-    assert cache["hostPath"]["path"].endswith("/models")
+    assert "hostPath" not in cache
     assert "ephemeral-storage" not in sidecar["resources"]["requests"]
-    assert {"juicefs-mount-dir", "juicefs-cache"} <= {v["name"] for v in spec["volumes"]}
+    ours = {v["name"]: v for v in spec["volumes"] if v["name"].startswith("juicefs-")}
+    assert set(ours) == {"juicefs-mount-dir", "juicefs-cache", "juicefs-agent"}
+    assert all("emptyDir" in v for v in ours.values())
     assert {"conditionType": GATE} in spec["readinessGates"]
     assert STATUS in pod["metadata"]["annotations"]
     app_mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
     assert app_mounts["juicefs-mount-dir"]["mountPropagation"] == "HostToContainer"
     assert app_mounts["juicefs-mount-dir"]["readOnly"] is True
-    # The ServiceAccount plugin ran before us; the sidecar mounts its token volume.
+    # The ServiceAccount plugin put a token into the app, not into the sidecar: an
+    # empty directory of the agent volume covers its path there.
     token = "/var/run/secrets/kubernetes.io/serviceaccount"
-    assert any(m["mountPath"] == token for m in sidecar["volumeMounts"])
+    (at_token,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == token]
+    assert (at_token["name"], at_token.get("subPath")) == ("juicefs-agent", "no-token")
     required = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     for term in required["nodeSelectorTerms"]:
         assert {"key": SSD, "operator": "In", "values": ["true"]} in term["matchExpressions"]
@@ -414,26 +422,27 @@ def test_namespace_controller_follows_the_label(
             names.update(f"{kind}/{item['metadata']['name']}" for item in items)
         return names
 
-    expected = {
-        "secret/juicefs-models-credentials",
-        "rolebinding/bento-juicefs-models-ready",
-    }
+    # The credentials, and no RBAC: the node agent sets the pods' condition.
+    expected = {"secret/juicefs-models-credentials"}
     assert objects() == set()
     cluster.kubectl("label", "namespace", namespace, "juicefs.bentoml.com/injection=enabled")
-    wait_for(lambda: objects() == expected, timeout=30, what="credentials and RBAC")
+    wait_for(lambda: objects() == expected, timeout=30, what="the credentials copy")
     source = cluster.get_json("secret", "juicefs-models-credentials", "-n", "bento-juicefs-system")
     copy = cluster.get_json("secret", "juicefs-models-credentials", "-n", namespace)
     assert copy["data"] == source["data"]
-    provisioned = cluster.get_json("namespace", namespace)["metadata"]["annotations"]
-    assert provisioned["juicefs.bentoml.com/provisioned"] == (
-        "rolebinding/bento-juicefs-models-ready,secret/juicefs-models-credentials"
-    )
+
+    def recorded() -> str | None:
+        annotations = cluster.get_json("namespace", namespace)["metadata"].get("annotations")
+        return (annotations or {}).get("juicefs.bentoml.com/provisioned")
+
+    found = wait_for(recorded, timeout=30, what="the provisioned record")
+    assert found == "secret/juicefs-models-credentials"
     cluster.kubectl("label", "namespace", namespace, "juicefs.bentoml.com/injection-")
     wait_for(lambda: objects() == set(), timeout=30, what="cleanup")
 
 
 def test_namespace_controller_leaves_a_tenants_own_secret_alone(
-    cluster: Cluster, new_namespace: NewNamespace
+    cluster: Cluster, injector: InjectorInstall, new_namespace: NewNamespace
 ) -> None:
     namespace = new_namespace(opted_in=False)
     cluster.kubectl(
@@ -447,21 +456,25 @@ def test_namespace_controller_leaves_a_tenants_own_secret_alone(
     )
     cluster.kubectl("label", "namespace", namespace, "juicefs.bentoml.com/injection=enabled")
 
-    def bound() -> bool:
-        found = cluster.kubectl(
-            "get", "rolebinding", "bento-juicefs-models-ready", "-n", namespace, check=False
+    def refused() -> bool:
+        """The controller saw the namespace, and left the Secret as someone else's."""
+        return any(
+            "namespace.not_ours" in line and namespace in line
+            for line in injector.logs().splitlines()
         )
-        return found.returncode == 0
 
-    wait_for(bound, timeout=30, what="the RoleBinding")
+    wait_for(refused, timeout=30, what="the controller's namespace.not_ours")
     secret = cluster.get_json("secret", "juicefs-models-credentials", "-n", namespace)
     assert base64.b64decode(secret["data"]["metaurl"]) == b"theirs"
+    annotations = cluster.get_json("namespace", namespace)["metadata"].get("annotations") or {}
+    assert "juicefs.bentoml.com/provisioned" not in annotations  # nothing of ours to remove
     cluster.kubectl("label", "namespace", namespace, "juicefs.bentoml.com/injection-")
-    wait_for(lambda: not bound(), timeout=30, what="cleanup")
-    kept = cluster.kubectl(
-        "get", "secret", "juicefs-models-credentials", "-n", namespace, check=False
-    )
-    assert kept.returncode == 0
+    for _ in range(10):  # the watch reacts within a second; the Secret stays
+        kept = cluster.kubectl(
+            "get", "secret", "juicefs-models-credentials", "-n", namespace, check=False
+        )
+        assert kept.returncode == 0
+        time.sleep(0.5)
 
 
 def test_reset_ca_bundle_is_healed(cluster: Cluster, injector: InjectorInstall) -> None:

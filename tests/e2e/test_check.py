@@ -1,14 +1,14 @@
 """`python -m injector check` on the local cluster, run as a user runs it, and each FAIL made real.
 
-The healthy cluster first: every line ok but the node agent (not installed
-by default here), exit 0. Then each blocking line is made to fail for real
-and put back: nodes without the profile's SSD and image-streaming labels; a
+The healthy cluster first: every line ok (the node agent runs on the node),
+exit 0; a namespace that enforces `restricted` changes nothing. Then each
+blocking line is made to fail for real and put back: an SSD node without an
+agent pod; nodes without the profile's SSD and image-streaming labels; a
 caBundle that trusts another CA (with the injector stopped, and then serving
 while it cannot repair the bundle, so the handshake itself fails); a
-namespace that enforces `restricted` (fixed with the command the line
-prints); a credentials Secret without its metaurl key, in the injector's
-namespace and in a copy. Every change is undone, and the last check of each
-test passes again: other tests share the cluster.
+credentials Secret without its metaurl key, in the injector's namespace and
+in a copy. Every change is undone, and the last check of each test passes
+again: other tests share the cluster.
 """
 
 from __future__ import annotations
@@ -111,6 +111,12 @@ def run_check(
     return checked
 
 
+@pytest.fixture(autouse=True)
+def agent_pod(node_agent: LocalNodeAgent) -> str:
+    """The node agent's pod on the local node: without it every check here fails."""
+    return node_agent.ensure_running()
+
+
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster, injector: InjectorInstall) -> Iterator[str]:
     name = f"e2e-check-{uuid.uuid4().hex[:6]}"
@@ -151,7 +157,7 @@ def fake_node(
 
 
 def test_a_healthy_cluster_passes(
-    cluster: Cluster, node: Node, injector: InjectorInstall, namespace: str
+    cluster: Cluster, node: Node, injector: InjectorInstall, namespace: str, agent_pod: str
 ) -> None:
     checked = run_check(cluster, injector.config_file, via_env=True, expect=0)
     server = json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
@@ -171,15 +177,34 @@ def test_a_healthy_cluster_passes(
         endpoint = checked.line("webhook endpoint", address)
         assert endpoint.verdict == "ok"
         assert f"which the caBundle verifies for {injector.server_name}" in endpoint.found
-    assert checked.line("pod security", f"namespace {namespace}").verdict == "ok"
+    namespaces = checked.line("namespaces", "namespaces")
+    assert namespaces.verdict == "ok"
+    assert "opted in: " in namespaces.found
+    assert namespaces.found.endswith(
+        "; any Pod Security level works (the injected juicefs-mount sidecar passes restricted)"
+    )
+    assert checked.subjects("pod security") == []
     assert checked.line("credentials", SOURCE).verdict == "ok"
     copy = checked.line("credentials", f"Secret {namespace}/{CREDENTIALS_SECRET}")
     assert copy.found == "copied, same keys and values as the source"
-    # devcluster leaves the node agent out unless a test installs it.
-    agent = checked.line("node agent", f"DaemonSet {NAMESPACE}/bento-juicefs-node-agent")
-    assert agent.verdict == "warn"
-    assert agent.found.startswith("not installed")
+    agent = checked.line("node agent", f"node {node.name}")
+    assert agent.verdict == "ok"
+    assert agent.found.startswith(f"pod {agent_pod} running; ")
     assert checked.out.rstrip().endswith("nothing blocks injection")
+
+
+def test_a_namespace_that_enforces_restricted_is_fine(
+    cluster: Cluster, injector: InjectorInstall, namespace: str
+) -> None:
+    """What the injector adds passes restricted: no level is a finding any more."""
+    for level in ("restricted", "baseline"):
+        cluster.kubectl("label", "namespace", namespace, f"{ENFORCE}={level}", "--overwrite")
+        try:
+            checked = run_check(cluster, injector.config_file, expect=0)
+            assert checked.line("namespaces", "namespaces").verdict == "ok"
+            assert namespace in checked.out
+        finally:
+            cluster.kubectl("label", "namespace", namespace, f"{ENFORCE}-")
 
 
 def test_a_classic_sidecar_config_on_a_native_server_is_a_warning(
@@ -194,9 +219,10 @@ def test_a_classic_sidecar_config_on_a_native_server_is_a_warning(
     assert "cluster.kubernetesVersion 1.28 makes the injector add a classic one" in line.found
 
 
-def test_the_node_agent_line_reads_its_pod_and_each_nodes_record(
-    cluster: Cluster, node: Node, injector: InjectorInstall, namespace: str
+def test_an_ssd_node_without_an_agent_pod_fails_and_its_record_is_read(
+    cluster: Cluster, node: Node, injector: InjectorInstall, namespace: str, agent_pod: str
 ) -> None:
+    """The agent mounts for every Bento pod: a node it does not run on starts none."""
     warm, failed = BentoRef("models", "summarizer", "v3"), BentoRef("models", "llama3", "v1")
     record = NodeWarmth(
         {
@@ -204,23 +230,21 @@ def test_the_node_agent_line_reads_its_pod_and_each_nodes_record(
             failed: WarmRecord(failed, "failed", message="sha256 mismatch in model.safetensors"),
         }
     ).render()
-    agent = LocalNodeAgent(cluster, injector)
-    pod = agent.install()
-    try:
-        with fake_node(cluster, {SSD: "true"}, {WARM_ANNOTATION: record}) as fake:
-            checked = run_check(cluster, injector.config_file, expect=0)
-            real = checked.line("node agent", f"node {node.name}")
-            assert real.verdict == "ok"
-            assert real.found.startswith(f"pod {pod} running; ")
-            other = checked.line("node agent", f"node {fake}")
-            assert other.verdict == "warn"
-            assert other.found.startswith(
-                f"no agent pod on this node (the DaemonSet selects {SSD}=true); "
-                "Bentos: 1 warm, 0 warming, 1 failed; failed: llama3:v1 (sha256 mismatch"
-            )
-            assert "2 of" in checked.line("SSD nodes", f"{SSD}=true").found
-    finally:
-        agent.uninstall()
+    with fake_node(cluster, {SSD: "true"}, {WARM_ANNOTATION: record}) as fake:
+        checked = run_check(cluster, injector.config_file, expect=1)
+        real = checked.line("node agent", f"node {node.name}")
+        assert real.verdict == "ok"
+        assert real.found.startswith(f"pod {agent_pod} running; ")
+        other = checked.line("node agent", f"node {fake}")
+        assert other.verdict == "FAIL"
+        assert other.found.startswith(
+            f"no agent pod on this node (the DaemonSet selects {SSD}=true); "
+            "Bentos: 1 warm, 0 warming, 1 failed; failed: llama3:v1 (sha256 mismatch"
+        )
+        assert other.fix == "make the DaemonSet's nodeSelector and tolerations match this node"
+        assert checked.failing() == [("node agent", f"node {fake}")]
+        assert "2 of" in checked.line("SSD nodes", f"{SSD}=true").found
+    run_check(cluster, injector.config_file, expect=0)
 
 
 def test_nodes_without_the_profiles_labels_fail(
@@ -243,7 +267,9 @@ def test_nodes_without_the_profiles_labels_fail(
         cluster={"platformProfile": "e2e", "profiles": {"e2e": profile}},
     )
     with fake_node(cluster, {ssd: "true", stream: "yes"}) as fake:
-        checked = run_check(cluster, config, expect=0)
+        # The fake node has no agent pod (nothing runs there): that alone fails.
+        checked = run_check(cluster, config, expect=1)
+        assert checked.failing() == [("node agent", f"node {fake}")]
         assert checked.line("SSD nodes", f"{ssd}=true").found.endswith(f": {fake}")
         assert checked.line("image streaming nodes", stream).verdict == "ok"
 
@@ -343,28 +369,6 @@ def test_a_caBundle_that_does_not_verify_the_serving_certificate_fails(
             set_ca_bundles(cluster, original)
     wait_for(injector.ready, timeout=30, what="the injector's /readyz")
     run_check(cluster, injector.config_file, expect=0)
-
-
-def test_a_namespace_that_enforces_restricted_fails_until_the_printed_fix(
-    cluster: Cluster, injector: InjectorInstall, namespace: str
-) -> None:
-    cluster.kubectl("label", "namespace", namespace, f"{ENFORCE}=restricted")
-    try:
-        checked = run_check(cluster, injector.config_file, expect=1)
-        line = checked.line("pod security", f"namespace {namespace}")
-        assert line.verdict == "FAIL"
-        assert line.found.startswith("enforces restricted:latest (its label), which refuses")
-        assert checked.failing() == [("pod security", f"namespace {namespace}")]
-        # The fix, as printed, run as printed.
-        command = line.fix.split(" (")[0].split()
-        assert command[:3] == ["kubectl", "label", "namespace"]
-        cluster.kubectl(*command[1:])
-        checked = run_check(cluster, injector.config_file, expect=0)
-        assert checked.line("pod security", f"namespace {namespace}").found == (
-            "enforces privileged:latest (its label)"
-        )
-    finally:
-        cluster.kubectl("label", "namespace", namespace, f"{ENFORCE}-")
 
 
 def secret_data(cluster: Cluster, namespace: str) -> dict[str, str]:

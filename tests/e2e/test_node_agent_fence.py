@@ -3,7 +3,9 @@
 The ClusterRole and the bento-juicefs-node-agent-fence and
 bento-juicefs-node-agent-pods-fence ValidatingAdmissionPolicies are the ones
 in manifests/base, applied by the injector's install (devcluster/injector.py;
-the DaemonSet itself is left out there). The agent's writes are made from the
+the DaemonSet itself is left out there, the local cluster runs its own copy).
+The tenants' side, bento-juicefs-models-ready-fence, is type-checked here and
+exercised in tests/e2e/test_rbac.py. The agent's writes are made from the
 admin kubeconfig impersonating its service account, with or without the
 `authentication.kubernetes.io/node-name` extra a pod-bound token carries, on
 Nodes registered in the API only (no kubelet behind them, tainted so that
@@ -34,6 +36,8 @@ AGENT = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 POLICY = "bento-juicefs-node-agent-fence"
 PODS_POLICY = "bento-juicefs-node-agent-pods-fence"
+# The tenants' side of the same condition: no service account of the pod's namespace.
+MODELS_READY_POLICY = "bento-juicefs-models-ready-fence"
 CONDITION = "juicefs.bentoml.com/models-ready"
 AGENT_VOLUME = {"name": "juicefs-agent", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
 BASE = Path(__file__).resolve().parents[2] / "manifests" / "base"
@@ -355,7 +359,8 @@ class TokenKubectl:
 
 
 def test_the_node_agent_manifests_pass_the_apiserver(cluster: Cluster, fence: None) -> None:
-    """The DaemonSet (not applied on the local cluster) and its pod, as a dry run on the server.
+    """The shipped DaemonSet and its pod, as a dry run on the server (the local cluster runs
+    its own copy, with the local node's paths: devcluster/nodeagent.py).
 
     Schema, defaults and the namespace's Pod Security level: a privileged pod
     with a hostPath, admitted in bento-juicefs-system.
@@ -380,12 +385,9 @@ def test_the_node_agent_manifests_pass_the_apiserver(cluster: Cluster, fence: No
     assert created.returncode == 0, created.stderr
     container = json.loads(created.stdout)["spec"]["containers"][0]
     assert container["securityContext"]["privileged"] is True
-    if isinstance(cluster, ControlPlane):  # devcluster's overlay leaves the DaemonSet out
-        found = cluster.kubectl("get", "daemonset", SERVICE_ACCOUNT, "-n", NAMESPACE, check=False)
-        assert "NotFound" in found.stderr, (found.stdout, found.stderr)
 
 
-@pytest.mark.parametrize("name", [POLICY, PODS_POLICY])
+@pytest.mark.parametrize("name", [POLICY, PODS_POLICY, MODELS_READY_POLICY])
 def test_the_fence_type_checks_cleanly(cluster: Cluster, name: str) -> None:
     """The apiserver's type check of every expression against the Node or Pod schema: no
     warnings."""
@@ -410,7 +412,7 @@ class FencePods:
     namespace: str
     served: str  # on the agent's node, with the agent volume: the agent's to set
     elsewhere: str  # on the other node, with the agent volume
-    plain: str  # on the agent's node, without it (a privileged sidecar's pod, or no Bento)
+    plain: str  # on the agent's node, without it (no pod the agent serves)
 
 
 @pytest.fixture

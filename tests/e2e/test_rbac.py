@@ -1,12 +1,14 @@
 """Least privilege on a real apiserver: each identity holds exactly its documented rows.
 
-For the injector, the node agent and the workloads of an opted-in namespace,
-the rules the apiserver reports for them (a SelfSubjectRulesReview as that
-service account, which is what `kubectl auth can-i --list` prints), minus
-what every service account holds (those of a fresh one), must be the rows
-of docs/security.md's tables (and node-agent.md's), in their own namespace,
-in a tenant namespace and in `default`. Then `kubectl auth can-i` for
-things outside the rows, and the injector's and the workloads' fences,
+For the injector and the node agent, the rules the apiserver reports for
+them (a SelfSubjectRulesReview as that service account, which is what
+`kubectl auth can-i --list` prints), minus what every service account holds
+(those of a fresh one), must be the rows of docs/security.md's tables (and
+node-agent.md's), in their own namespace, in a tenant namespace and in
+`default`; the workloads of an opted-in namespace hold nothing more than a
+fresh service account: the injector binds no role there, and deletes the
+readiness RoleBinding an older version recorded. Then `kubectl auth can-i`
+for things outside the rows, and the injector's and the readiness fences,
 impersonated.
 """
 
@@ -31,6 +33,8 @@ PROVISIONED = "juicefs.bentoml.com/provisioned"
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
 GATE = "juicefs.bentoml.com/models-ready"
+LEGACY_BINDING = "bento-juicefs-models-ready"
+CREDENTIALS = "juicefs-models-credentials"
 
 
 class Rules(NamedTuple):
@@ -96,14 +100,7 @@ def namespaces(cluster: Cluster) -> Iterator[Namespaces]:
     cluster.create_namespace(plain)
     cluster.kubectl("create", "serviceaccount", "fresh", "-n", plain)
     cluster.kubectl("create", "serviceaccount", "app", "-n", tenant)
-
-    def bound() -> bool:
-        found = cluster.kubectl(
-            "get", "rolebinding", "bento-juicefs-models-ready", "-n", tenant, check=False
-        )
-        return found.returncode == 0
-
-    wait_for(bound, timeout=30, what="the namespace controller's RoleBinding")
+    cluster.wait_provisioned(tenant)
     try:
         yield Namespaces(tenant, plain, f"system:serviceaccount:{plain}:fresh")
     finally:
@@ -122,15 +119,12 @@ def extra_rules(cluster: Cluster, user: str, namespace: str, baseline_user: str)
 def test_the_docs_tables_parse() -> None:
     injector = documented("security.md", "### The injector")
     agent = documented("security.md", "### The node agent")
-    workloads = documented("security.md", "### The workloads")
     assert Atom("", "secrets", "patch", "juicefs-models-credentials") in expected(injector, "x")
     assert Atom("", "secrets", "get", "*") in expected(injector, SYSTEM)
+    assert Atom("rbac.authorization.k8s.io", "rolebindings", "delete", LEGACY_BINDING) in (
+        expected(injector, "x")
+    )
     assert Atom("events.k8s.io", "events", "create", "*") in expected(agent, "default")
-    assert expected(workloads, "t", own="t") == {
-        Atom("", "pods/status", "get", "*"),
-        Atom("", "pods/status", "patch", "*"),
-        Atom("", "events", "create", "*"),
-    }
     # The node agent's rows are the same in both documents.
     other = documented("node-agent.md", "## Permissions")
     for namespace in (SYSTEM, "default", "t"):
@@ -159,17 +153,16 @@ def test_the_system_identities_hold_exactly_their_rows(
 
 
 @pytest.mark.parametrize("account", ["default", "app"])
-def test_a_workload_holds_exactly_its_rows_and_only_in_its_namespace(
+def test_a_workload_of_an_opted_in_namespace_holds_nothing_more(
     cluster: Cluster, namespaces: Namespaces, account: str
 ) -> None:
-    rows = documented("security.md", "### The workloads")
+    """Opting in grants the namespace's service accounts nothing: no RoleBinding of ours."""
     user = f"system:serviceaccount:{namespaces.tenant}:{account}"
     for namespace in (namespaces.tenant, "default", SYSTEM, namespaces.plain):
         held = extra_rules(cluster, user, namespace, namespaces.baseline_user)
-        assert held == expected(rows, namespace, own=namespaces.tenant), (account, namespace)
-    # A namespace that is not opted in gives its service accounts nothing.
-    plain = f"system:serviceaccount:{namespaces.plain}:default"
-    assert extra_rules(cluster, plain, namespaces.plain, namespaces.baseline_user) == set()
+        assert held == set(), (account, namespace)
+    bindings = cluster.get_json("rolebindings", "-n", namespaces.tenant)["items"]
+    assert LEGACY_BINDING not in [b["metadata"]["name"] for b in bindings]
 
 
 def test_nothing_outside_the_rows(cluster: Cluster, namespaces: Namespaces) -> None:
@@ -179,14 +172,9 @@ def test_nothing_outside_the_rows(cluster: Cluster, namespaces: Namespaces) -> N
         INJECTOR: [
             ("patch", "secrets/juicefs-models-credentials", "-n", tenant),
             ("create", "secrets/juicefs-models-credentials", "-n", tenant),
-            ("delete", "rolebindings/bento-juicefs-models-ready", "-n", tenant),
-            ("bind", "clusterroles/bento-juicefs-models-ready"),
+            ("delete", f"rolebindings/{LEGACY_BINDING}", "-n", tenant),
             ("patch", "namespaces", "-A"),
             ("get", "secrets", "-n", SYSTEM),
-        ],
-        workload: [
-            ("patch", "pods", "--subresource=status", "-n", tenant),
-            ("create", "events", "-n", tenant),
         ],
         # The pods on its node it mounts for, in any namespace: their
         # condition (fenced: bento-juicefs-node-agent-pods-fence) and Events.
@@ -208,6 +196,9 @@ def test_nothing_outside_the_rows(cluster: Cluster, namespaces: Namespaces) -> N
             ("delete", "secrets/bento-juicefs-injector-ca", "-n", SYSTEM),
             ("patch", "rolebindings/admin", "-n", tenant),
             ("create", "rolebindings", "-n", tenant),
+            ("patch", f"rolebindings/{LEGACY_BINDING}", "-n", tenant),
+            ("delete", "rolebindings/admin", "-n", tenant),
+            ("bind", f"clusterroles/{LEGACY_BINDING}"),
             ("bind", "clusterroles/cluster-admin"),
             ("escalate", "clusterroles"),
             ("create", "clusterrolebindings"),
@@ -231,6 +222,9 @@ def test_nothing_outside_the_rows(cluster: Cluster, namespaces: Namespaces) -> N
             ("update", "pods", "--subresource=status", "-n", tenant),
         ],
         workload: [
+            ("patch", "pods", "--subresource=status", "-n", tenant),
+            ("get", "pods", "--subresource=status", "-n", tenant),
+            ("create", "events", "-n", tenant),
             ("patch", "pods", "-n", tenant),
             ("get", "pods", "-n", tenant),
             ("list", "pods", "-n", tenant),
@@ -288,9 +282,53 @@ def test_the_injector_may_change_only_its_annotation_of_a_namespace(
     cluster.kubectl("annotate", "namespace", namespace, f"{PROVISIONED}-")
 
 
+def test_a_legacy_readiness_role_binding_in_the_record_is_deleted(
+    cluster: Cluster, namespaces: Namespaces
+) -> None:
+    """What an older version left in an opted-in namespace: its RoleBinding, named in
+    the namespace's record. The controller deletes it and drops it from the record."""
+    tenant = namespaces.tenant
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {
+            "name": LEGACY_BINDING,
+            "namespace": tenant,
+            "labels": {"app.kubernetes.io/managed-by": "bento-juicefs-injector"},
+        },
+        # The ClusterRole is gone with that version: a binding to nothing, still ours to remove.
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": LEGACY_BINDING,
+        },
+        "subjects": [
+            {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Group",
+                "name": f"system:serviceaccounts:{tenant}",
+            }
+        ],
+    }
+    cluster.apply(binding)
+    record = f"rolebinding/{LEGACY_BINDING},secret/{CREDENTIALS}"
+    # As the older controller wrote it (people are not fenced): the watch sees the change.
+    cluster.kubectl("annotate", "namespace", tenant, f"{PROVISIONED}={record}", "--overwrite")
+
+    def cleaned() -> bool:
+        gone = cluster.kubectl("get", "rolebinding", LEGACY_BINDING, "-n", tenant, check=False)
+        annotations = cluster.get_json("namespace", tenant)["metadata"].get("annotations", {})
+        return gone.returncode != 0 and annotations.get(PROVISIONED) == f"secret/{CREDENTIALS}"
+
+    wait_for(cleaned, timeout=60, what="the legacy RoleBinding deleted and dropped from the record")
+    # The credentials copy stays.
+    assert cluster.kubectl("get", "secret", CREDENTIALS, "-n", tenant, check=False).returncode == 0
+
+
 def _patch_status(
     cluster: Cluster, namespace: str, pod: str, token_pod: dict[str, Any], condition: str
 ) -> subprocess.CompletedProcess[str]:
+    """The pod's own token, as its app holds it, changing one condition of pod."""
     patch = {"status": {"conditions": [{"type": condition, "status": "True"}]}}
     return cluster.kubectl(
         "patch",
@@ -309,27 +347,52 @@ def _patch_status(
     )
 
 
-def test_a_workloads_pods_status_is_fenced_to_its_own_pod_and_condition(
+def test_no_token_of_the_namespace_may_set_the_condition_whatever_its_rbac(
     cluster: Cluster, namespaces: Namespaces
 ) -> None:
+    """RBAC refuses the namespace's service accounts; granted by the namespace itself, the
+    readiness fence still refuses them our condition, even on the token's own pod."""
     namespace = namespaces.tenant
-    pods = {}
-    for name in ("own", "other"):
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name},
-            "spec": {
-                "serviceAccountName": "app",
-                "nodeSelector": {"e2e.bento-juicefs/nowhere": "true"},  # never scheduled
-                "containers": [{"name": "main", "image": "busybox"}],
-            },
-        }
-        cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(pod))
-        pods[name] = cluster.get_json("pod", name, "-n", namespace)
-    allowed = _patch_status(cluster, namespace, "own", pods["own"], GATE)
-    assert allowed.returncode == 0, allowed.stderr
-    for target, condition in (("other", GATE), ("own", "example.com/other")):
-        proc = _patch_status(cluster, namespace, target, pods["own"], condition)
-        assert proc.returncode != 0, (target, condition)
-        assert "ValidatingAdmissionPolicy 'bento-juicefs-models-ready-fence'" in proc.stderr
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "own"},
+        "spec": {
+            "serviceAccountName": "app",
+            "nodeSelector": {"e2e.bento-juicefs/nowhere": "true"},  # never scheduled
+            "containers": [{"name": "main", "image": "busybox"}],
+        },
+    }
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    own = cluster.get_json("pod", "own", "-n", namespace)
+    refused = _patch_status(cluster, namespace, "own", own, GATE)
+    assert refused.returncode != 0
+    assert "forbidden" in refused.stderr.lower()
+    assert "ValidatingAdmissionPolicy" not in refused.stderr  # RBAC, before any policy
+    # The namespace grants itself pods/status (a tenant admin may).
+    cluster.kubectl(
+        "create", "role", "self-granted", "-n", namespace, "--verb=get,patch",
+        "--resource=pods/status",
+    )  # fmt: skip
+    cluster.kubectl(
+        "create", "rolebinding", "self-granted", "-n", namespace, "--role=self-granted",
+        f"--serviceaccount={namespace}:app",
+    )  # fmt: skip
+    try:
+
+        def fenced() -> str | None:
+            proc = _patch_status(cluster, namespace, "own", own, GATE)
+            assert proc.returncode != 0, "the condition was set by a token of the namespace"
+            return proc.stderr if "ValidatingAdmissionPolicy" in proc.stderr else None
+
+        message = wait_for(fenced, timeout=30, what="RBAC to grant, and the fence to refuse")
+        assert "ValidatingAdmissionPolicy 'bento-juicefs-models-ready-fence'" in message
+        assert (
+            "pod own: only the node agent sets its juicefs.bentoml.com/models-ready condition; "
+            "no service account of the namespace may change it"
+        ) in message
+        # Not ours to fence: any other condition.
+        other = _patch_status(cluster, namespace, "own", own, "example.com/other")
+        assert other.returncode == 0, other.stderr
+    finally:
+        cluster.kubectl("delete", "rolebinding,role", "self-granted", "-n", namespace, check=False)
