@@ -78,7 +78,6 @@ METRICS_PORT_FORM = "a TCP port from 1 to 65535, or 0 for no metrics endpoint"
 # Where Kubernetes mounts a service-account token; the injector covers it in
 # the sidecar with an empty directory (the sidecar holds no credential).
 DEFAULT_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-DEFAULT_PRIVATE_MOUNT = "/var/lib/juicefs/volume"
 # The unprivileged sidecar's own volume (an emptyDir no other container
 # mounts): the node agent's socket for this pod, and the private FUSE mount
 # the agent makes there and hands over as a /dev/fuse descriptor.
@@ -87,6 +86,8 @@ DEFAULT_PRIVATE_MOUNT = "/var/lib/juicefs/volume"
 AGENT_DIR = "/run/bento-juicefs/agent"
 AGENT_SOCKET_NAME = "agent.sock"
 AGENT_MOUNT_NAME = "volume"
+# Where the node agent mounts for the sidecar: what the injector writes.
+DEFAULT_PRIVATE_MOUNT = f"{AGENT_DIR}/{AGENT_MOUNT_NAME}"
 # The uid and gid the unprivileged sidecar runs as: the image's own user.
 SIDECAR_UID = 65532
 

@@ -234,8 +234,9 @@ def test_the_pods_fence_holds_its_node_the_agents_pods_and_one_condition() -> No
         "object.status.?conditions.orValue([]).filter(c, c.type != variables.condition) == "
         "oldObject.status.?conditions.orValue([]).filter(c, c.type != variables.condition)"
     )
-    # The same field list as the models-ready fence (the chart has one copy of it).
-    assert rest == " ".join(str(models_ready_fence()["validations"][-1]["expression"]).split())
+    # Every other status field, label, annotation and finalizer (checked field by
+    # field in test_the_pod_status_fences_hold_every_other_status_field).
+    assert rest.startswith("object.status.?observedGeneration == ")
     for validation in validations:
         assert validation["reason"] == "Forbidden"
         message = " ".join(validation["messageExpression"].split())
@@ -265,29 +266,28 @@ def test_the_pod_status_fences_hold_every_other_status_field() -> None:
         assert f"object.metadata.?{metadata} == oldObject.metadata.?{metadata}" in expression
 
 
-def test_the_models_ready_fence_leaves_tenants_no_say_over_agent_pods() -> None:
-    """A pod with the agent volume: no token of its namespace may change its condition."""
+def test_the_models_ready_fence_leaves_tenants_no_say_over_the_condition() -> None:
+    """No service account of an opted-in namespace may change a pod's condition."""
     config = InjectorConfig()
     policy = models_ready_fence()
+    assert policy["failurePolicy"] == "Fail"
+    assert policy["matchConstraints"]["namespaceSelector"] == {
+        "matchLabels": {config.labels.namespace_opt_in: config.labels.namespace_opt_in_value}
+    }
     (condition,) = policy["matchConditions"]
-    assert (
-        "request.userInfo.username.startsWith('system:serviceaccount:'" in condition["expression"]
+    assert " ".join(condition["expression"].split()) == (
+        "request.userInfo.username.startsWith('system:serviceaccount:' + request.namespace + ':')"
     )
-    assert variables_of(policy)["agentVolume"] == f"'{config.volumes.agent_name}'"
-    first, *rest = policy["validations"]
-    assert " ".join(first["expression"].split()) == (
-        "!oldObject.spec.?volumes.orValue([]).exists(v, v.name == variables.agentVolume) || "
+    assert variables_of(policy)["condition"] == f"'{config.readiness.condition_type}'"
+    (only,) = policy["validations"]
+    assert " ".join(only["expression"].split()) == (
         "object.status.?conditions.orValue([]).filter(c, c.type == variables.condition) == "
         "oldObject.status.?conditions.orValue([]).filter(c, c.type == variables.condition)"
     )
-    assert first["reason"] == "Forbidden"
-    assert "only the node agent sets" in " ".join(first["messageExpression"].split())
-    # The privileged path as before: its own pod, its condition alone, nothing else.
-    token, conditions, fields = (" ".join(str(v["expression"]).split()) for v in rest)
-    assert "variables.tokenPodName" in token
-    assert "variables.tokenPodUid" in token
-    assert "c.type != variables.condition" in conditions
-    assert fields.startswith("object.status.?observedGeneration == ")
+    assert only["reason"] == "Forbidden"
+    message = " ".join(only["messageExpression"].split())
+    assert "only the node agent sets" in message
+    assert "no service account of the namespace may change it" in message
 
 
 # --- the local cluster's DaemonSet ----------------------------------------------------
