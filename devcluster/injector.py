@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import socket
 import ssl
 import subprocess
@@ -45,42 +44,6 @@ SERVICE_ACCOUNT = "bento-juicefs-injector"
 CREDENTIALS_SECRET = "juicefs-models-credentials"
 
 
-POLICY = "bento-juicefs-sidecar-required"
-NODE_CACHE_VARIABLE = "nodeCacheDir"
-_PATH_CHARS = re.compile(r"^[A-Za-z0-9/_.-]+$")
-
-
-def node_cache_pattern_patch(node_cache: Path) -> list[dict[str, Any]]:
-    """JSON patch adding node_cache to the sidecar-required policy's node cache directories.
-
-    What a platform with its own cache.nodePath does to manifests/base. The
-    pattern is a CEL string, where a backslash would be an escape: the
-    path's dots go in brackets instead.
-    """
-    path = str(node_cache)
-    if not _PATH_CHARS.match(path):
-        raise ValueError(f"node cache path {path!r}: only letters, digits, / _ . - here")
-    documents = yaml.safe_load_all((BASE / "policy-sidecar-required.yaml").read_text())
-    policy = next(d for d in documents if d["kind"] == "ValidatingAdmissionPolicy")
-    variables = policy["spec"]["variables"]
-    index = next(i for i, v in enumerate(variables) if v["name"] == NODE_CACHE_VARIABLE)
-    pattern = str(variables[index]["expression"]).strip()
-    # The directories are the first group, '^(dir|dir|dir)/<volume>$'; the chart
-    # adds cache.nodePath as the group's last (tests/test_local_install.py).
-    opening, closing = "'^(", ")/"
-    end = pattern.find(closing)
-    if not pattern.startswith(opening) or end < 0:
-        raise ValueError(f"{POLICY}: {NODE_CACHE_VARIABLE} is not {opening}dir|dir{closing}...")
-    mine = path.replace(".", "[.]")
-    return [
-        {
-            "op": "replace",
-            "path": f"/spec/variables/{index}/expression",
-            "value": f"{pattern[:end]}|{mine}{pattern[end:]}",
-        }
-    ]
-
-
 def delete_patch(kind: str, name: str) -> dict[str, Any]:
     """A kustomize patch leaving out one apps/v1 object of the injector's namespace."""
     document = {
@@ -92,8 +55,8 @@ def delete_patch(kind: str, name: str) -> dict[str, Any]:
     return {"target": {"kind": kind, "name": name}, "patch": yaml.safe_dump(document)}
 
 
-def local_overlay(directory: Path, url: str, node_cache: Path | None = None) -> Path:
-    """A kustomization over manifests/base with the endpoint swapped (and the local node cache)."""
+def local_overlay(directory: Path, url: str) -> Path:
+    """A kustomization over manifests/base with the endpoint swapped."""
     directory.mkdir(parents=True, exist_ok=True)
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -112,16 +75,6 @@ def local_overlay(directory: Path, url: str, node_cache: Path | None = None) -> 
                     ]
                 ),
             },
-            *(
-                [
-                    {
-                        "target": {"kind": "ValidatingAdmissionPolicy", "name": POLICY},
-                        "patch": json.dumps(node_cache_pattern_patch(node_cache)),
-                    }
-                ]
-                if node_cache is not None
-                else []
-            ),
             delete_patch("Deployment", "bento-juicefs-injector"),
             # The tests decide when a node agent runs (devcluster/nodeagent.py).
             delete_patch("DaemonSet", "bento-juicefs-node-agent"),
@@ -253,7 +206,7 @@ class LocalInjector:
 
     def install(self, credentials: dict[str, str] | None = None) -> None:
         """Apply the manifests and the credentials Secret the platform team would create."""
-        overlay = local_overlay(self.dir / "overlay", self.url, self.node_cache)
+        overlay = local_overlay(self.dir / "overlay", self.url)
         self.cp.kubectl("apply", "-k", str(overlay))
         self.cp.apply(
             {

@@ -39,14 +39,12 @@ from devcluster.injector import (
     BASE,
     CREDENTIALS_SECRET,
     NAMESPACE,
-    POLICY,
     REPO,
     InjectorInstall,
     LocalInjector,
     delete_patch,
     local_settings,
     merged,
-    node_cache_pattern_patch,
     readyz_answers,
     served_certificate,
 )
@@ -108,7 +106,6 @@ def kustomize_overlay(directory: Path, settings: Mapping[str, Any]) -> Path:
     pull_never = [
         {"op": "add", "path": "/spec/template/spec/containers/0/imagePullPolicy", "value": "Never"}
     ]
-    node_cache = Path(settings["cache"]["nodePath"])
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -119,10 +116,6 @@ def kustomize_overlay(directory: Path, settings: Mapping[str, Any]) -> Path:
                 "patch": yaml.safe_dump(config_map),
             },
             {"target": {"kind": "Deployment", "name": DEPLOYMENT}, "patch": json.dumps(pull_never)},
-            {
-                "target": {"kind": "ValidatingAdmissionPolicy", "name": POLICY},
-                "patch": json.dumps(node_cache_pattern_patch(node_cache)),
-            },
             delete_patch("DaemonSet", "bento-juicefs-node-agent"),
         ],
     }

@@ -8,14 +8,11 @@ policy itself on a real apiserver (tests/e2e/test_admission.py).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from devcluster.injector import node_cache_pattern_patch
 from injector.config import InjectorConfig
 from injector.mutation.owned import owned_names
 from tests.helpers import GOLDEN_CASES, injected_pods
@@ -68,7 +65,6 @@ def test_an_injected_pod_must_keep_the_agent_volume() -> None:
 def test_no_validation_admits_a_host_path() -> None:
     for item in policy_spec()["validations"]:
         assert "hostPath" not in item["expression"]
-        assert "nodeCacheDir" not in item["expression"]
 
 
 def test_every_golden_pod_has_our_volumes_as_the_policy_wants_them() -> None:
@@ -82,15 +78,3 @@ def test_every_golden_pod_has_our_volumes_as_the_policy_wants_them() -> None:
                 assert set(volumes[name]) == {"name", "emptyDir"}, (case.name, name)
             seen += 1
     assert seen >= 20
-
-
-def test_the_local_clusters_overlay_still_finds_the_unused_variable(tmp_path: Path) -> None:
-    """devcluster patches nodeCacheDir until it stops; the policy keeps it, unused, until then."""
-    local = tmp_path / "cluster.0" / "node" / "local-ssd"
-    (patch,) = node_cache_pattern_patch(local)
-    index = int(patch["path"].split("/")[3])
-    assert [str(v["name"]) for v in policy_spec()["variables"]][index] == "nodeCacheDir"
-    pattern = re.compile(patch["value"][1:-1])
-    assert pattern.match(f"{local}/models")
-    with pytest.raises(ValueError, match="only letters"):
-        node_cache_pattern_patch(Path("/mnt/it's"))
