@@ -136,8 +136,11 @@ class NodeAgent:
             node_cache=self.config.node_cache_path,
         )
         changed = asyncio.Event()
-        watcher = asyncio.create_task(
-            self.api.watch_workloads(changed.set) if self.options.prewarm else _never()
+        # Without prewarm no workload is listed, so none is watched either.
+        watcher = (
+            asyncio.create_task(self.api.watch_workloads(changed.set))
+            if self.options.prewarm
+            else None
         )
         try:
             while True:
@@ -151,9 +154,10 @@ class NodeAgent:
                     log.debug("agent.woken", reason="a workload changed")
                     await asyncio.sleep(SETTLE_SECONDS)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
 
     async def reconcile(self) -> None:
         node = await self.api.node()
@@ -367,10 +371,6 @@ class NodeAgent:
                 log.info("seal.refill", bento=str(ref), cached=check and check.describe())
                 await bento.mount.fill_cache([bento.mount.models_dir / f.path for f in files])
         return None
-
-
-async def _never() -> None:
-    await asyncio.Event().wait()
 
 
 async def woken(changed: asyncio.Event, seconds: float) -> bool:

@@ -475,16 +475,15 @@ class JuiceFSMount:
         await self._drain_log()
         return code
 
-    async def _agent_unmount(self) -> bool:
-        """Ask the agent to take the mounts down (lazily); True: treat the mount as busy."""
+    async def _agent_unmount(self) -> None:
+        """Ask the agent to take the mounts down (lazily); a failure is logged, not raised:
+        the agent unmounts a pod whose containers have ended by itself."""
         assert self._agent is not None
         try:
             async with asyncio.timeout(5.0):
                 await self._agent.unmount()
         except (AgentError, TimeoutError) as err:
             log.error("umount.failed", via="node agent", error=str(err))
-            return True
-        return False
 
     async def stop(self, grace: float = 10.0, busy_grace: float = 0.5) -> None:
         """Unmount every FUSE mount we stacked (dead ones too) and end juicefs.
