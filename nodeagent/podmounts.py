@@ -185,7 +185,13 @@ def served_pod(pod: Mapping[str, Any], config: InjectorConfig) -> ServedPod | st
 
 
 def containers_ended(pod: Mapping[str, Any]) -> bool:
-    """Whether the pod will run nothing more: terminal, or every container terminated."""
+    """Whether the pod will run nothing more: terminal, or deleted with no container running.
+
+    A deleted pod's kubelet starts no container any more, so one still
+    waiting (an app behind a sidecar whose mount never came up) never runs:
+    once the rest have terminated, the mounts can go, and must, or the
+    kubelet cannot tear the pod's volumes down.
+    """
     status = pod.get("status") or {}
     if status.get("phase") in ("Succeeded", "Failed"):
         return True
@@ -195,7 +201,7 @@ def containers_ended(pod: Mapping[str, Any]) -> bool:
         *(status.get("initContainerStatuses") or []),
         *(status.get("containerStatuses") or []),
     ]
-    return bool(statuses) and all("terminated" in (s.get("state") or {}) for s in statuses)
+    return bool(statuses) and not any("running" in (s.get("state") or {}) for s in statuses)
 
 
 class PodApi(Protocol):

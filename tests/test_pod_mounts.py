@@ -107,6 +107,14 @@ def test_containers_ended() -> None:
     assert containers_ended(deleting)
     deleting["status"]["initContainerStatuses"] = [running]
     assert not containers_ended(deleting)
+    # The sidecar ended on its way out; the app never started (its mount never came).
+    waiting = {"state": {"waiting": {"reason": "PodInitializing"}}}
+    deleting["status"]["initContainerStatuses"] = [done]
+    deleting["status"]["containerStatuses"] = [waiting]
+    assert containers_ended(deleting)
+    # Not deleted: a waiting app may still start.
+    del deleting["metadata"]["deletionTimestamp"]
+    assert not containers_ended(deleting)
 
 
 def test_a_sidecar_posts_a_burst_of_events_then_one_a_second() -> None:
