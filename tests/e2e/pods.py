@@ -15,11 +15,15 @@ from typing import Any
 
 from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
+from devcluster.injector import NAMESPACE as AGENT_NAMESPACE
+from devcluster.nodeagent import SELECTOR as AGENT_SELECTOR
 
 GATE = "juicefs.bentoml.com/models-ready"
 SIDECAR = "juicefs-mount"
 # Where the app containers read the Bento's models (the injector's default).
 MODELS_PATH = "/home/bentoml/bento/models"
+# How a debug line of the node agent's JSON log reads (left out of diagnoses).
+DEBUG = '"level": "debug"'
 
 
 def get_pod(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
@@ -102,9 +106,16 @@ def wait_log(
 
 
 def diagnose(cluster: Cluster, namespace: str, name: str) -> str:
-    """describe + the sidecar's log, for assertion messages."""
+    """describe + the sidecar's log + the node agent's, for assertion messages."""
     describe = cluster.kubectl("describe", "pod", name, "-n", namespace, check=False).stdout
-    return f"{describe}\n--- {SIDECAR} log ---\n{logs(cluster, namespace, name)[-4000:]}"
+    agent = cluster.kubectl(
+        "logs", "-n", AGENT_NAMESPACE, "-l", AGENT_SELECTOR, "--tail=1000", check=False
+    )
+    said = [line for line in (agent.stdout + agent.stderr).splitlines() if DEBUG not in line]
+    return (
+        f"{describe}\n--- {SIDECAR} log ---\n{logs(cluster, namespace, name)[-4000:]}"
+        f"\n--- node agent log (no debug) ---\n" + "\n".join(said[-40:])
+    )
 
 
 def wait_pod(

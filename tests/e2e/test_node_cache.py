@@ -216,13 +216,20 @@ def test_the_node_cache_is_the_nodes_and_only_the_sidecar_sees_it(
         assert str(directory) not in out
         assert "/var/lib/juicefs/cache" not in out
         code, out = exec_in(cluster, namespace, name, SIDECAR, "cat", "/proc/self/mountinfo")
-        (cache,) = [line for line in out.splitlines() if " /var/lib/juicefs/cache " in line]
-        assert "ro" in cache.split()[5].split(","), cache
+        # The container's bind of its emptyDir, and on top of it (listed later) the
+        # agent's read-only bind of the node cache, propagated into the container:
+        # the path resolves to the top one.
+        stack = [line for line in out.splitlines() if " /var/lib/juicefs/cache " in line]
+        assert stack, out
+        top = stack[-1]
+        assert "ro" in top.split()[5].split(","), top
 
 
 def own_sidecar_pod(name: str, cache: dict[str, Any], app_mounts_cache: bool) -> dict[str, Any]:
-    """A pod that brings its own juicefs-mount and cache volume, as if the injector had run."""
+    """A pod that brings its own juicefs-mount, cache and agent volumes, as if the injector
+    had run."""
     cache_mount = {"name": "juicefs-cache", "mountPath": "/cache"}
+    agent_mount = {"name": "juicefs-agent", "mountPath": "/run/bento-juicefs/agent"}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -234,7 +241,7 @@ def own_sidecar_pod(name: str, cache: dict[str, Any], app_mounts_cache: bool) ->
                     "image": SAMPLE_BENTO_IMAGE,
                     "restartPolicy": "Always",
                     "command": ["sleep", "3600"],
-                    "volumeMounts": [cache_mount],
+                    "volumeMounts": [cache_mount, agent_mount],
                 }
             ],
             "containers": [
@@ -246,7 +253,10 @@ def own_sidecar_pod(name: str, cache: dict[str, Any], app_mounts_cache: bool) ->
                 }
             ],
             "readinessGates": [{"conditionType": GATE}],
-            "volumes": [{"name": "juicefs-cache", **cache}],
+            "volumes": [
+                {"name": "juicefs-cache", **cache},
+                {"name": "juicefs-agent", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+            ],
         },
     }
 
@@ -254,12 +264,20 @@ def own_sidecar_pod(name: str, cache: dict[str, Any], app_mounts_cache: bool) ->
 def test_with_the_injector_down_the_policy_refuses_a_cache_volume_it_would_not_write(
     cluster: Cluster, node: Node, namespace: str, injector: InjectorInstall
 ) -> None:
-    """failurePolicy: Ignore lets pods through unmutated; the policy still holds the line."""
-    ours = {"hostPath": {"path": str(node_cache_dir(node.dir) / "models"), "type": "Directory"}}
+    """failurePolicy: Ignore lets pods through unmutated; the policy still holds the line:
+    no host path under our volume names (not even the node cache's, which only the node
+    agent binds, read-only), and no container but the sidecar mounts the cache."""
+    node_cache = {"hostPath": {"path": str(node_cache_dir(node.dir) / "models")}}
+    empty: dict[str, Any] = {"emptyDir": {}}
+    only_empty_dirs = (
+        "volumes juicefs-mount-dir, juicefs-cache and juicefs-agent are the injector's"
+    )
     cases = {
         "host-etc": (own_sidecar_pod("host-etc", {"hostPath": {"path": "/etc"}}, False),
-                     "volume juicefs-cache is the JuiceFS cache"),
-        "app-reads-cache": (own_sidecar_pod("app-reads-cache", ours, True),
+                     only_empty_dirs),
+        "node-cache-host-path": (own_sidecar_pod("node-cache-host-path", node_cache, False),
+                                 only_empty_dirs),
+        "app-reads-cache": (own_sidecar_pod("app-reads-cache", empty, True),
                             "only the juicefs-mount sidecar may mount volume juicefs-cache"),
     }  # fmt: skip
     injector.stop()
@@ -272,11 +290,11 @@ def test_with_the_injector_down_the_policy_refuses_a_cache_volume_it_would_not_w
             )  # fmt: skip
             assert result.returncode != 0, f"{name} was admitted"
             assert "bento-juicefs-sidecar-required" in result.stderr, result.stderr
-            assert message in result.stderr, result.stderr
+            assert message in " ".join(result.stderr.split()), result.stderr
             print(f"denied, {name}: {result.stderr.strip()}")
         allowed = cluster.kubectl(
             "create", "-n", namespace, "-f", "-", "--dry-run=server",
-            input=json.dumps(own_sidecar_pod("sidecar-only", ours, False)), check=False,
+            input=json.dumps(own_sidecar_pod("sidecar-only", empty, False)), check=False,
         )  # fmt: skip
         assert allowed.returncode == 0, allowed.stderr
     finally:

@@ -256,7 +256,19 @@ def test_deleting_a_pod_whose_mount_hangs_still_ends_within_the_grace_period(
         uid = found["metadata"]["uid"]
         assert not is_ready(found)
         started = time.monotonic()
-        cluster.kubectl("delete", "pod", "hang", "-n", namespace, "--wait=true", timeout=60)
+        cluster.kubectl("delete", "pod", "hang", "-n", namespace, "--wait=false")
+        try:
+            wait_for(
+                lambda: (
+                    cluster.kubectl("get", "pod", "hang", "-n", namespace, check=False).returncode
+                    != 0
+                ),
+                timeout=60,
+                interval=0.2,
+                what="the pod gone",
+            )
+        except TimeoutError as err:
+            raise AssertionError(f"{err}\n{diagnose(cluster, namespace, 'hang')}") from None
         seconds = time.monotonic() - started
         print(f"pod with a hanging mount deleted in {seconds:.1f}s (grace 20s)")
         assert seconds < 20
@@ -339,97 +351,71 @@ def _condition_patch(kind: str = GATE, status: str = "True") -> dict[str, Any]:
     }
 
 
-def test_the_readiness_fence_lets_a_pod_token_set_only_its_own_condition(
+def _grant_pod_status(cluster: Cluster, namespace: str) -> None:
+    """What a tenant with the namespace's admin role may do: give its own service account
+    the right to patch its pods' status (the injector grants nothing of the kind)."""
+    rules = [{"apiGroups": [""], "resources": ["pods/status"], "verbs": ["get", "patch"]}]
+    cluster.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "tenant-pod-status", "namespace": namespace},
+            "rules": rules,
+        }
+    )
+    cluster.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "tenant-pod-status", "namespace": namespace},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "tenant-pod-status",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}],
+        }
+    )
+
+
+def test_no_token_of_the_namespace_sets_the_models_ready_condition(
     cluster: Cluster, new_namespace: NewNamespace, tmp_path: Path
 ) -> None:
+    """A token bound to the pod itself: RBAC refuses it (the injector grants the namespace
+    nothing), and when the tenant grants itself pods/status, the models-ready fence still
+    refuses any change of the condition. Other conditions stay the tenant's business."""
     namespace = new_namespace()
-    for name in ("fence-a", "fence-b"):
-        # Never scheduled (no such node): nothing but this test touches their status.
-        pod = pod_manifest(name, {"containers": [{"name": "main", "image": SAMPLE_BENTO_IMAGE}]})
-        pod["spec"]["nodeSelector"] = {"e2e.bento-juicefs/nowhere": "true"}
-        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
-    a = PodIdentity(cluster, namespace, "fence-a", tmp_path)
-
-    whoami = json.loads(a.kubectl("auth", "whoami", "-o", "json").stdout)
-    extra = whoami["status"]["userInfo"]["extra"]
-    assert extra["authentication.kubernetes.io/pod-name"] == ["fence-a"]
-
-    allowed = a.patch_status("fence-a", _condition_patch())
-    assert allowed.returncode == 0, allowed.stderr
-    assert (condition(get_pod(cluster, namespace, "fence-a"), GATE) or {}).get("status") == "True"
-
-    only_ours = "a pod's own token may change only the juicefs.bentoml.com/models-ready condition"
-    denials = {
-        "another pod's condition": (
-            a.patch_status("fence-b", _condition_patch()),
-            "a service account token may set pod conditions only for the pod it is bound to "
-            "(this token is bound to pod fence-a)",
-        ),
-        "another condition type": (
-            a.patch_status("fence-a", _condition_patch("example.com/other")),
-            only_ours,
-        ),
-        "the PodScheduled condition": (
-            a.patch_status("fence-a", _condition_patch("PodScheduled", "False")),
-            only_ours,
-        ),
-        "another status field": (
-            a.patch_status("fence-a", {"status": {"message": "all good, trust me"}}),
-            f"{only_ours}, no other field",
-        ),
-        "labels through pods/status": (
-            a.patch_status("fence-a", {"metadata": {"labels": {"hijacked": "true"}}}),
-            "no other field",
-        ),
-    }
-    for what, (proc, message) in denials.items():
-        assert proc.returncode != 0, f"{what} was allowed"
-        assert "ValidatingAdmissionPolicy 'bento-juicefs-models-ready-fence'" in proc.stderr, (
-            what,
-            proc.stderr,
-        )
-        assert message in proc.stderr, (what, proc.stderr)
-        print(f"denied, {what}: {proc.stderr.strip()}")
-
-    label = a.kubectl("label", "pod", "fence-a", "hijacked=true")
-    assert label.returncode != 0
-    assert re.search(r'cannot (get|patch) resource "pods"', label.stderr), label.stderr
-    b = get_pod(cluster, namespace, "fence-b")
-    assert condition(b, GATE) is None
-    a_pod = get_pod(cluster, namespace, "fence-a")
-    assert "hijacked" not in a_pod["metadata"].get("labels", {})
-    assert "message" not in a_pod["status"]
-
-
-def test_no_token_of_the_namespace_changes_the_condition_of_a_pod_the_agent_serves(
-    cluster: Cluster, new_namespace: NewNamespace, tmp_path: Path
-) -> None:
-    """A pod with the agent volume (an unprivileged sidecar's): its condition is the node
-    agent's alone, and not even a token bound to the pod itself may change it."""
-    namespace = new_namespace()
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "served"},
-        "spec": {
-            # Never scheduled, and not a Bento (no model-store label): the injector
-            # leaves it alone, and nothing but this test touches its status.
-            "nodeSelector": {"e2e.bento-juicefs/nowhere": "true"},
-            "containers": [{"name": "main", "image": SAMPLE_BENTO_IMAGE}],
-            "volumes": [
-                {"name": "juicefs-agent", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
-            ],
-        },
-    }
+    # Never scheduled (no such node): nothing but this test touches its status.
+    pod = pod_manifest("fence", {"containers": [{"name": "main", "image": SAMPLE_BENTO_IMAGE}]})
+    pod["spec"]["nodeSelector"] = {"e2e.bento-juicefs/nowhere": "true"}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
-    own = PodIdentity(cluster, namespace, "served", tmp_path)
+    own = PodIdentity(cluster, namespace, "fence", tmp_path)
+    whoami = json.loads(own.kubectl("auth", "whoami", "-o", "json").stdout)
+    assert whoami["status"]["userInfo"]["extra"]["authentication.kubernetes.io/pod-name"] == [
+        "fence"
+    ]
+
+    unbound = own.patch_status("fence", _condition_patch())
+    assert unbound.returncode != 0, "the namespace's token patched pods/status without a grant"
+    assert re.search(r'cannot (get|patch) resource "pods/status"', unbound.stderr), unbound.stderr
+    print(f"denied by RBAC: {unbound.stderr.strip()}")
+
+    _grant_pod_status(cluster, namespace)
+    # RBAC caches its view for a moment: wait until another condition goes through.
+    other = wait_for(
+        lambda: own.patch_status("fence", _condition_patch("example.com/other")).returncode == 0,
+        timeout=30,
+        what="the tenant's own grant to take effect",
+    )
+    assert other
+    message = (
+        "pod fence: only the node agent sets its juicefs.bentoml.com/models-ready condition; "
+        "no service account of the namespace may change it"
+    )
     for status in ("True", "False"):
-        denied = own.patch_status("served", _condition_patch(status=status))
+        denied = own.patch_status("fence", _condition_patch(status=status))
         assert denied.returncode != 0, f"{status} was allowed"
         assert "ValidatingAdmissionPolicy 'bento-juicefs-models-ready-fence'" in denied.stderr
-        assert (
-            "pod served runs an unprivileged juicefs-mount sidecar (volume juicefs-agent): "
-            "only the node agent sets its juicefs.bentoml.com/models-ready condition"
-        ) in denied.stderr, denied.stderr
-        print(f"denied, {status}: {denied.stderr.strip()}")
-    assert condition(get_pod(cluster, namespace, "served"), GATE) is None
+        assert message in " ".join(denied.stderr.split()), denied.stderr
+        print(f"denied by the fence, {status}: {denied.stderr.strip()}")
+    assert condition(get_pod(cluster, namespace, "fence"), GATE) is None
