@@ -8,7 +8,7 @@ readiness condition. `AgentReporter` is the sidecar's `Reporter` over it.
 One connection, one request at a time (a lock); blocking socket calls run
 in a thread. A connection the agent dropped (it restarted) is made again on
 the next request; the socket appears once the agent has seen the pod, which
-may take until its next relist of the node's pods (30 s): the sidecar waits
+may take until its next relist of the node's pods (10 s): the sidecar waits
 for it up to 90 s rather than exit into the kubelet's restart backoff.
 """
 
