@@ -143,11 +143,12 @@ def test_a_deployment_with_no_replicas_is_warmed_and_its_first_pod_starts_from_t
         f"`kubectl scale`, MinIO serving {served.bytes_sent / MIB:.2f} MiB in {served.gets} GETs "
         f"meanwhile\n  ModelsReady: {ready_event['message']}"
     )
-    assert "(100.0%) from the node cache" in ready_event["message"]
+    # The agent prewarmed and verified it: the pod's gate opens from its seal.
+    assert "sealed by the node agent" in ready_event["message"]
     assert served.bytes_sent < 0.01 * model.total_bytes
     gate = condition(pod, GATE)
     assert gate is not None
-    assert (gate["status"], gate["reason"]) == ("True", "ModelsCached")
+    assert (gate["status"], gate["reason"]) == ("True", "ModelsSealed")
     preferred = pod["spec"]["affinity"]["nodeAffinity"][
         "preferredDuringSchedulingIgnoredDuringExecution"
     ]
