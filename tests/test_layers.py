@@ -70,7 +70,7 @@ def test_the_layout_as_declared_passes(tmp_path: Path) -> None:
     copy_layout(tmp_path)
     result = lint_imports(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 kept, 0 broken" in result.stdout
+    assert "2 kept, 0 broken" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -95,5 +95,26 @@ def test_a_crossing_import_fails_the_check(
     (tmp_path / module).write_text(offending)
     result = lint_imports(tmp_path)
     assert result.returncode != 0
-    assert "0 kept, 1 broken" in result.stdout
+    assert "1 kept, 1 broken" in result.stdout
+    assert reported in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "offending", "reported"),
+    [
+        ("injector/podshape.py", "import aiohttp\n", "injector.podshape -> aiohttp"),
+        ("sidecar/decisions.py", "import kubernetes_asyncio\n", "sidecar.decisions -> kubernetes"),
+        # Indirectly: a pure module importing one that imports a client.
+        ("injector/plan.py", "import injector.kube\n", "injector.plan -> injector.kube"),
+    ],
+)
+def test_an_io_library_in_a_pure_module_fails_the_check(
+    tmp_path: Path, module: str, offending: str, reported: str
+) -> None:
+    copy_layout(tmp_path)
+    (tmp_path / module).write_text(offending)
+    (tmp_path / "injector" / "kube.py").write_text("import kubernetes_asyncio\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "pure decisions import no I/O library BROKEN" in result.stdout, result.stdout
     assert reported in result.stdout, result.stdout
