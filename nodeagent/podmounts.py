@@ -223,6 +223,8 @@ class PodApi(Protocol):
 # How often the served pods are reconciled from a plain list, whatever the
 # watch says: e2e runs saw a new pod go unserved for minutes with the watch alone.
 RESYNC_SECONDS = 10.0
+# How often a broker checks that its socket is still the one at the pod's path.
+SOCKET_CHECK_SECONDS = 1.0
 
 # The node agent's seal of a Bento for a pod (NodeAgent.seal): None, or why not.
 Sealer = Callable[[BentoRef, tuple[str, ...]], Awaitable[str | None]]
@@ -287,20 +289,37 @@ class PodBroker:
             await asyncio.to_thread(self.release)
 
     async def _serve(self) -> None:
-        listener = await self._listen()
         loop = asyncio.get_running_loop()
         conversations: set[asyncio.Task[None]] = set()
         try:
             while True:
-                conn, _ = await loop.sock_accept(listener)
-                # Several at once: a seal may take a whole warm while Events go on.
-                task = loop.create_task(self._converse_and_close(conn))
-                conversations.add(task)
-                task.add_done_callback(conversations.discard)
+                listener, bound = await self._listen()
+                accepting = loop.create_task(self._accept(listener, conversations))
+                try:
+                    await _until_lost(self.paths.socket, bound)
+                finally:
+                    accepting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await accepting
+                    listener.close()
+                # The kubelet mounted the volume's tmpfs over the socket after the
+                # agent bound it (the directory exists a moment before), or it was
+                # removed: the sidecar would wait for it in vain. Bind it again.
+                log.warning("pod.socket_lost", pod=str(self.pod), socket=str(self.paths.socket))
         finally:
-            listener.close()
             for task in conversations:
                 task.cancel()
+
+    async def _accept(
+        self, listener: socket.socket, conversations: set[asyncio.Task[None]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            # Several at once: a seal may take a whole warm while Events go on.
+            task = loop.create_task(self._converse_and_close(conn))
+            conversations.add(task)
+            task.add_done_callback(conversations.discard)
 
     async def _converse_and_close(self, conn: socket.socket) -> None:
         try:
@@ -310,8 +329,9 @@ class PodBroker:
         finally:
             conn.close()
 
-    async def _listen(self) -> socket.socket:
-        """Bind the pod's socket once the kubelet has made its volume."""
+    async def _listen(self) -> tuple[socket.socket, tuple[int, int]]:
+        """Bind the pod's socket once the kubelet has made its volume; the listener, and
+        the (device, inode) of the socket file it bound (socket_still_bound)."""
         while not await asyncio.to_thread(self.paths.agent_dir.is_dir):  # noqa: ASYNC110
             await asyncio.sleep(0.2)  # the kubelet makes it; no event says when
         path = self.paths.socket
@@ -324,7 +344,7 @@ class PodBroker:
             try:
                 with short_name(path) as name:
                     listener.bind(name)
-                _let_anyone_connect(path)
+                bound = _let_anyone_connect(path)
             except OSError as err:
                 listener.close()
                 log.warning("pod.socket_bind_failed", pod=str(self.pod), error=str(err))
@@ -334,7 +354,7 @@ class PodBroker:
         listener.listen(4)
         listener.setblocking(False)
         log.info("pod.listening", pod=str(self.pod), socket=str(path))
-        return listener
+        return listener, bound
 
     async def _converse(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -488,17 +508,37 @@ class PodBroker:
             log.warning("pod.unmount_failed", pod=str(self.pod), path=str(path), error=str(err))
 
 
-def _let_anyone_connect(path: Path) -> None:
+def _let_anyone_connect(path: Path) -> tuple[int, int]:
     """0666 on the socket just bound at path (the sidecar's uid connects), never on what a
     symlink there points to: it is opened O_PATH without following one, checked to be a
-    socket, and changed through that descriptor."""
+    socket, and changed through that descriptor. Returns the socket file's (device, inode)."""
     fd = os.open(path, fuse.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        found = os.fstat(fd)
+        if not stat.S_ISSOCK(found.st_mode):
             raise fuse.MountFailed(0, f"{path} is not the agent's socket any more")
         os.chmod(fuse.fd_path(fd), 0o666)
+        return found.st_dev, found.st_ino
     finally:
         os.close(fd)
+
+
+async def _until_lost(path: Path, bound: tuple[int, int]) -> None:
+    """Return once path no longer names the socket bound (checked every few seconds; a
+    stat of the pod's agent volume, a tmpfs, never waits on a FUSE daemon)."""
+    while await asyncio.to_thread(socket_still_bound, path, bound):  # noqa: ASYNC110
+        await asyncio.sleep(SOCKET_CHECK_SECONDS)
+
+
+def socket_still_bound(path: Path, bound: tuple[int, int]) -> bool:
+    """Whether path still names the socket file `bound` (device, inode; never following a
+    symlink): not when the kubelet mounted the pod's tmpfs over it, nor when it was
+    removed or replaced."""
+    try:
+        found = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(found.st_mode) and (found.st_dev, found.st_ino) == bound
 
 
 async def _send_fd(conn: socket.socket, data: bytes, fd: int) -> None:

@@ -3,24 +3,36 @@ mode on a temporary directory."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from common.agentsocket import (
+    Request,
+    parse_reply,
+    receive_line_and_fd,
+    render_request,
+    short_name,
+)
+from common.mounts import unmount
 from common.warm import BentoRef
 from injector.config import InjectorConfig, parse_config
 from nodeagent.fuse import MountFailed
 from nodeagent.podmounts import (
+    PodBroker,
     ServedPod,
     TokenBucket,
     _let_anyone_connect,
     containers_ended,
     pod_paths,
     served_pod,
+    socket_still_bound,
 )
 
 NODE_CACHE = "/mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs"
@@ -149,3 +161,81 @@ def test_the_socket_is_opened_to_the_sidecar_never_what_a_symlink_names(tmp_path
         assert stat.S_IMODE(planted.stat().st_mode) == 0o666
     finally:
         listener.close()
+
+
+def _mount_tmpfs(directory: Path) -> None:
+    """What the kubelet does for an emptyDir of medium Memory, once the directory exists."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)], check=True)
+
+
+def test_a_socket_hidden_by_a_mount_or_replaced_is_no_longer_bound(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        bound = _let_anyone_connect(path)
+        assert socket_still_bound(path, bound)
+        _mount_tmpfs(tmp_path)
+        try:
+            assert not socket_still_bound(path, bound)  # the tmpfs hides it
+        finally:
+            unmount(tmp_path)
+        assert socket_still_bound(path, bound)
+        path.unlink()
+        assert not socket_still_bound(path, bound)
+        path.write_text("planted")
+        assert not socket_still_bound(path, bound)
+    finally:
+        listener.close()
+
+
+class _NoApi:
+    async def pod_event(self, pod: ServedPod, kind: str, reason: str, message: str) -> None:
+        return None
+
+    async def pod_condition(self, pod: ServedPod, status: str, reason: str, message: str) -> None:
+        return None
+
+
+async def _socket_appears(path: Path) -> None:
+    async with asyncio.timeout(10):
+        while not await asyncio.to_thread(path.exists):  # noqa: ASYNC110 (no event says when)
+            await asyncio.sleep(0.05)
+
+
+def test_a_broker_binds_again_when_the_kubelet_mounts_the_volume_over_its_socket(
+    tmp_path: Path,
+) -> None:
+    """The kubelet makes an emptyDir's directory, then mounts its tmpfs (medium Memory) on
+    it: a socket the agent bound in between is hidden, and the sidecar would wait for it
+    in vain. The broker notices and binds again, on the tmpfs."""
+    paths = pod_paths(tmp_path / "kubelet", "uid-1", _config())
+    paths.agent_dir.mkdir(parents=True)
+    pod = ServedPod("tenant-a", "llm-0", "uid-1", None, "juicefs.bentoml.com/models-ready", None)
+
+    async def scenario() -> None:
+        broker = PodBroker(pod, paths, _NoApi(), tmp_path / "stage")  # type: ignore[arg-type]
+        broker.start()
+        try:
+            await _socket_appears(paths.socket)
+            _mount_tmpfs(paths.agent_dir)
+            try:
+                await _socket_appears(paths.socket)  # bound again, on the tmpfs
+                # A request answered on the new socket (an Event: the pod's own say).
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    with short_name(paths.socket) as name:
+                        await asyncio.to_thread(client.connect, name)
+                    request = render_request(Request("event", "Normal", "Test", "hello"))
+                    await asyncio.to_thread(client.sendall, request)
+                    line, _ = await asyncio.to_thread(receive_line_and_fd, client)
+                    assert parse_reply(line) is None
+                finally:
+                    client.close()
+            finally:
+                await broker.close(release=False)
+                unmount(paths.agent_dir)
+        finally:
+            await broker.close(release=False)
+
+    asyncio.run(scenario())
