@@ -40,9 +40,9 @@ from devcluster.storage import write_random_model
 from devcluster.storemetrics import StoreRequests
 from devcluster.storenet import LinkProfile
 from sidecar.env import Settings
-from sidecar.manifest import Manifest, read_manifest
-from sidecar.mount import JuiceFSMount
-from sidecar.publish import publish
+from modelstore.manifest import Manifest, read_manifest
+from modelstore.mount import JuiceFSMount
+from modelstore.publish import publish
 from sidecar.run import stream_model
 
 SCENARIO = "streaming"

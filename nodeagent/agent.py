@@ -56,9 +56,9 @@ from nodeagent.warmer import (
 )
 from nodeagent.workloads import WantedBento, Workload, recorded_bento, wanted_bentos
 from sidecar.env import Settings
-from sidecar.mount import MountError
-from sidecar.sources import byte_sources
-from sidecar.warmup import Progress, VerificationError, WarmupTimeout
+from modelstore.mount import MountError
+from modelstore.sources import byte_sources
+from modelstore.streamer import Progress, VerificationError, WarmupTimeout
 
 log = structlog.get_logger("nodeagent")
 

@@ -22,11 +22,11 @@ from pathlib import Path
 from injector.config import InjectorConfig
 from nodeagent.workloads import WantedBento
 from sidecar.env import Settings
-from sidecar.manifest import Manifest, ManifestFile, bento_tag, files_to_verify, read_manifest
-from sidecar.mount import CacheCheck, JuiceFSMount
+from modelstore.manifest import Manifest, ManifestFile, bento_tag, files_to_verify, read_manifest
+from modelstore.mount import CacheCheck, JuiceFSMount
 from sidecar.run import stream_model
-from sidecar.sources import MountCounters
-from sidecar.warmup import ErrorCallback, Progress, ProgressCallback
+from modelstore.sources import MountCounters
+from modelstore.streamer import ErrorCallback, Progress, ProgressCallback
 
 MIB = 1 << 20
 

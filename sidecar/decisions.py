@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from common.env import SsdPolicy
-from sidecar.cacheprobe import MIB, CacheSpeed, DiskSpace
+from sidecar.cachedisk import MIB, CacheSpeed, DiskSpace
 
 # `juicefs mount --free-space-ratio` (left at its default): below this share
 # of free space (or inodes) on the cache disk, JuiceFS caches nothing more

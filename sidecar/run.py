@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import structlog
 
 from sidecar.agent import AgentChannel, AgentError, AgentUnreachable
-from sidecar.cacheprobe import CacheSpeed, disk_space, measure
+from sidecar.cachedisk import CacheSpeed, disk_space, measure
 from sidecar.decisions import (
     GatePlan,
     cache_full,
@@ -35,7 +35,7 @@ from sidecar.decisions import (
     slow_disk_action,
 )
 from sidecar.env import Settings
-from sidecar.manifest import (
+from modelstore.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestFile,
@@ -45,10 +45,10 @@ from sidecar.manifest import (
     read_manifest,
 )
 from sidecar.metrics import MetricsEndpoint, SidecarMetrics
-from sidecar.mount import JuiceFSMount, MountError
+from modelstore.mount import JuiceFSMount, MountError
 from sidecar.reporter import NORMAL, WARNING, OrderedReporter, Reporter
-from sidecar.sources import ByteSources, MountCounters, byte_sources
-from sidecar.warmup import (
+from modelstore.sources import ByteSources, MountCounters, byte_sources
+from modelstore.streamer import (
     MIB,
     ErrorCallback,
     Progress,

@@ -4,7 +4,7 @@ Read from the code's AST, not listed by hand: each `Counter(...)`,
 `Gauge(...)`, `Histogram(...)` or `Summary(...)` with a literal name in the
 injector, the sidecar, the node agent and common (a counter under its
 scraped name, with `_total`), with its label names; and each `juicefs_...`
-string literal in sidecar/sources.py.
+string literal in modelstore/sources.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "metrics.md"
-PACKAGES = ("common", "injector", "sidecar", "nodeagent")
+PACKAGES = ("common", "modelstore", "injector", "sidecar", "nodeagent")
 KINDS = {"Counter": "counter", "Gauge": "gauge", "Histogram": "histogram", "Summary": "summary"}
 JUICEFS_METRIC = re.compile(r"^juicefs_[a-z_]+$")
 

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.env import SSD_POLICIES, SsdPolicy
-from sidecar.cacheprobe import CacheSpeed
+from sidecar.cachedisk import CacheSpeed
 from sidecar.decisions import (
     CachePlan,
     GatePlan,
@@ -28,7 +28,7 @@ from sidecar.decisions import (
     slow_disk_action,
 )
 from sidecar.env import Settings
-from sidecar.publish import publish
+from modelstore.publish import publish
 from sidecar.run import open_gate
 from tests.helpers import flip_middle_byte
 

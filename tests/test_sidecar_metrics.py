@@ -25,8 +25,8 @@ from sidecar import run as sidecar_run
 from sidecar.decisions import CachePlan, gate_plan
 from sidecar.metrics import FAILURE_REASONS, STATES, SidecarMetrics
 from sidecar.run import open_gate, warm
-from sidecar.sources import ByteSources, JuiceFSCounters, MountCounters, Snapshot
-from sidecar.warmup import Progress
+from modelstore.sources import ByteSources, JuiceFSCounters, MountCounters, Snapshot
+from modelstore.streamer import Progress
 from tests.helpers import flip_middle_byte
 from tests.test_sidecar_decisions import (
     FakeReporter,

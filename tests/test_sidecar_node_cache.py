@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.cacheprobe import measure
+from sidecar.cachedisk import measure
 from sidecar.env import Settings
-from sidecar.mount import JuiceFSMount, MountError
+from modelstore.mount import JuiceFSMount, MountError
 from sidecar.run import warm
-from sidecar.sources import (
+from modelstore.sources import (
     JuiceFSCounters,
     MountCounters,
     Snapshot,

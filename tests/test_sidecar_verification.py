@@ -1,4 +1,4 @@
-"""Verification trusts nothing a tenant can write (sidecar.manifest, sidecar.warmup, sidecar.run).
+"""Verification trusts nothing a tenant can write (modelstore.manifest, modelstore.streamer, sidecar.run).
 
 - The manifest must name the pod's Bento: one copied from another Bento,
   with that Bento's hashes, verifies nothing.
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from nodeagent.warmer import MountedBento
 from sidecar.decisions import CachePlan, gate_plan
-from sidecar.manifest import (
+from modelstore.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestFile,
@@ -39,10 +39,10 @@ from sidecar.manifest import (
     files_to_verify,
     read_manifest,
 )
-from sidecar.mount import JuiceFSMount, MountError
-from sidecar.publish import publish
+from modelstore.mount import JuiceFSMount, MountError
+from modelstore.publish import publish
 from sidecar.run import open_gate, stream_model
-from sidecar.warmup import Progress, Streamer, VerificationError, content_problem
+from modelstore.streamer import Progress, Streamer, VerificationError, content_problem
 from tests.helpers import flip_middle_byte
 from tests.test_sidecar_decisions import PublishedBento, published_bento, settings_for
 from tests.test_sidecar_units import make_models

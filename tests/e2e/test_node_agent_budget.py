@@ -26,7 +26,7 @@ from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
 from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.e2e.test_node_agent import deployment as bento_deployment
 
 BENTOS = ("budget-a", "budget-b", "budget-c")  # oldest first

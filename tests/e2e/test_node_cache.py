@@ -31,7 +31,7 @@ from devcluster.node import Node
 from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
 from devcluster.storemetrics import store_requests
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
     SIDECAR,

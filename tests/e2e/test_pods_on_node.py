@@ -24,7 +24,7 @@ from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.juicefs import cached_blocks
 from devcluster.node import Node
 from devcluster.storage import MIB, StorageStack
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
     SIDECAR,

@@ -39,8 +39,8 @@ from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
 from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, PATH_TEMPLATE, StorageStack, write_random_model
-from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manifest, sha256_file
-from sidecar.publish import bento_dir
+from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manifest, sha256_file
+from modelstore.publish import bento_dir
 from tests.e2e.pods import (
     GATE,
     SIDECAR,

@@ -28,7 +28,7 @@ from devcluster import Cluster
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.node import Node
 from devcluster.storage import MIB, StorageStack
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.e2e.pods import SIDECAR, diagnose, get_pod, is_ready, wait_pod
 
 BENTO, VERSION = "sidecar-metrics", "v1"

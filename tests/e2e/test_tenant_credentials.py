@@ -25,7 +25,7 @@ from devcluster.node import Node
 from devcluster.s3 import S3Client
 from devcluster.services import RedisReplyError
 from devcluster.storage import MIB, StorageStack
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.e2e.pods import GATE, SIDECAR, condition, diagnose, exec_in, is_ready, wait_pod
 
 SYSTEM = "bento-juicefs-system"

@@ -31,7 +31,7 @@ from devcluster.storage import StorageStack
 from injector.config import parse_config
 from nodeagent import fuse
 from nodeagent.podmounts import PodBroker, ServedPod, pod_paths
-from sidecar.manifest import Manifest, sha256_file
+from modelstore.manifest import Manifest, sha256_file
 from tests.helpers import fuse_servers
 
 from .conftest import SMALL_SHARDS

@@ -1,7 +1,7 @@
 """The sidecar's mount and warmup over a real JuiceFS FUSE mount, MinIO and Redis.
 
-Nothing here is mocked: `sidecar.mount.JuiceFSMount` runs the juicefs 1.4.2
-client, `sidecar.warmup.Streamer` reads through FUSE, blocks come from MinIO.
+Nothing here is mocked: `modelstore.mount.JuiceFSMount` runs the juicefs 1.4.2
+client, `modelstore.streamer.Streamer` reads through FUSE, blocks come from MinIO.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from devcluster.s3 import S3Error, read_objects
 from devcluster.storage import MIB, StorageStack
 from devcluster.throttle import ThrottledDirectory, ThrottleUnavailable
 from sidecar.env import Settings
-from sidecar.manifest import Manifest, read_manifest, sha256_file
-from sidecar.mount import JuiceFSMount
+from modelstore.manifest import Manifest, read_manifest, sha256_file
+from modelstore.mount import JuiceFSMount
 from sidecar.reporter import Reporter
 from sidecar.run import stream_model, warm
-from sidecar.warmup import Progress, Streamer, VerificationError
+from modelstore.streamer import Progress, Streamer, VerificationError
 from tests.helpers import flip_middle_byte
 
 from .conftest import SMALL_SHARDS
@@ -376,7 +376,7 @@ def test_bytes_rotting_in_the_store_stall_the_stream_and_never_open_the_gate(
 
 
 PROBE = (
-    "import json, sys; from pathlib import Path; from sidecar.cacheprobe import measure; "
+    "import json, sys; from pathlib import Path; from sidecar.cachedisk import measure; "
     "s = measure(Path(sys.argv[1]), size_mib=int(sys.argv[2])); "
     "print(json.dumps({'write': s.write_mbps, 'read': s.read_mbps, 'direct': s.direct_io, "
     "'slow': s.slower_than(float(sys.argv[3])), 'text': s.describe()}))"

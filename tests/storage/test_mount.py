@@ -21,9 +21,9 @@ from common.processes import alive, children
 from devcluster.juicefs import JuiceFSVolume
 from devcluster.storage import MIB, PATH_TEMPLATE, StorageStack, write_random_model
 from sidecar.env import Settings
-from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
-from sidecar.mount import JuiceFSMount, MountError
-from sidecar.publish import publish
+from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
+from modelstore.mount import JuiceFSMount, MountError
+from modelstore.publish import publish
 
 
 def _mounted(settings: Settings) -> list[Path]:

@@ -28,7 +28,7 @@ from injector.config import InjectorConfig
 from nodeagent.agent import AgentOptions, NodeAgent
 from nodeagent.warmer import AgentIdentity
 from nodeagent.workloads import Workload
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 
 # The smallest budget the config allows: 1Gi, of which JuiceFS keeps 0.9
 # (921 MiB). Any two of the three models fit; all three do not.

@@ -28,11 +28,11 @@ from devcluster.storemetrics import store_requests
 from injector.config import InjectorConfig
 from sidecar.decisions import CachePlan, gate_plan
 from sidecar.env import Settings
-from sidecar.manifest import Manifest
-from sidecar.mount import JuiceFSMount
+from modelstore.manifest import Manifest
+from modelstore.mount import JuiceFSMount
 from sidecar.reporter import Reporter
 from sidecar.run import open_gate
-from sidecar.sources import MountCounters
+from modelstore.sources import MountCounters
 
 SCAN_SECONDS = 2
 FILL_RATIO = InjectorConfig().juicefs.cache_fill_ratio

@@ -30,10 +30,10 @@ from devcluster.juicefs import cached_blocks
 from devcluster.storage import MIB, StorageStack
 from devcluster.throttle import ThrottledDirectory, ThrottleUnavailable
 from sidecar.env import Settings
-from sidecar.manifest import Manifest, read_manifest
-from sidecar.mount import JuiceFSMount
+from modelstore.manifest import Manifest, read_manifest
+from modelstore.mount import JuiceFSMount
 from sidecar.run import run, stream_model
-from sidecar.warmup import Progress
+from modelstore.streamer import Progress
 
 REPO = Path(__file__).resolve().parents[2]
 

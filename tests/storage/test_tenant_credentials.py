@@ -29,8 +29,8 @@ import pytest
 from devcluster.s3 import S3Client
 from devcluster.services import READER_COMMANDS, RedisReplyError, StorageError
 from devcluster.storage import MIB, PATH_TEMPLATE, Credentials, StorageStack
-from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
-from sidecar.mount import JuiceFSMount
+from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
+from modelstore.mount import JuiceFSMount
 from sidecar.run import stream_model
 
 BENTO, VERSION = "tenant-read", "v1"

@@ -34,11 +34,11 @@ from common.ports import free_port
 from sidecar.agent import AgentChannel, AgentError
 from sidecar.decisions import juicefs_says_cache_full
 from sidecar.env import Settings
-from sidecar.manifest import MODELS_DIR
-from sidecar.probe import mount_answers
-from sidecar.sources import JuiceFSCounters, MountCounters, cache_writes_settled
+from modelstore.manifest import MODELS_DIR
+from modelstore.mountcheck import mount_answers
+from modelstore.sources import JuiceFSCounters, MountCounters, cache_writes_settled
 
-log = structlog.get_logger("sidecar.mount")
+log = structlog.get_logger("modelstore.mount")
 
 # What a read-only juicefs mount says when its --subdir does not exist (it cannot create it).
 _NO_SUBDIR = "read-only file system"

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.manifest import ManifestFile, VerificationError
+from modelstore.manifest import ManifestFile, VerificationError
 
 __all__ = [
     "MIB",
