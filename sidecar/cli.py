@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sidecar import env
 from modelstore.mountcheck import mount_answers, wait_for_mount
+from sidecar import env
 
 DEFAULT_MOUNT_POINT = "/var/lib/juicefs/mnt"
 DEFAULT_PATH_TEMPLATE = "/bentos/{name}/{version}"

@@ -69,7 +69,7 @@ def code_metrics() -> list[Metric]:
 
 
 def juicefs_metrics() -> list[str]:
-    tree = ast.parse((ROOT / "sidecar" / "sources.py").read_text())
+    tree = ast.parse((ROOT / "modelstore" / "sources.py").read_text())
     return sorted(
         {
             node.value

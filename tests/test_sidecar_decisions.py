@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.env import SSD_POLICIES, SsdPolicy
+from modelstore.publish import publish
 from sidecar.cachedisk import CacheSpeed
 from sidecar.decisions import (
     CachePlan,
@@ -28,7 +29,6 @@ from sidecar.decisions import (
     slow_disk_action,
 )
 from sidecar.env import Settings
-from modelstore.publish import publish
 from sidecar.run import open_gate
 from tests.helpers import flip_middle_byte
 

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from common.agentsocket import LineBuffer, Request, parse_request, render_reply
 from common.env import SSD_POLICIES, SsdPolicy
+from modelstore.mount import juicefs_says_cache_full
 from sidecar.agent import AgentChannel, AgentReporter, AgentUnreachable
 from sidecar.cachedisk import CacheSpeed, DiskSpace, disk_space
 from sidecar.decisions import (
@@ -31,7 +32,6 @@ from sidecar.decisions import (
     cache_plan,
     gate_after_warmup,
     gate_plan,
-    juicefs_says_cache_full,
     should_fill_cache,
     should_probe_cache,
 )

@@ -16,10 +16,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.cachedisk import measure
-from sidecar.env import Settings
 from modelstore.mount import JuiceFSMount, MountError
-from sidecar.run import warm
 from modelstore.sources import (
     JuiceFSCounters,
     MountCounters,
@@ -28,6 +25,9 @@ from modelstore.sources import (
     cache_writes_settled,
     parse_counters,
 )
+from sidecar.cachedisk import measure
+from sidecar.env import Settings
+from sidecar.run import warm
 from tests.helpers import minimal_env
 from tests.test_sidecar_decisions import FakeReporter, published_bento, settings_for
 
@@ -128,7 +128,7 @@ def test_node_mode_mounts_with_the_budget_and_a_frequent_scan() -> None:
     settings = node_settings()
     assert settings.cache_mode == "node"
     assert settings.node_cache_budget_mib == 1024
-    command = JuiceFSMount(settings).command()
+    command = JuiceFSMount(settings.mount_spec()).command()
     assert command[command.index("--cache-dir") + 1] == "/c"
     assert command[command.index("--cache-size") + 1] == "921"
     assert command[command.index("--cache-eviction") + 1] == "lru"
@@ -137,15 +137,15 @@ def test_node_mode_mounts_with_the_budget_and_a_frequent_scan() -> None:
 
 def test_pod_mode_and_no_disk_cache_keep_juicefs_defaults() -> None:
     pod = Settings.from_env(minimal_env(JFS_CACHE_MODE="pod"))
-    assert "--cache-scan-interval" not in JuiceFSMount(pod).command()
+    assert "--cache-scan-interval" not in JuiceFSMount(pod.mount_spec()).command()
     # A slow disk with ssd policy required mounts without a disk cache.
-    none = JuiceFSMount(node_settings(), cache_size_mib=0).command()
+    none = JuiceFSMount(node_settings().mount_spec(0)).command()
     assert none[none.index("--cache-size") + 1] == "0"
     assert "--cache-scan-interval" not in none
 
 
 def test_the_metrics_endpoint_is_known_once_started_and_fixed_for_that_process() -> None:
-    mount = JuiceFSMount(node_settings())
+    mount = JuiceFSMount(node_settings().mount_spec())
     assert mount.metrics_url is None
     assert mount.generation == 0
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cachedisk import measure
-from sidecar.env import Settings, SettingsError
 from modelstore.manifest import Manifest, build_manifest, read_manifest
 from modelstore.mount import split_meta_password
 from modelstore.publish import PublishError, publish
 from modelstore.streamer import Progress, Streamer, VerificationError, WarmupTimeout
+from sidecar.cachedisk import measure
+from sidecar.env import Settings, SettingsError
 from tests.helpers import flip_middle_byte, minimal_env
 
 

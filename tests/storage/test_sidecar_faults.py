@@ -29,11 +29,11 @@ from structlog.testing import capture_logs
 from devcluster.juicefs import cached_blocks
 from devcluster.storage import MIB, StorageStack
 from devcluster.throttle import ThrottledDirectory, ThrottleUnavailable
-from sidecar.env import Settings
 from modelstore.manifest import Manifest, read_manifest
 from modelstore.mount import JuiceFSMount
-from sidecar.run import run, stream_model
-from modelstore.streamer import Progress
+from modelstore.streamer import Progress, stream_model
+from sidecar.env import Settings
+from sidecar.run import run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -179,12 +179,12 @@ def test_a_flapping_object_store_mid_warmup_still_verifies_and_leaves_no_corrupt
 
 
 async def _verify_from_cache(settings: Settings, deadline: float) -> Progress:
-    mount = JuiceFSMount(settings)
+    mount = JuiceFSMount(settings.mount_spec())
     await mount.start()
     try:
         files = read_manifest(mount.bento_dir).select(settings.models)
         return await stream_model(
-            settings,
+            settings.warmup_concurrency,
             mount,
             files,
             time.monotonic() + deadline,
