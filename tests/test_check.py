@@ -15,7 +15,7 @@ import pytest
 
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord, WarmState
 from injector.certs import generate_ca, issue_serving_cert, service_hosts
-from injector.check import (
+from injector.check.webhook import (
     ClusterState,
     Endpoints,
     Probe,
