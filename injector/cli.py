@@ -91,7 +91,7 @@ def cmd_serve(args: argparse.Namespace, config: InjectorConfig) -> int:
 
 
 def cmd_check(args: argparse.Namespace, config: InjectorConfig) -> int:
-    from injector.check.webhook import Unreachable, check_cluster, exit_code, render
+    from injector.check import Unreachable, check_cluster, exit_code, render
 
     try:
         rows, host = asyncio.run(check_cluster(args.kubeconfig, config))
