@@ -43,7 +43,11 @@ import structlog
 from aiohttp import web
 from kubernetes_asyncio import client
 
-from injector.certs import (
+from injector.config import InjectorConfig
+from injector.kube import FIELD_MANAGER, KUBE_API, TIMEOUT, is_status
+from injector.lifecycle import READY_CHECKS, CleanupContext, background
+from injector.metrics import METRICS, Metrics
+from injector.pki.authority import (
     CertFiles,
     ca_problem,
     generate_ca,
@@ -53,10 +57,6 @@ from injector.certs import (
     valid_certificates,
     write_atomic,
 )
-from injector.config import InjectorConfig
-from injector.kube import FIELD_MANAGER, KUBE_API, TIMEOUT, is_status
-from injector.lifecycle import READY_CHECKS, CleanupContext, background
-from injector.metrics import METRICS, Metrics
 from injector.tls import TLS, reload_if_changed
 
 log = structlog.get_logger("injector.cluster_certs")

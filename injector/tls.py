@@ -22,7 +22,10 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from injector.certs import (
+from injector.config import InjectorConfig
+from injector.lifecycle import CleanupContext, background
+from injector.metrics import METRICS, Metrics
+from injector.pki.authority import (
     CertFiles,
     generate_bundle,
     issue_serving_cert,
@@ -32,9 +35,6 @@ from injector.certs import (
     service_hosts,
     write_atomic,
 )
-from injector.config import InjectorConfig
-from injector.lifecycle import CleanupContext, background
-from injector.metrics import METRICS, Metrics
 
 log = structlog.get_logger("injector.tls")
 

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord, WarmState
-from injector.certs import generate_ca, issue_serving_cert, service_hosts
 from injector.check.agent import check_node_agent
 from injector.check.certificates import verify_served
 from injector.check.credentials import check_credentials
@@ -30,6 +29,7 @@ from injector.check.version import check_version
 from injector.check.webhook import check_ca_bundle
 from injector.cli import main
 from injector.config import InjectorConfig, parse_config
+from injector.pki.authority import generate_ca, issue_serving_cert, service_hosts
 
 CONFIG = InjectorConfig()  # the GKE profile: ssdPolicy required, cache mode node
 SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"

@@ -6,7 +6,6 @@ import datetime as dt
 from typing import Any
 
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord, WarmState
-from injector.certs import generate_ca
 from injector.check.agent import (
     AgentOnNode,
     agent_nodes,
@@ -24,6 +23,7 @@ from injector.check.endpoints import (
 from injector.check.state import Unreadable
 from injector.check.webhook import bundle_problems
 from injector.config import InjectorConfig, NodeLabel
+from injector.pki.authority import generate_ca
 
 CONFIG = InjectorConfig()
 HOME = "bento-juicefs-system"

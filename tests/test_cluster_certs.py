@@ -17,7 +17,6 @@ import pytest
 from cryptography import x509
 
 from injector import cluster_certs
-from injector.certs import ca_problem, generate_ca, issue_cert, split_certificates
 from injector.cluster_certs import (
     CA_CERT_KEY,
     CA_KEY_KEY,
@@ -29,6 +28,7 @@ from injector.cluster_certs import (
     WebhookBundles,
     parse_shared_ca,
 )
+from injector.pki.authority import ca_problem, generate_ca, issue_cert, split_certificates
 
 
 @dataclass

@@ -21,9 +21,9 @@ from cryptography import x509
 
 from common.ports import free_port, port_answers
 from injector import cluster_certs, kube, namespaces
-from injector.certs import generate_bundle, issue_serving_cert
 from injector.config import InjectorConfig, parse_config
 from injector.lifecycle import SERVING, ReadyCheck
+from injector.pki.authority import generate_bundle, issue_serving_cert
 from injector.server import ClusterAccess, build_app, serve
 from injector.tls import TLS, prepare_tls, reload_if_changed
 from tests.helpers import bento_pod

@@ -20,10 +20,10 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 
-from injector.certs import issue_serving_cert, write_atomic
 from injector.config import InjectorConfig, parse_config
 from injector.lifecycle import SERVING
 from injector.metrics import METRICS
+from injector.pki.authority import issue_serving_cert, write_atomic
 from injector.server import build_app
 from injector.tls import TLS, TlsState, prepare_tls, reload_if_changed
 
@@ -173,7 +173,7 @@ def test_a_nearly_expired_leftover_is_renewed_at_start(tmp_path: Path) -> None:
 
 
 def test_an_expired_certificate_is_due() -> None:
-    from injector.certs import generate_ca, needs_renewal
+    from injector.pki.authority import generate_ca, needs_renewal
 
     ca, key = generate_ca()
     cert_pem, _ = issue_serving_cert(ca, key, HOSTS, lifetime=dt.timedelta(minutes=-1))
