@@ -57,7 +57,7 @@ from injector.pki.authority import (
     valid_certificates,
     write_atomic,
 )
-from injector.tls import TLS, reload_if_changed
+from injector.pki.serving import TLS, reload_if_changed
 
 log = structlog.get_logger("injector.cluster_certs")
 

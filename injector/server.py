@@ -39,8 +39,8 @@ from injector.kube import api_client
 from injector.lifecycle import DRAINING, READY_CHECKS, SERVING, ReadyCheck
 from injector.metrics import METRICS, Metrics
 from injector.namespaces import namespace_controller
+from injector.pki.serving import TLS, serving_certificate
 from injector.review_cache import ReviewCache
-from injector.tls import TLS, serving_certificate
 
 log = structlog.get_logger("injector.server")
 

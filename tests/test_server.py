@@ -24,8 +24,8 @@ from injector import cluster_certs, kube, namespaces
 from injector.config import InjectorConfig, parse_config
 from injector.lifecycle import SERVING, ReadyCheck
 from injector.pki.authority import generate_bundle, issue_serving_cert
+from injector.pki.serving import TLS, prepare_tls, reload_if_changed
 from injector.server import ClusterAccess, build_app, serve
-from injector.tls import TLS, prepare_tls, reload_if_changed
 from tests.helpers import bento_pod
 
 

@@ -24,8 +24,8 @@ from injector.config import InjectorConfig, parse_config
 from injector.lifecycle import SERVING
 from injector.metrics import METRICS
 from injector.pki.authority import issue_serving_cert, write_atomic
+from injector.pki.serving import TLS, TlsState, prepare_tls, reload_if_changed
 from injector.server import build_app
-from injector.tls import TLS, TlsState, prepare_tls, reload_if_changed
 
 HOSTS = ["localhost", "127.0.0.1"]
 
