@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import pytest
 from cryptography import x509
 
-from injector import cluster_certs
-from injector.cluster_certs import (
+from injector.pki import ca_keeper
+from injector.pki.authority import ca_problem, generate_ca, issue_cert, split_certificates
+from injector.pki.ca_keeper import (
     CA_CERT_KEY,
     CA_KEY_KEY,
     PREVIOUS_KEY,
@@ -28,7 +29,6 @@ from injector.cluster_certs import (
     WebhookBundles,
     parse_shared_ca,
 )
-from injector.pki.authority import ca_problem, generate_ca, issue_cert, split_certificates
 
 
 @dataclass
@@ -204,7 +204,7 @@ async def test_a_broken_secret_is_repaired_once_and_every_replica_moves_without_
 
     # After the grace, only the new CA.
     until = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
-    cluster.put_secret(dict(cluster.secret.data), {cluster_certs.PREVIOUS_UNTIL: until.isoformat()})
+    cluster.put_secret(dict(cluster.secret.data), {ca_keeper.PREVIOUS_UNTIL: until.isoformat()})
     await checks(replicas, 2)
     assert trusted(cluster) == [[new]]
     for replica in replicas:
