@@ -26,6 +26,7 @@ from injector.lifecycle import SERVING, ReadyCheck
 from injector.pki import ca_keeper
 from injector.pki.authority import generate_bundle, issue_serving_cert
 from injector.pki.serving import TLS, prepare_tls, reload_if_changed
+from injector.pki.shared_ca import SharedCa
 from injector.server import ClusterAccess, build_app, serve
 from tests.helpers import bento_pod
 
@@ -342,7 +343,7 @@ async def test_cluster_parts_start_with_the_app_and_stop_before_the_client_close
 async def test_a_failed_start_still_closes_the_client(
     tmp_path: Path, cluster_events: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def start(self: ca_keeper.CaKeeper) -> ca_keeper.SharedCa:
+    async def start(self: ca_keeper.CaKeeper) -> SharedCa:
         raise RuntimeError("apiserver unreachable")
 
     monkeypatch.setattr(ca_keeper.CaKeeper, "start", start)
