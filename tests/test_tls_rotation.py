@@ -23,7 +23,8 @@ from cryptography import x509
 from injector.config import InjectorConfig, parse_config
 from injector.lifecycle import SERVING
 from injector.metrics import METRICS
-from injector.pki.authority import issue_serving_cert, write_atomic
+from injector.pki.authority import issue_serving_cert
+from injector.pki.cert_files import write_atomic
 from injector.pki.serving import TLS, TlsState, prepare_tls, reload_if_changed
 from injector.server import build_app
 

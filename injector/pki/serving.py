@@ -26,15 +26,13 @@ from injector.config import InjectorConfig
 from injector.lifecycle import CleanupContext, background
 from injector.metrics import METRICS, Metrics
 from injector.pki.authority import (
-    CertFiles,
     generate_bundle,
     issue_serving_cert,
     needs_renewal,
     not_after,
-    server_ssl_context,
     service_hosts,
-    write_atomic,
 )
+from injector.pki.cert_files import CertFiles, server_ssl_context, write_atomic
 
 log = structlog.get_logger("injector.tls")
 

@@ -14,12 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from injector.pki.authority import (
-    ca_problem,
-    generate_ca,
-    split_certificates,
-    valid_certificates,
-)
+from injector.pki.authority import ca_problem, generate_ca, split_certificates, valid_certificates
 
 CA_CERT_KEY = "ca.crt"
 CA_KEY_KEY = "ca.key"
