@@ -28,7 +28,7 @@ from injector.check.rows import Row, listed, plural, unreadable
 from injector.check.state import Obj, Unreadable, dig, secret_bytes
 from injector.config import InjectorConfig
 
-# Keys of the injector's shared CA Secret (injector.pki.ca_secret), and of a
+# Keys of the injector's shared CA Secret (injector.pki.shared_ca), and of a
 # serving-certificate Secret (cert-manager's kind).
 CA_CERT_KEY = "ca.crt"
 TLS_CERT_KEY = "tls.crt"
