@@ -1,5 +1,8 @@
-"""Certificates in a cluster: a CA shared by replicas through a Secret, the caBundle
-kept in the MutatingWebhookConfiguration, and a serving cert per replica.
+"""The CA keeper: a CA shared by replicas through a Secret, the caBundle kept in
+the MutatingWebhookConfiguration trusting it, and a serving cert per replica.
+
+The model is `shared_ca.py`; the API's Secret and caBundle are reached
+through `ca_secret.py` and `webhook_ca_bundle.py`.
 
 The Secret is the one source of truth, and every replica reads it again on
 every check (`webhook.caBundleCheckSeconds`):
