@@ -20,12 +20,14 @@ from aiohttp import web
 from cryptography import x509
 
 from common.ports import free_port, port_answers
-from injector import cluster_certs, kube, namespaces
-from injector.certs import generate_bundle, issue_serving_cert
+from injector import kube, namespaces
 from injector.config import InjectorConfig, parse_config
 from injector.lifecycle import SERVING, ReadyCheck
+from injector.pki import ca_keeper
+from injector.pki.authority import generate_bundle, issue_serving_cert
+from injector.pki.serving import TLS, prepare_tls, reload_if_changed
+from injector.pki.shared_ca import SharedCa
 from injector.server import ClusterAccess, build_app, serve
-from injector.tls import TLS, prepare_tls, reload_if_changed
 from tests.helpers import bento_pod
 
 
@@ -341,10 +343,10 @@ async def test_cluster_parts_start_with_the_app_and_stop_before_the_client_close
 async def test_a_failed_start_still_closes_the_client(
     tmp_path: Path, cluster_events: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def start(self: cluster_certs.CaKeeper) -> cluster_certs.SharedCa:
+    async def start(self: ca_keeper.CaKeeper) -> SharedCa:
         raise RuntimeError("apiserver unreachable")
 
-    monkeypatch.setattr(cluster_certs.CaKeeper, "start", start)
+    monkeypatch.setattr(ca_keeper.CaKeeper, "start", start)
     config = server_config(tmp_path, port=free_port())
     with pytest.raises(RuntimeError, match="apiserver unreachable"):
         await serve(config, kubeconfig="/tmp/kubeconfig", stop=asyncio.Event())

@@ -33,7 +33,7 @@ from devcluster import Cluster, wait_for
 from devcluster.injector import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
-from injector.certs import generate_ca
+from injector.pki.authority import generate_ca
 
 REPO = Path(__file__).resolve().parents[2]
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}

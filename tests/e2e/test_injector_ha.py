@@ -31,7 +31,8 @@ from devcluster import ControlPlane, wait_for
 from devcluster.injector import NAMESPACE
 from devcluster.injector_ha import CA_SECRET, HaInjectors, Replica
 from devcluster.netns import NodeNetwork
-from injector.certs import issue_serving_cert, service_hosts, split_certificates, write_atomic
+from injector.pki.authority import issue_serving_cert, service_hosts, split_certificates
+from injector.pki.cert_files import write_atomic
 from tests.e2e.podload import PodLoad
 
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
