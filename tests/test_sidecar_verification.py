@@ -44,8 +44,7 @@ from sidecar.publish import publish
 from sidecar.run import open_gate, stream_model
 from sidecar.warmup import Progress, Streamer, VerificationError, content_problem
 from tests.helpers import flip_middle_byte
-from tests.test_sidecar_decisions import PublishedBento, published_bento, settings_for
-from tests.test_sidecar_units import make_models
+from tests.kit.sidecar import PublishedBento, make_models, published_bento, settings_for
 
 SHA = "0" * 64
 BENTO = "llama3-service:v1"
