@@ -1,16 +1,19 @@
 """The sidecar's fakes and builders: a reporter and a cache filler that record
-what they are asked, and published Bentos in plain directories (no mount)."""
+what they are asked, published Bentos in plain directories (no mount), and
+the whole sidecar run until it says Ready."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.env import Settings
 from sidecar.publish import publish
+from sidecar.run import run
 
 
 @dataclass
@@ -94,3 +97,39 @@ class RecordingFiller:
             await asyncio.sleep(3600)
         if self.fail_with is not None:
             raise self.fail_with
+
+
+@dataclass
+class Recorder:
+    """Stands in for AgentReporter: what the sidecar told the cluster, with when; stops on Ready."""
+
+    stop: asyncio.Event | None = None
+    said: list[tuple[float, str, str, str]] = field(default_factory=list)
+
+    async def event(self, kind: str, reason: str, message: str) -> None:
+        self.said.append((time.monotonic(), "event", reason, message))
+        if reason == "Ready" and self.stop is not None:
+            self.stop.set()
+
+    async def set_condition(
+        self, status: str, reason: str, message: str, attempts: int | None = 8
+    ) -> None:
+        self.said.append((time.monotonic(), "condition", f"{status}:{reason}", message))
+
+    def reasons(self) -> list[str]:
+        return [reason for _, _, reason, _ in self.said]
+
+    def at(self, reason: str) -> float:
+        return next(t for t, _, r, _ in self.said if r == reason)
+
+
+def run_until_ready(settings: Settings, timeout: float = 600) -> tuple[int, Recorder]:
+    """`sidecar.run.run` until it says Ready (then SIGTERM-like stop); its exit code."""
+
+    async def scenario() -> tuple[int, Recorder]:
+        stop = asyncio.Event()
+        recorder = Recorder(stop)
+        code = await asyncio.wait_for(run(settings, recorder, stop), timeout)
+        return code, recorder
+
+    return asyncio.run(scenario())
