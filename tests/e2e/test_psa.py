@@ -13,7 +13,6 @@ namespace's level.
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 
 from devcluster import Cluster, wait_for
+from tests.e2e.pods import kubectl_create
 
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 ENFORCE = "pod-security.kubernetes.io/enforce"
@@ -78,17 +78,9 @@ def bento_pod(name: str, **labels: str) -> dict[str, Any]:
     }
 
 
-def create(
-    cluster: Cluster, namespace: str, obj: dict[str, Any], *extra: str
-) -> subprocess.CompletedProcess[str]:
-    return cluster.kubectl(
-        "create", "-n", namespace, "-f", "-", *extra, input=json.dumps(obj), check=False
-    )
-
-
 def injected_dry_run(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
     """The pod as the apiserver would store it (server-side dry run: every admission runs)."""
-    result = create(cluster, namespace, bento_pod(name), "--dry-run=server", "-o", "json")
+    result = kubectl_create(cluster, namespace, bento_pod(name), "--dry-run=server", "-o", "json")
     assert result.returncode == 0, result.stderr
     assert "PodSecurity" not in result.stderr, result.stderr  # no warning either
     pod: dict[str, Any] = json.loads(result.stdout)
@@ -115,7 +107,7 @@ def test_a_bento_pod_is_injected_and_admitted_at_any_level(
 ) -> None:
     # warn and audit at restricted too: Pod Security would print what it disliked.
     namespace = new_namespace({**OPT_IN, **labels, WARN: "restricted", AUDIT: "restricted"})
-    result = create(cluster, namespace, bento_pod("llama"))
+    result = kubectl_create(cluster, namespace, bento_pod("llama"))
     print(result.stderr)
     assert result.returncode == 0, result.stderr
     assert "violate" not in result.stderr
@@ -146,7 +138,7 @@ def test_a_deployments_pods_are_created_in_a_restricted_namespace(
             },
         },
     }
-    assert create(cluster, namespace, deployment).returncode == 0
+    assert kubectl_create(cluster, namespace, deployment).returncode == 0
 
     def created() -> dict[str, Any] | None:
         pods = cluster.get_json("pods", "-n", namespace, "-l", "app=llama")["items"]
@@ -170,7 +162,7 @@ def test_pod_security_itself_admits_the_injected_pod_at_restricted(
     assert sidecar_of(pod)["name"] == SIDECAR
     # Not opted in: neither the webhook nor our policies see it; Pod Security does.
     locked = new_namespace({ENFORCE: "restricted"})
-    result = create(cluster, locked, pod, "--dry-run=server")
+    result = kubectl_create(cluster, locked, pod, "--dry-run=server")
     print(result.stderr)
     assert result.returncode == 0, result.stderr
     assert "violates PodSecurity" not in result.stderr
