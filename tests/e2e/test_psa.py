@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from devcluster import Cluster, wait_for
-from tests.e2e.pods import kubectl_create
+from tests.e2e.pods import bento_labels, kubectl_create
 
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 ENFORCE = "pod-security.kubernetes.io/enforce"
@@ -54,12 +54,7 @@ def bento_pod(name: str, **labels: str) -> dict[str, Any]:
         "kind": "Pod",
         "metadata": {
             "name": name,
-            "labels": {
-                "juicefs.bentoml.com/model-store": "juicefs",
-                "yatai.ai/bento-repository": "llama3-service",
-                "yatai.ai/bento-version": "v1",
-                **labels,
-            },
+            "labels": {**bento_labels("llama3-service", "v1"), **labels},
         },
         # Restricted-clean on its own: whatever Pod Security says is about what was added.
         "spec": {

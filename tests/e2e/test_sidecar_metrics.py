@@ -28,7 +28,15 @@ from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.node import Node
 from devcluster.storage import MIB, StorageStack
 from sidecar.manifest import Manifest
-from tests.e2e.pods import SIDECAR, diagnose, get_pod, is_ready, opted_in_namespace, wait_pod
+from tests.e2e.pods import (
+    SIDECAR,
+    bento_labels,
+    diagnose,
+    get_pod,
+    is_ready,
+    opted_in_namespace,
+    wait_pod,
+)
 
 BENTO, VERSION = "sidecar-metrics", "v1"
 PREFIX = "bento_juicefs_sidecar_"
@@ -53,11 +61,7 @@ def bento_pod(name: str, cache_mode: str) -> dict[str, Any]:
         "kind": "Pod",
         "metadata": {
             "name": name,
-            "labels": {
-                "juicefs.bentoml.com/model-store": "juicefs",
-                "yatai.ai/bento-repository": BENTO,
-                "yatai.ai/bento-version": VERSION,
-            },
+            "labels": bento_labels(BENTO, VERSION),
             "annotations": {"juicefs.bentoml.com/cache-mode": cache_mode},
         },
         "spec": {
