@@ -37,8 +37,7 @@ from sidecar.decisions import (
 )
 from sidecar.reporter import OrderedReporter
 from sidecar.run import CacheSpaceWatch, open_gate
-from tests.test_sidecar_decisions import FakeReporter, published_bento, settings_for
-from tests.test_sidecar_node_cache import RecordingFiller
+from tests.kit.sidecar import FakeReporter, RecordingFiller, published_bento, settings_for
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -28,12 +28,7 @@ from sidecar.decisions import CachePlan, gate_plan
 from sidecar.metrics import FAILURE_REASONS, STATES, SidecarMetrics
 from sidecar.run import open_gate, warm
 from tests.helpers import flip_middle_byte
-from tests.test_sidecar_decisions import (
-    FakeReporter,
-    PublishedBento,
-    published_bento,
-    settings_for,
-)
+from tests.kit.sidecar import FakeReporter, PublishedBento, published_bento, settings_for
 
 MIB = 1 << 20
 PREFIX = "bento_juicefs_sidecar_"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from sidecar.cachedisk import measure
 from sidecar.env import Settings
 from sidecar.run import warm
 from tests.helpers import minimal_env
-from tests.test_sidecar_decisions import FakeReporter, published_bento, settings_for
+from tests.kit.sidecar import FakeReporter, RecordingFiller, published_bento, settings_for
 
 MIB = 1 << 20
 
@@ -237,22 +237,6 @@ def test_models_ready_says_so_when_the_split_is_unknown(
     reporter = MessageReporter()
     assert asyncio.run(warm(settings_for(bento), bento, reporter, MountCounters(served))) is True
     assert "bytes by source unknown" in reporter.messages["ModelsReady"]
-
-
-@dataclass
-class RecordingFiller:
-    """Stands in for JuiceFSMount.fill_cache: records what it was asked to complete."""
-
-    fail_with: BaseException | None = None
-    hang: bool = False
-    asked: list[list[Path]] = field(default_factory=list)
-
-    async def fill_cache(self, paths: Sequence[Path]) -> None:
-        self.asked.append(list(paths))
-        if self.hang:
-            await asyncio.sleep(3600)
-        if self.fail_with is not None:
-            raise self.fail_with
 
 
 def test_after_verifying_the_sidecar_completes_the_cache_with_every_file(tmp_path: Path) -> None:

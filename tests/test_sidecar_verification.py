@@ -48,8 +48,7 @@ from sidecar.decisions import CachePlan, gate_plan
 from sidecar.env import Settings
 from sidecar.run import open_gate
 from tests.helpers import flip_middle_byte
-from tests.test_sidecar_decisions import PublishedBento, published_bento, settings_for
-from tests.test_sidecar_units import make_models
+from tests.kit.sidecar import PublishedBento, make_models, published_bento, settings_for
 
 SHA = "0" * 64
 BENTO = "llama3-service:v1"

@@ -33,45 +33,9 @@ from modelstore.manifest import Manifest, read_manifest
 from modelstore.mount import JuiceFSMount
 from modelstore.streamer import Progress, stream_model
 from sidecar.env import Settings
-from sidecar.run import run
+from tests.kit.sidecar import run_until_ready
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Recorder:
-    """Stands in for AgentReporter: what the sidecar told the cluster, with when; stops on Ready."""
-
-    stop: asyncio.Event | None = None
-    said: list[tuple[float, str, str, str]] = field(default_factory=list)
-
-    async def event(self, kind: str, reason: str, message: str) -> None:
-        self.said.append((time.monotonic(), "event", reason, message))
-        if reason == "Ready" and self.stop is not None:
-            self.stop.set()
-
-    async def set_condition(
-        self, status: str, reason: str, message: str, attempts: int | None = 8
-    ) -> None:
-        self.said.append((time.monotonic(), "condition", f"{status}:{reason}", message))
-
-    def reasons(self) -> list[str]:
-        return [reason for _, _, reason, _ in self.said]
-
-    def at(self, reason: str) -> float:
-        return next(t for t, _, r, _ in self.said if r == reason)
-
-
-def run_until_ready(settings: Settings, timeout: float = 600) -> tuple[int, Recorder]:
-    """`sidecar.run.run` until it says Ready (then SIGTERM-like stop); its exit code."""
-
-    async def scenario() -> tuple[int, Recorder]:
-        stop = asyncio.Event()
-        recorder = Recorder(stop)
-        code = await asyncio.wait_for(run(settings, recorder, stop), timeout)
-        return code, recorder
-
-    return asyncio.run(scenario())
 
 
 # -- the object store flapping during the warmup -------------------------------------------
@@ -201,7 +165,7 @@ RUN_RECORDED = """
 import asyncio, dataclasses, json, sys, time
 from pathlib import Path
 from sidecar.env import Settings
-from tests.storage.test_sidecar_faults import run_until_ready
+from tests.kit.sidecar import run_until_ready
 
 fields = json.loads(Path(sys.argv[1]).read_text())
 paths = {f.name for f in dataclasses.fields(Settings) if "Path" in str(f.type)}
