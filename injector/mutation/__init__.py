@@ -23,7 +23,7 @@ from injector.mutation.mounts import add_model_mounts
 from injector.mutation.sidecar import add_sidecar
 from injector.mutation.status import add_status
 from injector.mutation.volumes import add_volumes
-from injector.mutation.warm import add_warm_node_affinity
+from injector.mutation.warm_node_affinity import add_warm_node_affinity
 from injector.patch import PatchBuilder, PatchOp
 from injector.plan import InjectionPlan
 
