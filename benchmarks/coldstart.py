@@ -40,7 +40,7 @@ import yaml
 
 from benchmarks.record import MIB, REPO, new_record, say
 from benchmarks.store import ShapedStorage
-from devcluster.controlplane import ControlPlane
+from devcluster.control.plane import ControlPlane
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.injector_pods import start_injector, stop_injector
 from devcluster.local import local_cluster

@@ -17,7 +17,7 @@ Example::
 
 from __future__ import annotations
 
-from devcluster.controlplane import ControlPlane, Hook
+from devcluster.control.plane import ControlPlane, Hook
 from devcluster.injector_pods import start_injector, stop_injector
 from devcluster.nodeagent import start_node_agent, stop_node_agent
 from devcluster.storage import StorageStack

@@ -33,7 +33,7 @@ from devcluster.binaries import (
     BinariesError,
     ensure_binaries,
 )
-from devcluster.controlplane import STATE_FILE, ComponentError
+from devcluster.control.plane import STATE_FILE, ComponentError
 from devcluster.local import local_cluster
 from devcluster.netns import NodeNetwork
 from devcluster.nodehost import node_leftovers, teardown_node

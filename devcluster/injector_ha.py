@@ -51,7 +51,7 @@ import yaml
 
 from common.ports import free_port
 from common.processes import log_tail, spawn_group, stop_group
-from devcluster.controlplane import ControlPlane
+from devcluster.control.plane import ControlPlane
 from devcluster.injector import (
     BASE,
     CREDENTIALS_SECRET,

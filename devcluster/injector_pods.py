@@ -34,7 +34,7 @@ import yaml
 
 from devcluster.binaries import ensure_binaries
 from devcluster.cluster import wait_for
-from devcluster.controlplane import ControlPlane
+from devcluster.control.plane import ControlPlane
 from devcluster.injector import (
     BASE,
     CREDENTIALS_SECRET,

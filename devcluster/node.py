@@ -34,6 +34,7 @@ from common.mounts import mounts
 from common.processes import log_tail, spawn_group, stop_group
 from devcluster.cluster import NOT_READY_TAINT, Cluster, wait_for
 from devcluster.containerd import Containerd, ContainerdPaths, cni_config, containerd_config
+from devcluster.control.pki import ClusterPKI, write_kubeconfig
 from devcluster.images import PAUSE_IMAGE
 from devcluster.mountns import MachineShape, NodeMountNamespace
 from devcluster.netns import NodeNetwork
@@ -49,7 +50,6 @@ from devcluster.nodehost import (
     teardown_node,
 )
 from devcluster.packages import ensure_packages
-from devcluster.pki import ClusterPKI, write_kubeconfig
 
 GKE_SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from devcluster.cluster import Cluster, wait_for
-from devcluster.controlplane import ControlPlane
+from devcluster.control.plane import ControlPlane
 from devcluster.injector import BASE, NAMESPACE, InjectorInstall, LocalInjector
 from devcluster.injector_pods import PodInjector
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from devcluster.containerd import ContainerdPaths, cni_config, containerd_config
+from devcluster.control.pki import KeyPair
 from devcluster.mountns import MachineShape
 from devcluster.netns import NodeNetwork
 from devcluster.nodeconfig import (
@@ -14,7 +15,6 @@ from devcluster.nodeconfig import (
     kubelet_config,
     kubelet_root_problem,
 )
-from devcluster.pki import KeyPair
 
 
 def test_containerd_clamps_oom_score_and_keeps_netns_and_opt_in_its_dirs(tmp_path: Path) -> None:

@@ -27,16 +27,21 @@ from common.ports import free_port, port_is_free
 from common.processes import LOG_TAIL_LINES, log_tail, spawn_group, stop_group
 from devcluster.binaries import CONTROL_PLANE_COMPONENTS, NODE_COMPONENTS, ensure_binaries
 from devcluster.cluster import Cluster
-from devcluster.components import (
+from devcluster.control.components import (
     apiserver_args,
     controller_manager_args,
     etcd_args,
     scheduler_args,
 )
+from devcluster.control.pki import (
+    APISERVER_HOSTS,
+    APISERVER_KUBELET_CLIENT,
+    ClusterPKI,
+    write_kubeconfig,
+)
 from devcluster.lifecycle import StartStop
 from devcluster.netns import NodeNetwork
 from devcluster.node import Node, NodeSpec
-from devcluster.pki import APISERVER_HOSTS, APISERVER_KUBELET_CLIENT, ClusterPKI, write_kubeconfig
 
 Hook = Callable[["ControlPlane"], None]
 
