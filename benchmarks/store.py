@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Self
 
-from devcluster.netns import NodeNetwork
+from devcluster.node.netns import NodeNetwork
 from devcluster.services import LOOPBACK, ObjectStore
 from devcluster.storage import StorageStack
 from devcluster.storemetrics import StoreRequests, store_requests

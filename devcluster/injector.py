@@ -35,7 +35,7 @@ from common.ports import free_port
 from common.processes import log_tail, spawn_group, stop_group
 from devcluster.cluster import Cluster, wait_for
 from devcluster.control.plane import ControlPlane
-from devcluster.nodehost import node_cache_dir
+from devcluster.node.host import node_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "manifests" / "base"

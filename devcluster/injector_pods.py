@@ -48,7 +48,7 @@ from devcluster.injector import (
     readyz_answers,
     served_certificate,
 )
-from devcluster.nodehost import node_cache_dir
+from devcluster.node.host import node_cache_dir
 from devcluster.storage import StorageStack
 
 CHART = REPO / "charts" / "bento-juicefs"

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from common.ports import port_answers
 from common.processes import log_tail, spawn_group, stop_group
-from devcluster.netns import NetworkError, NodeNetwork, ip, link_exists, netns_exists
+from devcluster.node.netns import NetworkError, NodeNetwork, ip, link_exists, netns_exists
 from devcluster.packages import ensure_packages
 
 STORE_PORT = 9000

@@ -4,7 +4,7 @@ etcd, kube-apiserver, kube-controller-manager and kube-scheduler run as
 subprocesses, each in its own process group, logging to
 `<state_dir>/logs/<name>.log`; the apiserver listens on 127.0.0.1 or, with a
 `node`, on the host end of that node's veth. With `node=NodeSpec(...)` a real
-node (containerd + kubelet + kube-proxy, `devcluster.node`) joins once the
+node (containerd + kubelet + kube-proxy, `devcluster.node.node`) joins once the
 control plane is up; without one, Nodes are API objects
 (`register_fake_node`) whose pods get scheduled but never run.
 """
@@ -40,8 +40,8 @@ from devcluster.control.pki import (
     write_kubeconfig,
 )
 from devcluster.lifecycle import StartStop
-from devcluster.netns import NodeNetwork
-from devcluster.node import Node, NodeSpec
+from devcluster.node.netns import NodeNetwork
+from devcluster.node.node import Node, NodeSpec
 
 Hook = Callable[["ControlPlane"], None]
 

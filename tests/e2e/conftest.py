@@ -16,7 +16,7 @@ from devcluster import Cluster, ControlPlane, ensure_binaries
 from devcluster.injector import InjectorInstall, LocalInjector
 from devcluster.injector_pods import PodInjector
 from devcluster.local import local_cluster
-from devcluster.node import Node
+from devcluster.node.node import Node
 from devcluster.nodeagent import AGENT_ADDON, LocalNodeAgent
 from devcluster.storage import StorageStack
 from sidecar.manifest import Manifest

@@ -31,7 +31,7 @@ import yaml
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord
 from devcluster import Cluster, wait_for
 from devcluster.injector import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
-from devcluster.node import Node
+from devcluster.node.node import Node
 from devcluster.nodeagent import LocalNodeAgent
 from injector.certs import generate_ca
 

@@ -31,7 +31,7 @@ from devcluster.injector_pods import (
     SERVICE,
     PodInjector,
 )
-from devcluster.node import Node
+from devcluster.node.node import Node
 from tests.e2e.podload import PodLoad
 
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}

@@ -27,8 +27,8 @@ from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.injector import InjectorInstall
 from devcluster.juicefs import cached_blocks
-from devcluster.node import Node
-from devcluster.nodehost import node_cache_dir
+from devcluster.node.host import node_cache_dir
+from devcluster.node.node import Node
 from devcluster.storage import MIB, StorageStack
 from devcluster.storemetrics import store_requests
 from sidecar.manifest import Manifest

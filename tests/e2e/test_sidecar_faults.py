@@ -32,12 +32,12 @@ from urllib.parse import urlparse
 import pytest
 
 from devcluster import Cluster, wait_for
-from devcluster.faults import FullDirectory, PathCut
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.juicefs import cached_blocks
-from devcluster.node import Node
+from devcluster.node.faults import FullDirectory, PathCut
+from devcluster.node.host import node_cache_dir
+from devcluster.node.node import Node
 from devcluster.nodeagent import LocalNodeAgent
-from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, PATH_TEMPLATE, StorageStack, write_random_model
 from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manifest, sha256_file
 from sidecar.publish import bento_dir

@@ -21,7 +21,7 @@ import pytest
 
 from devcluster import Cluster
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.node import Node
+from devcluster.node.node import Node
 from devcluster.s3 import S3Client
 from devcluster.services import RedisReplyError
 from devcluster.storage import MIB, StorageStack
