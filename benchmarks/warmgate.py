@@ -30,7 +30,7 @@ from devcluster.cluster import wait_for
 from devcluster.control.plane import ControlPlane
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.local import local_cluster
-from devcluster.storage import StorageStack
+from devcluster.storage.stack import StorageStack
 
 SCENARIO = "warm-start"
 NAMESPACE = "bench-warm-gate"

@@ -20,7 +20,7 @@ from __future__ import annotations
 from devcluster.control.plane import ControlPlane, Hook
 from devcluster.injector_pods import start_injector, stop_injector
 from devcluster.nodeagent import start_node_agent, stop_node_agent
-from devcluster.storage import StorageStack
+from devcluster.storage.stack import StorageStack
 
 
 def start_storage(cp: ControlPlane) -> None:

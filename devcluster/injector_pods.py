@@ -49,7 +49,7 @@ from devcluster.injector import (
     served_certificate,
 )
 from devcluster.node.host import node_cache_dir
-from devcluster.storage import StorageStack
+from devcluster.storage.stack import StorageStack
 
 CHART = REPO / "charts" / "bento-juicefs"
 GKE_OVERLAY = REPO / "manifests" / "overlays" / "gke"

@@ -18,7 +18,7 @@ from devcluster.injector_pods import PodInjector
 from devcluster.local import local_cluster
 from devcluster.node.node import Node
 from devcluster.nodeagent import AGENT_ADDON, LocalNodeAgent
-from devcluster.storage import StorageStack
+from devcluster.storage.stack import StorageStack
 from sidecar.manifest import Manifest
 
 E2E_DIR = Path(__file__).resolve().parent

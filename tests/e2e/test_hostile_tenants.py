@@ -26,7 +26,7 @@ from devcluster import Cluster
 from devcluster.node.host import node_cache_dir
 from devcluster.node.node import Node
 from devcluster.nodeagent import LocalNodeAgent
-from devcluster.storage import MIB, StorageStack
+from devcluster.storage.stack import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.e2e.pods import (
     GATE,

@@ -21,12 +21,12 @@ import pytest
 
 from common.warm import WARM_ANNOTATION, NodeWarmth, warm_label_key
 from devcluster import Cluster, wait_for
-from devcluster.juicefs import cached_blocks
 from devcluster.node.host import node_cache_dir
 from devcluster.node.node import Node
 from devcluster.nodeagent import LocalNodeAgent
-from devcluster.storage import MIB, StorageStack
-from devcluster.storemetrics import store_requests
+from devcluster.storage.juicefs import cached_blocks
+from devcluster.storage.minio_metrics import store_requests
+from devcluster.storage.stack import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.e2e.pods import GATE, bento_deployment, condition, diagnose, is_ready, wait_event
 from tests.e2e.test_pods_on_node import bento_labels, check_command

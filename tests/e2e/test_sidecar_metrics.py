@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devcluster import Cluster
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.node.node import Node
-from devcluster.storage import MIB, StorageStack
+from devcluster.storage.stack import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.e2e.pods import SIDECAR, diagnose, get_pod, is_ready, wait_pod
 

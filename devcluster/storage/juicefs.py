@@ -30,7 +30,7 @@ from pathlib import Path
 from common.mounts import UnmountError, is_mounted, unmount
 from common.ports import free_port
 from common.processes import spawn_group, stop_group
-from devcluster.services import ObjectStore, Redis, StorageError, storage_binaries
+from devcluster.storage.service import ObjectStore, Redis, StorageError, storage_binaries
 
 BLOCK_BYTES = 4 << 20  # JuiceFS's default block size
 CHUNK_BYTES = 64 << 20

@@ -21,7 +21,7 @@ credentials tenants get. Neither accepts anonymous writes.
 Fault tests: `store.stop(kill=True)` then `store.start()` brings MinIO back on
 the same port and data dir; `store.object_files(key)` names the files MinIO
 keeps for one object. `ObjectStore(..., netns=NAME, host=ADDR, port=PORT)`
-runs MinIO inside that network namespace (see `devcluster.storenet`);
+runs MinIO inside that network namespace (see `devcluster.storage.shaped_link`);
 its Prometheus metrics (`/minio/v2/metrics/cluster`) need no token.
 """
 
@@ -44,7 +44,7 @@ from common.processes import log_tail, spawn_group, stop_group
 from devcluster.binaries import ensure_binaries
 from devcluster.lifecycle import StartStop
 from devcluster.packages import PackagesError, ensure_packages
-from devcluster.s3 import S3Client, S3Error
+from devcluster.storage.s3 import S3Client, S3Error
 
 # The admin's (publisher's) keys: MinIO's root user. Fixed development values.
 ACCESS_KEY = "bento-juicefs"
