@@ -23,8 +23,9 @@ from types import FrameType
 from typing import Self
 
 from devcluster.node.netns import NodeNetwork
+from devcluster.storage.minio import ObjectStore
 from devcluster.storage.minio_metrics import StoreRequests, store_requests
-from devcluster.storage.service import LOOPBACK, ObjectStore
+from devcluster.storage.service import LOOPBACK
 from devcluster.storage.shaped_link import STORE_PORT, LinkProfile, Shaper, StoreNetwork
 from devcluster.storage.stack import StorageStack
 

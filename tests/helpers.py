@@ -13,7 +13,7 @@ import jsonpatch
 import pytest
 
 from common.processes import processes_named
-from devcluster.storage.service import RedisUnavailable, find_redis_server
+from devcluster.storage.redis import RedisUnavailable, find_redis_server
 from devcluster.storage.stack import StorageStack
 from injector.admission import ReviewResult, pod_review_request, review
 from injector.config import InjectorConfig, load_config

@@ -30,7 +30,9 @@ from pathlib import Path
 from common.mounts import UnmountError, is_mounted, unmount
 from common.ports import free_port
 from common.processes import spawn_group, stop_group
-from devcluster.storage.service import ObjectStore, Redis, StorageError, storage_binaries
+from devcluster.storage.minio import ObjectStore
+from devcluster.storage.redis import Redis
+from devcluster.storage.service import StorageError, storage_binaries
 
 BLOCK_BYTES = 4 << 20  # JuiceFS's default block size
 CHUNK_BYTES = 64 << 20

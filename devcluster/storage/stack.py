@@ -15,9 +15,10 @@ the credentials Secret holds, what `sidecar_settings` mounts with, and all a
 pod or the node agent ever gets. The volume is formatted without keys, so
 each client's own keys are the ones used.
 
-The pieces are in their own modules: `devcluster.storage.s3` (S3 client, raw GET
-benchmark), `devcluster.storage.service` (MinIO, Redis), `devcluster.storage.juicefs` (the
-volume, `juicefs info`, cache contents), `devcluster.storage.throttle` (a slow disk).
+The pieces are in their own modules of `devcluster.storage`: `s3` (S3
+client, raw GET benchmark), `minio` and `redis` (the services, on `service`),
+`juicefs` (the volume, `juicefs info`, cache contents), `throttle` (a slow
+disk).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from typing import Self
 
 from devcluster.lifecycle import StartStop
 from devcluster.storage.juicefs import JuiceFSVolume, keys_env
-from devcluster.storage.service import LOOPBACK, ObjectStore, Redis, storage_binaries
+from devcluster.storage.minio import ObjectStore
+from devcluster.storage.redis import Redis
+from devcluster.storage.service import LOOPBACK, storage_binaries
 from sidecar.env import Settings
 from sidecar.manifest import MODELS_DIR, Manifest
 from sidecar.publish import bento_dir, publish

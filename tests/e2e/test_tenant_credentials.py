@@ -22,8 +22,8 @@ import pytest
 from devcluster import Cluster
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.node.node import Node
+from devcluster.storage.redis import RedisReplyError
 from devcluster.storage.s3 import S3Client
-from devcluster.storage.service import RedisReplyError
 from devcluster.storage.stack import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.e2e.pods import GATE, SIDECAR, condition, diagnose, exec_in, is_ready, wait_pod

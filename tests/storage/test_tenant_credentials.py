@@ -26,8 +26,9 @@ from typing import Any
 
 import pytest
 
+from devcluster.storage.redis import READER_COMMANDS, RedisReplyError
 from devcluster.storage.s3 import S3Client
-from devcluster.storage.service import READER_COMMANDS, RedisReplyError, StorageError
+from devcluster.storage.service import StorageError
 from devcluster.storage.stack import MIB, PATH_TEMPLATE, Credentials, StorageStack
 from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
 from sidecar.mount import JuiceFSMount
