@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from common.warm import WARM_ANNOTATION, WARM_LABEL_PREFIX
+from devcluster.installs.node_agent import CONFIG_MAP, local_daemonset, shipped_daemonset
 from devcluster.node.host import kubelet_root_dir, node_cache_dir
-from devcluster.nodeagent import CONFIG_MAP, local_daemonset, shipped_daemonset
 from injector.config import InjectorConfig
 from nodeagent.cli import DEFAULT_KUBELET_ROOT
 

@@ -30,9 +30,9 @@ import yaml
 
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord
 from devcluster import Cluster, wait_for
-from devcluster.injector import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
+from devcluster.installs.injector_process import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
+from devcluster.installs.node_agent import LocalNodeAgent
 from devcluster.node.node import Node
-from devcluster.nodeagent import LocalNodeAgent
 from injector.certs import generate_ca
 
 REPO = Path(__file__).resolve().parents[2]

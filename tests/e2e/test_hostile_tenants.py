@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from devcluster import Cluster
+from devcluster.installs.node_agent import LocalNodeAgent
 from devcluster.node.host import node_cache_dir
 from devcluster.node.node import Node
-from devcluster.nodeagent import LocalNodeAgent
 from devcluster.storage.stack import MIB, StorageStack
 from sidecar.manifest import Manifest
 from tests.e2e.pods import (

@@ -21,9 +21,9 @@ import pytest
 
 from common.warm import WARM_ANNOTATION, NodeWarmth, warm_label_key
 from devcluster import Cluster, wait_for
+from devcluster.installs.node_agent import LocalNodeAgent
 from devcluster.node.host import node_cache_dir
 from devcluster.node.node import Node
-from devcluster.nodeagent import LocalNodeAgent
 from devcluster.storage.juicefs import cached_blocks
 from devcluster.storage.stack import MIB, StorageStack
 from sidecar.manifest import Manifest

@@ -33,10 +33,10 @@ import pytest
 
 from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
+from devcluster.installs.node_agent import LocalNodeAgent
 from devcluster.node.faults import FullDirectory, PathCut
 from devcluster.node.host import node_cache_dir
 from devcluster.node.node import Node
-from devcluster.nodeagent import LocalNodeAgent
 from devcluster.storage.juicefs import cached_blocks
 from devcluster.storage.stack import MIB, PATH_TEMPLATE, StorageStack, write_random_model
 from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manifest, sha256_file

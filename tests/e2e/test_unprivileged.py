@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from devcluster import Cluster, wait_for
+from devcluster.installs.node_agent import LocalNodeAgent
 from devcluster.node.host import node_cache_dir
 from devcluster.node.node import Node
-from devcluster.nodeagent import LocalNodeAgent
 from devcluster.storage.juicefs import cached_blocks
 from devcluster.storage.minio_metrics import store_requests
 from devcluster.storage.stack import MIB, StorageStack

@@ -15,7 +15,7 @@ what this machine needs, set the way a user sets it:
 - the image is never pulled (`imagePullPolicy: Never`): it was imported into
   the node's containerd, and there is no registry;
 - the node agent's DaemonSet is left out (the e2e suite decides when an agent
-  runs, devcluster/nodeagent.py); its ServiceAccount, RBAC and fence are
+  runs, devcluster/installs/node_agent.py); its ServiceAccount, RBAC and fence are
   installed, as the chart installs them.
 """
 
@@ -35,7 +35,7 @@ import yaml
 from devcluster.binaries import ensure_binaries
 from devcluster.cluster import wait_for
 from devcluster.control.plane import ControlPlane
-from devcluster.injector import (
+from devcluster.installs.injector_process import (
     BASE,
     CREDENTIALS_SECRET,
     NAMESPACE,
@@ -64,7 +64,7 @@ PORT = 9443
 SERVER_NAME = f"{SERVICE}.{NAMESPACE}.svc"
 INSTALL_METHODS = ("helm", "kustomize")
 # How devcluster installs the injector: helm (the default), kustomize, or
-# process (devcluster/injector.py: a local process, the webhook at a URL).
+# process (devcluster/installs/injector_process.py: a local process, the webhook at a URL).
 INSTALL_ENV = "BENTO_INJECTOR_INSTALL"
 
 

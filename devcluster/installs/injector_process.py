@@ -1,7 +1,7 @@
 """The injector on the local control plane as a local process (BENTO_INJECTOR_INSTALL=process).
 
 By default devcluster installs the injector as real pods with Helm or
-kustomize (devcluster/injector_pods.py). This module keeps the other way,
+kustomize (devcluster/installs/injector_pods.py). This module keeps the other way,
 for debugging the injector with a local process: the manifests from
 `manifests/base` are applied as users apply them, with two changes made by a
 generated kustomize overlay: the webhook's `clientConfig` points at
@@ -37,7 +37,7 @@ from devcluster.cluster import Cluster, wait_for
 from devcluster.control.plane import ControlPlane
 from devcluster.node.host import node_cache_dir
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "manifests" / "base"
 NAMESPACE = "bento-juicefs-system"
 SERVICE_ACCOUNT = "bento-juicefs-injector"
@@ -76,7 +76,7 @@ def local_overlay(directory: Path, url: str) -> Path:
                 ),
             },
             delete_patch("Deployment", "bento-juicefs-injector"),
-            # The tests decide when a node agent runs (devcluster/nodeagent.py).
+            # The tests decide when a node agent runs (devcluster/installs/node_agent.py).
             delete_patch("DaemonSet", "bento-juicefs-node-agent"),
         ],
     }

@@ -52,7 +52,7 @@ import yaml
 from common.ports import free_port
 from common.processes import log_tail, spawn_group, stop_group
 from devcluster.control.plane import ControlPlane
-from devcluster.injector import (
+from devcluster.installs.injector_process import (
     BASE,
     CREDENTIALS_SECRET,
     NAMESPACE,
@@ -348,7 +348,7 @@ class HaInjectors:
             replica.log_file,
             # As in the image (Dockerfile): every log line reaches the file at once.
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=Path(__file__).resolve().parents[2],
         )
 
     def wait_listed(self, replica: Replica, timeout: float = 60) -> None:

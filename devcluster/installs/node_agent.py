@@ -33,8 +33,8 @@ import yaml
 
 from devcluster.cluster import Cluster, wait_for
 from devcluster.control.plane import ControlPlane
-from devcluster.injector import BASE, NAMESPACE, InjectorInstall, LocalInjector
-from devcluster.injector_pods import PodInjector
+from devcluster.installs.injector_pods import PodInjector
+from devcluster.installs.injector_process import BASE, NAMESPACE, InjectorInstall, LocalInjector
 
 DAEMONSET = "bento-juicefs-node-agent"
 CONFIG_MAP = "bento-juicefs-node-agent-local-config"
