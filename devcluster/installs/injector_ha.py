@@ -52,7 +52,7 @@ import yaml
 from common.ports import free_port
 from common.processes import log_tail, spawn_group, stop_group
 from devcluster.control.plane import ControlPlane
-from devcluster.installs.injector_process import (
+from devcluster.installs.injector_install import (
     BASE,
     CREDENTIALS_SECRET,
     NAMESPACE,

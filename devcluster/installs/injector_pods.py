@@ -35,19 +35,19 @@ import yaml
 from devcluster.binaries import ensure_binaries
 from devcluster.cluster import wait_for
 from devcluster.control.plane import ControlPlane
-from devcluster.installs.injector_process import (
+from devcluster.installs.injector_install import (
     BASE,
     CREDENTIALS_SECRET,
     NAMESPACE,
     REPO,
     InjectorInstall,
-    LocalInjector,
     delete_patch,
     local_settings,
     merged,
     readyz_answers,
     served_certificate,
 )
+from devcluster.installs.injector_process import LocalInjector
 from devcluster.node.host import node_cache_dir
 from devcluster.storage.stack import StorageStack
 

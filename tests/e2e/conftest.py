@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from devcluster import Cluster, ControlPlane, ensure_binaries
+from devcluster.installs.injector_install import InjectorInstall
 from devcluster.installs.injector_pods import PodInjector
-from devcluster.installs.injector_process import InjectorInstall, LocalInjector
+from devcluster.installs.injector_process import LocalInjector
 from devcluster.installs.node_agent import AGENT_ADDON, LocalNodeAgent
 from devcluster.local import local_cluster
 from devcluster.node.node import Node

@@ -15,7 +15,7 @@ from typing import Any
 
 from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.installs.injector_process import NAMESPACE as AGENT_NAMESPACE
+from devcluster.installs.injector_install import NAMESPACE as AGENT_NAMESPACE
 from devcluster.installs.node_agent import SELECTOR as AGENT_SELECTOR
 
 GATE = "juicefs.bentoml.com/models-ready"

@@ -22,7 +22,7 @@ import yaml
 from cryptography import x509
 
 from devcluster import Cluster, wait_for
-from devcluster.installs.injector_process import InjectorInstall
+from devcluster.installs.injector_install import InjectorInstall
 from tests.e2e.webhooks import TestWebhook, running_test_webhook
 from tests.helpers import GOLDEN_DIR
 

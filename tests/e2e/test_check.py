@@ -30,7 +30,7 @@ import yaml
 
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord
 from devcluster import Cluster, wait_for
-from devcluster.installs.injector_process import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
+from devcluster.installs.injector_install import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
 from devcluster.installs.node_agent import LocalNodeAgent
 from devcluster.node.node import Node
 from injector.certs import generate_ca

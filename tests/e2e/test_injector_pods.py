@@ -22,6 +22,7 @@ from devcluster import Cluster, ControlPlane
 from devcluster.binaries import ensure_binaries
 from devcluster.images import PROJECT_IMAGE
 from devcluster.installs.injector_ha import Api
+from devcluster.installs.injector_install import NAMESPACE, InjectorInstall
 from devcluster.installs.injector_pods import (
     DEPLOYMENT,
     PORT,
@@ -30,7 +31,6 @@ from devcluster.installs.injector_pods import (
     SERVICE,
     PodInjector,
 )
-from devcluster.installs.injector_process import NAMESPACE, InjectorInstall
 from devcluster.node.node import Node
 from tests.e2e.podload import PodLoad
 

@@ -25,7 +25,7 @@ import pytest
 
 from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.installs.injector_process import InjectorInstall
+from devcluster.installs.injector_install import InjectorInstall
 from devcluster.node.host import node_cache_dir
 from devcluster.node.node import Node
 from devcluster.storage.juicefs import cached_blocks
