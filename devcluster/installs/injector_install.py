@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "manifests" / "base"
 NAMESPACE = "bento-juicefs-system"
 SERVICE_ACCOUNT = "bento-juicefs-injector"
+SERVICE = "bento-juicefs-injector"  # the webhook's Service in manifests/base
 CREDENTIALS_SECRET = "juicefs-models-credentials"
 
 

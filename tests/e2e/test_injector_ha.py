@@ -28,8 +28,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from devcluster import ControlPlane, wait_for
-from devcluster.installs.injector_ha import CA_SECRET, HaInjectors, Replica
+from devcluster.installs.injector_ha import CA_SECRET, HaInjectors
 from devcluster.installs.injector_install import NAMESPACE
+from devcluster.installs.injector_replica import Replica
 from devcluster.node.netns import NodeNetwork
 from injector.certs import issue_serving_cert, service_hosts, split_certificates, write_atomic
 from tests.e2e.podload import PodLoad

@@ -20,8 +20,8 @@ import pytest
 
 from devcluster import Cluster, ControlPlane
 from devcluster.binaries import ensure_binaries
+from devcluster.control.api import Api
 from devcluster.images import PROJECT_IMAGE
-from devcluster.installs.injector_ha import Api
 from devcluster.installs.injector_install import NAMESPACE, InjectorInstall
 from devcluster.installs.injector_pods import (
     DEPLOYMENT,
