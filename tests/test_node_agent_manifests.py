@@ -4,7 +4,7 @@ manifests/base cannot read the injector's config or common/warm.py, so the
 names are spelled out there; these tests keep them in step. The e2e suite
 runs the RBAC and the fence on a real apiserver
 (tests/e2e/test_node_agent_fence.py). The local cluster's DaemonSet
-(devcluster.nodeagent.local_daemonset) is the shipped one with this
+(devcluster.installs.node_agent.local_daemonset) is the shipped one with this
 machine's paths.
 """
 

@@ -7,7 +7,7 @@
 
 This class is the publisher's side: `meta_url` and `keys_env` are the
 admin's. Tenants get `reader_meta_url` and a read-only MinIO user (see
-`devcluster.storage.StorageStack.tenant`), and mount with `--read-only`.
+`devcluster.storage.stack.StorageStack.tenant`), and mount with `--read-only`.
 
 Object keys (JuiceFS 1.x, as `juicefs info` prints them and MinIO stores
 them): `NAME/chunks/<id // 1_000_000>/<id // 1000>/<slice id>_<block index>_<block size>`.
