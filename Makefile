@@ -60,7 +60,7 @@ e2e: $(STAMP) binaries images
 
 # The whole suite with the injector installed by Helm as real pods (the
 # default), then the install tests and admission tests again with it installed
-# by `kubectl apply -k` over manifests/overlays/gke (devcluster/injector_pods.py).
+# by `kubectl apply -k` over manifests/overlays/gke (devcluster/installs/injector_pods.py).
 KUSTOMIZE_E2E := tests/e2e/test_injector_pods.py tests/e2e/test_admission.py
 
 test: lint typecheck binaries images

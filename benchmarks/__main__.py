@@ -24,7 +24,7 @@ from benchmarks import load as load_scenario
 from benchmarks.record import DEFAULT_OUT, load, say, write_record
 from benchmarks.store import interrupts_as_exit
 from common.logs import configure_logging
-from devcluster.storenet import LinkProfile
+from devcluster.storage.shaped_link import LinkProfile
 
 Runner = Callable[[argparse.Namespace], dict[str, Any]]
 Table = Callable[[dict[str, Any]], list[tuple[str, str, str]]]

@@ -40,14 +40,14 @@ import yaml
 
 from benchmarks.record import MIB, REPO, new_record, say
 from benchmarks.store import ShapedStorage
-from devcluster.controlplane import ControlPlane
+from devcluster.control.plane import ControlPlane
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.injector_pods import start_injector, stop_injector
+from devcluster.installs.injector_pods import start_injector, stop_injector
+from devcluster.installs.node_agent import start_node_agent, stop_node_agent
 from devcluster.local import local_cluster
-from devcluster.nodeagent import start_node_agent, stop_node_agent
-from devcluster.s3 import read_objects
-from devcluster.storage import PATH_TEMPLATE, write_random_model
-from devcluster.storenet import LinkProfile
+from devcluster.storage.s3 import read_objects
+from devcluster.storage.shaped_link import LinkProfile
+from devcluster.storage.stack import PATH_TEMPLATE, write_random_model
 from modelstore.manifest import Manifest
 from modelstore.publish import publish
 

@@ -6,10 +6,10 @@
         ...
         used = storage.counters() - before          # GETs and bytes MinIO served
 
-MinIO runs in its own network namespace (`devcluster.storenet`); Redis, the
+MinIO runs in its own network namespace (`devcluster.storage.shaped_link`); Redis, the
 JuiceFS metadata engine, listens on the host as usual (loopback, or the
 node's host address for a node's pods). The counters are MinIO's own
-(`devcluster.storemetrics`: its v3 request metrics).
+(`devcluster.storage.minio_metrics`: its v3 request metrics).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Self
 
-from devcluster.netns import NodeNetwork
-from devcluster.services import LOOPBACK, ObjectStore
-from devcluster.storage import StorageStack
-from devcluster.storemetrics import StoreRequests, store_requests
-from devcluster.storenet import STORE_PORT, LinkProfile, Shaper, StoreNetwork
+from devcluster.node.netns import NodeNetwork
+from devcluster.storage.minio import ObjectStore
+from devcluster.storage.minio_metrics import StoreRequests, store_requests
+from devcluster.storage.service import LOOPBACK
+from devcluster.storage.shaped_link import STORE_PORT, LinkProfile, Shaper, StoreNetwork
+from devcluster.storage.stack import StorageStack
 
 
 @contextmanager

@@ -34,11 +34,11 @@ from typing import Any
 
 from benchmarks.record import MIB, median, new_record, say
 from benchmarks.store import ShapedStorage
-from devcluster.juicefs import wait_cached
-from devcluster.s3 import read_objects
-from devcluster.storage import write_random_model
-from devcluster.storemetrics import StoreRequests
-from devcluster.storenet import LinkProfile
+from devcluster.storage.juicefs import wait_cached
+from devcluster.storage.minio_metrics import StoreRequests
+from devcluster.storage.s3 import read_objects
+from devcluster.storage.shaped_link import LinkProfile
+from devcluster.storage.stack import write_random_model
 from modelstore.manifest import Manifest, read_manifest
 from modelstore.mount import JuiceFSMount
 from modelstore.publish import publish

@@ -27,10 +27,10 @@ from typing import Any
 
 from benchmarks.record import MIB, new_record, say
 from devcluster.cluster import wait_for
-from devcluster.controlplane import ControlPlane
+from devcluster.control.plane import ControlPlane
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.local import local_cluster
-from devcluster.storage import StorageStack
+from devcluster.storage.stack import StorageStack
 
 SCENARIO = "warm-start"
 NAMESPACE = "bench-warm-gate"

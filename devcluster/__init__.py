@@ -9,7 +9,7 @@ CLI: `python -m devcluster up|down|status [--state-dir DIR]`.
 
 from devcluster.binaries import BinariesError, ensure_binaries
 from devcluster.cluster import Cluster, wait_for
-from devcluster.controlplane import ComponentError, ControlPlane, Hook, Ports
+from devcluster.control.plane import ComponentError, ControlPlane, Hook, Ports
 
 __all__ = [
     "BinariesError",

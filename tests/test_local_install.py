@@ -1,4 +1,4 @@
-"""The local cluster's two installs of the injector (devcluster/injector_pods.py) are one.
+"""The local cluster's two installs of the injector (devcluster/installs/injector_pods.py) are one.
 
 `make test` runs the e2e suite against the chart installed with the local
 values file, and a part of it against the gke overlay with the local
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from devcluster.injector_pods import (
+from devcluster.installs.injector_pods import (
     CHART,
     DEPLOYMENT,
     helm_values,

@@ -4,7 +4,7 @@ manifests/base cannot read the injector's config or common/warm.py, so the
 names are spelled out there; these tests keep them in step. The e2e suite
 runs the RBAC and the fence on a real apiserver
 (tests/e2e/test_node_agent_fence.py). The local cluster's DaemonSet
-(devcluster.nodeagent.local_daemonset) is the shipped one with this
+(devcluster.installs.node_agent.local_daemonset) is the shipped one with this
 machine's paths.
 """
 
@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from common.warm import WARM_ANNOTATION, WARM_LABEL_PREFIX
-from devcluster.nodeagent import CONFIG_MAP, local_daemonset, shipped_daemonset
-from devcluster.nodehost import kubelet_root_dir, node_cache_dir
+from devcluster.installs.node_agent import CONFIG_MAP, local_daemonset, shipped_daemonset
+from devcluster.node.host import kubelet_root_dir, node_cache_dir
 from injector.config import InjectorConfig
 from nodeagent.cli import DEFAULT_KUBELET_ROOT
 
@@ -296,7 +296,7 @@ def test_the_models_ready_fence_leaves_tenants_no_say_over_the_condition() -> No
 def test_the_local_daemonset_names_the_local_nodes_paths(tmp_path: Path) -> None:
     node = tmp_path / "cluster.0" / "node"
     cache, kubelet = str(node_cache_dir(node)), str(kubelet_root_dir(node))
-    assert kubelet == f"{node}/kubelet"  # what devcluster.node gives the kubelet as --root-dir
+    assert kubelet == f"{node}/kubelet"  # what devcluster.node.node gives the kubelet as --root-dir
     shipped = shipped_daemonset()
     before = yaml.safe_dump(shipped)
     local = local_daemonset(shipped, cache, kubelet, ["--resync-seconds", "2"])

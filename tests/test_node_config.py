@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from devcluster.containerd import ContainerdPaths, cni_config, containerd_config
-from devcluster.mountns import MachineShape
-from devcluster.netns import NodeNetwork
-from devcluster.nodeconfig import (
+from devcluster.control.pki import KeyPair
+from devcluster.node.config import (
     UNIX_SOCKET_PATH_MAX,
     kube_proxy_config,
     kubelet_config,
     kubelet_root_problem,
 )
-from devcluster.pki import KeyPair
+from devcluster.node.containerd import ContainerdPaths, cni_config, containerd_config
+from devcluster.node.mountns import MachineShape
+from devcluster.node.netns import NodeNetwork
 
 
 def test_containerd_clamps_oom_score_and_keeps_netns_and_opt_in_its_dirs(tmp_path: Path) -> None:

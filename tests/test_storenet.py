@@ -14,7 +14,7 @@ import pytest
 
 from common.ports import free_port, port_answers
 from common.processes import spawn_group, stop_group
-from devcluster.storenet import LinkProfile, StoreNetwork
+from devcluster.storage.shaped_link import LinkProfile, StoreNetwork
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
@@ -42,7 +42,7 @@ def relayed(tmp_path: Path) -> Iterator[int]:
         [
             sys.executable,
             "-m",
-            "devcluster.latency",
+            "devcluster.storage.latency",
             "--listen",
             f"127.0.0.1:{port}",
             "--to",

@@ -18,12 +18,12 @@ from injector.mutation.affinity import add_ssd_affinity
 from injector.mutation.conflicts import find_conflicts
 from injector.mutation.context import MutationContext
 from injector.mutation.gate import add_readiness_gate
+from injector.mutation.image_streaming import add_image_streaming
 from injector.mutation.mounts import add_model_mounts
 from injector.mutation.sidecar import add_sidecar
 from injector.mutation.status import add_status
-from injector.mutation.streaming import add_image_streaming
 from injector.mutation.volumes import add_volumes
-from injector.mutation.warm import add_warm_node_affinity
+from injector.mutation.warm_node_affinity import add_warm_node_affinity
 from injector.patch import PatchBuilder, PatchOp
 from injector.plan import InjectionPlan
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from injector.mutation.context import MutationContext
-from injector.mutation.metrics import container_declaring
+from injector.mutation.metrics_port import container_declaring
 
 
 def add_advisories(ctx: MutationContext) -> None:

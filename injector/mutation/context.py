@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import Any, Literal
 
 from injector.config import InjectorConfig
-from injector.mutation.metrics import pod_metrics_port
+from injector.mutation.metrics_port import pod_metrics_port
 from injector.mutation.owned import Owned, owned_names
 from injector.patch import PatchBuilder
 from injector.plan import InjectionPlan

@@ -12,7 +12,7 @@ from typing import Any
 
 from common import env
 from injector.mutation.context import MutationContext
-from injector.mutation.metrics import METRICS_PORT_NAME
+from injector.mutation.metrics_port import METRICS_PORT_NAME
 from injector.quantity import parse_quantity
 
 MIB = 2**20

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from devcluster import Cluster, ControlPlane, ensure_binaries
-from devcluster.injector import InjectorInstall, LocalInjector
-from devcluster.injector_pods import PodInjector
+from devcluster.installs.injector_install import InjectorInstall
+from devcluster.installs.injector_pods import PodInjector
+from devcluster.installs.injector_process import LocalInjector
+from devcluster.installs.node_agent import AGENT_ADDON, LocalNodeAgent
 from devcluster.local import local_cluster
-from devcluster.node import Node
-from devcluster.nodeagent import AGENT_ADDON, LocalNodeAgent
-from devcluster.storage import StorageStack
+from devcluster.node.node import Node
+from devcluster.storage.stack import StorageStack
 from modelstore.manifest import Manifest
 
 E2E_DIR = Path(__file__).resolve().parent
@@ -88,7 +89,7 @@ def example_model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def injector(cluster: Cluster) -> InjectorInstall:
     """The local cluster's injector: pods from Helm or kustomize, or a local process
-    ($BENTO_INJECTOR_INSTALL, devcluster/injector_pods.py); tests stop, start and
+    ($BENTO_INJECTOR_INSTALL, devcluster/installs/injector_pods.py); tests stop, start and
     reconfigure it through this."""
     found = cluster.addons.get("injector") if isinstance(cluster, ControlPlane) else None
     if not isinstance(found, LocalInjector | PodInjector):
@@ -104,7 +105,7 @@ def local_only() -> None:
 
 @pytest.fixture(scope="session")
 def node_agent(cluster: Cluster, node: Node) -> LocalNodeAgent:
-    """The node agent the local cluster runs (devcluster.nodeagent, without prewarm):
+    """The node agent the local cluster runs (devcluster.installs.node_agent, without prewarm):
     it mounts for every injected sidecar. Tests that install it otherwise restore it."""
     found = cluster.addons.get(AGENT_ADDON) if isinstance(cluster, ControlPlane) else None
     if not isinstance(found, LocalNodeAgent):

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from devcluster import wait_for
-from devcluster.injector_ha import Api
+from devcluster.control.api import Api
 
 
 @dataclass

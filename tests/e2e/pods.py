@@ -21,8 +21,8 @@ from typing import Any
 
 from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.injector import NAMESPACE as AGENT_NAMESPACE
-from devcluster.nodeagent import SELECTOR as AGENT_SELECTOR
+from devcluster.installs.injector_install import NAMESPACE as AGENT_NAMESPACE
+from devcluster.installs.node_agent import SELECTOR as AGENT_SELECTOR
 from modelstore.manifest import Manifest
 
 GATE = "juicefs.bentoml.com/models-ready"

@@ -2,8 +2,8 @@
 
 The chart (or the gke overlay) installed as users install it: the injector's
 two replicas run as pods on the real node and patched the caBundle
-themselves (devcluster/injector_pods.py; BENTO_INJECTOR_INSTALL=process runs
-it as a local process instead, devcluster/injector.py).
+themselves (devcluster/installs/injector_pods.py; BENTO_INJECTOR_INSTALL=process runs
+it as a local process instead, devcluster/installs/injector_process.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 from cryptography import x509
 
 from devcluster import Cluster, wait_for
-from devcluster.injector import InjectorInstall
+from devcluster.installs.injector_install import InjectorInstall
 from tests.e2e.pods import bento_labels, get_pod, kubectl_create
 from tests.e2e.webhooks import TestWebhook, running_test_webhook
 from tests.helpers import GOLDEN_DIR

@@ -24,7 +24,7 @@ import pytest
 
 from common.processes import processes_named
 from devcluster import Cluster, wait_for
-from devcluster.node import Node
+from devcluster.node.node import Node
 from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,

@@ -30,9 +30,9 @@ import yaml
 
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord
 from devcluster import Cluster, wait_for
-from devcluster.injector import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
-from devcluster.node import Node
-from devcluster.nodeagent import LocalNodeAgent
+from devcluster.installs.injector_install import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
+from devcluster.installs.node_agent import LocalNodeAgent
+from devcluster.node.node import Node
 from injector.pki.authority import generate_ca
 from tests.e2e.pods import opted_in_namespace
 

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 
 from devcluster import Cluster
-from devcluster.node import Node
-from devcluster.nodeagent import LocalNodeAgent
-from devcluster.nodehost import node_cache_dir
-from devcluster.storage import MIB, StorageStack
+from devcluster.installs.node_agent import LocalNodeAgent
+from devcluster.node.host import node_cache_dir
+from devcluster.node.node import Node
+from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,

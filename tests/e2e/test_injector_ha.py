@@ -4,7 +4,7 @@ A control plane of its own (no node: these pods are only created, never
 run), with a NodeNetwork so the apiserver listens on an address an
 EndpointSlice may list; manifests/base applied as users apply it, the
 webhook calling the Service; two `python -m injector serve` processes, each
-in an EndpointSlice of its own (devcluster/injector_ha.py: a readiness
+in an EndpointSlice of its own (devcluster/installs/injector_ha.py: a readiness
 prober in the kubelet's place). Pods are created through the apiserver the
 whole time a replica is stopped, killed or its certificates are changed
 under it, and every creation's answer is kept: a creation fails if the
@@ -28,9 +28,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from devcluster import ControlPlane, wait_for
-from devcluster.injector import NAMESPACE
-from devcluster.injector_ha import CA_SECRET, HaInjectors, Replica
-from devcluster.netns import NodeNetwork
+from devcluster.installs.injector_ha import CA_SECRET, HaInjectors
+from devcluster.installs.injector_install import NAMESPACE
+from devcluster.installs.injector_replica import Replica
+from devcluster.node.netns import NodeNetwork
 from injector.pki.authority import issue_serving_cert, service_hosts, split_certificates
 from injector.pki.cert_files import write_atomic
 from tests.e2e.podload import PodLoad

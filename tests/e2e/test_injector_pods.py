@@ -1,6 +1,6 @@
 """The injector as real pods: the chart (or the gke overlay) installed on the local node.
 
-devcluster installs the injector the way users do (devcluster/injector_pods.py:
+devcluster installs the injector the way users do (devcluster/installs/injector_pods.py:
 `helm upgrade --install` by default, `kubectl apply -k` over
 manifests/overlays/gke with BENTO_INJECTOR_INSTALL=kustomize): the
 Deployment's two replicas run on the real node from the locally built image,
@@ -19,10 +19,10 @@ import pytest
 
 from devcluster import Cluster, ControlPlane
 from devcluster.binaries import ensure_binaries
+from devcluster.control.api import Api
 from devcluster.images import PROJECT_IMAGE
-from devcluster.injector import NAMESPACE, InjectorInstall
-from devcluster.injector_ha import Api
-from devcluster.injector_pods import (
+from devcluster.installs.injector_install import NAMESPACE, InjectorInstall
+from devcluster.installs.injector_pods import (
     DEPLOYMENT,
     PORT,
     RELEASE,
@@ -30,7 +30,7 @@ from devcluster.injector_pods import (
     SERVICE,
     PodInjector,
 )
-from devcluster.node import Node
+from devcluster.node.node import Node
 from tests.e2e.podload import PodLoad
 from tests.e2e.pods import opted_in_namespace
 

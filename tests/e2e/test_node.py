@@ -13,10 +13,10 @@ from pathlib import Path
 from common.mounts import mounts
 from devcluster import Cluster
 from devcluster.images import PAUSE_IMAGE, PROJECT_IMAGE, SAMPLE_BENTO_IMAGE, containerd_images
-from devcluster.mountns import KUBELET_SYSCTLS
-from devcluster.netns import NETNS_DIR, NodeNetwork
-from devcluster.node import GKE_SSD, Node
-from devcluster.nodehost import PRIVATE_HOST_DIRS, socket_dir
+from devcluster.node.host import PRIVATE_HOST_DIRS, socket_dir
+from devcluster.node.mountns import KUBELET_SYSCTLS
+from devcluster.node.netns import NETNS_DIR, NodeNetwork
+from devcluster.node.node import GKE_SSD, Node
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,7 @@
 """The node agent as a DaemonSet pod on the real node: warm before the pods arrive.
 
 A Bento Deployment is created with 0 replicas in an opted-in namespace. The
-agent (the shipped DaemonSet, devcluster.nodeagent) sees it, streams its
+agent (the shipped DaemonSet, devcluster.installs.node_agent) sees it, streams its
 model into the node cache, verifies it against the manifest, and records it
 on the Node: a warm label the injector's preferred affinity names, the
 warm-models annotation, and Events that `kubectl describe node` lists. Then
@@ -20,12 +20,12 @@ import pytest
 
 from common.warm import WARM_ANNOTATION, NodeWarmth, warm_label_key
 from devcluster import Cluster, wait_for
-from devcluster.juicefs import cached_blocks
-from devcluster.node import Node
-from devcluster.nodeagent import LocalNodeAgent
-from devcluster.nodehost import node_cache_dir
-from devcluster.storage import MIB, StorageStack
-from devcluster.storemetrics import store_requests
+from devcluster.installs.node_agent import LocalNodeAgent
+from devcluster.node.host import node_cache_dir
+from devcluster.node.node import Node
+from devcluster.storage.juicefs import cached_blocks
+from devcluster.storage.minio_metrics import store_requests
+from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,

@@ -19,11 +19,11 @@ import pytest
 
 from common.warm import WARM_ANNOTATION, NodeWarmth, warm_label_key
 from devcluster import Cluster, wait_for
-from devcluster.juicefs import cached_blocks
-from devcluster.node import Node
-from devcluster.nodeagent import LocalNodeAgent
-from devcluster.nodehost import node_cache_dir
-from devcluster.storage import MIB, StorageStack
+from devcluster.installs.node_agent import LocalNodeAgent
+from devcluster.node.host import node_cache_dir
+from devcluster.node.node import Node
+from devcluster.storage.juicefs import cached_blocks
+from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
 from tests.e2e.pods import bento_labels, checking_deployment, opted_in_namespace
 

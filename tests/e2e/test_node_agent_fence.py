@@ -2,7 +2,7 @@
 
 The ClusterRole and the bento-juicefs-node-agent-fence and
 bento-juicefs-node-agent-pods-fence ValidatingAdmissionPolicies are the ones
-in manifests/base, applied by the injector's install (devcluster/injector.py;
+in manifests/base, applied by the injector's install (devcluster/installs/injector_process.py;
 the DaemonSet itself is left out there, the local cluster runs its own copy).
 The tenants' side, bento-juicefs-models-ready-fence, is type-checked here and
 exercised in tests/e2e/test_rbac.py. The agent's writes are made from the
@@ -360,7 +360,7 @@ class TokenKubectl:
 
 def test_the_node_agent_manifests_pass_the_apiserver(cluster: Cluster, fence: None) -> None:
     """The shipped DaemonSet and its pod, as a dry run on the server (the local cluster runs
-    its own copy, with the local node's paths: devcluster/nodeagent.py).
+    its own copy, with the local node's paths: devcluster/installs/node_agent.py).
 
     Schema, defaults and the namespace's Pod Security level: a privileged pod
     with a hostPath, admitted in bento-juicefs-system.

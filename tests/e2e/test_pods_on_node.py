@@ -21,9 +21,9 @@ import pytest
 
 from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.juicefs import cached_blocks
-from devcluster.node import Node
-from devcluster.storage import MIB, StorageStack
+from devcluster.node.node import Node
+from devcluster.storage.juicefs import cached_blocks
+from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,

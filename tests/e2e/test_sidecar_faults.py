@@ -31,13 +31,13 @@ from urllib.parse import urlparse
 import pytest
 
 from devcluster import Cluster, wait_for
-from devcluster.faults import FullDirectory, PathCut
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.juicefs import cached_blocks
-from devcluster.node import Node
-from devcluster.nodeagent import LocalNodeAgent
-from devcluster.nodehost import node_cache_dir
-from devcluster.storage import MIB, PATH_TEMPLATE, StorageStack, write_random_model
+from devcluster.installs.node_agent import LocalNodeAgent
+from devcluster.node.faults import FullDirectory, PathCut
+from devcluster.node.host import node_cache_dir
+from devcluster.node.node import Node
+from devcluster.storage.juicefs import cached_blocks
+from devcluster.storage.stack import MIB, PATH_TEMPLATE, StorageStack, write_random_model
 from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manifest, sha256_file
 from modelstore.publish import bento_dir
 from tests.e2e.pods import (

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster import Cluster
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.node import Node
-from devcluster.storage import MIB, StorageStack
+from devcluster.node.node import Node
+from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     SIDECAR,

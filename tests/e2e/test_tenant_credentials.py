@@ -20,10 +20,10 @@ import pytest
 
 from devcluster import Cluster
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.node import Node
-from devcluster.s3 import S3Client
-from devcluster.services import RedisReplyError
-from devcluster.storage import MIB, StorageStack
+from devcluster.node.node import Node
+from devcluster.storage.redis import RedisReplyError
+from devcluster.storage.s3 import S3Client
+from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,

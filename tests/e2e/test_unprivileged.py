@@ -19,12 +19,12 @@ import pytest
 import yaml
 
 from devcluster import Cluster, wait_for
-from devcluster.juicefs import cached_blocks
-from devcluster.node import Node
-from devcluster.nodeagent import LocalNodeAgent
-from devcluster.nodehost import node_cache_dir
-from devcluster.storage import MIB, StorageStack
-from devcluster.storemetrics import store_requests
+from devcluster.installs.node_agent import LocalNodeAgent
+from devcluster.node.host import node_cache_dir
+from devcluster.node.node import Node
+from devcluster.storage.juicefs import cached_blocks
+from devcluster.storage.minio_metrics import store_requests
+from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.storage import MIB, StorageStack
+from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
 from tests.helpers import storage_stack
 

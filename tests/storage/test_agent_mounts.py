@@ -27,7 +27,7 @@ import pytest
 from common import env as contract
 from common.mounts import is_mounted, unmount
 from common.warm import BentoRef
-from devcluster.storage import StorageStack
+from devcluster.storage.stack import StorageStack
 from injector.config import parse_config
 from modelstore.manifest import Manifest, sha256_file
 from nodeagent import fuse

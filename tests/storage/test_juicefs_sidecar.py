@@ -22,10 +22,10 @@ from typing import Any, cast
 
 import pytest
 
-from devcluster.juicefs import cached_blocks, wait_cached
-from devcluster.s3 import S3Error, read_objects
-from devcluster.storage import MIB, StorageStack
-from devcluster.throttle import ThrottledDirectory, ThrottleUnavailable
+from devcluster.storage.juicefs import cached_blocks, wait_cached
+from devcluster.storage.s3 import S3Error, read_objects
+from devcluster.storage.stack import MIB, StorageStack
+from devcluster.storage.throttle import ThrottledDirectory, ThrottleUnavailable
 from modelstore.manifest import Manifest, read_manifest, sha256_file
 from modelstore.mount import JuiceFSMount
 from modelstore.streamer import Progress, Streamer, VerificationError, stream_model

@@ -18,8 +18,8 @@ import pytest
 
 from common.mounts import is_mounted
 from common.processes import alive, children
-from devcluster.juicefs import JuiceFSVolume
-from devcluster.storage import MIB, PATH_TEMPLATE, StorageStack, write_random_model
+from devcluster.storage.juicefs import JuiceFSVolume
+from devcluster.storage.stack import MIB, PATH_TEMPLATE, StorageStack, write_random_model
 from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
 from modelstore.mount import JuiceFSMount, MountError
 from modelstore.publish import publish

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, is_warm_label
-from devcluster.juicefs import cached_blocks
-from devcluster.storage import MIB, StorageStack
-from devcluster.storemetrics import store_requests
+from devcluster.storage.juicefs import cached_blocks
+from devcluster.storage.minio_metrics import store_requests
+from devcluster.storage.stack import MIB, StorageStack
 from injector.config import InjectorConfig
 from modelstore.manifest import Manifest
 from nodeagent.agent import AgentOptions, NodeAgent

@@ -22,9 +22,9 @@ from typing import cast
 
 import pytest
 
-from devcluster.juicefs import cached_blocks, wait_cached
-from devcluster.storage import MIB, StorageStack
-from devcluster.storemetrics import store_requests
+from devcluster.storage.juicefs import cached_blocks, wait_cached
+from devcluster.storage.minio_metrics import store_requests
+from devcluster.storage.stack import MIB, StorageStack
 from injector.config import InjectorConfig
 from modelstore.manifest import Manifest
 from modelstore.mount import JuiceFSMount

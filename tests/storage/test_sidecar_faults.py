@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from devcluster.juicefs import cached_blocks
-from devcluster.storage import MIB, StorageStack
-from devcluster.throttle import ThrottledDirectory, ThrottleUnavailable
+from devcluster.storage.juicefs import cached_blocks
+from devcluster.storage.stack import MIB, StorageStack
+from devcluster.storage.throttle import ThrottledDirectory, ThrottleUnavailable
 from modelstore.manifest import Manifest, read_manifest
 from modelstore.mount import JuiceFSMount
 from modelstore.streamer import Progress, stream_model

@@ -26,9 +26,10 @@ from typing import Any
 
 import pytest
 
-from devcluster.s3 import S3Client
-from devcluster.services import READER_COMMANDS, RedisReplyError, StorageError
-from devcluster.storage import MIB, PATH_TEMPLATE, Credentials, StorageStack
+from devcluster.storage.redis import READER_COMMANDS, RedisReplyError
+from devcluster.storage.s3 import S3Client
+from devcluster.storage.service import StorageError
+from devcluster.storage.stack import MIB, PATH_TEMPLATE, Credentials, StorageStack
 from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
 from modelstore.mount import JuiceFSMount
 from modelstore.streamer import stream_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from devcluster.pki import KeyPair
+from devcluster.control.pki import KeyPair
 
 
 def kubelet_config(

@@ -6,11 +6,12 @@ connection) is held for `delay` before it goes to the server; response bytes
 flow straight back, spliced through a pipe (no copy into Python), so the
 relay costs little CPU at hundreds of MB/s. Every request's time to first
 byte grows by the delay, as with S3's per-request latency, while the link
-rate stays whatever shapes it (`devcluster.storenet`).
+rate stays whatever shapes it (`devcluster.storage.shaped_link`).
 
-    python -m devcluster.latency --listen 172.31.214.10:9002 --to 172.31.214.10:9000 --delay-ms 30
+    python -m devcluster.storage.latency --listen 172.31.214.10:9002 \
+        --to 172.31.214.10:9000 --delay-ms 30
 
-Run it inside the store's namespace; `storenet.StoreNetwork.delay_through`
+Run it inside the store's namespace; `shaped_link.StoreNetwork.delay_through`
 redirects new connections to the store's port here.
 """
 

@@ -15,9 +15,9 @@ the credentials Secret holds, what `sidecar_settings` mounts with, and all a
 pod or the node agent ever gets. The volume is formatted without keys, so
 each client's own keys are the ones used.
 
-The pieces are in their own modules: `devcluster.s3` (S3 client, raw GET
-benchmark), `devcluster.services` (MinIO, Redis), `devcluster.juicefs` (the
-volume, `juicefs info`, cache contents), `devcluster.throttle` (a slow disk).
+The pieces are in their own modules: `devcluster.storage.s3` (S3 client, raw GET
+benchmark), `devcluster.storage.service` (MinIO, Redis), `devcluster.storage.juicefs` (the
+volume, `juicefs info`, cache contents), `devcluster.storage.throttle` (a slow disk).
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from devcluster.juicefs import JuiceFSVolume, keys_env
 from devcluster.lifecycle import StartStop
-from devcluster.services import LOOPBACK, ObjectStore, Redis, storage_binaries
+from devcluster.storage.juicefs import JuiceFSVolume, keys_env
+from devcluster.storage.minio import ObjectStore
+from devcluster.storage.redis import Redis
+from devcluster.storage.service import LOOPBACK, storage_binaries
 from modelstore.manifest import MODELS_DIR, Manifest
 from modelstore.publish import bento_dir, publish
 from sidecar.env import Settings

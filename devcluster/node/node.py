@@ -1,7 +1,7 @@
 """A real node: containerd, the kubelet and kube-proxy in a namespace of their own.
 
-The node lives in its own network namespace (`devcluster.netns`) and mount
-namespace (`devcluster.mountns`), as a kind node lives in its container.
+The node lives in its own network namespace (`devcluster.node.netns`) and mount
+namespace (`devcluster.node.mountns`), as a kind node lives in its container.
 The kubelet authenticates as `system:node:NAME` (Node authorizer and
 NodeRestriction), registers with the labels of a GKE local-SSD GPU pool node
 and advertises that node's shape (CPU and memory through the faked machine
@@ -33,12 +33,11 @@ import yaml
 from common.mounts import mounts
 from common.processes import log_tail, spawn_group, stop_group
 from devcluster.cluster import NOT_READY_TAINT, Cluster, wait_for
-from devcluster.containerd import Containerd, ContainerdPaths, cni_config, containerd_config
+from devcluster.control.pki import ClusterPKI, write_kubeconfig
 from devcluster.images import PAUSE_IMAGE
-from devcluster.mountns import MachineShape, NodeMountNamespace
-from devcluster.netns import NodeNetwork
-from devcluster.nodeconfig import kube_proxy_config, kubelet_config, kubelet_root_problem
-from devcluster.nodehost import (
+from devcluster.node.config import kube_proxy_config, kubelet_config, kubelet_root_problem
+from devcluster.node.containerd import Containerd, ContainerdPaths, cni_config, containerd_config
+from devcluster.node.host import (
     CREATED_HOST_DIRS,
     PRIVATE_HOST_DIRS,
     kubelet_root_dir,
@@ -48,8 +47,9 @@ from devcluster.nodehost import (
     socket_dir,
     teardown_node,
 )
+from devcluster.node.mountns import MachineShape, NodeMountNamespace
+from devcluster.node.netns import NodeNetwork
 from devcluster.packages import ensure_packages
-from devcluster.pki import ClusterPKI, write_kubeconfig
 
 GKE_SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins

@@ -5,7 +5,7 @@ bandwidth; S3 is limited per client by the network. So the store (MinIO)
 runs in a network namespace of its own, reached over veths whose store-side
 egress (what carries GET bodies) is shaped with tc: a token bucket at a set
 rate (`tbf`), and optionally an S3-like first-byte latency on every request
-(this kernel has no netem: `devcluster.latency` relays new connections and
+(this kernel has no netem: `devcluster.storage.latency` relays new connections and
 holds each request for the delay). The metadata engine stays where it is,
 unshaped.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from common.ports import port_answers
 from common.processes import log_tail, spawn_group, stop_group
-from devcluster.netns import NetworkError, NodeNetwork, ip, link_exists, netns_exists
+from devcluster.node.netns import NetworkError, NodeNetwork, ip, link_exists, netns_exists
 from devcluster.packages import ensure_packages
 
 STORE_PORT = 9000
@@ -204,7 +204,7 @@ class Shaper:
                 *self.net.nsenter(),
                 sys.executable,
                 "-m",
-                "devcluster.latency",
+                "devcluster.storage.latency",
                 "--listen",
                 f"{self.net.store_ip}:{RELAY_PORT}",
                 "--to",
@@ -213,7 +213,7 @@ class Shaper:
                 f"{profile.delay_ms:g}",
             ],
             self.log_path,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=Path(__file__).resolve().parents[2],
             die_with_parent=True,  # a crashed benchmark leaves no relay behind
         )
         deadline = time.monotonic() + 10

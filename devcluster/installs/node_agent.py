@@ -32,9 +32,10 @@ from typing import Any
 import yaml
 
 from devcluster.cluster import Cluster, wait_for
-from devcluster.controlplane import ControlPlane
-from devcluster.injector import BASE, NAMESPACE, InjectorInstall, LocalInjector
-from devcluster.injector_pods import PodInjector
+from devcluster.control.plane import ControlPlane
+from devcluster.installs.injector_install import BASE, NAMESPACE, InjectorInstall
+from devcluster.installs.injector_pods import PodInjector
+from devcluster.installs.injector_process import LocalInjector
 
 DAEMONSET = "bento-juicefs-node-agent"
 CONFIG_MAP = "bento-juicefs-node-agent-local-config"

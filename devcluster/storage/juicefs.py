@@ -7,7 +7,7 @@
 
 This class is the publisher's side: `meta_url` and `keys_env` are the
 admin's. Tenants get `reader_meta_url` and a read-only MinIO user (see
-`devcluster.storage.StorageStack.tenant`), and mount with `--read-only`.
+`devcluster.storage.stack.StorageStack.tenant`), and mount with `--read-only`.
 
 Object keys (JuiceFS 1.x, as `juicefs info` prints them and MinIO stores
 them): `NAME/chunks/<id // 1_000_000>/<id // 1000>/<slice id>_<block index>_<block size>`.
@@ -30,7 +30,9 @@ from pathlib import Path
 from common.mounts import UnmountError, is_mounted, unmount
 from common.ports import free_port
 from common.processes import spawn_group, stop_group
-from devcluster.services import ObjectStore, Redis, StorageError, storage_binaries
+from devcluster.storage.minio import ObjectStore
+from devcluster.storage.redis import Redis
+from devcluster.storage.service import StorageError, storage_binaries
 
 BLOCK_BYTES = 4 << 20  # JuiceFS's default block size
 CHUNK_BYTES = 64 << 20

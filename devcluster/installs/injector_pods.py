@@ -15,7 +15,7 @@ what this machine needs, set the way a user sets it:
 - the image is never pulled (`imagePullPolicy: Never`): it was imported into
   the node's containerd, and there is no registry;
 - the node agent's DaemonSet is left out (the e2e suite decides when an agent
-  runs, devcluster/nodeagent.py); its ServiceAccount, RBAC and fence are
+  runs, devcluster/installs/node_agent.py); its ServiceAccount, RBAC and fence are
   installed, as the chart installs them.
 """
 
@@ -34,22 +34,22 @@ import yaml
 
 from devcluster.binaries import ensure_binaries
 from devcluster.cluster import wait_for
-from devcluster.controlplane import ControlPlane
-from devcluster.injector import (
+from devcluster.control.plane import ControlPlane
+from devcluster.installs.injector_install import (
     BASE,
     CREDENTIALS_SECRET,
     NAMESPACE,
     REPO,
     InjectorInstall,
-    LocalInjector,
     delete_patch,
     local_settings,
     merged,
     readyz_answers,
     served_certificate,
 )
-from devcluster.nodehost import node_cache_dir
-from devcluster.storage import StorageStack
+from devcluster.installs.injector_process import LocalInjector
+from devcluster.node.host import node_cache_dir
+from devcluster.storage.stack import StorageStack
 
 CHART = REPO / "charts" / "bento-juicefs"
 GKE_OVERLAY = REPO / "manifests" / "overlays" / "gke"
@@ -64,7 +64,7 @@ PORT = 9443
 SERVER_NAME = f"{SERVICE}.{NAMESPACE}.svc"
 INSTALL_METHODS = ("helm", "kustomize")
 # How devcluster installs the injector: helm (the default), kustomize, or
-# process (devcluster/injector.py: a local process, the webhook at a URL).
+# process (devcluster/installs/injector_process.py: a local process, the webhook at a URL).
 INSTALL_ENV = "BENTO_INJECTOR_INSTALL"
 
 

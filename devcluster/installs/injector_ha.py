@@ -37,7 +37,6 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -51,20 +50,21 @@ import yaml
 
 from common.ports import free_port
 from common.processes import log_tail, spawn_group, stop_group
-from devcluster.controlplane import ControlPlane
-from devcluster.injector import (
+from devcluster.control.api import Api
+from devcluster.control.plane import ControlPlane
+from devcluster.installs.injector_install import (
     BASE,
     CREDENTIALS_SECRET,
     NAMESPACE,
+    SERVICE,
     server_minor,
     token_kubeconfig,
 )
+from devcluster.installs.injector_replica import Replica
 
-SERVICE = "bento-juicefs-injector"
 WEBHOOK_CONFIGURATION = "bento-juicefs-injector"
 CA_SECRET = "bento-juicefs-injector-ca"
 MANAGED_BY = "devcluster.bento-juicefs.injector-ha"
-FIELD_MANAGER = "devcluster-injector-ha"
 
 
 def ha_overlay(directory: Path) -> Path:
@@ -95,118 +95,6 @@ def ha_overlay(directory: Path) -> Path:
     }
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
     return directory
-
-
-class ApiError(OSError):
-    """The apiserver refused a call; the message has its answer."""
-
-
-class Api:
-    """Just enough of the Kubernetes API, as the cluster admin, without a kubectl per call."""
-
-    def __init__(self, cp: ControlPlane) -> None:
-        self.server = cp.server
-        self.context = ssl.create_default_context(cafile=str(cp.pki.ca.cert))
-        admin = cp.pki.admin
-        self.context.load_cert_chain(str(admin.cert), str(admin.key))
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        content_type: str = "application/json",
-        timeout: float = 30,
-    ) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            self.server + path, data=data, method=method, headers={"Content-Type": content_type}
-        )
-        try:
-            with urllib.request.urlopen(request, context=self.context, timeout=timeout) as resp:
-                return json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")[:2000]
-            raise ApiError(f"{method} {path}: {err.code} {detail}") from None
-
-    def apply(self, path: str, body: dict[str, Any]) -> Any:
-        """Server-side apply (JSON is YAML) with our field manager, forcing conflicts."""
-        return self.call(
-            "PATCH",
-            f"{path}?fieldManager={FIELD_MANAGER}&force=true",
-            body,
-            content_type="application/apply-patch+yaml",
-        )
-
-
-@dataclass
-class Replica:
-    index: int
-    host: str
-    port: int
-    dir: Path
-    log_file: Path
-    process: subprocess.Popen[bytes] | None = None
-    # Where the log stood when this replica last started (to read only what came after).
-    log_offset: int = 0
-    endpoint: tuple[bool, bool, bool] | None = None  # ready, serving, terminating as listed
-    terminating: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"injector-{self.index}"
-
-    @property
-    def config_file(self) -> Path:
-        return self.dir / "config.yaml"
-
-    @property
-    def cert_dir(self) -> Path:
-        return self.dir / "certs"
-
-    @property
-    def slice_name(self) -> str:
-        return f"{SERVICE}-local-{self.index}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.running() and self.process is not None else None
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def ready(self) -> bool:
-        ca = self.cert_dir / "ca.crt"
-        if not self.running() or not ca.exists():
-            return False
-        try:
-            context = ssl.create_default_context(cafile=str(ca))
-            url = f"https://{self.host}:{self.port}/readyz"
-            with urllib.request.urlopen(url, context=context, timeout=1) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError, ssl.SSLError):
-            return False
-
-    def log(self) -> str:
-        """What this replica logged since it last started."""
-        try:
-            with self.log_file.open("rb") as handle:
-                handle.seek(self.log_offset)
-                return handle.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log().splitlines():
-            if f'"{name}"' in line:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("event") == name:
-                    found.append(entry)
-        return found
 
 
 @dataclass
@@ -348,7 +236,7 @@ class HaInjectors:
             replica.log_file,
             # As in the image (Dockerfile): every log line reaches the file at once.
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=Path(__file__).resolve().parents[2],
         )
 
     def wait_listed(self, replica: Replica, timeout: float = 60) -> None:

@@ -21,7 +21,7 @@ from typing import Self
 
 from common.mounts import UnmountError, mounts, unmount
 from devcluster.lifecycle import StartStop
-from devcluster.services import StorageError
+from devcluster.storage.service import StorageError
 
 MIB = 1 << 20
 

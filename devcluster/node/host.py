@@ -19,8 +19,8 @@ from pathlib import Path
 
 from common.mounts import mounts
 from devcluster.cluster import wait_for
-from devcluster.mountns import NodeMountNamespace
-from devcluster.netns import NodeNetwork
+from devcluster.node.mountns import NodeMountNamespace
+from devcluster.node.netns import NodeNetwork
 
 CGROUP_V1 = Path("/sys/fs/cgroup")
 # Paths the kubelet and CNI write that no flag moves: node-private copies are

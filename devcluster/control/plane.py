@@ -4,7 +4,7 @@ etcd, kube-apiserver, kube-controller-manager and kube-scheduler run as
 subprocesses, each in its own process group, logging to
 `<state_dir>/logs/<name>.log`; the apiserver listens on 127.0.0.1 or, with a
 `node`, on the host end of that node's veth. With `node=NodeSpec(...)` a real
-node (containerd + kubelet + kube-proxy, `devcluster.node`) joins once the
+node (containerd + kubelet + kube-proxy, `devcluster.node.node`) joins once the
 control plane is up; without one, Nodes are API objects
 (`register_fake_node`) whose pods get scheduled but never run.
 """
@@ -27,16 +27,21 @@ from common.ports import free_port, port_is_free
 from common.processes import LOG_TAIL_LINES, log_tail, spawn_group, stop_group
 from devcluster.binaries import CONTROL_PLANE_COMPONENTS, NODE_COMPONENTS, ensure_binaries
 from devcluster.cluster import Cluster
-from devcluster.components import (
+from devcluster.control.components import (
     apiserver_args,
     controller_manager_args,
     etcd_args,
     scheduler_args,
 )
+from devcluster.control.pki import (
+    APISERVER_HOSTS,
+    APISERVER_KUBELET_CLIENT,
+    ClusterPKI,
+    write_kubeconfig,
+)
 from devcluster.lifecycle import StartStop
-from devcluster.netns import NodeNetwork
-from devcluster.node import Node, NodeSpec
-from devcluster.pki import APISERVER_HOSTS, APISERVER_KUBELET_CLIENT, ClusterPKI, write_kubeconfig
+from devcluster.node.netns import NodeNetwork
+from devcluster.node.node import Node, NodeSpec
 
 Hook = Callable[["ControlPlane"], None]
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Self
 
 from devcluster.lifecycle import StartStop
-from devcluster.mountns import NodeMountNamespace
-from devcluster.netns import NodeNetwork
+from devcluster.node.mountns import NodeMountNamespace
+from devcluster.node.netns import NodeNetwork
 
 MIB = 1 << 20
 _serial = itertools.count()

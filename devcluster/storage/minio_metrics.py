@@ -5,7 +5,7 @@
     served = store_requests(stack.store) - before
     served.gets                                 # GetObject requests MinIO answered
 
-MinIO runs with `MINIO_PROMETHEUS_AUTH_TYPE=public` (devcluster.services), so
+MinIO runs with `MINIO_PROMETHEUS_AUTH_TYPE=public` (devcluster.storage.minio), so
 no token is needed. The v3 API metrics (`/minio/metrics/v3/api/requests`)
 are counted as requests are served; the v2 cluster endpoint caches its
 numbers for several seconds.
@@ -17,7 +17,7 @@ import re
 import urllib.request
 from dataclasses import dataclass
 
-from devcluster.services import ObjectStore
+from devcluster.storage.minio import ObjectStore
 
 REQUESTS_PATH = "/minio/metrics/v3/api/requests"
 _LINE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")

@@ -1,0 +1,1 @@
+"""The control plane: etcd, kube-apiserver, controller-manager, scheduler, their PKI."""
