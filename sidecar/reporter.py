@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import structlog
+
+log = structlog.get_logger("sidecar")
 
 NORMAL, WARNING = "Normal", "Warning"
 
@@ -147,3 +151,11 @@ class OrderedReporter:
         with contextlib.suppress(asyncio.CancelledError):
             await sender
         return flushed
+
+
+async def best_effort(call: Coroutine[Any, Any, None]) -> None:
+    """Await a report that may fail (a False condition): its failure is logged, not raised."""
+    try:
+        await call
+    except Exception as err:
+        log.warning("condition.not_set", error=str(err) or type(err).__name__)

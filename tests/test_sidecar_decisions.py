@@ -25,7 +25,7 @@ from sidecar.decisions import (
     should_probe_cache,
     slow_disk_action,
 )
-from sidecar.run import open_gate
+from sidecar.gate import open_gate
 from tests.helpers import flip_middle_byte
 from tests.kit.sidecar import FakeReporter, PublishedBento, published_bento, settings_for
 

@@ -25,6 +25,7 @@ from common.env import SSD_POLICIES, SsdPolicy
 from modelstore.mount import juicefs_says_cache_full
 from sidecar.agent import AgentChannel, AgentReporter, AgentUnreachable
 from sidecar.cachedisk import CacheSpeed, DiskSpace, disk_space
+from sidecar.cachewatch import CacheSpaceWatch
 from sidecar.decisions import (
     CachePlan,
     cache_full,
@@ -35,8 +36,8 @@ from sidecar.decisions import (
     should_fill_cache,
     should_probe_cache,
 )
+from sidecar.gate import open_gate
 from sidecar.reporter import OrderedReporter
-from sidecar.run import CacheSpaceWatch, open_gate
 from tests.kit.sidecar import FakeReporter, RecordingFiller, published_bento, settings_for
 
 MIB = 1 << 20
@@ -383,13 +384,13 @@ def test_the_condition_is_asked_again_of_a_restarted_agent_until_it_lands(
 def test_a_seal_interrupted_by_an_agent_restart_is_asked_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sidecar import run as sidecar_run
+    from sidecar import gate
 
-    monkeypatch.setattr(sidecar_run, "SEAL_RETRY_SECONDS", 0.1)
+    monkeypatch.setattr(gate, "SEAL_RETRY_SECONDS", 0.1)
     reporter = FakeReporter()
     with RestartingAgent(tmp_path / "agent.sock", drops=3) as agent:
         channel = AgentChannel(agent.path, connect_timeout=10, reply_timeout=None)
-        asyncio.run(sidecar_run._seal_until_answered(channel, reporter))
+        asyncio.run(gate._seal_until_answered(channel, reporter))
         channel.close()
     assert [r.op for r in agent.answered] == ["seal"]
     # The channel retries once by itself; each loss it gives up on is an Event.

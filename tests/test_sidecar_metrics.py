@@ -25,8 +25,9 @@ from modelstore.sources import ByteSources, JuiceFSCounters, MountCounters, Snap
 from modelstore.streamer import Progress
 from sidecar import run as sidecar_run
 from sidecar.decisions import CachePlan, gate_plan
+from sidecar.gate import open_gate
 from sidecar.metrics import FAILURE_REASONS, STATES, SidecarMetrics
-from sidecar.run import open_gate, warm
+from sidecar.verify import verify_model
 from tests.helpers import flip_middle_byte
 from tests.kit.sidecar import FakeReporter, PublishedBento, published_bento, settings_for
 
@@ -137,14 +138,16 @@ def test_warm_records_the_verified_model_and_where_its_bytes_came_from(tmp_path:
     # The object store sent 1 MiB during the stream: the rest came from the cache.
     counters = FixedCounters(mount=None, snapshots=[snapshot(5 * MIB), snapshot(6 * MIB)])  # type: ignore[arg-type]
     reporter = FakeReporter()
-    assert asyncio.run(warm(settings_for(bento), bento, reporter, counters, metrics=metrics))
+    assert asyncio.run(
+        verify_model(settings_for(bento), bento, reporter, counters, metrics=metrics)
+    )
     total = model_bytes(bento)
     assert value(metrics, "model_bytes") == total
     assert value(metrics, "streamed_bytes_total") == total
     assert value(metrics, "verified_bytes_total") == total
     assert value(metrics, "store_bytes_total") == MIB
     assert value(metrics, "cache_bytes_total") == total - MIB
-    # warm() alone does not open the gate: open_gate does.
+    # verify_model() alone does not open the gate: open_gate does.
     assert state(metrics) == "streaming"
 
 

@@ -27,7 +27,7 @@ from modelstore.sources import (
 )
 from sidecar.cachedisk import measure
 from sidecar.env import Settings
-from sidecar.run import warm
+from sidecar.verify import verify_model
 from tests.helpers import minimal_env
 from tests.kit.sidecar import FakeReporter, RecordingFiller, published_bento, settings_for
 
@@ -220,7 +220,7 @@ def test_models_ready_says_how_much_came_from_the_cache(
     served.texts = [get_bytes_text(1000), get_bytes_text(1000 + MIB)]
     reporter = MessageReporter()
     counters = MountCounters(served)
-    assert asyncio.run(warm(settings, bento, reporter, counters)) is True
+    assert asyncio.run(verify_model(settings, bento, reporter, counters)) is True
     total = sum(f.stat().st_size for f in bento.models_dir.rglob("*") if f.is_file())
     ready = reporter.messages["ModelsReady"]
     cached = (total - MIB) / MIB
@@ -235,7 +235,10 @@ def test_models_ready_says_so_when_the_split_is_unknown(
     bento = published_bento(tmp_path)
     served.metrics_url = "http://127.0.0.1:9/metrics"  # nothing listens there
     reporter = MessageReporter()
-    assert asyncio.run(warm(settings_for(bento), bento, reporter, MountCounters(served))) is True
+    assert (
+        asyncio.run(verify_model(settings_for(bento), bento, reporter, MountCounters(served)))
+        is True
+    )
     assert "bytes by source unknown" in reporter.messages["ModelsReady"]
 
 
@@ -243,7 +246,7 @@ def test_after_verifying_the_sidecar_completes_the_cache_with_every_file(tmp_pat
     bento = published_bento(tmp_path)
     filler = RecordingFiller()
     reporter = MessageReporter()
-    assert asyncio.run(warm(settings_for(bento), bento, reporter, filler=filler)) is True
+    assert asyncio.run(verify_model(settings_for(bento), bento, reporter, filler=filler)) is True
     model_files = {f for f in bento.models_dir.rglob("*") if f.is_file()}
     assert len(filler.asked) == 1
     assert set(filler.asked[0]) == model_files
@@ -266,6 +269,6 @@ def test_a_cache_fill_that_fails_leaves_the_verified_model_ready(
     settings = replace(settings_for(bento), warmup_timeout_seconds=1)
     reporter = MessageReporter()
     with capture_logs() as logs:
-        assert asyncio.run(warm(settings, bento, reporter, filler=filler)) is True
+        assert asyncio.run(verify_model(settings, bento, reporter, filler=filler)) is True
     assert "ModelsReady" in reporter.messages
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["cache.fill_failed"]

@@ -46,7 +46,7 @@ from nodeagent.warmer import MountedBento
 from nodeagent.workloads import WantedBento
 from sidecar.decisions import CachePlan, gate_plan
 from sidecar.env import Settings
-from sidecar.run import open_gate
+from sidecar.gate import open_gate
 from tests.helpers import flip_middle_byte
 from tests.kit.sidecar import PublishedBento, make_models, published_bento, settings_for
 

@@ -31,7 +31,7 @@ from modelstore.mount import JuiceFSMount
 from modelstore.streamer import Progress, Streamer, VerificationError, stream_model
 from sidecar.env import Settings
 from sidecar.reporter import Reporter
-from sidecar.run import warm
+from sidecar.verify import verify_model
 from tests.helpers import flip_middle_byte
 
 from .conftest import SMALL_SHARDS
@@ -246,7 +246,7 @@ def test_a_corrupted_block_fails_verification_and_the_gate_stays_shut(
             with pytest.raises(VerificationError, match=rf"{shard.path}: sha256 .* differs"):
                 await streamer.run(manifest.select(()))
             # Evicting the file's cached blocks and reading it again fetches the same bad bytes.
-            return await warm(settings, mount, cast(Reporter, reporter), purger=mount)
+            return await verify_model(settings, mount, cast(Reporter, reporter), purger=mount)
         finally:
             await mount.stop()
 
@@ -285,7 +285,7 @@ def test_a_corrupt_cached_block_is_purged_and_fetched_again(
         mount = JuiceFSMount(settings.mount_spec())
         await mount.start()
         try:
-            await warm(
+            await verify_model(
                 settings,
                 mount,
                 cast(Reporter, reporter),
@@ -325,7 +325,7 @@ def test_a_corrupt_cached_block_is_purged_and_fetched_again(
     purged = asyncio.run(verify(purge=True))
     assert reasons(purged) == ["WarmupStarted", "CacheBlocksPurged", "ModelsReady"], purged.events
     assert purged.events[1][2].startswith(f"{shard.path}: sha256 ")
-    assert not purged.conditions, "warm() sets no condition when it verified"
+    assert not purged.conditions, "verify_model() sets no condition when it verified"
     # The block is good in the cache afterwards (fetched again, or by the fill).
     cached = _cached_block(settings.cache_dir, name).read_bytes()
     assert cached[:size] == good
@@ -358,7 +358,7 @@ def test_bytes_rotting_in_the_store_stall_the_stream_and_never_open_the_gate(
         mount = JuiceFSMount(settings.mount_spec())
         await mount.start()
         try:
-            return await warm(settings, mount, cast(Reporter, reporter))
+            return await verify_model(settings, mount, cast(Reporter, reporter))
         finally:
             await mount.stop()
 

@@ -31,8 +31,8 @@ from modelstore.mount import JuiceFSMount
 from modelstore.sources import MountCounters
 from sidecar.decisions import CachePlan, gate_plan
 from sidecar.env import Settings
+from sidecar.gate import open_gate
 from sidecar.reporter import Reporter
-from sidecar.run import open_gate
 
 SCAN_SECONDS = 2
 FILL_RATIO = InjectorConfig().juicefs.cache_fill_ratio
