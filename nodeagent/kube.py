@@ -21,7 +21,7 @@ from common.warm import AGENT_COMPONENT, NODE_EVENTS_NAMESPACE, WARM_ANNOTATION,
 from injector.config import InjectorConfig
 from injector.namespaces import describe_error, opted_in
 from nodeagent.plan import generations_changed, spec_changed
-from nodeagent.podmounts import ServedPod
+from nodeagent.servedpods import ServedPod
 from nodeagent.workloads import Workload, template_fits_node, workload_bento
 
 log = structlog.get_logger("nodeagent.kube")

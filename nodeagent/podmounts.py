@@ -34,7 +34,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,153 +55,15 @@ from common.mounts import is_mounted, unmount
 from common.warm import BentoRef
 from injector.config import InjectorConfig
 from nodeagent import fuse
+from nodeagent.servedpods import PodPaths, ServedPod, containers_ended, pod_paths, served_pod
 
 log = structlog.get_logger("nodeagent.podmounts")
 
-EMPTY_DIR = "kubernetes.io~empty-dir"
 # How long the agent waits on a FUSE lookup served by the pod's own juicefs.
 LOOKUP_TIMEOUT = 10.0
 # Events a pod's sidecar may post: a burst, then one a second.
 EVENT_BURST = 60
 EVENT_PER_SECOND = 1.0
-
-
-@dataclass(frozen=True)
-class PodPaths:
-    """Where a pod's volumes are on the node (the kubelet's layout)."""
-
-    volumes: Path  # <kubelet root>/pods/<uid>/volumes/kubernetes.io~empty-dir
-    agent: str
-    mount_dir: str
-    cache: str
-
-    @property
-    def agent_dir(self) -> Path:
-        return self.volumes / self.agent
-
-    @property
-    def socket(self) -> Path:
-        return self.agent_dir / contract.AGENT_SOCKET_NAME
-
-    @property
-    def private_mount(self) -> Path:
-        return self.agent_dir / contract.AGENT_MOUNT_NAME
-
-    @property
-    def mount_dir_path(self) -> Path:
-        return self.volumes / self.mount_dir
-
-    @property
-    def cache_path(self) -> Path:
-        return self.volumes / self.cache
-
-
-@dataclass(frozen=True)
-class ServedPod:
-    """A pod on this node with an unprivileged sidecar, as the agent serves it."""
-
-    namespace: str
-    name: str
-    uid: str
-    # The node cache directory of its JuiceFS volume when the pod reads the
-    # node cache (bound read-only), else None.
-    node_cache: Path | None
-    condition_type: str
-    # Node mode: the Bento and models the agent seals for it (its gate is the agent's).
-    bento: BentoRef | None = None
-    models: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-
-def pod_paths(kubelet_root: Path, uid: str, config: InjectorConfig) -> PodPaths:
-    names = config.volumes
-    return PodPaths(
-        volumes=kubelet_root / "pods" / uid / "volumes" / EMPTY_DIR,
-        agent=names.agent_name,
-        mount_dir=names.mount_dir_name,
-        cache=names.cache_name,
-    )
-
-
-def _sidecar_env(pod: Mapping[str, Any], container_name: str) -> dict[str, str]:
-    spec = pod.get("spec") or {}
-    for key in ("initContainers", "containers"):
-        for container in spec.get(key) or []:
-            if container.get("name") == container_name:
-                return {
-                    str(e.get("name")): str(e.get("value"))
-                    for e in container.get("env") or []
-                    if isinstance(e, dict) and isinstance(e.get("value"), str)
-                }
-    return {}
-
-
-def served_pod(pod: Mapping[str, Any], config: InjectorConfig) -> ServedPod | str:
-    """The pod as the agent serves it, or why it does not (a pure reading of the pod's JSON).
-
-    The pod is the tenant's: the volume it names is only believed when it is
-    one the config knows, and then only its node cache directory is bound.
-    """
-    meta = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
-    volumes = {v.get("name"): v for v in spec.get("volumes") or [] if isinstance(v, dict)}
-    if "emptyDir" not in (volumes.get(config.volumes.agent_name) or {}):
-        return "no agent volume: its sidecar mounts for itself"
-    uid = str(meta.get("uid") or "")
-    if not uid or "/" in uid or uid in (".", ".."):
-        return "no uid"
-    environment = _sidecar_env(pod, config.sidecar.container_name)
-    node_cache: Path | None = None
-    bento: BentoRef | None = None
-    try:
-        mode = contract.CACHE_MODE.read(environment)
-        volume = contract.VOLUME.read(environment)
-        if mode == "node":
-            bento = BentoRef(
-                volume,
-                contract.BENTO_NAME.read(environment),
-                contract.BENTO_VERSION.read(environment),
-            )
-        models = contract.MODELS.read(environment)
-    except contract.EnvError as err:
-        return f"its sidecar's environment: {err}"
-    if mode == "node":
-        if volume not in config.juicefs.allowed_volumes:
-            return f"volume {volume!r} is not one of the configured JuiceFS volumes"
-        if config.node_cache_path is None:
-            return "node cache mode, but the config names no node cache directory"
-        node_cache = Path(config.node_cache_path) / volume
-    return ServedPod(
-        namespace=str(meta.get("namespace") or ""),
-        name=str(meta.get("name") or ""),
-        uid=uid,
-        node_cache=node_cache,
-        condition_type=config.readiness.condition_type,
-        bento=bento,
-        models=models,
-    )
-
-
-def containers_ended(pod: Mapping[str, Any]) -> bool:
-    """Whether the pod will run nothing more: terminal, or deleted with no container running.
-
-    A deleted pod's kubelet starts no container any more, so one still
-    waiting (an app behind a sidecar whose mount never came up) never runs:
-    once the rest have terminated, the mounts can go, and must, or the
-    kubelet cannot tear the pod's volumes down.
-    """
-    status = pod.get("status") or {}
-    if status.get("phase") in ("Succeeded", "Failed"):
-        return True
-    if not (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return False
-    statuses = [
-        *(status.get("initContainerStatuses") or []),
-        *(status.get("containerStatuses") or []),
-    ]
-    return bool(statuses) and not any("running" in (s.get("state") or {}) for s in statuses)
 
 
 class PodApi(Protocol):

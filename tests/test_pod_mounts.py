@@ -24,16 +24,8 @@ from common.mounts import unmount
 from common.warm import BentoRef
 from injector.config import InjectorConfig, parse_config
 from nodeagent.fuse import MountFailed
-from nodeagent.podmounts import (
-    PodBroker,
-    ServedPod,
-    TokenBucket,
-    _let_anyone_connect,
-    containers_ended,
-    pod_paths,
-    served_pod,
-    socket_still_bound,
-)
+from nodeagent.podmounts import PodBroker, TokenBucket, _let_anyone_connect, socket_still_bound
+from nodeagent.servedpods import ServedPod, containers_ended, pod_paths, served_pod
 
 NODE_CACHE = "/mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs"
 

@@ -31,7 +31,8 @@ from devcluster.storage.stack import StorageStack
 from injector.config import parse_config
 from modelstore.manifest import Manifest, sha256_file
 from nodeagent import fuse
-from nodeagent.podmounts import PodBroker, ServedPod, pod_paths
+from nodeagent.podmounts import PodBroker
+from nodeagent.servedpods import ServedPod, pod_paths
 from tests.helpers import fuse_servers
 
 from .conftest import SMALL_SHARDS
