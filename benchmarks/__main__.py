@@ -26,15 +26,15 @@ from benchmarks.store import interrupts_as_exit
 from common.logs import configure_logging
 from devcluster.storage.shaped_link import LinkProfile
 
-Runner = Callable[[argparse.Namespace], dict[str, Any]]
+Runner = Callable[[argparse.Namespace, coldstart.SharedSession], dict[str, Any]]
 Table = Callable[[dict[str, Any]], list[tuple[str, str, str]]]
 
 
-def warm_start(args: argparse.Namespace) -> dict[str, Any]:
+def warm_start(args: argparse.Namespace, shared: coldstart.SharedSession) -> dict[str, Any]:
     """Apply to Ready on a warm node (coldstart), then the sealed gate (warmgate) in its own
     cluster, after the shaped one is stopped: one record, bench-results/warm-start.json."""
-    record = coldstart.run_warm(args)
-    coldstart.close()
+    record = coldstart.run_warm(args, shared)
+    shared.close()
     gate = warmgate.run(args)
     record["warm_gate"] = gate.pop("runs")
     record.update({k: v for k, v in gate.items() if k.startswith(("warm_gate", "small", "large"))})
@@ -45,12 +45,17 @@ def warm_start_table(record: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [*coldstart.table(record), *warmgate.table(record)]
 
 
+def alone(run: Callable[[argparse.Namespace], dict[str, Any]]) -> Runner:
+    """A scenario that needs no shared cluster."""
+    return lambda args, shared: run(args)
+
+
 SCENARIOS: dict[str, tuple[Runner, Table]] = {
-    "streaming": (streaming.run, streaming.table),
+    "streaming": (alone(streaming.run), streaming.table),
     "cold-start": (coldstart.run_cold, coldstart.table),
     "warm-start": (warm_start, warm_start_table),
-    "admission": (admission.run, admission.table),
-    "load": (load_scenario.run, load_scenario.table),
+    "admission": (alone(admission.run), admission.table),
+    "load": (alone(load_scenario.run), load_scenario.table),
 }
 
 
@@ -113,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     names = args.scenario or list(SCENARIOS)
     failed = []
     rows: list[tuple[str, str, str]] = []
+    shared = coldstart.SharedSession()
     with interrupts_as_exit():
         try:
             for name in names:
                 run, table = SCENARIOS[name]
                 say(name, f"starting (load {load()})")
                 try:
-                    record = run(args)
+                    record = run(args, shared)
                 except KeyboardInterrupt:
                     say(name, "interrupted; cleaning up")
                     return 130
@@ -131,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                 say(name, f"written to {path}")
                 rows.extend((f"[{name}] {what}", fig, ratio) for what, fig, ratio in table(record))
                 if not set(names[names.index(name) + 1 :]) & {"cold-start", "warm-start"}:
-                    coldstart.close()  # no idle cluster under the scenarios that follow
+                    shared.close()  # no idle cluster under the scenarios that follow
         finally:
-            coldstart.close()  # the cluster both cold-start and warm-start use, if started
+            shared.close()  # the cluster both cold-start and warm-start use, if started
     if rows:
         print("\nbench results (ratios measured in the same run; absolute times not asserted):")
         print_table(rows)

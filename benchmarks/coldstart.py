@@ -363,27 +363,31 @@ class Session:
         return self.results["baseline"]
 
 
-_SESSION: Session | None = None
+class SharedSession:
+    """The one cluster cold-start and warm-start share: started on first use, stopped by close().
 
+    The caller owns it (benchmarks/__main__.py makes one per run) and passes
+    it to both scenarios, so no module state outlives a run.
+    """
 
-def session(args: argparse.Namespace) -> Session:
-    global _SESSION
-    if _SESSION is None:
-        _SESSION = Session(args)
-        try:
-            _SESSION.start()
-        except BaseException:
-            close()
-            raise
-    return _SESSION
+    def __init__(self) -> None:
+        self._session: Session | None = None
 
+    def get(self, args: argparse.Namespace) -> Session:
+        if self._session is None:
+            self._session = Session(args)
+            try:
+                self._session.start()
+            except BaseException:
+                self.close()
+                raise
+        return self._session
 
-def close() -> None:
-    """Stop the shared cluster and remove its storage network (idempotent)."""
-    global _SESSION
-    current, _SESSION = _SESSION, None
-    if current is not None:
-        current.stop()
+    def close(self) -> None:
+        """Stop the shared cluster and remove its storage network (idempotent)."""
+        current, self._session = self._session, None
+        if current is not None:
+            current.stop()
 
 
 def _common(s: Session, scenario: str) -> dict[str, Any]:
@@ -414,8 +418,8 @@ def _models_ready(result: StartResult) -> str:
     return next((e["message"] for e in result.events if e["reason"] == "ModelsReady"), "")
 
 
-def run_cold(args: argparse.Namespace) -> dict[str, Any]:
-    s = session(args)
+def run_cold(args: argparse.Namespace, shared: SharedSession) -> dict[str, Any]:
+    s = shared.get(args)
     cold = s.cold()
     baseline = s.baseline()
     record = _common(s, "cold-start")
@@ -428,8 +432,8 @@ def run_cold(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def run_warm(args: argparse.Namespace) -> dict[str, Any]:
-    s = session(args)
+def run_warm(args: argparse.Namespace, shared: SharedSession) -> dict[str, Any]:
+    s = shared.get(args)
     cold = s.cold()
     record = _common(s, "warm-start")
     record["cold_start_s"] = round(cold.seconds, 2)
