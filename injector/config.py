@@ -3,6 +3,11 @@
 Every label, annotation, image, path, size, profile and selector named in
 DESIGN.md is a key here; the defaults are the GKE profile. Keys are camelCase
 in YAML, like the Kubernetes objects they describe.
+
+One module of ~550 lines on purpose: the schema is one tree of models whose
+validators check keys against each other (volumes against the cache,
+profiles against the labels), read top to bottom beside
+docs/configuration.md; split, every cross-check would import back up.
 """
 
 from __future__ import annotations

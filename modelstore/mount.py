@@ -17,14 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +29,8 @@ import structlog
 
 from common.mounts import UnmountError, is_fuse, is_mounted, unmount
 from common.ports import free_port
+from modelstore.credentials import credentials_env, split_meta_password
+from modelstore.juicefs_output import CacheCheck, juicefs_says_cache_full, parse_cache_check
 from modelstore.manifest import MODELS_DIR
 from modelstore.mountcheck import mount_answers
 from modelstore.mountspec import MountSpec
@@ -62,59 +61,6 @@ class FuseBroker(Protocol):
     async def unmount(self) -> None: ...
 
 
-# What juicefs 1.4 logs when it could not cache: a block write that failed
-# ("Write to cache file ... failed: ... no space left on device", "Can't
-# create cache file ...") and, with --debug only, a block dropped ("Caching
-# directory is full (DIR), drop ..."). Not its warning at mount ("not
-# enough space (8%) ... for caching"): below the ratio it evicts its own
-# blocks to make room, which is a cache at its limit, not a full disk.
-_JUICEFS_CACHE_FULL = re.compile(
-    r"cache file .*(no space left on device|disk quota exceeded)"
-    r"|caching directory is full",
-    re.IGNORECASE,
-)
-
-
-def juicefs_says_cache_full(line: str) -> bool:
-    """A juicefs log line saying that it cannot (or could not) cache on the disk."""
-    return _JUICEFS_CACHE_FULL.search(line) is not None
-
-
-# `juicefs warmup --check` (1.4): "check cache: 6 files checked, 12 MiB of 16 MiB (75.0%) cached"
-_CHECK = re.compile(
-    r"check cache: (?P<files>\d+) files checked, (?P<cached>.+?) of (?P<total>.+?) "
-    r"\((?P<percent>[\d.]+)%\) cached"
-)
-
-
-@dataclass(frozen=True)
-class CacheCheck:
-    """What `juicefs warmup --check` says of some files: how much of them the cache holds."""
-
-    files: int
-    cached: str  # humanized by juicefs, e.g. "12 MiB"
-    total: str
-    percent: float
-
-    @property
-    def complete(self) -> bool:
-        # Both figures are rounded (a block missing from more than ~8 GiB reads 100.0%).
-        return self.cached == self.total and self.percent >= 100.0
-
-    def describe(self) -> str:
-        return f"{self.cached} of {self.total} ({self.percent:.1f}%)"
-
-
-def parse_cache_check(output: str) -> CacheCheck | None:
-    """The last `check cache:` line of juicefs's output; None when there is none."""
-    found = None
-    for match in _CHECK.finditer(output):
-        found = match
-    if found is None:
-        return None
-    return CacheCheck(int(found["files"]), found["cached"], found["total"], float(found["percent"]))
-
-
 def _lazy(path: Path, error: str) -> None:
     # Busy (the app still has files open): detached now, gone when released.
     log.warning("umount.lazy", path=str(path), error=error)
@@ -139,46 +85,6 @@ def _unmount(path: Path) -> bool:
     except UnmountError as err:
         log.error("umount.failed", path=str(path), error=str(err))
     return bool(busy)
-
-
-def split_meta_password(meta_url: str) -> tuple[str, str | None]:
-    """The metadata URL without its password, and the password (None if it has none).
-
-    juicefs takes the password from META_PASSWORD when the URL has none, so
-    it never appears on a command line (/proc/<pid>/cmdline, `ps`) that any
-    process of the pod can read.
-    """
-    parts = urllib.parse.urlsplit(meta_url)
-    if parts.password is None:
-        return meta_url, None
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    netloc = f"{user}@{hostport}" if user else hostport
-    bare = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return bare, urllib.parse.unquote(parts.password)
-
-
-def credentials_env(spec: MountSpec) -> dict[str, str]:
-    """The credentials for `juicefs mount`, in the variables 1.x reads.
-
-    The metadata engine's password goes in META_PASSWORD (see
-    split_meta_password).
-
-    `juicefs mount` takes no keys itself: the keys stored by `juicefs format`
-    win, and only when it stored none does the storage client read them from
-    its SDK's environment (MINIO_* for `--storage minio`, the AWS chain for
-    s3 and most S3-compatible stores). So per-tenant read-only keys need a
-    volume formatted without keys.
-    """
-    env: dict[str, str] = {}
-    _, password = split_meta_password(spec.meta_url)
-    if password is not None:
-        env["META_PASSWORD"] = password
-    if spec.access_key:
-        env["MINIO_ACCESS_KEY"] = env["AWS_ACCESS_KEY_ID"] = spec.access_key
-    if spec.secret_key:
-        env["MINIO_SECRET_KEY"] = env["AWS_SECRET_ACCESS_KEY"] = spec.secret_key
-    return env
 
 
 class JuiceFSMount:

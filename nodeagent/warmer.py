@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from injector.config import InjectorConfig, Warmup
+from modelstore.juicefs_output import CacheCheck
 from modelstore.manifest import Manifest, ManifestFile, bento_tag, files_to_verify, read_manifest
-from modelstore.mount import CacheCheck, JuiceFSMount
+from modelstore.mount import JuiceFSMount
 from modelstore.mountspec import MountSpec
 from modelstore.sources import MountCounters
 from modelstore.streamer import ErrorCallback, Progress, ProgressCallback, stream_model

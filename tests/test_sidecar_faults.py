@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from common.agentsocket import LineBuffer, Request, parse_request, render_reply
 from common.env import SSD_POLICIES, SsdPolicy
-from modelstore.mount import juicefs_says_cache_full
+from modelstore.juicefs_output import juicefs_says_cache_full
 from sidecar.agent import AgentChannel, AgentReporter, AgentUnreachable
 from sidecar.cachedisk import CacheSpeed, DiskSpace, disk_space
 from sidecar.cachewatch import CacheSpaceWatch
@@ -431,7 +431,7 @@ def test_a_probe_with_no_room_for_its_file_counts_as_full_and_is_reported(
 
 
 def test_what_juicefs_warmup_check_says_is_parsed() -> None:
-    from modelstore.mount import parse_cache_check
+    from modelstore.juicefs_output import parse_cache_check
 
     # Real juicefs 1.4.2 output: after a warmup with MinIO down, then after one that worked.
     down = (

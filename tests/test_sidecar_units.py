@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from modelstore.credentials import split_meta_password
 from modelstore.manifest import Manifest, build_manifest, read_manifest
-from modelstore.mount import split_meta_password
 from modelstore.publish import PublishError, publish
 from modelstore.streamer import Progress, Streamer, VerificationError, WarmupTimeout
 from sidecar.cachedisk import measure
