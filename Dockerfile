@@ -50,6 +50,7 @@ RUN set -e; \
 
 COPY README.md /usr/src/bento-juicefs/README.md
 COPY common /usr/src/bento-juicefs/common
+COPY modelstore /usr/src/bento-juicefs/modelstore
 COPY injector /usr/src/bento-juicefs/injector
 COPY sidecar /usr/src/bento-juicefs/sidecar
 COPY nodeagent /usr/src/bento-juicefs/nodeagent

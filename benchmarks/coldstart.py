@@ -48,8 +48,8 @@ from devcluster.nodeagent import start_node_agent, stop_node_agent
 from devcluster.s3 import read_objects
 from devcluster.storage import PATH_TEMPLATE, write_random_model
 from devcluster.storenet import LinkProfile
-from sidecar.manifest import Manifest
-from sidecar.publish import publish
+from modelstore.manifest import Manifest
+from modelstore.publish import publish
 
 EXAMPLE = REPO / "examples" / "bento-deployment.yaml"
 FETCH_SCRIPT = Path(__file__).resolve().parent / "fetch_model.py"

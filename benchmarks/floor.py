@@ -3,7 +3,7 @@
     python -m benchmarks.floor --cert-dir DIR --port PORT
 
 What any Python webhook on aiohttp costs at least: the same TLS context as
-the injector (`injector.certs.server_ssl_context` on the injector's own
+the injector (`injector.pki.cert_files.server_ssl_context` on the injector's own
 serving certificate), the same runner settings (`injector.server.make_runner`
 and `TlsSite`: one process, one event loop, no access log, the same body
 limit, timeouts and TLS buffers), the body read and parsed as JSON,
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from injector.certs import CertFiles, server_ssl_context
 from injector.config import InjectorConfig
+from injector.pki.cert_files import CertFiles, server_ssl_context
 from injector.server import TlsSite, make_runner, shrink_tls_buffers
 
 

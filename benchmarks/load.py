@@ -53,7 +53,8 @@ from benchmarks.admission import Server, bento_pod, review_body, server_versions
 from benchmarks.record import REPO, new_record, say
 from common.ports import free_port
 from devcluster.packages import ensure_packages
-from injector.certs import issue_serving_cert, service_hosts, write_atomic
+from injector.pki.authority import issue_serving_cert, service_hosts
+from injector.pki.cert_files import write_atomic
 
 SCENARIO = "load"
 

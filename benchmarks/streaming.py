@@ -39,11 +39,11 @@ from devcluster.s3 import read_objects
 from devcluster.storage import write_random_model
 from devcluster.storemetrics import StoreRequests
 from devcluster.storenet import LinkProfile
+from modelstore.manifest import Manifest, read_manifest
+from modelstore.mount import JuiceFSMount
+from modelstore.publish import publish
+from modelstore.streamer import stream_model
 from sidecar.env import Settings
-from sidecar.manifest import Manifest, read_manifest
-from sidecar.mount import JuiceFSMount
-from sidecar.publish import publish
-from sidecar.run import stream_model
 
 SCENARIO = "streaming"
 NAME, VERSION = "bench-streaming", "v1"
@@ -84,7 +84,7 @@ class Passes:
     async def mounted(
         self, settings: Settings, body: Callable[[JuiceFSMount], Awaitable[dict[str, Any]]]
     ) -> dict[str, Any]:
-        mount = JuiceFSMount(settings)
+        mount = JuiceFSMount(settings.mount_spec())
         started = time.perf_counter()
         await mount.start()
         mounted = time.perf_counter() - started
@@ -114,7 +114,7 @@ class Passes:
             # Timed whole: the reads, then the cache fill the sidecar does after them.
             started = time.perf_counter()
             progress = await stream_model(
-                settings,
+                settings.warmup_concurrency,
                 mount,
                 files,
                 time.monotonic() + settings.warmup_timeout_seconds,

@@ -20,7 +20,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from injector.certs import generate_ca, issue_cert, write_atomic
+from injector.pki.authority import generate_ca, issue_cert
+from injector.pki.cert_files import write_atomic
 
 CERT_LIFETIME = dt.timedelta(days=365)
 

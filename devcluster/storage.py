@@ -34,9 +34,9 @@ from typing import Self
 from devcluster.juicefs import JuiceFSVolume, keys_env
 from devcluster.lifecycle import StartStop
 from devcluster.services import LOOPBACK, ObjectStore, Redis, storage_binaries
+from modelstore.manifest import MODELS_DIR, Manifest
+from modelstore.publish import bento_dir, publish
 from sidecar.env import Settings
-from sidecar.manifest import MODELS_DIR, Manifest
-from sidecar.publish import bento_dir, publish
 
 MIB = 1 << 20
 PATH_TEMPLATE = "/bentos/{name}/{version}"  # the injector's default models.juicefsPathTemplate

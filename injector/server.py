@@ -33,14 +33,14 @@ from prometheus_client.exposition import generate_latest
 from pydantic_core import to_json
 
 from injector.admission import BadReview, parse_review, review
-from injector.cluster_certs import shared_ca
 from injector.config import InjectorConfig
 from injector.kube import api_client
 from injector.lifecycle import DRAINING, READY_CHECKS, SERVING, ReadyCheck
 from injector.metrics import METRICS, Metrics
 from injector.namespaces import namespace_controller
+from injector.pki.ca_keeper import shared_ca
+from injector.pki.serving import TLS, serving_certificate
 from injector.review_cache import ReviewCache
-from injector.tls import TLS, serving_certificate
 
 log = structlog.get_logger("injector.server")
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +35,9 @@ from common.warm import (
     is_warm_label,
 )
 from injector.config import InjectorConfig
+from modelstore.mount import MountError
+from modelstore.sources import byte_sources
+from modelstore.streamer import Progress, VerificationError, WarmupTimeout
 from nodeagent.kube import API_ERRORS
 from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
@@ -49,16 +53,13 @@ from nodeagent.warmer import (
     MIB,
     AgentIdentity,
     CredentialsError,
-    mount_settings,
+    MountedBento,
+    mount_spec,
     mounted,
     node_cache_size_mib,
     read_credentials,
 )
 from nodeagent.workloads import WantedBento, Workload, recorded_bento, wanted_bentos
-from sidecar.env import Settings
-from sidecar.mount import MountError
-from sidecar.sources import byte_sources
-from sidecar.warmup import Progress, VerificationError, WarmupTimeout
 
 log = structlog.get_logger("nodeagent")
 
@@ -222,24 +223,20 @@ class NodeAgent:
             message=message[:200],
         )
 
-    def _settings(self, bento: WantedBento) -> Settings:
-        """How the agent mounts bento: as a sidecar would on this node (CredentialsError)."""
+    def _mounted(self, want: WantedBento) -> AbstractAsyncContextManager[MountedBento]:
+        """Mount want as a node-cache sidecar would on this node (CredentialsError)."""
         credentials = read_credentials(
-            self.options.credentials_dir / bento.bento.volume, self.config
+            self.options.credentials_dir / want.bento.volume, self.config
         )
-        return mount_settings(
-            self.config,
-            bento,
-            self.identity,
-            credentials,
-            self.options.work_dir,
-            self.options.juicefs_bin,
+        spec = mount_spec(
+            self.config, want, credentials, self.options.work_dir, self.options.juicefs_bin
         )
+        return mounted(spec, want, self.config.warmup)
 
     async def warm(self, want: WantedBento, referenced: set[BentoRef]) -> None:
         ref = want.bento
         try:
-            async with mounted(self._settings(want)) as bento:
+            async with self._mounted(want) as bento:
                 manifest = await asyncio.to_thread(bento.manifest)
                 files = bento.files(manifest)
                 size = sum(f.size for f in files)
@@ -313,7 +310,7 @@ class NodeAgent:
         record = self.warmth.records[ref]
         target = recorded_bento(ref, record.models, self.config)
         try:
-            async with mounted(self._settings(target)) as bento:
+            async with self._mounted(target) as bento:
                 files = bento.listed(await asyncio.to_thread(bento.manifest))
                 await bento.evict(files)
         except (CredentialsError, MountError, OSError, ValueError) as err:
@@ -351,7 +348,7 @@ class NodeAgent:
         # The pod's selection is checked against the manifest first: a tenant
         # naming a model the Bento lacks must not touch the node's record of it.
         if not covers(self.warmth.records.get(ref), models):
-            async with mounted(self._settings(want)) as bento:
+            async with self._mounted(want) as bento:
                 bento.files(await asyncio.to_thread(bento.manifest))
             await self.warm(want, self._referenced | {ref})
         record = self.warmth.records.get(ref)
@@ -359,7 +356,7 @@ class NodeAgent:
             state = "nothing" if record is None else f"{record.state}: {record.message}"
             return f"the node agent could not warm {ref} ({state})"
         for attempt in (1, 2):
-            async with mounted(self._settings(want)) as bento:
+            async with self._mounted(want) as bento:
                 files = bento.files(await asyncio.to_thread(bento.manifest))
                 check = await bento.cached(files)
                 if check is not None and check.complete:

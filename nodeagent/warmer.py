@@ -1,12 +1,12 @@
-"""The agent's JuiceFS work: mount one Bento like a sidecar would, warm or evict its blocks.
+"""The agent's JuiceFS work: mount one Bento as a sidecar would, warm or evict its blocks.
 
 Each Bento is mounted on its own (read-only, `--subdir` of its directory,
 the node cache dir of its volume as the cache dir, the node budget as the
 sidecars compute it) only while the agent works on it. Warming is the
-sidecar's own `stream_model`: every file read through the mount and proven
-against the manifest (which must name the Bento and have every model
-chosen), a file that differs read once more after its cached blocks are
-evicted, then the cache completed with `juicefs warmup`. A
+model store's `stream_model`, as in a sidecar: every file read through the
+mount and proven against the manifest (which must name the Bento and have
+every model chosen), a file that differs read once more after its cached
+blocks are evicted, then the cache completed with `juicefs warmup`. A
 restarted agent's fresh mount finds the blocks already on disk (juicefs
 scans its cache dir at start), so an interrupted warm resumes where it was.
 """
@@ -19,14 +19,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from injector.config import InjectorConfig
+from injector.config import InjectorConfig, Warmup
+from modelstore.manifest import Manifest, ManifestFile, bento_tag, files_to_verify, read_manifest
+from modelstore.mount import CacheCheck, JuiceFSMount
+from modelstore.mountspec import MountSpec
+from modelstore.sources import MountCounters
+from modelstore.streamer import ErrorCallback, Progress, ProgressCallback, stream_model
 from nodeagent.workloads import WantedBento
-from sidecar.env import Settings
-from sidecar.manifest import Manifest, ManifestFile, bento_tag, files_to_verify, read_manifest
-from sidecar.mount import CacheCheck, JuiceFSMount
-from sidecar.run import stream_model
-from sidecar.sources import MountCounters
-from sidecar.warmup import ErrorCallback, Progress, ProgressCallback
 
 MIB = 1 << 20
 
@@ -73,49 +72,40 @@ def node_cache_size_mib(config: InjectorConfig) -> int:
     return int(config.node_budget_bytes * config.juicefs.cache_fill_ratio) // MIB
 
 
-def mount_settings(
+def mount_spec(
     config: InjectorConfig,
     want: WantedBento,
-    identity: AgentIdentity,
     credentials: Credentials,
     work_dir: Path,
     juicefs_bin: str,
-) -> Settings:
-    """What the sidecar would run with on this node for this Bento, paths under work_dir."""
+) -> MountSpec:
+    """The `juicefs mount` a node-cache sidecar gets for this Bento, paths under work_dir.
+
+    The cache is the node cache of the Bento's volume, sized as the injector
+    sizes it for every client of that directory; the agent, as root on the
+    node, writes it.
+    """
     node_cache = config.node_cache_path
     if node_cache is None:
         raise CredentialsError("the config names no node cache directory (cache.nodePath)")
     ref = want.bento
     here = work_dir / ref.volume / ref.name / ref.version
-    return Settings(
-        pod_name=identity.pod_name,
-        pod_namespace=identity.pod_namespace,
-        pod_uid="",
+    return MountSpec(
+        juicefs_bin=juicefs_bin,
         meta_url=credentials.meta_url,
         access_key=credentials.access_key,
         secret_key=credentials.secret_key,
-        bento_name=ref.name,
-        bento_version=ref.version,
         bento_path=want.bento_path,
-        models=want.models,
-        mount_point=here / "models",
+        bento=f"{ref.name}:{ref.version}",
         private_mount=here / "volume",
+        mount_point=here / "models",
         cache_dir=Path(node_cache) / ref.volume,
         cache_size_mib=node_cache_size_mib(config),
+        cache_mode="node",
+        cache_scan_seconds=config.cache.node_scan_seconds,
         buffer_size_mib=config.juicefs.buffer_size_mib,
         prefetch=config.juicefs.prefetch,
-        ssd_policy="off",
-        warmup=True,
-        warmup_timeout_seconds=config.warmup.timeout_seconds,
-        warmup_concurrency=config.warmup.concurrency,
-        condition_type=config.readiness.condition_type,
-        cache_min_mbps=0,
-        juicefs_bin=juicefs_bin,
-        volume=ref.volume,
-        node_name=identity.node_name,
-        cache_mode="node",
-        node_cache_budget_mib=config.node_budget_bytes // MIB,
-        cache_scan_seconds=config.cache.node_scan_seconds,
+        warmup_threads=config.warmup.concurrency,
     )
 
 
@@ -123,20 +113,21 @@ def mount_settings(
 class MountedBento:
     """One Bento mounted for the agent: its manifest, and what can be done with its blocks."""
 
-    settings: Settings
+    want: WantedBento
     mount: JuiceFSMount
+    warmup: Warmup
 
     def manifest(self) -> Manifest:
         return read_manifest(self.mount.bento_dir)
 
     def files(self, manifest: Manifest) -> list[ManifestFile]:
         """The files to warm and verify (ManifestMismatch: the manifest cannot prove them)."""
-        s = self.settings
-        return files_to_verify(manifest, bento_tag(s.bento_name, s.bento_version), s.models)
+        ref = self.want.bento
+        return files_to_verify(manifest, bento_tag(ref.name, ref.version), self.want.models)
 
     def listed(self, manifest: Manifest) -> list[ManifestFile]:
         """The files of the chosen models the manifest lists, whatever it says: what to evict."""
-        return manifest.select(self.settings.models)
+        return manifest.select(self.want.models)
 
     async def warm(
         self,
@@ -144,9 +135,9 @@ class MountedBento:
         on_progress: ProgressCallback,
         on_error: ErrorCallback,
     ) -> Progress:
-        deadline = time.monotonic() + self.settings.warmup_timeout_seconds
+        deadline = time.monotonic() + self.warmup.timeout_seconds
         return await stream_model(
-            self.settings,
+            self.warmup.concurrency,
             self.mount,
             files,
             deadline,
@@ -168,10 +159,12 @@ class MountedBento:
 
 
 @contextlib.asynccontextmanager
-async def mounted(settings: Settings) -> AsyncIterator[MountedBento]:
-    mount = JuiceFSMount(settings)
+async def mounted(
+    spec: MountSpec, want: WantedBento, warmup: Warmup
+) -> AsyncIterator[MountedBento]:
+    mount = JuiceFSMount(spec)
     try:
         await mount.start()
-        yield MountedBento(settings, mount)
+        yield MountedBento(want, mount, warmup)
     finally:
         await mount.stop()

@@ -30,6 +30,7 @@ from common.agentsocket import (
     render_request,
     short_name,
 )
+from modelstore.mount import MountError
 
 log = structlog.get_logger("sidecar.agent")
 
@@ -145,6 +146,31 @@ class AgentChannel:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+
+
+class AgentMounts:
+    """The model store's `FuseBroker` through the node agent: a refusal is a MountError."""
+
+    def __init__(self, channel: AgentChannel) -> None:
+        self._channel = channel
+
+    async def mount(self) -> int:
+        try:
+            return await self._channel.mount()
+        except AgentError as err:
+            raise MountError(str(err)) from None
+
+    async def expose(self) -> None:
+        try:
+            await self._channel.expose()
+        except AgentError as err:
+            raise MountError(f"exposing the models: {err}") from None
+
+    async def unmount(self) -> None:
+        try:
+            await self._channel.unmount()
+        except AgentError as err:
+            raise MountError(str(err)) from None
 
 
 class AgentReporter:

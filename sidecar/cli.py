@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from modelstore.mountcheck import mount_answers, wait_for_mount
 from sidecar import env
-from sidecar.probe import mount_answers, wait_for_mount
 
 DEFAULT_MOUNT_POINT = "/var/lib/juicefs/mnt"
 DEFAULT_PATH_TEMPLATE = "/bentos/{name}/{version}"
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run()
     if args.command == "publish":
-        from sidecar.publish import PublishError, publish
+        from modelstore.publish import PublishError, publish
 
         try:
             manifest = publish(

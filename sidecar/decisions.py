@@ -11,28 +11,15 @@ says so.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from common.env import SsdPolicy
-from sidecar.cacheprobe import MIB, CacheSpeed, DiskSpace
+from sidecar.cachedisk import MIB, CacheSpeed, DiskSpace
 
 # `juicefs mount --free-space-ratio` (left at its default): below this share
 # of free space (or inodes) on the cache disk, JuiceFS caches nothing more
 # (and evicts what it can); reads then come from the object store.
 JUICEFS_FREE_RATIO = 0.1
-
-# What juicefs 1.4 logs when it could not cache: a block write that failed
-# ("Write to cache file ... failed: ... no space left on device", "Can't
-# create cache file ...") and, with --debug only, a block dropped ("Caching
-# directory is full (DIR), drop ..."). Not its warning at mount ("not
-# enough space (8%) ... for caching"): below the ratio it evicts its own
-# blocks to make room, which is a cache at its limit, not a full disk.
-_JUICEFS_CACHE_FULL = re.compile(
-    r"cache file .*(no space left on device|disk quota exceeded)"
-    r"|caching directory is full",
-    re.IGNORECASE,
-)
 
 
 def should_probe_cache(policy: SsdPolicy, full: bool = False) -> bool:
@@ -54,11 +41,6 @@ def cache_full(space: DiskSpace | None, free_ratio: float = JUICEFS_FREE_RATIO) 
     if space.free_bytes < floor * space.total_bytes:
         return True
     return space.total_inodes > 0 and space.free_inodes < floor * space.total_inodes
-
-
-def juicefs_says_cache_full(line: str) -> bool:
-    """A juicefs log line saying that it cannot (or could not) cache on the disk."""
-    return _JUICEFS_CACHE_FULL.search(line) is not None
 
 
 def cache_full_message(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common import env as contract
 from common.env import CacheMode, EnvError, SsdPolicy
+from modelstore.mountspec import MountSpec
 
 __all__ = [
     "AGENT_SOCKET",
@@ -79,6 +80,26 @@ class Settings:
     # None only where the node agent itself mounts with these settings (its
     # warmer, the benchmarks and storage tests, as root on the node).
     agent_socket: Path | None = None
+
+    def mount_spec(self, cache_size_mib: int | None = None) -> MountSpec:
+        """This pod's `juicefs mount`; cache_size_mib: the sidecar's choice, if not the env's."""
+        return MountSpec(
+            juicefs_bin=self.juicefs_bin,
+            meta_url=self.meta_url,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            bento_path=self.bento_path,
+            bento=f"{self.bento_name}:{self.bento_version}",
+            private_mount=self.private_mount,
+            mount_point=self.mount_point,
+            cache_dir=self.cache_dir,
+            cache_size_mib=self.cache_size_mib if cache_size_mib is None else cache_size_mib,
+            cache_mode=self.cache_mode,
+            cache_scan_seconds=self.cache_scan_seconds,
+            buffer_size_mib=self.buffer_size_mib,
+            prefetch=self.prefetch,
+            warmup_threads=self.warmup_concurrency,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

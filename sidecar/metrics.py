@@ -31,9 +31,9 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from modelstore.sources import ByteSources
+from modelstore.streamer import Progress
 from sidecar.env import Settings
-from sidecar.sources import ByteSources
-from sidecar.warmup import Progress
 
 # starting: probing the cache disk, mounting, waiting for the manifest;
 # streaming: reading and verifying the model, completing the cache;

@@ -16,12 +16,34 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from sidecar.agent import AgentChannel, AgentError, AgentUnreachable
-from sidecar.cacheprobe import CacheSpeed, disk_space, measure
+from modelstore.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestFile,
+    ManifestMismatch,
+    bento_tag,
+    files_to_verify,
+    read_manifest,
+)
+from modelstore.mount import JuiceFSMount, MountError
+from modelstore.sources import ByteSources, MountCounters, byte_sources
+from modelstore.streamer import (
+    MIB,
+    BentoTree,
+    CacheFiller,
+    CachePurger,
+    Progress,
+    VerificationError,
+    WarmupTimeout,
+    fill_cache_until,
+    stream_model,
+)
+from sidecar.agent import AgentChannel, AgentError, AgentMounts, AgentUnreachable
+from sidecar.cachedisk import CacheSpeed, disk_space, measure
 from sidecar.decisions import (
     GatePlan,
     cache_full,
@@ -35,71 +57,20 @@ from sidecar.decisions import (
     slow_disk_action,
 )
 from sidecar.env import Settings
-from sidecar.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    ManifestFile,
-    ManifestMismatch,
-    bento_tag,
-    files_to_verify,
-    read_manifest,
-)
 from sidecar.metrics import MetricsEndpoint, SidecarMetrics
-from sidecar.mount import JuiceFSMount, MountError
 from sidecar.reporter import NORMAL, WARNING, OrderedReporter, Reporter
-from sidecar.sources import ByteSources, MountCounters, byte_sources
-from sidecar.warmup import (
-    MIB,
-    ErrorCallback,
-    Progress,
-    ProgressCallback,
-    Purge,
-    Streamer,
-    VerificationError,
-    WarmupTimeout,
-)
 
 __all__ = [
     "NORMAL",
     "WARNING",
-    "BentoTree",
-    "CacheFiller",
-    "CachePurger",
     "CacheSpaceWatch",
     "ProgressReporter",
     "open_gate",
     "run",
-    "stream_model",
     "warm",
 ]
 
 log = structlog.get_logger("sidecar")
-
-
-class CacheFiller(Protocol):
-    """Completes the local cache with the blocks of files that reading left out."""
-
-    async def fill_cache(self, paths: Sequence[Path]) -> None: ...
-
-
-class CachePurger(Protocol):
-    """Removes the cached blocks of files (`juicefs warmup --evict`): JuiceFSMount.
-
-    Only a client that may write its cache is one: not the node cache an
-    agent lends an unprivileged sidecar read-only.
-    """
-
-    async def evict_cache(self, paths: Sequence[Path]) -> None: ...
-
-
-class BentoTree(Protocol):
-    """Where the Bento is readable: its directory (manifest.json) and its models/."""
-
-    @property
-    def bento_dir(self) -> Path: ...
-
-    @property
-    def models_dir(self) -> Path: ...
 
 
 @dataclass
@@ -307,7 +278,7 @@ async def warm(
     watchdog = asyncio.create_task(progress_reporter.watch_stalls())
     try:
         progress = await stream_model(
-            settings,
+            settings.warmup_concurrency,
             mount,
             files,
             deadline,
@@ -318,7 +289,7 @@ async def warm(
         )
         full = cache_watch is not None and await cache_watch.check("after streaming the model")
         if filler is not None and should_fill_cache(True, full):
-            await _fill_cache(filler, [mount.models_dir / f.path for f in files], deadline)
+            await fill_cache_until(filler, [mount.models_dir / f.path for f in files], deadline)
     except VerificationError as err:
         log.error("warmup.verification_failed", error=str(err))
         metrics.warmup_failed("VerificationFailed")
@@ -362,81 +333,6 @@ async def warm(
     )
     await reporter.event(NORMAL, "ModelsReady", message)
     return True
-
-
-async def stream_model(
-    settings: Settings,
-    tree: BentoTree,
-    files: list[ManifestFile],
-    deadline: float,
-    on_progress: ProgressCallback,
-    on_error: ErrorCallback,
-    filler: CacheFiller | None = None,
-    purger: CachePurger | None = None,
-    on_purge: Callable[[ManifestFile, str], None] | None = None,
-) -> Progress:
-    """Read and verify every file through the mount, then complete the cache (see warm).
-
-    No files is a VerificationError: a gate never opens on nothing verified.
-    With `purger`, a file that differs from the manifest is read once more
-    after its cached blocks are evicted (`on_purge` is told first).
-    """
-    if not files:
-        raise VerificationError("no file of the manifest was chosen: nothing to verify")
-    streamer = Streamer(
-        root=tree.models_dir,
-        concurrency=settings.warmup_concurrency,
-        deadline=deadline,
-        on_progress=on_progress,
-        on_error=on_error,
-        purge=None if purger is None else _purge(purger, tree, deadline, on_purge),
-    )
-    progress = await streamer.run(files)
-    if filler is not None:
-        await _fill_cache(filler, [tree.models_dir / f.path for f in files], deadline)
-    return progress
-
-
-def _purge(
-    purger: CachePurger,
-    tree: BentoTree,
-    deadline: float,
-    on_purge: Callable[[ManifestFile, str], None] | None,
-) -> Purge:
-    """The streamer's purge: evict one file's cached blocks, by the deadline."""
-
-    async def purge(entry: ManifestFile, problem: str) -> str | None:
-        log.warning("verify.purging", path=entry.path, problem=problem)
-        if on_purge is not None:
-            on_purge(entry, problem)
-        try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 1.0)):
-                await purger.evict_cache([tree.models_dir / entry.path])
-        except TimeoutError:
-            failed = "not done by the warmup deadline"
-        except (OSError, MountError) as err:
-            failed = str(err) or type(err).__name__
-        else:
-            log.info("cache.purged", path=entry.path)
-            return None
-        log.warning("cache.purge_failed", path=entry.path, error=failed)
-        return failed
-
-    return purge
-
-
-async def _fill_cache(filler: CacheFiller, paths: list[Path], deadline: float) -> None:
-    started = time.monotonic()
-    try:
-        async with asyncio.timeout(max(deadline - started, 1.0)):
-            await filler.fill_cache(paths)
-    except TimeoutError:
-        log.warning("cache.fill_failed", error="not finished by the warmup deadline")
-        return
-    except (OSError, MountError) as err:
-        log.warning("cache.fill_failed", error=str(err))
-        return
-    log.info("cache.filled", files=len(paths), seconds=round(time.monotonic() - started, 2))
 
 
 def _cache_text(settings: Settings, cache_size_mib: int) -> str:
@@ -565,7 +461,9 @@ async def _run(
         log.warning("cache.slow", policy=settings.ssd_policy, action=action)
     gate = gate_plan(settings.warmup, cache)
 
-    mount = JuiceFSMount(settings, cache_size_mib=cache.cache_size_mib, agent=agent)
+    mount = JuiceFSMount(
+        settings.mount_spec(cache.cache_size_mib), None if agent is None else AgentMounts(agent)
+    )
     # Informational only: the mount must not wait on, or fail with, the apiserver.
     reporter.post_condition("False", "Mounting", "mounting JuiceFS", attempts=1)
     stopping = asyncio.create_task(stop.wait())

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+# The kit's failed asserts show their values, as a test module's do.
+pytest.register_assert_rewrite("tests.kit")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

@@ -12,7 +12,7 @@ after this normalisation and nothing else:
 - the four labels the chart adds to every object's metadata.labels are
   removed from metadata.labels (and metadata.labels with it when that leaves
   it empty): helm.sh/chart, app.kubernetes.io/managed-by,
-  app.kubernetes.io/instance, app.kubernetes.io/version (HELM_LABELS below).
+  app.kubernetes.io/instance, app.kubernetes.io/version (HELM_LABELS in tests/kit/chart.py).
   Selectors and pod template labels are compared as they are;
 - the ConfigMap's config.yaml (a YAML document inside a string) is compared
   parsed, so its key order, quoting and comments do not count;
@@ -26,76 +26,35 @@ import json
 import os
 import subprocess
 from collections.abc import Iterable
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from devcluster.binaries import CHART_COMPONENTS, ensure_binaries
 from injector.config import parse_config
 from tests.helpers import bento_pod, inject
-
-REPO = Path(__file__).resolve().parent.parent
-CHART = REPO / "charts" / "bento-juicefs"
-OVERLAYS = REPO / "manifests" / "overlays"
-CERT_MANAGER = REPO / "manifests" / "components" / "cert-manager"
-PROFILES = ("gke", "eks", "aks")
-HELM_LABELS = frozenset(
-    {
-        "helm.sh/chart",
-        "app.kubernetes.io/managed-by",
-        "app.kubernetes.io/instance",
-        "app.kubernetes.io/version",
-    }
+from tests.kit.chart import (
+    CERT_MANAGER,
+    CHART,
+    HELM_LABELS,
+    NAMESPACE,
+    OVERLAYS,
+    PROFILES,
+    REPO,
+    Key,
+    dump,
+    helm,
+    kustomize,
+    normalise,
+    parse_objects,
+    run_tool,
+    tool_binaries,
 )
-NAMESPACE = "bento-juicefs-system"
+
 CONFIG_MAP = ("ConfigMap", "bento-juicefs-injector-config", NAMESPACE)
 DASHBOARD_CONFIG_MAP = ("ConfigMap", "bento-juicefs-dashboard", NAMESPACE)
 DAEMON_SET = ("DaemonSet", "bento-juicefs-node-agent", NAMESPACE)
-
-Key = tuple[str, str, str]
-
-
-@cache
-def _binaries() -> dict[str, Path]:
-    return ensure_binaries(CHART_COMPONENTS)
-
-
-def _run(args: list[str]) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stderr}"
-    return proc.stdout
-
-
-def _objects(text: str) -> dict[Key, dict[str, Any]]:
-    objects: dict[Key, dict[str, Any]] = {}
-    for doc in yaml.safe_load_all(text):
-        if not doc:
-            continue
-        meta = doc["metadata"]
-        key = (doc["kind"], meta["name"], meta.get("namespace", ""))
-        assert key not in objects, f"rendered twice: {key}"
-        objects[key] = doc
-    return objects
-
-
-@cache
-def helm_text(*sets: str) -> str:
-    args = [str(_binaries()["helm"]), "template", "bento-juicefs", str(CHART)]
-    for item in sets:
-        args += ["--set", item]
-    return _run(args)
-
-
-def helm(*sets: str) -> dict[Key, dict[str, Any]]:
-    return _objects(helm_text(*sets))
-
-
-@cache
-def _kustomize_text(profile: str) -> str:
-    return _run([str(_binaries()["kubectl"]), "kustomize", str(OVERLAYS / profile)])
 
 
 def kustomize_cert_manager(profile: str, work: Path) -> dict[Key, dict[str, Any]]:
@@ -119,24 +78,7 @@ def kustomize_cert_manager(profile: str, work: Path) -> dict[Key, dict[str, Any]
         "patches": [{"path": "config.yaml"}],
     }
     (work / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    return _objects(_run([str(_binaries()["kubectl"]), "kustomize", str(work)]))
-
-
-def kustomize(profile: str) -> dict[Key, dict[str, Any]]:
-    return _objects(_kustomize_text(profile))
-
-
-def normalise(obj: dict[str, Any]) -> dict[str, Any]:
-    obj = json.loads(json.dumps(obj))  # a deep copy
-    labels = obj["metadata"].get("labels")
-    if labels is not None:
-        for name in HELM_LABELS:
-            labels.pop(name, None)
-        if not labels:
-            del obj["metadata"]["labels"]
-    if obj["kind"] == "ConfigMap" and isinstance(obj.get("data", {}).get("config.yaml"), str):
-        obj["data"]["config.yaml"] = yaml.safe_load(obj["data"]["config.yaml"])
-    return obj
+    return parse_objects(run_tool([str(tool_binaries()["kubectl"]), "kustomize", str(work)]))
 
 
 def config_of(objects: dict[Key, dict[str, Any]]) -> dict[str, Any]:
@@ -157,10 +99,6 @@ def node_cache(spec: dict[str, Any]) -> tuple[str, str]:
     return volume["hostPath"]["path"], mount["mountPath"]
 
 
-def _dump(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, indent=1)
-
-
 def _sets(profile: str) -> Iterable[str]:
     return () if profile == "gke" else (f"profile={profile}",)
 
@@ -173,7 +111,7 @@ def test_chart_and_overlay_render_the_same_objects(profile: str) -> None:
     chart, overlay = helm(*_sets(profile)), kustomize(profile)
     assert sorted(chart) == sorted(overlay)
     for key in sorted(chart):
-        assert _dump(normalise(chart[key])) == _dump(normalise(overlay[key])), (
+        assert dump(normalise(chart[key])) == dump(normalise(overlay[key])), (
             f"{profile}: {key} differs between the chart and manifests/overlays/{profile}"
         )
 
@@ -187,18 +125,20 @@ def test_chart_with_cert_manager_and_the_component_render_the_same_objects(
     assert sorted(chart) == sorted(overlay)
     assert ("Certificate", "bento-juicefs-injector-serving", NAMESPACE) in chart
     for key in sorted(chart):
-        assert _dump(normalise(chart[key])) == _dump(normalise(overlay[key])), (
+        assert dump(normalise(chart[key])) == dump(normalise(overlay[key])), (
             f"{profile}: {key} differs between the chart and components/cert-manager"
         )
 
 
 def test_the_gke_overlay_is_the_base() -> None:
-    base = _objects(_run([str(_binaries()["kubectl"]), "kustomize", str(REPO / "manifests/base")]))
+    base = parse_objects(
+        run_tool([str(tool_binaries()["kubectl"]), "kustomize", str(REPO / "manifests/base")])
+    )
     assert base == kustomize("gke")
 
 
 def test_helm_lint_passes() -> None:
-    out = _run([str(_binaries()["helm"]), "lint", "--strict", str(CHART)])
+    out = run_tool([str(tool_binaries()["helm"]), "lint", "--strict", str(CHART)])
     assert "0 chart(s) failed" in out
 
 
@@ -275,7 +215,7 @@ def test_eks_and_aks_differ_from_gke() -> None:
     ],
 )
 def test_values_schema_refuses(value: str, message: str) -> None:
-    args = [str(_binaries()["helm"]), "template", "x", str(CHART), "--set", value]
+    args = [str(tool_binaries()["helm"]), "template", "x", str(CHART), "--set", value]
     proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr
@@ -528,6 +468,6 @@ def test_the_grafana_dashboard_config_map() -> None:
 def test_the_comparison_sees_a_changed_value() -> None:
     chart, overlay = helm("injector.replicas=3"), kustomize("gke")
     key = ("Deployment", "bento-juicefs-injector", NAMESPACE)
-    assert _dump(normalise(chart[key])) != _dump(normalise(overlay[key]))
+    assert dump(normalise(chart[key])) != dump(normalise(overlay[key]))
     chart = helm("config.cluster.kubernetesVersion=1.31")
-    assert _dump(normalise(chart[CONFIG_MAP])) != _dump(normalise(overlay[CONFIG_MAP]))
+    assert dump(normalise(chart[CONFIG_MAP])) != dump(normalise(overlay[CONFIG_MAP]))

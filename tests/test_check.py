@@ -14,32 +14,22 @@ from typing import Any
 import pytest
 
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord, WarmState
-from injector.certs import generate_ca, issue_serving_cert, service_hosts
-from injector.check import (
-    ClusterState,
-    Endpoints,
-    Probe,
-    Row,
-    Unreadable,
-    _Api,
-    check_ca_bundle,
-    check_credentials,
-    check_endpoints,
-    check_namespaces,
-    check_node_agent,
-    check_ssd_nodes,
-    check_streaming_nodes,
-    check_version,
-    exit_code,
-    fetch,
-    fetch_endpoints,
-    probe_tls,
-    render,
-    run_checks,
-    verify_served,
-)
+from injector.check.agent import check_node_agent
+from injector.check.certificates import verify_served
+from injector.check.credentials import check_credentials
+from injector.check.endpoints import check_endpoints
+from injector.check.fetch import ApiReader, fetch, fetch_endpoints, probe_tls
+from injector.check.namespaces import check_namespaces
+from injector.check.nodes import check_ssd_nodes, check_streaming_nodes
+from injector.check.rows import Row, exit_code
+from injector.check.run import run_checks
+from injector.check.state import ClusterState, Endpoints, Probe, Unreadable
+from injector.check.table import render
+from injector.check.version import check_version
+from injector.check.webhook import check_ca_bundle
 from injector.cli import main
 from injector.config import InjectorConfig, parse_config
+from injector.pki.authority import generate_ca, issue_serving_cert, service_hosts
 
 CONFIG = InjectorConfig()  # the GKE profile: ssdPolicy required, cache mode node
 SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
@@ -888,7 +878,7 @@ async def test_a_services_ready_endpoints_are_each_connected_to(
         }
     )
     hooks = webhook_configuration(ca[0])
-    endpoints = await fetch_endpoints(_Api(api), hooks, CONFIG)
+    endpoints = await fetch_endpoints(ApiReader(api), hooks, CONFIG)
     assert (
         f"/apis/discovery.k8s.io/v1/namespaces/{HOME}/endpointslices",
         [("labelSelector", "kubernetes.io/service-name=bento-juicefs-injector")],

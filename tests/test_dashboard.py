@@ -3,7 +3,7 @@
 Every query parses as PromQL (promql-parser, a port of Prometheus's parser),
 and every metric name in its PromQL (the panels' targets and the variables'
 label_values queries) must be one the code defines, as scraped: the names
-tests/test_metrics_docs.py reads from the injector's, the sidecar's and the
+tests/kit/metrics.py reads from the injector's, the sidecar's and the
 node agent's source (and checks against a real scrape of their registries).
 A renamed metric, or a typo, fails here rather than as an empty panel.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import promql_parser
 import pytest
 
-from tests.test_metrics_docs import code_metrics
+from tests.kit.metrics import code_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "charts" / "bento-juicefs" / "dashboards" / "bento-juicefs.json"

@@ -96,6 +96,7 @@ def test_dockerfile_takes_its_base_as_an_arg_and_copies_only_the_packages() -> N
         "README.md",
         "common",
         "injector",
+        "modelstore",
         "sidecar",
         "nodeagent",
     }

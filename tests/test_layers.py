@@ -57,6 +57,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
 def test_every_layer_is_a_root_package() -> None:
     assert set(root_packages()) == {
         "common",
+        "modelstore",
         "injector",
         "sidecar",
         "nodeagent",
@@ -70,7 +71,7 @@ def test_the_layout_as_declared_passes(tmp_path: Path) -> None:
     copy_layout(tmp_path)
     result = lint_imports(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 kept, 0 broken" in result.stdout
+    assert "5 kept, 0 broken" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -86,6 +87,19 @@ def test_the_layout_as_declared_passes(tmp_path: Path) -> None:
         ("common/logs.py", "import sidecar.agent\n", "common.logs -> sidecar.agent"),
         ("injector/server.py", "import devcluster\n", "injector.server -> devcluster"),
         ("tests/test_layers.py", "import benchmarks\n", "tests.test_layers -> benchmarks"),
+        # Inside the injector: the config under the decision, the decision under the server.
+        (
+            "injector/config.py",
+            "import injector.admission\n",
+            "injector.config -> injector.admission",
+        ),
+        (
+            "injector/namespaces.py",
+            "import injector.server\n",
+            "injector.namespaces -> injector.server",
+        ),
+        # The model store is below the sidecar: it never reaches back up.
+        ("modelstore/mount.py", "import sidecar.agent\n", "modelstore.mount -> sidecar.agent"),
     ],
 )
 def test_a_crossing_import_fails_the_check(
@@ -95,7 +109,7 @@ def test_a_crossing_import_fails_the_check(
     (tmp_path / module).write_text(offending)
     result = lint_imports(tmp_path)
     assert result.returncode != 0
-    assert "1 kept, 1 broken" in result.stdout
+    assert "4 kept, 1 broken" in result.stdout
     assert reported in result.stdout, result.stdout
 
 
@@ -117,4 +131,39 @@ def test_an_io_library_in_a_pure_module_fails_the_check(
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert "pure decisions import no I/O library BROKEN" in result.stdout, result.stdout
+    assert reported in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "offending", "contract", "reported"),
+    [
+        # What the agent's warmer did before the model store existed.
+        (
+            "nodeagent/warmer.py",
+            "from sidecar.run import stream_model\n",
+            "the node agent uses the model store, not the sidecar or the webhook server",
+            "nodeagent.warmer -> sidecar.run",
+        ),
+        (
+            "nodeagent/workloads.py",
+            "import injector.server\n",
+            "the node agent uses the model store, not the sidecar or the webhook server",
+            "nodeagent.workloads -> injector.server",
+        ),
+        (
+            "benchmarks/streaming.py",
+            "import sidecar.run\n",
+            "only the sidecar and its tests run the sidecar's loop",
+            "benchmarks.streaming -> sidecar.run",
+        ),
+    ],
+)
+def test_the_agent_and_the_benchmarks_keep_off_the_sidecar(
+    tmp_path: Path, module: str, offending: str, contract: str, reported: str
+) -> None:
+    copy_layout(tmp_path)
+    (tmp_path / module).write_text(offending)
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert f"{contract} BROKEN" in result.stdout, result.stdout
     assert reported in result.stdout, result.stdout

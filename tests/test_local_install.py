@@ -24,7 +24,7 @@ from devcluster.injector_pods import (
     kustomize_overlay,
     node_agent_access,
 )
-from tests.test_chart import NAMESPACE, Key, _binaries, _dump, _objects, _run, normalise
+from tests.kit.chart import NAMESPACE, Key, dump, normalise, parse_objects, run_tool, tool_binaries
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "cluster": {"kubernetesVersion": "1.37"},
@@ -43,22 +43,24 @@ def _key(doc: dict[str, Any]) -> Key:
 def helm_install(work: Path) -> dict[Key, dict[str, Any]]:
     values = work / "values.yaml"
     values.write_text(yaml.safe_dump(helm_values(SETTINGS)))
-    helm = str(_binaries()["helm"])
-    objects = _objects(_run([helm, "template", "bento-juicefs", str(CHART), "-f", str(values)]))
+    helm = str(tool_binaries()["helm"])
+    objects = parse_objects(
+        run_tool([helm, "template", "bento-juicefs", str(CHART), "-f", str(values)])
+    )
     # What PodInjector.install applies besides the chart.
     return {**objects, **{_key(doc): doc for doc in node_agent_access()}}
 
 
 def kustomize_install(work: Path) -> dict[Key, dict[str, Any]]:
     overlay = kustomize_overlay(work / "overlay", SETTINGS)
-    return _objects(_run([str(_binaries()["kubectl"]), "kustomize", str(overlay)]))
+    return parse_objects(run_tool([str(tool_binaries()["kubectl"]), "kustomize", str(overlay)]))
 
 
 def test_the_local_helm_and_kustomize_installs_are_the_same_objects(tmp_path: Path) -> None:
     chart, overlay = helm_install(tmp_path), kustomize_install(tmp_path)
     assert sorted(chart) == sorted(overlay)
     for key in sorted(chart):
-        assert _dump(normalise(chart[key])) == _dump(normalise(overlay[key])), key
+        assert dump(normalise(chart[key])) == dump(normalise(overlay[key])), key
 
 
 def test_the_local_install_sets_only_what_the_machine_needs(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from nodeagent.warmer import (
     AgentIdentity,
     Credentials,
     CredentialsError,
-    mount_settings,
+    mount_spec,
     read_credentials,
 )
 from nodeagent.workloads import (
@@ -336,19 +336,15 @@ def test_the_agent_mounts_with_the_sidecars_node_cache_settings(tmp_path: Path) 
     workload = workload_bento(deployment(), "Deployment", config)
     assert not isinstance(workload, str)
     [want] = wanted_bentos([workload])
-    settings = mount_settings(
-        config,
-        want,
-        AgentIdentity("node-1", "agent-x", "bento-juicefs-system"),
-        Credentials("redis://meta:6379/1", None, None),
-        tmp_path,
-        "juicefs",
+    spec = mount_spec(
+        config, want, Credentials("redis://meta:6379/1", None, None), tmp_path, "juicefs"
     )
-    assert settings.cache_mode == "node"
-    assert settings.cache_dir == Path(str(config.node_cache_path)) / "models"
-    assert settings.cache_size_mib == 184320  # 0.9 x 200Gi, what the injector writes
-    assert settings.bento_path == "/bentos/llama/v1"
-    assert settings.private_mount.is_relative_to(tmp_path)
+    assert spec.cache_mode == "node"
+    assert spec.cache_dir == Path(str(config.node_cache_path)) / "models"
+    assert spec.cache_size_mib == 184320  # 0.9 x 200Gi, what the injector writes
+    assert spec.bento_path == "/bentos/llama/v1"
+    assert spec.private_mount.is_relative_to(tmp_path)
+    assert spec.warmup_threads == config.warmup.concurrency
 
 
 def test_credentials_are_the_mounted_secrets_files(tmp_path: Path) -> None:

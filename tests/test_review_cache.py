@@ -14,7 +14,7 @@ from injector.config import InjectorConfig
 from injector.review_cache import MAX_PATCH_CHARS, ReviewCache, review_key
 from injector.server import REVIEWS
 from tests.helpers import bento_pod
-from tests.test_server import client_context, review_body, server_config, start
+from tests.kit.server import client_context, review_body, server_config, start
 
 
 def body_with(uid: str, pod: dict[str, Any] | None = None) -> bytes:

@@ -6,11 +6,9 @@ import asyncio
 import base64
 import json
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import jsonpatch
@@ -20,13 +18,14 @@ from aiohttp import web
 from cryptography import x509
 
 from common.ports import free_port, port_answers
-from injector import cluster_certs, kube, namespaces
-from injector.certs import generate_bundle, issue_serving_cert
-from injector.config import InjectorConfig, parse_config
-from injector.lifecycle import SERVING, ReadyCheck
+from injector import kube, namespaces
+from injector.pki import ca_keeper
+from injector.pki.authority import generate_bundle, issue_serving_cert
+from injector.pki.serving import TLS, prepare_tls, reload_if_changed
+from injector.pki.shared_ca import SharedCa
 from injector.server import ClusterAccess, build_app, serve
-from injector.tls import TLS, prepare_tls, reload_if_changed
 from tests.helpers import bento_pod
+from tests.kit.server import client_context, review_body, server_config, start
 
 
 @dataclass
@@ -42,46 +41,6 @@ class Running:
         return await self.session.post(
             self.url + "/mutate", data=body, headers={"Content-Type": content_type}
         )
-
-
-def review_body(obj: dict[str, Any] | None, **overrides: Any) -> bytes:
-    request: dict[str, Any] = {
-        "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
-        "kind": {"group": "", "version": "v1", "kind": "Pod"},
-        "resource": {"group": "", "version": "v1", "resource": "pods"},
-        "operation": "CREATE",
-        "namespace": "serving",
-        "object": obj,
-        "dryRun": False,
-    }
-    request.update(overrides.pop("request", {}))
-    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
-    review.update(overrides)
-    return json.dumps(review).encode()
-
-
-def client_context(ca: Path) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(ca))
-
-
-async def start(
-    config: InjectorConfig, checks: list[ReadyCheck] | None = None
-) -> tuple[web.AppRunner, web.Application, int]:
-    app = build_app(config, checks)
-    runner = web.AppRunner(app)
-    await runner.setup()  # loads the serving certificate into app[TLS]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    site = web.SockSite(runner, sock, ssl_context=app[TLS].context)
-    await site.start()
-    app[SERVING].set()
-    return runner, app, sock.getsockname()[1]
-
-
-def server_config(tmp_path: Path, **server: Any) -> InjectorConfig:
-    return parse_config(
-        {"server": {"certDir": str(tmp_path / "certs"), "maxBodyBytes": 64 * 1024, **server}}
-    )
 
 
 @pytest.fixture
@@ -341,10 +300,10 @@ async def test_cluster_parts_start_with_the_app_and_stop_before_the_client_close
 async def test_a_failed_start_still_closes_the_client(
     tmp_path: Path, cluster_events: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def start(self: cluster_certs.CaKeeper) -> cluster_certs.SharedCa:
+    async def start(self: ca_keeper.CaKeeper) -> SharedCa:
         raise RuntimeError("apiserver unreachable")
 
-    monkeypatch.setattr(cluster_certs.CaKeeper, "start", start)
+    monkeypatch.setattr(ca_keeper.CaKeeper, "start", start)
     config = server_config(tmp_path, port=free_port())
     with pytest.raises(RuntimeError, match="apiserver unreachable"):
         await serve(config, kubeconfig="/tmp/kubeconfig", stop=asyncio.Event())

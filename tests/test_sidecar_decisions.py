@@ -8,8 +8,6 @@ owner's warmup=false opens it on the mount alone.
 from __future__ import annotations
 
 import asyncio
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.env import SSD_POLICIES, SsdPolicy
-from sidecar.cacheprobe import CacheSpeed
+from sidecar.cachedisk import CacheSpeed
 from sidecar.decisions import (
     CachePlan,
     GatePlan,
@@ -27,10 +25,9 @@ from sidecar.decisions import (
     should_probe_cache,
     slow_disk_action,
 )
-from sidecar.env import Settings
-from sidecar.publish import publish
 from sidecar.run import open_gate
 from tests.helpers import flip_middle_byte
+from tests.kit.sidecar import FakeReporter, PublishedBento, published_bento, settings_for
 
 SLOW = CacheSpeed(write_mbps=80, read_mbps=500, direct_io=True)
 FAST = CacheSpeed(write_mbps=900, read_mbps=2500, direct_io=True)
@@ -111,61 +108,6 @@ def test_no_cache_decision_opens_the_gate_unverified(
 ) -> None:
     speed = CacheSpeed(write, read, direct_io=True) if measured else None
     assert gate_plan(True, cache_plan(policy, speed, minimum, 1024)).verify
-
-
-@dataclass
-class FakeReporter:
-    """Records what the sidecar tells the cluster, in order (implements Reporter)."""
-
-    said: list[tuple[str, ...]] = field(default_factory=list)
-
-    async def event(self, kind: str, reason: str, message: str) -> None:
-        self.said.append(("event", reason))
-
-    async def set_condition(
-        self, status: str, reason: str, message: str, attempts: int | None = 8
-    ) -> None:
-        self.said.append(("condition", status, reason))
-
-
-@dataclass(frozen=True)
-class PublishedBento:
-    """A published Bento in a plain directory, standing in for the JuiceFS mount."""
-
-    bento_dir: Path
-
-    @property
-    def models_dir(self) -> Path:
-        return self.bento_dir / "models"
-
-
-def published_bento(root: Path) -> PublishedBento:
-    source = root / "src" / "models"
-    (source / "llama3" / "v1").mkdir(parents=True)
-    (source / "llama3" / "v1" / "model.yaml").write_text("name: llama3\n")
-    (source / "llama3" / "v1" / "model.safetensors").write_bytes(os.urandom(3 << 20))
-    volume = root / "volume"
-    volume.mkdir()
-    publish(source, volume, "/bentos/{name}/{version}", "llama3-service", "v1")
-    return PublishedBento(volume / "bentos" / "llama3-service" / "v1")
-
-
-def settings_for(bento: PublishedBento) -> Settings:
-    return Settings.from_env(
-        {
-            "POD_NAME": "llama-0",
-            "POD_NAMESPACE": "serving",
-            "JFS_META_URL": "redis://unused",
-            "BENTO_NAME": "llama3-service",
-            "BENTO_VERSION": "v1",
-            "JFS_BENTO_PATH": "/bentos/llama3-service/v1",
-            "JFS_MOUNT_POINT": str(bento.bento_dir),
-            "JFS_CACHE_DIR": str(bento.bento_dir.parent / "cache"),
-            "JFS_CONDITION_TYPE": "juicefs.bentoml.com/models-ready",
-            "JFS_WARMUP_TIMEOUT_SECONDS": "60",
-            "JFS_AGENT_SOCKET": str(bento.bento_dir.parent / "agent.sock"),
-        }
-    )
 
 
 def open_with(bento: PublishedBento, gate: GatePlan) -> FakeReporter:

@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 
 from common.agentsocket import LineBuffer, Request, parse_request, render_reply
 from common.env import SSD_POLICIES, SsdPolicy
+from modelstore.mount import juicefs_says_cache_full
 from sidecar.agent import AgentChannel, AgentReporter, AgentUnreachable
-from sidecar.cacheprobe import CacheSpeed, DiskSpace, disk_space
+from sidecar.cachedisk import CacheSpeed, DiskSpace, disk_space
 from sidecar.decisions import (
     CachePlan,
     cache_full,
@@ -31,14 +32,12 @@ from sidecar.decisions import (
     cache_plan,
     gate_after_warmup,
     gate_plan,
-    juicefs_says_cache_full,
     should_fill_cache,
     should_probe_cache,
 )
 from sidecar.reporter import OrderedReporter
 from sidecar.run import CacheSpaceWatch, open_gate
-from tests.test_sidecar_decisions import FakeReporter, published_bento, settings_for
-from tests.test_sidecar_node_cache import RecordingFiller
+from tests.kit.sidecar import FakeReporter, RecordingFiller, published_bento, settings_for
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -431,7 +430,7 @@ def test_a_probe_with_no_room_for_its_file_counts_as_full_and_is_reported(
 
 
 def test_what_juicefs_warmup_check_says_is_parsed() -> None:
-    from sidecar.mount import parse_cache_check
+    from modelstore.mount import parse_cache_check
 
     # Real juicefs 1.4.2 output: after a warmup with MinIO down, then after one that worked.
     down = (

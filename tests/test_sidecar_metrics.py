@@ -21,19 +21,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.ports import port_is_free
+from modelstore.sources import ByteSources, JuiceFSCounters, MountCounters, Snapshot
+from modelstore.streamer import Progress
 from sidecar import run as sidecar_run
 from sidecar.decisions import CachePlan, gate_plan
 from sidecar.metrics import FAILURE_REASONS, STATES, SidecarMetrics
 from sidecar.run import open_gate, warm
-from sidecar.sources import ByteSources, JuiceFSCounters, MountCounters, Snapshot
-from sidecar.warmup import Progress
 from tests.helpers import flip_middle_byte
-from tests.test_sidecar_decisions import (
-    FakeReporter,
-    PublishedBento,
-    published_bento,
-    settings_for,
-)
+from tests.kit.sidecar import FakeReporter, PublishedBento, published_bento, settings_for
 
 MIB = 1 << 20
 PREFIX = "bento_juicefs_sidecar_"

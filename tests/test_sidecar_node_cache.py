@@ -9,18 +9,15 @@ from __future__ import annotations
 import asyncio
 import http.server
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.cacheprobe import measure
-from sidecar.env import Settings
-from sidecar.mount import JuiceFSMount, MountError
-from sidecar.run import warm
-from sidecar.sources import (
+from modelstore.mount import JuiceFSMount, MountError
+from modelstore.sources import (
     JuiceFSCounters,
     MountCounters,
     Snapshot,
@@ -28,8 +25,11 @@ from sidecar.sources import (
     cache_writes_settled,
     parse_counters,
 )
+from sidecar.cachedisk import measure
+from sidecar.env import Settings
+from sidecar.run import warm
 from tests.helpers import minimal_env
-from tests.test_sidecar_decisions import FakeReporter, published_bento, settings_for
+from tests.kit.sidecar import FakeReporter, RecordingFiller, published_bento, settings_for
 
 MIB = 1 << 20
 
@@ -128,7 +128,7 @@ def test_node_mode_mounts_with_the_budget_and_a_frequent_scan() -> None:
     settings = node_settings()
     assert settings.cache_mode == "node"
     assert settings.node_cache_budget_mib == 1024
-    command = JuiceFSMount(settings).command()
+    command = JuiceFSMount(settings.mount_spec()).command()
     assert command[command.index("--cache-dir") + 1] == "/c"
     assert command[command.index("--cache-size") + 1] == "921"
     assert command[command.index("--cache-eviction") + 1] == "lru"
@@ -137,15 +137,15 @@ def test_node_mode_mounts_with_the_budget_and_a_frequent_scan() -> None:
 
 def test_pod_mode_and_no_disk_cache_keep_juicefs_defaults() -> None:
     pod = Settings.from_env(minimal_env(JFS_CACHE_MODE="pod"))
-    assert "--cache-scan-interval" not in JuiceFSMount(pod).command()
+    assert "--cache-scan-interval" not in JuiceFSMount(pod.mount_spec()).command()
     # A slow disk with ssd policy required mounts without a disk cache.
-    none = JuiceFSMount(node_settings(), cache_size_mib=0).command()
+    none = JuiceFSMount(node_settings().mount_spec(0)).command()
     assert none[none.index("--cache-size") + 1] == "0"
     assert "--cache-scan-interval" not in none
 
 
 def test_the_metrics_endpoint_is_known_once_started_and_fixed_for_that_process() -> None:
-    mount = JuiceFSMount(node_settings())
+    mount = JuiceFSMount(node_settings().mount_spec())
     assert mount.metrics_url is None
     assert mount.generation == 0
 
@@ -237,22 +237,6 @@ def test_models_ready_says_so_when_the_split_is_unknown(
     reporter = MessageReporter()
     assert asyncio.run(warm(settings_for(bento), bento, reporter, MountCounters(served))) is True
     assert "bytes by source unknown" in reporter.messages["ModelsReady"]
-
-
-@dataclass
-class RecordingFiller:
-    """Stands in for JuiceFSMount.fill_cache: records what it was asked to complete."""
-
-    fail_with: BaseException | None = None
-    hang: bool = False
-    asked: list[list[Path]] = field(default_factory=list)
-
-    async def fill_cache(self, paths: Sequence[Path]) -> None:
-        self.asked.append(list(paths))
-        if self.hang:
-            await asyncio.sleep(3600)
-        if self.fail_with is not None:
-            raise self.fail_with
 
 
 def test_after_verifying_the_sidecar_completes_the_cache_with_every_file(tmp_path: Path) -> None:

@@ -6,31 +6,19 @@ The same code runs over a real JuiceFS FUSE mount in tests/storage.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
 import pytest
 
-from sidecar.cacheprobe import measure
+from modelstore.manifest import Manifest, build_manifest, read_manifest
+from modelstore.mount import split_meta_password
+from modelstore.publish import PublishError, publish
+from modelstore.streamer import Progress, Streamer, VerificationError, WarmupTimeout
+from sidecar.cachedisk import measure
 from sidecar.env import Settings, SettingsError
-from sidecar.manifest import Manifest, build_manifest, read_manifest
-from sidecar.mount import split_meta_password
-from sidecar.publish import PublishError, publish
-from sidecar.warmup import Progress, Streamer, VerificationError, WarmupTimeout
 from tests.helpers import flip_middle_byte, minimal_env
-
-
-def make_models(root: Path) -> Path:
-    models = root / "models"
-    (models / "llama3" / "v1").mkdir(parents=True)
-    (models / "llama3" / "v1" / "model.yaml").write_text("name: llama3\n")
-    (models / "llama3" / "v1" / "model-00002-of-00002.safetensors").write_bytes(os.urandom(3 << 20))
-    (models / "llama3" / "v1" / "model-00001-of-00002.safetensors").write_bytes(os.urandom(5 << 20))
-    (models / "llama3" / "latest").write_text("v1")
-    (models / "tokenizer" / "t2").mkdir(parents=True)
-    (models / "tokenizer" / "t2" / "vocab.json").write_text("{}")
-    return models
+from tests.kit.sidecar import make_models
 
 
 def test_manifest_orders_metadata_first_then_shards(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Verification trusts nothing a tenant can write (sidecar.manifest, sidecar.warmup, sidecar.run).
+"""Verification trusts nothing a tenant can write (modelstore.manifest and .streamer, sidecar.run).
 
 - The manifest must name the pod's Bento: one copied from another Bento,
   with that Bento's hashes, verifies nothing.
@@ -27,9 +27,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodeagent.warmer import MountedBento
-from sidecar.decisions import CachePlan, gate_plan
-from sidecar.manifest import (
+from common.warm import BentoRef
+from injector.config import Warmup
+from modelstore.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestFile,
@@ -39,13 +39,16 @@ from sidecar.manifest import (
     files_to_verify,
     read_manifest,
 )
-from sidecar.mount import JuiceFSMount, MountError
-from sidecar.publish import publish
-from sidecar.run import open_gate, stream_model
-from sidecar.warmup import Progress, Streamer, VerificationError, content_problem
+from modelstore.mount import JuiceFSMount, MountError
+from modelstore.publish import publish
+from modelstore.streamer import Progress, Streamer, VerificationError, content_problem, stream_model
+from nodeagent.warmer import MountedBento
+from nodeagent.workloads import WantedBento
+from sidecar.decisions import CachePlan, gate_plan
+from sidecar.env import Settings
+from sidecar.run import open_gate
 from tests.helpers import flip_middle_byte
-from tests.test_sidecar_decisions import PublishedBento, published_bento, settings_for
-from tests.test_sidecar_units import make_models
+from tests.kit.sidecar import PublishedBento, make_models, published_bento, settings_for
 
 SHA = "0" * 64
 BENTO = "llama3-service:v1"
@@ -295,7 +298,7 @@ def test_stream_model_refuses_to_verify_nothing(tmp_path: Path) -> None:
     with pytest.raises(VerificationError, match="nothing to verify"):
         asyncio.run(
             stream_model(
-                settings_for(bento),
+                settings_for(bento).warmup_concurrency,
                 bento,
                 [],
                 time.monotonic() + 30,
@@ -495,16 +498,24 @@ def test_without_a_purger_the_first_mismatch_keeps_the_gate_shut(tmp_path: Path)
 # -- the node agent verifies the same way --------------------------------------------------
 
 
+def wanted(settings: Settings) -> WantedBento:
+    """The Bento a node agent would warm for a pod with these settings."""
+    ref = BentoRef(settings.volume, settings.bento_name, settings.bento_version)
+    return WantedBento(ref, settings.bento_path, settings.models, changed_at="", workloads=())
+
+
 def test_the_node_agent_refuses_what_the_sidecar_refuses(tmp_path: Path) -> None:
     bento = published_bento(tmp_path)
     settings = settings_for(bento)
-    agent = MountedBento(settings, JuiceFSMount(settings))
+    agent = MountedBento(wanted(settings), JuiceFSMount(settings.mount_spec()), Warmup())
     manifest = read_manifest(bento.bento_dir)
     assert [f.path for f in agent.files(manifest)] == [f.path for f in manifest.select(())]
     copied = replace_bento(manifest, "other-service:v3")
     with pytest.raises(ManifestMismatch, match="not this pod's 'llama3-service:v1'"):
         agent.files(copied)
-    typo = MountedBento(replace(settings, models=("llama4",)), JuiceFSMount(settings))
+    typo = MountedBento(
+        wanted(replace(settings, models=("llama4",))), JuiceFSMount(settings.mount_spec()), Warmup()
+    )
     with pytest.raises(ManifestMismatch, match="models llama4"):
         typo.files(manifest)
     # Its warm() catches VerificationError: a refused manifest is a VerificationFailed Event.
@@ -521,7 +532,7 @@ def test_the_purge_is_juicefs_warmup_evict(tmp_path: Path) -> None:
     script.write_text(f'#!/bin/sh\necho "$@" > {log}\n')
     script.chmod(0o755)
     settings = replace(settings_for(published_bento(tmp_path)), juicefs_bin=str(script))
-    mount = JuiceFSMount(settings)
+    mount = JuiceFSMount(settings.mount_spec())
     path = mount.models_dir / "llama3" / "v1" / "model.safetensors"
     asyncio.run(mount.evict_cache([path]))
     args = log.read_text().split()

@@ -20,12 +20,13 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 
-from injector.certs import issue_serving_cert, write_atomic
 from injector.config import InjectorConfig, parse_config
 from injector.lifecycle import SERVING
 from injector.metrics import METRICS
+from injector.pki.authority import issue_serving_cert
+from injector.pki.cert_files import write_atomic
+from injector.pki.serving import TLS, TlsState, prepare_tls, reload_if_changed
 from injector.server import build_app
-from injector.tls import TLS, TlsState, prepare_tls, reload_if_changed
 
 HOSTS = ["localhost", "127.0.0.1"]
 
@@ -173,7 +174,7 @@ def test_a_nearly_expired_leftover_is_renewed_at_start(tmp_path: Path) -> None:
 
 
 def test_an_expired_certificate_is_due() -> None:
-    from injector.certs import generate_ca, needs_renewal
+    from injector.pki.authority import generate_ca, needs_renewal
 
     ca, key = generate_ca()
     cert_pem, _ = issue_serving_cert(ca, key, HOSTS, lifetime=dt.timedelta(minutes=-1))

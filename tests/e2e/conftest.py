@@ -19,7 +19,7 @@ from devcluster.local import local_cluster
 from devcluster.node import Node
 from devcluster.nodeagent import AGENT_ADDON, LocalNodeAgent
 from devcluster.storage import StorageStack
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 
 E2E_DIR = Path(__file__).resolve().parent
 EXTERNAL_KUBECONFIG = os.environ.get("E2E_KUBECONFIG") or None

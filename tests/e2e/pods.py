@@ -1,4 +1,9 @@
-"""Helpers for e2e tests whose pods really run: events, conditions, exec, HTTP to pods."""
+"""Helpers for e2e tests whose pods really run: events, conditions, exec, HTTP to pods.
+
+And the e2e tests' builders: opted-in namespaces, Bento pods and Deployments
+whose app checks a model file's sha256 (every e2e module takes them from
+here, none from another test module).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.injector import NAMESPACE as AGENT_NAMESPACE
 from devcluster.nodeagent import SELECTOR as AGENT_SELECTOR
+from modelstore.manifest import Manifest
 
 GATE = "juicefs.bentoml.com/models-ready"
 SIDECAR = "juicefs-mount"
@@ -29,6 +36,15 @@ DEBUG = '"level": "debug"'
 def get_pod(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
     pod: dict[str, Any] = cluster.get_json("pod", name, "-n", namespace)
     return pod
+
+
+def kubectl_create(
+    cluster: Cluster, namespace: str, obj: dict[str, Any], *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """`kubectl create` of obj (extra: more flags), unchecked: the caller reads the result."""
+    return cluster.kubectl(
+        "create", "-n", namespace, "-f", "-", *extra, input=json.dumps(obj), check=False
+    )
 
 
 def conditions(pod: dict[str, Any]) -> dict[str, str]:
@@ -265,12 +281,77 @@ def bento_labels(name: str, version: str) -> dict[str, str]:
     }
 
 
+@contextmanager
+def opted_in_namespace(cluster: Cluster, prefix: str, *, provisioned: bool = True) -> Iterator[str]:
+    """A new namespace `<prefix>-<6 hex>`, opted in to injection; deleted afterwards
+    (without waiting). provisioned: wait until the injector has provisioned it
+    (the tenant's credentials and RBAC), as a pod that mounts needs."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    cluster.create_namespace(name, OPT_IN)
+    if provisioned:
+        cluster.wait_provisioned(name)
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
 def namespace_enforcing(cluster: Cluster, level: str, prefix: str = "e2e") -> str:
     """A new opted-in namespace that enforces Pod Security `level`, provisioned."""
     name = f"{prefix}-{level}-{uuid.uuid4().hex[:6]}"
     cluster.create_namespace(name, {**OPT_IN, ENFORCE: level})
     cluster.wait_provisioned(name)
     return name
+
+
+def check_command(path: str, sha256: str, then: str = "exec sleep 3600") -> list[str]:
+    """sh: exit 1 unless the model file's sha256 is the published one, then `then`."""
+    script = (
+        f'got=$(sha256sum "{MODELS_PATH}/{path}" | cut -d" " -f1) || exit 2; '
+        f'if [ "$got" != "{sha256}" ]; then echo "sha256 $got != {sha256}"; exit 1; fi; '
+        f"echo verified {path}; {then}"
+    )
+    return ["sh", "-c", script]
+
+
+def checking_container(
+    model: Manifest, then: str = "exec sleep 3600", **extra: Any
+) -> dict[str, Any]:
+    """The sample Bento's app container: checks the model's largest file, then `then`."""
+    shard = max(model.files, key=lambda f: f.size)
+    return {
+        "name": "main",
+        "image": SAMPLE_BENTO_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "command": check_command(shard.path, shard.sha256, then=then),
+        **extra,
+    }
+
+
+def pod_manifest(
+    name: str, labels: dict[str, str], spec: dict[str, Any], **annotations: str
+) -> dict[str, Any]:
+    """A Bento pod of spec (a 20s grace period), with a 1Gi cache unless annotated otherwise."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": labels,
+            "annotations": {"juicefs.bentoml.com/cache-size": "1Gi", **annotations},
+        },
+        "spec": {"terminationGracePeriodSeconds": 20, **spec},
+    }
+
+
+def checking_deployment(
+    name: str, labels: dict[str, str], model: Manifest, replicas: int, **options: Any
+) -> dict[str, Any]:
+    """bento_deployment whose pods check the model's largest file, then sleep
+    (options: bento_deployment's annotations and strategy)."""
+    shard = max(model.files, key=lambda f: f.size)
+    command = check_command(shard.path, shard.sha256)
+    return bento_deployment(name, labels, command, replicas, **options)
 
 
 def checking_pod(
@@ -286,16 +367,11 @@ def checking_pod(
 
     restricted: the app's own containers pass Pod Security `restricted` too.
     """
-    script = (
-        f'got=$(sha256sum "{MODELS_PATH}/{path}" | cut -d" " -f1) || exit 2; '
-        f'if [ "$got" != "{sha256}" ]; then echo "sha256 $got != {sha256}"; exit 1; fi; '
-        f"echo verified {path}; exec sleep 3600"
-    )
     container: dict[str, Any] = {
         "name": "main",
         "image": SAMPLE_BENTO_IMAGE,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["sh", "-c", script],
+        "command": check_command(path, sha256),
     }
     spec: dict[str, Any] = {"terminationGracePeriodSeconds": 10, "containers": [container]}
     if restricted:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from cryptography import x509
 
 from devcluster import Cluster, wait_for
 from devcluster.injector import InjectorInstall
+from tests.e2e.pods import bento_labels, get_pod, kubectl_create
 from tests.e2e.webhooks import TestWebhook, running_test_webhook
 from tests.helpers import GOLDEN_DIR
 
@@ -50,19 +50,15 @@ def new_namespace(cluster: Cluster) -> Iterator[NewNamespace]:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-def bento_labels(name: str = "llama3-service", version: str = "v1") -> dict[str, str]:
-    return {
-        "juicefs.bentoml.com/model-store": "juicefs",
-        "yatai.ai/bento-repository": name,
-        "yatai.ai/bento-version": version,
-    }
-
-
 def bento_pod(name: str, **annotations: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "labels": bento_labels(), "annotations": annotations},
+        "metadata": {
+            "name": name,
+            "labels": bento_labels("llama3-service", "v1"),
+            "annotations": annotations,
+        },
         "spec": {"containers": [{"name": "main", "image": IMAGE}]},
     }
 
@@ -103,19 +99,6 @@ def helm_deployment(name: str, pod_labels: dict[str, str]) -> dict[str, Any]:
             },
         },
     }
-
-
-def create(
-    cluster: Cluster, namespace: str, obj: dict[str, Any], *extra: str
-) -> subprocess.CompletedProcess[str]:
-    return cluster.kubectl(
-        "create", "-n", namespace, "-f", "-", *extra, input=json.dumps(obj), check=False
-    )
-
-
-def get_pod(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
-    pod: dict[str, Any] = cluster.get_json("pod", name, "-n", namespace)
-    return pod
 
 
 def assert_injected(pod: dict[str, Any]) -> None:
@@ -168,7 +151,7 @@ def test_unlabelled_namespace_pods_stored_untouched(
     cluster: Cluster, new_namespace: NewNamespace
 ) -> None:
     namespace = new_namespace(opted_in=False)
-    create(cluster, namespace, bento_pod("llama"), "-o", "name")
+    kubectl_create(cluster, namespace, bento_pod("llama"), "-o", "name")
     pod = get_pod(cluster, namespace, "llama")
     assert "initContainers" not in pod["spec"]
     assert STATUS not in (pod["metadata"].get("annotations") or {})
@@ -184,7 +167,7 @@ def test_helm_deployment_pods_are_injected_and_others_untouched(
         namespace,
         "-f",
         "-",
-        input=json.dumps(helm_deployment("llama", bento_labels())),
+        input=json.dumps(helm_deployment("llama", bento_labels("llama3-service", "v1"))),
     )
     cluster.kubectl(
         "apply", "-n", namespace, "-f", "-", input=json.dumps(helm_deployment("redis", {}))
@@ -236,7 +219,7 @@ def test_scheduler_binds_only_to_ssd_nodes_with_room_for_the_cache(
                 }
             }
         }
-        assert create(cluster, namespace, pod).returncode == 0
+        assert kubectl_create(cluster, namespace, pod).returncode == 0
 
     def bound(name: str) -> str | None:
         node: str | None = get_pod(cluster, namespace, name)["spec"].get("nodeName")
@@ -258,7 +241,7 @@ def test_scheduler_binds_only_to_ssd_nodes_with_room_for_the_cache(
             }
         }
     }
-    create(cluster, namespace, huge)
+    kubectl_create(cluster, namespace, huge)
 
     def unschedulable() -> str | None:
         events = cluster.get_json(
@@ -278,7 +261,7 @@ def test_describe_shows_status_sidecar_gate_and_condition(
     cluster: Cluster, new_namespace: NewNamespace
 ) -> None:
     namespace = new_namespace()
-    create(cluster, namespace, bento_pod("llama"))
+    kubectl_create(cluster, namespace, bento_pod("llama"))
     condition = {
         "status": {"conditions": [{"type": GATE, "status": "True", "reason": "ModelsCached"}]}
     }
@@ -305,7 +288,7 @@ def test_server_side_dry_run_returns_injected_pod_and_stores_nothing(
     cluster: Cluster, new_namespace: NewNamespace
 ) -> None:
     namespace = new_namespace()
-    result = create(cluster, namespace, bento_pod("dry"), "--dry-run=server", "-o", "json")
+    result = kubectl_create(cluster, namespace, bento_pod("dry"), "--dry-run=server", "-o", "json")
     assert result.returncode == 0, result.stderr
     assert_injected(json.loads(result.stdout))
     missing = cluster.kubectl("get", "pod", "dry", "-n", namespace, check=False)
@@ -320,14 +303,14 @@ def test_injector_down_bento_denied_by_policy_others_created(
     injector.stop()
     try:
         injector.wait_unreachable()
-        denied = create(cluster, namespace, bento_pod("bento"))
+        denied = kubectl_create(cluster, namespace, bento_pod("bento"))
         assert denied.returncode != 0
         assert "bento-juicefs-sidecar-required" in denied.stderr
         assert "the JuiceFS injector did not run" in denied.stderr
-        assert create(cluster, namespace, plain_pod("plain")).returncode == 0
+        assert kubectl_create(cluster, namespace, plain_pod("plain")).returncode == 0
     finally:
         injector.start()
-    assert create(cluster, namespace, bento_pod("bento")).returncode == 0
+    assert kubectl_create(cluster, namespace, bento_pod("bento")).returncode == 0
 
 
 @pytest.fixture
@@ -343,7 +326,7 @@ def test_webhook_that_strips_restart_policy_gets_the_pod_denied(
 ) -> None:
     namespace = new_namespace()
     test_webhook.mode = "strip-restart-policy"
-    result = create(cluster, namespace, bento_pod("stripped"))
+    result = kubectl_create(cluster, namespace, bento_pod("stripped"))
     assert result.returncode != 0
     assert "restartPolicy: Always" in result.stderr
     assert "webhook" in result.stderr
@@ -354,7 +337,7 @@ def test_webhook_that_adds_a_container_reinvokes_us(
 ) -> None:
     namespace = new_namespace()
     test_webhook.mode = "add-container"
-    assert create(cluster, namespace, bento_pod("reinvoked")).returncode == 0
+    assert kubectl_create(cluster, namespace, bento_pod("reinvoked")).returncode == 0
     pod = get_pod(cluster, namespace, "reinvoked")
     names = [c["name"] for c in pod["spec"]["initContainers"] + pod["spec"]["containers"]]
     assert names.count("juicefs-mount") == 1

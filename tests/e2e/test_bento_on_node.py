@@ -25,7 +25,7 @@ import pytest
 from common.processes import processes_named
 from devcluster import Cluster, wait_for
 from devcluster.node import Node
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
     SIDECAR,
@@ -205,7 +205,7 @@ def test_a_killed_juicefs_is_remounted_into_the_running_app(
     endpoint is not connected"). The sidecar mounts again over the dead mount
     in its own container, which is what propagates into the running app
     container (a restarted sidecar container could not reach the app's view;
-    see sidecar/mount.py), so neither container restarts.
+    see modelstore/mount.py), so neither container restarts.
     """
     uid = running.pod["metadata"]["uid"]
     pids = _juicefs_pids(node, uid)

@@ -17,7 +17,7 @@ import yaml
 
 from devcluster import Cluster
 from devcluster.binaries import CHART_COMPONENTS, ensure_binaries
-from tests.test_chart import OVERLAYS, PROFILES, helm_text
+from tests.kit.chart import OVERLAYS, PROFILES, helm_text
 
 OTHER_OPERATORS = ("cert-manager.io/", "monitoring.coreos.com/")
 

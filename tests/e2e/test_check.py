@@ -33,10 +33,10 @@ from devcluster import Cluster, wait_for
 from devcluster.injector import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
 from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
-from injector.certs import generate_ca
+from injector.pki.authority import generate_ca
+from tests.e2e.pods import opted_in_namespace
 
 REPO = Path(__file__).resolve().parents[2]
-OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 ENFORCE = "pod-security.kubernetes.io/enforce"
 SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
 STREAMING = "cloud.google.com/gke-image-streaming"
@@ -119,11 +119,8 @@ def agent_pod(node_agent: LocalNodeAgent) -> str:
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster, injector: InjectorInstall) -> Iterator[str]:
-    name = f"e2e-check-{uuid.uuid4().hex[:6]}"
-    cluster.create_namespace(name, OPT_IN)
-    cluster.wait_provisioned(name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with opted_in_namespace(cluster, "e2e-check") as name:
+        yield name
 
 
 def write_config(path: Path, base: Path, **changes: Any) -> Path:

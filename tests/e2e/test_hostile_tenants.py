@@ -27,7 +27,7 @@ from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
 from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
     SIDECAR,

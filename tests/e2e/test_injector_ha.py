@@ -31,8 +31,10 @@ from devcluster import ControlPlane, wait_for
 from devcluster.injector import NAMESPACE
 from devcluster.injector_ha import CA_SECRET, HaInjectors, Replica
 from devcluster.netns import NodeNetwork
-from injector.certs import issue_serving_cert, service_hosts, split_certificates, write_atomic
+from injector.pki.authority import issue_serving_cert, service_hosts, split_certificates
+from injector.pki.cert_files import write_atomic
 from tests.e2e.podload import PodLoad
+from tests.e2e.pods import opted_in_namespace
 
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 
@@ -67,10 +69,8 @@ def ha(control_plane: ControlPlane) -> Iterator[HaInjectors]:
 
 @pytest.fixture
 def namespace(control_plane: ControlPlane) -> Iterator[str]:
-    name = f"ha-{uuid.uuid4().hex[:6]}"
-    control_plane.create_namespace(name, OPT_IN)
-    yield name
-    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with opted_in_namespace(control_plane, "ha", provisioned=False) as name:
+        yield name
 
 
 def ca_certificate(ha: HaInjectors) -> bytes:

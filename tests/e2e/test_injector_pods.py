@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -33,8 +32,8 @@ from devcluster.injector_pods import (
 )
 from devcluster.node import Node
 from tests.e2e.podload import PodLoad
+from tests.e2e.pods import opted_in_namespace
 
-OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 WEBHOOK = "bento-juicefs-injector"
 
 
@@ -47,10 +46,8 @@ def pods_injector(injector: InjectorInstall) -> PodInjector:
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"e2e-pods-{uuid.uuid4().hex[:6]}"
-    cluster.create_namespace(name, OPT_IN)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with opted_in_namespace(cluster, "e2e-pods", provisioned=False) as name:
+        yield name
 
 
 def test_two_replicas_run_on_the_node_from_the_local_image(

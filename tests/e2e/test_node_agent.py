@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,14 +26,23 @@ from devcluster.nodeagent import LocalNodeAgent
 from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
 from devcluster.storemetrics import store_requests
-from sidecar.manifest import Manifest
-from tests.e2e.pods import GATE, bento_deployment, condition, diagnose, is_ready, wait_event
-from tests.e2e.test_pods_on_node import bento_labels, check_command
+from modelstore.manifest import Manifest
+from tests.e2e.pods import (
+    GATE,
+    bento_deployment,
+    bento_labels,
+    check_command,
+    checking_deployment,
+    condition,
+    diagnose,
+    is_ready,
+    opted_in_namespace,
+    wait_event,
+)
 
 BENTO, VERSION = "agent-warmed-bento", "v1"
 DEPLOYMENT = "agent-warmed-bento"
 SHARDS = [64 * MIB] * 4
-OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 LABEL = warm_label_key(BENTO, VERSION)
 NEW_VERSION = "v2"
 NEW_LABEL = warm_label_key(BENTO, NEW_VERSION)
@@ -60,17 +68,12 @@ def agent(node_agent: LocalNodeAgent) -> Iterator[LocalNodeAgent]:
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster, node: Node) -> Iterator[str]:
-    name = f"e2e-agent-{uuid.uuid4().hex[:6]}"
-    cluster.create_namespace(name, OPT_IN)
-    cluster.wait_provisioned(name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with opted_in_namespace(cluster, "e2e-agent") as name:
+        yield name
 
 
 def deployment(model: Manifest, replicas: int, version: str = VERSION) -> dict[str, Any]:
-    shard = max(model.files, key=lambda f: f.size)
-    command = check_command(shard.path, shard.sha256)
-    return bento_deployment(DEPLOYMENT, bento_labels(BENTO, version), command, replicas)
+    return checking_deployment(DEPLOYMENT, bento_labels(BENTO, version), model, replicas)
 
 
 def node_labels(cluster: Cluster, node: Node) -> dict[str, str]:

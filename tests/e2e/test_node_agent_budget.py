@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -26,14 +24,13 @@ from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
 from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
-from sidecar.manifest import Manifest
-from tests.e2e.test_node_agent import deployment as bento_deployment
+from modelstore.manifest import Manifest
+from tests.e2e.pods import bento_labels, checking_deployment, opted_in_namespace
 
 BENTOS = ("budget-a", "budget-b", "budget-c")  # oldest first
 VERSION = "v1"
 SHARDS = [80 * MIB] * 4
 BUDGET = 921 * MIB  # int(1Gi x 0.9) in whole MiB, JuiceFS's limit
-OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +48,8 @@ def agent(node_agent: LocalNodeAgent) -> Iterator[LocalNodeAgent]:
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster, node: Node) -> Iterator[str]:
-    name = f"e2e-budget-{uuid.uuid4().hex[:6]}"
-    cluster.create_namespace(name, OPT_IN)
-    cluster.wait_provisioned(name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def named(manifest: dict[str, Any], name: str) -> dict[str, Any]:
-    """The agent test's Bento Deployment, for Bento `name` (name, labels, selector)."""
-    text = json.dumps(manifest).replace("agent-warmed-bento", name)
-    result: dict[str, Any] = json.loads(text)
-    return result
+    with opted_in_namespace(cluster, "e2e-budget") as name:
+        yield name
 
 
 def states(cluster: Cluster, node: Node) -> dict[str, str]:
@@ -109,7 +96,7 @@ def test_three_bentos_over_the_budget_the_newest_two_are_held_and_an_unused_one_
     size = models["budget-a"].total_bytes
     assert 2 * size <= BUDGET < 3 * size
     for name in BENTOS:  # oldest first: each apply a newer change (whole seconds apart)
-        manifest = named(bento_deployment(models[name], 0), name)
+        manifest = checking_deployment(name, bento_labels(name, VERSION), models[name], 0)
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
         time.sleep(1.1)
     # The agent starts as on a node that joins a cluster where the three exist:

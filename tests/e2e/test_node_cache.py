@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,26 +30,26 @@ from devcluster.node import Node
 from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
 from devcluster.storemetrics import store_requests
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
     SIDECAR,
-    bento_deployment,
+    bento_labels,
+    checking_deployment,
     condition,
     diagnose,
     events,
     exec_in,
     get_pod,
     is_ready,
+    opted_in_namespace,
     wait_event,
     wait_log,
 )
-from tests.e2e.test_pods_on_node import bento_labels, check_command
 
 BENTO, VERSION = "node-cache-bento", "v1"
 DEPLOYMENT = "node-cache-bento"
 SHARDS = [64 * MIB] * 4
-OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 ROLLOUT = "e2e.bento-juicefs/rollout"
 
 
@@ -61,19 +60,15 @@ def model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Ma
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster, node: Node) -> Iterator[str]:
-    name = f"e2e-cache-{uuid.uuid4().hex[:6]}"
-    cluster.create_namespace(name, OPT_IN)
-    cluster.wait_provisioned(name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with opted_in_namespace(cluster, "e2e-cache") as name:
+        yield name
 
 
 def deployment(model: Manifest, replicas: int, rollout: str) -> dict[str, Any]:
-    shard = max(model.files, key=lambda f: f.size)
-    return bento_deployment(
+    return checking_deployment(
         DEPLOYMENT,
         bento_labels(BENTO, VERSION),
-        check_command(shard.path, shard.sha256),
+        model,
         replicas,
         annotations={ROLLOUT: rollout},
         # A new pod starts before an old one goes, as in most rollouts.

@@ -24,25 +24,27 @@ from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.juicefs import cached_blocks
 from devcluster.node import Node
 from devcluster.storage import MIB, StorageStack
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
     SIDECAR,
     PodIdentity,
+    bento_labels,
+    check_command,
+    checking_container,
     condition,
     diagnose,
     get_pod,
     is_ready,
     pod_cache_dir,
+    pod_manifest,
     reasons,
     wait_event,
     wait_log,
     wait_pod,
 )
 
-OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 CREDENTIALS = "juicefs-models-credentials"
-MODELS = "/home/bentoml/bento/models"
 BENTO, VERSION = "pods-on-node", "v1"
 OUTAGE_BENTO = "outage-on-node"
 
@@ -82,48 +84,6 @@ def new_namespace(cluster: Cluster) -> Iterator[NewNamespace]:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-def check_command(path: str, sha256: str, then: str = "exec sleep 3600") -> list[str]:
-    """sh: exit 1 unless the file's sha256 is the published one, then `then`."""
-    script = (
-        f'got=$(sha256sum "{MODELS}/{path}" | cut -d" " -f1) || exit 2; '
-        f'if [ "$got" != "{sha256}" ]; then echo "sha256 $got != {sha256}"; exit 1; fi; '
-        f"echo verified {path}; {then}"
-    )
-    return ["sh", "-c", script]
-
-
-def bento_labels(name: str = BENTO, version: str = VERSION) -> dict[str, str]:
-    return {
-        "juicefs.bentoml.com/model-store": "juicefs",
-        "yatai.ai/bento-repository": name,
-        "yatai.ai/bento-version": version,
-    }
-
-
-def app_container(model: Manifest, **extra: Any) -> dict[str, Any]:
-    shard = max(model.files, key=lambda f: f.size)
-    return {
-        "name": "main",
-        "image": SAMPLE_BENTO_IMAGE,
-        "imagePullPolicy": "IfNotPresent",
-        "command": check_command(shard.path, shard.sha256),
-        **extra,
-    }
-
-
-def pod_manifest(name: str, spec: dict[str, Any], **annotations: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "labels": bento_labels(),
-            "annotations": {"juicefs.bentoml.com/cache-size": "1Gi", **annotations},
-        },
-        "spec": {"terminationGracePeriodSeconds": 20, **spec},
-    }
-
-
 def run_pod(cluster: Cluster, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
     name = pod["metadata"]["name"]
@@ -145,10 +105,13 @@ def shapes(model: Manifest) -> dict[str, dict[str, Any]]:
     """Pod specs users run, each of which must still get the verified model."""
     shard = max(model.files, key=lambda f: f.size)
     return {
-        "no-token": {"automountServiceAccountToken": False, "containers": [app_container(model)]},
+        "no-token": {
+            "automountServiceAccountToken": False,
+            "containers": [checking_container(model)],
+        },
         "hardened": {
             "securityContext": {"runAsNonRoot": True, "fsGroup": 1000},
-            "containers": [app_container(model, securityContext=HARDENED)],
+            "containers": [checking_container(model, securityContext=HARDENED)],
         },
         "init-reads-model": {
             "initContainers": [
@@ -159,12 +122,12 @@ def shapes(model: Manifest) -> dict[str, dict[str, Any]]:
                     "command": check_command(shard.path, shard.sha256, then="exit 0"),
                 }
             ],
-            "containers": [app_container(model)],
+            "containers": [checking_container(model)],
         },
         "host-network": {
             "hostNetwork": True,
             "dnsPolicy": "ClusterFirstWithHostNet",
-            "containers": [app_container(model)],
+            "containers": [checking_container(model)],
         },
     }
 
@@ -175,7 +138,7 @@ def test_unusual_pods_run_and_read_the_verified_model(
 ) -> None:
     namespace = new_namespace()
     spec = shapes(small_model)[shape]
-    pod = run_pod(cluster, namespace, pod_manifest(shape, spec))
+    pod = run_pod(cluster, namespace, pod_manifest(shape, bento_labels(BENTO, VERSION), spec))
     gate = condition(pod, GATE)
     assert gate is not None, diagnose(cluster, namespace, shape)
     assert gate["status"] == "True"
@@ -202,7 +165,7 @@ def test_a_job_runs_to_completion_and_the_sidecar_does_not_keep_it_alive(
         "spec": {
             "backoffLimit": 0,
             "template": {
-                "metadata": {"labels": bento_labels()},
+                "metadata": {"labels": bento_labels(BENTO, VERSION)},
                 "spec": {
                     "restartPolicy": "Never",
                     "containers": [
@@ -249,7 +212,9 @@ def test_deleting_a_pod_whose_mount_hangs_still_ends_within_the_grace_period(
     try:
         url = f"redis://{node.network.host_ip}:{blackhole.getsockname()[1]}/1"
         namespace = new_namespace(secret={"metaurl": url})
-        pod = pod_manifest("hang", {"containers": [app_container(small_model)]})
+        pod = pod_manifest(
+            "hang", bento_labels(BENTO, VERSION), {"containers": [checking_container(small_model)]}
+        )
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
         wait_event(cluster, namespace, "hang", "Started", timeout=60)
         time.sleep(3)
@@ -303,8 +268,10 @@ def test_an_object_store_outage_holds_the_gate_until_it_is_back(
         ]
     }
     # The pod cache: the test watches the model arrive in this pod's own emptyDir.
-    manifest = pod_manifest("outage", spec, **{"juicefs.bentoml.com/cache-mode": "pod"})
-    manifest["metadata"]["labels"] = bento_labels(OUTAGE_BENTO)
+    manifest = pod_manifest(
+        "outage", bento_labels(OUTAGE_BENTO, VERSION), spec,
+        **{"juicefs.bentoml.com/cache-mode": "pod"},
+    )  # fmt: skip
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
     pod = wait_pod(
         cluster, namespace, "outage", lambda p: bool(p["metadata"].get("uid")) and bool(
@@ -387,7 +354,11 @@ def test_no_token_of_the_namespace_sets_the_models_ready_condition(
     refuses any change of the condition. Other conditions stay the tenant's business."""
     namespace = new_namespace()
     # Never scheduled (no such node): nothing but this test touches its status.
-    pod = pod_manifest("fence", {"containers": [{"name": "main", "image": SAMPLE_BENTO_IMAGE}]})
+    pod = pod_manifest(
+        "fence",
+        bento_labels(BENTO, VERSION),
+        {"containers": [{"name": "main", "image": SAMPLE_BENTO_IMAGE}]},
+    )
     pod["spec"]["nodeSelector"] = {"e2e.bento-juicefs/nowhere": "true"}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
     own = PodIdentity(cluster, namespace, "fence", tmp_path)

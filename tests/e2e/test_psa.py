@@ -13,7 +13,6 @@ namespace's level.
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 
 from devcluster import Cluster, wait_for
+from tests.e2e.pods import bento_labels, kubectl_create
 
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 ENFORCE = "pod-security.kubernetes.io/enforce"
@@ -54,12 +54,7 @@ def bento_pod(name: str, **labels: str) -> dict[str, Any]:
         "kind": "Pod",
         "metadata": {
             "name": name,
-            "labels": {
-                "juicefs.bentoml.com/model-store": "juicefs",
-                "yatai.ai/bento-repository": "llama3-service",
-                "yatai.ai/bento-version": "v1",
-                **labels,
-            },
+            "labels": {**bento_labels("llama3-service", "v1"), **labels},
         },
         # Restricted-clean on its own: whatever Pod Security says is about what was added.
         "spec": {
@@ -78,17 +73,9 @@ def bento_pod(name: str, **labels: str) -> dict[str, Any]:
     }
 
 
-def create(
-    cluster: Cluster, namespace: str, obj: dict[str, Any], *extra: str
-) -> subprocess.CompletedProcess[str]:
-    return cluster.kubectl(
-        "create", "-n", namespace, "-f", "-", *extra, input=json.dumps(obj), check=False
-    )
-
-
 def injected_dry_run(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
     """The pod as the apiserver would store it (server-side dry run: every admission runs)."""
-    result = create(cluster, namespace, bento_pod(name), "--dry-run=server", "-o", "json")
+    result = kubectl_create(cluster, namespace, bento_pod(name), "--dry-run=server", "-o", "json")
     assert result.returncode == 0, result.stderr
     assert "PodSecurity" not in result.stderr, result.stderr  # no warning either
     pod: dict[str, Any] = json.loads(result.stdout)
@@ -115,7 +102,7 @@ def test_a_bento_pod_is_injected_and_admitted_at_any_level(
 ) -> None:
     # warn and audit at restricted too: Pod Security would print what it disliked.
     namespace = new_namespace({**OPT_IN, **labels, WARN: "restricted", AUDIT: "restricted"})
-    result = create(cluster, namespace, bento_pod("llama"))
+    result = kubectl_create(cluster, namespace, bento_pod("llama"))
     print(result.stderr)
     assert result.returncode == 0, result.stderr
     assert "violate" not in result.stderr
@@ -146,7 +133,7 @@ def test_a_deployments_pods_are_created_in_a_restricted_namespace(
             },
         },
     }
-    assert create(cluster, namespace, deployment).returncode == 0
+    assert kubectl_create(cluster, namespace, deployment).returncode == 0
 
     def created() -> dict[str, Any] | None:
         pods = cluster.get_json("pods", "-n", namespace, "-l", "app=llama")["items"]
@@ -170,7 +157,7 @@ def test_pod_security_itself_admits_the_injected_pod_at_restricted(
     assert sidecar_of(pod)["name"] == SIDECAR
     # Not opted in: neither the webhook nor our policies see it; Pod Security does.
     locked = new_namespace({ENFORCE: "restricted"})
-    result = create(cluster, locked, pod, "--dry-run=server")
+    result = kubectl_create(cluster, locked, pod, "--dry-run=server")
     print(result.stderr)
     assert result.returncode == 0, result.stderr
     assert "violates PodSecurity" not in result.stderr

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,36 +38,36 @@ from devcluster.node import Node
 from devcluster.nodeagent import LocalNodeAgent
 from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, PATH_TEMPLATE, StorageStack, write_random_model
-from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manifest, sha256_file
-from sidecar.publish import bento_dir
+from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manifest, sha256_file
+from modelstore.publish import bento_dir
 from tests.e2e.pods import (
     GATE,
     SIDECAR,
     apiserver,
+    bento_labels,
+    check_command,
+    checking_container,
     condition,
     diagnose,
     events,
     get_pod,
     is_ready,
     logs,
+    opted_in_namespace,
     pod_cache_dir,
+    pod_manifest,
     reasons,
     wait_pod,
 )
-from tests.e2e.test_pods_on_node import bento_labels, check_command, pod_manifest
 
 VERSION = "v1"
-OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 
 
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
     """An opted-in namespace of the test's own (credentials and RBAC provisioned)."""
-    name = f"e2e-faults-{uuid.uuid4().hex[:6]}"
-    cluster.create_namespace(name, OPT_IN)
-    cluster.wait_provisioned(name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with opted_in_namespace(cluster, "e2e-faults") as name:
+        yield name
 
 
 def _juicefs_mounts(node: Node, uid: str) -> list[Path]:
@@ -81,16 +80,6 @@ def _pod_ip(cluster: Cluster, namespace: str, name: str) -> tuple[str, str]:
         timeout=60, what=f"pod {name} to get an IP",
     )  # fmt: skip
     return str(pod["status"]["podIP"]), str(pod["metadata"]["uid"])
-
-
-def _app(model: Manifest, then: str = "exec sleep 3600") -> dict[str, Any]:
-    shard = max(model.files, key=lambda f: f.size)
-    return {
-        "name": "main",
-        "image": SAMPLE_BENTO_IMAGE,
-        "imagePullPolicy": "IfNotPresent",
-        "command": check_command(shard.path, shard.sha256, then=then),
-    }
 
 
 def _apply(cluster: Cluster, namespace: str, pod: dict[str, Any]) -> None:
@@ -144,8 +133,10 @@ def test_the_condition_is_retried_while_the_agent_is_cut_off_and_set_once_it_is_
         "command": check_command(str(shard.relative_to(shard_dir)), sha256_file(shard)),
     }
     # A pod cache: this sidecar verifies the model itself, then asks for the condition.
-    pod = pod_manifest(name, {"containers": [app]}, **{"juicefs.bentoml.com/cache-mode": "pod"})
-    pod["metadata"]["labels"] = bento_labels(name, VERSION)
+    pod = pod_manifest(
+        name, bento_labels(name, VERSION), {"containers": [app]},
+        **{"juicefs.bentoml.com/cache-mode": "pod"},
+    )  # fmt: skip
     _apply(cluster, namespace, pod)
     _, uid = _pod_ip(cluster, namespace, name)
     agent_pod = node_agent.ensure_running()
@@ -225,9 +216,11 @@ def test_a_pod_deleted_mid_warmup_unmounts_and_exits_cleanly(
             "command": ["sh", "-c", trap],
         }
     else:
-        app = _app(model, then=trap)
-    pod = pod_manifest(name, {"containers": [app]}, **{"juicefs.bentoml.com/cache-mode": "pod"})
-    pod["metadata"]["labels"] = bento_labels(name, VERSION)
+        app = checking_container(model, then=trap)
+    pod = pod_manifest(
+        name, bento_labels(name, VERSION), {"containers": [app]},
+        **{"juicefs.bentoml.com/cache-mode": "pod"},
+    )  # fmt: skip
     pod["spec"]["terminationGracePeriodSeconds"] = grace
     _apply(cluster, namespace, pod)
     ip, uid = _pod_ip(cluster, namespace, name)
@@ -306,8 +299,9 @@ def test_a_full_node_cache_disk_is_reported_and_the_model_served_verified_from_t
     node_agent.restart()
     try:
         total, free_before = full.space()
-        pod = pod_manifest(name, {"containers": [_app(model)]})
-        pod["metadata"]["labels"] = bento_labels(name, VERSION)
+        pod = pod_manifest(
+            name, bento_labels(name, VERSION), {"containers": [checking_container(model)]}
+        )
         _apply(cluster, namespace, pod)
         ready = wait_pod(cluster, namespace, name, is_ready, timeout=240, what=f"{name} Ready")
         assert not [v for v in ready["spec"]["volumes"] if v.get("hostPath")]

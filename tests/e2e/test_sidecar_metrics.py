@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +27,18 @@ from devcluster import Cluster
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.node import Node
 from devcluster.storage import MIB, StorageStack
-from sidecar.manifest import Manifest
-from tests.e2e.pods import SIDECAR, diagnose, get_pod, is_ready, wait_pod
+from modelstore.manifest import Manifest
+from tests.e2e.pods import (
+    SIDECAR,
+    bento_labels,
+    diagnose,
+    get_pod,
+    is_ready,
+    opted_in_namespace,
+    wait_pod,
+)
 
 BENTO, VERSION = "sidecar-metrics", "v1"
-OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 PREFIX = "bento_juicefs_sidecar_"
 
 
@@ -45,11 +51,8 @@ def model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Ma
 
 @pytest.fixture(scope="module")
 def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"e2e-metrics-{uuid.uuid4().hex[:6]}"
-    cluster.create_namespace(name, OPT_IN)
-    cluster.wait_provisioned(name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with opted_in_namespace(cluster, "e2e-metrics") as name:
+        yield name
 
 
 def bento_pod(name: str, cache_mode: str) -> dict[str, Any]:
@@ -58,11 +61,7 @@ def bento_pod(name: str, cache_mode: str) -> dict[str, Any]:
         "kind": "Pod",
         "metadata": {
             "name": name,
-            "labels": {
-                "juicefs.bentoml.com/model-store": "juicefs",
-                "yatai.ai/bento-repository": BENTO,
-                "yatai.ai/bento-version": VERSION,
-            },
+            "labels": bento_labels(BENTO, VERSION),
             "annotations": {"juicefs.bentoml.com/cache-mode": cache_mode},
         },
         "spec": {

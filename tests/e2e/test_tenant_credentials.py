@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,8 +24,17 @@ from devcluster.node import Node
 from devcluster.s3 import S3Client
 from devcluster.services import RedisReplyError
 from devcluster.storage import MIB, StorageStack
-from sidecar.manifest import Manifest
-from tests.e2e.pods import GATE, SIDECAR, condition, diagnose, exec_in, is_ready, wait_pod
+from modelstore.manifest import Manifest
+from tests.e2e.pods import (
+    GATE,
+    SIDECAR,
+    condition,
+    diagnose,
+    exec_in,
+    is_ready,
+    opted_in_namespace,
+    wait_pod,
+)
 
 SYSTEM = "bento-juicefs-system"
 CREDENTIALS = "juicefs-models-credentials"
@@ -71,11 +79,8 @@ def model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Ma
 
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"e2e-tenant-{uuid.uuid4().hex[:6]}"
-    cluster.create_namespace(name, {"juicefs.bentoml.com/injection": "enabled"})
-    cluster.wait_provisioned(name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with opted_in_namespace(cluster, "e2e-tenant") as name:
+        yield name
 
 
 def secret_data(cluster: Cluster, namespace: str, name: str = CREDENTIALS) -> dict[str, str]:

@@ -25,7 +25,7 @@ from devcluster.nodeagent import LocalNodeAgent
 from devcluster.nodehost import node_cache_dir
 from devcluster.storage import MIB, StorageStack
 from devcluster.storemetrics import store_requests
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
     MODELS_PATH,

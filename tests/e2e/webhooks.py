@@ -24,7 +24,8 @@ from aiohttp import web
 from common.ports import free_port, port_answers
 from common.processes import log_tail, spawn_group, stop_group
 from devcluster import Cluster
-from injector.certs import CertFiles, generate_bundle, server_ssl_context
+from injector.pki.authority import generate_bundle
+from injector.pki.cert_files import CertFiles, server_ssl_context
 
 NAME = "zz-e2e-test-webhook"
 REPO = Path(__file__).resolve().parents[2]

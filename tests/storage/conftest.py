@@ -1,7 +1,7 @@
 """Real storage for the sidecar's tests: MinIO + Redis + a JuiceFS volume with a FUSE mount.
 
 Session-scoped (started once, about 2 s); models are published once per
-session through the writer mount with `sidecar.publish`. Skips with a reason
+session through the writer mount with `modelstore.publish`. Skips with a reason
 when this machine cannot do real FUSE mounts or has no way to get Redis.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from devcluster.storage import MIB, StorageStack
-from sidecar.manifest import Manifest
+from modelstore.manifest import Manifest
 from tests.helpers import storage_stack
 
 BIG_SHARDS = [256 * MIB] * 4  # + ~0.2 MB of metadata files: just over 1 GiB

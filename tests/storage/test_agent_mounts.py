@@ -29,9 +29,9 @@ from common.mounts import is_mounted, unmount
 from common.warm import BentoRef
 from devcluster.storage import StorageStack
 from injector.config import parse_config
+from modelstore.manifest import Manifest, sha256_file
 from nodeagent import fuse
 from nodeagent.podmounts import PodBroker, ServedPod, pod_paths
-from sidecar.manifest import Manifest, sha256_file
 from tests.helpers import fuse_servers
 
 from .conftest import SMALL_SHARDS

@@ -1,7 +1,7 @@
 """The sidecar's mount and warmup over a real JuiceFS FUSE mount, MinIO and Redis.
 
-Nothing here is mocked: `sidecar.mount.JuiceFSMount` runs the juicefs 1.4.2
-client, `sidecar.warmup.Streamer` reads through FUSE, blocks come from MinIO.
+Nothing here is mocked: `modelstore.mount.JuiceFSMount` runs the juicefs 1.4.2
+client, `modelstore.streamer.Streamer` reads through FUSE, blocks come from MinIO.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from devcluster.juicefs import cached_blocks, wait_cached
 from devcluster.s3 import S3Error, read_objects
 from devcluster.storage import MIB, StorageStack
 from devcluster.throttle import ThrottledDirectory, ThrottleUnavailable
+from modelstore.manifest import Manifest, read_manifest, sha256_file
+from modelstore.mount import JuiceFSMount
+from modelstore.streamer import Progress, Streamer, VerificationError, stream_model
 from sidecar.env import Settings
-from sidecar.manifest import Manifest, read_manifest, sha256_file
-from sidecar.mount import JuiceFSMount
 from sidecar.reporter import Reporter
-from sidecar.run import stream_model, warm
-from sidecar.warmup import Progress, Streamer, VerificationError
+from sidecar.run import warm
 from tests.helpers import flip_middle_byte
 
 from .conftest import SMALL_SHARDS
@@ -45,11 +45,11 @@ async def _stream(
     settings: Settings, on_progress: Callable[[Progress], None]
 ) -> tuple[JuiceFSMount, Progress]:
     """Mount like the sidecar and stream the whole model; the mount stays up."""
-    mount = JuiceFSMount(settings)
+    mount = JuiceFSMount(settings.mount_spec())
     await mount.start()
     try:
         progress = await stream_model(
-            settings,
+            settings.warmup_concurrency,
             mount,
             read_manifest(mount.bento_dir).select(settings.models),
             time.monotonic() + settings.warmup_timeout_seconds,
@@ -164,7 +164,7 @@ def test_object_store_outage_stalls_the_stream_until_it_is_back(
         failing.set()
 
     async def scenario() -> Progress:
-        mount = JuiceFSMount(settings)
+        mount = JuiceFSMount(settings.mount_spec())
         await mount.start()
         try:
             files = read_manifest(mount.bento_dir).select(())
@@ -233,7 +233,7 @@ def test_a_corrupted_block_fails_verification_and_the_gate_stays_shut(
     reporter = RecordingReporter()
 
     async def scenario() -> bool:
-        mount = JuiceFSMount(settings)
+        mount = JuiceFSMount(settings.mount_spec())
         await mount.start()
         try:
             streamer = Streamer(
@@ -282,7 +282,7 @@ def test_a_corrupt_cached_block_is_purged_and_fetched_again(
     async def verify(purge: bool) -> RecordingReporter:
         """A pod's warm on a fresh mount of the same cache dir, purging or not."""
         reporter = RecordingReporter()
-        mount = JuiceFSMount(settings)
+        mount = JuiceFSMount(settings.mount_spec())
         await mount.start()
         try:
             await warm(
@@ -355,7 +355,7 @@ def test_bytes_rotting_in_the_store_stall_the_stream_and_never_open_the_gate(
     reporter = RecordingReporter()
 
     async def scenario() -> bool:
-        mount = JuiceFSMount(settings)
+        mount = JuiceFSMount(settings.mount_spec())
         await mount.start()
         try:
             return await warm(settings, mount, cast(Reporter, reporter))
@@ -376,7 +376,7 @@ def test_bytes_rotting_in_the_store_stall_the_stream_and_never_open_the_gate(
 
 
 PROBE = (
-    "import json, sys; from pathlib import Path; from sidecar.cacheprobe import measure; "
+    "import json, sys; from pathlib import Path; from sidecar.cachedisk import measure; "
     "s = measure(Path(sys.argv[1]), size_mib=int(sys.argv[2])); "
     "print(json.dumps({'write': s.write_mbps, 'read': s.read_mbps, 'direct': s.direct_io, "
     "'slow': s.slower_than(float(sys.argv[3])), 'text': s.describe()}))"

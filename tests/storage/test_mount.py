@@ -20,10 +20,10 @@ from common.mounts import is_mounted
 from common.processes import alive, children
 from devcluster.juicefs import JuiceFSVolume
 from devcluster.storage import MIB, PATH_TEMPLATE, StorageStack, write_random_model
+from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
+from modelstore.mount import JuiceFSMount, MountError
+from modelstore.publish import publish
 from sidecar.env import Settings
-from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
-from sidecar.mount import JuiceFSMount, MountError
-from sidecar.publish import publish
 
 
 def _mounted(settings: Settings) -> list[Path]:
@@ -48,7 +48,7 @@ def test_the_mount_reaches_only_its_bento_and_the_app_sees_only_models(
 ) -> None:
     stack.publish_random(tmp_path, "llm-neighbour", "v1", [MIB])
     settings = stack.sidecar_settings(tmp_path, "llm-outage", "v1")
-    mount = JuiceFSMount(settings)
+    mount = JuiceFSMount(settings.mount_spec())
     command = mount.command()
     assert "--read-only" in command
     assert command[command.index("--subdir") + 1] == "/bentos/llm-outage/v1"
@@ -93,7 +93,7 @@ def test_a_missing_bento_fails_the_mount_with_a_message_that_says_so(
     stack: StorageStack, tmp_path: Path
 ) -> None:
     settings = stack.sidecar_settings(tmp_path, "never-published", "v1")
-    mount = JuiceFSMount(settings)
+    mount = JuiceFSMount(settings.mount_spec())
 
     async def scenario() -> None:
         try:
@@ -111,7 +111,7 @@ def test_a_crashed_worker_is_replaced_and_only_the_supervisor_exiting_kills_the_
 ) -> None:
     settings = stack.sidecar_settings(tmp_path, "llm-outage", "v1")
     shard = outage_model.select(())[-1]
-    mount = JuiceFSMount(settings)
+    mount = JuiceFSMount(settings.mount_spec())
 
     async def scenario() -> None:
         await mount.start()
@@ -165,7 +165,7 @@ def test_tenant_keys_from_the_sidecar_env_are_used_when_the_volume_stores_none(
 
     async def read_shard(settings: Settings) -> str | None:
         """The shard's sha256 through a sidecar mount, None if it cannot be read in 20 s."""
-        mount = JuiceFSMount(settings)
+        mount = JuiceFSMount(settings.mount_spec())
         await mount.start()
         try:
             path = mount.models_dir / shard.path

@@ -25,10 +25,10 @@ from devcluster.juicefs import cached_blocks
 from devcluster.storage import MIB, StorageStack
 from devcluster.storemetrics import store_requests
 from injector.config import InjectorConfig
+from modelstore.manifest import Manifest
 from nodeagent.agent import AgentOptions, NodeAgent
 from nodeagent.warmer import AgentIdentity
 from nodeagent.workloads import Workload
-from sidecar.manifest import Manifest
 
 # The smallest budget the config allows: 1Gi, of which JuiceFS keeps 0.9
 # (921 MiB). Any two of the three models fit; all three do not.

@@ -26,13 +26,13 @@ from devcluster.juicefs import cached_blocks, wait_cached
 from devcluster.storage import MIB, StorageStack
 from devcluster.storemetrics import store_requests
 from injector.config import InjectorConfig
+from modelstore.manifest import Manifest
+from modelstore.mount import JuiceFSMount
+from modelstore.sources import MountCounters
 from sidecar.decisions import CachePlan, gate_plan
 from sidecar.env import Settings
-from sidecar.manifest import Manifest
-from sidecar.mount import JuiceFSMount
 from sidecar.reporter import Reporter
 from sidecar.run import open_gate
-from sidecar.sources import MountCounters
 
 SCAN_SECONDS = 2
 FILL_RATIO = InjectorConfig().juicefs.cache_fill_ratio
@@ -86,7 +86,7 @@ class Pod:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        self.mount = JuiceFSMount(self.settings)
+        self.mount = JuiceFSMount(self.settings.mount_spec())
 
     async def start(self) -> Pod:
         await self.mount.start()

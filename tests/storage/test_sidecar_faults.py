@@ -29,49 +29,13 @@ from structlog.testing import capture_logs
 from devcluster.juicefs import cached_blocks
 from devcluster.storage import MIB, StorageStack
 from devcluster.throttle import ThrottledDirectory, ThrottleUnavailable
+from modelstore.manifest import Manifest, read_manifest
+from modelstore.mount import JuiceFSMount
+from modelstore.streamer import Progress, stream_model
 from sidecar.env import Settings
-from sidecar.manifest import Manifest, read_manifest
-from sidecar.mount import JuiceFSMount
-from sidecar.run import run, stream_model
-from sidecar.warmup import Progress
+from tests.kit.sidecar import run_until_ready
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Recorder:
-    """Stands in for AgentReporter: what the sidecar told the cluster, with when; stops on Ready."""
-
-    stop: asyncio.Event | None = None
-    said: list[tuple[float, str, str, str]] = field(default_factory=list)
-
-    async def event(self, kind: str, reason: str, message: str) -> None:
-        self.said.append((time.monotonic(), "event", reason, message))
-        if reason == "Ready" and self.stop is not None:
-            self.stop.set()
-
-    async def set_condition(
-        self, status: str, reason: str, message: str, attempts: int | None = 8
-    ) -> None:
-        self.said.append((time.monotonic(), "condition", f"{status}:{reason}", message))
-
-    def reasons(self) -> list[str]:
-        return [reason for _, _, reason, _ in self.said]
-
-    def at(self, reason: str) -> float:
-        return next(t for t, _, r, _ in self.said if r == reason)
-
-
-def run_until_ready(settings: Settings, timeout: float = 600) -> tuple[int, Recorder]:
-    """`sidecar.run.run` until it says Ready (then SIGTERM-like stop); its exit code."""
-
-    async def scenario() -> tuple[int, Recorder]:
-        stop = asyncio.Event()
-        recorder = Recorder(stop)
-        code = await asyncio.wait_for(run(settings, recorder, stop), timeout)
-        return code, recorder
-
-    return asyncio.run(scenario())
 
 
 # -- the object store flapping during the warmup -------------------------------------------
@@ -179,12 +143,12 @@ def test_a_flapping_object_store_mid_warmup_still_verifies_and_leaves_no_corrupt
 
 
 async def _verify_from_cache(settings: Settings, deadline: float) -> Progress:
-    mount = JuiceFSMount(settings)
+    mount = JuiceFSMount(settings.mount_spec())
     await mount.start()
     try:
         files = read_manifest(mount.bento_dir).select(settings.models)
         return await stream_model(
-            settings,
+            settings.warmup_concurrency,
             mount,
             files,
             time.monotonic() + deadline,
@@ -201,7 +165,7 @@ RUN_RECORDED = """
 import asyncio, dataclasses, json, sys, time
 from pathlib import Path
 from sidecar.env import Settings
-from tests.storage.test_sidecar_faults import run_until_ready
+from tests.kit.sidecar import run_until_ready
 
 fields = json.loads(Path(sys.argv[1]).read_text())
 paths = {f.name for f in dataclasses.fields(Settings) if "Path" in str(f.type)}

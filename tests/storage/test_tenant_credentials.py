@@ -29,9 +29,9 @@ import pytest
 from devcluster.s3 import S3Client
 from devcluster.services import READER_COMMANDS, RedisReplyError, StorageError
 from devcluster.storage import MIB, PATH_TEMPLATE, Credentials, StorageStack
-from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
-from sidecar.mount import JuiceFSMount
-from sidecar.run import stream_model
+from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, read_manifest, sha256_file
+from modelstore.mount import JuiceFSMount
+from modelstore.streamer import stream_model
 
 BENTO, VERSION = "tenant-read", "v1"
 # Refused at every read-only mount's start, harmlessly: JuiceFS asks for INFO
@@ -337,11 +337,11 @@ def test_the_sidecar_mounts_streams_verifies_and_fills_with_tenant_credentials_a
     stack.redis.command("ACL", "LOG", "RESET")
 
     async def scenario() -> int:
-        mount = JuiceFSMount(settings)
+        mount = JuiceFSMount(settings.mount_spec())
         await mount.start()
         try:
             progress = await stream_model(
-                settings,
+                settings.warmup_concurrency,
                 mount,
                 read_manifest(mount.bento_dir).select(settings.models),
                 time.monotonic() + settings.warmup_timeout_seconds,

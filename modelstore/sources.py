@@ -27,7 +27,7 @@ import structlog
 
 from common.env import CacheMode
 
-log = structlog.get_logger("sidecar.sources")
+log = structlog.get_logger("modelstore.sources")
 
 MIB = 1 << 20
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")

@@ -26,19 +26,18 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from common.mounts import UnmountError, is_fuse, is_mounted, unmount
 from common.ports import free_port
-from sidecar.agent import AgentChannel, AgentError
-from sidecar.decisions import juicefs_says_cache_full
-from sidecar.env import Settings
-from sidecar.manifest import MODELS_DIR
-from sidecar.probe import mount_answers
-from sidecar.sources import JuiceFSCounters, MountCounters, cache_writes_settled
+from modelstore.manifest import MODELS_DIR
+from modelstore.mountcheck import mount_answers
+from modelstore.mountspec import MountSpec
+from modelstore.sources import JuiceFSCounters, MountCounters, cache_writes_settled
 
-log = structlog.get_logger("sidecar.mount")
+log = structlog.get_logger("modelstore.mount")
 
 # What a read-only juicefs mount says when its --subdir does not exist (it cannot create it).
 _NO_SUBDIR = "read-only file system"
@@ -46,6 +45,39 @@ _NO_SUBDIR = "read-only file system"
 
 class MountError(Exception):
     pass
+
+
+class FuseBroker(Protocol):
+    """Mounts for a client that may not: the node agent, for an unprivileged sidecar.
+
+    It opens the FUSE connection (the descriptor juicefs serves through
+    /dev/fd/N), binds the models where the app reads them once juicefs
+    answers, and takes both down. Each call raises MountError when refused.
+    """
+
+    async def mount(self) -> int: ...
+
+    async def expose(self) -> None: ...
+
+    async def unmount(self) -> None: ...
+
+
+# What juicefs 1.4 logs when it could not cache: a block write that failed
+# ("Write to cache file ... failed: ... no space left on device", "Can't
+# create cache file ...") and, with --debug only, a block dropped ("Caching
+# directory is full (DIR), drop ..."). Not its warning at mount ("not
+# enough space (8%) ... for caching"): below the ratio it evicts its own
+# blocks to make room, which is a cache at its limit, not a full disk.
+_JUICEFS_CACHE_FULL = re.compile(
+    r"cache file .*(no space left on device|disk quota exceeded)"
+    r"|caching directory is full",
+    re.IGNORECASE,
+)
+
+
+def juicefs_says_cache_full(line: str) -> bool:
+    """A juicefs log line saying that it cannot (or could not) cache on the disk."""
+    return _JUICEFS_CACHE_FULL.search(line) is not None
 
 
 # `juicefs warmup --check` (1.4): "check cache: 6 files checked, 12 MiB of 16 MiB (75.0%) cached"
@@ -126,7 +158,7 @@ def split_meta_password(meta_url: str) -> tuple[str, str | None]:
     return bare, urllib.parse.unquote(parts.password)
 
 
-def credentials_env(settings: Settings) -> dict[str, str]:
+def credentials_env(spec: MountSpec) -> dict[str, str]:
     """The credentials for `juicefs mount`, in the variables 1.x reads.
 
     The metadata engine's password goes in META_PASSWORD (see
@@ -139,27 +171,26 @@ def credentials_env(settings: Settings) -> dict[str, str]:
     volume formatted without keys.
     """
     env: dict[str, str] = {}
-    _, password = split_meta_password(settings.meta_url)
+    _, password = split_meta_password(spec.meta_url)
     if password is not None:
         env["META_PASSWORD"] = password
-    if settings.access_key:
-        env["MINIO_ACCESS_KEY"] = env["AWS_ACCESS_KEY_ID"] = settings.access_key
-    if settings.secret_key:
-        env["MINIO_SECRET_KEY"] = env["AWS_SECRET_ACCESS_KEY"] = settings.secret_key
+    if spec.access_key:
+        env["MINIO_ACCESS_KEY"] = env["AWS_ACCESS_KEY_ID"] = spec.access_key
+    if spec.secret_key:
+        env["MINIO_SECRET_KEY"] = env["AWS_SECRET_ACCESS_KEY"] = spec.secret_key
     return env
 
 
 class JuiceFSMount:
     def __init__(
         self,
-        settings: Settings,
-        cache_size_mib: int | None = None,
-        agent: AgentChannel | None = None,
+        spec: MountSpec,
+        broker: FuseBroker | None = None,
     ) -> None:
-        self._settings = settings
-        # Unprivileged: the node agent mounts and exposes, this process only serves.
-        self._agent = agent
-        self._cache_size_mib = settings.cache_size_mib if cache_size_mib is None else cache_size_mib
+        self._spec = spec
+        # Unprivileged: the broker (the node agent) mounts and exposes, this process only serves.
+        self._broker = broker
+        self._cache_size_mib = spec.cache_size_mib
         self._process: asyncio.subprocess.Process | None = None
         self._log_tail: deque[str] = deque(maxlen=40)
         # What juicefs said about a cache disk it cannot write (the last few, and how many).
@@ -171,13 +202,13 @@ class JuiceFSMount:
         self._metrics_port: int | None = None
         self.generation = 0
         # The private mount's root is the Bento's directory.
-        self.bento_dir = settings.private_mount
+        self.bento_dir = spec.private_mount
         self.models_dir = self.bento_dir / MODELS_DIR
 
     @property
     def writes_cache(self) -> bool:
         """Whether this client may write its cache: not the node cache an agent lent it."""
-        return self._agent is None or self._settings.cache_mode != "node"
+        return self._broker is None or self._spec.cache_mode != "node"
 
     @property
     def metrics_url(self) -> str | None:
@@ -196,10 +227,10 @@ class JuiceFSMount:
         fetched since this one mounted visible to it (a client serves from
         disk only the blocks it knows about).
         """
-        s = self._settings
+        s = self._spec
         if s.cache_mode != "node" or self._cache_size_mib == 0:
             return []
-        if self._agent is not None:
+        if self._broker is not None:
             # The node cache is the agent's, bound read-only here: nothing to
             # evict, but the scan shows this client the blocks the agent wrote.
             return ["--cache-scan-interval", f"{s.cache_scan_seconds}s"]
@@ -216,7 +247,7 @@ class JuiceFSMount:
 
     def command(self, mount_point: str | None = None) -> list[str]:
         """`juicefs mount`; mount_point is `/dev/fd/N` when the agent opened the connection."""
-        s = self._settings
+        s = self._spec
         port = self._metrics_port or free_port()
         return [
             s.juicefs_bin,
@@ -263,10 +294,10 @@ class JuiceFSMount:
                     log.warning("juicefs.cache_full", line=line)
 
     def _exited_early(self, code: int) -> MountError:
-        s = self._settings
+        s = self._spec
         if _NO_SUBDIR in self.log_tail.lower():
             return MountError(
-                f"the volume has no {s.bento_path}: was Bento {s.bento_name}:{s.bento_version} "
+                f"the volume has no {s.bento_path}: was Bento {s.bento} "
                 f"published with `python -m sidecar publish`? (juicefs exited with code {code})\n"
                 f"{self.log_tail}"
             )
@@ -276,7 +307,7 @@ class JuiceFSMount:
 
     async def start(self, mount_timeout: float = 120.0) -> float:
         """Mount and expose the models; returns the seconds it took."""
-        s = self._settings
+        s = self._spec
         started = time.monotonic()
         # A remount after juicefs died: the old worker may still be around, and
         # the dead private mount goes. The dead bind on the shared dir stays:
@@ -287,17 +318,14 @@ class JuiceFSMount:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._process.pid, signal.SIGKILL)
         fuse_fd: int | None = None
-        if self._agent is None:
+        if self._broker is None:
             _unmount(s.private_mount)
             for directory in (s.private_mount, s.mount_point, s.cache_dir):
                 if not is_mounted(directory):  # a dead FUSE mount there fails every stat
                     directory.mkdir(parents=True, exist_ok=True)
         else:
             # The agent replaces a dead private mount with a new one itself.
-            try:
-                fuse_fd = await self._agent.mount()
-            except AgentError as err:
-                raise MountError(str(err)) from None
+            fuse_fd = await self._broker.mount()
         env = {**os.environ, **credentials_env(s)}
         self._metrics_port = free_port()
         self.generation += 1
@@ -327,7 +355,7 @@ class JuiceFSMount:
         if not await asyncio.to_thread(self.models_dir.is_dir):
             raise MountError(
                 f"{s.bento_path} on the volume has no {MODELS_DIR}/: was Bento "
-                f"{s.bento_name}:{s.bento_version} published with `python -m sidecar publish`?"
+                f"{s.bento} published with `python -m sidecar publish`?"
             )
         await self._expose()
         return time.monotonic() - started
@@ -344,15 +372,12 @@ class JuiceFSMount:
             return False
 
     async def _expose(self) -> None:
-        if self._agent is not None:
-            try:
-                await self._agent.expose()
-            except AgentError as err:
-                raise MountError(f"exposing the models: {err}") from None
+        if self._broker is not None:
+            await self._broker.expose()
             return
         # The FUSE mount refuses writes itself, so a plain bind is read-only too.
         # --no-canonicalize: the target may be a dead FUSE mount, where a stat fails.
-        target = str(self._settings.mount_point)
+        target = str(self._spec.mount_point)
         args = ["mount", "--no-canonicalize", "--bind", str(self.models_dir), target]
         result = await asyncio.to_thread(
             subprocess.run, args, capture_output=True, text=True, check=False
@@ -361,7 +386,7 @@ class JuiceFSMount:
             raise MountError(f"{' '.join(args)} failed: {result.stderr.strip()}")
 
     def answers(self) -> bool:
-        return mount_answers(self._settings.mount_point)
+        return mount_answers(self._spec.mount_point)
 
     async def fill_cache(self, paths: Sequence[Path], rounds: int = 5, pause: float = 1.0) -> None:
         """Put every block of paths into the cache dir: what reading them left out.
@@ -424,13 +449,13 @@ class JuiceFSMount:
         """`juicefs warmup [options] paths` against this mount, its log; MountError if it fails."""
         if not paths:
             return ""
-        s = self._settings
+        s = self._spec
         process = await asyncio.create_subprocess_exec(
             s.juicefs_bin,
             "--no-agent",
             "warmup",
             "--threads",
-            str(s.warmup_concurrency),
+            str(s.warmup_threads),
             *options,
             *(str(path) for path in paths),
             stdout=asyncio.subprocess.DEVNULL,
@@ -475,14 +500,14 @@ class JuiceFSMount:
         await self._drain_log()
         return code
 
-    async def _agent_unmount(self) -> None:
-        """Ask the agent to take the mounts down (lazily); a failure is logged, not raised:
-        the agent unmounts a pod whose containers have ended by itself."""
-        assert self._agent is not None
+    async def _broker_unmount(self) -> None:
+        """Ask the broker to take the mounts down (lazily); a failure is logged, not raised:
+        the node agent unmounts a pod whose containers have ended by itself."""
+        assert self._broker is not None
         try:
             async with asyncio.timeout(5.0):
-                await self._agent.unmount()
-        except (AgentError, TimeoutError) as err:
+                await self._broker.unmount()
+        except (MountError, TimeoutError) as err:
             log.error("umount.failed", via="node agent", error=str(err))
 
     async def stop(self, grace: float = 10.0, busy_grace: float = 0.5) -> None:
@@ -499,14 +524,14 @@ class JuiceFSMount:
         kubelet gives the sidecar 2 s: waiting `grace` here made it exit 137
         with the mount still there (seen on the real node).
         """
-        if self._agent is not None:
+        if self._broker is not None:
             # The agent detaches lazily where it must, and this juicefs then
             # serves a mount nobody can reach: it gets busy_grace, not grace.
-            await self._agent_unmount()
+            await self._broker_unmount()
             busy = True
         else:
-            busy = _unmount(self._settings.mount_point)
-            busy = _unmount(self._settings.private_mount) or busy
+            busy = _unmount(self._spec.mount_point)
+            busy = _unmount(self._spec.private_mount) or busy
         process = self._process
         if process is not None and process.returncode is None:
             try:

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import pytest
 from cryptography import x509
 
-from injector import cluster_certs
-from injector.certs import ca_problem, generate_ca, issue_cert, split_certificates
-from injector.cluster_certs import (
+from injector.pki.authority import ca_problem, generate_ca, issue_cert, split_certificates
+from injector.pki.ca_keeper import CaKeeper
+from injector.pki.shared_ca import (
     CA_CERT_KEY,
     CA_KEY_KEY,
     PREVIOUS_KEY,
-    CaKeeper,
+    PREVIOUS_UNTIL,
     Conflict,
     SharedCa,
     StoredSecret,
@@ -204,7 +204,7 @@ async def test_a_broken_secret_is_repaired_once_and_every_replica_moves_without_
 
     # After the grace, only the new CA.
     until = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
-    cluster.put_secret(dict(cluster.secret.data), {cluster_certs.PREVIOUS_UNTIL: until.isoformat()})
+    cluster.put_secret(dict(cluster.secret.data), {PREVIOUS_UNTIL: until.isoformat()})
     await checks(replicas, 2)
     assert trusted(cluster) == [[new]]
     for replica in replicas:

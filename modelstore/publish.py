@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sidecar.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manifest
+from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manifest
 
 
 class PublishError(Exception):

@@ -28,17 +28,25 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from sidecar.manifest import ManifestFile, VerificationError
+import structlog
+
+from modelstore.manifest import ManifestFile, VerificationError
+from modelstore.mount import MountError
+
+log = structlog.get_logger("modelstore.streamer")
 
 __all__ = [
     "MIB",
     "RANGE_BYTES",
+    "BentoTree",
+    "CacheFiller",
+    "CachePurger",
     "ErrorCallback",
     "Progress",
     "ProgressCallback",
@@ -47,6 +55,8 @@ __all__ = [
     "VerificationError",
     "WarmupTimeout",
     "content_problem",
+    "fill_cache_until",
+    "stream_model",
 ]
 
 RANGE_BYTES = 4 << 20  # one JuiceFS block
@@ -316,3 +326,104 @@ class Streamer:
             # Never wait for reads stuck in the FUSE mount: they end when it is unmounted.
             pool.shutdown(wait=False, cancel_futures=True)
         return progress
+
+
+class CacheFiller(Protocol):
+    """Completes the local cache with the blocks of files that reading left out."""
+
+    async def fill_cache(self, paths: Sequence[Path]) -> None: ...
+
+
+class CachePurger(Protocol):
+    """Removes the cached blocks of files (`juicefs warmup --evict`): JuiceFSMount.
+
+    Only a client that may write its cache is one: not the node cache an
+    agent lends an unprivileged sidecar read-only.
+    """
+
+    async def evict_cache(self, paths: Sequence[Path]) -> None: ...
+
+
+class BentoTree(Protocol):
+    """Where the Bento is readable: its directory (manifest.json) and its models/."""
+
+    @property
+    def bento_dir(self) -> Path: ...
+
+    @property
+    def models_dir(self) -> Path: ...
+
+
+async def stream_model(
+    concurrency: int,
+    tree: BentoTree,
+    files: list[ManifestFile],
+    deadline: float,
+    on_progress: ProgressCallback,
+    on_error: ErrorCallback,
+    filler: CacheFiller | None = None,
+    purger: CachePurger | None = None,
+    on_purge: Callable[[ManifestFile, str], None] | None = None,
+) -> Progress:
+    """Read and verify every file through the mount with `concurrency` reads, then fill the cache.
+
+    No files is a VerificationError: a gate never opens on nothing verified.
+    With `purger`, a file that differs from the manifest is read once more
+    after its cached blocks are evicted (`on_purge` is told first).
+    """
+    if not files:
+        raise VerificationError("no file of the manifest was chosen: nothing to verify")
+    streamer = Streamer(
+        root=tree.models_dir,
+        concurrency=concurrency,
+        deadline=deadline,
+        on_progress=on_progress,
+        on_error=on_error,
+        purge=None if purger is None else _purge(purger, tree, deadline, on_purge),
+    )
+    progress = await streamer.run(files)
+    if filler is not None:
+        await fill_cache_until(filler, [tree.models_dir / f.path for f in files], deadline)
+    return progress
+
+
+def _purge(
+    purger: CachePurger,
+    tree: BentoTree,
+    deadline: float,
+    on_purge: Callable[[ManifestFile, str], None] | None,
+) -> Purge:
+    """The streamer's purge: evict one file's cached blocks, by the deadline."""
+
+    async def purge(entry: ManifestFile, problem: str) -> str | None:
+        log.warning("verify.purging", path=entry.path, problem=problem)
+        if on_purge is not None:
+            on_purge(entry, problem)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 1.0)):
+                await purger.evict_cache([tree.models_dir / entry.path])
+        except TimeoutError:
+            failed = "not done by the warmup deadline"
+        except (OSError, MountError) as err:
+            failed = str(err) or type(err).__name__
+        else:
+            log.info("cache.purged", path=entry.path)
+            return None
+        log.warning("cache.purge_failed", path=entry.path, error=failed)
+        return failed
+
+    return purge
+
+
+async def fill_cache_until(filler: CacheFiller, paths: list[Path], deadline: float) -> None:
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(max(deadline - started, 1.0)):
+            await filler.fill_cache(paths)
+    except TimeoutError:
+        log.warning("cache.fill_failed", error="not finished by the warmup deadline")
+        return
+    except (OSError, MountError) as err:
+        log.warning("cache.fill_failed", error=str(err))
+        return
+    log.info("cache.filled", files=len(paths), seconds=round(time.monotonic() - started, 2))

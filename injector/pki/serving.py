@@ -22,19 +22,17 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from injector.certs import (
-    CertFiles,
+from injector.config import InjectorConfig
+from injector.lifecycle import CleanupContext, background
+from injector.metrics import METRICS, Metrics
+from injector.pki.authority import (
     generate_bundle,
     issue_serving_cert,
     needs_renewal,
     not_after,
-    server_ssl_context,
     service_hosts,
-    write_atomic,
 )
-from injector.config import InjectorConfig
-from injector.lifecycle import CleanupContext, background
-from injector.metrics import METRICS, Metrics
+from injector.pki.cert_files import CertFiles, server_ssl_context, write_atomic
 
 log = structlog.get_logger("injector.tls")
 
@@ -181,3 +179,21 @@ def serving_certificate(
             yield
 
     return context
+
+
+def write_serving_files(
+    config: InjectorConfig, ca_pem: bytes, ca_key_pem: bytes, extra_hosts: list[str]
+) -> CertFiles:
+    cert_dir = Path(config.server.cert_dir)
+    files = CertFiles(
+        cert_dir / config.server.cert_file,
+        cert_dir / config.server.key_file,
+        cert_dir / config.server.ca_file,
+    )
+    hosts = service_hosts(config.webhook.service_name, config.webhook.namespace, extra_hosts)
+    cert_pem, key_pem = issue_serving_cert(ca_pem, ca_key_pem, hosts)
+    write_atomic(cert_dir / "ca.key", ca_key_pem)
+    write_atomic(files.ca, ca_pem, 0o644)
+    write_atomic(files.key, key_pem)
+    write_atomic(files.cert, cert_pem, 0o644)
+    return files

@@ -1,0 +1,1 @@
+"""The webhook's certificates: issued, served, shared by replicas, trusted by the apiserver."""
