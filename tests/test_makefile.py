@@ -23,6 +23,7 @@ MAKEFILE = REPO / "Makefile"
 NEEDS_SLOW_LANE = (
     "ensure_binaries",  # the pinned binaries (make binaries)
     "CHART_COMPONENTS",
+    "tests.kit.chart",  # helm template and kubectl kustomize with the pinned binaries
     "ensure_images",  # the node's images (make images)
     "storage_stack",  # MinIO, Redis, JuiceFS and FUSE mounts
     "StorageStack",
