@@ -4,10 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test lint typecheck unit e2e binaries images cluster-up cluster-down golden-update bench bench-load render-example demo clean
+.PHONY: help venv test fast lint typecheck unit e2e binaries images cluster-up cluster-down golden-update bench bench-load fuzz render-example demo clean
 
+# Every target, one line each (tests/test_makefile.py checks that none is missing).
 help:
-	@echo "make test          lint, type-check and run the test suite (installs into $(VENV))"
+	@echo "make test          make fast, then builds binaries and images and runs the other tests (e2e included)"
+	@echo "make fast          lint, type-check and the tests that need no binaries, images or root (fails fast)"
 	@echo "make demo          control plane + a real node + JuiceFS: the example Bento injected (unprivileged, a baseline namespace), run and Ready, then kubectl describe pod"
 	@echo "make lint          ruff (check and format) and the import-linter layer contract"
 	@echo "make typecheck     mypy --strict"
@@ -15,13 +17,16 @@ help:
 	@echo "make e2e           the end-to-end tests on the local cluster (builds binaries and images first)"
 	@echo "make binaries      etcd, Kubernetes, containerd, MinIO, JuiceFS, Helm into ~/.cache/bento-juicefs"
 	@echo "make images        the node's images (base rootfs, the project's image, the sample Bento, pause)"
-	@echo "make cluster-up    a local control plane and node to poke at; make cluster-down stops it"
+	@echo "make cluster-up    a local control plane and node to poke at"
+	@echo "make cluster-down  stops what make cluster-up started"
 	@echo "make golden-update regenerate tests/golden/*.injected"
 	@echo "make render-example the injector's offline render of examples/bento-deployment.yaml"
 	@echo "make fuzz          the admission path on 100,000+ fuzzed inputs (hypothesis, /mutate over HTTPS, atheris); bench-results/fuzz.json"
 	@echo "make bench         streaming, cold-start, warm-start (with the warm gate), admission, load against their limits (SCENARIO=NAME for one); bench-results/"
 	@echo "make bench-load    10,000 reviews per run at 500 connections over TLS: errors, 5xx, the injector's memory; bench-results/load.json"
-	@echo "make venv          the virtualenv alone; make clean removes it and the tool caches"
+	@echo "make venv          the virtualenv alone (pip install -e '.[dev]')"
+	@echo "make clean         removes the virtualenv and the tool caches"
+	@echo "make help          this list"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,13 +63,28 @@ unit: $(STAMP)
 e2e: $(STAMP) binaries images
 	$(BIN)/pytest -m e2e
 
+# The tests that need the binaries (make binaries), the images (make images) or
+# root, by path; every other test is in the fast lane. tests/e2e: a real
+# cluster; tests/storage: JuiceFS, MinIO, Redis and FUSE mounts; test_chart.py
+# and test_local_install.py: the pinned helm and kubectl; test_images.py: builds
+# and runs the images; test_pod_mounts.py: two of its tests mount a tmpfs.
+# tests/test_makefile.py checks these paths exist and that no other test module
+# reaches for the binaries, the images or the storage stack.
+SLOW_TESTS := tests/e2e tests/storage tests/test_chart.py tests/test_local_install.py \
+	tests/test_images.py tests/test_pod_mounts.py
+
+# Lint, type-check and the fast lane: no binaries, no images, no root, no cluster.
+fast: $(STAMP) lint typecheck
+	$(BIN)/pytest $(addprefix --ignore=,$(SLOW_TESTS))
+
 # The whole suite with the injector installed by Helm as real pods (the
 # default), then the install tests and admission tests again with it installed
 # by `kubectl apply -k` over manifests/overlays/gke (devcluster/installs/injector_pods.py).
+# The fast lane first and once: the second pytest runs only SLOW_TESTS.
 KUSTOMIZE_E2E := tests/e2e/test_injector_pods.py tests/e2e/test_admission.py
 
-test: lint typecheck binaries images
-	$(BIN)/pytest
+test: fast binaries images
+	$(BIN)/pytest $(SLOW_TESTS)
 	BENTO_INJECTOR_INSTALL=kustomize $(BIN)/pytest -m e2e $(KUSTOMIZE_E2E)
 
 cluster-up: $(STAMP) binaries images
@@ -89,7 +109,6 @@ bench-load: $(STAMP)
 # Fuzz the admission path (tests/fuzzing.py): 20,000 inputs per target, the
 # real server's /mutate over HTTPS, and atheris (coverage-guided) when it
 # installs; counts and times in bench-results/fuzz.json. FUZZ_ARGS=--help.
-.PHONY: fuzz
 fuzz: $(STAMP)
 	$(BIN)/pip install --quiet 'atheris>=2.3' || echo "atheris did not install: fuzzing without it"
 	$(BIN)/python -m tests.fuzzing $(FUZZ_ARGS)

@@ -26,12 +26,19 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+Job = tuple[int, str, int, int]  # descriptor, URL path, offset, length
 
-def fetch(spec: dict[str, Any]) -> int:
-    endpoint = urllib.parse.urlsplit(spec["endpoint"])
+
+def ranges(size: int, step: int) -> list[tuple[int, int]]:
+    """(offset, length) of each ranged GET of a file; one empty GET for an empty file."""
+    return [(offset, min(step, size - offset)) for offset in range(0, max(size, 1), step)]
+
+
+def open_files(spec: dict[str, Any]) -> tuple[list[int], list[Job]]:
+    """Each file created at its size under dest; its descriptor and its ranged GETs."""
     dest = Path(spec["dest"])
     step = int(spec["range_bytes"])
-    jobs: list[tuple[int, str, int, int]] = []
+    jobs: list[Job] = []
     descriptors = []
     for entry in spec["files"]:
         path = dest / entry["path"]
@@ -39,9 +46,28 @@ def fetch(spec: dict[str, Any]) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(fd, int(entry["size"]))
         descriptors.append(fd)
-        for offset in range(0, max(int(entry["size"]), 1), step):
-            length = min(step, int(entry["size"]) - offset)
-            jobs.append((fd, f"/{spec['bucket']}/{entry['key']}", offset, length))
+        url = f"/{spec['bucket']}/{entry['key']}"
+        jobs.extend(
+            (fd, url, offset, length) for offset, length in ranges(int(entry["size"]), step)
+        )
+    return descriptors, jobs
+
+
+def get_range(conn: http.client.HTTPConnection, job: Job) -> None:
+    """GET one range and write it in place; OSError when the store answers otherwise."""
+    fd, url, offset, length = job
+    headers = {"Range": f"bytes={offset}-{offset + length - 1}"} if length else {}
+    conn.request("GET", url, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    if response.status not in (200, 206) or len(data) != length:
+        raise OSError(f"GET {url} {headers}: HTTP {response.status}, {len(data)} B")
+    os.pwrite(fd, data, offset)
+
+
+def fetch(spec: dict[str, Any]) -> int:
+    endpoint = urllib.parse.urlsplit(spec["endpoint"])
+    descriptors, jobs = open_files(spec)
     jobs.reverse()
     lock = threading.Lock()
     failures: list[str] = []
@@ -54,21 +80,15 @@ def fetch(spec: dict[str, Any]) -> int:
             with lock:
                 if not jobs or failures:
                     return
-                fd, url, offset, length = jobs.pop()
-            headers = {"Range": f"bytes={offset}-{offset + length - 1}"} if length else {}
+                job = jobs.pop()
             try:
-                conn.request("GET", url, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-                if response.status not in (200, 206) or len(data) != length:
-                    raise OSError(f"GET {url} {headers}: HTTP {response.status}, {len(data)} B")
-                os.pwrite(fd, data, offset)
+                get_range(conn, job)
             except (OSError, http.client.HTTPException) as err:
                 with lock:
                     failures.append(str(err))
                 return
             with lock:
-                total += length
+                total += job[3]
 
     started = time.monotonic()
     threads = [threading.Thread(target=worker) for _ in range(int(spec["connections"]))]

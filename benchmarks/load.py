@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import re
@@ -42,6 +43,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,13 @@ class Rotator(threading.Thread):
             self.written += 1
 
 
+# A slow client's request head: it promises a body it sends a byte at a time, or never.
+SLOW_HEAD = (
+    b"POST /mutate HTTP/1.1\r\nHost: injector\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+)
+
+
 class SlowClients(threading.Thread):
     """Keeps `count` slow connections open (reopening what the server closes)."""
 
@@ -209,38 +218,47 @@ class SlowClients(threading.Thread):
         self._halt = threading.Event()
         self.ready = threading.Event()
 
-    async def _one(self, kind: int) -> None:
-        head = (
-            b"POST /mutate HTTP/1.1\r\nHost: injector\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
-        )
+    async def _connect(self, kind: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A plain TCP connection (kind 0) or a TLS one; None (counted) when refused."""
+        try:
+            if kind == 0:
+                return await asyncio.open_connection("127.0.0.1", self.port)
+            return await asyncio.open_connection(
+                "127.0.0.1", self.port, ssl=self.context, server_hostname="localhost"
+            )
+        except (OSError, ssl.SSLError):
+            self.failed_to_open += 1
+            return None
+
+    async def _dawdle(
+        self, kind: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Until halted or closed: say nothing (0), a head a byte at a time (1), or a
+        body a byte at a time (2); ConnectionResetError once the server closes."""
+        sent = 0
+        if kind == 2:
+            writer.write(SLOW_HEAD)
         while not self._halt.is_set():
-            try:
-                if kind == 0:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                else:
-                    reader, writer = await asyncio.open_connection(
-                        "127.0.0.1", self.port, ssl=self.context, server_hostname="localhost"
-                    )
-            except (OSError, ssl.SSLError):
-                self.failed_to_open += 1
+            if kind == 1 and sent < len(SLOW_HEAD) - 1:
+                writer.write(SLOW_HEAD[sent : sent + 1])
+                sent += 1
+            elif kind == 2:
+                writer.write(b" ")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    if not await reader.read(4096):
+                        raise ConnectionResetError
+
+    async def _one(self, kind: int) -> None:
+        while not self._halt.is_set():
+            connected = await self._connect(kind)
+            if connected is None:
                 await asyncio.sleep(0.5)
                 continue
+            reader, writer = connected
             self.open += 1
-            sent = 0
             try:
-                if kind == 2:
-                    writer.write(head)
-                while not self._halt.is_set():
-                    if kind == 1 and sent < len(head) - 1:
-                        writer.write(head[sent : sent + 1])
-                        sent += 1
-                    elif kind == 2:
-                        writer.write(b" ")
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(0.5):
-                            if not await reader.read(4096):
-                                raise ConnectionResetError
+                await self._dawdle(kind, reader, writer)
             except (OSError, ssl.SSLError):
                 if not self._halt.is_set():
                     self.closed_by_server += 1
@@ -274,14 +292,13 @@ def _summary(name: str, result: dict[str, Any], rss: dict[str, float]) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    connections, limit = args.load_connections, args.load_requests
+def _new_record(args: argparse.Namespace) -> dict[str, Any]:
     record = new_record(
         SCENARIO,
         {
             "load_generator": "wrk -t1 (Debian), Lua POST, stops after the given responses",
-            "requests_per_run": limit,
-            "connections": connections,
+            "requests_per_run": args.load_requests,
+            "connections": args.load_connections,
             "workload": "distinct pods (every review decided; none from the cache of answers)",
             "server": "python -m injector serve --standalone, TLS on 127.0.0.1, defaults "
             "but certCheckIntervalSeconds 0.2",
@@ -291,24 +308,107 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
     )
     record["versions"] = server_versions()
+    return record
+
+
+def _server_config(port: int, cert_dir: Path) -> str:
+    """The injector's config: TLS on 127.0.0.1:port, certificates checked every 0.2 s."""
+    server = {
+        "host": "127.0.0.1",
+        "port": port,
+        "certDir": str(cert_dir),
+        "certCheckIntervalSeconds": 0.2,
+    }
+    return yaml.safe_dump({"server": server})
+
+
+@dataclasses.dataclass
+class _Target:
+    """The running injector, what every run POSTs, and where wrk works."""
+
+    url: str
+    body: Path
+    work: Path
+    context: ssl.SSLContext
+    cert_dir: Path
+    connections: int
+    limit: int
+
+    def wrk(self, *, close: bool) -> dict[str, Any]:
+        return wrk(
+            self.url,
+            self.body,
+            self.work,
+            connections=self.connections,
+            limit=self.limit,
+            close=close,
+        )
+
+    def reloads(self) -> float:
+        return metric(self.url, self.context, "bento_juicefs_certificate_reloads_total")
+
+
+def _rotating_run(target: _Target, rotate_seconds: float) -> tuple[dict[str, Any], str]:
+    """A handshake per review while the serving certificate is rewritten every period."""
+    reloads = target.reloads()
+    rotator = Rotator(target.cert_dir, rotate_seconds)
+    rotator.start()
+    try:
+        result = target.wrk(close=True)
+    finally:
+        rotator.stopped.set()
+        rotator.join()
+    time.sleep(0.5)
+    result["certificates_written"] = rotator.written
+    result["certificates_loaded"] = int(target.reloads() - reloads)
+    note = f"; {rotator.written} certificates written, {result['certificates_loaded']} loaded"
+    return result, note
+
+
+def _slow_clients_run(target: _Target, port: int, count: int) -> tuple[dict[str, Any], str]:
+    """Kept-alive reviews while `count` slow clients hold connections open."""
+    slow = SlowClients(port, target.context, count)
+    slow.start()
+    slow.ready.wait(120)
+    try:
+        held = slow.open
+        result = target.wrk(close=False)
+        result["slow_connections_open_at_start"] = held
+        result["slow_connections_open_at_end"] = slow.open
+    finally:
+        slow.stop()
+    result["slow_closed_by_server"] = slow.closed_by_server
+    note = (
+        f"; {held} slow connections held, {slow.closed_by_server} closed by the "
+        "injector's timeouts (and reopened)"
+    )
+    return result, note
+
+
+def _totals(record: dict[str, Any], load_runs: int, log_text: str) -> None:
+    """Errors and RSS growth across the runs, from record's runs and rss_mib."""
+    runs, rss = record["runs"], record["rss_mib"]
+    record["injector_log_errors"] = len(re.findall(r'"level": ?"(error|critical)"', log_text))
+    total_errors = sum(r["errors"] + r["non_2xx"] + r["wrong_answers"] for r in runs.values())
+    record["total_reviews"] = sum(r["requests"] for r in runs.values())
+    record["total_errors_and_non_2xx"] = total_errors
+    kept = [rss["idle"]["VmRSS"]] + [
+        rss[f"keep-alive-{n}"]["VmRSS"] for n in range(1, load_runs + 1)
+    ]
+    # Per kept-alive run: the first is warm-up, the later ones what more reviews cost.
+    record["rss_growth_per_run_mib"] = [round(b - a, 1) for a, b in itertools.pairwise(kept)]
+    record["rss_growth_total_mib"] = round(rss["slow-clients"]["VmRSS"] - rss["idle"]["VmRSS"], 1)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    record = _new_record(args)
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(tmp)
         port = free_port()
         cert_dir = work / "certs"
         config = work / "config.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "server": {
-                        "host": "127.0.0.1",
-                        "port": port,
-                        "certDir": str(cert_dir),
-                        "certCheckIntervalSeconds": 0.2,
-                    }
-                }
-            )
-        )
+        config.write_text(_server_config(port, cert_dir))
         body = work / "bento.json"
         body.write_bytes(review_body(bento_pod()))
         url = f"https://127.0.0.1:{port}"
@@ -326,69 +426,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(1)
             rss = {"idle": memory(pid)}
             say(SCENARIO, f"injector up, pid {pid}, RSS {rss['idle']['VmRSS']} MiB")
-
+            target = _Target(
+                url, body, work, context, cert_dir, args.load_connections, args.load_requests
+            )
             for name in [f"keep-alive-{n}" for n in range(1, args.load_runs + 1)]:
-                runs[name] = wrk(url, body, work, connections=connections, limit=limit, close=False)
+                runs[name] = target.wrk(close=False)
                 rss[name] = memory(pid)
                 say(SCENARIO, _summary(name, runs[name], rss[name]))
-
-            reloads = metric(url, context, "bento_juicefs_certificate_reloads_total")
-            rotator = Rotator(cert_dir, args.rotate_seconds)
-            rotator.start()
-            try:
-                name = "handshake-each-rotating"
-                runs[name] = wrk(url, body, work, connections=connections, limit=limit, close=True)
-            finally:
-                rotator.stopped.set()
-                rotator.join()
-            time.sleep(0.5)
-            runs[name]["certificates_written"] = rotator.written
-            runs[name]["certificates_loaded"] = int(
-                metric(url, context, "bento_juicefs_certificate_reloads_total") - reloads
-            )
-            rss[name] = memory(pid)
-            say(
-                SCENARIO,
-                _summary(name, runs[name], rss[name])
-                + f"; {rotator.written} certificates written, "
-                f"{runs[name]['certificates_loaded']} loaded",
-            )
-
-            slow = SlowClients(port, context, args.slow_connections)
-            slow.start()
-            slow.ready.wait(120)
-            try:
-                name = "slow-clients"
-                held = slow.open
-                runs[name] = wrk(url, body, work, connections=connections, limit=limit, close=False)
-                runs[name]["slow_connections_open_at_start"] = held
-                runs[name]["slow_connections_open_at_end"] = slow.open
-            finally:
-                slow.stop()
-            runs[name]["slow_closed_by_server"] = slow.closed_by_server
-            rss[name] = memory(pid)
-            say(
-                SCENARIO,
-                _summary(name, runs[name], rss[name])
-                + f"; {held} slow connections held, {slow.closed_by_server} closed by the "
-                "injector's timeouts (and reopened)",
-            )
+            # One after the other: each run's RSS is read before the next starts.
+            later: list[tuple[str, Callable[[], tuple[dict[str, Any], str]]]] = [
+                ("handshake-each-rotating", lambda: _rotating_run(target, args.rotate_seconds)),
+                ("slow-clients", lambda: _slow_clients_run(target, port, args.slow_connections)),
+            ]
+            for name, start in later:
+                runs[name], note = start()
+                rss[name] = memory(pid)
+                say(SCENARIO, _summary(name, runs[name], rss[name]) + note)
             counts = _outcomes(url, context)
         log_text = (work / "injector.log").read_text(errors="replace")
     record["runs"] = runs
     record["rss_mib"] = rss
     record["injector_outcomes"] = counts
-    record["injector_log_errors"] = len(re.findall(r'"level": ?"(error|critical)"', log_text))
-    total_errors = sum(r["errors"] + r["non_2xx"] + r["wrong_answers"] for r in runs.values())
-    record["total_reviews"] = sum(r["requests"] for r in runs.values())
-    record["total_errors_and_non_2xx"] = total_errors
-    kept = [rss["idle"]["VmRSS"]] + [
-        rss[f"keep-alive-{n}"]["VmRSS"] for n in range(1, args.load_runs + 1)
-    ]
-    # Per kept-alive run: the first is warm-up, the later ones what more reviews cost.
-    record["rss_growth_per_run_mib"] = [round(b - a, 1) for a, b in itertools.pairwise(kept)]
-    record["rss_growth_total_mib"] = round(rss["slow-clients"]["VmRSS"] - rss["idle"]["VmRSS"], 1)
-    if total_errors:
+    _totals(record, args.load_runs, log_text)
+    if record["total_errors_and_non_2xx"]:
+        total_errors = record["total_errors_and_non_2xx"]
         say(SCENARIO, f"FAILED: {total_errors} errors, non-2xx or wrong answers")
     return record
 

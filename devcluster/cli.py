@@ -217,19 +217,22 @@ def _wait_gone(pids: Sequence[int], timeout: float) -> bool:
     return True
 
 
-def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
-    state = _read_json(state_dir / STATE_FILE) or {}
-    pid = _serve_pid(state_dir)
-    if pid is not None:
-        _say(f"stopping control plane supervisor (pid {pid})")
-        os.kill(pid, signal.SIGTERM)
-        if not _wait_gone([pid], timeout):
-            _say(f"supervisor did not exit within {timeout:.0f}s; SIGKILL")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            _wait_gone([pid], 5)
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
 
-    # Components left behind by a supervisor that died without cleaning up.
+
+def _stop_supervisor(pid: int, timeout: float) -> None:
+    _say(f"stopping control plane supervisor (pid {pid})")
+    os.kill(pid, signal.SIGTERM)
+    if not _wait_gone([pid], timeout):
+        _say(f"supervisor did not exit within {timeout:.0f}s; SIGKILL")
+        _kill_group(pid, signal.SIGKILL)
+        _wait_gone([pid], 5)
+
+
+def _stop_leftovers(state: dict[str, Any]) -> list[int]:
+    """Components left behind by a supervisor that died without cleaning up; their pids."""
     binaries = set(state.get("binaries", {}).values())
     leftovers = []
     for name, cpid in state.get("pids", {}).items():
@@ -237,25 +240,24 @@ def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
         if alive(cpid) and cmd and cmd[0] in binaries:
             leftovers.append(cpid)
             _say(f"stopping leftover {name} (pid {cpid})")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(cpid, signal.SIGTERM)
+            _kill_group(cpid, signal.SIGTERM)
     if leftovers and not _wait_gone(leftovers, 15):
         for cpid in leftovers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(cpid, signal.SIGKILL)
+            _kill_group(cpid, signal.SIGKILL)
         _wait_gone(leftovers, 5)
+    return leftovers
 
-    node = state.get("node")
-    if node:  # a supervisor that died without stopping its node
-        network = NodeNetwork(**node["network"])
-        teardown_node(Path(node["dir"]), network)
-        network.delete()
-        left = node_leftovers(Path(node["dir"]), network)
-        if left:
-            _say(f"not clean: the node left {', '.join(left)}")
-            return 1
 
-    # Add-ons (storage, the injector) and their mounts, found by the state dir they use.
+def _stop_node(node: dict[str, Any]) -> list[str]:
+    """Tear down a node its supervisor did not stop; what it left behind."""
+    network = NodeNetwork(**node["network"])
+    teardown_node(Path(node["dir"]), network)
+    network.delete()
+    return node_leftovers(Path(node["dir"]), network)
+
+
+def _stop_addons(state_dir: Path) -> list[int]:
+    """Add-ons (storage, the injector) and their mounts, found by the state dir they use."""
     strays = processes_using(state_dir)
     for spid in strays:
         _say(f"stopping leftover add-on process {spid}: {' '.join(_cmdline(spid))[:120]}")
@@ -266,6 +268,22 @@ def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
         if mount.point.is_relative_to(state_dir):
             _say(f"unmounting leftover {mount.point}")
             unmount(mount.point)
+    return strays
+
+
+def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
+    state = _read_json(state_dir / STATE_FILE) or {}
+    pid = _serve_pid(state_dir)
+    if pid is not None:
+        _stop_supervisor(pid, timeout)
+    leftovers = _stop_leftovers(state)
+    node = state.get("node")
+    if node:  # a supervisor that died without stopping its node
+        left = _stop_node(node)
+        if left:
+            _say(f"not clean: the node left {', '.join(left)}")
+            return 1
+    strays = _stop_addons(state_dir)
 
     still = [p for p in [*([pid] if pid else []), *leftovers, *strays] if alive(p)]
     busy = [p for p in state.get("ports", {}).values() if p and not port_is_free(p)]

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from devcluster.cluster import wait_for
+from devcluster.cluster import Cluster, wait_for
 from devcluster.local import local_cluster
 from devcluster.storage.stack import MIB, StorageStack
 
@@ -74,6 +74,64 @@ def milestones(pod: dict[str, Any]) -> list[str]:
     return seen
 
 
+def apply_example(cp: Cluster, deployment: str) -> float:
+    """As a user: label the namespace, apply the unchanged example; when it was applied."""
+    step(
+        f"user: label namespace {NAMESPACE} (it enforces Pod Security baseline), "
+        f"apply the unchanged {EXAMPLE.relative_to(REPO)}"
+    )
+    cp.create_namespace(
+        NAMESPACE,
+        {
+            "juicefs.bentoml.com/injection": "enabled",
+            "pod-security.kubernetes.io/enforce": "baseline",
+        },
+    )
+    cp.wait_provisioned(NAMESPACE)
+    applied = time.monotonic()
+    cp.kubectl("apply", "-f", str(EXAMPLE))
+    # The node has one GPU: one replica (the example asks for two).
+    cp.kubectl("scale", "deployment", deployment, "-n", NAMESPACE, "--replicas=1")
+    return applied
+
+
+def wait_ready(cp: Cluster, applied: float) -> dict[str, Any]:
+    """The Bento pod once Ready, printing each milestone as it is first seen."""
+    shown: list[str] = []
+
+    def ready() -> dict[str, Any] | None:
+        pods = cp.get_json("pods", "-n", NAMESPACE)["items"]
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        if len(live) != 1:
+            return None
+        for event in milestones(live[0]):
+            if event not in shown:
+                shown.append(event)
+                print(f"  +{time.monotonic() - applied:5.1f}s  {event}", flush=True)
+        return live[0] if "pod Ready" in shown else None
+
+    return wait_for(ready, timeout=600, interval=0.3, what="the Bento pod to be Ready")
+
+
+def answers_with(pod: dict[str, Any], published: dict[str, str]) -> bool:
+    """Whether the app's answer lists exactly the published files (path: sha256)."""
+    url = f"http://{pod['status']['podIP']}:3000/predict"
+    step(f"the app answers from the bytes it loaded: POST {url}")
+    request = urllib.request.Request(
+        url,
+        data=json.dumps({"text": "hello"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.loads(response.read())
+    same = bool(answer["files"] == published)
+    print(
+        f"{len(answer['files'])} files, {answer['total_bytes'] / MIB:.0f} MiB loaded; "
+        f"sha256 of every file equal to the published manifest: {same}"
+    )
+    return same
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devcluster.demo", description=__doc__)
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -112,58 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{manifest.total_bytes / MIB:.0f} MiB"
         )
 
-        step(
-            f"user: label namespace {NAMESPACE} (it enforces Pod Security baseline), "
-            f"apply the unchanged {EXAMPLE.relative_to(REPO)}"
-        )
-        cp.create_namespace(
-            NAMESPACE,
-            {
-                "juicefs.bentoml.com/injection": "enabled",
-                "pod-security.kubernetes.io/enforce": "baseline",
-            },
-        )
-        cp.wait_provisioned(NAMESPACE)
-        applied = time.monotonic()
-        cp.kubectl("apply", "-f", str(EXAMPLE))
-        # The node has one GPU: one replica (the example asks for two).
-        cp.kubectl("scale", "deployment", deployment, "-n", NAMESPACE, "--replicas=1")
-
-        shown: list[str] = []
-
-        def ready() -> dict[str, Any] | None:
-            pods = cp.get_json("pods", "-n", NAMESPACE)["items"]
-            live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-            if len(live) != 1:
-                return None
-            for event in milestones(live[0]):
-                if event not in shown:
-                    shown.append(event)
-                    print(f"  +{time.monotonic() - applied:5.1f}s  {event}", flush=True)
-            return live[0] if "pod Ready" in shown else None
-
-        pod = wait_for(ready, timeout=600, interval=0.3, what="the Bento pod to be Ready")
+        pod = wait_ready(cp, apply_example(cp, deployment))
         name = pod["metadata"]["name"]
-
         step(f"kubectl describe pod {name} -n {NAMESPACE}")
         print(cp.kubectl("describe", "pod", name, "-n", NAMESPACE).stdout)
 
-        step(
-            f"the app answers from the bytes it loaded: POST http://{pod['status']['podIP']}:3000/predict"
-        )
-        request = urllib.request.Request(
-            f"http://{pod['status']['podIP']}:3000/predict",
-            data=json.dumps({"text": "hello"}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            answer = json.loads(response.read())
-        published = {f.path: f.sha256 for f in manifest.files}
-        same = answer["files"] == published
-        print(
-            f"{len(answer['files'])} files, {answer['total_bytes'] / MIB:.0f} MiB loaded; "
-            f"sha256 of every file equal to the published manifest: {same}"
-        )
+        same = answers_with(pod, {f.path: f.sha256 for f in manifest.files})
         print(f"\ndemo finished in {time.monotonic() - started:.0f}s")
         if not same:
             return 1

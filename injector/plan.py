@@ -41,6 +41,8 @@ from injector.quantity import (
 )
 
 Pod = Mapping[str, Any]
+# A pod's annotation for a key, as a string; None when the pod does not set it.
+Override = Callable[[str], str | None]
 
 # The Bento identity, model tags, SSD policy and booleans follow the same
 # rules as the sidecar's environment (common.env), which carries them on.
@@ -165,9 +167,7 @@ def _parse_bool(key: str, value: str, errors: list[str]) -> bool:
         return False
 
 
-def _resources(
-    config: InjectorConfig, override: Callable[[str], str | None], errors: list[str]
-) -> SidecarResources:
+def _resources(config: InjectorConfig, override: Override, errors: list[str]) -> SidecarResources:
     """Sidecar requests and limits: config defaults, overridden per pod.
 
     A limit below its request is invalid; when the pod set both, say so;
@@ -224,23 +224,26 @@ def _is_status(value: str) -> bool:
         return False
 
 
-def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
-    labels = _labels(pod)
+def _screen(pod: Pod, namespace: str, config: InjectorConfig) -> Skip | Deny | None:
+    """Skip or deny before any validation: the namespace, the selector label, the opt-out."""
     keys = config.labels
     if namespace in config.excluded_namespaces:
         return Skip(f"namespace {namespace} is never mutated")
     if not is_selected(pod, config):
         return Skip(f"pod lacks label {keys.model_store}={keys.model_store_value}")
-    opt_out = labels.get(keys.inject)
-    if opt_out is not None:
-        # Exact, like the webhook's objectSelector and the admission policy:
-        # "False" would be skipped here but still be held to the policy.
-        if opt_out == "false":
-            return Skip(f"pod opted out with {keys.inject}=false")
-        if opt_out != "true":
-            return Deny.of([_bad(keys.inject, opt_out, "'true' or 'false' (lowercase)", "label")])
+    opt_out = _labels(pod).get(keys.inject)
+    if opt_out is None or opt_out == "true":
+        return None
+    # Exact, like the webhook's objectSelector and the admission policy:
+    # "False" would be skipped here but still be held to the policy.
+    if opt_out == "false":
+        return Skip(f"pod opted out with {keys.inject}=false")
+    return Deny.of([_bad(keys.inject, opt_out, "'true' or 'false' (lowercase)", "label")])
 
-    errors: list[str] = []
+
+def _identity(pod: Pod, config: InjectorConfig, errors: list[str]) -> dict[str, str]:
+    """The Bento's name and version labels, by label key, when valid."""
+    labels, keys = _labels(pod), config.labels
     identity: dict[str, str] = {}
     for label, valid, what, form in (
         (keys.bento_repository, is_bento_name, "name", NAME_FORM),
@@ -257,93 +260,136 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
             errors.append(_bad(label, str(value), form, "label"))
         else:
             identity[label] = str(value)
+    return identity
 
-    ann = config.annotations
+
+def _overrides(pod: Pod) -> Override:
+    """The pod's annotation for a key, as a string; None when the pod does not set it."""
     annotations = _annotations(pod)
 
     def override(key: str) -> str | None:
         value = annotations.get(key)
         return None if value is None else str(value)
 
-    if (raw := override(ann.status)) is not None and not _is_status(raw):
-        errors.append(
-            _bad(ann.status, raw, "the injector's own JSON object: it cannot be set by hand")
-        )
+    return override
 
-    models: tuple[str, ...] = ()
-    if (raw := override(ann.models)) is not None:
-        models = _parse_models(ann.models, raw, errors)
 
-    volume = config.juicefs.default_volume
-    if (raw := override(ann.volume)) is not None:
-        if raw not in config.juicefs.allowed_volumes:
-            allowed = ", ".join(config.juicefs.allowed_volumes)
-            errors.append(_bad(ann.volume, raw, f"one of the configured volumes: {allowed}"))
-        volume = raw
+def _check_status(config: InjectorConfig, override: Override, errors: list[str]) -> None:
+    key = config.annotations.status
+    if (raw := override(key)) is not None and not _is_status(raw):
+        errors.append(_bad(key, raw, "the injector's own JSON object: it cannot be set by hand"))
 
-    cache_size = override(ann.cache_size)
+
+def _models(config: InjectorConfig, override: Override, errors: list[str]) -> tuple[str, ...]:
+    key = config.annotations.models
+    if (raw := override(key)) is None:
+        return ()
+    return _parse_models(key, raw, errors)
+
+
+def _volume(config: InjectorConfig, override: Override, errors: list[str]) -> str:
+    key, allowed = config.annotations.volume, config.juicefs.allowed_volumes
+    if (raw := override(key)) is None:
+        return config.juicefs.default_volume
+    if raw not in allowed:
+        errors.append(_bad(key, raw, f"one of the configured volumes: {', '.join(allowed)}"))
+    return raw
+
+
+def _cache_size(config: InjectorConfig, override: Override, errors: list[str]) -> tuple[str, int]:
+    """The pod cache's size as written and in bytes (0 when invalid)."""
+    key, jfs = config.annotations.cache_size, config.juicefs
+    cache_size = override(key)
     if cache_size is None:
-        cache_size = config.juicefs.default_cache_size
-    cache_bytes = _parse_quantity(
-        ann.cache_size,
-        cache_size,
-        errors,
-        (config.juicefs.min_cache_size, config.juicefs.max_cache_size),
-        whole_bytes=True,
-    )
+        cache_size = jfs.default_cache_size
+    bounds = (jfs.min_cache_size, jfs.max_cache_size)
+    return cache_size, _parse_quantity(key, cache_size, errors, bounds, whole_bytes=True)
 
-    cache_mode: CacheMode = config.cache_mode
-    if (raw := override(ann.cache_mode)) is not None:
-        try:
-            cache_mode = parse_cache_mode(raw)
-        except ValueError:
-            errors.append(_bad(ann.cache_mode, raw, CACHE_MODE_FORM))
-        else:
-            if cache_mode == "node" and config.node_cache_path is None:
-                errors.append(
-                    f"annotation {ann.cache_mode}={shown(raw)} needs a node cache directory, and "
-                    f"profile {config.cluster.platform_profile!r} names none (cache.nodePath): "
-                    "expected 'pod'"
-                )
-    node_cache_dir = None
-    if cache_mode == "node" and config.node_cache_path is not None:
-        # The volume is one of juicefs.allowedVolumes, each a single path component.
-        node_cache_dir = posixpath.join(config.node_cache_path, volume)
 
-    ssd_policy: SsdPolicy = config.scheduling.ssd_policy
-    if (raw := override(ann.ssd_policy)) is not None:
-        try:
-            ssd_policy = parse_ssd_policy(raw)
-        except ValueError:
-            errors.append(_bad(ann.ssd_policy, raw, SSD_POLICY_FORM))
-        else:
-            if raw != "off" and config.ssd_node_label is None:
-                errors.append(
-                    f"annotation {ann.ssd_policy}={shown(raw)} needs a local-SSD node label, and "
-                    "none is configured (scheduling.ssdNodeLabel): expected 'off'"
-                )
+def _cache_mode(config: InjectorConfig, override: Override, errors: list[str]) -> CacheMode:
+    key = config.annotations.cache_mode
+    if (raw := override(key)) is None:
+        return config.cache_mode
+    try:
+        cache_mode = parse_cache_mode(raw)
+    except ValueError:
+        errors.append(_bad(key, raw, CACHE_MODE_FORM))
+        return config.cache_mode
+    if cache_mode == "node" and config.node_cache_path is None:
+        errors.append(
+            f"annotation {key}={shown(raw)} needs a node cache directory, and "
+            f"profile {config.cluster.platform_profile!r} names none (cache.nodePath): "
+            "expected 'pod'"
+        )
+    return cache_mode
 
+
+def _node_cache_dir(config: InjectorConfig, cache_mode: CacheMode, volume: str) -> str | None:
+    if cache_mode != "node" or config.node_cache_path is None:
+        return None
+    # The volume is one of juicefs.allowedVolumes, each a single path component.
+    return posixpath.join(config.node_cache_path, volume)
+
+
+def _ssd_policy(config: InjectorConfig, override: Override, errors: list[str]) -> SsdPolicy:
+    key = config.annotations.ssd_policy
+    if (raw := override(key)) is None:
+        return config.scheduling.ssd_policy
+    try:
+        ssd_policy = parse_ssd_policy(raw)
+    except ValueError:
+        errors.append(_bad(key, raw, SSD_POLICY_FORM))
+        return config.scheduling.ssd_policy
+    if raw != "off" and config.ssd_node_label is None:
+        errors.append(
+            f"annotation {key}={shown(raw)} needs a local-SSD node label, and "
+            "none is configured (scheduling.ssdNodeLabel): expected 'off'"
+        )
+    return ssd_policy
+
+
+def _warmup(config: InjectorConfig, override: Override, errors: list[str]) -> bool:
+    key = config.annotations.warmup
+    if (raw := override(key)) is None:
+        return config.warmup.enabled
+    return _parse_bool(key, raw, errors)
+
+
+def _warmup_timeout(config: InjectorConfig, override: Override, errors: list[str]) -> int:
+    key = config.annotations.warmup_timeout
+    if (raw := override(key)) is None:
+        return config.warmup.timeout_seconds
+    try:
+        timeout = parse_duration_seconds(raw)
+    except DurationError:
+        errors.append(_bad(key, raw, DURATION_FORM))
+        return config.warmup.timeout_seconds
+    if not MIN_WARMUP_TIMEOUT <= timeout <= MAX_WARMUP_TIMEOUT:
+        errors.append(_bad(key, raw, "a duration between 30s and 24h"))
+    return timeout
+
+
+def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
+    """Skip, deny (with every problem, in a fixed order) or plan the pod's injection."""
+    if (screened := _screen(pod, namespace, config)) is not None:
+        return screened
+    errors: list[str] = []
+    identity = _identity(pod, config, errors)
+    override = _overrides(pod)
+    _check_status(config, override, errors)
+    models = _models(config, override, errors)
+    volume = _volume(config, override, errors)
+    cache_size, cache_bytes = _cache_size(config, override, errors)
+    cache_mode = _cache_mode(config, override, errors)
+    ssd_policy = _ssd_policy(config, override, errors)
     resources = _resources(config, override, errors)
-
-    warmup = config.warmup.enabled
-    if (raw := override(ann.warmup)) is not None:
-        warmup = _parse_bool(ann.warmup, raw, errors)
-
-    timeout = config.warmup.timeout_seconds
-    if (raw := override(ann.warmup_timeout)) is not None:
-        try:
-            timeout = parse_duration_seconds(raw)
-        except DurationError:
-            errors.append(_bad(ann.warmup_timeout, raw, DURATION_FORM))
-        else:
-            if not MIN_WARMUP_TIMEOUT <= timeout <= MAX_WARMUP_TIMEOUT:
-                errors.append(_bad(ann.warmup_timeout, raw, "a duration between 30s and 24h"))
-
+    warmup = _warmup(config, override, errors)
+    timeout = _warmup_timeout(config, override, errors)
     if errors:
         return Deny.of(errors)
 
-    name = identity[keys.bento_repository]
-    version = identity[keys.bento_version]
+    keys = config.labels
+    name, version = identity[keys.bento_repository], identity[keys.bento_version]
     return InjectionPlan(
         bento_name=name,
         bento_version=version,
@@ -354,11 +400,11 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
         cache_size=cache_size,
         cache_bytes=cache_bytes,
         cache_mode=cache_mode,
-        node_cache_dir=node_cache_dir,
+        node_cache_dir=_node_cache_dir(config, cache_mode, volume),
         ssd_policy=ssd_policy,
         resources=resources,
         warmup=warmup,
         warmup_timeout_seconds=timeout,
         sidecar_mode="native" if config.cluster.native_sidecars else "classic",
-        already_injected=ann.status in annotations,
+        already_injected=config.annotations.status in _annotations(pod),
     )
