@@ -91,7 +91,7 @@ def cmd_serve(args: argparse.Namespace, config: InjectorConfig) -> int:
 
 
 def cmd_check(args: argparse.Namespace, config: InjectorConfig) -> int:
-    from injector.check import Unreachable, check_cluster, exit_code, render
+    from injector.check import Unreachable, check_cluster, exit_code, format_table
 
     try:
         rows, host = asyncio.run(check_cluster(args.kubeconfig, config))
@@ -103,7 +103,7 @@ def cmd_check(args: argparse.Namespace, config: InjectorConfig) -> int:
         f"{config.cluster.platform_profile}, cache mode {config.cache_mode}, "
         f"ssdPolicy {config.scheduling.ssd_policy}\n"
     )
-    sys.stdout.write(render(rows, heading))
+    sys.stdout.write(format_table(rows, heading))
     return exit_code(rows)
 
 

@@ -1,6 +1,6 @@
 """The sidecar's decisions, as pure functions of what it was told and what it measured.
 
-`sidecar.run` gathers the inputs (settings, the cache probe) and carries the
+`sidecar.run` gathers the inputs (settings, the cache disk measured) and carries the
 decisions out; nothing here does I/O.
 
 The rule that holds whatever is decided: the gate never opens on bytes that
@@ -22,7 +22,7 @@ from sidecar.cachedisk import MIB, CacheSpeed, DiskSpace
 JUICEFS_FREE_RATIO = 0.1
 
 
-def should_probe_cache(policy: SsdPolicy, full: bool = False) -> bool:
+def should_measure_cache(policy: SsdPolicy, full: bool = False) -> bool:
     """Measure the cache disk only when the pod asked for local SSD, and it has room to."""
     return policy != "off" and not full
 

@@ -24,7 +24,7 @@ from sidecar.cachewatch import CacheSpaceWatch
 from sidecar.decisions import (
     cache_plan,
     gate_plan,
-    should_probe_cache,
+    should_measure_cache,
     slow_disk_action,
 )
 from sidecar.env import Settings
@@ -108,9 +108,9 @@ async def _serve_metrics(
     return endpoint
 
 
-async def _probe(settings: Settings, full: bool) -> tuple[CacheSpeed | None, bool]:
+async def _measure_cache(settings: Settings, full: bool) -> tuple[CacheSpeed | None, bool]:
     """The cache disk's speed (None: not measured) and whether it turned out full."""
-    if not should_probe_cache(settings.ssd_policy, full):
+    if not should_measure_cache(settings.ssd_policy, full):
         return None, full
     try:
         speed = await asyncio.to_thread(measure, settings.cache_dir)
@@ -139,7 +139,7 @@ async def _run(
     full = settings.cache_size_mib > 0 and await watch.check("before mounting")
     # The node cache an agent lends is read-only here: the agent measures and writes it.
     lent = agent is not None and settings.cache_mode == "node"
-    speed, full = (None, full) if lent else await _probe(settings, full)
+    speed, full = (None, full) if lent else await _measure_cache(settings, full)
     if full and not watch.reported:  # no room for the probe's file (ENOSPC)
         await watch.check("measuring the cache disk failed", full=True)
     cache = cache_plan(

@@ -24,7 +24,7 @@ from injector.check.nodes import check_ssd_nodes, check_streaming_nodes
 from injector.check.rows import Row, exit_code
 from injector.check.run import run_checks
 from injector.check.state import ClusterState, Endpoints, Probe, Unreadable
-from injector.check.table import render
+from injector.check.table import format_table
 from injector.check.version import check_version
 from injector.check.webhook import check_ca_bundle
 from injector.cli import main
@@ -513,7 +513,7 @@ def test_the_source_and_its_copies_are_ok() -> None:
         (f"Secret team/{CREDENTIALS}", "ok"),
     ]
     assert rows[0].found == "keys metaurl, access-key, secret-key; values not shown"
-    assert "secret-host" not in render(rows)
+    assert "secret-host" not in format_table(rows)
 
 
 def test_a_source_without_object_store_keys_is_fine() -> None:
@@ -704,7 +704,7 @@ def test_render_aligns_columns_and_puts_what_to_do_below() -> None:
         Row("credentials", "Secret team/x", "FAIL", "missing", "kubectl create ..."),
         Row("node agent", "node n", "warn", "not installed"),
     ]
-    text = render(rows, "heading")
+    text = format_table(rows, "heading")
     assert text == (
         "heading\n"
         "VERDICT  CHECK           ON             FOUND\n"
@@ -717,7 +717,7 @@ def test_render_aligns_columns_and_puts_what_to_do_below() -> None:
     )
     assert exit_code(rows) == 1
     assert exit_code(rows[::2]) == 0
-    assert render(rows[:1]).endswith("0 FAIL, 0 warn, 1 ok: nothing blocks injection\n")
+    assert format_table(rows[:1]).endswith("0 FAIL, 0 warn, 1 ok: nothing blocks injection\n")
 
 
 # -- the I/O: fetch through a stand-in ApiClient, a real TLS handshake ------------------------

@@ -22,7 +22,7 @@ from sidecar.decisions import (
     cache_plan,
     gate_plan,
     gate_unsealed,
-    should_probe_cache,
+    should_measure_cache,
     slow_disk_action,
 )
 from sidecar.gate import open_gate
@@ -40,7 +40,7 @@ MINIMUM = 200.0
 def test_the_cache_disk_is_probed_unless_the_pod_said_off(
     policy: SsdPolicy, expected: bool
 ) -> None:
-    assert should_probe_cache(policy) is expected
+    assert should_measure_cache(policy) is expected
 
 
 @pytest.mark.parametrize(

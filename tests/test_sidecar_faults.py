@@ -34,7 +34,7 @@ from sidecar.decisions import (
     gate_after_warmup,
     gate_plan,
     should_fill_cache,
-    should_probe_cache,
+    should_measure_cache,
 )
 from sidecar.gate import open_gate
 from sidecar.reporter import OrderedReporter
@@ -117,8 +117,8 @@ def test_the_cache_disk_full_event_says_what_happens() -> None:
 
 
 def test_a_full_disk_is_not_probed_keeps_its_cache_and_is_not_filled() -> None:
-    assert should_probe_cache("required", full=True) is False
-    assert should_probe_cache("required", full=False) is True
+    assert should_measure_cache("required", full=True) is False
+    assert should_measure_cache("required", full=False) is True
     # What is cached there (a warm node) still serves; JuiceFS reads the rest from the store.
     assert cache_plan("required", None, 200, 18432, full=True) == CachePlan(18432, full=True)
     assert cache_plan("required", None, 200, 0, full=True) == CachePlan(0)
@@ -412,9 +412,9 @@ def test_a_probe_with_no_room_for_its_file_counts_as_full_and_is_reported(
 
     settings = replace(settings_for(published_bento(tmp_path)), ssd_policy="required")
     monkeypatch.setattr(sidecar_run, "measure", no_room)
-    assert asyncio.run(sidecar_run._probe(settings, full=False)) == (None, True)
+    assert asyncio.run(sidecar_run._measure_cache(settings, full=False)) == (None, True)
     monkeypatch.setattr(sidecar_run, "measure", unwritable)
-    assert asyncio.run(sidecar_run._probe(settings, full=False)) == (None, False)
+    assert asyncio.run(sidecar_run._measure_cache(settings, full=False)) == (None, False)
 
     # statfs says there is room again (the probe's file is gone): the Event still goes out.
     reporter = MessageReporter()

@@ -455,7 +455,7 @@ def test_the_checker_names_an_entry_removed_from_the_doc() -> None:
     without = doc[:start] + doc[start:end].replace("`WarmupStalled`", "") + doc[end:]
     lacking = missing(messages, without)
     assert [(m.group, m.key) for m in lacking] == [(SIDECAR_EVENT, "`WarmupStalled`")]
-    assert "sidecar/run.py:" in lacking[0].where
+    assert "sidecar/progress.py:" in lacking[0].where
 
 
 def test_a_key_in_the_wrong_section_does_not_count() -> None:

@@ -6,7 +6,7 @@ fetched (plain dicts, as the API serves them) and the injector's config, and
 returns rows: a verdict (`ok`, `warn`, `FAIL`), what it is about, what was
 found and what to do. `fetch()` is the only I/O: GETs through the
 kubernetes_asyncio ApiClient (no kubectl), and TLS handshakes with the
-webhook's endpoints when they are reachable from here. `render()` draws the
+webhook's endpoints when they are reachable from here. `format_table()` draws the
 table. FAIL means something blocks injection (or the pods it makes); the
 command then exits 1.
 
@@ -37,6 +37,6 @@ table order), `table` (rendering); `fetch` is the only I/O.
 
 from injector.check.fetch import Unreachable, check_cluster
 from injector.check.rows import exit_code
-from injector.check.table import render
+from injector.check.table import format_table
 
-__all__ = ["Unreachable", "check_cluster", "exit_code", "render"]
+__all__ = ["Unreachable", "check_cluster", "exit_code", "format_table"]

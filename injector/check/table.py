@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from injector.check.rows import VERDICTS, Row
 
 
-def render(rows: Sequence[Row], heading: str = "") -> str:
+def format_table(rows: Sequence[Row], heading: str = "") -> str:
     """The table: VERDICT, CHECK, ON, FOUND; what to do on a `fix:` line below a row."""
     header = ("VERDICT", "CHECK", "ON", "FOUND")
     cells = [(row.verdict, row.check, row.subject, row.found) for row in rows]
