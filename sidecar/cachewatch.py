@@ -1,4 +1,5 @@
-"""The cache disk, watched: one CacheDiskFull Event when it is too full for JuiceFS to cache."""
+"""The cache, watched: one CacheDiskFull Event when the disk is too full for JuiceFS to
+cache, one CacheTooSmall when the model is larger than the cache."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from sidecar.cachedisk import disk_space
 from sidecar.decisions import (
     cache_full,
     cache_full_message,
+    cache_keeps,
+    cache_too_small_message,
 )
 from sidecar.reporter import WARNING, Reporter
 
@@ -33,6 +36,8 @@ class CacheSpaceWatch:
     juicefs_lines: Callable[[], Sequence[str]] = lambda: ()
     full: bool = False
     reported: bool = False
+    # The model is larger than the cache (check_size): verified, never all local.
+    too_small: bool = False
 
     async def check(self, when: str, *, full: bool = False) -> bool:
         """Whether the disk is (or was found) full; the Event the first time. full: known so."""
@@ -53,4 +58,16 @@ class CacheSpaceWatch:
             self.reported = True
             message = cache_full_message(str(self.directory), space, said[-1] if said else None)
             await self.reporter.event(WARNING, "CacheDiskFull", f"{when}: {message}")
+        return True
+
+    async def check_size(self, model_bytes: int, cache_size_mib: int) -> bool:
+        """Whether the model is larger than the cache; the CacheTooSmall Event if so."""
+        if cache_keeps(model_bytes, cache_size_mib):
+            return False
+        if not self.too_small:
+            self.too_small = True
+            log.warning("cache.too_small", model_bytes=model_bytes, cache_size_mib=cache_size_mib)
+            await self.reporter.event(
+                WARNING, "CacheTooSmall", cache_too_small_message(model_bytes, cache_size_mib)
+            )
         return True

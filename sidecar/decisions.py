@@ -67,6 +67,25 @@ def cache_full_message(
     )
 
 
+def cache_keeps(model_bytes: int, cache_size_mib: int) -> bool:
+    """Whether the cache can hold the whole model.
+
+    JuiceFS evicts past its --cache-size, so a larger model is never all
+    local: a fill would fetch what the reads evicted, evict more, and end
+    short after its rounds, having fetched the model several times over.
+    """
+    return model_bytes <= cache_size_mib * MIB
+
+
+def cache_too_small_message(model_bytes: int, cache_size_mib: int) -> str:
+    return (
+        f"the model ({model_bytes / MIB:.0f} MiB) is larger than this pod's cache "
+        f"({cache_size_mib} MiB): every byte is still verified as it streams, but the cache "
+        "cannot keep it, so it is not filled and each start reads what was evicted from the "
+        "object store; give the pod a larger cache (juicefs.bentoml.com/cache-size)"
+    )
+
+
 def should_fill_cache(disk_cache: bool, full: bool) -> bool:
     """Complete the cache after verifying (juicefs warmup) only where it can hold the blocks.
 
@@ -188,12 +207,24 @@ def _verified_on_a_full_disk() -> GatePlan:
     )
 
 
-def gate_after_warmup(gate: GatePlan, cache_full_seen: bool) -> GatePlan:
-    """The gate plan once the model is verified: a disk found full meanwhile is said.
+def gate_after_warmup(
+    gate: GatePlan, cache_full_seen: bool, cache_too_small: bool = False
+) -> GatePlan:
+    """The gate plan once the model is verified: a disk found full meanwhile is said, and a
+    model larger than the cache.
 
     It never drops the verification: only the reason and message change
     (ModelsCached would claim a local copy the disk could not hold).
     """
-    if gate.verify and cache_full_seen and gate.reason == "ModelsCached":
+    if not gate.verify or gate.reason != "ModelsCached":
+        return gate
+    if cache_full_seen:
         return _verified_on_a_full_disk()
+    if cache_too_small:
+        return GatePlan(
+            verify=True,
+            reason="ModelsVerified",
+            message="model streamed and verified; it is larger than the cache, so what the "
+            "cache cannot keep is read from the object store",
+        )
     return gate

@@ -58,7 +58,11 @@ async def open_gate(
         await reporter.event(WARNING, "WarmupFailed", f"cannot stream the model: {err}")
         await best_effort(reporter.set_condition("False", "WarmupFailed", str(err)[:256]))
         return
-    gate = gate_after_warmup(gate, cache_watch is not None and cache_watch.full)
+    gate = gate_after_warmup(
+        gate,
+        cache_watch is not None and cache_watch.full,
+        cache_watch is not None and cache_watch.too_small,
+    )
     # The one call that must land: retried until it does or the pod stops.
     await reporter.set_condition("True", gate.reason, gate.message, attempts=None)
     metrics.gate_opened()

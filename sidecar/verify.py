@@ -85,7 +85,9 @@ async def verify_model(
 
     With `cache_watch`, a cache disk found full once the model is verified
     is reported (CacheDiskFull) and not filled: the fill would only fetch
-    the model again for JuiceFS to fail writing it.
+    the model again for JuiceFS to fail writing it. Nor is a model larger
+    than the cache (CacheTooSmall, said before streaming): JuiceFS evicts
+    past its size, and the fill would fetch it several times over.
 
     `metrics` records the stream (without it, a registry nobody serves).
 
@@ -116,6 +118,10 @@ async def verify_model(
         f"{settings.cache_mode} cache with {settings.warmup_concurrency} parallel reads",
     )
     metrics.stream_started(total)
+    # Said before streaming: a model the cache cannot hold is verified, never filled.
+    too_small = cache_watch is not None and await cache_watch.check_size(
+        total, settings.cache_size_mib
+    )
     progress_reporter = ProgressReporter(reporter, metrics=metrics)
     before = None if counters is None else await counters.snapshot()
     watchdog = asyncio.create_task(progress_reporter.watch_stalls())
@@ -131,7 +137,7 @@ async def verify_model(
             on_purge=progress_reporter.on_purge,
         )
         full = cache_watch is not None and await cache_watch.check("after streaming the model")
-        if filler is not None and should_fill_cache(True, full):
+        if filler is not None and should_fill_cache(True, full) and not too_small:
             await fill_cache_until(filler, [mount.models_dir / f.path for f in files], deadline)
     except VerificationError as err:
         log.error("warmup.verification_failed", error=str(err))

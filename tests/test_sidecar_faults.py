@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from common.agentsocket import LineBuffer, Request, parse_request, render_reply
 from common.env import SSD_POLICIES, SsdPolicy
 from modelstore.juicefs_output import juicefs_says_cache_full
+from modelstore.manifest import read_manifest
 from sidecar.agent import AgentChannel, AgentReporter, AgentUnreachable
 from sidecar.cachedisk import CacheSpeed, DiskSpace, disk_space
 from sidecar.cachewatch import CacheSpaceWatch
@@ -30,6 +31,7 @@ from sidecar.decisions import (
     CachePlan,
     cache_full,
     cache_full_message,
+    cache_keeps,
     cache_plan,
     gate_after_warmup,
     gate_plan,
@@ -212,6 +214,38 @@ def test_a_disk_with_room_is_filled_and_says_nothing(tmp_path: Path) -> None:
     assert "CacheDiskFull" not in reporter.messages
     assert ("condition", "True", "ModelsCached") in reporter.said
     assert len(filler.asked) == 1
+
+
+def test_a_model_larger_than_the_cache_is_verified_never_filled_and_said_once(
+    tmp_path: Path,
+) -> None:
+    """The fill would fetch what the reads evicted, evict more, and end short: ~6x the model."""
+    bento = published_bento(tmp_path)
+    model = sum(f.size for f in read_manifest(bento.bento_dir).files)
+    settings = replace(settings_for(bento), cache_size_mib=model // (2 * MIB))
+    assert settings.cache_size_mib > 0
+    reporter = MessageReporter()
+    filler = RecordingFiller()
+    watch = CacheSpaceWatch(tmp_path / "cache", reporter)
+    gate = gate_plan(True, CachePlan(settings.cache_size_mib))
+    asyncio.run(open_gate(settings, bento, reporter, gate, filler=filler, cache_watch=watch))
+    assert reporter.said == [
+        ("event", "WarmupStarted"),
+        ("event", "CacheTooSmall"),
+        ("event", "ModelsReady"),
+        ("condition", "True", "ModelsVerified"),
+        ("event", "Ready"),
+    ]
+    said = reporter.messages["CacheTooSmall"]
+    assert f"larger than this pod's cache ({settings.cache_size_mib} MiB)" in said
+    assert "juicefs.bentoml.com/cache-size" in said
+    assert filler.asked == []
+
+
+def test_a_model_the_cache_holds_exactly_is_kept() -> None:
+    assert cache_keeps(64 * MIB, 64)
+    assert not cache_keeps(64 * MIB + 1, 64)
+    assert not cache_keeps(1, 0)
 
 
 # -- the apiserver away: Events off the path, conditions in order ----------------------------
