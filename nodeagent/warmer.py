@@ -13,6 +13,7 @@ scans its cache dir at start), so an interrupted warm resumes where it was.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -22,10 +23,17 @@ from pathlib import Path
 from injector.config import InjectorConfig, Warmup
 from modelstore.juicefs_output import CacheCheck
 from modelstore.manifest import Manifest, ManifestFile, bento_tag, files_to_verify, read_manifest
-from modelstore.mount import JuiceFSMount
+from modelstore.mount import JuiceFSMount, MountError
 from modelstore.mountspec import MountSpec
 from modelstore.sources import MountCounters
-from modelstore.streamer import ErrorCallback, Progress, ProgressCallback, stream_model
+from modelstore.streamer import (
+    ErrorCallback,
+    Progress,
+    ProgressCallback,
+    WarmupTimeout,
+    stream_model,
+)
+from nodeagent.plan import fill_problem
 from nodeagent.workloads import WantedBento
 
 MIB = 1 << 20
@@ -136,17 +144,34 @@ class MountedBento:
         on_progress: ProgressCallback,
         on_error: ErrorCallback,
     ) -> Progress:
+        """Stream and verify files into the node cache, then fill it: every block, or an error.
+
+        A sidecar's fill is best effort (its bytes are verified already); the
+        agent's record says "warm", which seals pods, so a fill that ends
+        short is a MountError (WarmFailed), and one past the deadline a
+        WarmupTimeout: never a partial fill recorded as warm.
+        """
         deadline = time.monotonic() + self.warmup.timeout_seconds
-        return await stream_model(
+        progress = await stream_model(
             self.warmup.concurrency,
             self.mount,
             files,
             deadline,
             on_progress=on_progress,
             on_error=on_error,
-            filler=self.mount,
             purger=self.mount,  # the agent's mounts always write the node cache
         )
+        paths = [self.mount.models_dir / f.path for f in files]
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 1.0)):
+                await self.mount.fill_cache(paths)
+                check = await self.mount.check_cache(paths)
+        except TimeoutError:
+            raise WarmupTimeout("the node cache was not filled by the warmup deadline") from None
+        problem = fill_problem(check)
+        if problem is not None:
+            raise MountError(problem)
+        return progress
 
     async def cached(self, files: list[ManifestFile]) -> CacheCheck | None:
         """What the node cache holds of files' blocks (None: juicefs did not say)."""

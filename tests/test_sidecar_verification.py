@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 
 from common.warm import BentoRef
 from injector.config import Warmup
+from modelstore.juicefs_output import CacheCheck
 from modelstore.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -42,6 +44,7 @@ from modelstore.manifest import (
 from modelstore.mount import JuiceFSMount, MountError
 from modelstore.publish import publish
 from modelstore.streamer import Progress, Streamer, VerificationError, content_problem, stream_model
+from nodeagent.plan import fill_problem
 from nodeagent.warmer import MountedBento
 from nodeagent.workloads import WantedBento
 from sidecar.decisions import CachePlan, gate_plan
@@ -538,3 +541,58 @@ def test_the_purge_is_juicefs_warmup_evict(tmp_path: Path) -> None:
     args = log.read_text().split()
     assert args[:2] == ["--no-agent", "warmup"]
     assert args[-2:] == ["--evict", str(path)]
+
+
+def fake_juicefs(tmp_path: Path, checks: Sequence[str]) -> Path:
+    """A juicefs whose `warmup --check` answers each line of checks in turn (then the last)."""
+    answers = tmp_path / "checks"
+    answers.write_text("\n".join(checks) + "\n")
+    script = tmp_path / "fake-juicefs"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *--check*)\n'
+        f'  line=$(head -n 1 {answers}); echo "$line" >&2\n'
+        f'  [ "$(wc -l < {answers})" -gt 1 ] && sed -i 1d {answers} ;;\n'
+        "esac\nexit 0\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+FULL = "check cache: 2 files checked, 16 MiB of 16 MiB (100.0%) cached"
+SHORT = "check cache: 2 files checked, 12 MiB of 16 MiB (75.0%) cached"
+
+
+@pytest.mark.parametrize(
+    ("checks", "recorded"),
+    [
+        ([FULL, FULL], None),
+        # The fill's own check passes, the one after it finds blocks gone (evicted meanwhile).
+        ([FULL, SHORT], "the node cache holds 12 MiB of 16 MiB (75.0%) of the model"),
+    ],
+)
+def test_the_node_agent_records_warm_only_after_a_complete_fill(
+    tmp_path: Path, checks: list[str], recorded: str | None
+) -> None:
+    bento = published_bento(tmp_path)
+    juicefs = fake_juicefs(tmp_path, checks)
+    # The published directory stands in for the agent's private mount of the Bento.
+    settings = replace(settings_for(bento), juicefs_bin=str(juicefs), private_mount=bento.bento_dir)
+    agent = MountedBento(wanted(settings), JuiceFSMount(settings.mount_spec()), Warmup())
+    files = agent.files(read_manifest(bento.bento_dir))
+
+    async def warm() -> Progress:
+        return await agent.warm(files, on_progress=lambda p: None, on_error=lambda p, e: None)
+
+    if recorded is None:
+        assert asyncio.run(warm()).done_files == len(files)
+        return
+    with pytest.raises(MountError, match=re.escape(recorded)):
+        asyncio.run(warm())
+
+
+def test_a_fill_juicefs_says_nothing_about_stands_and_a_short_one_is_named() -> None:
+    assert fill_problem(None) is None
+    assert fill_problem(CacheCheck(2, "16 MiB", "16 MiB", 100.0)) is None
+    problem = fill_problem(CacheCheck(2, "12 MiB", "16 MiB", 75.0))
+    assert problem == "the node cache holds 12 MiB of 16 MiB (75.0%) of the model after filling it"
