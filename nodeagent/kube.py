@@ -16,7 +16,13 @@ import aiohttp
 import structlog
 from kubernetes_asyncio import client, watch
 
-from common.kubeevents import condition_patch, event_body, pod_involved
+from common.kubeevents import (
+    EventSeries,
+    condition_patch,
+    event_body,
+    pod_involved,
+    repeat_patch,
+)
 from common.warm import AGENT_COMPONENT, NODE_EVENTS_NAMESPACE, WARM_ANNOTATION, is_warm_label
 from injector.config import InjectorConfig
 from injector.namespaces import describe_error, opted_in
@@ -62,6 +68,7 @@ class AgentApi:
         self._apps = client.AppsV1Api(api)
         self.node_name = node_name
         self.pod_name = pod_name
+        self.series = EventSeries()
 
     def _json(self, obj: Any) -> dict[str, Any]:
         return cast(dict[str, Any], self._api.sanitize_for_serialization(obj))
@@ -150,7 +157,26 @@ class AgentApi:
         await self._core.patch_node(self.node_name, body, **options)
 
     async def event(self, kind: str, reason: str, message: str) -> None:
-        """An Event on our Node; one that cannot be sent is logged and dropped."""
+        """An Event on our Node, or one more of the same (EventSeries); one that cannot be sent
+        is logged and dropped."""
+        key = (kind, reason, message)
+        repeat = self.series.repeat(key)
+        if repeat is not None:
+            try:
+                options: dict[str, Any] = {"_content_type": MERGE, **TIMEOUT}
+                await self._core.patch_namespaced_event(
+                    repeat.name, NODE_EVENTS_NAMESPACE, repeat_patch(repeat.count), **options
+                )
+                self.series.posted(key, repeat.name, repeat.count)
+                return
+            except client.exceptions.ApiException as err:
+                if err.status != 404:
+                    log.warning("event.dropped", reason=reason, error=describe_error(err))
+                    return
+                self.series.forget(key)  # its TTL passed: post it anew
+            except API_ERRORS as err:
+                log.warning("event.dropped", reason=reason, error=str(err) or type(err).__name__)
+                return
         body = event_body(
             namespace=NODE_EVENTS_NAMESPACE,
             # A Node's Events name it by its name as uid, as the kubelet does.
@@ -168,6 +194,8 @@ class AgentApi:
             )
         except API_ERRORS as err:
             log.warning("event.dropped", reason=reason, error=str(err) or type(err).__name__)
+            return
+        self.series.posted(key, body["metadata"]["name"])
 
     # The pods on this node whose unprivileged sidecars it mounts for (nodeagent.podmounts).
 
