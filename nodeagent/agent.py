@@ -43,6 +43,7 @@ from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
     covers,
     expired,
+    forgettable,
     format_time,
     make_room,
     needs_warming,
@@ -184,6 +185,9 @@ class NodeAgent:
                 await self.evict(
                     ref, f"no workload has used it for {self.options.evict_after_seconds:.0f}s"
                 )
+        gone = forgettable(self.warmth.records, referenced, now, self.options.evict_after_seconds)
+        if gone:
+            await self._forget(gone)
         for want in wanted:
             record = self.warmth.records.get(want.bento)
             if not needs_warming(record, want.models):
@@ -194,7 +198,14 @@ class NodeAgent:
                 await self.warm(want, referenced)
 
     async def _write(self, record: WarmRecord) -> None:
-        records = {**self.warmth.records, record.bento: record}
+        await self._put({**self.warmth.records, record.bento: record})
+
+    async def _forget(self, gone: list[BentoRef]) -> None:
+        """Drop the records of Bentos that hold nothing and that nothing uses any more."""
+        log.info("record.forgotten", bentos=[str(ref) for ref in gone])
+        await self._put({ref: r for ref, r in self.warmth.records.items() if ref not in gone})
+
+    async def _put(self, records: dict[BentoRef, WarmRecord]) -> None:
         self.warmth = NodeWarmth(records)
         self.metrics.observe(self.warmth)
         wanted_labels = self.warmth.labels()

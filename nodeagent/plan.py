@@ -88,6 +88,40 @@ def track_unreferenced(
     return {ref: previous.get(ref, now) for ref in records if ref not in referenced}
 
 
+# At most this many records on the Node (the annotation's size is bounded:
+# 256 KiB for all of a Node's annotations together; a record is ~0.4 KiB).
+MAX_RECORDS = 64
+
+
+def forgettable(
+    records: Mapping[BentoRef, WarmRecord],
+    referenced: Collection[BentoRef],
+    now: dt.datetime,
+    grace_seconds: float,
+    max_records: int = MAX_RECORDS,
+) -> list[BentoRef]:
+    """Records the Node no longer needs, so the record never grows without bound.
+
+    Only Bentos that hold nothing (evicted, failed, over-budget) and that no
+    workload or pod references: those whose state last changed grace_seconds
+    ago or more, then, past max_records, the oldest of the rest. A held or
+    referenced Bento always keeps its record (its seal, its retry timer).
+    """
+    idle = sorted(
+        (r for ref, r in records.items() if r.state not in HOLDING and ref not in referenced),
+        key=lambda record: (record.at, record.bento),
+    )
+    old = {
+        record.bento
+        for record in idle
+        if (since := parse_time(record.at)) is None
+        or (now - since).total_seconds() >= grace_seconds
+    }
+    over = len(records) - len(old) - max_records
+    rest = [record.bento for record in idle if record.bento not in old]
+    return sorted(old | set(rest[: max(over, 0)]))
+
+
 def needs_warming(record: WarmRecord | None, models: tuple[str, ...]) -> bool:
     """Not yet warm and verified with exactly these models (a restart resumes "warming")."""
     return record is None or not (

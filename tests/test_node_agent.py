@@ -29,6 +29,7 @@ from nodeagent.kube import node_patch
 from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
     expired,
+    forgettable,
     generations_changed,
     make_room,
     needs_warming,
@@ -264,6 +265,28 @@ def test_unreferenced_bentos_expire_after_the_grace_from_when_they_were_first_se
     assert track_unreferenced(seen, records, {ref("a"), ref("b")}, later) == {}
 
 
+def test_the_record_forgets_idle_bentos_after_the_grace_and_past_its_size() -> None:
+    """NOW is 2 h after the records' 10:00: an hour's grace has passed for all of them."""
+    records = {
+        ref("held"): record(ref("held")),
+        ref("used"): record(ref("used"), "failed"),
+        ref("evicted"): record(ref("evicted"), "evicted"),
+        ref("failed"): record(ref("failed"), "failed"),
+        ref("over"): record(ref("over"), "over-budget"),
+        ref("fresh"): record(ref("fresh"), "evicted", at="2026-11-29T11:30:00Z"),
+    }
+    gone = forgettable(records, {ref("used")}, NOW, 3600)
+    assert gone == sorted([ref("evicted"), ref("failed"), ref("over")])
+    # Past the cap the oldest idle go first, the grace notwithstanding; held and used stay.
+    many = {
+        ref(f"b{n}"): record(ref(f"b{n}"), "evicted", at=f"2026-11-29T11:{n:02d}:00Z")
+        for n in range(10)
+    }
+    many[ref("held")] = record(ref("held"))
+    gone = forgettable(many, {ref("b0")}, NOW, 3600 * 24, max_records=5)
+    assert gone == [ref(f"b{n}") for n in range(1, 7)]
+
+
 def test_what_needs_warming_and_when_a_failure_is_tried_again() -> None:
     warm = record(ref("a"))
     assert not needs_warming(warm, ())
@@ -486,3 +509,41 @@ def test_a_seal_covers_a_pod_only_when_verified_and_of_its_models() -> None:
     assert not covers(WarmRecord(ref, "warm", verified=False), ())
     assert not covers(WarmRecord(ref, "warming", verified=True), ())
     assert not covers(None, ())
+
+
+class RecordedApi(WatchedApi):
+    """A NodeApi whose Node carries records; what the agent writes back is kept."""
+
+    def __init__(self, records: dict[BentoRef, WarmRecord]) -> None:
+        super().__init__()
+        self.annotation = NodeWarmth(records).render()
+        self.written: list[str] = []
+
+    async def node(self) -> dict[str, Any]:
+        return {
+            "metadata": {
+                "name": "n1",
+                "labels": {},
+                "annotations": {WARM_ANNOTATION: self.annotation},
+            }
+        }
+
+    async def record(self, current_labels: Any, wanted_labels: Any, record: str) -> None:
+        self.written.append(record)
+        self.annotation = record
+
+
+async def test_a_pass_forgets_the_records_of_idle_bentos(tmp_path: Path) -> None:
+    api = RecordedApi(
+        {ref("held"): record(ref("held")), ref("evicted"): record(ref("evicted"), "evicted")}
+    )
+    options = AgentOptions(credentials_dir=tmp_path, work_dir=tmp_path, prewarm=False)
+    agent = NodeAgent(
+        InjectorConfig(), options, AgentIdentity("n1", "agent-0", "ns"), api, clock=lambda: NOW
+    )
+    agent.unreferenced_since = {ref("held"): NOW}  # just seen unused: not evicted yet
+    await agent.reconcile()
+    [written] = api.written
+    assert set(NodeWarmth.parse(written).records) == {ref("held")}
+    await agent.reconcile()
+    assert len(api.written) == 1, "nothing more to forget"
