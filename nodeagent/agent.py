@@ -60,7 +60,7 @@ from nodeagent.warmer import (
     node_cache_size_mib,
     read_credentials,
 )
-from nodeagent.workloads import WantedBento, Workload, recorded_bento, wanted_bentos
+from nodeagent.workloads import WantedBento, Workload, recorded_bento, serving, wanted_bentos
 
 log = structlog.get_logger("nodeagent")
 
@@ -77,6 +77,8 @@ class AgentOptions:
     evict_after_seconds: float = 3600.0
     # How long a failed or over-budget Bento waits before the next try.
     retry_seconds: float = 60.0
+    # How long a workload scaled to zero still wants its Bento held.
+    scaled_to_zero_grace_seconds: float = 3600.0
     # Warm the Bentos of the opted-in workloads before their pods arrive. Off:
     # no workload is listed or watched; a Bento is warmed only when a pod on
     # this node asks for its seal (tests that measure cold nodes; clusters that
@@ -171,10 +173,10 @@ class NodeAgent:
         workloads = (
             await self.api.workloads(self.config, self._node_labels) if self.options.prewarm else []
         )
-        wanted = wanted_bentos(workloads)
+        now = self.clock()
+        wanted = wanted_bentos(serving(workloads, now, self.options.scaled_to_zero_grace_seconds))
         referenced = {w.bento for w in wanted} | self.pod_bentos()
         self._referenced = referenced
-        now = self.clock()
         self.unreferenced_since = track_unreferenced(
             self.unreferenced_since, self.warmth.records, referenced, now
         )

@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--juicefs", default="juicefs", help="the juicefs binary")
     run.add_argument("--resync-seconds", type=float, default=10.0)
     run.add_argument("--evict-after-seconds", type=float, default=3600.0)
+    run.add_argument(
+        "--scaled-to-zero-grace-seconds",
+        type=float,
+        default=3600.0,
+        help="how long a workload scaled to zero still has its Bento held",
+    )
     run.add_argument("--retry-seconds", type=float, default=60.0)
     run.add_argument(
         "--no-prewarm",
@@ -96,6 +102,7 @@ async def _run(args: argparse.Namespace) -> int:
         resync_seconds=args.resync_seconds,
         evict_after_seconds=args.evict_after_seconds,
         retry_seconds=args.retry_seconds,
+        scaled_to_zero_grace_seconds=args.scaled_to_zero_grace_seconds,
         prewarm=args.prewarm,
     )
     identity = AgentIdentity(args.node_name, args.pod_name, args.pod_namespace)

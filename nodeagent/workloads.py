@@ -9,6 +9,7 @@ Pure functions over the API's JSON; the agent does the listing.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from common.warm import BentoRef
 from injector.config import InjectorConfig
 from injector.plan import Deny, Skip, decide
+from nodeagent.plan import parse_time
 
 # A workload kind and the API group/version its JSON comes from.
 KINDS = ("Deployment", "StatefulSet")
@@ -33,6 +35,8 @@ class Workload:
     models: tuple[str, ...]
     # When its spec last changed (a new version is a new template): RFC 3339.
     changed_at: str
+    # spec.replicas (absent: 1, as the API defaults it).
+    replicas: int = 1
 
     def __str__(self) -> str:
         return f"{self.kind} {self.namespace}/{self.name}"
@@ -91,7 +95,30 @@ def workload_bento(obj: Mapping[str, Any], kind: str, config: InjectorConfig) ->
         bento_path=decision.juicefs_path,
         models=decision.models,
         changed_at=changed_at(obj),
+        replicas=replicas(obj),
     )
+
+
+def replicas(obj: Mapping[str, Any]) -> int:
+    value = (obj.get("spec") or {}).get("replicas")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 1
+
+
+def serving(
+    workloads: Iterable[Workload], now: dt.datetime, grace_seconds: float
+) -> list[Workload]:
+    """The workloads whose Bentos a node should hold: those with pods, or scaled to zero
+    within grace_seconds (a scale-to-zero service coming back finds its node warm).
+
+    A Deployment left at `replicas: 0` would otherwise hold every SSD node's
+    budget and cost store egress for pods that never come.
+    """
+
+    def recent(workload: Workload) -> bool:
+        since = parse_time(workload.changed_at)
+        return since is None or (now - since).total_seconds() < grace_seconds
+
+    return [w for w in workloads if w.replicas > 0 or recent(w)]
 
 
 def _union(selections: Iterable[tuple[str, ...]]) -> tuple[str, ...]:

@@ -47,6 +47,7 @@ from nodeagent.warmer import (
 from nodeagent.workloads import (
     Workload,
     changed_at,
+    serving,
     template_fits_node,
     wanted_bentos,
     workload_bento,
@@ -182,6 +183,27 @@ def test_newest_first_one_entry_per_bento_with_the_union_of_models() -> None:
     assert wanted[0].changed_at == "2026-11-29T11:00:00Z"
     assert wanted[0].workloads == ("Deployment serving/new-canary", "Deployment serving/new-v1")
     assert wanted[1].models == ()  # any workload wanting every model wins
+
+
+def test_a_workload_scaled_to_zero_is_wanted_only_within_the_grace() -> None:
+    config = InjectorConfig()
+
+    def scaled(count: int | None, at: str) -> Workload:
+        obj = deployment(times=(at,))
+        if count is not None:
+            obj["spec"]["replicas"] = count
+        workload = workload_bento(obj, "Deployment", config)
+        assert isinstance(workload, Workload)
+        return workload
+
+    running = scaled(3, "2026-11-01T00:00:00Z")
+    defaulted = scaled(None, "2026-11-01T00:00:00Z")
+    just_scaled_down = scaled(0, "2026-11-29T11:30:00Z")  # 30 min before NOW
+    long_idle = scaled(0, "2026-11-29T10:00:00Z")  # 2 h before NOW
+    assert (running.replicas, defaulted.replicas, long_idle.replicas) == (3, 1, 0)
+    kept = serving([running, defaulted, just_scaled_down, long_idle], NOW, 3600)
+    assert kept == [running, defaulted, just_scaled_down]
+    assert serving([long_idle], NOW, 3 * 3600) == [long_idle]
 
 
 def test_a_node_selector_that_excludes_the_node_excludes_the_workload() -> None:
