@@ -149,6 +149,11 @@ class JuiceFSMount:
             "lru",
             "--cache-scan-interval",
             f"{s.cache_scan_seconds}s",
+            *(
+                []
+                if s.free_space_ratio is None
+                else ["--free-space-ratio", f"{s.free_space_ratio:g}"]
+            ),
         ]
 
     def command(self, mount_point: str | None = None) -> list[str]:

@@ -40,3 +40,7 @@ class MountSpec:
     prefetch: int
     # Parallel fetches of `juicefs warmup` (fill, check and evict).
     warmup_threads: int
+    # The share of the cache disk JuiceFS keeps free (--free-space-ratio);
+    # None: JuiceFS's own 10%. The node agent, the node cache's writer, keeps
+    # more (nodeagent.plan.DISK_MARGIN): 10% is the kubelet's eviction threshold.
+    free_space_ratio: float | None = None

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from common.diskspace import disk_space
 from common.warm import (
     WARM_ANNOTATION,
     BentoRef,
@@ -41,7 +42,10 @@ from modelstore.streamer import Progress, VerificationError, WarmupTimeout
 from nodeagent.kube import API_ERRORS
 from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
+    DISK_MARGIN,
+    HOLDING,
     covers,
+    disk_budget,
     expired,
     forgettable,
     format_time,
@@ -79,6 +83,8 @@ class AgentOptions:
     retry_seconds: float = 60.0
     # How long a workload scaled to zero still wants its Bento held.
     scaled_to_zero_grace_seconds: float = 3600.0
+    # The share of the node cache's disk kept free (nodeagent.plan.DISK_MARGIN).
+    disk_margin: float = DISK_MARGIN
     # Warm the Bentos of the opted-in workloads before their pods arrive. Off:
     # no workload is listed or watched; a Bento is warmed only when a pod on
     # this node asks for its seal (tests that measure cold nodes; clusters that
@@ -127,10 +133,31 @@ class NodeAgent:
     # One change to the node cache at a time: the loop's and the pods' seals.
     _cache: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    # Why the budget is below the configured one, as last said (None: it is not).
+    _capped: str | None = None
+    _budget: int | None = None
+
+    @property
+    def configured_budget(self) -> int:
+        """JuiceFS's own limit for the node cache: the node budget times the fill ratio."""
+        return node_cache_size_mib(self.config) * MIB
+
     @property
     def budget(self) -> int:
-        """What the Bentos held together may take: JuiceFS's own limit for the node cache."""
-        return node_cache_size_mib(self.config) * MIB
+        """What the Bentos held together may take: the configured budget, held to the disk."""
+        return self.configured_budget if self._budget is None else self._budget
+
+    async def _measure_budget(self) -> None:
+        """The budget against the cache disk (statfs); a NodeBudgetCapped Event when it changes."""
+        path = self.config.node_cache_path
+        disk = None if path is None else await asyncio.to_thread(disk_space, Path(path), False)
+        held = sum(r.bytes for r in self.warmth.records.values() if r.state in HOLDING)
+        budget = disk_budget(self.configured_budget, disk, held, self.options.disk_margin)
+        self._budget = budget.bytes
+        if budget.capped is not None and self._capped is None:
+            log.warning("budget.capped", budget_bytes=budget.bytes, why=budget.capped)
+            await self.api.event(WARNING, "NodeBudgetCapped", budget.capped)
+        self._capped = budget.capped
 
     async def run_forever(self) -> None:
         log.info(
@@ -169,6 +196,7 @@ class NodeAgent:
         self._node_labels = dict(meta.get("labels") or {})
         self.warmth = NodeWarmth.parse((meta.get("annotations") or {}).get(WARM_ANNOTATION))
         self.metrics.observe(self.warmth)
+        await self._measure_budget()
         self.metrics.budget_bytes.set(self.budget)
         workloads = (
             await self.api.workloads(self.config, self._node_labels) if self.options.prewarm else []
@@ -242,7 +270,12 @@ class NodeAgent:
             self.options.credentials_dir / want.bento.volume, self.config
         )
         spec = mount_spec(
-            self.config, want, credentials, self.options.work_dir, self.options.juicefs_bin
+            self.config,
+            want,
+            credentials,
+            self.options.work_dir,
+            self.options.juicefs_bin,
+            self.options.disk_margin,
         )
         return mounted(spec, want, self.config.warmup)
 

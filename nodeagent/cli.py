@@ -25,6 +25,7 @@ from injector.config import ConfigError, load_config
 from injector.kube import new_api_client
 from nodeagent.agent import AgentOptions, NodeAgent
 from nodeagent.kube import AgentApi
+from nodeagent.plan import DISK_MARGIN
 from nodeagent.podmounts import PodMounts
 from nodeagent.warmer import AgentIdentity
 
@@ -57,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--juicefs", default="juicefs", help="the juicefs binary")
     run.add_argument("--resync-seconds", type=float, default=10.0)
     run.add_argument("--evict-after-seconds", type=float, default=3600.0)
+    run.add_argument(
+        "--disk-margin",
+        type=float,
+        default=DISK_MARGIN,
+        help="the share of the node cache's disk kept free, above the kubelet's eviction "
+        "threshold (0: none, as on a dev node sharing the host's disk)",
+    )
     run.add_argument(
         "--scaled-to-zero-grace-seconds",
         type=float,
@@ -103,6 +111,7 @@ async def _run(args: argparse.Namespace) -> int:
         evict_after_seconds=args.evict_after_seconds,
         retry_seconds=args.retry_seconds,
         scaled_to_zero_grace_seconds=args.scaled_to_zero_grace_seconds,
+        disk_margin=args.disk_margin,
         prewarm=args.prewarm,
     )
     identity = AgentIdentity(args.node_name, args.pod_name, args.pod_namespace)

@@ -6,8 +6,11 @@ import datetime as dt
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+from common.diskspace import DiskSpace
 from common.warm import BentoRef, WarmRecord
 from modelstore.juicefs_output import CacheCheck
+
+MIB = 1 << 20
 
 # States whose bytes are (or are being put) in the node cache.
 HOLDING = ("warm", "warming")
@@ -56,6 +59,45 @@ def make_room(
     if left + size <= budget:
         return Room(True, tuple(evict), left)
     return Room(False, (), used)
+
+
+# The share of the node cache's disk the agent leaves free. The kubelet's
+# hard eviction starts at nodefs.available < 10% (its default, on GKE's
+# local SSD as elsewhere), and JuiceFS's own floor (--free-space-ratio) is
+# 10% too: a node cache filled to JuiceFS's floor puts the disk at the
+# kubelet's threshold, and it evicts unrelated pods. 20% keeps the kubelet's
+# 10% and as much again for what the node's other pods write meanwhile; the
+# agent's JuiceFS mounts get it as their --free-space-ratio too.
+DISK_MARGIN = 0.2
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the Bentos held together may take, and why less than configured (None: not)."""
+
+    bytes: int
+    capped: str | None = None
+
+
+def disk_budget(
+    configured: int, disk: DiskSpace | None, held: int, margin: float = DISK_MARGIN
+) -> Budget:
+    """The configured budget, held to what the disk gives while `margin` of it stays free.
+
+    The cache may grow into what is free now beyond the margin, on top of
+    what it already holds. Unknown (statfs failed): the configured budget.
+    """
+    if disk is None or disk.total_bytes <= 0:
+        return Budget(configured)
+    room = max(disk.free_bytes + held - int(margin * disk.total_bytes), 0)
+    if room >= configured:
+        return Budget(configured)
+    return Budget(
+        room,
+        f"the node budget ({configured / MIB:.0f} MiB) is held to {room / MIB:.0f} MiB: the "
+        f"cache disk has {disk.describe()}, and {margin:.0%} of it stays free, above "
+        "the kubelet's eviction threshold (nodefs.available 10%)",
+    )
 
 
 def expired(

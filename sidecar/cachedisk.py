@@ -1,4 +1,4 @@
-"""Measure the cache directory before trusting it.
+"""Measure the cache directory's speed before trusting it (its space: common.diskspace).
 
 A JuiceFS cache on a network disk made cache hits slower than misses; so the
 sidecar writes and reads a test file with the page cache out of the way
@@ -31,34 +31,6 @@ class CacheSpeed:
     def describe(self) -> str:
         mode = "direct I/O" if self.direct_io else "fsync"
         return f"write {self.write_mbps:.0f} MB/s, read {self.read_mbps:.0f} MB/s ({mode})"
-
-
-@dataclass(frozen=True)
-class DiskSpace:
-    """The cache directory's file system, as JuiceFS sees it (statfs: blocks available to us)."""
-
-    total_bytes: int
-    free_bytes: int
-    total_inodes: int = 0
-    free_inodes: int = 0
-
-    def describe(self) -> str:
-        return f"{self.free_bytes / MIB:.0f} MiB free of {self.total_bytes / MIB:.0f} MiB"
-
-
-def disk_space(directory: Path) -> DiskSpace | None:
-    """statvfs of directory (made if missing); None when it cannot be read."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        st = os.statvfs(directory)
-    except OSError:
-        return None
-    return DiskSpace(
-        total_bytes=st.f_blocks * st.f_frsize,
-        free_bytes=st.f_bavail * st.f_frsize,
-        total_inodes=st.f_files,
-        free_inodes=st.f_favail,
-    )
 
 
 def _open(path: Path, flags: int) -> tuple[int, bool]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from sidecar.cachedisk import disk_space
+from common.diskspace import disk_space
 from sidecar.decisions import (
     cache_full,
     cache_full_message,

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.diskspace import DiskSpace
 from common.env import SsdPolicy
-from sidecar.cachedisk import MIB, CacheSpeed, DiskSpace
+from sidecar.cachedisk import MIB, CacheSpeed
 
 # `juicefs mount --free-space-ratio` (left at its default): below this share
 # of free space (or inodes) on the cache disk, JuiceFS caches nothing more

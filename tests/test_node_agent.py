@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nodeagent.agent as agent_module
+from common.diskspace import DiskSpace
 from common.warm import (
     WARM_ANNOTATION,
     WARM_LABEL_PREFIX,
@@ -24,10 +25,12 @@ from common.warm import (
     warm_label_key,
 )
 from injector.config import InjectorConfig
+from modelstore.mount import JuiceFSMount
 from nodeagent.agent import AgentOptions, NodeAgent, woken
 from nodeagent.kube import node_patch
 from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
+    disk_budget,
     expired,
     forgettable,
     generations_changed,
@@ -309,6 +312,19 @@ def test_the_record_forgets_idle_bentos_after_the_grace_and_past_its_size() -> N
     assert gone == [ref(f"b{n}") for n in range(1, 7)]
 
 
+def test_the_budget_is_held_to_the_disk_with_a_fifth_of_it_free() -> None:
+    disk = DiskSpace(total_bytes=100 * GIB, free_bytes=50 * GIB)
+    assert disk_budget(20 * GIB, disk, held=0).bytes == 20 * GIB
+    assert disk_budget(20 * GIB, None, held=0).bytes == 20 * GIB  # statfs failed
+    capped = disk_budget(200 * GIB, disk, held=10 * GIB)
+    assert capped.bytes == 40 * GIB  # 50 free + 10 held - 20 kept free
+    assert capped.capped is not None
+    assert "held to 40960 MiB" in capped.capped
+    full = DiskSpace(total_bytes=100 * GIB, free_bytes=5 * GIB)
+    assert disk_budget(20 * GIB, full, held=0).bytes == 0
+    assert disk_budget(20 * GIB, full, held=0, margin=0).bytes == 5 * GIB
+
+
 def test_what_needs_warming_and_when_a_failure_is_tried_again() -> None:
     warm = record(ref("a"))
     assert not needs_warming(warm, ())
@@ -390,6 +406,12 @@ def test_the_agent_mounts_with_the_sidecars_node_cache_settings(tmp_path: Path) 
     assert spec.bento_path == "/bentos/llama/v1"
     assert spec.private_mount.is_relative_to(tmp_path)
     assert spec.warmup_threads == config.warmup.concurrency
+    assert spec.free_space_ratio is None  # margin 0: JuiceFS's own 10%
+    kept = mount_spec(
+        config, want, Credentials("redis://meta:6379/1", None, None), tmp_path, "juicefs", 0.2
+    )
+    command = JuiceFSMount(kept).command()
+    assert command[command.index("--free-space-ratio") + 1] == "0.2"
 
 
 def test_credentials_are_the_mounted_secrets_files(tmp_path: Path) -> None:

@@ -21,11 +21,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.agentsocket import LineBuffer, Request, parse_request, render_reply
+from common.diskspace import DiskSpace, disk_space
 from common.env import SSD_POLICIES, SsdPolicy
 from modelstore.juicefs_output import juicefs_says_cache_full
 from modelstore.manifest import read_manifest
 from sidecar.agent import AgentChannel, AgentReporter, AgentUnreachable
-from sidecar.cachedisk import CacheSpeed, DiskSpace, disk_space
+from sidecar.cachedisk import CacheSpeed
 from sidecar.cachewatch import CacheSpaceWatch
 from sidecar.decisions import (
     CachePlan,

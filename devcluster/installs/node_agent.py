@@ -140,6 +140,10 @@ class LocalNodeAgent:
             str(evict_after_seconds),
             "--log-level",
             "debug",
+            # The dev node's cache shares the host's disk with everything else:
+            # a margin of that disk would measure the host, not the node.
+            "--disk-margin",
+            "0",
             *([] if prewarm else ["--no-prewarm"]),
         ]
         daemonset = local_daemonset(

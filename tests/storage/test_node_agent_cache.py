@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import json
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,7 @@ class Node:
             juicefs_bin=str(self.stack.juicefs.binary),
             retry_seconds=0,
             evict_after_seconds=3600,
+            disk_margin=0,  # the test's node cache shares the host's disk
         )
         identity = AgentIdentity("node-1", "agent-0", "bento-juicefs-system")
         return NodeAgent(self.config, options, identity, self.api)
@@ -264,3 +266,30 @@ def test_an_agent_restarted_mid_warm_resumes_without_fetching_again(
     # fetched again by the cache fill (juicefs drops them rather than wait).
     assert second.bytes_sent <= missing * 1.25 + 8 * MIB
     assert json.loads(node.api.annotations[WARM_ANNOTATION])[0]["verified"] is True
+
+
+def test_the_budget_is_held_to_a_small_disk_with_a_margin_kept_free(tmp_path: Path) -> None:
+    """A real 100 MiB tmpfs as the node cache's disk, under a configured 1 GiB budget."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(ssd)], check=True)
+    try:
+        (ssd / "other-pod-data").write_bytes(b"\0" * (30 * MIB))  # what others wrote
+        api = FakeNodeApi()
+        config = InjectorConfig.model_validate(
+            {"cache": {"nodePath": str(ssd), "nodeBudget": "1Gi"}}
+        )
+        options = AgentOptions(credentials_dir=tmp_path, work_dir=tmp_path, prewarm=False)
+        identity = AgentIdentity("node-1", "agent-0", "bento-juicefs-system")
+        agent = NodeAgent(config, options, identity, api)
+        asyncio.run(agent.reconcile())
+        # 70 MiB free, 20 MiB of the disk kept free: 50 MiB for the cache.
+        assert agent.budget == 50 * MIB
+        [(kind, reason, message)] = api.events
+        assert (kind, reason) == ("Warning", "NodeBudgetCapped")
+        assert "is held to 50 MiB" in message
+        assert "20% of it stays free" in message
+        asyncio.run(agent.reconcile())
+        assert len(api.events) == 1, "said once, not every pass"
+    finally:
+        subprocess.run(["umount", "-l", str(ssd)], check=False)
