@@ -43,6 +43,7 @@ from nodeagent.kube import API_ERRORS
 from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
     DISK_MARGIN,
+    FORGET_AFTER_SECONDS,
     HOLDING,
     covers,
     disk_budget,
@@ -215,7 +216,7 @@ class NodeAgent:
                 await self.evict(
                     ref, f"no workload has used it for {self.options.evict_after_seconds:.0f}s"
                 )
-        gone = forgettable(self.warmth.records, referenced, now, self.options.evict_after_seconds)
+        gone = forgettable(self.warmth.records, referenced, now, FORGET_AFTER_SECONDS)
         if gone:
             await self._forget(gone)
         for want in wanted:

@@ -130,6 +130,11 @@ def track_unreferenced(
     return {ref: previous.get(ref, now) for ref in records if ref not in referenced}
 
 
+# How long the record of a Bento that holds nothing and that nothing uses
+# stays on the Node after its last change (what `kubectl describe node`
+# shows of an eviction or a failure, for an hour).
+FORGET_AFTER_SECONDS = 3600.0
+
 # At most this many records on the Node (the annotation's size is bounded:
 # 256 KiB for all of a Node's annotations together; a record is ~0.4 KiB).
 MAX_RECORDS = 64
