@@ -49,8 +49,8 @@ from typing import Any
 
 import yaml
 
-from benchmarks.admission import Server, bento_pod, review_body, server_versions
-from benchmarks.record import REPO, new_record, say
+from benchmarks.admission import Server, bento_pod, injector_record, review_body
+from benchmarks.record import REPO, say
 from common.ports import free_port
 from devcluster.packages import ensure_packages
 from injector.pki.authority import issue_serving_cert, service_hosts
@@ -293,8 +293,9 @@ def _summary(name: str, result: dict[str, Any], rss: dict[str, float]) -> str:
 
 
 def _new_record(args: argparse.Namespace) -> dict[str, Any]:
-    record = new_record(
+    return injector_record(
         SCENARIO,
+        args,
         {
             "load_generator": "wrk -t1 (Debian), Lua POST, stops after the given responses",
             "requests_per_run": args.load_requests,
@@ -304,11 +305,8 @@ def _new_record(args: argparse.Namespace) -> dict[str, Any]:
             "but certCheckIntervalSeconds 0.2",
             "rotate_seconds": args.rotate_seconds,
             "slow_connections": args.slow_connections,
-            "injector_tree": str(args.injector_tree or REPO),
         },
     )
-    record["versions"] = server_versions()
-    return record
 
 
 def _server_config(port: int, cert_dir: Path) -> str:
