@@ -190,6 +190,24 @@ class Server:
             stop_group(self.process, 15)
 
 
+def injector_server(
+    args: argparse.Namespace, work: Path, port: int, cert_dir: Path, **server: Any
+) -> Server:
+    """The injector's server, standalone, from the tree under test: TLS on
+    127.0.0.1:port with its certificates in cert_dir, and the other server
+    settings given; its config and log in work."""
+    config = work / "config.yaml"
+    settings = {"host": "127.0.0.1", "port": port, "certDir": str(cert_dir), **server}
+    config.write_text(yaml.safe_dump({"server": settings}))
+    return Server(
+        "injector",
+        [sys.executable, "-m", "injector", "serve", "--standalone", "--config", str(config)],
+        port,
+        work / "injector.log",
+        cwd=args.injector_tree or REPO,
+    )
+
+
 def wrk(
     url: str,
     body: Path,
@@ -338,27 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         port = free_port()
         cert_dir = work / "certs"
-        config = work / "config.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {"server": {"host": "127.0.0.1", "port": port, "certDir": str(cert_dir)}}
-            )
-        )
-        injector = Server(
-            "injector",
-            [
-                sys.executable,
-                "-m",
-                "injector",
-                "serve",
-                "--standalone",
-                "--config",
-                str(config),
-            ],
-            port,
-            work / "injector.log",
-            cwd=args.injector_tree or REPO,
-        )
+        injector = injector_server(args, work, port, cert_dir)
         floor = Server(
             "floor",
             [
