@@ -155,6 +155,16 @@ def bodies() -> dict[str, bytes]:
     return {"bento": review_body(bento_pod()), "env-1500": review_body(many)}
 
 
+def injector_record(
+    scenario: str, args: argparse.Namespace, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """A new record of a run against the injector's server: its settings, the tree
+    the injector runs from, and the versions the figures depend on."""
+    record = new_record(scenario, {**settings, "injector_tree": str(args.injector_tree or REPO)})
+    record["versions"] = server_versions()
+    return record
+
+
 class Server:
     """One HTTPS server process on loopback (injector or floor), started and stopped."""
 
@@ -178,6 +188,24 @@ class Server:
             yield self
         finally:
             stop_group(self.process, 15)
+
+
+def injector_server(
+    args: argparse.Namespace, work: Path, port: int, cert_dir: Path, **server: Any
+) -> Server:
+    """The injector's server, standalone, from the tree under test: TLS on
+    127.0.0.1:port with its certificates in cert_dir, and the other server
+    settings given; its config and log in work."""
+    config = work / "config.yaml"
+    settings = {"host": "127.0.0.1", "port": port, "certDir": str(cert_dir), **server}
+    config.write_text(yaml.safe_dump({"server": settings}))
+    return Server(
+        "injector",
+        [sys.executable, "-m", "injector", "serve", "--standalone", "--config", str(config)],
+        port,
+        work / "injector.log",
+        cwd=args.injector_tree or REPO,
+    )
 
 
 def wrk(
@@ -311,8 +339,9 @@ def measure_case(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    record = new_record(
+    record = injector_record(
         SCENARIO,
+        args,
         {
             "load_generator": "wrk -t1 (Debian), Lua POST of the AdmissionReview",
             "connections": args.connections,
@@ -320,36 +349,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": 2,
             "server": "one process, one event loop, TLS 1.2+ on 127.0.0.1, default settings",
             "injector_logs": "info (default), JSON lines to a file",
-            "injector_tree": str(args.injector_tree or REPO),
         },
     )
-    record["versions"] = server_versions()
     cases: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-admission-") as tmp:
         work = Path(tmp)
         port = free_port()
         cert_dir = work / "certs"
-        config = work / "config.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {"server": {"host": "127.0.0.1", "port": port, "certDir": str(cert_dir)}}
-            )
-        )
-        injector = Server(
-            "injector",
-            [
-                sys.executable,
-                "-m",
-                "injector",
-                "serve",
-                "--standalone",
-                "--config",
-                str(config),
-            ],
-            port,
-            work / "injector.log",
-            cwd=args.injector_tree or REPO,
-        )
+        injector = injector_server(args, work, port, cert_dir)
         floor = Server(
             "floor",
             [

@@ -38,7 +38,6 @@ import re
 import signal
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -47,10 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from benchmarks.admission import Server, bento_pod, review_body, server_versions
-from benchmarks.record import REPO, new_record, say
+from benchmarks.admission import bento_pod, injector_record, injector_server, review_body
+from benchmarks.record import say
 from common.ports import free_port
 from devcluster.packages import ensure_packages
 from injector.pki.authority import issue_serving_cert, service_hosts
@@ -293,8 +290,9 @@ def _summary(name: str, result: dict[str, Any], rss: dict[str, float]) -> str:
 
 
 def _new_record(args: argparse.Namespace) -> dict[str, Any]:
-    record = new_record(
+    return injector_record(
         SCENARIO,
+        args,
         {
             "load_generator": "wrk -t1 (Debian), Lua POST, stops after the given responses",
             "requests_per_run": args.load_requests,
@@ -304,22 +302,8 @@ def _new_record(args: argparse.Namespace) -> dict[str, Any]:
             "but certCheckIntervalSeconds 0.2",
             "rotate_seconds": args.rotate_seconds,
             "slow_connections": args.slow_connections,
-            "injector_tree": str(args.injector_tree or REPO),
         },
     )
-    record["versions"] = server_versions()
-    return record
-
-
-def _server_config(port: int, cert_dir: Path) -> str:
-    """The injector's config: TLS on 127.0.0.1:port, certificates checked every 0.2 s."""
-    server = {
-        "host": "127.0.0.1",
-        "port": port,
-        "certDir": str(cert_dir),
-        "certCheckIntervalSeconds": 0.2,
-    }
-    return yaml.safe_dump({"server": server})
 
 
 @dataclasses.dataclass
@@ -407,18 +391,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         port = free_port()
         cert_dir = work / "certs"
-        config = work / "config.yaml"
-        config.write_text(_server_config(port, cert_dir))
         body = work / "bento.json"
         body.write_bytes(review_body(bento_pod()))
         url = f"https://127.0.0.1:{port}"
-        injector = Server(
-            "injector",
-            [sys.executable, "-m", "injector", "serve", "--standalone", "--config", str(config)],
-            port,
-            work / "injector.log",
-            cwd=args.injector_tree or REPO,
-        )
+        # The serving certificate is checked every 0.2 s (the rotating run replaces it).
+        injector = injector_server(args, work, port, cert_dir, certCheckIntervalSeconds=0.2)
         with injector.running():
             assert injector.process is not None
             pid = injector.process.pid

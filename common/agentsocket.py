@@ -40,6 +40,13 @@ EventType = Literal["Normal", "Warning"]
 ConditionStatus = Literal["True", "False"]
 
 
+# The ops that carry a kind, the field it travels in and the values it may take.
+_KIND_FIELD: dict[str, tuple[str, tuple[str, ...]]] = {
+    "event": ("type", get_args(EventType)),
+    "condition": ("status", get_args(ConditionStatus)),
+}
+
+
 class ProtocolError(ValueError):
     """A line that is not a well-formed message; the text says what was wrong."""
 
@@ -79,29 +86,22 @@ def parse_request(line: bytes) -> Request:
     op = data.get("op")
     if op not in OPS:
         raise ProtocolError(f"op must be one of {', '.join(OPS)}, got {op!r:.80}")
-    if op == "event":
-        kind = data.get("type")
-        if kind not in get_args(EventType):
-            raise ProtocolError(f"event type must be Normal or Warning, got {kind!r:.80}")
+    if op in _KIND_FIELD:
+        field, allowed = _KIND_FIELD[op]
+        kind = data.get(field)
+        if kind not in allowed:
+            raise ProtocolError(f"{op} {field} must be {' or '.join(allowed)}, got {kind!r:.80}")
         return Request(
             op, str(kind), _reason(data.get("reason")), _message(data.get("message", ""))
-        )
-    if op == "condition":
-        status = data.get("status")
-        if status not in get_args(ConditionStatus):
-            raise ProtocolError(f"condition status must be True or False, got {status!r:.80}")
-        return Request(
-            op, str(status), _reason(data.get("reason")), _message(data.get("message", ""))
         )
     return Request(op)
 
 
 def render_request(request: Request) -> bytes:
     body: dict[str, Any] = {"op": request.op}
-    if request.op == "event":
-        body |= {"type": request.kind, "reason": request.reason, "message": request.message}
-    elif request.op == "condition":
-        body |= {"status": request.kind, "reason": request.reason, "message": request.message}
+    if request.op in _KIND_FIELD:
+        field, _ = _KIND_FIELD[request.op]
+        body |= {field: request.kind, "reason": request.reason, "message": request.message}
     return _line(body)
 
 

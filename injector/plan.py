@@ -11,7 +11,7 @@ import json
 import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from common.env import (
     BOOL_FORM,
@@ -34,7 +34,6 @@ from injector.config import InjectorConfig
 from injector.quantity import (
     DURATION_FORM,
     QUANTITY_FORM,
-    DurationError,
     QuantityError,
     parse_duration_seconds,
     parse_quantity,
@@ -43,6 +42,7 @@ from injector.quantity import (
 Pod = Mapping[str, Any]
 # A pod's annotation for a key, as a string; None when the pod does not set it.
 Override = Callable[[str], str | None]
+T = TypeVar("T")
 
 # The Bento identity, model tags, SSD policy and booleans follow the same
 # rules as the sidecar's environment (common.env), which carries them on.
@@ -306,15 +306,25 @@ def _cache_size(config: InjectorConfig, override: Override, errors: list[str]) -
     return cache_size, _parse_quantity(key, cache_size, errors, bounds, whole_bytes=True)
 
 
+def _overridden(
+    override: Override, key: str, parse: Callable[[str], T], form: str, errors: list[str]
+) -> tuple[str, T] | None:
+    """The pod's annotation for key, as written and parsed; None when the pod
+    does not set it, or when it does not parse (the problem added to errors)."""
+    if (raw := override(key)) is None:
+        return None
+    try:
+        return raw, parse(raw)
+    except ValueError:
+        errors.append(_bad(key, raw, form))
+        return None
+
+
 def _cache_mode(config: InjectorConfig, override: Override, errors: list[str]) -> CacheMode:
     key = config.annotations.cache_mode
-    if (raw := override(key)) is None:
+    if (got := _overridden(override, key, parse_cache_mode, CACHE_MODE_FORM, errors)) is None:
         return config.cache_mode
-    try:
-        cache_mode = parse_cache_mode(raw)
-    except ValueError:
-        errors.append(_bad(key, raw, CACHE_MODE_FORM))
-        return config.cache_mode
+    raw, cache_mode = got
     if cache_mode == "node" and config.node_cache_path is None:
         errors.append(
             f"annotation {key}={shown(raw)} needs a node cache directory, and "
@@ -333,13 +343,9 @@ def _node_cache_dir(config: InjectorConfig, cache_mode: CacheMode, volume: str) 
 
 def _ssd_policy(config: InjectorConfig, override: Override, errors: list[str]) -> SsdPolicy:
     key = config.annotations.ssd_policy
-    if (raw := override(key)) is None:
+    if (got := _overridden(override, key, parse_ssd_policy, SSD_POLICY_FORM, errors)) is None:
         return config.scheduling.ssd_policy
-    try:
-        ssd_policy = parse_ssd_policy(raw)
-    except ValueError:
-        errors.append(_bad(key, raw, SSD_POLICY_FORM))
-        return config.scheduling.ssd_policy
+    raw, ssd_policy = got
     if raw != "off" and config.ssd_node_label is None:
         errors.append(
             f"annotation {key}={shown(raw)} needs a local-SSD node label, and "
@@ -357,13 +363,10 @@ def _warmup(config: InjectorConfig, override: Override, errors: list[str]) -> bo
 
 def _warmup_timeout(config: InjectorConfig, override: Override, errors: list[str]) -> int:
     key = config.annotations.warmup_timeout
-    if (raw := override(key)) is None:
+    got = _overridden(override, key, parse_duration_seconds, DURATION_FORM, errors)
+    if got is None:
         return config.warmup.timeout_seconds
-    try:
-        timeout = parse_duration_seconds(raw)
-    except DurationError:
-        errors.append(_bad(key, raw, DURATION_FORM))
-        return config.warmup.timeout_seconds
+    raw, timeout = got
     if not MIN_WARMUP_TIMEOUT <= timeout <= MAX_WARMUP_TIMEOUT:
         errors.append(_bad(key, raw, "a duration between 30s and 24h"))
     return timeout

@@ -156,6 +156,29 @@ class AgentApi:
         options: dict[str, Any] = {"_content_type": MERGE, **TIMEOUT}
         await self._core.patch_node(self.node_name, body, **options)
 
+    async def _post_event(
+        self,
+        namespace: str,
+        involved: dict[str, Any],
+        component: str,
+        kind: str,
+        reason: str,
+        message: str,
+    ) -> str:
+        """An Event reported by this agent's pod on this node, its name; API_ERRORS pass up."""
+        body = event_body(
+            namespace=namespace,
+            involved=involved,
+            kind=kind,
+            reason=reason,
+            message=message,
+            component=component,
+            instance=self.pod_name,
+            host=self.node_name,
+        )
+        await self._core.create_namespaced_event(namespace, cast(Any, body), **TIMEOUT)
+        return str(body["metadata"]["name"])
+
     async def event(self, kind: str, reason: str, message: str) -> None:
         """An Event on our Node, or one more of the same (EventSeries); one that cannot be sent
         is logged and dropped."""
@@ -177,42 +200,26 @@ class AgentApi:
             except API_ERRORS as err:
                 log.warning("event.dropped", reason=reason, error=str(err) or type(err).__name__)
                 return
-        body = event_body(
-            namespace=NODE_EVENTS_NAMESPACE,
-            # A Node's Events name it by its name as uid, as the kubelet does.
-            involved={"kind": "Node", "name": self.node_name, "uid": self.node_name},
-            kind=kind,
-            reason=reason,
-            message=message,
-            component=AGENT_COMPONENT,
-            instance=self.pod_name,
-            host=self.node_name,
-        )
+        # A Node's Events name it by its name as uid, as the kubelet does.
+        node = {"kind": "Node", "name": self.node_name, "uid": self.node_name}
         try:
-            await self._core.create_namespaced_event(
-                NODE_EVENTS_NAMESPACE, cast(Any, body), **TIMEOUT
+            name = await self._post_event(
+                NODE_EVENTS_NAMESPACE, node, AGENT_COMPONENT, kind, reason, message
             )
         except API_ERRORS as err:
             log.warning("event.dropped", reason=reason, error=str(err) or type(err).__name__)
             return
-        self.series.posted(key, body["metadata"]["name"])
+        self.series.posted(key, name)
 
     # The pods on this node whose unprivileged sidecars it mounts for (nodeagent.podmounts).
 
     async def pod_event(self, pod: ServedPod, kind: str, reason: str, message: str) -> None:
         """An Event on a served pod, as its sidecar asked; one that cannot be sent is dropped."""
-        body = event_body(
-            namespace=pod.namespace,
-            involved=pod_involved(pod.name, pod.namespace, pod.uid),
-            kind=kind,
-            reason=reason,
-            message=message,
-            component=SIDECAR_COMPONENT,
-            instance=self.pod_name,
-            host=self.node_name,
-        )
+        involved = pod_involved(pod.name, pod.namespace, pod.uid)
         try:
-            await self._core.create_namespaced_event(pod.namespace, cast(Any, body), **TIMEOUT)
+            await self._post_event(
+                pod.namespace, involved, SIDECAR_COMPONENT, kind, reason, message
+            )
         except API_ERRORS as err:
             log.warning("pod_event.dropped", pod=str(pod), reason=reason, error=describe_error(err))
 

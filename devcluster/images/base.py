@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from devcluster.images.steps import Buildah, Layout, inputs_key, oci_arch, run, say, step
@@ -117,6 +119,39 @@ def base_image_name(key: str) -> str:
     return f"{BASE_REPOSITORY}:{SUITE}-{key}"
 
 
+@contextmanager
+def from_scratch(buildah: Buildah, name: str, log: Path, config: Sequence[str]) -> Iterator[str]:
+    """A buildah container from scratch, to put files in; on leaving, configured
+    (config, then linux on this machine's arch), committed as name at
+    SOURCE_DATE_EPOCH, and removed (removed also when putting files in fails)."""
+    container = buildah.run("from", "scratch", log=log, what="buildah from", capture=True)
+    container = container.strip()
+    try:
+        yield container
+        buildah.run(
+            "config",
+            *config,
+            "--os",
+            "linux",
+            "--arch",
+            oci_arch(),
+            container,
+            log=log,
+            what="buildah config",
+        )
+        buildah.run(
+            "commit",
+            "--timestamp",
+            str(SOURCE_DATE_EPOCH),
+            container,
+            name,
+            log=log,
+            what="buildah commit",
+        )
+    finally:
+        buildah.run("rm", container, log=log, what="buildah rm")
+
+
 def ensure_base(layout: Layout, buildah: Buildah, mmdebstrap: Path, sources: list[str]) -> str:
     """The local base image's name, building the rootfs and importing it if needed."""
     key = base_key(sources)
@@ -149,34 +184,15 @@ def ensure_base(layout: Layout, buildah: Buildah, mmdebstrap: Path, sources: lis
                 env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)},  # apt's _apt sandbox needs /tmp
             )
             os.replace(partial, rootfs)
-    with step(f"base image: import {rootfs.name} as {name}"):
-        container = buildah.run("from", "scratch", log=log, what="buildah from", capture=True)
-        container = container.strip()
-        try:
-            buildah.run("add", container, rootfs, "/", log=log, what="buildah add")
-            buildah.run(
-                "config",
-                "--env",
-                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "--cmd",
-                '["/bin/sh"]',
-                "--os",
-                "linux",
-                "--arch",
-                oci_arch(),
-                container,
-                log=log,
-                what="buildah config",
-            )
-            buildah.run(
-                "commit",
-                "--timestamp",
-                str(SOURCE_DATE_EPOCH),
-                container,
-                name,
-                log=log,
-                what="buildah commit",
-            )
-        finally:
-            buildah.run("rm", container, log=log, what="buildah rm")
+    config = [
+        "--env",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "--cmd",
+        '["/bin/sh"]',
+    ]
+    with (
+        step(f"base image: import {rootfs.name} as {name}"),
+        from_scratch(buildah, name, log, config) as container,
+    ):
+        buildah.run("add", container, rootfs, "/", log=log, what="buildah add")
     return name

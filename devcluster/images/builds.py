@@ -14,7 +14,6 @@ from devcluster.images.steps import (
     ImageArchive,
     Layout,
     inputs_key,
-    oci_arch,
     run,
     say,
     step,
@@ -151,40 +150,11 @@ class Builder:
             with step(f"build {PAUSE_IMAGE} (gcc -static, buildah from scratch)"):
                 binary = work / "pause"
                 run([self.gcc, *PAUSE_CFLAGS, "-o", binary, PAUSE_SOURCE], log, what="gcc pause.c")
-                container = self.buildah.run(
-                    "from", "scratch", log=log, what="buildah from", capture=True
-                ).strip()
-                try:
+                config = ["--entrypoint", '["/pause"]', "--cmd", "[]", "--user", "65535:65535"]
+                with base.from_scratch(self.buildah, PAUSE_IMAGE, log, config) as container:
                     self.buildah.run(
                         "copy", "--chmod", "0755", container, binary, "/pause", log=log, what="copy"
                     )
-                    self.buildah.run(
-                        "config",
-                        "--entrypoint",
-                        '["/pause"]',
-                        "--cmd",
-                        "[]",
-                        "--user",
-                        "65535:65535",
-                        "--os",
-                        "linux",
-                        "--arch",
-                        oci_arch(),
-                        container,
-                        log=log,
-                        what="buildah config",
-                    )
-                    self.buildah.run(
-                        "commit",
-                        "--timestamp",
-                        str(base.SOURCE_DATE_EPOCH),
-                        container,
-                        PAUSE_IMAGE,
-                        log=log,
-                        what="buildah commit",
-                    )
-                finally:
-                    self.buildah.run("rm", container, log=log, what="buildah rm")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return export(self.buildah, self.layout, PAUSE_IMAGE, key, started)

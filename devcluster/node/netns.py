@@ -42,6 +42,19 @@ def link_exists(name: str, netns: str | None = None) -> bool:
     return bool(ip("-o", "link", "show", "dev", name, netns=netns, check=False).strip())
 
 
+def delete_netns(netns: str, host_veth: str) -> None:
+    """Remove a namespace (the veth ends in it go with it) and the host end of its veth."""
+    if netns_exists(netns):
+        ip("netns", "delete", netns, check=False)
+    if link_exists(host_veth):
+        ip("link", "delete", host_veth, check=False)
+
+
+def netns_in_use(netns: str, host_veth: str) -> bool:
+    """The namespace or the host end of its veth is there (ours, or a crashed run's)."""
+    return netns_exists(netns) or link_exists(host_veth)
+
+
 @dataclass(frozen=True)
 class NodeNetwork:
     """Names and addresses of one node's network; `create()` and `delete()` are idempotent."""
@@ -115,13 +128,10 @@ class NodeNetwork:
 
     def delete(self) -> None:
         """Remove the namespace (its end of the veth goes with it) and the host end."""
-        if netns_exists(self.netns):
-            ip("netns", "delete", self.netns, check=False)
-        if link_exists(self.host_veth):
-            ip("link", "delete", self.host_veth, check=False)
+        delete_netns(self.netns, self.host_veth)
 
     def exists(self) -> bool:
-        return netns_exists(self.netns) or link_exists(self.host_veth)
+        return netns_in_use(self.netns, self.host_veth)
 
     def nsenter(self, *, mount_ns: Path | None = None) -> list[str]:
         """The command prefix that runs a program inside the node (its network, its mounts)."""

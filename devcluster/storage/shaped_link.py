@@ -38,7 +38,15 @@ from pathlib import Path
 
 from common.ports import port_answers
 from common.processes import log_tail, spawn_group, stop_group
-from devcluster.node.netns import NetworkError, NodeNetwork, ip, link_exists, netns_exists
+from devcluster.node.netns import (
+    NetworkError,
+    NodeNetwork,
+    delete_netns,
+    ip,
+    link_exists,
+    netns_exists,
+    netns_in_use,
+)
 from devcluster.packages import ensure_packages
 
 STORE_PORT = 9000
@@ -156,13 +164,10 @@ class StoreNetwork:
 
     def delete(self) -> None:
         """Remove the namespace (its veth ends, their qdiscs and peers go with it)."""
-        if netns_exists(self.netns):
-            ip("netns", "delete", self.netns, check=False)
-        if link_exists(self.host_veth):
-            ip("link", "delete", self.host_veth, check=False)
+        delete_netns(self.netns, self.host_veth)
 
     def exists(self) -> bool:
-        return netns_exists(self.netns) or link_exists(self.host_veth)
+        return netns_in_use(self.netns, self.host_veth)
 
     def nsenter(self) -> list[str]:
         """The command prefix that runs a program inside the store's namespace."""

@@ -36,26 +36,27 @@ def _label_command(label: NodeLabel) -> str:
 
 def _labelled_nodes(
     check: str,
-    nodes: Sequence[Obj],
+    nodes: Sequence[Obj] | Unreadable,
     label: NodeLabel,
     policy: str,
+    heading: str,
     knob: str,
     without: str,
     having: str,
-) -> Row:
-    """Nodes with a label the injector's affinity names: count, and a verdict by policy."""
+) -> list[Row]:
+    """Nodes with a label the injector's affinity names: count, and a verdict by policy.
+
+    What is found follows the heading (the setting that asks for the label)."""
+    subject = str(label)
+    if isinstance(nodes, Unreadable):
+        return [unreadable(check, subject, "nodes", nodes)]
     matched = [n for n in nodes if has_label(n, label)]
     ready = [n for n in matched if node_ready(n)]
     names = sorted(name_of(n) for n in matched)
-    subject = str(label)
     if ready:
         note = "" if len(ready) == len(matched) else f" ({len(ready)} Ready and schedulable)"
-        return Row(
-            check,
-            subject,
-            "ok",
-            f"{len(matched)} of {plural(len(nodes), 'node')}{note}: {listed(names)}",
-        )
+        found = f"{len(matched)} of {plural(len(nodes), 'node')}{note}: {listed(names)}"
+        return [Row(check, subject, "ok", f"{heading}: {found}")]
     verdict: Verdict = "FAIL" if policy == "required" else "warn"
     if matched:
         found = f"{plural(len(matched), 'node')} ({listed(names)}), none Ready and schedulable"
@@ -66,7 +67,7 @@ def _labelled_nodes(
     else:
         found += f"; pods only prefer it, so they run {without}"
     fix = f"label the nodes {having} ({_label_command(label)}), or set {knob}"
-    return Row(check, subject, verdict, found, fix)
+    return [Row(check, subject, verdict, f"{heading}: {found}", fix)]
 
 
 def check_ssd_nodes(nodes: Sequence[Obj] | Unreadable, config: InjectorConfig) -> list[Row]:
@@ -82,19 +83,17 @@ def check_ssd_nodes(nodes: Sequence[Obj] | Unreadable, config: InjectorConfig) -
                 "scheduling.ssdPolicy off: pods are not steered to local-SSD nodes",
             )
         ]
-    if isinstance(nodes, Unreadable):
-        return [unreadable(check, str(label), "nodes", nodes)]
-    row = _labelled_nodes(
+    return _labelled_nodes(
         check,
         nodes,
         label,
         policy,
+        f"ssdPolicy {policy}",
         "scheduling.ssdNodeLabel to the label they have"
         + (", or scheduling.ssdPolicy: preferred" if policy == "required" else ""),
         "anywhere, and the cache may land on a network disk (a SlowCacheDisk Event says so)",
         "with local SSDs",
     )
-    return [Row(row.check, row.subject, row.verdict, f"ssdPolicy {policy}: {row.found}", row.fix)]
 
 
 def check_streaming_nodes(nodes: Sequence[Obj] | Unreadable, config: InjectorConfig) -> list[Row]:
@@ -105,16 +104,14 @@ def check_streaming_nodes(nodes: Sequence[Obj] | Unreadable, config: InjectorCon
     what = f"profile {name}" + (f" ({profile.description})" if profile.description else "")
     if label is None or affinity == "off":
         return [Row(check, "cluster", "ok", f"{what}: no image-streaming node label to steer to")]
-    if isinstance(nodes, Unreadable):
-        return [unreadable(check, str(label), "nodes", nodes)]
-    row = _labelled_nodes(
+    return _labelled_nodes(
         check,
         nodes,
         label,
         affinity,
+        f"{what}, {affinity}",
         f"cluster.profiles.{name}.streamingAffinity: "
         + ("preferred" if affinity == "required" else "off"),
         "where they land, and their images are pulled in full before they start",
         "that stream images",
     )
-    return [Row(row.check, row.subject, row.verdict, f"{what}, {affinity}: {row.found}", row.fix)]
