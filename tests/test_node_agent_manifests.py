@@ -267,16 +267,18 @@ def test_the_pod_status_fences_hold_every_other_status_field() -> None:
 
 
 def test_the_models_ready_fence_leaves_tenants_no_say_over_the_condition() -> None:
-    """No service account of an opted-in namespace may change a pod's condition."""
+    """No identity but the node agent's (and system:masters) may change a pod's condition, in
+    any namespace: keyed on the identity, not on the opt-in label, so opting out opens nothing."""
     config = InjectorConfig()
     policy = models_ready_fence()
     assert policy["failurePolicy"] == "Fail"
-    assert policy["matchConstraints"]["namespaceSelector"] == {
-        "matchLabels": {config.labels.namespace_opt_in: config.labels.namespace_opt_in_value}
-    }
+    assert "namespaceSelector" not in policy["matchConstraints"]
+    account = one("node-agent.yaml", "ServiceAccount")["metadata"]
+    agent = f"system:serviceaccount:{account['namespace']}:{account['name']}"
     (condition,) = policy["matchConditions"]
     assert " ".join(condition["expression"].split()) == (
-        "request.userInfo.username.startsWith('system:serviceaccount:' + request.namespace + ':')"
+        f"request.userInfo.username != '{agent}' && "
+        "!request.userInfo.?groups.orValue([]).exists(g, g == 'system:masters')"
     )
     assert variables_of(policy)["condition"] == f"'{config.readiness.condition_type}'"
     (only,) = policy["validations"]
@@ -287,7 +289,7 @@ def test_the_models_ready_fence_leaves_tenants_no_say_over_the_condition() -> No
     assert only["reason"] == "Forbidden"
     message = " ".join(only["messageExpression"].split())
     assert "only the node agent sets" in message
-    assert "no service account of the namespace may change it" in message
+    assert "no other identity may change it" in message
 
 
 # --- the local cluster's DaemonSet ----------------------------------------------------

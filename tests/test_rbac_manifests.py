@@ -191,14 +191,14 @@ def test_the_models_ready_fence_leaves_no_service_account_of_the_namespace_a_say
     """One rule, whichever pod the token is bound to: the condition is the node agent's."""
     policy = policy_spec("bento-juicefs-models-ready-fence")
     assert policy["failurePolicy"] == "Fail"
-    assert policy["matchConstraints"]["namespaceSelector"] == {
-        "matchLabels": {CONFIG.labels.namespace_opt_in: CONFIG.labels.namespace_opt_in_value}
-    }
+    assert "namespaceSelector" not in policy["matchConstraints"]  # every namespace
     (rule,) = policy["matchConstraints"]["resourceRules"]
     assert (rule["resources"], rule["operations"]) == (["pods/status"], ["UPDATE"])
     (condition,) = policy["matchConditions"]
-    assert condition["expression"] == (
-        "request.userInfo.username.startsWith('system:serviceaccount:' + request.namespace + ':')"
+    assert " ".join(condition["expression"].split()) == (
+        "request.userInfo.username != "
+        "'system:serviceaccount:bento-juicefs-system:bento-juicefs-node-agent' && "
+        "!request.userInfo.?groups.orValue([]).exists(g, g == 'system:masters')"
     )
     variables = {v["name"]: v["expression"] for v in policy["variables"]}
     assert variables == {"condition": f"'{CONFIG.readiness.condition_type}'"}
@@ -210,8 +210,7 @@ def test_the_models_ready_fence_leaves_no_service_account_of_the_namespace_a_say
     assert validation["reason"] == "Forbidden"
     assert validation["messageExpression"] == (
         "'pod ' + object.metadata.name + ': only the node agent sets its "
-        "juicefs.bentoml.com/models-ready condition; no service account of the namespace "
-        "may change it'"
+        "juicefs.bentoml.com/models-ready condition; no other identity may change it'"
     )
     binding = next(
         d

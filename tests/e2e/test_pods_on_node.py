@@ -24,6 +24,7 @@ from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.node.node import Node
 from devcluster.storage.juicefs import cached_blocks
 from devcluster.storage.stack import MIB, StorageStack
+from injector.config import InjectorConfig
 from modelstore.manifest import Manifest
 from tests.e2e.pods import (
     GATE,
@@ -382,7 +383,7 @@ def test_no_token_of_the_namespace_sets_the_models_ready_condition(
     assert other
     message = (
         "pod fence: only the node agent sets its juicefs.bentoml.com/models-ready condition; "
-        "no service account of the namespace may change it"
+        "no other identity may change it"
     )
     for status in ("True", "False"):
         denied = own.patch_status("fence", _condition_patch(status=status))
@@ -390,4 +391,12 @@ def test_no_token_of_the_namespace_sets_the_models_ready_condition(
         assert "ValidatingAdmissionPolicy 'bento-juicefs-models-ready-fence'" in denied.stderr
         assert message in " ".join(denied.stderr.split()), denied.stderr
         print(f"denied by the fence, {status}: {denied.stderr.strip()}")
+    assert condition(get_pod(cluster, namespace, "fence"), GATE) is None
+
+    # Opted out, the fence holds: it is keyed on the identity, not the label.
+    opt_in = InjectorConfig().labels.namespace_opt_in
+    cluster.kubectl("label", "namespace", namespace, f"{opt_in}-")
+    after = own.patch_status("fence", _condition_patch())
+    assert after.returncode != 0, "the tenant set the condition once its namespace opted out"
+    assert message in " ".join(after.stderr.split()), after.stderr
     assert condition(get_pod(cluster, namespace, "fence"), GATE) is None

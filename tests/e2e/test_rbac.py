@@ -389,7 +389,7 @@ def test_no_token_of_the_namespace_may_set_the_condition_whatever_its_rbac(
         assert "ValidatingAdmissionPolicy 'bento-juicefs-models-ready-fence'" in message
         assert (
             "pod own: only the node agent sets its juicefs.bentoml.com/models-ready condition; "
-            "no service account of the namespace may change it"
+            "no other identity may change it"
         ) in message
         # Not ours to fence: any other condition.
         other = _patch_status(cluster, namespace, "own", own, "example.com/other")
