@@ -319,6 +319,12 @@ def test_node_agent_disabled() -> None:
 # --- certificates ---------------------------------------------------------------
 
 
+def injector_resources(objects: dict[Key, dict[str, Any]]) -> set[str]:
+    """Every resource the injector's ClusterRole names."""
+    role = objects[("ClusterRole", "bento-juicefs-injector", "")]
+    return {resource for rule in role["rules"] for resource in rule["resources"]}
+
+
 def test_self_signed_by_default() -> None:
     objects = helm()
     assert not [key for key in objects if key[0] in {"Certificate", "Issuer"}]
@@ -327,6 +333,7 @@ def test_self_signed_by_default() -> None:
     config = parse_config(config_of(objects))
     assert config.server.self_signed
     assert config.webhook.manage_ca_bundle
+    assert "mutatingwebhookconfigurations" in injector_resources(objects)
 
 
 def test_cert_manager() -> None:
@@ -350,6 +357,8 @@ def test_cert_manager() -> None:
     (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "certs"]
     assert mount["mountPath"] == config.server.cert_dir
     assert mount["readOnly"] is True
+    # cainjector keeps the caBundle: the injector may not touch its webhook at all.
+    assert "mutatingwebhookconfigurations" not in injector_resources(objects)
 
 
 def test_cert_manager_with_an_issuer() -> None:

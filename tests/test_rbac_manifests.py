@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes_asyncio import client
 
 from injector.config import InjectorConfig
 from injector.namespaces import LEGACY_ROLE_BINDING, PROVISIONED, credential_secret_names
@@ -217,5 +218,48 @@ def test_the_models_ready_fence_leaves_no_service_account_of_the_namespace_a_say
         for d in manifests()
         if d["kind"] == "ValidatingAdmissionPolicyBinding"
         and d["metadata"]["name"] == "bento-juicefs-models-ready-fence"
+    )["spec"]
+    assert binding["validationActions"] == ["Deny"]
+
+
+def test_the_webhook_fence_leaves_the_injector_only_the_ca_bundle() -> None:
+    """The injector may patch its webhook configuration (its CA); the policy holds it to the
+    caBundle: every field that says which requests go where, and how a failure is handled,
+    is compared with the old object."""
+    policy = policy_spec("bento-juicefs-webhook-fence")
+    assert policy["failurePolicy"] == "Fail"
+    (rule,) = policy["matchConstraints"]["resourceRules"]
+    assert (rule["resources"], rule["operations"]) == (
+        ["mutatingwebhookconfigurations"],
+        ["UPDATE"],
+    )
+    (condition,) = policy["matchConditions"]
+    assert " ".join(condition["expression"].split()) == (
+        "request.userInfo.username == "
+        "'system:serviceaccount:bento-juicefs-system:bento-juicefs-injector'"
+    )
+    metadata, webhooks = (" ".join(v["expression"].split()) for v in policy["validations"])
+    for field in ("labels", "annotations", "finalizers", "ownerReferences"):
+        assert f"object.metadata.?{field} == oldObject.metadata.?{field}" in metadata
+    assert "object.webhooks.size() == oldObject.webhooks.size()" in webhooks
+    # Every field of a MutatingWebhook but the caBundle, as the API client knows them.
+    webhook_names: dict[str, str] = vars(client.V1MutatingWebhook)["attribute_map"]
+    fields = set(webhook_names.values())
+    for field in fields - {"name", "rules", "clientConfig"}:
+        assert f"w.?{field} == o.?{field}" in webhooks, field
+    assert "w.rules == o.rules" in webhooks
+    assert "o.name == w.name" in webhooks
+    config_names: dict[str, str] = vars(client.AdmissionregistrationV1WebhookClientConfig)[
+        "attribute_map"
+    ]
+    config_fields = set(config_names.values())
+    for field in config_fields - {"caBundle"}:
+        assert f"w.clientConfig.?{field} == o.clientConfig.?{field}" in webhooks, field
+    assert "caBundle" not in webhooks
+    binding = next(
+        d
+        for d in manifests()
+        if d["kind"] == "ValidatingAdmissionPolicyBinding"
+        and d["metadata"]["name"] == "bento-juicefs-webhook-fence"
     )["spec"]
     assert binding["validationActions"] == ["Deny"]
