@@ -98,9 +98,9 @@ class NodeApi(Protocol):
 
     async def node(self) -> dict[str, Any]: ...
 
-    async def workloads(
-        self, config: InjectorConfig, node_labels: Mapping[str, str]
-    ) -> list[Workload]: ...
+    async def workloads(self, config: InjectorConfig, node: Mapping[str, Any]) -> list[Workload]:
+        """The node-cache Bento workloads of opted-in namespaces that may run on node."""
+        ...
 
     async def record(
         self, current_labels: Mapping[str, str], wanted_labels: Mapping[str, str], record: str
@@ -199,9 +199,7 @@ class NodeAgent:
         self.metrics.observe(self.warmth)
         await self._measure_budget()
         self.metrics.budget_bytes.set(self.budget)
-        workloads = (
-            await self.api.workloads(self.config, self._node_labels) if self.options.prewarm else []
-        )
+        workloads = await self.api.workloads(self.config, node) if self.options.prewarm else []
         now = self.clock()
         wanted = wanted_bentos(serving(workloads, now, self.options.scaled_to_zero_grace_seconds))
         referenced = {w.bento for w in wanted} | self.pod_bentos()

@@ -76,9 +76,7 @@ class AgentApi:
     async def node(self) -> dict[str, Any]:
         return self._json(await self._core.read_node(self.node_name, **TIMEOUT))
 
-    async def workloads(
-        self, config: InjectorConfig, node_labels: Mapping[str, str]
-    ) -> list[Workload]:
+    async def workloads(self, config: InjectorConfig, node: Mapping[str, Any]) -> list[Workload]:
         """The node-cache Bento workloads of opted-in namespaces that may run on this node."""
         namespaces = await self._core.list_namespace(**TIMEOUT)
         chosen = {
@@ -98,7 +96,7 @@ class AgentApi:
                     continue
                 obj = self._json(item)
                 template = (obj.get("spec") or {}).get("template") or {}
-                if not template_fits_node(template, node_labels):
+                if not template_fits_node(template, node):
                     continue
                 result = workload_bento(obj, kind, config)
                 if isinstance(result, Workload):

@@ -68,10 +68,80 @@ def changed_at(obj: Mapping[str, Any]) -> str:
     return max(times, default=str(meta.get("creationTimestamp") or ""))
 
 
-def template_fits_node(template: Mapping[str, Any], node_labels: Mapping[str, str]) -> bool:
-    """False when the template's nodeSelector excludes the node (its affinity is not weighed)."""
-    selector = (template.get("spec") or {}).get("nodeSelector") or {}
-    return all(node_labels.get(key) == value for key, value in selector.items())
+def template_fits_node(template: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
+    """Whether the scheduler may place the template's pods on node (the Node's JSON).
+
+    What it requires, as the scheduler reads it: the nodeSelector, the
+    required node affinity (any term; each term's every expression and
+    field), and a toleration for each of the node's NoSchedule and NoExecute
+    taints. Preferences are not weighed: a node the pods may land on is one
+    worth warming.
+    """
+    spec = template.get("spec") or {}
+    meta = node.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    selector = spec.get("nodeSelector") or {}
+    if not all(labels.get(key) == value for key, value in selector.items()):
+        return False
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
+    terms = required.get("nodeSelectorTerms") or []
+    fields = {"metadata.name": str(meta.get("name") or "")}
+    if terms and not any(_term_matches(term, labels, fields) for term in terms):
+        return False
+    taints = (node.get("spec") or {}).get("taints") or []
+    tolerations = spec.get("tolerations") or []
+    return all(
+        taint.get("effect") == "PreferNoSchedule"
+        or any(_tolerates(toleration, taint) for toleration in tolerations)
+        for taint in taints
+    )
+
+
+def _term_matches(
+    term: Mapping[str, Any], labels: Mapping[str, str], fields: Mapping[str, str]
+) -> bool:
+    expressions = term.get("matchExpressions") or []
+    by_field = term.get("matchFields") or []
+    if not expressions and not by_field:
+        return False  # an empty term matches no node
+    return all(_expression_matches(e, labels) for e in expressions) and all(
+        _expression_matches(e, fields) for e in by_field
+    )
+
+
+def _expression_matches(expression: Mapping[str, Any], values: Mapping[str, str]) -> bool:
+    key, operator = expression.get("key"), expression.get("operator")
+    wanted = [str(v) for v in expression.get("values") or []]
+    present = key in values
+    value = values.get(str(key), "")
+    if operator == "In":
+        return present and value in wanted
+    if operator == "NotIn":
+        return not present or value not in wanted
+    if operator == "Exists":
+        return present
+    if operator == "DoesNotExist":
+        return not present
+    if operator in ("Gt", "Lt") and present and len(wanted) == 1:
+        try:
+            number, bound = int(value), int(wanted[0])
+        except ValueError:
+            return False
+        return number > bound if operator == "Gt" else number < bound
+    return False
+
+
+def _tolerates(toleration: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
+    effect = toleration.get("effect")
+    if effect and effect != taint.get("effect"):
+        return False
+    if toleration.get("operator") == "Exists":
+        return not toleration.get("key") or toleration.get("key") == taint.get("key")
+    return toleration.get("key") == taint.get("key") and (toleration.get("value") or "") == (
+        taint.get("value") or ""
+    )
 
 
 def workload_bento(obj: Mapping[str, Any], kind: str, config: InjectorConfig) -> Workload | str:

@@ -209,11 +209,71 @@ def test_a_workload_scaled_to_zero_is_wanted_only_within_the_grace() -> None:
     assert serving([long_idle], NOW, 3 * 3600) == [long_idle]
 
 
+def a_node(
+    labels: dict[str, str], name: str = "gpu-1", taints: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints or []}}
+
+
 def test_a_node_selector_that_excludes_the_node_excludes_the_workload() -> None:
     template = {"spec": {"nodeSelector": {"pool": "a100"}}}
-    assert template_fits_node(template, {"pool": "a100", "x": "y"})
-    assert not template_fits_node(template, {"pool": "l4"})
-    assert template_fits_node({"spec": {}}, {})
+    assert template_fits_node(template, a_node({"pool": "a100", "x": "y"}))
+    assert not template_fits_node(template, a_node({"pool": "l4"}))
+    assert template_fits_node({"spec": {}}, a_node({}))
+
+
+def required(*terms: dict[str, Any]) -> dict[str, Any]:
+    affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
+    return {"spec": {"affinity": {"nodeAffinity": affinity}}}
+
+
+def test_required_node_affinity_is_read_as_the_scheduler_reads_it() -> None:
+    def expr(key: str, operator: str, *values: str) -> dict[str, Any]:
+        return {"key": key, "operator": operator, "values": list(values)}
+
+    gpu = a_node({"pool": "a100", "gen": "5"})
+    # Any term; every expression of a term.
+    assert template_fits_node(
+        required({"matchExpressions": [expr("pool", "In", "h100")]},
+                 {"matchExpressions": [expr("pool", "In", "a100"), expr("gen", "Gt", "4")]}),
+        gpu,
+    )  # fmt: skip
+    assert not template_fits_node(
+        required({"matchExpressions": [expr("pool", "In", "a100"), expr("gen", "Lt", "5")]}), gpu
+    )
+    assert template_fits_node(required({"matchExpressions": [expr("spot", "DoesNotExist")]}), gpu)
+    assert not template_fits_node(required({"matchExpressions": [expr("spot", "Exists")]}), gpu)
+    assert template_fits_node(required({"matchExpressions": [expr("pool", "NotIn", "l4")]}), gpu)
+    assert not template_fits_node(required({"matchExpressions": [expr("gen", "Gt", "x")]}), gpu)
+    # Fields: the node's name.
+    assert template_fits_node(
+        required({"matchFields": [expr("metadata.name", "In", "gpu-1")]}), gpu
+    )
+    assert not template_fits_node(
+        required({"matchFields": [expr("metadata.name", "In", "gpu-2")]}), gpu
+    )
+    assert not template_fits_node(required({}), gpu), "an empty term matches no node"
+
+
+def test_a_taint_the_template_does_not_tolerate_excludes_the_node() -> None:
+    tainted = a_node(
+        {}, taints=[{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}]
+    )
+    assert not template_fits_node({"spec": {}}, tainted)
+    for toleration in (
+        {"key": "nvidia.com/gpu", "operator": "Exists"},
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
+        {"operator": "Exists"},
+    ):
+        assert template_fits_node({"spec": {"tolerations": [toleration]}}, tainted), toleration
+    for toleration in (
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "false"},
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute"},
+    ):
+        assert not template_fits_node({"spec": {"tolerations": [toleration]}}, tainted)
+    # A preference is not a requirement.
+    soft = a_node({}, taints=[{"key": "busy", "effect": "PreferNoSchedule"}])
+    assert template_fits_node({"spec": {}}, soft)
 
 
 # What fits in the budget, and what goes to make room.
@@ -466,7 +526,7 @@ class WatchedApi:
         (self.first_pass if self.passes == 1 else self.second_pass).set()
         return {"metadata": {"name": "n1", "labels": {}, "annotations": {}}}
 
-    async def workloads(self, config: InjectorConfig, node_labels: Any) -> list[Workload]:
+    async def workloads(self, config: InjectorConfig, node: Any) -> list[Workload]:
         return []
 
     async def record(self, current_labels: Any, wanted_labels: Any, record: str) -> None:
@@ -507,7 +567,7 @@ async def test_a_workload_change_reconciles_at_once_not_at_the_next_resync(
 class UnlistedApi(WatchedApi):
     """A WatchedApi that fails the test if the agent lists or watches workloads."""
 
-    async def workloads(self, config: InjectorConfig, node_labels: Any) -> list[Workload]:
+    async def workloads(self, config: InjectorConfig, node: Any) -> list[Workload]:
         raise AssertionError("listed workloads with prewarm off")
 
     async def watch_workloads(self, changed: Callable[[], None]) -> None:

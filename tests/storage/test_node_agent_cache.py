@@ -49,9 +49,7 @@ class FakeNodeApi:
     async def node(self) -> dict[str, Any]:
         return {"metadata": {"labels": dict(self.labels), "annotations": dict(self.annotations)}}
 
-    async def workloads(
-        self, config: InjectorConfig, node_labels: Mapping[str, str]
-    ) -> list[Workload]:
+    async def workloads(self, config: InjectorConfig, node: Mapping[str, Any]) -> list[Workload]:
         return list(self.workloads_now)
 
     async def record(
