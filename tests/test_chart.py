@@ -480,3 +480,19 @@ def test_the_comparison_sees_a_changed_value() -> None:
     assert dump(normalise(chart[key])) != dump(normalise(overlay[key]))
     chart = helm("config.cluster.kubernetesVersion=1.31")
     assert dump(normalise(chart[CONFIG_MAP])) != dump(normalise(overlay[CONFIG_MAP]))
+
+
+def test_the_webhook_port_admits_the_sources_named_and_any_by_default() -> None:
+    key = ("NetworkPolicy", "bento-juicefs-injector", NAMESPACE)
+    (open_port,) = helm()[key]["spec"]["ingress"]
+    assert open_port == {"ports": [{"port": 9443, "protocol": "TCP"}]}
+    (fenced,) = helm(
+        "injector.networkPolicyFrom[0].ipBlock.cidr=172.16.0.0/28",
+        "injector.networkPolicyFrom[1].namespaceSelector.matchLabels"
+        ".kubernetes\\.io/metadata\\.name=monitoring",
+    )[key]["spec"]["ingress"]
+    assert fenced["ports"] == [{"port": 9443, "protocol": "TCP"}]
+    assert fenced["from"] == [
+        {"ipBlock": {"cidr": "172.16.0.0/28"}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+    ]
