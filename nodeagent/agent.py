@@ -149,7 +149,7 @@ class NodeAgent:
         return self.configured_budget if self._budget is None else self._budget
 
     async def _measure_budget(self) -> None:
-        """The budget against the cache disk (statfs); a NodeBudgetCapped Event when it changes."""
+        """The budget against the cache disk (statfs); NodeBudgetCapped once it becomes capped."""
         path = self.config.node_cache_path
         disk = None if path is None else await asyncio.to_thread(disk_space, Path(path), False)
         held = sum(r.bytes for r in self.warmth.records.values() if r.state in HOLDING)

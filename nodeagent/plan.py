@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from common.diskspace import DiskSpace
 from common.warm import BentoRef, WarmRecord
-from modelstore.juicefs_output import CacheCheck
 
 MIB = 1 << 20
 
@@ -218,15 +217,3 @@ def spec_changed(event: str, seen: int | None, generation: int | None) -> bool:
 def generations_changed(before: Mapping[str, int | None], after: Mapping[str, int | None]) -> bool:
     """Whether a relist (workload uid -> generation) shows anything the watch missed."""
     return dict(before) != dict(after)
-
-
-def fill_problem(check: CacheCheck | None) -> str | None:
-    """Why a filled node cache may not be recorded warm; None when it may.
-
-    `juicefs warmup --check` must say every block is there. When it says
-    nothing (an older juicefs, an unreadable log) the fill's own rounds
-    stand: the seal checks again before any pod relies on it.
-    """
-    if check is None or check.complete:
-        return None
-    return f"the node cache holds {check.describe()} of the model after filling it"

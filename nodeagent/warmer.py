@@ -23,7 +23,7 @@ from pathlib import Path
 from injector.config import InjectorConfig, Warmup
 from modelstore.juicefs_output import CacheCheck
 from modelstore.manifest import Manifest, ManifestFile, bento_tag, files_to_verify, read_manifest
-from modelstore.mount import JuiceFSMount, MountError
+from modelstore.mount import JuiceFSMount
 from modelstore.mountspec import MountSpec
 from modelstore.sources import MountCounters
 from modelstore.streamer import (
@@ -33,7 +33,6 @@ from modelstore.streamer import (
     WarmupTimeout,
     stream_model,
 )
-from nodeagent.plan import fill_problem
 from nodeagent.workloads import WantedBento
 
 MIB = 1 << 20
@@ -149,10 +148,12 @@ class MountedBento:
     ) -> Progress:
         """Stream and verify files into the node cache, then fill it: every block, or an error.
 
-        A sidecar's fill is best effort (its bytes are verified already); the
-        agent's record says "warm", which seals pods, so a fill that ends
-        short is a MountError (WarmFailed), and one past the deadline a
-        WarmupTimeout: never a partial fill recorded as warm.
+        A sidecar's fill is best effort (`fill_cache_until` logs its failure:
+        its bytes are verified already); the agent's record says "warm", which
+        seals pods, so the fill's own MountError (the cache still short after
+        its rounds of `juicefs warmup --check`) passes up as WarmFailed, and a
+        fill past the deadline is a WarmupTimeout: never a partial fill
+        recorded as warm.
         """
         deadline = time.monotonic() + self.warmup.timeout_seconds
         progress = await stream_model(
@@ -168,12 +169,8 @@ class MountedBento:
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 1.0)):
                 await self.mount.fill_cache(paths)
-                check = await self.mount.check_cache(paths)
         except TimeoutError:
             raise WarmupTimeout("the node cache was not filled by the warmup deadline") from None
-        problem = fill_problem(check)
-        if problem is not None:
-            raise MountError(problem)
         return progress
 
     async def cached(self, files: list[ManifestFile]) -> CacheCheck | None:
