@@ -69,6 +69,15 @@ def _check_k8s_version(value: str) -> str:
     return value
 
 
+ALL_NAMESPACES = "*"
+_NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def volume_open_to(namespaces: tuple[str, ...] | None, namespace: str) -> bool:
+    """Whether a volume bound to namespaces (None: not bound, shared) is open to namespace."""
+    return namespaces is None or ALL_NAMESPACES in namespaces or namespace in namespaces
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -177,6 +186,12 @@ class JuiceFS(_Model):
     # Annotations may choose only among these volumes, so a pod can never
     # point itself at an arbitrary Secret.
     allowed_volumes: tuple[str, ...] = (env.DEFAULT_VOLUME,)
+    # Which namespaces may use a volume, like a Vault role's bound namespaces:
+    # volume -> namespace names ("*": every opted-in namespace). A volume
+    # named here is given only to those namespaces (its credentials, and pods
+    # that name it); one left out is shared by every opted-in namespace.
+    # Administrators set it; no label or annotation a tenant writes widens it.
+    volume_namespaces: dict[str, tuple[str, ...]] = {}
     # Per volume, the Secret in the pod's own namespace is named from this
     # template; the namespace controller creates it.
     secret_name_template: str = "juicefs-{volume}-credentials"
@@ -384,6 +399,34 @@ class Server(_Model):
     tls_handshake_timeout_seconds: float = Field(default=10.0, gt=0)
 
 
+def _check_volumes(juicefs: JuiceFS) -> None:
+    """Volume names, the default among them, and namespace bindings of known volumes only."""
+    for volume in juicefs.allowed_volumes:
+        # It names a directory on the node (the node cache): one path component.
+        if not env.is_bento_name(volume):
+            raise ValueError(
+                f"juicefs.allowedVolumes: {volume!r} is not a JuiceFS volume name ({env.NAME_FORM})"
+            )
+    if juicefs.default_volume not in juicefs.allowed_volumes:
+        raise ValueError(
+            f"juicefs.defaultVolume {juicefs.default_volume!r} "
+            "must be one of juicefs.allowedVolumes"
+        )
+    for volume, namespaces in juicefs.volume_namespaces.items():
+        if volume not in juicefs.allowed_volumes:
+            raise ValueError(
+                f"juicefs.volumeNamespaces: {volume!r} is not one of juicefs.allowedVolumes "
+                f"({', '.join(juicefs.allowed_volumes)})"
+            )
+        for namespace in namespaces:
+            if namespace != ALL_NAMESPACES and not _NAMESPACE_NAME.fullmatch(namespace):
+                raise ValueError(
+                    f"juicefs.volumeNamespaces.{volume}: {namespace!r} is not a namespace "
+                    "name (a DNS label: lowercase letters, digits and '-', at most 63) "
+                    f"or {ALL_NAMESPACES!r}"
+                )
+
+
 class InjectorConfig(_Model):
     labels: Labels = Labels()
     annotations: Annotations = Annotations()
@@ -402,18 +445,7 @@ class InjectorConfig(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> InjectorConfig:
-        for volume in self.juicefs.allowed_volumes:
-            # It names a directory on the node (the node cache): one path component.
-            if not env.is_bento_name(volume):
-                raise ValueError(
-                    f"juicefs.allowedVolumes: {volume!r} is not a JuiceFS volume name "
-                    f"({env.NAME_FORM})"
-                )
-        if self.juicefs.default_volume not in self.juicefs.allowed_volumes:
-            raise ValueError(
-                f"juicefs.defaultVolume {self.juicefs.default_volume!r} "
-                "must be one of juicefs.allowedVolumes"
-            )
+        _check_volumes(self.juicefs)
         lo = parse_quantity(self.juicefs.min_cache_size)
         hi = parse_quantity(self.juicefs.max_cache_size)
         default = parse_quantity(self.juicefs.default_cache_size)
@@ -461,6 +493,24 @@ class InjectorConfig(_Model):
     @cached_property
     def node_budget_bytes(self) -> int:
         return int(parse_quantity(self.cache.node_budget))
+
+    def namespace_volumes(self, namespace: str) -> tuple[str, ...]:
+        """The volumes namespace's pods may use and its credentials it receives, in
+        juicefs.allowedVolumes order."""
+        return tuple(
+            volume
+            for volume in self.juicefs.allowed_volumes
+            if volume_open_to(self.juicefs.volume_namespaces.get(volume), namespace)
+        )
+
+    def namespace_default_volume(self, namespace: str) -> str | None:
+        """The volume of a pod in namespace that names none: juicefs.defaultVolume when the
+        namespace may use it, else the namespace's only volume; None when it has several
+        (or none) and the pod must choose."""
+        volumes = self.namespace_volumes(namespace)
+        if self.juicefs.default_volume in volumes:
+            return self.juicefs.default_volume
+        return volumes[0] if len(volumes) == 1 else None
 
     @cached_property
     def excluded_namespaces(self) -> frozenset[str]:

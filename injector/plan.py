@@ -287,13 +287,36 @@ def _models(config: InjectorConfig, override: Override, errors: list[str]) -> tu
     return _parse_models(key, raw, errors)
 
 
-def _volume(config: InjectorConfig, override: Override, errors: list[str]) -> str:
-    key, allowed = config.annotations.volume, config.juicefs.allowed_volumes
+def _volume(config: InjectorConfig, namespace: str, override: Override, errors: list[str]) -> str:
+    """The pod's volume: its annotation's, else the namespace's default; only among
+    the volumes the administrator assigned to the namespace (juicefs.volumeNamespaces)."""
+    key, allowed = config.annotations.volume, config.namespace_volumes(namespace)
     if (raw := override(key)) is None:
+        if (default := config.namespace_default_volume(namespace)) is not None:
+            return default
+        errors.append(
+            f"namespace {namespace!r} may use several volumes and none is the default: "
+            f"annotate the pod with {key}: {_volumes_named(allowed)}"
+            if allowed
+            else f"namespace {namespace!r} may use no volume: none is assigned to it "
+            "(juicefs.volumeNamespaces)"
+        )
         return config.juicefs.default_volume
     if raw not in allowed:
-        errors.append(_bad(key, raw, f"one of the configured volumes: {', '.join(allowed)}"))
+        if raw in config.juicefs.allowed_volumes:
+            errors.append(
+                f"annotation {key}={shown(raw)} names a volume namespace {namespace!r} may not "
+                f"use (juicefs.volumeNamespaces): expected {_volumes_named(allowed)}"
+            )
+        else:
+            errors.append(
+                _bad(key, raw, f"{_volumes_named(allowed)} (the volumes of {namespace!r})")
+            )
     return raw
+
+
+def _volumes_named(volumes: tuple[str, ...]) -> str:
+    return f"one of {', '.join(volumes)}" if volumes else "no volume (none is assigned to it)"
 
 
 def _cache_size(config: InjectorConfig, override: Override, errors: list[str]) -> tuple[str, int]:
@@ -381,7 +404,7 @@ def decide(pod: Pod, namespace: str, config: InjectorConfig) -> Decision:
     override = _overrides(pod)
     _check_status(config, override, errors)
     models = _models(config, override, errors)
-    volume = _volume(config, override, errors)
+    volume = _volume(config, namespace, override, errors)
     cache_size, cache_bytes = _cache_size(config, override, errors)
     cache_mode = _cache_mode(config, override, errors)
     ssd_policy = _ssd_policy(config, override, errors)

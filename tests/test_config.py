@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from injector.cli import main
 from injector.config import ConfigError, InjectorConfig, load_config, parse_config
@@ -212,3 +213,48 @@ def test_a_bad_sidecar_metrics_port_names_the_key_and_the_accepted_form(
 def test_sidecar_metrics_port(port: int) -> None:
     assert InjectorConfig().sidecar.metrics_port == 9465
     assert parse_config({"sidecar": {"metricsPort": port}}).sidecar.metrics_port == port
+
+
+# --- volumes per namespace ------------------------------------------------------------------
+
+
+def _tenants(volume_namespaces: dict[str, list[str]], default: str = "models") -> InjectorConfig:
+    return InjectorConfig.model_validate(
+        {
+            "juicefs": {
+                "defaultVolume": default,
+                "allowedVolumes": ["models", "team-a", "team-b"],
+                "volumeNamespaces": volume_namespaces,
+            }
+        }
+    )
+
+
+def test_a_volume_bound_to_namespaces_is_theirs_alone() -> None:
+    config = _tenants({"team-a": ["team-a"], "models": ["*"]})
+    assert config.namespace_volumes("team-a") == ("models", "team-a", "team-b")
+    assert config.namespace_volumes("team-c") == ("models", "team-b")
+
+
+def test_the_default_volume_is_the_namespace_s_only_one_when_the_global_is_not_its() -> None:
+    config = _tenants({"models": ["ops"], "team-a": ["team-a"], "team-b": ["team-b", "ops"]})
+    assert config.namespace_default_volume("ops") == "models"
+    assert config.namespace_default_volume("team-a") == "team-a"
+    assert config.namespace_default_volume("nobody") is None
+    both = _tenants({"models": ["ops"], "team-a": ["x"], "team-b": ["x"]})
+    assert both.namespace_default_volume("x") is None
+
+
+@pytest.mark.parametrize(
+    ("volume_namespaces", "message"),
+    [
+        ({"team-z": ["a"]}, "'team-z' is not one of juicefs.allowedVolumes"),
+        ({"team-a": ["Team_A"]}, "'Team_A' is not a namespace name"),
+        ({"team-a": ["team-*"]}, "'team-*' is not a namespace name"),
+    ],
+)
+def test_volume_namespaces_name_known_volumes_and_real_namespaces(
+    volume_namespaces: dict[str, list[str]], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        _tenants(volume_namespaces)

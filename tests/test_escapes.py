@@ -174,7 +174,40 @@ def test_credentials_are_the_pods_own_namespace_secret_of_an_allowed_volume(volu
 def test_a_volume_outside_the_allowed_list_is_denied(volume: str) -> None:
     result = run(annotated(volume=volume), TWO_VOLUMES)
     assert result.outcome == "denied"
-    assert "expected one of the configured volumes: models, team-a" in result.reason
+    assert "expected one of models, team-a (the volumes of" in result.reason
+
+
+# -- another tenant's volume ------------------------------------------------------------------
+
+TENANT_VOLUMES = parse_config(
+    {
+        "juicefs": {
+            "allowedVolumes": ["models", "team-a", "team-b"],
+            "volumeNamespaces": {"models": ["ops"], "team-a": ["team-a"], "team-b": ["team-b"]},
+        }
+    }
+)
+
+
+def test_a_pod_naming_another_tenant_s_volume_is_denied_naming_its_own() -> None:
+    result = run(annotated(volume="team-b"), TENANT_VOLUMES, namespace="team-a")
+    assert result.outcome == "denied"
+    assert "names a volume namespace 'team-a' may not use" in result.reason
+    assert "expected one of team-a" in result.reason
+    assert "patch" not in result.response["response"]
+
+
+def test_a_pod_naming_no_volume_gets_its_namespace_s_only_volume() -> None:
+    result = run(bento_pod(), TENANT_VOLUMES, namespace="team-a")
+    assert result.outcome == "injected", result.reason
+    assert "juicefs-team-a-credentials" in json.dumps(result.ops)
+    assert "juicefs-models-credentials" not in json.dumps(result.ops)
+
+
+def test_a_namespace_with_no_volume_of_its_own_is_denied_saying_so() -> None:
+    result = run(bento_pod(), TENANT_VOLUMES, namespace="team-c")
+    assert result.outcome == "denied"
+    assert "namespace 'team-c' may use no volume: none is assigned to it" in result.reason
 
 
 # -- secrets never leave the Secret -----------------------------------------------------------

@@ -143,7 +143,7 @@ def test_valid_overrides(annotations: dict[str, str], check: Any) -> None:
         ({"models": "Llama/x"}, "is invalid: expected a comma-separated list"),
         (
             {"volume": "other-team"},
-            "volume='other-team' is invalid: expected one of the configured volumes: models",
+            "volume='other-team' is invalid: expected one of models (the volumes of",
         ),
         ({"sidecar-cpu": "a lot"}, "sidecar-cpu='a lot'"),
     ],
