@@ -1,7 +1,9 @@
 """The namespace controller: what an opted-in namespace's pods need, and nothing after.
 
 For each namespace with the opt-in label it server-side-applies a copy of the
-JuiceFS credentials Secret(s) from the injector's namespace. What it created
+JuiceFS credentials Secret of each volume the namespace may use
+(`juicefs.volumeNamespaces`) from the injector's namespace, and deletes a
+copy it made whose volume was since taken from the namespace. What it created
 is recorded in the namespace's `juicefs.bentoml.com/provisioned` annotation;
 when the label goes, exactly that goes. It never lists or reads the
 namespace's Secrets, and never takes over an object someone else created
@@ -19,7 +21,7 @@ status and reason, never its body.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +57,21 @@ def _metadata(name: str, namespace: str, config: InjectorConfig) -> dict[str, An
     }
 
 
-def credential_secret_names(config: InjectorConfig) -> list[str]:
+def credential_secret_names(config: InjectorConfig, namespace: str | None = None) -> list[str]:
+    """The credentials Secrets of every volume, or of the volumes namespace may use."""
     template = config.juicefs.secret_name_template
-    return [template.format(volume=volume) for volume in config.juicefs.allowed_volumes]
+    volumes = (
+        config.juicefs.allowed_volumes if namespace is None else config.namespace_volumes(namespace)
+    )
+    return [template.format(volume=volume) for volume in volumes]
+
+
+def unassigned_secrets(recorded: str | None, wanted: Collection[str]) -> tuple[str, ...]:
+    """The credentials copies the record names that the namespace may no longer have:
+    an administrator took their volume from it (juicefs.volumeNamespaces)."""
+    return tuple(
+        name for kind, name in recorded_objects(recorded) if kind == "secret" and name not in wanted
+    )
 
 
 def desired_secret(
@@ -154,11 +168,21 @@ class NamespaceController:
         await self._remove_legacy_bindings(namespace, (annotations or {}).get(PROVISIONED))
         # No force: a Secret of the tenant's own with our name is theirs (the
         # apply conflicts, and we leave it alone and say so).
+        recorded = (annotations or {}).get(PROVISIONED)
+        wanted = credential_secret_names(self._config, namespace)
+        # Only the volumes assigned to this namespace: another tenant's
+        # credentials never land here, and a copy whose volume was taken away
+        # goes now.
+        for name in unassigned_secrets(recorded, wanted):
+            await _delete(self._core.delete_namespaced_secret, name, namespace)
+            log.info("namespace.credentials_withdrawn", namespace=namespace, secret=name)
         kwargs: dict[str, Any] = {"field_manager": FIELD_MANAGER, "_content_type": APPLY, **TIMEOUT}
         made: list[str] = []
         for source in sources:
             body = desired_secret(namespace, source, self._config)
             name = body["metadata"]["name"]
+            if name not in wanted:
+                continue
             if await _applied(self._core.patch_namespaced_secret, name, namespace, body, kwargs):
                 made.append(f"secret/{name}")
         # What we created is recorded on the namespace, so that removing it

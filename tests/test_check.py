@@ -516,6 +516,22 @@ def test_the_source_and_its_copies_are_ok() -> None:
     assert "secret-host" not in format_table(rows)
 
 
+def test_a_volume_bound_to_other_namespaces_wants_no_copy_here() -> None:
+    config = InjectorConfig.model_validate(
+        {"juicefs": {"allowedVolumes": ["models", "team-b"], "volumeNamespaces": {"team-b": ["b"]}}}
+    )
+    team_b = "juicefs-team-b-credentials"
+    src = source(metaurl="redis://x")
+    sources = {CREDENTIALS: src, team_b: {**secret(team_b, HOME), "data": src["data"]}}
+    rows = check_credentials([namespace("a", OPT_IN), namespace("b", OPT_IN)], sources, {}, config)
+    subjects = [r.subject for r in rows if r.verdict != "ok"]
+    assert subjects == [
+        f"Secret a/{CREDENTIALS}",
+        f"Secret b/{CREDENTIALS}",
+        f"Secret b/{team_b}",
+    ]
+
+
 def test_a_source_without_object_store_keys_is_fine() -> None:
     row = one(check_credentials([], {CREDENTIALS: source(metaurl="redis://x")}, {}, CONFIG))
     assert row.verdict == "ok"

@@ -22,8 +22,10 @@ from injector.namespaces import (
     PROVISIONED,
     LegacyRoleBindings,
     NamespaceController,
+    credential_secret_names,
     legacy_role_bindings,
     recorded_objects,
+    unassigned_secrets,
 )
 
 CONFIG = InjectorConfig()
@@ -119,8 +121,10 @@ def namespace(labels: dict[str, str], recorded: str | None) -> Any:
     )
 
 
-def controller(status: int | None = None) -> tuple[NamespaceController, list[tuple[str, ...]]]:
-    made = NamespaceController(object(), CONFIG)
+def controller(
+    status: int | None = None, config: InjectorConfig = CONFIG
+) -> tuple[NamespaceController, list[tuple[str, ...]]]:
+    made = NamespaceController(object(), config)
     core = FakeCore()
     made._core, made._rbac = core, FakeRbac(core.calls, status)  # type: ignore[assignment]
     return made, core.calls
@@ -180,3 +184,52 @@ async def test_a_role_binding_under_another_name_is_named_in_a_warning() -> None
     (warning,) = [e for e in logs if e["event"] == "namespace.legacy_rbac_left"]
     assert warning["rolebindings"] == ["mine"]
     assert ("record", "team-a", f"secret/{SECRET}") in calls
+
+
+# --- volumes per namespace ------------------------------------------------------------------
+
+TENANTS = InjectorConfig.model_validate(
+    {
+        "juicefs": {
+            "allowedVolumes": ["models", "team-a", "team-b"],
+            "volumeNamespaces": {"team-a": ["team-a"], "team-b": ["team-b", "team-b-canary"]},
+        }
+    }
+)
+TEAM_A = "juicefs-team-a-credentials"
+TEAM_B = "juicefs-team-b-credentials"
+ALL_SOURCES = [
+    {"metadata": {"name": name}, "type": "Opaque", "data": {}} for name in (SECRET, TEAM_A, TEAM_B)
+]
+
+
+def test_a_namespace_is_named_only_its_volumes_credentials() -> None:
+    assert credential_secret_names(TENANTS, "team-a") == [SECRET, TEAM_A]
+    assert credential_secret_names(TENANTS, "team-b-canary") == [SECRET, TEAM_B]
+    assert credential_secret_names(TENANTS, "elsewhere") == [SECRET]
+    assert credential_secret_names(TENANTS) == [SECRET, TEAM_A, TEAM_B]
+
+
+def test_a_copy_whose_volume_was_taken_away_is_unassigned() -> None:
+    recorded = f"secret/{SECRET},secret/{TEAM_B},rolebinding/{LEGACY_ROLE_BINDING}"
+    assert unassigned_secrets(recorded, [SECRET, TEAM_A]) == (TEAM_B,)
+    assert unassigned_secrets(None, [SECRET]) == ()
+
+
+async def test_another_tenants_credentials_are_never_applied() -> None:
+    made, calls = controller(config=TENANTS)
+    await made.reconcile(namespace(OPT_IN, None), ALL_SOURCES)
+    assert calls == [
+        ("apply", f"secret/{SECRET}", "team-a"),
+        ("apply", f"secret/{TEAM_A}", "team-a"),
+        ("record", "team-a", f"secret/{SECRET},secret/{TEAM_A}"),
+    ]
+
+
+async def test_a_withdrawn_volume_s_copy_is_deleted_and_dropped_from_the_record() -> None:
+    made, calls = controller(config=TENANTS)
+    with capture_logs() as logs:
+        await made.reconcile(namespace(OPT_IN, f"secret/{SECRET},secret/{TEAM_B}"), ALL_SOURCES)
+    assert calls[0] == ("delete", f"secret/{TEAM_B}", "team-a")
+    assert calls[-1] == ("record", "team-a", f"secret/{SECRET},secret/{TEAM_A}")
+    assert "namespace.credentials_withdrawn" in [e["event"] for e in logs]

@@ -81,7 +81,11 @@ def check_credentials(
         rows.append(Row(check, subject, "ok", f"keys {required}{note}; values not shown"))
         source_data = dict(source.get("data") or {})
         for namespace in opted:
-            rows.append(_check_copy(namespace, secret_name, copies, source_data, verdict, config))
+            # Only where the volume is the namespace's (juicefs.volumeNamespaces).
+            if secret_name in credential_secret_names(config, namespace):
+                rows.append(
+                    _check_copy(namespace, secret_name, copies, source_data, verdict, config)
+                )
     return rows
 
 

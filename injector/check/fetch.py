@@ -143,7 +143,7 @@ async def fetch(api_client: Any, config: InjectorConfig) -> ClusterState:
     names = credential_secret_names(config)
     sources = {name: await api.maybe(f"/api/v1/namespaces/{home}/secrets/{name}") for name in names}
     opted = [] if isinstance(namespaces, Unreadable) else opted_in_namespaces(namespaces, config)
-    wanted = [(ns, name) for ns in opted for name in names]
+    wanted = [(ns, name) for ns in opted for name in credential_secret_names(config, ns)]
     found = await asyncio.gather(
         *(api.maybe(f"/api/v1/namespaces/{ns}/secrets/{name}") for ns, name in wanted)
     )
