@@ -97,7 +97,8 @@ def served_pod(pod: Mapping[str, Any], config: InjectorConfig) -> ServedPod | st
     """The pod as the agent serves it, or why it does not (a pure reading of the pod's JSON).
 
     The pod is the tenant's: the volume it names is only believed when it is
-    one the config knows, and then only its node cache directory is bound.
+    one the config knows and its namespace may use, and then only its node
+    cache directory is bound.
     """
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
@@ -125,6 +126,12 @@ def served_pod(pod: Mapping[str, Any], config: InjectorConfig) -> ServedPod | st
     if mode == "node":
         if volume not in config.juicefs.allowed_volumes:
             return f"volume {volume!r} is not one of the configured JuiceFS volumes"
+        # A crafted pod may name another tenant's volume: its node cache
+        # holds that tenant's blocks, so it is bound only where the volume is
+        # the namespace's (juicefs.volumeNamespaces), as the injector decides.
+        namespace = str(meta.get("namespace") or "")
+        if volume not in config.namespace_volumes(namespace):
+            return f"volume {volume!r} is not one of namespace {namespace!r}'s volumes"
         if config.node_cache_path is None:
             return "node cache mode, but the config names no node cache directory"
         node_cache = Path(config.node_cache_path) / volume

@@ -84,6 +84,22 @@ def test_a_pod_that_names_an_unknown_volume_or_a_path_is_not_served() -> None:
         assert "not one of the configured" in why
 
 
+def test_a_crafted_pod_naming_another_namespace_s_volume_gets_no_node_cache() -> None:
+    """Its node cache holds the other tenant's blocks: never bound into this tenant's pod."""
+    config = parse_config(
+        {
+            "juicefs": {
+                "allowedVolumes": ["models", "other"],
+                "volumeNamespaces": {"other": ["tenant-b"]},
+            }
+        }
+    )
+    pod = _pod({"JFS_CACHE_MODE": "node", "JFS_VOLUME": "other", **BENTO_ENV})
+    assert served_pod(pod, config) == "volume 'other' is not one of namespace 'tenant-a''s volumes"
+    pod["metadata"]["namespace"] = "tenant-b"
+    assert isinstance(served_pod(pod, config), ServedPod)
+
+
 def test_a_privileged_sidecar_pod_or_a_bad_environment_is_not_served() -> None:
     assert "no agent volume" in str(served_pod(_pod({}, agent_volume=False), _config()))
     assert "JFS_CACHE_MODE" in str(served_pod(_pod({"JFS_CACHE_MODE": "disk"}), _config()))
