@@ -77,3 +77,33 @@ aks:
 {{- end }}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.config)) }}
 {{- end }}
+
+{{/*
+The credentials Secrets the namespace controller copies into opted-in
+namespaces, by name: one per config.juicefs.allowedVolumes, named by
+config.juicefs.secretNameTemplate (the injector's defaults when unset).
+*/}}
+{{- define "bento-juicefs.credentialSecrets" -}}
+{{- $names := list }}
+{{- range (include "bento-juicefs.volumes" . | fromJsonArray) }}
+{{- $names = append $names .secret }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/*
+Each JuiceFS volume of config.juicefs.allowedVolumes (the injector's default
+when unset): its name, its credentials Secret (config.juicefs.
+secretNameTemplate) and the node agent's volume name for that Secret
+("credentials" for the first, as in manifests/base).
+*/}}
+{{- define "bento-juicefs.volumes" -}}
+{{- $juicefs := default dict .Values.config.juicefs }}
+{{- $template := default "juicefs-{volume}-credentials" $juicefs.secretNameTemplate }}
+{{- $volumes := list }}
+{{- range $i, $name := (default (list "models") $juicefs.allowedVolumes) }}
+{{- $mount := ternary "credentials" (printf "credentials-%d" $i) (eq $i 0) }}
+{{- $volumes = append $volumes (dict "name" $name "secret" (replace "{volume}" $name $template) "mount" $mount) }}
+{{- end }}
+{{- toJson $volumes }}
+{{- end }}
