@@ -42,9 +42,23 @@ from sidecar.env import Settings
 
 MIB = 1 << 20
 PATH_TEMPLATE = "/bentos/{name}/{version}"  # the injector's default models.juicefsPathTemplate
-# The tenants' MinIO user (read-only policy on the volume's prefix). Fixed development values.
-TENANT_ACCESS_KEY = "bento-juicefs-tenant"
-TENANT_SECRET_KEY = "bento-juicefs-tenant-secret-key"
+
+
+def tenant_keys(volume: str) -> tuple[str, str]:
+    """The MinIO keys of the volume's tenants (read-only policy on the volume's prefix).
+
+    One user per volume, so that one volume's tenants read nothing of another
+    volume in the same bucket. Fixed development values.
+    """
+    return f"bento-juicefs-{volume}-reader", f"bento-juicefs-{volume}-reader-secret-key"
+
+
+def redis_reader(volume: str) -> tuple[str, str]:
+    """The Redis user (and password) of the volume's tenants: one per volume, so that a
+    volume's reader cannot log in to another volume's metadata engine."""
+    return f"jfs-{volume}-reader", f"bento-juicefs-redis-{volume}-reader"
+
+
 _URL_PASSWORD = re.compile(r"(//[^:/@]*:)[^@]*@")
 
 
@@ -94,8 +108,13 @@ class StorageStack(StartStop):
         self.work_dir = Path(work_dir)
         self.logs = self.work_dir / "logs"
         self.host = host
+        # A store passed in is shared (another volume's, or one behind a shaped
+        # link): its owner stops it.
+        self._owns_store = store is None
         self.store = store or ObjectStore(self.work_dir / "minio-data", self.logs, host=host)
-        self.redis = Redis(self.logs, host=host)
+        # Each volume its own metadata engine: Redis ACLs cannot fence one
+        # volume's keys from another's (JuiceFS keys carry no volume prefix).
+        self.redis = Redis(self.logs, host=host, reader=redis_reader(volume_name))
         self.volume_name = volume_name
         self.volume: JuiceFSVolume | None = None
         self.writer_mount = self.work_dir / "writer"
@@ -108,7 +127,7 @@ class StorageStack(StartStop):
             self.redis.start()
             self.store.start()
             # The volume's objects are all under <volume name>/ in the bucket.
-            self.store.grant_read(TENANT_ACCESS_KEY, TENANT_SECRET_KEY, self.volume_name)
+            self.store.grant_read(*tenant_keys(self.volume_name), self.volume_name)
             self.volume = JuiceFSVolume(
                 self.volume_name, self.store, self.redis, self.logs, binary=binaries["juicefs"]
             )
@@ -133,7 +152,7 @@ class StorageStack(StartStop):
     @property
     def tenant(self) -> Credentials:
         """The tenants' credentials: they can read the volume and change nothing in it."""
-        return Credentials(self.juicefs.reader_meta_url, TENANT_ACCESS_KEY, TENANT_SECRET_KEY)
+        return Credentials(self.juicefs.reader_meta_url, *tenant_keys(self.volume_name))
 
     def credentials(self) -> dict[str, str]:
         """The JuiceFS credentials Secret's data, as the platform team would write it: read-only."""
@@ -151,7 +170,8 @@ class StorageStack(StartStop):
     def stop(self) -> None:
         if self.volume is not None:
             self.volume.umount()
-        self.store.stop()
+        if self._owns_store:
+            self.store.stop()
         self.redis.stop()
 
     def bento_dir(self, name: str, version: str) -> Path:
