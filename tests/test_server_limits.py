@@ -26,6 +26,7 @@ import pytest
 from common.ports import free_port, port_answers
 from injector import server as server_module
 from injector.admission import AdmissionRequest, ReviewResult
+from injector.admission import review as decide_review
 from injector.config import InjectorConfig, parse_config
 from injector.server import raise_open_files_limit, serve
 from tests.helpers import bento_pod
@@ -327,14 +328,13 @@ class Held:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.release = threading.Event()
         self.entered = threading.Semaphore(0)
-        decide = server_module.review
 
         def held(request: AdmissionRequest, config: InjectorConfig) -> ReviewResult:
             name = ((request.object or {}).get("metadata") or {}).get("name", "")
             if name.startswith("hold-"):
                 self.entered.release()
                 self.release.wait(60)
-            return decide(request, config)
+            return decide_review(request, config)
 
         monkeypatch.setattr(server_module, "review", held)
 
