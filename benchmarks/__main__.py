@@ -102,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--load-runs", type=int, default=3, help="kept-alive runs (2+)")
     g.add_argument("--rotate-seconds", type=float, default=0.5, help="a new serving cert every")
     g.add_argument("--slow-connections", type=int, default=1000)
+    g.add_argument("--flood-connections", type=int, default=100, help="large-review flood")
+    g.add_argument("--flood-body-kib", type=int, default=900, help="each flood review's body")
+    g.add_argument("--flood-probes", type=int, default=300, help="small reviews timed meanwhile")
     return p
 
 

@@ -7,6 +7,7 @@ against `serve` itself in tests/test_server_limits.py.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from typing import Any
@@ -17,7 +18,20 @@ from injector.admission import parse_review, review
 from injector.backpressure import retry_after_seconds, where_to_decide
 from injector.config import ConfigError, InjectorConfig, parse_config
 from injector.review_cache import ReviewCache
-from tests.test_server_limits import review as review_body
+from tests.helpers import bento_pod
+
+
+def review_body(name: str) -> bytes:
+    request = {
+        "uid": f"uid-{name}",
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "operation": "CREATE",
+        "namespace": "serving",
+        "object": bento_pod(name=name),
+    }
+    return json.dumps(
+        {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+    ).encode()
 
 
 @pytest.mark.parametrize(
