@@ -7,7 +7,6 @@ against `serve` itself in tests/test_server_limits.py.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from typing import Any
@@ -19,19 +18,7 @@ from injector.backpressure import retry_after_seconds, where_to_decide
 from injector.config import ConfigError, InjectorConfig, parse_config
 from injector.review_cache import ReviewCache
 from tests.helpers import bento_pod
-
-
-def review_body(name: str) -> bytes:
-    request = {
-        "uid": f"uid-{name}",
-        "kind": {"group": "", "version": "v1", "kind": "Pod"},
-        "operation": "CREATE",
-        "namespace": "serving",
-        "object": bento_pod(name=name),
-    }
-    return json.dumps(
-        {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
-    ).encode()
+from tests.kit.server import review_body
 
 
 @pytest.mark.parametrize(
@@ -94,7 +81,7 @@ def test_the_queue_wait_must_end_before_the_apiserver_stops_waiting() -> None:
 def test_the_cache_of_answers_is_safe_to_share_between_threads() -> None:
     """Lookups, insertions and evictions from four threads at once: no error, no lost answer."""
     config = InjectorConfig()
-    bodies = [review_body(f"pod-{i}") for i in range(8)]
+    bodies = [review_body(bento_pod(name=f"pod-{i}")) for i in range(8)]
     requests = [parse_review(body).request for body in bodies]
     cache = ReviewCache(size=3)  # smaller than the pods: every round evicts
     answers = [cache.answer(review(request, config)) for request in requests]
