@@ -22,6 +22,17 @@ every 200 carries `"allowed":true` and a patch. The runs, in order:
    third send their headers a byte every 0.5 s, a third a body a byte every
    0.5 s; each one that the injector's timeouts close is reopened).
 
+4. `flood-large`: `--flood-connections` kept-alive connections POST
+   reviews of a pod with thousands of env vars (`--flood-body-kib`, 900 KiB
+   each, about 10 ms to parse) at full speed, as a hostile pod could, while
+   a second client (one kept-alive connection, Python) sends
+   `--flood-probes` small real reviews (the example pod) one after another,
+   each timed. The injector decides the large ones in its worker threads
+   and answers those past `server.maxReviewsInFlight` 429, so its event loop
+   keeps answering the small ones: their slowest against the webhook
+   timeout is the figure. The flood's 429s are its expected answer, not
+   errors of the run.
+
 Figures: reviews, errors (connect, read, write, timeout), non-2xx, wrong
 answers, req/s, p50/p99 and RSS; and the slowest review of any run against
 the apiserver's wait for the webhook (`webhook.timeoutSeconds`, 5 s): every
@@ -34,12 +45,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import dataclasses
+import http.client
 import itertools
 import json
 import re
 import signal
 import ssl
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -130,12 +144,21 @@ def metric(url: str, context: ssl.SSLContext, name: str) -> float:
 
 
 def wrk(
-    url: str, body: Path, work: Path, *, connections: int, limit: int, close: bool
+    url: str,
+    body: Path,
+    work: Path,
+    *,
+    connections: int,
+    limit: int,
+    close: bool,
+    flag: Path | None = None,
 ) -> dict[str, Any]:
-    """One wrk run, interrupted (SIGINT: it prints its summary) once `limit` responses are in."""
+    """One wrk run, interrupted (SIGINT: it prints its summary) once `limit` responses are in
+    or whoever else holds `flag` creates it."""
     binary = ensure_packages({"wrk": "wrk"})["wrk"]
     stamp = time.monotonic_ns()
-    script, flag = work / f"load-{stamp}.lua", work / f"load-{stamp}.done"
+    script = work / f"load-{stamp}.lua"
+    flag = flag or work / f"load-{stamp}.done"
     script.write_text(
         WRK_SCRIPT
         % {
@@ -306,6 +329,9 @@ def _new_record(args: argparse.Namespace) -> dict[str, Any]:
             "but certCheckIntervalSeconds 0.2",
             "rotate_seconds": args.rotate_seconds,
             "slow_connections": args.slow_connections,
+            "flood_connections": args.flood_connections,
+            "flood_body_kib": args.flood_body_kib,
+            "flood_probes": args.flood_probes,
         },
     )
 
@@ -373,9 +399,130 @@ def _slow_clients_run(target: _Target, port: int, count: int) -> tuple[dict[str,
     return result, note
 
 
+FLOOD = "flood-large"
+
+
+def large_pod(target_bytes: int) -> dict[str, Any]:
+    """The example's pod with env vars added to its app container until its review is
+    about target_bytes: thousands of small objects, what makes a body slow to parse."""
+    pod = copy.deepcopy(bento_pod())
+    container = pod["spec"]["containers"][0]
+    base = len(review_body(pod))
+    entry = {"name": "FLOOD_000000", "value": "v" * 24}
+    each = len(json.dumps(entry)) + 2  # and the ", " between entries
+    count = max(0, (target_bytes - base) // each)
+    container["env"] = [
+        *container.get("env", []),
+        *({"name": f"FLOOD_{i:06d}", "value": "v" * 24} for i in range(count)),
+    ]
+    return pod
+
+
+class Prober(threading.Thread):
+    """A second client: `count` small reviews, one at a time on one kept-alive connection,
+    each timed from sending to the whole answer read (a new connection after an error)."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, template: bytes, count: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.context, self.template, self.count = port, context, template, count
+        self.latencies: list[float] = []
+        self.statuses: dict[int, int] = {}
+        self.errors = 0
+        self.wrong = 0
+
+    def _one(self, conn: http.client.HTTPSConnection, index: int) -> None:
+        variant = f"probe-{index:06d}".encode()
+        body = self.template.replace(b"@UID@", b"6e0c7a2b-probe-" + variant, 1)
+        body = body.replace(b"@VARIANT@", variant, 1)
+        started = time.perf_counter()
+        conn.request("POST", "/mutate", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        answer = resp.read()
+        self.latencies.append(time.perf_counter() - started)
+        self.statuses[resp.status] = self.statuses.get(resp.status, 0) + 1
+        if resp.status == 200 and not (b'"allowed":true' in answer and b'"patch":' in answer):
+            self.wrong += 1
+
+    def run(self) -> None:
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=10)
+        for index in range(self.count):
+            try:
+                self._one(conn, index)
+            except (OSError, http.client.HTTPException):
+                self.errors += 1
+                conn.close()
+                conn = http.client.HTTPSConnection(
+                    "127.0.0.1", self.port, context=self.context, timeout=10
+                )
+            time.sleep(0.01)  # a review every ~10 ms plus its own time: a busy apiserver
+        conn.close()
+
+    def figures(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+        timeout = InjectorConfig().webhook.timeout_seconds
+        slowest = ordered[-1] if ordered else float("nan")
+        return {
+            "probes": self.count,
+            "answered": len(ordered),
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "errors": self.errors,
+            "wrong_answers": self.wrong,
+            "p50_ms": round(statistics.median(ordered) * 1000, 2) if ordered else None,
+            "p99_ms": round(ordered[int(len(ordered) * 0.99) - 1] * 1000, 2) if ordered else None,
+            "slowest_s": round(slowest, 3),
+            "slowest_vs_timeout": round(slowest / timeout, 3),
+        }
+
+
+def _flood_run(target: _Target, port: int, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Large reviews at full speed from wrk while a second client times small real ones."""
+    large = target.work / "large.json"
+    large.write_bytes(review_body(large_pod(args.flood_body_kib * 1024)))
+    overloaded = 'bento_juicefs_admission_requests_total{outcome="overloaded"}'
+    before = metric(target.url, target.context, overloaded)
+    flag = target.work / f"flood-{time.monotonic_ns()}.done"
+    prober = Prober(port, target.context, target.body.read_bytes(), args.flood_probes)
+    flood: dict[str, Any] = {}
+
+    def run_wrk() -> None:
+        flood.update(
+            wrk(
+                target.url,
+                large,
+                target.work,
+                connections=args.flood_connections,
+                limit=10**9,
+                close=False,
+                flag=flag,
+            )
+        )
+
+    flooding = threading.Thread(target=run_wrk, daemon=True)
+    flooding.start()
+    time.sleep(2)  # the flood at full speed before the first probe
+    prober.start()
+    prober.join()
+    flag.touch()
+    flooding.join(120)
+    result = {**flood, "body_bytes": large.stat().st_size, "small_reviews": prober.figures()}
+    result["overloaded_429"] = int(metric(target.url, target.context, overloaded) - before)
+    small = result["small_reviews"]
+    note = (
+        f"; flood {result['body_bytes'] // 1024} KiB bodies, "
+        f"{result['overloaded_429']} answered 429; small reviews meanwhile: "
+        f"{small['answered']} of {small['probes']}, statuses {small['statuses']}, "
+        f"errors {small['errors']}, p50 {small['p50_ms']} ms, p99 {small['p99_ms']} ms, "
+        f"slowest {small['slowest_s']} s = {small['slowest_vs_timeout']}x the webhook timeout"
+    )
+    return result, note
+
+
 def _totals(record: dict[str, Any], load_runs: int, log_text: str) -> None:
     """Errors and RSS growth across the runs, from record's runs and rss_mib."""
-    runs, rss = record["runs"], record["rss_mib"]
+    rss = record["rss_mib"]
+    # The flood's 429s and its large reviews' waits are its expected answer:
+    # its figures are its own (record["runs"][FLOOD]), not the errors of the runs.
+    runs = {name: r for name, r in record["runs"].items() if name != FLOOD}
     record["injector_log_errors"] = len(re.findall(r'"level": ?"(error|critical)"', log_text))
     total_errors = sum(r["errors"] + r["non_2xx"] + r["wrong_answers"] for r in runs.values())
     record["total_reviews"] = sum(r["requests"] for r in runs.values())
@@ -425,6 +572,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             later: list[tuple[str, Callable[[], tuple[dict[str, Any], str]]]] = [
                 ("handshake-each-rotating", lambda: _rotating_run(target, args.rotate_seconds)),
                 ("slow-clients", lambda: _slow_clients_run(target, port, args.slow_connections)),
+                (FLOOD, lambda: _flood_run(target, port, args)),
             ]
             for name, start in later:
                 runs[name], note = start()
@@ -436,8 +584,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     record["rss_mib"] = rss
     record["injector_outcomes"] = counts
     _totals(record, args.load_runs, log_text)
-    if record["total_errors_and_non_2xx"]:
-        total_errors = record["total_errors_and_non_2xx"]
+    small = runs[FLOOD]["small_reviews"]
+    failed_small = small["errors"] + small["wrong_answers"] + small["probes"] - small["answered"]
+    failed_small += sum(n for status, n in small["statuses"].items() if status != "200")
+    record["flood_small_reviews_failed"] = failed_small
+    record["flood_slowest_small_review_s"] = small["slowest_s"]
+    record["flood_slowest_small_vs_timeout"] = small["slowest_vs_timeout"]
+    if record["total_errors_and_non_2xx"] or failed_small:
+        total_errors = record["total_errors_and_non_2xx"] + failed_small
         say(SCENARIO, f"FAILED: {total_errors} errors, non-2xx or wrong answers")
     return record
 
@@ -456,6 +610,27 @@ def table(record: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
     for name, result in record["runs"].items():
         rss = record["rss_mib"][name]["VmRSS"]
+        if name == FLOOD:
+            small = result["small_reviews"]
+            rows.append(
+                (
+                    f"{name}: {result['body_bytes'] // 1024} KiB reviews, "
+                    f"{result['connections']} connections",
+                    f"{result['rps']:.0f} req/s",
+                    f"{result['overloaded_429']} answered 429 (non-2xx {result['non_2xx']}), "
+                    f"errors {result['errors']}; RSS {rss} MiB",
+                )
+            )
+            rows.append(
+                (
+                    f"small reviews during the flood ({small['answered']} of {small['probes']})",
+                    f"{small['slowest_s']} s",
+                    f"{small['slowest_vs_timeout']}x the {record['webhook_timeout_s']} s limit; "
+                    f"p50 {small['p50_ms']} ms, p99 {small['p99_ms']} ms; "
+                    f"statuses {small['statuses']}, errors {small['errors']}",
+                )
+            )
+            continue
         rows.append(
             (
                 f"{name}: {result['requests']} reviews, {result['connections']} connections",

@@ -397,6 +397,17 @@ class Server(_Model):
     idle_timeout_seconds: float = Field(default=120.0, gt=0)
     body_timeout_seconds: float = Field(default=10.0, gt=0)
     tls_handshake_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Floods: a body this large or larger is parsed and decided in a worker
+    # thread, so the event loop keeps answering /healthz and small reviews
+    # meanwhile (deciding costs about 10 us per KB: 64 KiB, under 1 ms inline).
+    offload_body_bytes: int = Field(default=64 * 1024, ge=0)
+    # Reviews in a worker thread or queued for one; each holds its body (up to
+    # maxBodyBytes), so this bounds their memory. Small reviews never count:
+    # on the event loop one cannot overlap another.
+    max_reviews_in_flight: int = Field(default=64, ge=1, le=4096)
+    # How long a review past that bound waits for a place before HTTP 429;
+    # below webhook.timeoutSeconds, so the apiserver can still retry.
+    review_queue_seconds: float = Field(default=1.0, gt=0, le=10)
 
 
 def _check_volumes(juicefs: JuiceFS) -> None:
@@ -465,6 +476,12 @@ class InjectorConfig(_Model):
             raise ValueError(
                 "volumes.cacheMedium Memory is for the pod cache, and cache.mode is node "
                 f"(the {self.cluster.platform_profile} profile's default): set cache.mode: pod"
+            )
+        if self.server.review_queue_seconds >= self.webhook.timeout_seconds:
+            raise ValueError(
+                f"server.reviewQueueSeconds ({self.server.review_queue_seconds:g}) must be "
+                f"less than webhook.timeoutSeconds ({self.webhook.timeout_seconds}): the "
+                "apiserver stops waiting for the webhook then"
             )
         if self.scheduling.ssd_policy != "off" and self.ssd_node_label is None:
             raise ValueError(

@@ -21,6 +21,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "bento_juicefs_admission_reviews_in_flight",
+            "Large-body AdmissionReviews in a worker thread or queued for one "
+            "(at most server.maxReviewsInFlight)",
+            registry=self.registry,
+        )
         self.cert_reloads = Counter(
             "bento_juicefs_certificate_reloads",
             "Serving certificate reloads",

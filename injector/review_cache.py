@@ -18,12 +18,18 @@ the log line says: strings and bytes, which the garbage collector never
 scans (caching the decoded dicts made every collection longer and parsing
 the next 70 KB pod 30% slower). The cache keeps `size` answers, least
 recently used out first, each with a patch of at most `MAX_PATCH_CHARS`.
+
+Reviews of large bodies are decided in worker threads while the event loop
+decides small ones, so the cache is shared between threads: a lock covers
+each lookup and each insertion (a lookup's move to the end could otherwise
+meet another thread's eviction of that key); hashing the body stays outside.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -90,16 +96,18 @@ class ReviewCache:
         self._answers: OrderedDict[bytes, Answer] = OrderedDict()
         # Where the uid goes in an encoded response; random, so no pod can contain it.
         self._marker = "uid-" + secrets.token_hex(16)
+        self._lock = threading.Lock()
 
     def get(self, body: bytes, request: AdmissionRequest) -> tuple[bytes | None, Answer | None]:
         """(key, the answer) or (key, None) if not seen yet; key None: not cacheable."""
         key = review_key(body, request.uid)
         if key is None:
             return None, None
-        found = self._answers.get(key)
-        if found is not None:
-            self._answers.move_to_end(key)
-            self.hits += 1
+        with self._lock:
+            found = self._answers.get(key)
+            if found is not None:
+                self._answers.move_to_end(key)
+                self.hits += 1
         return key, found
 
     def answer(self, result: ReviewResult) -> Answer:
@@ -108,7 +116,8 @@ class ReviewCache:
     def put(self, key: bytes | None, answer: Answer) -> None:
         if key is None or self.size <= 0 or answer.patch_chars > MAX_PATCH_CHARS:
             return
-        self._answers[key] = answer
-        self._answers.move_to_end(key)
-        while len(self._answers) > self.size:
-            self._answers.popitem(last=False)
+        with self._lock:
+            self._answers[key] = answer
+            self._answers.move_to_end(key)
+            while len(self._answers) > self.size:
+                self._answers.popitem(last=False)

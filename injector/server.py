@@ -13,26 +13,38 @@ larger than `server.maxBodyBytes` is refused (413) without being read. One
 event loop serves every connection, so a slow one holds only its socket;
 the file descriptor limit is raised to its hard limit at start so that
 thousands of them do not run it out.
+
+Floods are bounded too. A review whose body is `server.offloadBodyBytes` or
+more is parsed and decided in one of the app's worker threads, so the event
+loop keeps answering /healthz and small reviews while it is decided; at
+most `server.maxReviewsInFlight` of them are in a thread or queued for one,
+and one past that waits `server.reviewQueueSeconds` for a place, then gets
+429 with Retry-After (`injector.backpressure` has the two decisions).
 """
 
 from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import concurrent.futures
 import contextlib
+import functools
 import resource
 import signal
 import ssl
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 from aiohttp import hdrs, web
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 from prometheus_client.exposition import generate_latest
 from pydantic_core import to_json
 
-from injector.admission import BadReview, parse_review, review
+from injector.admission import AdmissionRequest, BadReview, parse_review, review
+from injector.backpressure import retry_after_seconds, where_to_decide
 from injector.config import InjectorConfig
 from injector.kube import api_client
 from injector.lifecycle import DRAINING, READY_CHECKS, SERVING, ReadyCheck
@@ -40,12 +52,77 @@ from injector.metrics import METRICS, Metrics
 from injector.namespaces import namespace_controller
 from injector.pki.ca_keeper import shared_ca
 from injector.pki.serving import TLS, serving_certificate
-from injector.review_cache import ReviewCache
+from injector.review_cache import Answer, ReviewCache
 
 log = structlog.get_logger("injector.server")
 
 CONFIG = web.AppKey("config", InjectorConfig)
 REVIEWS = web.AppKey("reviews", ReviewCache)
+
+T = TypeVar("T")
+
+# Worker threads for large reviews. Deciding is pure Python and holds the GIL,
+# so more threads would not decide faster, only take more turns from the event
+# loop; two keep one slow review (a 3 MiB pod) from holding up every other.
+REVIEW_THREADS = 2
+
+
+class Overloaded(Exception):
+    """No place among the reviews in flight freed up within the queue's wait."""
+
+
+class ReviewWorkers:
+    """The worker threads for large reviews, and the bound on reviews in them or queued for them.
+
+    A place is taken before the work is handed over and given back when the
+    thread is done with it (not when the awaiting handler is, which may be
+    cancelled at shutdown first), so the bound holds for the threads' work.
+    """
+
+    def __init__(self, limit: int, threads: int, gauge: Gauge) -> None:
+        self.limit = limit
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="review")
+        self._places = asyncio.Semaphore(limit)
+        self._gauge = gauge
+
+    async def run(self, work: Callable[[], T], wait: float) -> T:
+        """work() in a worker thread once one of `limit` places is free; Overloaded after wait s."""
+        try:
+            async with asyncio.timeout(wait):
+                await self._places.acquire()
+        except TimeoutError:
+            raise Overloaded from None
+        self._gauge.inc()
+        loop = asyncio.get_running_loop()
+
+        def done(_: concurrent.futures.Future[T]) -> None:
+            loop.call_soon_threadsafe(self._release)
+
+        try:
+            future = self.pool.submit(work)
+        except BaseException:
+            self._release()
+            raise
+        future.add_done_callback(done)
+        return await asyncio.wrap_future(future)
+
+    def _release(self) -> None:
+        self._gauge.dec()
+        self._places.release()
+
+
+WORKERS = web.AppKey("review_workers", ReviewWorkers)
+
+
+async def review_workers(app: web.Application) -> AsyncIterator[None]:
+    """app[WORKERS] from the config; at cleanup, waits for the threads (the requests are done)."""
+    server = app[CONFIG].server
+    workers = ReviewWorkers(server.max_reviews_in_flight, REVIEW_THREADS, app[METRICS].in_flight)
+    app[WORKERS] = workers
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(functools.partial(workers.pool.shutdown, cancel_futures=True))
 
 
 @dataclass(frozen=True)
@@ -59,17 +136,15 @@ def _text_error(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message + "\n", content_type="text/plain")
 
 
-async def handle_mutate(request: web.Request) -> web.Response:
-    app = request.app
-    config, metrics = app[CONFIG], app[METRICS]
-    started = time.perf_counter()
-    structlog.contextvars.clear_contextvars()
+async def _read_body(request: web.Request) -> bytes | web.Response:
+    """The request's body, or the error answer when it is too large or too slow."""
+    config, metrics = request.app[CONFIG], request.app[METRICS]
     limit = config.server.max_body_bytes
     try:
         if (request.content_length or 0) > limit:
             raise web.HTTPRequestEntityTooLarge(limit, request.content_length or 0)
         async with asyncio.timeout(config.server.body_timeout_seconds):
-            body = await request.read()
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         metrics.requests.labels("too_large").inc()
         log.warning("admission.rejected", reason="body too large", limit=limit)
@@ -90,17 +165,61 @@ async def handle_mutate(request: web.Request) -> web.Response:
         )
         response.force_close()
         return response
-    if request.content_type not in ("application/json", ""):
-        metrics.requests.labels("bad_request").inc()
-        return _text_error(400, f"content type {request.content_type} is not application/json")
-    try:
-        admission = parse_review(body)
-    except BadReview as err:
-        metrics.requests.labels("bad_request").inc()
-        log.warning("admission.rejected", reason=str(err))
-        return _text_error(400, str(err))
 
-    req = admission.request
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """A parsed request and its answer, or what review() raised instead."""
+
+    request: AdmissionRequest
+    answer: Answer | None
+    error: Exception | None = None
+
+
+def decide(body: bytes, config: InjectorConfig, reviews: ReviewCache) -> Decided:
+    """Parse and answer body (from the cache of answers, or review()); BadReview if unparsable.
+
+    The CPU work of a review and nothing else: no I/O, no logging, no
+    metrics, so it runs as well in a worker thread as on the event loop (the
+    handler logs, with the request's uid bound, once it has the result).
+    """
+    req = parse_review(body).request
+    try:
+        # Replicas of one pod template differ only in the uid: decided once.
+        key, answer = reviews.get(body, req)
+        if answer is None:
+            answer = reviews.answer(review(req, config))
+            reviews.put(key, answer)
+    except Exception as err:
+        return Decided(req, None, err)
+    return Decided(req, answer)
+
+
+def _overloaded(config: InjectorConfig, metrics: Metrics) -> web.Response:
+    """HTTP 429 with Retry-After, for a review that found no place among those in flight.
+
+    Not an AdmissionReview denial: a denial is final and names no fault of
+    the pod, while client-go (with which the apiserver calls webhooks) waits
+    out a 429's Retry-After and sends the review again within the webhook's
+    timeout; only if every try finds the injector full does the call fail
+    (failurePolicy: the pod is then refused, here by the sidecar-required policy).
+    """
+    limit = config.server.max_reviews_in_flight
+    seconds = retry_after_seconds(config.server.review_queue_seconds)
+    metrics.requests.labels("overloaded").inc()
+    log.warning("admission.rejected", reason="overloaded", limit=limit)
+    response = _text_error(
+        429,
+        f"the injector is overloaded: {limit} large AdmissionReviews are in flight "
+        f"(server.maxReviewsInFlight); retry after {seconds}s",
+    )
+    response.headers[hdrs.RETRY_AFTER] = str(seconds)
+    return response
+
+
+def _decided_payload(decided: Decided) -> tuple[bytes, str]:
+    """The AdmissionReview response and the outcome, logged with the request's uid bound."""
+    req = decided.request
     meta = (req.object or {}).get("metadata") or {}
     structlog.contextvars.bind_contextvars(
         uid=req.uid,
@@ -108,41 +227,58 @@ async def handle_mutate(request: web.Request) -> web.Response:
         pod=meta.get("name") or req.name or (meta.get("generateName", "") + "*"),
         dry_run=req.dry_run,
     )
-    try:
-        # Replicas of one pod template differ only in the uid: decided once.
-        reviews = app[REVIEWS]
-        key, answer = reviews.get(body, req)
-        if answer is None:
-            answer = reviews.answer(review(req, config))
-            reviews.put(key, answer)
-        payload = answer.body(req.uid)
-        outcome: str = answer.outcome
+    answer = decided.answer
+    if answer is not None:
         log.info(
             "admission.decided",
-            decision=outcome,
+            decision=answer.outcome,
             reason=answer.reason,
             operations=answer.operations,
             warnings=list(answer.warnings) or None,
         )
-    except Exception:
-        # A bug must not half-mutate a pod or surface as a bare 500: deny
-        # with a pointer to the log line that has the traceback.
-        outcome = "error"
-        log.exception("admission.failed")
-        message = (
-            f"JuiceFS model injection failed inside the injector; see its logs for uid {req.uid}"
-        )
-        payload = to_json(
-            {
-                "apiVersion": "admission.k8s.io/v1",
-                "kind": "AdmissionReview",
-                "response": {
-                    "uid": req.uid,
-                    "allowed": False,
-                    "status": {"code": 500, "message": message},
-                },
-            }
-        )
+        return answer.body(req.uid), answer.outcome
+    # A bug must not half-mutate a pod or surface as a bare 500: deny
+    # with a pointer to the log line that has the traceback.
+    log.error("admission.failed", exc_info=decided.error)
+    message = f"JuiceFS model injection failed inside the injector; see its logs for uid {req.uid}"
+    payload = to_json(
+        {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "response": {
+                "uid": req.uid,
+                "allowed": False,
+                "status": {"code": 500, "message": message},
+            },
+        }
+    )
+    return payload, "error"
+
+
+async def handle_mutate(request: web.Request) -> web.Response:
+    app = request.app
+    config, metrics = app[CONFIG], app[METRICS]
+    started = time.perf_counter()
+    structlog.contextvars.clear_contextvars()
+    body = await _read_body(request)
+    if isinstance(body, web.Response):
+        return body
+    if request.content_type not in ("application/json", ""):
+        metrics.requests.labels("bad_request").inc()
+        return _text_error(400, f"content type {request.content_type} is not application/json")
+    try:
+        if where_to_decide(len(body), config.server.offload_body_bytes) == "inline":
+            decided = decide(body, config, app[REVIEWS])
+        else:
+            work = functools.partial(decide, body, config, app[REVIEWS])
+            decided = await app[WORKERS].run(work, config.server.review_queue_seconds)
+    except BadReview as err:
+        metrics.requests.labels("bad_request").inc()
+        log.warning("admission.rejected", reason=str(err))
+        return _text_error(400, str(err))
+    except Overloaded:
+        return _overloaded(config, metrics)
+    payload, outcome = _decided_payload(decided)
     metrics.requests.labels(outcome).inc()
     metrics.latency.observe(time.perf_counter() - started)
     return web.Response(body=payload, content_type="application/json", charset="utf-8")
@@ -203,6 +339,7 @@ def build_app(
         app.cleanup_ctx.append(api_client(cluster.kubeconfig))
         if config.server.self_signed and config.webhook.manage_ca_bundle:
             app.cleanup_ctx.append(shared_ca(config, extra_hosts))
+    app.cleanup_ctx.append(review_workers)
     app.cleanup_ctx.append(serving_certificate(config, extra_hosts))
     if cluster is not None and config.controller.enabled:
         app.cleanup_ctx.append(namespace_controller(config))

@@ -1,4 +1,4 @@
-"""Oversized bodies, slow clients and draining, against `serve` itself on loopback.
+"""Oversized bodies, slow clients, floods and draining, against `serve` itself on loopback.
 
 Every test runs the server as `python -m injector serve --standalone` does
 (the same `serve`, its site, runner and timeouts) and talks to it over real
@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import resource
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,10 @@ import aiohttp
 import pytest
 
 from common.ports import free_port, port_answers
-from injector.config import parse_config
+from injector import server as server_module
+from injector.admission import AdmissionRequest, ReviewResult
+from injector.admission import review as decide_review
+from injector.config import InjectorConfig, parse_config
 from injector.server import raise_open_files_limit, serve
 from tests.helpers import bento_pod
 
@@ -312,3 +317,138 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ---- floods: large reviews in worker threads, and the bound on them ----
+
+
+class Held:
+    """review() made to wait, in its worker thread, for pods named hold-*, until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+        def held(request: AdmissionRequest, config: InjectorConfig) -> ReviewResult:
+            name = ((request.object or {}).get("metadata") or {}).get("name", "")
+            if name.startswith("hold-"):
+                self.entered.release()
+                self.release.wait(60)
+            return decide_review(request, config)
+
+        monkeypatch.setattr(server_module, "review", held)
+
+    async def wait_entered(self, count: int) -> None:
+        """Until count held reviews are inside review(), in their threads."""
+        for _ in range(count):
+            assert await asyncio.to_thread(self.entered.acquire, True, 60)
+
+
+def large_review(name: str, pad: int = 100 * 1024) -> bytes:
+    """A review of a pod whose annotation makes its body pad bytes larger."""
+    request = json.loads(review(name))
+    request["request"]["object"]["metadata"].setdefault("annotations", {})["padding"] = "x" * pad
+    return json.dumps(request).encode()
+
+
+async def post(
+    session: aiohttp.ClientSession, server: Running, body: bytes
+) -> tuple[int, dict[str, str], str]:
+    async with session.post(
+        server.url + "/mutate", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
+        return resp.status, dict(resp.headers), await resp.text()
+
+
+def outcome_count(metrics: str, outcome: str) -> float:
+    match = re.search(
+        rf'^bento_juicefs_admission_requests_total\{{outcome="{outcome}"\}} (\S+)$',
+        metrics,
+        re.MULTILINE,
+    )
+    return float(match[1]) if match else 0.0
+
+
+async def test_reviews_past_the_bound_get_429_and_are_counted(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two reviews in workers fill a bound of two; three more wait, then get 429 (Retry-After)."""
+    held = Held(monkeypatch)
+    server = await start_server(maxReviewsInFlight=2, reviewQueueSeconds=0.2, offloadBodyBytes=0)
+    connector = aiohttp.TCPConnector(ssl=server.client_context())
+    async with aiohttp.ClientSession(connector=connector) as session:
+        try:
+            holding = [
+                asyncio.create_task(post(session, server, review(f"hold-{i}"))) for i in range(2)
+            ]
+            await held.wait_entered(2)
+            extra = await asyncio.gather(
+                *(post(session, server, review(f"extra-{i}")) for i in range(3))
+            )
+            async with session.get(server.url + "/metrics") as resp:
+                metrics = await resp.text()
+        finally:
+            held.release.set()
+        for status, headers, text in extra:
+            assert status == 429
+            assert headers["Retry-After"] == "1"
+            assert "the injector is overloaded" in text
+            assert "server.maxReviewsInFlight" in text
+        assert outcome_count(metrics, "overloaded") == 3
+        assert "bento_juicefs_admission_reviews_in_flight 2.0" in metrics
+        # The two that held their places are answered once released, as usual.
+        for status, _, text in await asyncio.gather(*holding):
+            assert status == 200
+            assert json.loads(text)["response"]["allowed"] is True
+        async with session.get(server.url + "/metrics") as resp:
+            metrics = await resp.text()
+        assert "bento_juicefs_admission_reviews_in_flight 0.0" in metrics
+        # And the next review finds a place.
+        status, _, _ = await post(session, server, review("after"))
+        assert status == 200
+
+
+async def test_the_event_loop_answers_while_a_large_review_is_decided(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a large review held in its worker thread, /healthz and small reviews are answered."""
+    held = Held(monkeypatch)
+    server = await start_server(maxBodyBytes=1024 * 1024)
+    connector = aiohttp.TCPConnector(ssl=server.client_context())
+    async with aiohttp.ClientSession(connector=connector) as session:
+        try:
+            big = asyncio.create_task(post(session, server, large_review("hold-big")))
+            await held.wait_entered(1)
+            async with session.get(server.url + "/healthz") as resp:
+                assert resp.status == 200
+            status, _, text = await post(session, server, review("small"))
+            assert status == 200
+            assert json.loads(text)["response"]["allowed"] is True
+            assert not big.done()  # still held: the small one did not wait for it
+        finally:
+            held.release.set()
+        status, _, text = await big
+        assert status == 200
+        answer = json.loads(text)["response"]
+        assert answer["allowed"] is True
+        assert answer["patch"]
+
+
+async def test_a_large_review_that_fails_inside_is_denied_with_its_uid(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in the worker thread is the same denial as on the event loop, never a 500."""
+
+    def broken(request: AdmissionRequest, config: InjectorConfig) -> ReviewResult:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server_module, "review", broken)
+    server = await start_server(maxBodyBytes=1024 * 1024)
+    connector = aiohttp.TCPConnector(ssl=server.client_context())
+    async with aiohttp.ClientSession(connector=connector) as session:
+        status, _, text = await post(session, server, large_review("big"))
+    assert status == 200
+    answer = json.loads(text)["response"]
+    assert answer["allowed"] is False
+    assert "failed inside the injector" in answer["status"]["message"]
+    assert answer["uid"] in answer["status"]["message"]
