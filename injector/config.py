@@ -404,7 +404,7 @@ class Server(_Model):
     # Reviews in a worker thread or queued for one; each holds its body (up to
     # maxBodyBytes), so this bounds their memory. Small reviews never count:
     # on the event loop one cannot overlap another.
-    max_reviews_in_flight: int = Field(default=64, ge=1, le=4096)
+    max_reviews_in_flight: int = Field(default=16, ge=1, le=4096)
     # How long a review past that bound waits for a place before HTTP 429;
     # below webhook.timeoutSeconds, so the apiserver can still retry.
     review_queue_seconds: float = Field(default=1.0, gt=0, le=10)

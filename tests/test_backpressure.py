@@ -49,7 +49,7 @@ def test_retry_after_is_the_queue_wait_in_whole_seconds(
 def test_the_flood_defaults() -> None:
     server = InjectorConfig().server
     assert server.offload_body_bytes == 64 * 1024
-    assert server.max_reviews_in_flight == 64
+    assert server.max_reviews_in_flight == 16
     assert server.review_queue_seconds == 1.0
 
 

@@ -408,6 +408,38 @@ async def test_reviews_past_the_bound_get_429_and_are_counted(
         assert status == 200
 
 
+async def test_a_large_body_is_read_only_once_it_has_a_place(start_server: StartServer) -> None:
+    """One large body being read fills a bound of one: the next large one is not read but
+    answered 429 and its connection closed; a small review needs no place and is answered."""
+    server = await start_server(
+        maxReviewsInFlight=1,
+        reviewQueueSeconds=0.2,
+        offloadBodyBytes=1024,
+        bodyTimeoutSeconds=30,
+        maxBodyBytes=1024 * 1024,
+    )
+    _, slow_writer = await tls_connect(server)
+    slow_writer.write(post_head(100_000) + b'{"apiVersion": ')  # holds the place, reading
+    await slow_writer.drain()
+    await asyncio.sleep(0.2)
+    try:
+        reader, writer = await tls_connect(server)
+        body = large_review("waits")
+        writer.write(post_head(len(body)) + body)
+        await writer.drain()
+        status, headers, text = await read_response(reader)
+        assert status == 429
+        assert headers.get("connection") == "close"
+        assert b"server.maxReviewsInFlight" in text
+        writer.close()
+        connector = aiohttp.TCPConnector(ssl=server.client_context())
+        async with aiohttp.ClientSession(connector=connector) as session:
+            status, _, _ = await post(session, server, review("small"))
+            assert status == 200
+    finally:
+        slow_writer.close()
+
+
 async def test_the_event_loop_answers_while_a_large_review_is_decided(
     start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
