@@ -1,9 +1,10 @@
 """`make bench`: every scenario (or one), one table, bench-results/<scenario>.json each.
 
     python -m benchmarks                          # streaming, cold-start, warm-start, admission,
-                                                  # load
+                                                  # load, agent-lists
     python -m benchmarks --scenario cold-start    # one (make bench SCENARIO=cold-start)
     python -m benchmarks --scenario load          # make bench-load: 10,000 reviews, errors, memory
+    python -m benchmarks --scenario agent-lists   # make bench-agent: the agent's LISTs and memory
 
 Figures are ratios measured in one run against a limit measured in the same
 run; absolute times are printed, never asserted. See BENCHMARKS.md.
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import admission, coldstart, streaming, warmgate
+from benchmarks import admission, agent_lists, coldstart, streaming, warmgate
 from benchmarks import load as load_scenario
 from benchmarks.record import DEFAULT_OUT, load, say, write_record
 from benchmarks.store import interrupts_as_exit
@@ -56,6 +57,7 @@ SCENARIOS: dict[str, tuple[Runner, Table]] = {
     "warm-start": (warm_start, warm_start_table),
     "admission": (alone(admission.run), admission.table),
     "load": (alone(load_scenario.run), load_scenario.table),
+    "agent-lists": (alone(agent_lists.run), agent_lists.table),
 }
 
 
@@ -102,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--load-runs", type=int, default=3, help="kept-alive runs (2+)")
     g.add_argument("--rotate-seconds", type=float, default=0.5, help="a new serving cert every")
     g.add_argument("--slow-connections", type=int, default=1000)
+    agent_lists.add_arguments(p)
     return p
 
 
