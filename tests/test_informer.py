@@ -32,7 +32,31 @@ from nodeagent.workloads import (
     template_fits_node,
     workload_bento,
 )
-from tests.test_node_agent import a_node, deployment
+from tests.helpers import bento_pod
+
+
+def deployment(name: str = "llama", namespace: str = "serving") -> dict[str, Any]:
+    """A Bento Deployment named name-v1, its template the kit's Bento pod."""
+    pod = bento_pod()
+    pod["metadata"]["labels"]["yatai.ai/bento-repository"] = name
+    return {
+        "metadata": {
+            "name": f"{name}-v1",
+            "namespace": namespace,
+            "generation": 1,
+            "creationTimestamp": "2026-11-28T00:00:00Z",
+            "managedFields": [
+                {"manager": "helm", "time": "2026-11-29T10:00:00Z"},
+                {"manager": "kcm", "subresource": "status", "time": "2026-11-29T11:59:00Z"},
+            ],
+        },
+        "spec": {"template": {"metadata": pod["metadata"], "spec": pod["spec"]}},
+        "status": {"replicas": 0, "observedGeneration": 1},
+    }
+
+
+def a_node(labels: dict[str, str], taints: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": "gpu-1", "labels": labels}, "spec": {"taints": taints or []}}
 
 
 def obj(uid: str, generation: int = 1, version: str = "1", **labels: str) -> dict[str, Any]:
@@ -120,7 +144,8 @@ def test_watch_lines_split_across_chunks() -> None:
 
 def test_the_slim_workload_decides_as_the_whole_object() -> None:
     config = InjectorConfig()
-    full = deployment(times=("2026-11-29T10:00:00Z", "2026-11-29T11:00:00Z"))
+    full = deployment()
+    full["metadata"]["managedFields"].append({"manager": "kubectl", "time": "2026-11-29T11:00:00Z"})
     full["metadata"]["generation"] = 4
     full["spec"]["replicas"] = 0
     template = full["spec"]["template"]
