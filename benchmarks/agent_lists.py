@@ -248,18 +248,27 @@ def wait_synced(pid: int, log: Path, count: int, timeout: float = 300.0) -> floa
     return round(time.monotonic() - started, 2)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def idle_window(cp: ControlPlane, pid: int, seconds: float) -> dict[str, Any]:
-    """Requests a minute and the agent's RSS over seconds of idling."""
+    """Requests a minute, the agent's CPU and its RSS over seconds of idling."""
     before = request_counts(cp)
+    cpu_before = cpu_seconds(pid)
     started = time.monotonic()
     samples = [rss_mib(pid)]
     while (left := seconds - (time.monotonic() - started)) > 0:
         time.sleep(min(SAMPLE_SECONDS, left))
         samples.append(rss_mib(pid))
     elapsed = time.monotonic() - started
+    cpu = cpu_seconds(pid) - cpu_before
     after = request_counts(cp)
     return {
         "seconds": round(elapsed, 1),
+        "cpu_share": round(cpu / elapsed, 3),
         "per_minute": per_minute(before, after, elapsed),
         "rss_mib": {"first": samples[0], "last": samples[-1], "max": max(samples)},
     }
@@ -394,6 +403,13 @@ def table(record: dict[str, Any]) -> list[tuple[str, str, str]]:
             "pod LISTs (the pod mounts: this node's pods, unchanged)",
             f"{rates['pod_lists']}/min",
             f"all LISTs {rates['all_lists']}/min",
+        ),
+        (
+            "agent CPU while idling (the resync passes read the cache)",
+            f"{idle['cpu_share']:.1%} of a core",
+            ""
+            if "baseline" not in record
+            else f"baseline {record['baseline']['cpu_share']:.1%} of a core",
         ),
         (
             f"agent RSS with {count} Deployments cached",

@@ -19,8 +19,9 @@ and watch requests are injected (nodeagent.kube gives the real ones).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -59,7 +60,7 @@ class Page:
 # A LIST of one page: given the continue token ("" for the first page).
 ListPage = Callable[[str], Awaitable[Page]]
 # A watch from a resourceVersion: its events as JSON, ending when the server ends it.
-WatchFrom = Callable[[str], AsyncIterator[dict[str, Any]]]
+WatchFrom = Callable[[str], AsyncGenerator[dict[str, Any], None]]
 
 
 @dataclass(frozen=True)
@@ -226,8 +227,11 @@ class Informer(Generic[V]):
     async def watch(self) -> None:
         """One watch from the current resourceVersion, until the server ends it."""
         self.watches += 1
-        async for event in self._watch_from(self.resource_version):
-            self.apply(event)
+        # Closed at once when an event raises, not whenever the collector gets to it:
+        # closing ends the request.
+        async with contextlib.aclosing(self._watch_from(self.resource_version)) as events:
+            async for event in events:
+                self.apply(event)
 
     async def run(self) -> None:
         """List, then watch for ever (until cancelled), relisting only as after_watch says."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import aiohttp
@@ -97,7 +97,7 @@ def watcher(list_all: Callable[..., Awaitable[Any]]) -> WatchFrom:
     """A watch through list_all from a resourceVersion, its events as JSON, with bookmarks
     (so the resourceVersion to watch again from stays recent while nothing changes)."""
 
-    async def watch_from(version: str) -> AsyncIterator[dict[str, Any]]:
+    async def watch_from(version: str) -> AsyncGenerator[dict[str, Any], None]:
         response = await list_all(
             watch=True,
             resource_version=version,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
@@ -220,7 +220,7 @@ class FakeApi:
         more = str(end) if end < len(self.objects) else ""
         return Page(copy.deepcopy(self.objects[start:end]), self.version, more)
 
-    async def watch_from(self, version: str) -> AsyncIterator[dict[str, Any]]:
+    async def watch_from(self, version: str) -> AsyncGenerator[dict[str, Any], None]:
         self.watched_from.append(version)
         if not self.scripts:
             self.idle.set()
