@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import structlog
@@ -42,6 +42,8 @@ from nodeagent.servedpods import ServedPod
 from nodeagent.workloads import Workload, generation, node_workloads, slim_workload
 
 log = structlog.get_logger("nodeagent.kube")
+
+V = TypeVar("V")
 
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
@@ -122,13 +124,23 @@ def watcher(list_all: Callable[..., Awaitable[Any]]) -> WatchFrom:
     return watch_from
 
 
+def cache_of(
+    resource: str,
+    list_all: Callable[..., Awaitable[Any]],
+    slim: Callable[[Mapping[str, Any]], V],
+    differs: Callable[[V, V], bool],
+) -> Informer[V]:
+    """An Informer of the resource list_all lists, cluster-wide."""
+    return Informer(resource, lister(list_all), watcher(list_all), slim, differs)
+
+
 def namespace_labels(obj: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
     """What the agent keeps of a namespace: its name and labels (whether it is opted in)."""
     meta = obj.get("metadata") or {}
     return str(meta.get("name") or ""), dict(meta.get("labels") or {})
 
 
-def _differ(old: tuple[str, dict[str, str]], new: tuple[str, dict[str, str]]) -> bool:
+def _labels_differ(old: tuple[str, dict[str, str]], new: tuple[str, dict[str, str]]) -> bool:
     return old != new
 
 
@@ -159,26 +171,14 @@ class AgentApi:
         self.pod_name = pod_name
         self.series = EventSeries()
         # What the agent keeps of every namespace and workload (nodeagent.informer).
-        self.namespaces: Informer[tuple[str, dict[str, str]]] = Informer(
-            "namespaces",
-            lister(self._core.list_namespace),
-            watcher(self._core.list_namespace),
-            namespace_labels,
-            _differ,
+        self.namespaces = cache_of(
+            "namespaces", self._core.list_namespace, namespace_labels, _labels_differ
         )
-        self.deployments: Informer[dict[str, Any]] = Informer(
-            "deployments",
-            lister(self._apps.list_deployment_for_all_namespaces),
-            watcher(self._apps.list_deployment_for_all_namespaces),
-            slim_workload,
-            new_spec,
+        self.deployments = cache_of(
+            "deployments", self._apps.list_deployment_for_all_namespaces, slim_workload, new_spec
         )
-        self.statefulsets: Informer[dict[str, Any]] = Informer(
-            "statefulsets",
-            lister(self._apps.list_stateful_set_for_all_namespaces),
-            watcher(self._apps.list_stateful_set_for_all_namespaces),
-            slim_workload,
-            new_spec,
+        self.statefulsets = cache_of(
+            "statefulsets", self._apps.list_stateful_set_for_all_namespaces, slim_workload, new_spec
         )
 
     @property
