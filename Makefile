@@ -22,7 +22,7 @@ help:
 	@echo "make golden-update regenerate tests/golden/*.injected"
 	@echo "make render-example the injector's offline render of examples/bento-deployment.yaml"
 	@echo "make fuzz          the admission path on 100,000+ fuzzed inputs (hypothesis, /mutate over HTTPS, atheris); bench-results/fuzz.json"
-	@echo "make bench         streaming, cold-start, warm-start (with the warm gate), admission, load against their limits (SCENARIO=NAME for one); bench-results/"
+	@echo "make bench         streaming, cold-start, warm-start (with the warm gate), admission, load, agent-lists against their limits (SCENARIO=NAME for one); bench-results/"
 	@echo "make bench-load    10,000 reviews per run at 500 connections over TLS: errors, 5xx, the injector's memory; bench-results/load.json"
 	@echo "make bench-agent   the node agent's LISTs a minute and memory with 5,000 Deployments (a control plane, no kubelet); bench-results/agent-lists.json"
 	@echo "make venv          the virtualenv alone (pip install -e '.[dev]')"
@@ -98,7 +98,7 @@ golden-update: $(STAMP)
 	$(BIN)/pytest tests/test_golden.py --update-golden
 
 # Ratios against limits measured in the same run (BENCHMARKS.md); one table,
-# bench-results/<scenario>.json each. SCENARIO=streaming|cold-start|warm-start|admission|load
+# bench-results/<scenario>.json each. SCENARIO=streaming|cold-start|warm-start|admission|load|agent-lists
 # runs one. Needs root and /dev/fuse (FUSE mounts, network namespaces, tc).
 bench: $(STAMP) binaries images
 	$(BIN)/python -m benchmarks $(if $(SCENARIO),--scenario $(SCENARIO)) $(BENCH_ARGS)

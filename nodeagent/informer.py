@@ -36,6 +36,9 @@ Obj = Mapping[str, Any]
 # Objects per LIST page: the apiserver's own informers use 500.
 PAGE_SIZE = 500
 RETRY_SECONDS = 5.0
+# A watch that ends without an error sooner than this is watched again only this long
+# after it started.
+MIN_WATCH_SECONDS = 1.0
 
 
 class WatchError(Exception):
@@ -128,12 +131,16 @@ class Next:
     delay: float
 
 
-def after_watch(error: BaseException | None, retry_seconds: float = RETRY_SECONDS) -> Next:
-    """The server's timeout (no error): watch again from where it left off, at once. 410
-    Gone: relist at once (the resourceVersion has left the apiserver's window). Any other
-    error: relist after a pause (what was missed meanwhile is unknown)."""
+def after_watch(
+    error: BaseException | None, lasted: float = 60.0, retry_seconds: float = RETRY_SECONDS
+) -> Next:
+    """The server's timeout (no error): watch again from where it left off, at once (after
+    a second if the watch lasted less: something between ends them early, and a loop of
+    instant re-watches must not hammer the apiserver). 410 Gone: relist at once (the
+    resourceVersion has left the apiserver's window). Any other error: relist after a
+    pause (what was missed meanwhile is unknown)."""
     if error is None:
-        return Next(relist=False, delay=0.0)
+        return Next(relist=False, delay=max(MIN_WATCH_SECONDS - lasted, 0.0))
     if isinstance(error, WatchError) and error.code == GONE:
         return Next(relist=True, delay=0.0)
     return Next(relist=True, delay=retry_seconds)
@@ -249,6 +256,7 @@ class Informer(Generic[V]):
         relist = True
         while True:
             error: Exception | None = None
+            started = time.monotonic()
             try:
                 if relist:
                     await self.relist()
@@ -257,7 +265,7 @@ class Informer(Generic[V]):
                 raise
             except Exception as err:
                 error = err
-            step = after_watch(error, self._retry_seconds)
+            step = after_watch(error, time.monotonic() - started, self._retry_seconds)
             if error is not None:
                 log.warning(
                     "informer.watch_failed",

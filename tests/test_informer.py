@@ -117,10 +117,11 @@ def test_an_error_event_is_raised_with_its_code() -> None:
 
 
 def test_only_a_failed_watch_relists() -> None:
-    assert after_watch(None) == Next(relist=False, delay=0.0)  # the server's timeout
-    assert after_watch(WatchError(GONE, "too old"), 5) == Next(relist=True, delay=0.0)
-    assert after_watch(WatchError(500, "etcd"), 5) == Next(relist=True, delay=5)
-    assert after_watch(OSError("reset"), 5) == Next(relist=True, delay=5)
+    assert after_watch(None, 300) == Next(relist=False, delay=0.0)  # the server's timeout
+    assert after_watch(None, 0.25) == Next(relist=False, delay=0.75)  # ended at once: a pause
+    assert after_watch(WatchError(GONE, "too old"), 1, 5) == Next(relist=True, delay=0.0)
+    assert after_watch(WatchError(500, "etcd"), 1, 5) == Next(relist=True, delay=5)
+    assert after_watch(OSError("reset"), 1, 5) == Next(relist=True, delay=5)
 
 
 def test_a_relist_changed_things_only_when_objects_or_their_specs_differ() -> None:
