@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test fast lint typecheck unit e2e binaries images cluster-up cluster-down golden-update bench bench-load fuzz render-example demo clean
+.PHONY: help venv test fast lint typecheck unit e2e binaries images cluster-up cluster-down golden-update bench bench-load bench-agent fuzz render-example demo clean
 
 # Every target, one line each (tests/test_makefile.py checks that none is missing).
 help:
@@ -22,8 +22,9 @@ help:
 	@echo "make golden-update regenerate tests/golden/*.injected"
 	@echo "make render-example the injector's offline render of examples/bento-deployment.yaml"
 	@echo "make fuzz          the admission path on 100,000+ fuzzed inputs (hypothesis, /mutate over HTTPS, atheris); bench-results/fuzz.json"
-	@echo "make bench         streaming, cold-start, warm-start (with the warm gate), admission, load, redis against their limits (SCENARIO=NAME for one); bench-results/"
+	@echo "make bench         streaming, cold-start, warm-start (with the warm gate), admission, load, redis, agent-lists against their limits (SCENARIO=NAME for one); bench-results/"
 	@echo "make bench-load    10,000 reviews per run at 500 connections over TLS: errors, 5xx, the injector's memory; bench-results/load.json"
+	@echo "make bench-agent   the node agent's LISTs a minute and memory with 5,000 Deployments (a control plane, no kubelet); bench-results/agent-lists.json"
 	@echo "make venv          the virtualenv alone (pip install -e '.[dev]')"
 	@echo "make clean         removes the virtualenv and the tool caches"
 	@echo "make help          this list"
@@ -97,7 +98,7 @@ golden-update: $(STAMP)
 	$(BIN)/pytest tests/test_golden.py --update-golden
 
 # Ratios against limits measured in the same run (BENCHMARKS.md); one table,
-# bench-results/<scenario>.json each. SCENARIO=streaming|cold-start|warm-start|admission|load|redis
+# bench-results/<scenario>.json each. SCENARIO=streaming|cold-start|warm-start|admission|load|redis|agent-lists
 # runs one. Needs root and /dev/fuse (FUSE mounts, network namespaces, tc).
 bench: $(STAMP) binaries images
 	$(BIN)/python -m benchmarks $(if $(SCENARIO),--scenario $(SCENARIO)) $(BENCH_ARGS)
@@ -105,6 +106,12 @@ bench: $(STAMP) binaries images
 # The injector alone under load (no cluster, no root): bench-results/load.json.
 bench-load: $(STAMP)
 	$(BIN)/python -m benchmarks --scenario load $(BENCH_ARGS)
+
+# The node agent against a control plane alone (no kubelet): its LISTs and WATCHes a
+# minute idle and its memory with 5,000 Deployments; bench-results/agent-lists.json.
+# BENCH_ARGS="--idle-seconds 120" for a quick run.
+bench-agent: $(STAMP) binaries
+	$(BIN)/python -m benchmarks --scenario agent-lists $(BENCH_ARGS)
 
 # Fuzz the admission path (tests/fuzzing.py): 20,000 inputs per target, the
 # real server's /mutate over HTTPS, and atheris (coverage-guided) when it

@@ -1,10 +1,11 @@
 """`make bench`: every scenario (or one), one table, bench-results/<scenario>.json each.
 
     python -m benchmarks                          # streaming, cold-start, warm-start, admission,
-                                                  # load, redis
+                                                  # load, redis, agent-lists
     python -m benchmarks --scenario cold-start    # one (make bench SCENARIO=cold-start)
     python -m benchmarks --scenario load          # make bench-load: 10,000 reviews, errors, memory
     python -m benchmarks --scenario redis         # a tenant's read flood vs another's metadata
+    python -m benchmarks --scenario agent-lists   # make bench-agent: the agent's LISTs and memory
 
 Figures are ratios measured in one run against a limit measured in the same
 run; absolute times are printed, never asserted. See BENCHMARKS.md.
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import admission, coldstart, redis_isolation, streaming, warmgate
+from benchmarks import admission, agent_lists, coldstart, redis_isolation, streaming, warmgate
 from benchmarks import load as load_scenario
 from benchmarks.record import DEFAULT_OUT, load, say, write_record
 from benchmarks.store import interrupts_as_exit
@@ -58,6 +59,7 @@ SCENARIOS: dict[str, tuple[Runner, Table]] = {
     "admission": (alone(admission.run), admission.table),
     "load": (alone(load_scenario.run), load_scenario.table),
     "redis": (alone(redis_isolation.run), redis_isolation.table),
+    "agent-lists": (alone(agent_lists.run), agent_lists.table),
 }
 
 
@@ -110,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("redis")
     g.add_argument("--redis-seconds", type=float, default=20.0, help="stat loop per case")
     g.add_argument("--redis-connections", type=int, default=32, help="the flood's connections")
+    agent_lists.add_arguments(p)
     return p
 
 

@@ -86,6 +86,7 @@ class ShapedStorage:
         try:
             self.shaper.clear()
             self.stack.stop()
+            self.store.stop()  # ours: the stack stops only a store it made
         finally:
             self.net.delete()
 

@@ -1,6 +1,7 @@
 """The agent's API calls: the workloads of opted-in namespaces, its own Node, Events on it.
 
-It reads namespaces, Deployments and StatefulSets cluster-wide, and writes
+It reads namespaces, Deployments and StatefulSets cluster-wide, through one
+cache each (nodeagent.informer: one LIST at start, then a watch), and writes
 only its own Node's warm labels and record annotation (a
 ValidatingAdmissionPolicy holds its service account to exactly that) and
 Events about its Node in `default`, where `kubectl describe node` finds them.
@@ -9,8 +10,9 @@ Events about its Node in `default`, where `kubectl describe node` finds them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+import json
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import structlog
@@ -26,19 +28,33 @@ from common.kubeevents import (
 from common.warm import AGENT_COMPONENT, NODE_EVENTS_NAMESPACE, WARM_ANNOTATION, is_warm_label
 from injector.config import InjectorConfig
 from injector.namespaces import describe_error, opted_in
-from nodeagent.plan import generations_changed, spec_changed
+from nodeagent.informer import (
+    PAGE_SIZE,
+    Informer,
+    ListPage,
+    Page,
+    WatchError,
+    WatchFrom,
+    split_lines,
+)
+from nodeagent.plan import spec_changed
 from nodeagent.servedpods import ServedPod
-from nodeagent.workloads import Workload, template_fits_node, workload_bento
+from nodeagent.workloads import Workload, generation, node_workloads, slim_workload
 
 log = structlog.get_logger("nodeagent.kube")
+
+V = TypeVar("V")
 
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 # The Events the agent posts for a pod's sidecar name it as their source.
 SIDECAR_COMPONENT = "juicefs-mount"
 TIMEOUT: dict[str, Any] = {"_request_timeout": 30}
-# How long one watch request lasts before the agent relists (the server ends it then).
+# How long one watch request of the workloads lasts (the server ends it then, and the
+# agent watches again from the last resourceVersion it saw: no relist).
 WATCH_SECONDS = 300
+# How long a pass waits for the first lists of namespaces and workloads.
+SYNC_SECONDS = 60
 WATCH_RETRY_SECONDS = 5
 # The pods on its node are relisted this often, whatever the watch said: a
 # sidecar waits for its socket until the agent has seen its pod (an e2e run
@@ -46,6 +62,91 @@ WATCH_RETRY_SECONDS = 5
 # one node's pods is cheap.
 POD_WATCH_SECONDS = 30
 API_ERRORS = (client.exceptions.ApiException, OSError, TimeoutError, aiohttp.ClientError)
+
+
+def lister(list_all: Callable[..., Awaitable[Any]]) -> ListPage:
+    """One page of list_all (a kubernetes_asyncio list call) as JSON.
+
+    The body is parsed as plain JSON, never into the client's model classes:
+    the agent keeps a sliver of each object, and building models of 500
+    Deployments a page costs far more time and memory than the JSON.
+    """
+
+    async def list_page(token: str) -> Page:
+        options: dict[str, Any] = {"limit": PAGE_SIZE, **TIMEOUT}
+        if token:
+            options["_continue"] = token
+        response = await list_all(_preload_content=False, **options)
+        try:
+            body = await response.read()
+        finally:
+            response.release()
+        if response.status != 200:
+            # 410 here: the continue token expired (the list took minutes); relisted at once.
+            raise WatchError(response.status, body[:500].decode(errors="replace"))
+        listed = json.loads(body)
+        meta = listed.get("metadata") or {}
+        return Page(
+            listed.get("items") or [],
+            str(meta.get("resourceVersion") or ""),
+            str(meta.get("continue") or ""),
+        )
+
+    return list_page
+
+
+def watcher(list_all: Callable[..., Awaitable[Any]]) -> WatchFrom:
+    """A watch through list_all from a resourceVersion, its events as JSON, with bookmarks
+    (so the resourceVersion to watch again from stays recent while nothing changes)."""
+
+    async def watch_from(version: str) -> AsyncGenerator[dict[str, Any], None]:
+        response = await list_all(
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_SECONDS,
+            # The client gives up a little after the server would.
+            _request_timeout=WATCH_SECONDS + 30,
+            _preload_content=False,
+        )
+        try:
+            if response.status != 200:
+                body = await response.read()
+                raise WatchError(response.status, body[:500].decode(errors="replace"))
+            pending = b""
+            async for chunk in response.content.iter_any():
+                lines, pending = split_lines(pending, chunk)
+                for line in lines:
+                    yield json.loads(line)
+        finally:
+            response.release()
+
+    return watch_from
+
+
+def cache_of(
+    resource: str,
+    list_all: Callable[..., Awaitable[Any]],
+    slim: Callable[[Mapping[str, Any]], V],
+    differs: Callable[[V, V], bool],
+) -> Informer[V]:
+    """An Informer of the resource list_all lists, cluster-wide."""
+    return Informer(resource, lister(list_all), watcher(list_all), slim, differs)
+
+
+def namespace_labels(obj: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
+    """What the agent keeps of a namespace: its name and labels (whether it is opted in)."""
+    meta = obj.get("metadata") or {}
+    return str(meta.get("name") or ""), dict(meta.get("labels") or {})
+
+
+def _labels_differ(old: tuple[str, dict[str, str]], new: tuple[str, dict[str, str]]) -> bool:
+    return old != new
+
+
+def new_spec(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """A workload's spec changed: its generation moved (plan.spec_changed's rule)."""
+    return spec_changed("MODIFIED", generation(old), generation(new))
 
 
 def node_patch(
@@ -69,6 +170,20 @@ class AgentApi:
         self.node_name = node_name
         self.pod_name = pod_name
         self.series = EventSeries()
+        # What the agent keeps of every namespace and workload (nodeagent.informer).
+        self.namespaces = cache_of(
+            "namespaces", self._core.list_namespace, namespace_labels, _labels_differ
+        )
+        self.deployments = cache_of(
+            "deployments", self._apps.list_deployment_for_all_namespaces, slim_workload, new_spec
+        )
+        self.statefulsets = cache_of(
+            "statefulsets", self._apps.list_stateful_set_for_all_namespaces, slim_workload, new_spec
+        )
+
+    @property
+    def _informers(self) -> tuple[Informer[Any], ...]:
+        return (self.namespaces, self.deployments, self.statefulsets)
 
     def _json(self, obj: Any) -> dict[str, Any]:
         return cast(dict[str, Any], self._api.sanitize_for_serialization(obj))
@@ -77,75 +192,32 @@ class AgentApi:
         return self._json(await self._core.read_node(self.node_name, **TIMEOUT))
 
     async def workloads(self, config: InjectorConfig, node: Mapping[str, Any]) -> list[Workload]:
-        """The node-cache Bento workloads of opted-in namespaces that may run on this node."""
-        namespaces = await self._core.list_namespace(**TIMEOUT)
+        """The node-cache Bento workloads of opted-in namespaces that may run on this node,
+        from the caches watch_workloads keeps: no API call, once they are synced (a pass
+        before that waits up to SYNC_SECONDS for them, then fails as an API error would)."""
+        async with asyncio.timeout(SYNC_SECONDS):
+            for informer in self._informers:
+                await informer.synced.wait()
         chosen = {
-            ns.metadata.name
-            for ns in namespaces.items
-            if opted_in(ns.metadata.name, ns.metadata.labels, config)
+            name for name, labels in self.namespaces.values() if opted_in(name, labels, config)
         }
-        found: list[Workload] = []
-        listings = (
-            ("Deployment", self._apps.list_deployment_for_all_namespaces),
-            ("StatefulSet", self._apps.list_stateful_set_for_all_namespaces),
-        )
-        for kind, list_all in listings:
-            listed = await list_all(**TIMEOUT)
-            for item in listed.items:
-                if item.metadata.namespace not in chosen:
-                    continue
-                obj = self._json(item)
-                template = (obj.get("spec") or {}).get("template") or {}
-                if not template_fits_node(template, node):
-                    continue
-                result = workload_bento(obj, kind, config)
-                if isinstance(result, Workload):
-                    found.append(result)
-                else:
-                    log.debug("workload.ignored", reason=result)
+        cached = [
+            *(("Deployment", obj) for obj in self.deployments.values()),
+            *(("StatefulSet", obj) for obj in self.statefulsets.values()),
+        ]
+        found, ignored = node_workloads(cached, chosen, config, node)
+        for reason in ignored:
+            log.debug("workload.ignored", reason=reason)
         return found
 
     async def watch_workloads(self, changed: Callable[[], None]) -> None:
-        """Call changed() whenever a Deployment or StatefulSet anywhere is added, deleted or
-        given a new spec, until cancelled: the agent then reconciles at once rather than at
-        its next resync. Which of them matter is the reconcile's business, not the watch's."""
-        await asyncio.gather(
-            self._watch(self._apps.list_deployment_for_all_namespaces, changed),
-            self._watch(self._apps.list_stateful_set_for_all_namespaces, changed),
-        )
-
-    async def _watch(
-        self, list_all: Callable[..., Awaitable[Any]], changed: Callable[[], None]
-    ) -> None:
-        seen: dict[str, int | None] | None = None
-        while True:
-            try:
-                listed = await list_all(**TIMEOUT)
-                relisted = {i.metadata.uid: i.metadata.generation for i in listed.items}
-                if seen is not None and generations_changed(seen, relisted):
-                    changed()
-                seen = relisted
-                stream = watch.Watch()
-                async with stream:
-                    async for event in stream.stream(
-                        list_all,
-                        resource_version=listed.metadata.resource_version,
-                        timeout_seconds=WATCH_SECONDS,
-                        # The client gives up a little after the server would.
-                        _request_timeout=WATCH_SECONDS + 30,
-                    ):
-                        meta = event["object"].metadata
-                        if spec_changed(event["type"], seen.get(meta.uid), meta.generation):
-                            changed()
-                        if event["type"] == "DELETED":
-                            seen.pop(meta.uid, None)
-                        elif event["type"] in ("ADDED", "MODIFIED"):
-                            seen[meta.uid] = meta.generation
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # the resync still runs; try the watch again
-                log.warning("workloads.watch_error", error=describe_error(err))
-                await asyncio.sleep(WATCH_RETRY_SECONDS)
+        """Keep the caches of namespaces, Deployments and StatefulSets (one LIST each, then
+        watches), and call changed() whenever one is added, deleted or given a new spec
+        (a namespace: new labels), until cancelled: the agent then reconciles at once
+        rather than at its next resync. Which of them matter is the reconcile's business."""
+        for informer in self._informers:
+            informer.changed = changed
+        await asyncio.gather(*(informer.run() for informer in self._informers))
 
     async def record(
         self, current_labels: Mapping[str, str], wanted_labels: Mapping[str, str], record: str

@@ -212,8 +212,3 @@ def spec_changed(event: str, seen: int | None, generation: int | None) -> bool:
     if event in ("ADDED", "DELETED"):
         return True
     return event == "MODIFIED" and generation != seen
-
-
-def generations_changed(before: Mapping[str, int | None], after: Mapping[str, int | None]) -> bool:
-    """Whether a relist (workload uid -> generation) shows anything the watch missed."""
-    return dict(before) != dict(after)

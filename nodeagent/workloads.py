@@ -4,13 +4,14 @@ A Deployment or StatefulSet counts when its pod template is one the injector
 would give a node cache: the decision is the injector's own (`injector.plan.decide`
 on the template), so the agent and the webhook never disagree about which
 pods are JuiceFS Bentos, which volume they read, or which models they select.
-Pure functions over the API's JSON; the agent does the listing.
+Pure functions over the API's JSON (or what the agent's cache keeps of it,
+`slim_workload`); nodeagent.kube does the listing and watching.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +168,71 @@ def workload_bento(obj: Mapping[str, Any], kind: str, config: InjectorConfig) ->
         changed_at=changed_at(obj),
         replicas=replicas(obj),
     )
+
+
+def slim_workload(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What the agent keeps of a Deployment or StatefulSet in its cache, in the object's own
+    shape: what workload_bento, template_fits_node and serving read of it, and no more.
+
+    A Deployment's JSON is several KiB (containers, probes, env, managed
+    fields, status); this keeps the template's labels and annotations (the
+    injector's decision), its placement (nodeSelector, required node
+    affinity, tolerations), spec.replicas, the generation (the watch's
+    "spec changed" rule) and of managedFields only the time changed_at
+    would read.
+    """
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    template = spec.get("template") or {}
+    template_meta = template.get("metadata") or {}
+    template_spec = template.get("spec") or {}
+    kept_meta = {k: meta[k] for k in ("namespace", "name", "generation") if k in meta}
+    # changed_at falls back to the creation time only without managedFields; kept as one.
+    kept_meta["managedFields"] = [{"time": changed_at(obj)}]
+    required = ((template_spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    )
+    placement: dict[str, Any] = {
+        k: template_spec[k] for k in ("nodeSelector", "tolerations") if template_spec.get(k)
+    }
+    if required:
+        placement["affinity"] = {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}
+        }
+    labels = {k: template_meta[k] for k in ("labels", "annotations") if k in template_meta}
+    kept_spec: dict[str, Any] = {"template": {"metadata": labels, "spec": placement}}
+    if "replicas" in spec:
+        kept_spec["replicas"] = spec["replicas"]
+    return {"metadata": kept_meta, "spec": kept_spec}
+
+
+def generation(obj: Mapping[str, Any]) -> int | None:
+    value = (obj.get("metadata") or {}).get("generation")
+    return value if isinstance(value, int) else None
+
+
+def node_workloads(
+    workloads: Iterable[tuple[str, Mapping[str, Any]]],
+    chosen: Collection[str],
+    config: InjectorConfig,
+    node: Mapping[str, Any],
+) -> tuple[list[Workload], list[str]]:
+    """The node-cache Bento workloads among (kind, object) pairs in the chosen (opted-in)
+    namespaces whose pods may run on node; and why each other Bento-looking one was not."""
+    found: list[Workload] = []
+    ignored: list[str] = []
+    for kind, obj in workloads:
+        if str((obj.get("metadata") or {}).get("namespace") or "") not in chosen:
+            continue
+        template = (obj.get("spec") or {}).get("template") or {}
+        if not template_fits_node(template, node):
+            continue
+        result = workload_bento(obj, kind, config)
+        if isinstance(result, Workload):
+            found.append(result)
+        else:
+            ignored.append(result)
+    return found, ignored
 
 
 def replicas(obj: Mapping[str, Any]) -> int:

@@ -33,7 +33,6 @@ from nodeagent.plan import (
     disk_budget,
     expired,
     forgettable,
-    generations_changed,
     make_room,
     needs_warming,
     retry_due,
@@ -507,9 +506,6 @@ def test_only_added_deleted_or_a_new_spec_wakes_the_agent() -> None:
     assert spec_changed("MODIFIED", 3, 4)  # a new version, or any template change
     assert not spec_changed("MODIFIED", 4, 4)  # status: a rollout's replica counts
     assert not spec_changed("BOOKMARK", None, None)
-    assert generations_changed({"a": 1}, {"a": 2})
-    assert generations_changed({"a": 1}, {"a": 1, "b": 1})
-    assert not generations_changed({"a": 1, "b": 2}, {"b": 2, "a": 1})
 
 
 class WatchedApi:
