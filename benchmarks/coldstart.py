@@ -45,6 +45,7 @@ from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.installs.injector_pods import start_injector, stop_injector
 from devcluster.installs.node_agent import start_node_agent, stop_node_agent
 from devcluster.local import local_cluster
+from devcluster.storage.minio_metrics import store_requests
 from devcluster.storage.s3 import read_objects
 from devcluster.storage.shaped_link import LinkProfile
 from devcluster.storage.stack import PATH_TEMPLATE, write_random_model
@@ -83,6 +84,8 @@ class StartResult:
     pod: str
     events: list[dict[str, str]] = field(default_factory=list)
     app_log: list[str] = field(default_factory=list)  # what the app says about its load
+    # What the object store served from apply to Ready: a byte fetched twice shows here.
+    store_mib: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +94,7 @@ class StartResult:
             "pod": self.pod,
             "events": self.events,
             "app_log": self.app_log,
+            "store_mib": self.store_mib,
         }
 
 
@@ -236,6 +240,8 @@ class Session:
         deployment = deployment_of(docs)
         name = deployment["metadata"]["name"]
         text = yaml.safe_dump_all(docs)
+        assert self.shaped is not None
+        served_before = store_requests(self.shaped.store)
         applied = time.monotonic()
         cp.kubectl("apply", "-f", "-", input=text)
         seen: dict[str, float] = {}
@@ -256,6 +262,8 @@ class Session:
             raise RuntimeError(f"{what}: no pod Ready within 900 s; seen {seen}")
         pod_name = pod["metadata"]["name"]
         result = StartResult(seen["Ready=True"], seen, pod_name)
+        served = store_requests(self.shaped.store) - served_before
+        result.store_mib = round(served.bytes_sent / MIB, 1)
         result.events = [
             {"reason": e.get("reason", ""), "message": e.get("message", "")}
             for e in cp.get_json(
@@ -264,7 +272,11 @@ class Session:
         ]
         logs = cp.kubectl("logs", pod_name, "-n", namespace, "-c", "main", check=False).stdout
         result.app_log = [line for line in logs.splitlines() if "loaded" in line][-3:]
-        say("cold-start", f"{what}: Ready {result.seconds:.1f}s after apply ({seen})")
+        say(
+            "cold-start",
+            f"{what}: Ready {result.seconds:.1f}s after apply, the store serving "
+            f"{result.store_mib} MiB ({seen})",
+        )
         say("cold-start", f"{what}: the app says {result.app_log}")
         cp.kubectl("delete", "deployment", name, "-n", namespace, "--wait=true", timeout=180)
         self._wait_gone(namespace)
