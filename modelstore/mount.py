@@ -216,9 +216,8 @@ class JuiceFSMount:
             f"juicefs mount exited with code {code} before mounting:\n{self.log_tail}"
         )
 
-    async def start(self, mount_timeout: float = 120.0, *, expose: bool = True) -> float:
-        """Mount and (unless expose is False: see expose()) expose the models; returns the
-        seconds it took."""
+    async def start(self, mount_timeout: float = 120.0) -> float:
+        """Mount and expose the models; returns the seconds it took."""
         s = self._spec
         started = time.monotonic()
         # A remount after juicefs died: the old worker may still be around, and
@@ -255,38 +254,22 @@ class JuiceFSMount:
                 os.close(fuse_fd)  # juicefs holds it now
         assert self._process.stdout is not None
         self._reader = asyncio.create_task(self._pump(self._process.stdout))
-        await self._wait_mounted(self._process, started, mount_timeout)
-        if not await asyncio.to_thread(self.models_dir.is_dir):
-            raise MountError(
-                f"{s.bento_path} on the volume has no {MODELS_DIR}/: was Bento "
-                f"{s.bento} published with `python -m sidecar publish`?"
-            )
-        if expose:
-            await self._expose()
-        return time.monotonic() - started
-
-    async def expose(self) -> None:
-        """Show the models at the mount point, where the app's containers see them.
-
-        Separate from start() so that a caller can hold the app back until
-        the models are local (the node agent's seal): an app that reads while
-        they are still streaming fetches them a second time.
-        """
-        await self._expose()
-
-    async def _wait_mounted(
-        self, process: asyncio.subprocess.Process, started: float, mount_timeout: float
-    ) -> None:
-        """Until the private mount answers (MountError if juicefs exits or time runs out)."""
-        while not await self._answers(self._spec.private_mount):
-            if process.returncode is not None:
+        while not await self._answers(s.private_mount):
+            if self._process.returncode is not None:
                 await self._drain_log()  # the whole log, for the error below
-                raise self._exited_early(process.returncode)
+                raise self._exited_early(self._process.returncode)
             if time.monotonic() - started > mount_timeout:
                 raise MountError(
                     f"juicefs did not mount within {mount_timeout:.0f}s:\n{self.log_tail}"
                 )
             await asyncio.sleep(0.2)
+        if not await asyncio.to_thread(self.models_dir.is_dir):
+            raise MountError(
+                f"{s.bento_path} on the volume has no {MODELS_DIR}/: was Bento "
+                f"{s.bento} published with `python -m sidecar publish`?"
+            )
+        await self._expose()
+        return time.monotonic() - started
 
     @staticmethod
     async def _answers(path: Path) -> bool:

@@ -155,18 +155,6 @@ class GatePlan:
     message: str
 
 
-def expose_after_seal(lent: bool, gate: GatePlan) -> bool:
-    """Whether the app sees the models only once the node agent has sealed them.
-
-    On the node cache the agent streams the Bento into the node cache while
-    the app would read it through this pod's mount: on a cold node each
-    byte then crosses the store's link twice (measured: the seal took 2.08x
-    one transfer). Held back until the seal, the app reads local blocks.
-    Without warmup there is no seal to wait for.
-    """
-    return lent and gate.verify
-
-
 def gate_plan(warmup: bool, cache: CachePlan) -> GatePlan:
     """When the readiness gate may open, and what the condition will say.
 

@@ -7,7 +7,7 @@ import time
 
 import structlog
 
-from modelstore.mount import JuiceFSMount, MountError
+from modelstore.mount import JuiceFSMount
 from modelstore.sources import MountCounters
 from modelstore.streamer import (
     BentoTree,
@@ -79,23 +79,8 @@ async def open_gate_sealed_else_verified(
     gate: GatePlan,
     watch: CacheSpaceWatch,
     metrics: SidecarMetrics,
-    *,
-    expose: bool = False,
 ) -> None:
-    """The agent's seal opens the gate; if it refuses, this pod verifies what it reads.
-
-    With expose, the models are shown to the app only once the seal has
-    answered (sealed, refused or out of time): the app then reads blocks
-    already on the node rather than fetching them beside the agent.
-    """
-    try:
-        refused = await open_gate_sealed(settings, agent, reporter, metrics)
-    except Exception:
-        if expose:  # the app still starts, and reports on its own
-            await _expose(mount, reporter)
-        raise
-    if expose:
-        await _expose(mount, reporter)
+    refused = await open_gate_sealed(settings, agent, reporter, metrics)
     if refused is None:
         return
     await watch.check("the node agent could not seal the model")
@@ -109,17 +94,6 @@ async def open_gate_sealed_else_verified(
     await open_gate(
         settings, mount, reporter, unsealed, counters=MountCounters(mount), metrics=metrics
     )
-
-
-async def _expose(mount: JuiceFSMount, reporter: Reporter) -> None:
-    try:
-        await mount.expose()
-    except (MountError, OSError) as err:
-        # The app's startup probe never passes; the kubelet restarts the sidecar.
-        log.error("mount.expose_failed", error=str(err))
-        await reporter.event(WARNING, "MountFailed", f"showing the models: {err}")
-        return
-    log.info("mount.exposed")
 
 
 async def open_gate_sealed(

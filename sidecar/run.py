@@ -23,7 +23,6 @@ from sidecar.cachedisk import CacheSpeed, measure
 from sidecar.cachewatch import CacheSpaceWatch
 from sidecar.decisions import (
     cache_plan,
-    expose_after_seal,
     gate_plan,
     should_measure_cache,
     slow_disk_action,
@@ -157,7 +156,6 @@ async def _run(
         )
         log.warning("cache.slow", policy=settings.ssd_policy, action=action)
     gate = gate_plan(settings.warmup, cache)
-    held_back = expose_after_seal(lent, gate)
 
     mount = JuiceFSMount(
         settings.mount_spec(cache.cache_size_mib), None if agent is None else AgentMounts(agent)
@@ -166,7 +164,7 @@ async def _run(
     reporter.post_condition("False", "Mounting", "mounting JuiceFS", attempts=1)
     stopping = asyncio.create_task(stop.wait())
     try:
-        seconds = await _mount_unless_stopped(mount, stopping, expose=not held_back)
+        seconds = await _mount_unless_stopped(mount, stopping)
     except MountError as err:
         stopping.cancel()
         log.error("mount.failed", error=str(err))
@@ -177,15 +175,10 @@ async def _run(
         log.info("sidecar.stopping", during="mount")
         await mount.stop()
         return 0
-    shown = (
-        "; the app sees the models once the node agent has sealed them"
-        if held_back
-        else f" at {settings.mount_point}"
-    )
     await reporter.event(
         NORMAL,
         "MountReady",
-        f"JuiceFS mounted (read-only) in {seconds:.1f}s{shown}; "
+        f"JuiceFS mounted at {settings.mount_point} (read-only) in {seconds:.1f}s; "
         f"block cache: {_cache_text(settings, cache.cache_size_mib)}",
     )
 
@@ -196,9 +189,7 @@ async def _run(
         # Node cache mode: the agent's seal opens the gate; if it cannot
         # seal (a full cache disk...), this pod verifies what it reads.
         work = asyncio.create_task(
-            open_gate_sealed_else_verified(
-                settings, agent, mount, reporter, gate, watch, metrics, expose=held_back
-            )
+            open_gate_sealed_else_verified(settings, agent, mount, reporter, gate, watch, metrics)
         )
     else:
         work = asyncio.create_task(
@@ -224,15 +215,13 @@ async def _run(
     return code
 
 
-async def _mount_unless_stopped(
-    mount: JuiceFSMount, stopping: asyncio.Task[Any], *, expose: bool = True
-) -> float | None:
+async def _mount_unless_stopped(mount: JuiceFSMount, stopping: asyncio.Task[Any]) -> float | None:
     """Mount; the seconds it took, or None when SIGTERM came first (MountError if it failed).
 
     SIGTERM while a mount hangs (metadata engine unreachable) must still
     unmount and exit, or the pod sits in Terminating.
     """
-    starting = asyncio.create_task(mount.start(expose=expose))
+    starting = asyncio.create_task(mount.start())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
         starting.cancel()

@@ -26,11 +26,7 @@ from modelstore.sources import (
     parse_counters,
 )
 from sidecar.cachedisk import measure
-from sidecar.cachewatch import CacheSpaceWatch
-from sidecar.decisions import GatePlan, expose_after_seal
 from sidecar.env import Settings
-from sidecar.gate import open_gate_sealed_else_verified
-from sidecar.metrics import SidecarMetrics
 from sidecar.verify import verify_model
 from tests.helpers import minimal_env
 from tests.kit.sidecar import FakeReporter, RecordingFiller, published_bento, settings_for
@@ -276,83 +272,3 @@ def test_a_cache_fill_that_fails_leaves_the_verified_model_ready(
         assert asyncio.run(verify_model(settings, bento, reporter, filler=filler)) is True
     assert "ModelsReady" in reporter.messages
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["cache.fill_failed"]
-
-
-# -- the app sees the models only once the agent has sealed them -----------------------------
-
-
-@dataclass
-class SealingAgent:
-    """An AgentChannel whose seal is recorded in `order` (or fails with `error`)."""
-
-    order: list[str]
-    error: BaseException | None = None
-
-    def sibling(self, reply_timeout: float | None) -> SealingAgent:
-        return self
-
-    async def seal(self) -> None:
-        self.order.append("seal")
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class ExposedMount:
-    order: list[str]
-
-    async def expose(self) -> None:
-        self.order.append("expose")
-
-
-def _sealed_gate(
-    tmp_path: Path, order: list[str], error: BaseException | None, expose: bool
-) -> FakeReporter:
-    settings = settings_for(published_bento(tmp_path))
-    reporter = FakeReporter()
-    watch = CacheSpaceWatch(settings.cache_dir, reporter, tuple)
-    gate = GatePlan(verify=True, reason="ModelsCached", message="")
-    coroutine = open_gate_sealed_else_verified(
-        settings,
-        SealingAgent(order, error),  # type: ignore[arg-type]
-        ExposedMount(order),  # type: ignore[arg-type]
-        reporter,
-        gate,
-        watch,
-        SidecarMetrics(),
-        expose=expose,
-    )
-    asyncio.run(coroutine)
-    return reporter
-
-
-def test_the_models_are_shown_after_the_seal_not_before(tmp_path: Path) -> None:
-    order: list[str] = []
-    reporter = _sealed_gate(tmp_path, order, None, expose=True)
-    assert order == ["seal", "expose"]
-    assert ("event", "ModelsReady") in reporter.said
-
-
-def test_an_unexpected_failure_of_the_seal_still_shows_the_models(tmp_path: Path) -> None:
-    order: list[str] = []
-    with pytest.raises(RuntimeError, match="bug"):
-        _sealed_gate(tmp_path, order, RuntimeError("bug"), expose=True)
-    assert order == ["seal", "expose"]
-
-
-def test_without_holding_back_nothing_is_shown_here(tmp_path: Path) -> None:
-    order: list[str] = []
-    _sealed_gate(tmp_path, order, None, expose=False)
-    assert order == ["seal"]
-
-
-def test_only_a_lent_node_cache_with_warmup_holds_the_app_back() -> None:
-
-    verify = GatePlan(verify=True, reason="", message="")
-    mounted = GatePlan(verify=False, reason="", message="")
-    assert expose_after_seal(True, verify)
-    assert not expose_after_seal(True, mounted)
-    assert not expose_after_seal(False, verify)

@@ -187,34 +187,20 @@ def sidecar_container(ctx: MutationContext) -> dict[str, Any]:
             {"name": METRICS_PORT_NAME, "containerPort": ctx.metrics_port, "protocol": "TCP"}
         ]
     probe_cmd = list(side.probe_command)
-    startup = startup_seconds(ctx)
     if ctx.plan.sidecar_mode == "native":
         container["restartPolicy"] = "Always"
         container["startupProbe"] = {
             "exec": {"command": probe_cmd},
             "periodSeconds": 1,
             "timeoutSeconds": 2,
-            "failureThreshold": startup,
+            "failureThreshold": side.mount_timeout_seconds,
         }
     else:
         # The kubelet starts the next container only after postStart
         # returns, so a blocking check holds the app until the mount exists.
-        wait = [*probe_cmd, "--wait", f"--timeout={startup}"]
+        wait = [*probe_cmd, "--wait", f"--timeout={side.mount_timeout_seconds}"]
         container["lifecycle"] = {"postStart": {"exec": {"command": wait}}}
     return container
-
-
-def startup_seconds(ctx: MutationContext) -> int:
-    """How long the app's containers may wait for the models to appear.
-
-    The mount's timeout; on the node cache with warmup, plus the warmup's:
-    the sidecar shows the models only once the node agent has sealed them
-    (sidecar.decisions.expose_after_seal), and a cold node streams first.
-    """
-    mount = ctx.config.sidecar.mount_timeout_seconds
-    if ctx.plan.cache_mode == "node" and ctx.plan.warmup:
-        return mount + ctx.plan.warmup_timeout_seconds
-    return mount
 
 
 def add_sidecar(ctx: MutationContext) -> None:
