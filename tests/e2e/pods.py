@@ -258,6 +258,24 @@ def bento_deployment(
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}, "spec": spec}
 
 
+# An image no node pulls: pods of it are for admission (dry runs, denials) only.
+ADMISSION_IMAGE = "us-docker.pkg.dev/acme/bentos/llama3:v1"
+
+
+def bento_pod(name: str, **annotations: str) -> dict[str, Any]:
+    """A Bento pod for admission only (ADMISSION_IMAGE), with annotations as given."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": bento_labels("llama3-service", "v1"),
+            "annotations": annotations,
+        },
+        "spec": {"containers": [{"name": "main", "image": ADMISSION_IMAGE}]},
+    }
+
+
 def pod_cache_dir(node_dir: Path, pod_uid: str) -> Path:
     """Where the kubelet keeps a pod-cache pod's juicefs-cache emptyDir on the node."""
     return (

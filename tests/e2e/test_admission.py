@@ -22,7 +22,7 @@ from cryptography import x509
 
 from devcluster import Cluster, wait_for
 from devcluster.installs.injector_install import InjectorInstall
-from tests.e2e.pods import bento_labels, get_pod, kubectl_create
+from tests.e2e.pods import bento_labels, bento_pod, get_pod, kubectl_create
 from tests.e2e.webhooks import TestWebhook, running_test_webhook
 from tests.helpers import GOLDEN_DIR
 
@@ -48,19 +48,6 @@ def new_namespace(cluster: Cluster) -> Iterator[NewNamespace]:
     yield make
     for name in created:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def bento_pod(name: str, **annotations: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "labels": bento_labels("llama3-service", "v1"),
-            "annotations": annotations,
-        },
-        "spec": {"containers": [{"name": "main", "image": IMAGE}]},
-    }
 
 
 def plain_pod(name: str) -> dict[str, Any]:

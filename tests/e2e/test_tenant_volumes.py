@@ -17,32 +17,18 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from devcluster import Cluster, wait_for
 from devcluster.installs.injector_install import InjectorInstall
-from tests.e2e.pods import OPT_IN, bento_labels, kubectl_create
+from tests.e2e.pods import OPT_IN, bento_pod, kubectl_create
 
 SYSTEM = "bento-juicefs-system"
 CLUSTER_ROLE = "bento-juicefs-injector"
 MODELS = "juicefs-models-credentials"
 TEAM_B = "juicefs-team-b-credentials"
-IMAGE = "us-docker.pkg.dev/acme/bentos/llama3:v1"
-
-
-def _pod(name: str, **annotations: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "labels": bento_labels("llama3-service", "v1"),
-            "annotations": {f"juicefs.bentoml.com/{k}": v for k, v in annotations.items()},
-        },
-        "spec": {"containers": [{"name": "main", "image": IMAGE}]},
-    }
+VOLUME = "juicefs.bentoml.com/volume"
 
 
 def _secret_rule(cluster: Cluster) -> tuple[int, list[str]]:
@@ -112,13 +98,20 @@ def test_a_namespace_receives_only_its_volumes_and_may_name_no_other(
             what=f"the shared volume's credentials in {other}",
         )
 
-        denied = kubectl_create(cluster, other, _pod("theirs", volume="team-b"), "--dry-run=server")
+        denied = kubectl_create(
+            cluster, other, bento_pod("theirs", **{VOLUME: "team-b"}), "--dry-run=server"
+        )
         assert denied.returncode != 0
         assert f"names a volume namespace '{other}' may not use" in denied.stderr
         assert "expected one of models" in denied.stderr
 
         own = kubectl_create(
-            cluster, team_b_volume, _pod("ours", volume="team-b"), "--dry-run=server", "-o", "json"
+            cluster,
+            team_b_volume,
+            bento_pod("ours", **{VOLUME: "team-b"}),
+            "--dry-run=server",
+            "-o",
+            "json",
         )
         assert own.returncode == 0, own.stderr
         assert TEAM_B in own.stdout
