@@ -179,10 +179,10 @@ class NamespaceController:
         kwargs: dict[str, Any] = {"field_manager": FIELD_MANAGER, "_content_type": APPLY, **TIMEOUT}
         made: list[str] = []
         for source in sources:
-            body = desired_secret(namespace, source, self._config)
-            name = body["metadata"]["name"]
+            name = source["metadata"]["name"]
             if name not in wanted:
                 continue
+            body = desired_secret(namespace, source, self._config)
             if await _applied(self._core.patch_namespaced_secret, name, namespace, body, kwargs):
                 made.append(f"secret/{name}")
         # What we created is recorded on the namespace, so that removing it
