@@ -87,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     mount_point = Path(args.mount_point)
-    ok = wait_for_mount(mount_point, args.timeout) if args.wait else mount_answers(mount_point)
+    ok = (
+        wait_for_mount(mount_point, args.timeout, interval=0.1)
+        if args.wait
+        else mount_answers(mount_point)
+    )
     if not ok:
         print(f"JuiceFS mount at {mount_point} does not answer yet", file=sys.stderr)
         socket_path = os.environ.get(env.AGENT_SOCKET)

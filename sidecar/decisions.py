@@ -155,6 +155,21 @@ class GatePlan:
     message: str
 
 
+def seal_before_mount(lent: bool, gate: GatePlan) -> bool:
+    """Whether this sidecar asks the node agent to seal before it mounts JuiceFS.
+
+    On the node cache the agent streams the Bento into the node cache with
+    its own client. A client mounted before that (this pod's) knows only the
+    blocks its start-up scan found, so the app reading through it on a cold
+    node fetched every block a second time over the store's link (measured:
+    4,196 MiB served for a 2,048 MiB model). Mounted after the seal, its
+    scan finds every block and the app reads them from local disk. The
+    app's container starts after the mount answers, so it waits for the seal
+    too. Without warmup there is no seal to wait for.
+    """
+    return lent and gate.verify
+
+
 def gate_plan(warmup: bool, cache: CachePlan) -> GatePlan:
     """When the readiness gate may open, and what the condition will say.
 

@@ -71,18 +71,16 @@ async def open_gate(
     )
 
 
-async def open_gate_sealed_else_verified(
+async def verify_unsealed(
     settings: Settings,
-    agent: AgentChannel,
     mount: JuiceFSMount,
     reporter: Reporter,
     gate: GatePlan,
     watch: CacheSpaceWatch,
     metrics: SidecarMetrics,
+    refused: str,
 ) -> None:
-    refused = await open_gate_sealed(settings, agent, reporter, metrics)
-    if refused is None:
-        return
+    """The node agent could not seal the model: this pod streams and verifies it itself."""
     await watch.check("the node agent could not seal the model")
     unsealed = gate_unsealed(gate, watch.full)
     await reporter.event(

@@ -22,13 +22,15 @@ from sidecar.agent import AgentChannel, AgentMounts
 from sidecar.cachedisk import CacheSpeed, measure
 from sidecar.cachewatch import CacheSpaceWatch
 from sidecar.decisions import (
+    CachePlan,
     cache_plan,
     gate_plan,
+    seal_before_mount,
     should_measure_cache,
     slow_disk_action,
 )
 from sidecar.env import Settings
-from sidecar.gate import open_gate, open_gate_sealed_else_verified
+from sidecar.gate import open_gate, open_gate_sealed, verify_unsealed
 from sidecar.metrics import MetricsEndpoint, SidecarMetrics
 from sidecar.reporter import NORMAL, WARNING, OrderedReporter, Reporter
 
@@ -123,22 +125,11 @@ async def _measure_cache(settings: Settings, full: bool) -> tuple[CacheSpeed | N
     return speed, full
 
 
-async def _run(
-    settings: Settings,
-    reporter: OrderedReporter,
-    stop: asyncio.Event,
-    metrics: SidecarMetrics,
-    agent: AgentChannel | None = None,
-) -> int:
-    mount: JuiceFSMount | None = None
-    watch = CacheSpaceWatch(
-        settings.cache_dir,
-        reporter,
-        lambda: () if mount is None else tuple(mount.cache_full_lines),
-    )
+async def _plan_cache(
+    settings: Settings, reporter: Reporter, watch: CacheSpaceWatch, lent: bool
+) -> CachePlan:
+    """What cache to mount with, after checking (and unless lent, measuring) the cache disk."""
     full = settings.cache_size_mib > 0 and await watch.check("before mounting")
-    # The node cache an agent lends is read-only here: the agent measures and writes it.
-    lent = agent is not None and settings.cache_mode == "node"
     speed, full = (None, full) if lent else await _measure_cache(settings, full)
     if full and not watch.reported:  # no room for the probe's file (ENOSPC)
         await watch.check("measuring the cache disk failed", full=True)
@@ -155,14 +146,45 @@ async def _run(
             f"would be slower than misses; {action} (ssd policy {settings.ssd_policy})",
         )
         log.warning("cache.slow", policy=settings.ssd_policy, action=action)
+    return cache
+
+
+async def _run(
+    settings: Settings,
+    reporter: OrderedReporter,
+    stop: asyncio.Event,
+    metrics: SidecarMetrics,
+    agent: AgentChannel | None = None,
+) -> int:
+    mount: JuiceFSMount | None = None
+    watch = CacheSpaceWatch(
+        settings.cache_dir,
+        reporter,
+        lambda: () if mount is None else tuple(mount.cache_full_lines),
+    )
+    # The node cache an agent lends is read-only here: the agent measures and writes it.
+    lent = agent is not None and settings.cache_mode == "node"
+    cache = await _plan_cache(settings, reporter, watch, lent)
     gate = gate_plan(settings.warmup, cache)
+    stopping = asyncio.create_task(stop.wait())
+    # On the node cache the agent seals (warming a cold node) before this pod
+    # mounts, so that the client's start-up scan finds every block.
+    sealing = agent is not None and seal_before_mount(lent, gate)
+    refused: str | None = None
+    if agent is not None and sealing:
+        outcome = await _seal_unless_stopped(settings, agent, reporter, metrics, stopping)
+        if isinstance(outcome, _Stopped):
+            log.info("sidecar.stopping", during="seal")
+            return 0
+        refused = None if isinstance(outcome, _Stopped) else outcome
+    else:
+        # Informational only: the mount must not wait on, or fail with, the apiserver.
+        # (Not after a seal: the agent has set the condition by then.)
+        reporter.post_condition("False", "Mounting", "mounting JuiceFS", attempts=1)
 
     mount = JuiceFSMount(
         settings.mount_spec(cache.cache_size_mib), None if agent is None else AgentMounts(agent)
     )
-    # Informational only: the mount must not wait on, or fail with, the apiserver.
-    reporter.post_condition("False", "Mounting", "mounting JuiceFS", attempts=1)
-    stopping = asyncio.create_task(stop.wait())
     try:
         seconds = await _mount_unless_stopped(mount, stopping)
     except MountError as err:
@@ -185,13 +207,14 @@ async def _run(
     # Warmup runs beside the mount; whatever it concludes, the sidecar keeps
     # serving the mount until it is stopped. Reads that fail while juicefs is
     # being remounted are retried by the streamer like any other failed read.
-    if lent and agent is not None and gate.verify:
-        # Node cache mode: the agent's seal opens the gate; if it cannot
-        # seal (a full cache disk...), this pod verifies what it reads.
+    # Sealed (or the warmup's time ran out): nothing is left to do here.
+    work: asyncio.Task[None] | None = None
+    if sealing and refused is not None:
+        # The agent refused (a full cache disk...): this pod verifies what it reads.
         work = asyncio.create_task(
-            open_gate_sealed_else_verified(settings, agent, mount, reporter, gate, watch, metrics)
+            verify_unsealed(settings, mount, reporter, gate, watch, metrics, refused)
         )
-    else:
+    elif not sealing:
         work = asyncio.create_task(
             open_gate(
                 settings,
@@ -205,14 +228,44 @@ async def _run(
                 purger=mount if cache.disk_cache and mount.writes_cache else None,
             )
         )
-    work.add_done_callback(_log_crash)
+    if work is not None:
+        work.add_done_callback(_log_crash)
     code = await _supervise(settings, mount, reporter, stopping)
-    work.cancel()
+    if work is not None:
+        work.cancel()
     await mount.stop()
     if code == 0:
         log.info("sidecar.stopped")
         await reporter.event(NORMAL, "Unmounted", "JuiceFS unmounted on shutdown")
     return code
+
+
+class _Stopped:
+    """SIGTERM came while the sidecar waited (a sentinel)."""
+
+
+_STOPPED = _Stopped()
+
+
+async def _seal_unless_stopped(
+    settings: Settings,
+    agent: AgentChannel,
+    reporter: Reporter,
+    metrics: SidecarMetrics,
+    stopping: asyncio.Task[Any],
+) -> str | _Stopped | None:
+    """The agent's seal (None: sealed or out of time; a str: why it refused), or _STOPPED.
+
+    A cold node warms for minutes; SIGTERM meanwhile must still end the pod.
+    """
+    sealing = asyncio.create_task(open_gate_sealed(settings, agent, reporter, metrics))
+    await asyncio.wait({sealing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not sealing.done():
+        sealing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sealing
+        return _STOPPED
+    return sealing.result()
 
 
 async def _mount_unless_stopped(mount: JuiceFSMount, stopping: asyncio.Task[Any]) -> float | None:

@@ -29,7 +29,8 @@ def test_native_sidecar_first_with_startup_probe() -> None:
     sidecar = pod["spec"]["initContainers"][0]
     assert sidecar["name"] == "juicefs-mount"
     assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["startupProbe"]["exec"]["command"] == ["python", "-m", "sidecar", "probe"]
+    probe = ["python", "-m", "sidecar", "probe", "--wait", "--timeout=20"]
+    assert sidecar["startupProbe"]["exec"]["command"] == probe
     assert "privileged" not in sidecar["securityContext"]
     assert sidecar["volumeMounts"][0]["mountPropagation"] == "HostToContainer"
 
@@ -41,9 +42,33 @@ def test_classic_sidecar_on_old_clusters() -> None:
     sidecar = pod["spec"]["containers"][0]
     assert sidecar["name"] == "juicefs-mount"
     assert "restartPolicy" not in sidecar
-    assert sidecar["lifecycle"]["postStart"]["exec"]["command"][-2:] == ["--wait", "--timeout=300"]
+    # The mount's 300 s and the warmup's 3600 s: on the node cache the models
+    # appear once the node agent has sealed them.
+    wait = sidecar["lifecycle"]["postStart"]["exec"]["command"][-2:]
+    assert wait == ["--wait", "--timeout=3900"]
     app = pod["spec"]["containers"][1]
     assert app["volumeMounts"][0]["mountPath"] == "/home/bentoml/bento/models"
+
+
+@pytest.mark.parametrize(
+    ("annotations", "seconds"),
+    [
+        ({}, 300 + 3600),  # node cache, warmup: the mount, then the seal
+        ({"juicefs.bentoml.com/warmup-timeout": "10m"}, 300 + 600),
+        ({"juicefs.bentoml.com/cache-mode": "pod"}, 300),  # the models show once mounted
+        ({"juicefs.bentoml.com/warmup": "false"}, 300),  # no seal to wait for
+    ],
+)
+def test_the_startup_probe_waits_for_the_seal_only_on_the_node_cache(
+    annotations: dict[str, str], seconds: int
+) -> None:
+    pod = bento_pod()
+    pod["metadata"].setdefault("annotations", {}).update(annotations)
+    probe = sidecar_of(inject(pod))["startupProbe"]
+    # Each run waits up to 20 s for the mount itself: one Event per 20 s, not per second.
+    assert probe["exec"]["command"][-2:] == ["--wait", "--timeout=20"]
+    assert probe["timeoutSeconds"] > 20
+    assert probe["failureThreshold"] * 20 >= seconds
 
 
 def test_credentials_only_by_secret_reference() -> None:

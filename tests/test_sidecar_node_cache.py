@@ -25,8 +25,12 @@ from modelstore.sources import (
     cache_writes_settled,
     parse_counters,
 )
+from sidecar import run as sidecar_run
+from sidecar.agent import AgentError
 from sidecar.cachedisk import measure
+from sidecar.decisions import GatePlan, seal_before_mount
 from sidecar.env import Settings
+from sidecar.metrics import SidecarMetrics
 from sidecar.verify import verify_model
 from tests.helpers import minimal_env
 from tests.kit.sidecar import FakeReporter, RecordingFiller, published_bento, settings_for
@@ -272,3 +276,75 @@ def test_a_cache_fill_that_fails_leaves_the_verified_model_ready(
         assert asyncio.run(verify_model(settings, bento, reporter, filler=filler)) is True
     assert "ModelsReady" in reporter.messages
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["cache.fill_failed"]
+
+
+# -- the agent seals before this pod mounts -------------------------------------------
+
+
+@dataclass
+class SealingAgent:
+    """An AgentChannel whose seal is recorded, fails with `error`, or waits on `hold`."""
+
+    order: list[str]
+    error: BaseException | None = None
+    hold: asyncio.Event | None = None
+
+    def sibling(self, reply_timeout: float | None) -> SealingAgent:
+        return self
+
+    async def seal(self) -> None:
+        self.order.append("seal")
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.order.append("closed")
+
+
+def _seal(tmp_path: Path, agent: SealingAgent, stop_first: bool = False) -> object:
+    settings = settings_for(published_bento(tmp_path))
+
+    async def scenario() -> object:
+        stop = asyncio.Event()
+        stopping = asyncio.create_task(stop.wait())
+        if stop_first:
+            asyncio.get_running_loop().call_later(0.05, stop.set)
+        try:
+            return await sidecar_run._seal_unless_stopped(
+                settings,
+                agent,  # type: ignore[arg-type]
+                FakeReporter(),
+                SidecarMetrics(),
+                stopping,
+            )
+        finally:
+            stopping.cancel()
+
+    return asyncio.run(scenario())
+
+
+def test_a_seal_answers_none_and_the_sidecar_mounts_next(tmp_path: Path) -> None:
+    order: list[str] = []
+    assert _seal(tmp_path, SealingAgent(order)) is None
+    assert order == ["seal", "closed"]
+
+
+def test_a_refused_seal_is_why_and_this_pod_then_verifies(tmp_path: Path) -> None:
+    refused = _seal(tmp_path, SealingAgent([], error=AgentError("the cache disk is full")))
+    assert refused == "the cache disk is full"
+
+
+def test_sigterm_while_the_agent_warms_ends_the_wait(tmp_path: Path) -> None:
+    agent = SealingAgent([], hold=asyncio.Event())
+    assert _seal(tmp_path, agent, stop_first=True) is sidecar_run._STOPPED
+    assert agent.order == ["seal", "closed"]
+
+
+def test_only_a_lent_node_cache_with_warmup_seals_before_mounting() -> None:
+    verify = GatePlan(verify=True, reason="", message="")
+    mounted = GatePlan(verify=False, reason="", message="")
+    assert seal_before_mount(True, verify)
+    assert not seal_before_mount(True, mounted)
+    assert not seal_before_mount(False, verify)

@@ -7,6 +7,7 @@ reached through the agent volume, and asks the agent for the rest.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -187,20 +188,48 @@ def sidecar_container(ctx: MutationContext) -> dict[str, Any]:
             {"name": METRICS_PORT_NAME, "containerPort": ctx.metrics_port, "protocol": "TCP"}
         ]
     probe_cmd = list(side.probe_command)
+    startup = startup_seconds(ctx)
     if ctx.plan.sidecar_mode == "native":
         container["restartPolicy"] = "Always"
-        container["startupProbe"] = {
-            "exec": {"command": probe_cmd},
-            "periodSeconds": 1,
-            "timeoutSeconds": 2,
-            "failureThreshold": side.mount_timeout_seconds,
-        }
+        container["startupProbe"] = startup_probe(probe_cmd, startup)
     else:
         # The kubelet starts the next container only after postStart
         # returns, so a blocking check holds the app until the mount exists.
-        wait = [*probe_cmd, "--wait", f"--timeout={side.mount_timeout_seconds}"]
+        wait = [*probe_cmd, "--wait", f"--timeout={startup}"]
         container["lifecycle"] = {"postStart": {"exec": {"command": wait}}}
     return container
+
+
+# How long one run of the startup probe waits for the mount before it fails.
+PROBE_WAIT_SECONDS = 20
+
+
+def startup_probe(command: list[str], seconds: int) -> dict[str, Any]:
+    """The native sidecar's startup probe: passes once the mount answers, within `seconds`.
+
+    Each run waits for the mount itself (up to PROBE_WAIT_SECONDS) instead
+    of failing at once: the app starts the moment the mount answers, and a
+    cold node's warm shows as one Unhealthy Event every 20 s, not every second.
+    """
+    return {
+        "exec": {"command": [*command, "--wait", f"--timeout={PROBE_WAIT_SECONDS}"]},
+        "periodSeconds": 1,
+        "timeoutSeconds": PROBE_WAIT_SECONDS + 5,
+        "failureThreshold": math.ceil(seconds / PROBE_WAIT_SECONDS) + 1,
+    }
+
+
+def startup_seconds(ctx: MutationContext) -> int:
+    """How long the app's containers may wait for the models to appear.
+
+    The mount's timeout; on the node cache with warmup, plus the warmup's:
+    the sidecar mounts only once the node agent has sealed the models
+    (sidecar.decisions.seal_before_mount), and a cold node streams first.
+    """
+    mount = ctx.config.sidecar.mount_timeout_seconds
+    if ctx.plan.cache_mode == "node" and ctx.plan.warmup:
+        return mount + ctx.plan.warmup_timeout_seconds
+    return mount
 
 
 def add_sidecar(ctx: MutationContext) -> None:
