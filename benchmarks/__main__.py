@@ -3,12 +3,15 @@
     python -m benchmarks                          # streaming, cold-start, warm-start, admission,
                                                   # load, redis, agent-lists
     python -m benchmarks --scenario cold-start    # one (make bench SCENARIO=cold-start)
+    python -m benchmarks --scenario warm-start --repeats 1 --cold-large-mib 0   # a quick one
     python -m benchmarks --scenario load          # make bench-load: 10,000 reviews, errors, memory
     python -m benchmarks --scenario redis         # a tenant's read flood vs another's metadata
     python -m benchmarks --scenario agent-lists   # make bench-agent: the agent's LISTs and memory
 
 Figures are ratios measured in one run against a limit measured in the same
-run; absolute times are printed, never asserted. See BENCHMARKS.md.
+run; absolute times are printed, never asserted. cold-start and warm-start
+share one cluster and one set of runs: at a small and a large model size,
+`--repeats` runs each, medians and their spread. See BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ def profile(text: str) -> LinkProfile:
     return LinkProfile(float(rate), float(delay.removesuffix("ms") or 0))
 
 
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS))
@@ -86,7 +96,16 @@ def parser() -> argparse.ArgumentParser:
         help="link profiles, comma-separated: 200,100,200+30ms",
     )
     g = p.add_argument_group("cold-start and warm-start")
-    g.add_argument("--cold-size-mib", type=int, default=2048)
+    g.add_argument("--cold-size-mib", type=int, default=2048, help="the small model")
+    g.add_argument(
+        "--cold-large-mib", type=int, default=8192, help="the large model (0: small one only)"
+    )
+    g.add_argument(
+        "--repeats",
+        type=at_least_one,
+        default=3,
+        help="runs per size (a new Bento version each); medians",
+    )
     g.add_argument("--cold-profile", type=profile, default=profile("200"))
     g.add_argument("--gate-small-mib", type=int, default=2048, help="warm gate: small model")
     g.add_argument("--gate-large-mib", type=int, default=8192, help="warm gate: large model")

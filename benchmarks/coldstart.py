@@ -1,27 +1,47 @@
-"""Cold start and warm start on the real node, against the shaped store's own bandwidth.
+"""Cold start and warm start on the real node, at two model sizes: medians of repeated runs.
 
 One local cluster (`devcluster.local.local_cluster`: control plane, the real
-node, the injector) whose storage is MinIO behind a shaped link
-(`benchmarks.store`): the node's pods reach the store over a veth straight
-between the node's and the store's network namespaces, shaped like the
-host's. The example Bento's models (default 2 GiB in 4 shards) are published
-into JuiceFS, and the same files as plain objects for the baseline. Then:
+node, the injector, the node agent) whose storage is MinIO behind a shaped
+link (`benchmarks.store`): the node's pods reach the store over a veth
+straight between the node's and the store's network namespaces, shaped like
+the host's. For each model size, the small one (`--cold-size-mib`, 2 GiB)
+and the large one (`--cold-large-mib`, 8 GiB; 0 skips it), random model
+files (4 shards) are written once and uploaded once as plain objects for
+the baseline. Then, `--repeats` times (3):
 
-- raw: parallel GETs of the model's block objects over the shaped link: the
-  limit is 1.15 x model bytes / that rate + 5 s;
+- publish: the same files into JuiceFS as a new version of the example's
+  Bento (`<the example's version>-<MiB>m-r<n>`, set as the pod template's
+  `yatai.ai/bento-version`). New files are new JuiceFS blocks, so the node
+  cache holds none of them and every repeat's cold start is really cold
+  (each repeat's `cached_before_cold`, 0, is the count of its blocks found
+  in the node cache before its cold start);
+- raw (the first repeat of each size): parallel GETs of the model's block
+  objects over the shaped link: the limit is 1.15 x model bytes / that
+  rate + 5 s;
 - cold start (ours): `kubectl apply` of examples/bento-deployment.yaml
   (one replica: the node has one GPU) in an opted-in namespace, to pod Ready
   (the sidecar verified every byte; the app's own readiness probe passed);
+- warm start: the Deployment deleted and applied again on the same node, so
+  the sidecar finds the blocks in the node cache (cache mode `node`, issue 7);
+  the fraction of bytes from the node cache is what its ModelsReady Event says;
+- clean-up: the version removed through the writer mount (its objects leave
+  MinIO at once: the volume has no trash) and its blocks from the node
+  cache, so that 8 GiB models do not pile up on the disk across repeats;
 - baseline (what users do today): the same Deployment, not injected, with an
   init container that downloads the whole model with 16 parallel ranged GETs
   (`benchmarks/fetch_model.py`, in the Bento's own image) into an emptyDir
-  before the app starts; apply to Ready;
-- warm start: the Deployment deleted and applied again on the same node, so
-  the sidecar finds the blocks in the node cache (cache mode `node`, issue 7);
-  the fraction of bytes from the node cache is what its ModelsReady Event says.
+  before the app starts; apply to Ready.
 
-Both scenarios share one cluster when run in one `make bench`; each first
-measures a cold start on a node whose cache is empty.
+Every figure is the median over the repeats, the large model's under the
+same key with `_large` (`cold_start_s`, `cold_start_s_large`); `spread`
+holds each one's (min, max), and `runs` every run ("small" and "large", a
+list each) with the load average at the start of each apply. The warm
+target is 1.2 x (pod start + the app's start from local disk), both from
+the baseline's milestones (see `warm_target_seconds`).
+
+Both scenarios share one cluster and one set of runs when run in one
+`make bench`: cold-start.json and warm-start.json are built from the same
+runs (`Session.runs`).
 """
 
 from __future__ import annotations
@@ -30,26 +50,30 @@ import argparse
 import json
 import re
 import shutil
+import statistics
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from benchmarks.record import MIB, REPO, new_record, say
+from benchmarks.record import MIB, REPO, load, new_record, say
 from benchmarks.store import ShapedStorage
 from devcluster.control.plane import ControlPlane
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.installs.injector_pods import start_injector, stop_injector
 from devcluster.installs.node_agent import start_node_agent, stop_node_agent
 from devcluster.local import local_cluster
+from devcluster.node.host import node_cache_dir
 from devcluster.storage.minio_metrics import store_requests
 from devcluster.storage.s3 import read_objects
 from devcluster.storage.shaped_link import LinkProfile
 from devcluster.storage.stack import PATH_TEMPLATE, write_random_model
-from modelstore.manifest import Manifest
+from modelstore.manifest import Manifest, ManifestFile
 from modelstore.publish import publish
 
 EXAMPLE = REPO / "examples" / "bento-deployment.yaml"
@@ -57,22 +81,87 @@ FETCH_SCRIPT = Path(__file__).resolve().parent / "fetch_model.py"
 OURS_NAMESPACE = "bento-demo"  # the example's own namespace, opted in
 BASELINE_NAMESPACE = "bento-baseline"  # not opted in: nothing is injected
 CONDITION = "juicefs.bentoml.com/models-ready"
+VERSION_LABEL = "yatai.ai/bento-version"
+REPOSITORY_LABEL = "yatai.ai/bento-repository"
 PLAIN_PREFIX = "plain"
 MODELS_PATH = "/home/bentoml/bento/models"
+SHARDS = 4
+CONNECTIONS = 16
+# The warm target's margin over the baseline's pod start plus the app's start from local disk.
+WARM_TARGET_FACTOR = 1.2
 _READY_MESSAGE = re.compile(r"from the (?P<mode>\w+) cache")
+_CACHE_FRACTION = re.compile(r"MiB \((?P<pct>[\d.]+)%\) from the node cache")
 # The sample app's own line (examples/bento-app/service.py) once it has read
 # and hashed every model file.
 _APP_LOADED = re.compile(r"loaded \d+ model file\(s\), \d+ bytes, from \S+ in (?P<s>[\d.]+) s")
 # A pod in node cache mode whose gate the node agent opened from its seal.
 _SEALED = "sealed by the node agent"
+# A Kubernetes label value (the Bento version is one): at most 63 characters.
+_LABEL_VALUE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+LABEL_VALUE_MAX = 63
+
+# Each repeat's figures, in the order of the record (the large model's with `_large`).
+FIGURES = (
+    "cold_start_s",
+    "warm_start_s",
+    "baseline_s",
+    "cold_start_vs_limit",
+    "cold_start_vs_baseline",
+    "warm_vs_cold",
+    "warm_start_target_s",
+    "warm_start_vs_target",
+    "pod_start_s",
+    "app_local_start_s",
+    "app_local_load_s",
+    "app_cold_load_s",
+    "app_warm_load_s",
+    "node_cache_fraction",
+    "cold_store_mib",
+    "warm_store_mib",
+    "baseline_store_mib",
+)
 
 
-def example_docs() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
+# -- pure parts: names, figures, medians -------------------------------------
 
 
-def deployment_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    return next(d for d in docs if d["kind"] == "Deployment")
+def sized(key: str, large: bool) -> str:
+    """A record key for the small model (as is) or the large one (with `_large`)."""
+    return f"{key}_large" if large else key
+
+
+def bento_version(base: str, mib: int, repeat: int) -> str:
+    """The Bento version a repeat publishes: new each time, so its blocks are new to the node.
+
+    A label value (lower case here): `4fd7wxrbkcxfylg5-2048m-r0`.
+    """
+    version = f"{base}-{mib}m-r{repeat}".lower()
+    if len(version) > LABEL_VALUE_MAX or not _LABEL_VALUE.fullmatch(version):
+        raise ValueError(f"{version!r} is not a label value of at most {LABEL_VALUE_MAX} chars")
+    return version
+
+
+def median_of(values: Sequence[float | None]) -> float | None:
+    """The median of the values measured (None ones left out); None if there is none."""
+    found = [v for v in values if v is not None]
+    return round(float(statistics.median(found)), 3) if found else None
+
+
+def spread_of(values: Sequence[float | None]) -> list[float] | None:
+    """[min, max] of the values measured (None ones left out); None if there is none."""
+    found = [v for v in values if v is not None]
+    return [min(found), max(found)] if found else None
+
+
+def ratio(part: float | None, whole: float | None) -> float | None:
+    if part is None or not whole:
+        return None
+    return round(part / whole, 3)
+
+
+def cold_start_limit(model_bytes: int, raw_mib_per_s: float) -> float:
+    """1.15 x the model's transfer time at the raw GET rate, plus 5 s."""
+    return round(1.15 * model_bytes / (raw_mib_per_s * MIB) + 5, 2)
 
 
 @dataclass
@@ -86,6 +175,7 @@ class StartResult:
     app_log: list[str] = field(default_factory=list)  # what the app says about its load
     # What the object store served from apply to Ready: a byte fetched twice shows here.
     store_mib: float | None = None
+    load_avg: dict[str, float] = field(default_factory=dict)  # at the apply
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -95,7 +185,217 @@ class StartResult:
             "events": self.events,
             "app_log": self.app_log,
             "store_mib": self.store_mib,
+            "load_avg": self.load_avg,
         }
+
+
+def models_ready(result: StartResult) -> str:
+    """The sidecar's ModelsReady Event's message ("" without one)."""
+    return next((e["message"] for e in result.events if e["reason"] == "ModelsReady"), "")
+
+
+def node_mode(message: str) -> bool:
+    """Whether a ModelsReady message says the pod read through the node cache."""
+    match = _READY_MESSAGE.search(message)
+    return _SEALED in message or (match is not None and match["mode"] == "node")
+
+
+def node_cache_fraction(message: str) -> float | None:
+    """The share of bytes from the node cache a ModelsReady message states."""
+    if (found := _CACHE_FRACTION.search(message)) is not None:
+        return float(found["pct"]) / 100
+    # A seal checks that every block of the pod's files is in the node cache.
+    return 1.0 if _SEALED in message else None
+
+
+def app_load_seconds(result: StartResult) -> float | None:
+    """How long the app took to read and hash its model, by its own log line."""
+    for line in reversed(result.app_log):
+        if (match := _APP_LOADED.search(line)) is not None:
+            return float(match["s"])
+    return None
+
+
+def pod_start_seconds(baseline: StartResult) -> float | None:
+    """Apply to the app container running, without the model's download: the
+    baseline's `main running` less its init container's download (running to
+    finished). What any pod of this image on this node costs before its app."""
+    m = baseline.milestones
+    needed = ("main running", "fetch-model running", "fetch-model finished")
+    if not all(k in m for k in needed):
+        return None
+    download = m["fetch-model finished"] - m["fetch-model running"]
+    return round(m["main running"] - download, 2)
+
+
+def app_local_start_seconds(baseline: StartResult) -> float | None:
+    """The app container's whole start with its model on local disk (the baseline's
+    emptyDir): `main running` to `main ready`, i.e. the process's imports, its
+    load of the model (the app's own log figure, `app_load_seconds`) and its
+    readiness probe passing."""
+    m = baseline.milestones
+    ready = m.get("main ready", m.get("Ready=True"))
+    if "main running" not in m or ready is None:
+        return None
+    return round(ready - m["main running"], 2)
+
+
+def warm_target_seconds(pod_start: float | None, app_local_start: float | None) -> float | None:
+    """Issue 18's warm target: 1.2 x (pod start + the app's start from local disk).
+
+    The app's start, not only its load (`app_local_load_s`, the app's own
+    read-and-hash figure): apply to Ready also holds the app process's
+    imports and its readiness probe, which no pod skips; a target without
+    them could not be met by the baseline itself with a download of no time.
+    """
+    if pod_start is None or app_local_start is None:
+        return None
+    return round(WARM_TARGET_FACTOR * (pod_start + app_local_start), 2)
+
+
+def repeat_figures(
+    cold: StartResult, warm: StartResult | None, baseline: StartResult, limit_s: float
+) -> dict[str, float | None]:
+    """One repeat's figures (FIGURES), each against the same repeat's baseline and limit."""
+    pod_start = pod_start_seconds(baseline)
+    local_start = app_local_start_seconds(baseline)
+    target = warm_target_seconds(pod_start, local_start)
+    warm_s = None if warm is None else round(warm.seconds, 2)
+    figures: dict[str, float | None] = {
+        "cold_start_s": round(cold.seconds, 2),
+        "warm_start_s": warm_s,
+        "baseline_s": round(baseline.seconds, 2),
+        "cold_start_vs_limit": ratio(cold.seconds, limit_s),
+        "cold_start_vs_baseline": ratio(cold.seconds, baseline.seconds),
+        "warm_vs_cold": ratio(warm_s, cold.seconds),
+        "warm_start_target_s": target,
+        "warm_start_vs_target": ratio(warm_s, target),
+        "pod_start_s": pod_start,
+        "app_local_start_s": local_start,
+        "app_local_load_s": app_load_seconds(baseline),
+        "app_cold_load_s": app_load_seconds(cold),
+        "app_warm_load_s": None if warm is None else app_load_seconds(warm),
+        "node_cache_fraction": None if warm is None else node_cache_fraction(models_ready(warm)),
+        "cold_store_mib": cold.store_mib,
+        "warm_store_mib": None if warm is None else warm.store_mib,
+        "baseline_store_mib": baseline.store_mib,
+    }
+    assert tuple(figures) == FIGURES
+    return figures
+
+
+def summarize(
+    per_repeat: Sequence[Mapping[str, float | None]], large: bool
+) -> tuple[dict[str, float | None], dict[str, list[float]]]:
+    """The median of each figure over the repeats, and its [min, max], under the sized keys.
+
+    A ratio's median is the median of each repeat's own ratio (cold against
+    the same repeat's baseline), not a ratio of the medians.
+    """
+    medians: dict[str, float | None] = {}
+    spreads: dict[str, list[float]] = {}
+    for name in FIGURES:
+        values = [figures.get(name) for figures in per_repeat]
+        medians[sized(name, large)] = median_of(values)
+        if (spread := spread_of(values)) is not None:
+            spreads[sized(name, large)] = spread
+    return medians, spreads
+
+
+def cached_copies(cache_root: Path, keys: Sequence[str]) -> list[Path]:
+    """The node cache's copies of a model's blocks, given their object keys.
+
+    `cache_root` is the node cache of one volume (`<cache.nodePath>/<volume>`);
+    JuiceFS keeps a block of object `<volume>/chunks/...` under
+    `<volume uuid>/raw/chunks/...` there (devcluster.storage.juicefs).
+    """
+    relative = [key.split("/", 1)[1] for key in keys if "/" in key]
+    raws = sorted(p for p in cache_root.glob("*/raw") if p.is_dir())
+    return [raw / rel for raw in raws for rel in relative if (raw / rel).is_file()]
+
+
+# -- the cluster -------------------------------------------------------------
+
+
+def example_docs() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
+
+
+def deployment_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Deployment")
+
+
+def ours_docs(version: str) -> list[dict[str, Any]]:
+    """The example, one replica, its pod template naming this repeat's Bento version."""
+    docs = example_docs()
+    deployment = deployment_of(docs)
+    deployment["spec"]["replicas"] = 1  # one GPU on the node
+    deployment["spec"]["template"]["metadata"]["labels"][VERSION_LABEL] = version
+    return docs
+
+
+def plain_key(name: str, mib: int, path: str) -> str:
+    """The baseline's copy of a model file: one per size, not per repeat. The baseline
+    downloads it into a new emptyDir each time and no node-side cache is in its way
+    (MinIO's page cache is filled before each run on purpose, as for ours)."""
+    return f"{PLAIN_PREFIX}/{name}/{mib}m/models/{path}"
+
+
+def fetch_spec(endpoint: str, bucket: str, files: Sequence[tuple[str, str, int]]) -> dict[str, Any]:
+    """benchmarks/fetch_model.py's spec: (key, path, size) of each plain object to download."""
+    return {
+        "endpoint": endpoint,
+        "bucket": bucket,
+        "dest": "/models",
+        "connections": CONNECTIONS,
+        "range_bytes": 8 * MIB,
+        "files": [{"key": key, "path": path, "size": size} for key, path, size in files],
+    }
+
+
+def baseline_docs(version: str, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The example not injected, in the baseline's namespace, one replica: an init container
+    downloads the model (spec) into an emptyDir the app reads its models from."""
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "fetch-model", "namespace": BASELINE_NAMESPACE},
+        "data": {"fetch_model.py": FETCH_SCRIPT.read_text(), "spec.json": json.dumps(spec)},
+    }
+    docs = []
+    for doc in example_docs():
+        doc["metadata"]["namespace"] = BASELINE_NAMESPACE
+        docs.append(doc)
+    deployment = deployment_of(docs)
+    deployment["spec"]["replicas"] = 1
+    template = deployment["spec"]["template"]
+    template["metadata"]["labels"].pop("juicefs.bentoml.com/model-store", None)
+    template["metadata"]["labels"][VERSION_LABEL] = version
+    template["metadata"].get("annotations", {}).pop("juicefs.bentoml.com/cache-size", None)
+    pod = template["spec"]
+    pod["volumes"] = [
+        *pod.get("volumes", []),
+        {"name": "models", "emptyDir": {}},
+        {"name": "fetch", "configMap": {"name": "fetch-model"}},
+    ]
+    pod["initContainers"] = [
+        {
+            "name": "fetch-model",
+            "image": SAMPLE_BENTO_IMAGE,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["python3", "/fetch/fetch_model.py", "/fetch/spec.json"],
+            "volumeMounts": [
+                {"name": "models", "mountPath": "/models"},
+                {"name": "fetch", "mountPath": "/fetch", "readOnly": True},
+            ],
+        }
+    ]
+    main = pod["containers"][0]
+    main["volumeMounts"] = [
+        *main.get("volumeMounts", []),
+        {"name": "models", "mountPath": MODELS_PATH, "readOnly": True},
+    ]
+    return [config_map, *docs]
 
 
 def _milestones(pod: dict[str, Any]) -> list[str]:
@@ -119,8 +419,70 @@ def _milestones(pod: dict[str, Any]) -> list[str]:
     return seen
 
 
+@dataclass
+class Repeat:
+    """One repeat at one size: its version, cold and warm (ours), baseline, and figures."""
+
+    index: int
+    version: str
+    cached_before_cold: int
+    cold: StartResult
+    warm: StartResult | None
+    baseline: StartResult
+    figures: dict[str, float | None]
+    publish_s: float
+    cleanup_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "repeat": self.index,
+            "version": self.version,
+            "load_avg": self.cold.load_avg,  # at its cold start's apply
+            "cached_before_cold": self.cached_before_cold,
+            "publish_s": self.publish_s,
+            "cleanup_s": self.cleanup_s,
+            "figures": self.figures,
+            "cold": self.cold.as_dict(),
+            "warm": None if self.warm is None else self.warm.as_dict(),
+            "baseline": self.baseline.as_dict(),
+        }
+
+
+@dataclass
+class SizeRuns:
+    """Every repeat at one model size, and the raw GET rate its limit is measured with."""
+
+    mib: int
+    large: bool
+    model_bytes: int = 0
+    files: tuple[ManifestFile, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict)
+    repeats: list[Repeat] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return "large" if self.large else "small"
+
+    @property
+    def limit_s(self) -> float:
+        return cold_start_limit(self.model_bytes, self.raw["mib_per_s"])
+
+    def record(self) -> tuple[dict[str, Any], dict[str, list[float]]]:
+        """The size's keys of a record (medians included), and the spreads."""
+        bytes_ = self.model_bytes
+        keys: dict[str, Any] = {
+            "model_bytes": bytes_,
+            "raw_mb_per_s": self.raw["mib_per_s"],  # MiB/s, as every rate here
+            "raw": self.raw,
+            "transfer_s": round(bytes_ / (self.raw["mib_per_s"] * MIB), 2),
+            "cold_start_limit_s": self.limit_s,
+        }
+        medians, spreads = summarize([r.figures for r in self.repeats], self.large)
+        return {sized(k, self.large): v for k, v in keys.items()} | medians, spreads
+
+
 class Session:
-    """The cluster, the shaped store and the published model, shared by both scenarios."""
+    """The cluster, the shaped store and the runs at each size, shared by both scenarios."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -128,12 +490,13 @@ class Session:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-coldstart-", dir=args.work_dir))
         self.cp: ControlPlane = local_cluster(self.tmp / "cluster", with_addons=False)
         self.shaped: ShapedStorage | None = None
-        self.manifest: Manifest | None = None
-        self.keys: list[str] = []
-        self.raw: dict[str, Any] = {}
-        self.results: dict[str, StartResult] = {}
         self.versions: dict[str, str] = {}
-        self.opted_in = False
+        self.load_at_start: dict[str, float] = {}
+        self._runs: dict[bool, SizeRuns] = {}
+        self._failed: dict[bool, str] = {}
+        scenarios = getattr(args, "scenario", None)
+        # The warm runs only when warm-start is among the scenarios (all when none is named).
+        self.wants_warm = not scenarios or "warm-start" in scenarios
 
     # -- the cluster and its storage ----------------------------------------
 
@@ -148,58 +511,209 @@ class Session:
         if self.shaped is not None:
             self.shaped.stop()
 
+    @property
+    def storage(self) -> ShapedStorage:
+        if self.shaped is None:
+            raise RuntimeError("the session's cluster is not started")
+        return self.shaped
+
     def start(self) -> None:
+        self.load_at_start = load()
         # The node agent mounts for every sidecar: without it no pod starts.
         self.cp.on_ready.extend([self._start_storage, start_injector, start_node_agent])
         self.cp.on_stop.extend([self._stop_storage, stop_injector, stop_node_agent])
         say("cold-start", f"starting the local cluster in {self.tmp}")
         self.cp.start()
-        assert self.shaped is not None
-        stack = self.shaped.stack
+        stack = self.storage.stack
         self.versions = {
             "juicefs": stack.juicefs.run("version").strip(),
             "kubernetes": json.loads(self.cp.kubectl("version", "-o", "json").stdout)[
                 "serverVersion"
             ]["gitVersion"],
         }
-        _, name, version = self.identity()
-        shards = [self.args.cold_size_mib * MIB // 4] * 4
-        source = write_random_model(self.tmp / "src", shards)
+        self.cp.create_namespace(OURS_NAMESPACE, {"juicefs.bentoml.com/injection": "enabled"})
+        self.cp.wait_provisioned(OURS_NAMESPACE)
+        self.cp.create_namespace(BASELINE_NAMESPACE)
+        self._allow_plain_reads()
+        self.storage.shape(self.profile)
+
+    def stop(self) -> None:
         try:
-            self.manifest = publish(source, stack.writer_mount, PATH_TEMPLATE, name, version)
-            self._upload_plain(source, name, version)
+            self.cp.stop()
         finally:
-            shutil.rmtree(self.tmp / "src", ignore_errors=True)
-        self.keys = stack.block_keys(self.manifest, name, version)
-        store = self.shaped.store
-        plain = [self.plain_key(name, version, f.path) for f in self.manifest.files]
-        read_objects(store.s3, store.bucket, [*self.keys, *plain], 16)  # into MinIO's page cache
-        self.shaped.shape(self.profile)
-        result = read_objects(store.s3, store.bucket, self.keys, 16)
-        self.raw = {
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def identity(self) -> tuple[str, str, str]:
+        """(deployment, bento repository, bento version) of the example."""
+        deployment = deployment_of(example_docs())
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        return deployment["metadata"]["name"], labels[REPOSITORY_LABEL], labels[VERSION_LABEL]
+
+    @contextmanager
+    def _unshaped(self) -> Iterator[None]:
+        """The link unshaped meanwhile (publishing, reading into MinIO's page cache)."""
+        self.storage.shape(None)
+        try:
+            yield
+        finally:
+            self.storage.shape(self.profile)
+
+    def _node_cache(self) -> Path:
+        assert self.cp.node is not None
+        return node_cache_dir(self.cp.node.dir) / self.storage.stack.volume_name
+
+    # -- the runs ------------------------------------------------------------
+
+    def sizes(self) -> list[bool]:
+        """The sizes measured: the small model, and the large one unless its size is 0."""
+        return [False, True] if self.args.cold_large_mib > 0 else [False]
+
+    def runs(self, large: bool) -> SizeRuns:
+        """Every repeat at one size, measured on first use: both scenarios read the same runs."""
+        if large in self._failed:
+            raise RuntimeError(f"the runs at this size failed earlier: {self._failed[large]}")
+        if large not in self._runs:
+            mib = self.args.cold_large_mib if large else self.args.cold_size_mib
+            try:
+                self._runs[large] = self._measure_size(SizeRuns(mib, large))
+            except Exception as err:
+                self._failed[large] = f"{type(err).__name__}: {err}"
+                raise
+        return self._runs[large]
+
+    def all_runs(self) -> list[SizeRuns]:
+        return [self.runs(large) for large in self.sizes()]
+
+    def _measure_size(self, runs: SizeRuns) -> SizeRuns:
+        """The source files written once, the plain copy uploaded once; then each repeat."""
+        root = self.tmp / f"src-{runs.mib}m"
+        say("cold-start", f"{runs.mib} MiB: writing the model's files ({SHARDS} shards)")
+        try:
+            source = write_random_model(root, [runs.mib * MIB // SHARDS] * SHARDS)
+            for index in range(self.args.repeats):
+                runs.repeats.append(self._repeat(runs, source, index))
+            self._delete_plain(runs)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return runs
+
+    def _repeat(self, runs: SizeRuns, source: Path, index: int) -> Repeat:
+        _, name, base = self.identity()
+        version = bento_version(base, runs.mib, index)
+        what = f"{runs.mib} MiB, repeat {index + 1}/{self.args.repeats}"
+        started = time.monotonic()
+        store = self.storage.store
+        with self._unshaped():
+            manifest, keys = self._publish(source, name, version)
+            if index == 0:
+                runs.model_bytes, runs.files = manifest.total_bytes, manifest.files
+                self._upload_plain(source, runs)
+            read_objects(store.s3, store.bucket, keys, CONNECTIONS)  # into MinIO's page cache
+        publish_s = round(time.monotonic() - started, 2)
+        if index == 0:
+            runs.raw = self._raw(keys)
+        cached = len(cached_copies(self._node_cache(), keys))
+        cold = self.apply_and_wait(
+            OURS_NAMESPACE, ours_docs(version), f"{what}: cold start (injected, {version})"
+        )
+        warm = None
+        if self.wants_warm and node_mode(models_ready(cold)):
+            warm = self.apply_and_wait(
+                OURS_NAMESPACE, ours_docs(version), f"{what}: warm start (the same node)"
+            )
+        started = time.monotonic()
+        self._drop_version(name, version, keys)
+        cleanup_s = round(time.monotonic() - started, 2)
+        with self._unshaped():  # the baseline's objects into MinIO's page cache, as ours were
+            read_objects(store.s3, store.bucket, self._plain(runs), CONNECTIONS)
+        baseline = self.apply_and_wait(
+            BASELINE_NAMESPACE,
+            baseline_docs(version, self._fetch_spec(runs)),
+            f"{what}: baseline (download, then start)",
+        )
+        figures = repeat_figures(cold, warm, baseline, runs.limit_s)
+        return Repeat(index, version, cached, cold, warm, baseline, figures, publish_s, cleanup_s)
+
+    def _publish(self, source: Path, name: str, version: str) -> tuple[Manifest, list[str]]:
+        """The files as a new Bento version (new blocks); its manifest and block keys."""
+        stack = self.storage.stack
+        manifest = publish(source, stack.writer_mount, PATH_TEMPLATE, name, version)
+        keys = stack.block_keys(manifest, name, version)
+        say(
+            "cold-start",
+            f"published {name}:{version}, {manifest.total_bytes / MIB:.0f} MiB "
+            f"({len(keys)} blocks)",
+        )
+        return manifest, keys
+
+    def _raw(self, keys: list[str]) -> dict[str, Any]:
+        """Parallel GETs of the model's blocks over the shaped link (from MinIO's page cache)."""
+        store = self.storage.store
+        result = read_objects(store.s3, store.bucket, keys, CONNECTIONS)
+        say("cold-start", f"raw {result.mb_per_s:.0f} MiB/s under {self.profile.name}")
+        return {
             "mib_per_s": round(result.mb_per_s, 1),
             "bytes": result.bytes,
             "seconds": round(result.seconds, 2),
-            "connections": 16,
+            "connections": CONNECTIONS,
             "path": "host link (the node link has the same qdisc)",
         }
+
+    def _drop_version(self, name: str, version: str, keys: list[str]) -> None:
+        """The version's files, objects and node-cache blocks gone, before the next repeat.
+
+        Removed through the writer mount: the volume is formatted with
+        `--trash-days 0` (devcluster.storage.juicefs.JuiceFSVolume.format), so
+        the writer's client deletes a removed file's objects at once instead
+        of keeping them in a trash; this waits until MinIO lists none of them.
+        The node cache keeps its copies of deleted blocks (no client there
+        deletes them, and the node agent evicts only what it can still read a
+        manifest of): they are removed here, from the node's disk, with no pod
+        running. The node agent's record of the version stays on the Node.
+        """
+        stack, store = self.storage.stack, self.storage.store
+        shutil.rmtree(stack.bento_dir(name, version))
+        cached = cached_copies(self._node_cache(), keys)
+        for path in cached:
+            path.unlink(missing_ok=True)
+        wanted = set(keys)
+        deadline = time.monotonic() + 300
+        left = wanted
+        while left and time.monotonic() < deadline:
+            time.sleep(1)
+            left = wanted & set(store.s3.list_objects(store.bucket, f"{stack.volume_name}/chunks/"))
         say(
             "cold-start",
-            f"published {self.manifest.total_bytes / MIB:.0f} MiB ({len(self.keys)} blocks); "
-            f"raw {result.mb_per_s:.0f} MiB/s under {self.profile.name}",
+            f"removed {name}:{version}: {len(cached)} blocks from the node cache, "
+            f"{len(wanted) - len(left)} of {len(wanted)} objects from MinIO",
         )
 
-    def plain_key(self, name: str, version: str, path: str) -> str:
-        return f"{PLAIN_PREFIX}/{name}/{version}/models/{path}"
+    # -- the baseline's plain copy ----------------------------------------------
 
-    def _upload_plain(self, source: Path, name: str, version: str) -> None:
+    def _plain(self, runs: SizeRuns) -> list[str]:
+        _, name, _ = self.identity()
+        return [plain_key(name, runs.mib, f.path) for f in runs.files]
+
+    def _fetch_spec(self, runs: SizeRuns) -> dict[str, Any]:
+        store = self.storage.store
+        files = [
+            (key, f.path, f.size) for f, key in zip(runs.files, self._plain(runs), strict=True)
+        ]
+        return fetch_spec(store.endpoint, store.bucket, files)
+
+    def _upload_plain(self, source: Path, runs: SizeRuns) -> None:
         """The same files as plain objects, readable without keys (the baseline's copy)."""
-        assert self.shaped is not None
-        assert self.manifest is not None
-        store = self.shaped.store
-        for entry in self.manifest.files:
-            data = (source / entry.path).read_bytes()
-            store.s3.put_object(store.bucket, self.plain_key(name, version, entry.path), data)
+        store = self.storage.store
+        for entry, key in zip(runs.files, self._plain(runs), strict=True):
+            store.s3.put_object(store.bucket, key, (source / entry.path).read_bytes())
+
+    def _delete_plain(self, runs: SizeRuns) -> None:
+        store = self.storage.store
+        for key in self._plain(runs):
+            store.s3.delete_object(store.bucket, key)
+
+    def _allow_plain_reads(self) -> None:
+        store = self.storage.store
         policy = {
             "Version": "2012-10-17",
             "Statement": [
@@ -217,22 +731,6 @@ class Session:
         if status not in (200, 204):
             raise RuntimeError(f"bucket policy: HTTP {status}: {body[:300]!r}")
 
-    def stop(self) -> None:
-        try:
-            self.cp.stop()
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def identity(self) -> tuple[str, str, str]:
-        """(deployment, bento repository, bento version) of the example."""
-        deployment = deployment_of(example_docs())
-        labels = deployment["spec"]["template"]["metadata"]["labels"]
-        return (
-            deployment["metadata"]["name"],
-            labels["yatai.ai/bento-repository"],
-            labels["yatai.ai/bento-version"],
-        )
-
     # -- one start -----------------------------------------------------------
 
     def apply_and_wait(self, namespace: str, docs: list[dict[str, Any]], what: str) -> StartResult:
@@ -240,8 +738,8 @@ class Session:
         deployment = deployment_of(docs)
         name = deployment["metadata"]["name"]
         text = yaml.safe_dump_all(docs)
-        assert self.shaped is not None
-        served_before = store_requests(self.shaped.store)
+        served_before = store_requests(self.storage.store)
+        load_avg = load()
         applied = time.monotonic()
         cp.kubectl("apply", "-f", "-", input=text)
         seen: dict[str, float] = {}
@@ -261,8 +759,8 @@ class Session:
         if pod is None or "Ready=True" not in seen:
             raise RuntimeError(f"{what}: no pod Ready within 900 s; seen {seen}")
         pod_name = pod["metadata"]["name"]
-        result = StartResult(seen["Ready=True"], seen, pod_name)
-        served = store_requests(self.shaped.store) - served_before
+        result = StartResult(seen["Ready=True"], seen, pod_name, load_avg=load_avg)
+        served = store_requests(self.storage.store) - served_before
         result.store_mib = round(served.bytes_sent / MIB, 1)
         result.events = [
             {"reason": e.get("reason", ""), "message": e.get("message", "")}
@@ -274,8 +772,8 @@ class Session:
         result.app_log = [line for line in logs.splitlines() if "loaded" in line][-3:]
         say(
             "cold-start",
-            f"{what}: Ready {result.seconds:.1f}s after apply, the store serving "
-            f"{result.store_mib} MiB ({seen})",
+            f"{what}: Ready {result.seconds:.1f}s after apply (load {load_avg['1m']}), the "
+            f"store serving {result.store_mib} MiB ({seen})",
         )
         say("cold-start", f"{what}: the app says {result.app_log}")
         cp.kubectl("delete", "deployment", name, "-n", namespace, "--wait=true", timeout=180)
@@ -288,94 +786,6 @@ class Session:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"pods in {namespace} did not go away")
             time.sleep(0.5)
-
-    def ours_docs(self) -> list[dict[str, Any]]:
-        docs = example_docs()
-        deployment_of(docs)["spec"]["replicas"] = 1  # one GPU on the node
-        return docs
-
-    def ours(self, key: str, what: str) -> StartResult:
-        if key not in self.results:
-            if not self.opted_in:
-                self.cp.create_namespace(
-                    OURS_NAMESPACE, {"juicefs.bentoml.com/injection": "enabled"}
-                )
-                self.cp.wait_provisioned(OURS_NAMESPACE)
-                self.opted_in = True
-            self.results[key] = self.apply_and_wait(OURS_NAMESPACE, self.ours_docs(), what)
-        return self.results[key]
-
-    def cold(self) -> StartResult:
-        return self.ours("cold", "cold start (injected, empty node cache)")
-
-    def warm(self) -> StartResult:
-        self.cold()
-        return self.ours("warm", "warm start (injected, the same node again)")
-
-    def baseline_docs(self) -> list[dict[str, Any]]:
-        assert self.shaped is not None
-        assert self.manifest is not None
-        _, name, version = self.identity()
-        store = self.shaped.store
-        spec = {
-            "endpoint": store.endpoint,
-            "bucket": store.bucket,
-            "dest": "/models",
-            "connections": 16,
-            "range_bytes": 8 * MIB,
-            "files": [
-                {"key": self.plain_key(name, version, f.path), "path": f.path, "size": f.size}
-                for f in self.manifest.files
-            ],
-        }
-        config_map = {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "fetch-model", "namespace": BASELINE_NAMESPACE},
-            "data": {"fetch_model.py": FETCH_SCRIPT.read_text(), "spec.json": json.dumps(spec)},
-        }
-        docs = []
-        for doc in example_docs():
-            doc["metadata"]["namespace"] = BASELINE_NAMESPACE
-            docs.append(doc)
-        deployment = deployment_of(docs)
-        deployment["spec"]["replicas"] = 1
-        template = deployment["spec"]["template"]
-        template["metadata"]["labels"].pop("juicefs.bentoml.com/model-store", None)
-        template["metadata"].get("annotations", {}).pop("juicefs.bentoml.com/cache-size", None)
-        pod = template["spec"]
-        pod["volumes"] = [
-            *pod.get("volumes", []),
-            {"name": "models", "emptyDir": {}},
-            {"name": "fetch", "configMap": {"name": "fetch-model"}},
-        ]
-        pod["initContainers"] = [
-            {
-                "name": "fetch-model",
-                "image": SAMPLE_BENTO_IMAGE,
-                "imagePullPolicy": "IfNotPresent",
-                "command": ["python3", "/fetch/fetch_model.py", "/fetch/spec.json"],
-                "volumeMounts": [
-                    {"name": "models", "mountPath": "/models"},
-                    {"name": "fetch", "mountPath": "/fetch", "readOnly": True},
-                ],
-            }
-        ]
-        main = pod["containers"][0]
-        main["volumeMounts"] = [
-            *main.get("volumeMounts", []),
-            {"name": "models", "mountPath": MODELS_PATH, "readOnly": True},
-        ]
-        return [config_map, *docs]
-
-    def baseline(self) -> StartResult:
-        if "baseline" not in self.results:
-            self.cp.create_namespace(BASELINE_NAMESPACE)
-            result = self.apply_and_wait(
-                BASELINE_NAMESPACE, self.baseline_docs(), "baseline (download, then start)"
-            )
-            self.results["baseline"] = result
-        return self.results["baseline"]
 
 
 class SharedSession:
@@ -405,165 +815,160 @@ class SharedSession:
             current.stop()
 
 
-def _common(s: Session, scenario: str) -> dict[str, Any]:
-    assert s.manifest is not None
+# -- the records -------------------------------------------------------------
+
+
+def _record(s: Session, scenario: str) -> dict[str, Any]:
+    """Both scenarios' record: every figure at each size, from the session's one set of runs."""
+    sizes = s.all_runs()
     record = new_record(
         scenario,
         {
             "model_mib": s.args.cold_size_mib,
-            "shards": 4,
+            "large_mib": s.args.cold_large_mib,
+            "repeats": s.args.repeats,
+            "shards": SHARDS,
             "profile": {"mb_per_s": s.profile.mb_per_s, "delay_ms": s.profile.delay_ms},
             "deployment": str(EXAMPLE.relative_to(REPO)) + " with replicas: 1",
             "node": "the local real node (containerd + kubelet), its pods reach MinIO over a "
             "veth to the store's netns with the same tbf as the host link",
+            "cold": "each repeat a new Bento version of the same files: new JuiceFS blocks, "
+            "none of them in the node cache; raw measured on each size's first repeat",
         },
     )
+    # new_record's load_before is now, after the runs: the session's start is before them.
+    record["load_before"] = s.load_at_start
     record["versions"] = s.versions
-    bytes_ = s.manifest.total_bytes
-    raw_bps = s.raw["mib_per_s"] * MIB
-    record["model_bytes"] = bytes_
-    record["raw_mb_per_s"] = s.raw["mib_per_s"]  # MiB/s, as every rate here
-    record["raw"] = s.raw
-    record["transfer_s"] = round(bytes_ / raw_bps, 2)
-    record["cold_start_limit_s"] = round(1.15 * bytes_ / raw_bps + 5, 2)
+    record["repeats"] = s.args.repeats
+    record["spread"] = {}
+    record["runs"] = {}
+    for runs in sizes:
+        keys, spreads = runs.record()
+        record.update(keys)
+        record["spread"].update(spreads)
+        record["runs"][runs.name] = [r.as_dict() for r in runs.repeats]
     return record
-
-
-def _models_ready(result: StartResult) -> str:
-    return next((e["message"] for e in result.events if e["reason"] == "ModelsReady"), "")
-
-
-def app_load_seconds(result: StartResult) -> float | None:
-    """How long the app took to read and hash its model, by its own log line."""
-    for line in reversed(result.app_log):
-        if (match := _APP_LOADED.search(line)) is not None:
-            return float(match["s"])
-    return None
-
-
-def pod_start_seconds(baseline: StartResult) -> float | None:
-    """Apply to the app container running, without the model's download: the
-    baseline's `main running` less its init container's download (running to
-    finished). What any pod of this image on this node costs before its app."""
-    m = baseline.milestones
-    needed = ("main running", "fetch-model running", "fetch-model finished")
-    if not all(k in m for k in needed):
-        return None
-    download = m["fetch-model finished"] - m["fetch-model running"]
-    return round(m["main running"] - download, 2)
 
 
 def run_cold(args: argparse.Namespace, shared: SharedSession) -> dict[str, Any]:
     s = shared.get(args)
-    cold = s.cold()
-    baseline = s.baseline()
-    record = _common(s, "cold-start")
-    record["cold_start_s"] = round(cold.seconds, 2)
-    record["baseline_s"] = round(baseline.seconds, 2)
-    record["cold_start_vs_limit"] = round(cold.seconds / record["cold_start_limit_s"], 3)
-    record["cold_start_vs_baseline"] = round(cold.seconds / baseline.seconds, 3)
-    record["models_ready_event"] = _models_ready(cold)
-    record["pod_start_s"] = pod_start_seconds(baseline)
-    record["app_local_load_s"] = app_load_seconds(baseline)
-    record["app_cold_load_s"] = app_load_seconds(cold)
-    record["runs"] = {"cold": cold.as_dict(), "baseline": baseline.as_dict()}
+    record = _record(s, "cold-start")
+    for runs in s.all_runs():
+        record[sized("models_ready_event", runs.large)] = models_ready(runs.repeats[0].cold)
     return record
 
 
 def run_warm(args: argparse.Namespace, shared: SharedSession) -> dict[str, Any]:
     s = shared.get(args)
-    cold = s.cold()
-    record = _common(s, "warm-start")
-    record["cold_start_s"] = round(cold.seconds, 2)
-    message = _models_ready(cold)
-    match = _READY_MESSAGE.search(message)
-    node_mode = _SEALED in message or (match is not None and match["mode"] == "node")
-    if not node_mode:
+    record = _record(s, "warm-start")
+    message = models_ready(s.runs(False).repeats[0].cold)
+    if not node_mode(message):
         record["node_cache"] = (
             "not there yet: the sidecar's ModelsReady Event names no node cache "
             f"({message!r}); warm start needs cache mode `node` (issue 7)"
         )
-        record["warm_start_s"] = None
-        record["node_cache_fraction"] = None
         return record
-    warm = s.warm()
-    message = _models_ready(warm)
-    fraction = re.search(r"MiB \((?P<pct>[\d.]+)%\) from the node cache", message)
-    record["warm_start_s"] = round(warm.seconds, 2)
-    record["warm_vs_cold"] = round(warm.seconds / cold.seconds, 3)
-    record["app_warm_load_s"] = app_load_seconds(warm)
-    baseline = s.baseline()
-    pod_start, local_load = pod_start_seconds(baseline), app_load_seconds(baseline)
-    record["pod_start_s"], record["app_local_load_s"] = pod_start, local_load
-    if pod_start is not None and local_load is not None:
-        # Issue 18's target: at most 1.2 x (pod start + the app's load from local disk).
-        record["warm_start_target_s"] = round(1.2 * (pod_start + local_load), 2)
-        record["warm_start_vs_target"] = round(warm.seconds / record["warm_start_target_s"], 3)
-    if fraction is not None:
-        record["node_cache_fraction"] = float(fraction["pct"]) / 100
-    else:
-        # A seal checks that every block of the pod's files is in the node cache.
-        record["node_cache_fraction"] = 1.0 if _SEALED in message else None
-    record["models_ready_event"] = message
-    record["runs"] = {
-        "cold": cold.as_dict(),
-        "warm": warm.as_dict(),
-        "baseline": baseline.as_dict(),
-    }
+    for runs in s.all_runs():
+        warm = runs.repeats[0].warm
+        record[sized("models_ready_event", runs.large)] = "" if warm is None else models_ready(warm)
     return record
 
 
-def table(record: dict[str, Any]) -> list[tuple[str, str, str]]:
-    limit = record["cold_start_limit_s"]
+# -- the table ---------------------------------------------------------------
+
+
+def _num(value: float | None, unit: str = " s", fmt: str = "g") -> str:
+    return "n/a" if value is None else f"{value:{fmt}}{unit}"
+
+
+def _spread(record: Mapping[str, Any], key: str, unit: str = " s") -> str:
+    found = record.get("spread", {}).get(key)
+    if not found:
+        return "no runs"
+    return f"{record['repeats']} runs {found[0]:g}-{found[1]:g}{unit}"
+
+
+def _size_rows(record: Mapping[str, Any], large: bool) -> list[tuple[str, str, str]]:
+    def k(name: str) -> str:
+        return sized(name, large)
+
+    mib = record[k("model_bytes")] / MIB
+    cap = record["settings"]["profile"]["mb_per_s"]
+    limit = record[k("cold_start_limit_s")]
     rows = [
         (
-            f"raw GETs under {record['settings']['profile']['mb_per_s']:g} MB/s cap",
-            f"{record['raw_mb_per_s']} MiB/s",
-            f"{record['model_bytes'] / MIB:.0f} MiB in {record['transfer_s']} s; "
-            f"limit 1.15x + 5 s = {limit} s",
+            f"{mib:.0f} MiB: raw GETs under {cap:g} MB/s cap",
+            f"{record[k('raw_mb_per_s')]} MiB/s",
+            f"in {record[k('transfer_s')]} s; limit 1.15x + 5 s = {limit} s",
         )
     ]
     if record["scenario"] == "cold-start":
-        rows.append(
-            (
-                "cold start, apply to Ready (injected)",
-                f"{record['cold_start_s']} s",
-                f"{record['cold_start_vs_limit']:.2f}x the limit",
-            )
-        )
-        rows.append(
-            (
-                "baseline: download whole model, then start",
-                f"{record['baseline_s']} s",
-                f"ours is {record['cold_start_vs_baseline']:.2f}x of it",
-            )
-        )
-        rows.append(
-            (
-                "the app's own load: cold (ours), local emptyDir (baseline)",
-                f"{record['app_cold_load_s']} s",
-                f"{record['app_local_load_s']} s local; pod start {record['pod_start_s']} s",
-            )
-        )
-    else:
-        if record["warm_start_s"] is None:
-            rows.append(("warm start", "n/a", record["node_cache"]))
-        else:
-            rows.append(
-                (
-                    "warm start, apply to Ready on a warm node",
-                    f"{record['warm_start_s']} s",
-                    f"{record['warm_vs_cold']:.2f}x cold ({record['cold_start_s']} s); "
-                    f"{(record['node_cache_fraction'] or 0):.1%} of bytes from the node cache",
-                )
-            )
-            if record.get("warm_start_target_s") is not None:
-                rows.append(
-                    (
-                        "warm start vs 1.2 x (pod start + the app's local load)",
-                        f"{record['warm_start_target_s']} s",
-                        f"{record['warm_start_vs_target']:.2f}x the target; the app's warm "
-                        f"load {record['app_warm_load_s']} s, local {record['app_local_load_s']} s",
-                    )
-                )
+        return [*rows, *_cold_rows(record, large, mib)]
+    return [*rows, *_warm_rows(record, large, mib)]
+
+
+def _cold_rows(record: Mapping[str, Any], large: bool, mib: float) -> list[tuple[str, str, str]]:
+    def k(name: str) -> str:
+        return sized(name, large)
+
+    return [
+        (
+            f"{mib:.0f} MiB: cold start, apply to Ready (injected)",
+            _num(record[k("cold_start_s")]),
+            f"{_num(record[k('cold_start_vs_limit')], 'x', '.2f')} the limit; "
+            f"{_spread(record, k('cold_start_s'))}",
+        ),
+        (
+            f"{mib:.0f} MiB: baseline: download whole model, then start",
+            _num(record[k("baseline_s")]),
+            f"ours is {_num(record[k('cold_start_vs_baseline')], 'x', '.2f')} of it; "
+            f"{_spread(record, k('baseline_s'))}",
+        ),
+        (
+            f"{mib:.0f} MiB: the app's own load: cold (ours), local emptyDir (baseline)",
+            _num(record[k("app_cold_load_s")]),
+            f"{_spread(record, k('app_cold_load_s'))}; local {_num(record[k('app_local_load_s')])}"
+            f" ({_spread(record, k('app_local_load_s'))})",
+        ),
+        (
+            f"{mib:.0f} MiB: pod start; the app's start from local disk (baseline)",
+            _num(record[k("pod_start_s")]),
+            f"{_spread(record, k('pod_start_s'))}; app start "
+            f"{_num(record[k('app_local_start_s')])} ({_spread(record, k('app_local_start_s'))})",
+        ),
+    ]
+
+
+def _warm_rows(record: Mapping[str, Any], large: bool, mib: float) -> list[tuple[str, str, str]]:
+    def k(name: str) -> str:
+        return sized(name, large)
+
+    if record.get("node_cache") is not None:
+        return [(f"{mib:.0f} MiB: warm start", "n/a", record["node_cache"])]
+    fraction = record[k("node_cache_fraction")]
+    return [
+        (
+            f"{mib:.0f} MiB: warm start, apply to Ready on a warm node",
+            _num(record[k("warm_start_s")]),
+            f"{_num(record[k('warm_vs_cold')], 'x', '.2f')} cold "
+            f"({_num(record[k('cold_start_s')])}); "
+            f"{_num(fraction, '', '.1%')} of bytes from the node cache; "
+            f"{_spread(record, k('warm_start_s'))}",
+        ),
+        (
+            f"{mib:.0f} MiB: target 1.2 x (pod start + the app's start from local disk)",
+            _num(record[k("warm_start_target_s")]),
+            f"warm is {_num(record[k('warm_start_vs_target')], 'x', '.2f')} the target "
+            f"({_spread(record, k('warm_start_vs_target'), 'x')}); target "
+            f"{_spread(record, k('warm_start_target_s'))}; the app's warm load "
+            f"{_num(record[k('app_warm_load_s')])}, local {_num(record[k('app_local_load_s')])}",
+        ),
+    ]
+
+
+def table(record: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Medians of the repeats, each with its spread (min-max), for each size."""
+    rows = _size_rows(record, False)
+    if sized("model_bytes", True) in record:
+        rows.extend(_size_rows(record, True))
     return rows
