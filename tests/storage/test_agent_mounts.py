@@ -150,6 +150,11 @@ def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
                 while not any(status == "True" for status, _, _ in api.conditions):
                     assert sidecar.returncode is None, "the sidecar exited early"
                     await asyncio.sleep(0.2)
+                # Node mode: the sidecar mounts after the agent's seal set the
+                # condition; the app starts once the mount answers (its probe).
+                while "MountReady" not in [reason for _, reason, _ in api.events]:
+                    assert sidecar.returncode is None, "the sidecar exited early"
+                    await asyncio.sleep(0.2)
             served = fuse_servers("tenant-a")
             # What the app sees: the published bytes, read-only.
             for entry in model.files:
@@ -190,6 +195,8 @@ def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
         # Node mode: the gate is the agent's, from its seal; nothing verified here.
         assert opened == ["ModelsSealed"]
         assert sealed == [(bento, ())]
+        # Sealed first, then mounted: the client's start-up scan found every block.
+        assert reasons.index("ModelsReady") < reasons.index("MountReady"), reasons
     assert not is_mounted(paths.mount_dir_path)
     assert not is_mounted(paths.private_mount)
     assert not is_mounted(paths.cache_path)
