@@ -273,3 +273,9 @@ def test_the_table_without_the_large_model_or_a_node_cache() -> None:
     rows = coldstart.table(found)
     assert all(row[0].startswith("2048 MiB") for row in rows)
     assert ("2048 MiB: warm start", "n/a", "not there yet") in rows
+
+
+def test_direct_reclaim_is_read_from_vmstat() -> None:
+    vmstat = "pgsteal_kswapd 10\npgsteal_direct 1234\npgscan_direct 2000\n"
+    assert coldstart.direct_reclaim_pages(vmstat) == 1234
+    assert coldstart.direct_reclaim_pages("nr_free_pages 5\n") == 0
