@@ -194,6 +194,28 @@ class StartResult:
 
 
 PAGE = 4096
+# JuiceFS stops caching when less than this share of the cache disk is free
+# (its --free-space-ratio default); the node cache here is on the host's disk.
+JUICEFS_FREE_RATIO = 0.1
+# Copies of the largest model on disk at once: its source files, its blocks
+# and the plain copy in MinIO, the node cache, the baseline's emptyDir.
+COPIES_ON_DISK = 5
+
+
+def disk_shortfall(free: int, total: int, largest_model: int) -> str | None:
+    """Why the disk cannot hold a repeat of the largest model (None if it can).
+
+    Short of room, the node agent's JuiceFS evicts the blocks it is warming
+    and fetches them again: a cold start that measures the disk, not the link.
+    """
+    needed = COPIES_ON_DISK * largest_model + int(JUICEFS_FREE_RATIO * total)
+    if free >= needed:
+        return None
+    return (
+        f"{free / 2**30:.0f} GiB free, but a repeat of the {largest_model / 2**30:.0f} GiB model "
+        f"needs {needed / 2**30:.0f} GiB ({COPIES_ON_DISK} copies on disk, and JuiceFS keeps "
+        f"{JUICEFS_FREE_RATIO:.0%} of the disk free); free some, or lower --cold-large-mib"
+    )
 
 
 def direct_reclaim_pages(vmstat: str) -> int:
@@ -535,6 +557,10 @@ class Session:
 
     def start(self) -> None:
         self.load_at_start = load()
+        usage = shutil.disk_usage(self.tmp)
+        largest = max(self.args.cold_size_mib, self.args.cold_large_mib) * MIB
+        if (problem := disk_shortfall(usage.free, usage.total, largest)) is not None:
+            raise RuntimeError(f"{self.tmp}: {problem}")
         # The node agent mounts for every sidecar: without it no pod starts.
         self.cp.on_ready.extend([self._start_storage, start_injector, start_node_agent])
         self.cp.on_stop.extend([self._stop_storage, stop_injector, stop_node_agent])

@@ -279,3 +279,11 @@ def test_direct_reclaim_is_read_from_vmstat() -> None:
     vmstat = "pgsteal_kswapd 10\npgsteal_direct 1234\npgscan_direct 2000\n"
     assert coldstart.direct_reclaim_pages(vmstat) == 1234
     assert coldstart.direct_reclaim_pages("nr_free_pages 5\n") == 0
+
+
+def test_a_disk_too_small_for_the_large_model_is_refused_up_front() -> None:
+    gib = 2**30
+    assert coldstart.disk_shortfall(70 * gib, 252 * gib, 8 * gib) is None
+    problem = coldstart.disk_shortfall(50 * gib, 252 * gib, 8 * gib)
+    assert problem is not None
+    assert "needs 65 GiB" in problem
