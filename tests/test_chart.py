@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from injector.config import parse_config
+from injector.config import InjectorConfig, parse_config
 from tests.helpers import bento_pod, inject
 from tests.kit.chart import (
     CERT_MANAGER,
@@ -53,6 +53,7 @@ from tests.kit.chart import (
 )
 
 CONFIG_MAP = ("ConfigMap", "bento-juicefs-injector-config", NAMESPACE)
+DEPLOYMENT = ("Deployment", "bento-juicefs-injector", NAMESPACE)
 DASHBOARD_CONFIG_MAP = ("ConfigMap", "bento-juicefs-dashboard", NAMESPACE)
 DAEMON_SET = ("DaemonSet", "bento-juicefs-node-agent", NAMESPACE)
 
@@ -212,6 +213,8 @@ def test_eks_and_aks_differ_from_gke() -> None:
         ("cache.mode=disk", "value must be one of '', 'pod', 'node'"),
         ("nodeAgent.kubeletRoot=var/lib/kubelet", "nodeAgent/kubeletRoot"),
         ("nodeAgent.kubeletRoot=/", "nodeAgent/kubeletRoot"),
+        ("image.digest=sha256:abc", "image/digest"),
+        ("image.digest=1.2.3", "image/digest"),
     ],
 )
 def test_values_schema_refuses(value: str, message: str) -> None:
@@ -279,6 +282,53 @@ def test_image_replicas_resources_and_node_agent_args() -> None:
         "--log-level",
         "debug",
     ]
+
+
+def injected_sidecar(config: InjectorConfig) -> dict[str, Any]:
+    """The juicefs-mount container the injector with this config adds to a Bento pod."""
+    containers = inject(bento_pod(), config)["spec"]["initContainers"]
+    (sidecar,) = [c for c in containers if c["name"] == config.sidecar.container_name]
+    assert isinstance(sidecar, dict)
+    return sidecar
+
+
+def images(objects: dict[Key, dict[str, Any]]) -> tuple[str, str, str]:
+    """The injector's, the node agent's and the injected sidecar's image."""
+    sidecar = injected_sidecar(parse_config(config_of(objects)))
+    return (
+        pod_spec(objects, DEPLOYMENT)["containers"][0]["image"],
+        pod_spec(objects, DAEMON_SET)["containers"][0]["image"],
+        sidecar["image"],
+    )
+
+
+def test_the_sidecar_image_follows_the_chart_image() -> None:
+    # The default: the chart's appVersion, which is also the injector's own
+    # default (what `python -m injector render` and the golden files use).
+    assert images(helm()) == (InjectorConfig().sidecar.image,) * 3
+    # `helm upgrade --set image.tag=X` moves the sidecars too.
+    moved = helm(
+        "image.repository=registry.example.com/bj", "image.tag=1.2.3", "image.pullPolicy=Always"
+    )
+    assert images(moved) == ("registry.example.com/bj:1.2.3",) * 3
+    # The pull policy is the chart's pods' only: a sidecar's pull is on every cold start.
+    assert injected_sidecar(parse_config(config_of(moved)))["imagePullPolicy"] == "IfNotPresent"
+    # A digest wins over the tag, for all three.
+    digest = "sha256:" + "0123456789abcdef" * 4
+    pinned = helm("image.tag=1.2.3", f"image.digest={digest}")
+    assert images(pinned) == (f"ghcr.io/bentoml/bento-juicefs-sidecar@{digest}",) * 3
+    # An explicit config.sidecar.image wins for the sidecar only.
+    mirrored = helm(
+        "image.tag=1.2.3",
+        "config.sidecar.image=mirror.example.com/bj-sidecar:7",
+        "config.sidecar.imagePullPolicy=Always",
+    )
+    sidecar = injected_sidecar(parse_config(config_of(mirrored)))
+    assert (sidecar["image"], sidecar["imagePullPolicy"]) == (
+        "mirror.example.com/bj-sidecar:7",
+        "Always",
+    )
+    assert images(mirrored)[:2] == ("ghcr.io/bentoml/bento-juicefs-sidecar:1.2.3",) * 2
 
 
 def kubelet_root(spec: dict[str, Any]) -> tuple[str, str, str]:

@@ -10,8 +10,18 @@ app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end }}
 
+{{/*
+The one image of the injector, the node agent and the injected sidecars:
+repository:tag (tag empty: the chart's appVersion), or repository@digest
+when image.digest is set (the digest wins over the tag, as in cert-manager's
+chart).
+*/}}
 {{- define "bento-juicefs.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -60,10 +70,19 @@ aks:
 {{- end }}
 {{- end }}
 
-{{/* config.yaml: what the values set, then .Values.config merged over it. */}}
+{{/*
+config.yaml: what the values set, then .Values.config merged over it. The
+sidecar's image is the chart's (image.*), so `helm upgrade --set image.tag=X`
+moves the sidecars injected from then on with the injector and the agent;
+config.sidecar.image still wins when set. image.pullPolicy is not passed on:
+the sidecar's pull is on every Bento's cold start, so it keeps the config's
+sidecar.imagePullPolicy (IfNotPresent).
+*/}}
 {{- define "bento-juicefs.config" -}}
 {{- $p := include "bento-juicefs.profile" . | fromYaml }}
 {{- $cfg := dict "cluster" (dict "kubernetesVersion" (toString .Values.kubernetesVersion) "platformProfile" .Values.profile) }}
+{{- $sidecar := dict "image" (include "bento-juicefs.image" .) }}
+{{- $_ := set $cfg "sidecar" $sidecar }}
 {{- $cache := dict }}
 {{- if .Values.cache.mode }}{{ $_ := set $cache "mode" .Values.cache.mode }}{{ end }}
 {{- if .Values.cache.nodePath }}{{ $_ := set $cache "nodePath" .Values.cache.nodePath }}{{ end }}
