@@ -32,8 +32,9 @@ from typing import Any
 import pytest
 import yaml
 
+from benchmarks import load
 from injector.config import InjectorConfig, parse_config
-from tests.helpers import bento_pod, inject
+from tests.helpers import bento_pod, inject, run
 from tests.kit.chart import (
     CERT_MANAGER,
     CHART,
@@ -54,6 +55,18 @@ from tests.kit.chart import (
 
 CONFIG_MAP = ("ConfigMap", "bento-juicefs-injector-config", NAMESPACE)
 DEPLOYMENT = ("Deployment", "bento-juicefs-injector", NAMESPACE)
+WEBHOOK = ("MutatingWebhookConfiguration", "bento-juicefs-injector", "")
+SIDECAR_REQUIRED = ("ValidatingAdmissionPolicy", "bento-juicefs-sidecar-required", "")
+NETWORK_POLICY = ("NetworkPolicy", "bento-juicefs-injector", NAMESPACE)
+# Every label the webhook's selectors read, changed from the injector's defaults.
+LABELS = (
+    "config.labels.namespaceOptIn=example.com/bento-models",
+    "config.labels.namespaceOptInValue=on",
+    "config.labels.modelStore=example.com/store",
+    "config.labels.modelStoreValue=jfs",
+    "config.labels.inject=example.com/inject",
+    "config.webhook.excludedNamespaces={kube-system,platform}",
+)
 DASHBOARD_CONFIG_MAP = ("ConfigMap", "bento-juicefs-dashboard", NAMESPACE)
 DAEMON_SET = ("DaemonSet", "bento-juicefs-node-agent", NAMESPACE)
 
@@ -329,6 +342,107 @@ def test_the_sidecar_image_follows_the_chart_image() -> None:
         "Always",
     )
     assert images(mirrored)[:2] == ("ghcr.io/bentoml/bento-juicefs-sidecar:1.2.3",) * 2
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions) selects these labels."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        if operator == "In" and labels.get(key) not in expression["values"]:
+            return False
+        if operator == "NotIn" and key in labels and labels[key] in expression["values"]:
+            return False
+        assert operator in {"In", "NotIn"}, operator
+    return True
+
+
+def test_webhook_failure_policy_and_timeout_values() -> None:
+    (hook,) = helm()[WEBHOOK]["webhooks"]
+    assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Ignore", 5)
+    # What `make bench-load` holds the slowest review against.
+    assert load.webhook_timeout_seconds() == hook["timeoutSeconds"]
+    (hook,) = helm("webhook.failurePolicy=Fail", "webhook.timeoutSeconds=12")[WEBHOOK]["webhooks"]
+    assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Fail", 12)
+
+
+@pytest.mark.parametrize("sets", [(), LABELS], ids=["defaults", "changed-labels"])
+def test_the_webhook_and_the_policy_select_what_the_injector_injects(sets: tuple[str, ...]) -> None:
+    objects = helm(*sets)
+    config = parse_config(config_of(objects))
+    (hook,) = objects[WEBHOOK]["webhooks"]
+    policy = objects[SIDECAR_REQUIRED]["spec"]["matchConstraints"]
+    keys = config.labels
+    opted_in = {keys.namespace_opt_in: keys.namespace_opt_in_value}
+    namespaces = ["serving", *sorted(config.excluded_namespaces)]
+    identity = {keys.bento_repository: "llama3-service", keys.bento_version: "v1"}
+    selected = {**identity, keys.model_store: keys.model_store_value}
+    pods = [
+        selected,
+        {**selected, keys.inject: "false"},
+        {**selected, keys.inject: "true"},
+        {**identity, keys.model_store: "other"},
+        identity,
+    ]
+    for namespace in namespaces:
+        namespace_labels = {**opted_in, "kubernetes.io/metadata.name": namespace}
+        # A namespace without the opt-in label is never sent either.
+        assert not selects(hook["namespaceSelector"], {"kubernetes.io/metadata.name": namespace})
+        for labels in pods:
+            pod = bento_pod()
+            pod["metadata"]["labels"] = labels
+            sent = selects(hook["namespaceSelector"], namespace_labels) and selects(
+                hook["objectSelector"], labels
+            )
+            injected = run(pod, config, namespace).outcome == "injected"
+            assert sent == injected, (namespace, labels)
+            if namespace not in config.excluded_namespaces:
+                # The policy holds exactly those pods to having the sidecar.
+                held = selects(policy["namespaceSelector"], namespace_labels) and selects(
+                    policy["objectSelector"], labels
+                )
+                assert held == sent, (namespace, labels)
+    if sets:
+        assert keys.model_store == "example.com/store"
+        assert config.excluded_namespaces == {"kube-system", "platform", NAMESPACE}
+
+
+def test_the_port_follows_the_config() -> None:
+    objects = helm("config.server.port=8443")
+    assert parse_config(config_of(objects)).server.port == 8443
+    (container,) = pod_spec(objects, DEPLOYMENT)["containers"]
+    assert container["ports"] == [{"name": "https", "containerPort": 8443}]
+    (rule,) = objects[NETWORK_POLICY]["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8443, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("config.webhook.timeoutSeconds=10", "config.webhook.timeoutSeconds was removed: set"),
+        ("config.server.reviewQueueSeconds=5", "must be less than webhook.timeoutSeconds (5)"),
+        ("webhook.timeoutSeconds=1", "config.server.reviewQueueSeconds (1) must be less"),
+        ("config.labels.model_store=x", "config.labels.model_store: write it modelStore"),
+        ("config.webhook.namespace=other", 'config.webhook.namespace is "other"'),
+        ("config.sidecar.containerName=x", 'config.sidecar.containerName is "x"'),
+        ("config.readiness.condition_type=x", 'config.readiness.condition_type is "x"'),
+        ("webhook.failurePolicy=Maybe", "value must be one of 'Ignore', 'Fail'"),
+        ("webhook.timeoutSeconds=31", "webhook/timeoutSeconds"),
+        ("config.server.port=0", "config/server/port"),
+    ],
+)
+def test_the_chart_refuses_settings_its_objects_cannot_follow(value: str, message: str) -> None:
+    args = [str(tool_binaries()["helm"]), "template", "x", str(CHART), "--set", value]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def test_repeating_a_fixed_name_in_the_config_is_allowed() -> None:
+    objects = helm("config.webhook.namespace=bento-juicefs-system")
+    assert parse_config(config_of(objects)).webhook.namespace == NAMESPACE
 
 
 def kubelet_root(spec: dict[str, Any]) -> tuple[str, str, str]:

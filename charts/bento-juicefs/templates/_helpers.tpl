@@ -98,6 +98,118 @@ sidecar.imagePullPolicy (IfNotPresent).
 {{- end }}
 
 {{/*
+The injector's defaults (injector/config.py) for the config keys that other
+objects follow: the webhook's and the sidecar-required policy's selectors,
+the sidecar PodMonitor's, the injector's port (Deployment, NetworkPolicy)
+and the bound the webhook's timeout must exceed. tests/test_chart.py renders
+the chart with these changed and checks every object against the config
+the injector parses.
+*/}}
+{{- define "bento-juicefs.injectorDefaults" -}}
+labels:
+  namespaceOptIn: juicefs.bentoml.com/injection
+  namespaceOptInValue: enabled
+  modelStore: juicefs.bentoml.com/model-store
+  modelStoreValue: juicefs
+  inject: juicefs.bentoml.com/inject
+webhook:
+  excludedNamespaces: [kube-system, kube-public, kube-node-lease]
+server:
+  port: 9443
+  reviewQueueSeconds: 1
+{{- end }}
+
+{{/*
+Config keys whose value the chart's objects name as they are (object names,
+and what the admission policies' CEL and the sidecar PodMonitor spell): the
+config may repeat the value, not change it.
+*/}}
+{{- define "bento-juicefs.fixedConfig" -}}
+webhook:
+  name: inject.juicefs.bentoml.com
+  configurationName: bento-juicefs-injector
+  namespace: bento-juicefs-system
+  serviceName: bento-juicefs-injector
+  caSecretName: bento-juicefs-injector-ca
+sidecar:
+  containerName: juicefs-mount
+volumes:
+  mountDirName: juicefs-mount-dir
+  cacheName: juicefs-cache
+  agentName: juicefs-agent
+readiness:
+  conditionType: juicefs.bentoml.com/models-ready
+{{- end }}
+
+{{/*
+The keys of injectorDefaults as the injector will read them: the rendered
+config.yaml's value where it sets one (an empty one too), else the default.
+A key the chart reads must be written camelCase: the injector also takes
+snake_case, which the chart would miss, so that is refused here, as are a
+changed fixedConfig key and a key that became a chart value.
+*/}}
+{{- define "bento-juicefs.effective" -}}
+{{- $cfg := include "bento-juicefs.config" . | fromYaml }}
+{{- $webhook := $cfg.webhook | default dict }}
+{{- if and (kindIs "map" $webhook) (or (hasKey $webhook "timeoutSeconds") (hasKey $webhook "timeout_seconds")) }}
+{{- fail "config.webhook.timeoutSeconds was removed: set the chart value webhook.timeoutSeconds, which the MutatingWebhookConfiguration gets" }}
+{{- end }}
+{{- range $section, $keys := (include "bento-juicefs.fixedConfig" . | fromYaml) }}
+{{- $given := get $cfg $section | default dict }}
+{{- if kindIs "map" $given }}
+{{- range $key, $fixed := $keys }}
+{{- range $spelling := list $key (snakecase $key) | uniq }}
+{{- if and (hasKey $given $spelling) (ne (toString (get $given $spelling)) $fixed) }}
+{{- fail (printf "config.%s.%s is %q, but the chart's objects name %s: leave the key out (the chart cannot follow it)" $section $spelling (toString (get $given $spelling)) $fixed) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $out := dict }}
+{{- range $section, $keys := (include "bento-juicefs.injectorDefaults" . | fromYaml) }}
+{{- $given := get $cfg $section | default dict }}
+{{- if not (kindIs "map" $given) }}{{ $given = dict }}{{ end }}
+{{- $merged := dict }}
+{{- range $key, $value := $keys }}
+{{- if and (ne (snakecase $key) $key) (hasKey $given (snakecase $key)) }}
+{{- fail (printf "config.%s.%s: write it %s (camelCase): the chart reads that spelling to render its other objects alike" $section (snakecase $key) $key) }}
+{{- end }}
+{{- $_ := set $merged $key (ternary (get $given $key) $value (hasKey $given $key)) }}
+{{- end }}
+{{- $_ := set $out $section $merged }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/*
+The webhook's namespaceSelector and objectSelector, from the config's labels
+(what the injector screens by: injector/plan.py) and excluded namespaces;
+the sidecar-required policy selects the same pods.
+*/}}
+{{- define "bento-juicefs.namespaceSelector" -}}
+{{- $c := include "bento-juicefs.effective" . | fromYaml -}}
+matchExpressions:
+  - key: {{ $c.labels.namespaceOptIn | quote }}
+    operator: In
+    values: [{{ $c.labels.namespaceOptInValue | quote }}]
+  - key: kubernetes.io/metadata.name
+    operator: NotIn
+    values: {{ append $c.webhook.excludedNamespaces "bento-juicefs-system" | uniq | toJson }}
+{{- end }}
+
+{{- define "bento-juicefs.objectSelector" -}}
+{{- $c := include "bento-juicefs.effective" . | fromYaml -}}
+matchExpressions:
+  - key: {{ $c.labels.modelStore | quote }}
+    operator: In
+    values: [{{ $c.labels.modelStoreValue | quote }}]
+  - key: {{ $c.labels.inject | quote }}
+    operator: NotIn
+    values: ["false"]
+{{- end }}
+
+{{/*
 The credentials Secrets the namespace controller copies into opted-in
 namespaces, by name: one per config.juicefs.allowedVolumes, named by
 config.juicefs.secretNameTemplate (the injector's defaults when unset).
