@@ -16,12 +16,16 @@ after this normalisation and nothing else:
   Selectors and pod template labels are compared as they are;
 - the ConfigMap's config.yaml (a YAML document inside a string) is compared
   parsed, so its key order, quoting and comments do not count;
+- the pod template annotation checksum/config (CHECKSUM in tests/kit/chart.py)
+  of the Deployment and the DaemonSet is removed (and annotations with it
+  when that leaves it empty): the overlays cannot hash their config;
 - everything else is compared as parsed YAML, i.e. key order and YAML
   formatting (flow or block style, comments) do not count; values do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -38,6 +42,7 @@ from tests.helpers import bento_pod, inject, run
 from tests.kit.chart import (
     CERT_MANAGER,
     CHART,
+    CHECKSUM,
     HELM_LABELS,
     NAMESPACE,
     OVERLAYS,
@@ -443,6 +448,30 @@ def test_the_chart_refuses_settings_its_objects_cannot_follow(value: str, messag
 def test_repeating_a_fixed_name_in_the_config_is_allowed() -> None:
     objects = helm("config.webhook.namespace=bento-juicefs-system")
     assert parse_config(config_of(objects)).webhook.namespace == NAMESPACE
+
+
+def checksums(objects: dict[Key, dict[str, Any]]) -> tuple[str, str]:
+    """The checksum/config annotation of the injector's and the node agent's pods."""
+    return (
+        objects[DEPLOYMENT]["spec"]["template"]["metadata"]["annotations"][CHECKSUM],
+        objects[DAEMON_SET]["spec"]["template"]["metadata"]["annotations"][CHECKSUM],
+    )
+
+
+def test_a_changed_config_rolls_the_injector_and_the_agents() -> None:
+    objects = helm()
+    text = objects[CONFIG_MAP]["data"]["config.yaml"]
+    # The hash of the config.yaml the pods read (the block scalar adds the last newline).
+    digest = hashlib.sha256(text.removesuffix("\n").encode()).hexdigest()
+    assert checksums(objects) == (digest, digest)
+    for changed in ("config.juicefs.bufferSizeMib=512", "image.tag=1.2.3", "profile=eks"):
+        assert set(checksums(helm(changed))).isdisjoint(checksums(objects)), changed
+    # What is not in the config does not roll them.
+    assert checksums(helm("injector.replicas=3", "nodeAgent.retrySeconds=30")) == checksums(objects)
+    # The comparison with the overlays ignores exactly this annotation.
+    annotated = normalise(objects[DEPLOYMENT])
+    annotated["spec"]["template"]["metadata"]["annotations"] = {"other": "x"}
+    assert normalise(annotated) != normalise(objects[DEPLOYMENT])
 
 
 def kubelet_root(spec: dict[str, Any]) -> tuple[str, str, str]:
