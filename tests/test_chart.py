@@ -474,6 +474,22 @@ def test_a_changed_config_rolls_the_injector_and_the_agents() -> None:
     assert normalise(annotated) != normalise(objects[DEPLOYMENT])
 
 
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_the_pdb_follows_the_replica_count(replicas: int) -> None:
+    objects = helm(f"injector.replicas={replicas}")
+    assert objects[DEPLOYMENT]["spec"]["replicas"] == replicas
+    pdb = objects.get(("PodDisruptionBudget", "bento-juicefs-injector", NAMESPACE))
+    if replicas == 1:
+        # minAvailable 1 of 1 would block every drain of the replica's node.
+        assert pdb is None
+        return
+    assert pdb is not None
+    assert pdb["spec"] == {
+        "minAvailable": 1,
+        "selector": objects[DEPLOYMENT]["spec"]["selector"],
+    }
+
+
 def kubelet_root(spec: dict[str, Any]) -> tuple[str, str, str]:
     """The kubelet-root hostPath, its mountPath and the agent's --kubelet-root."""
     (volume,) = [v for v in spec["volumes"] if v["name"] == "kubelet-root"]
