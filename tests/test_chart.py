@@ -509,14 +509,49 @@ def test_the_kubelet_root_value_sets_the_host_path_the_mount_and_the_flag() -> N
     assert kubelet_root(pod_spec(objects, DAEMON_SET)) == ("/var/data/kubelet",) * 3
 
 
+def helm_in(release_namespace: str, *command: str) -> str:
+    """helm with the release in release_namespace, reaching no cluster."""
+    args = [str(tool_binaries()["helm"]), *command, "-n", release_namespace]
+    env = {**os.environ, "KUBECONFIG": "/nonexistent/kubeconfig"}
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def notes(release_namespace: str, *sets: str) -> str:
+    """NOTES.txt as `helm install` prints it (a client-side dry run)."""
+    command = ["install", "bento-juicefs", str(CHART), "--dry-run=client"]
+    for item in sets:
+        command += ["--set", item]
+    out = helm_in(release_namespace, *command)
+    return out[out.index("NOTES:") :]
+
+
 def test_namespace_values() -> None:
     namespace = ("Namespace", NAMESPACE, "")
     assert "annotations" not in helm()[namespace]["metadata"]
+    labels = helm()[namespace]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
     kept = helm("namespace.keep=true")[namespace]
     assert kept["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     objects = helm("namespace.create=false")
     assert namespace not in objects
     assert sorted(objects) == sorted(key for key in helm() if key != namespace)
+
+
+def test_a_release_in_the_namespace_does_not_create_it() -> None:
+    """`helm install -n bento-juicefs-system [--create-namespace]`: Helm needs the namespace
+    before the chart's objects (it keeps the release there), so the chart's Namespace would
+    collide with it; the rest is the same, and the notes say how to label it."""
+    namespace = ("Namespace", NAMESPACE, "")
+    default = helm()
+    inside = parse_objects(helm_in(NAMESPACE, "template", "bento-juicefs", str(CHART)))
+    assert namespace not in inside
+    assert inside == {key: obj for key, obj in default.items() if key != namespace}
+    for text in (notes(NAMESPACE), notes("default", "namespace.create=false")):
+        assert "kubectl label namespace bento-juicefs-system" in text
+        assert "pod-security.kubernetes.io/enforce=privileged" in text
+    assert "kubectl label namespace bento-juicefs-system" not in notes("default")
 
 
 def test_node_agent_disabled() -> None:

@@ -11,6 +11,18 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end }}
 
 {{/*
+Whether the chart creates bento-juicefs-system: namespace.create, unless the
+release itself is installed there (`helm install -n bento-juicefs-system`,
+with --create-namespace or not). Helm keeps the release in its namespace, so
+that namespace exists before any object of the chart, and a Namespace object
+of the same name would collide (--create-namespace makes a plain one, and
+otherwise it is someone else's): the chart cannot own it then.
+*/}}
+{{- define "bento-juicefs.createsNamespace" -}}
+{{- if and .Values.namespace.create (ne .Release.Namespace "bento-juicefs-system") }}true{{ end }}
+{{- end }}
+
+{{/*
 The one image of the injector, the node agent and the injected sidecars:
 repository:tag (tag empty: the chart's appVersion), or repository@digest
 when image.digest is set (the digest wins over the tag, as in cert-manager's
