@@ -304,7 +304,14 @@ def test_image_replicas_resources_and_node_agent_args() -> None:
 
 def injected_sidecar(config: InjectorConfig) -> dict[str, Any]:
     """The juicefs-mount container the injector with this config adds to a Bento pod."""
-    containers = inject(bento_pod(), config)["spec"]["initContainers"]
+    pod = bento_pod()
+    keys = config.labels
+    pod["metadata"]["labels"] = {
+        keys.model_store: keys.model_store_value,
+        keys.bento_repository: "llama3-service",
+        keys.bento_version: "v1",
+    }
+    containers = inject(pod, config)["spec"]["initContainers"]
     (sidecar,) = [c for c in containers if c["name"] == config.sidecar.container_name]
     assert isinstance(sidecar, dict)
     return sidecar
@@ -488,6 +495,171 @@ def test_the_pdb_follows_the_replica_count(replicas: int) -> None:
         "minAvailable": 1,
         "selector": objects[DEPLOYMENT]["spec"]["selector"],
     }
+
+
+# Non-default values for every setting that appears in more than one object.
+AGREE = {
+    "defaults": (),
+    "changed": (
+        *LABELS,
+        "config.server.port=8443",
+        "config.server.reviewQueueSeconds=4",
+        "webhook.timeoutSeconds=10",
+        "image.repository=registry.example.com/bj",
+        "image.tag=2.0.0",
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.sidecarPodMonitor.enabled=true",
+    ),
+    "cert-manager": (
+        "certificates.mode=certManager",
+        "config.server.port=10250",
+        "image.digest=sha256:" + "ab" * 32,
+        "metrics.serviceMonitor.enabled=true",
+    ),
+}
+
+
+def named_port(container: dict[str, Any], name: str) -> int:
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == name]
+    assert isinstance(port, int)
+    return port
+
+
+@pytest.mark.parametrize("sets", list(AGREE.values()), ids=list(AGREE))
+def test_every_setting_in_two_places_agrees(sets: tuple[str, ...]) -> None:
+    """The config the injector parses from the ConfigMap against every object that repeats
+    one of its settings: one source, whatever the values."""
+    objects = helm(*sets)
+    config = parse_config(config_of(objects))
+    keys = config.labels
+    injector = pod_spec(objects, DEPLOYMENT)
+    (container,) = injector["containers"]
+    agent = pod_spec(objects, DAEMON_SET)["containers"][0]
+    service = objects[("Service", config.webhook.service_name, config.webhook.namespace)]
+    webhook_configuration = objects[
+        ("MutatingWebhookConfiguration", config.webhook.configuration_name, "")
+    ]
+    (hook,) = webhook_configuration["webhooks"]
+
+    # The port: the container's https port is the config's; the Service, the
+    # probes and the ServiceMonitor name it, the NetworkPolicy opens that number.
+    assert named_port(container, "https") == config.server.port
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == "https"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "https"
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    (rule,) = objects[NETWORK_POLICY]["spec"]["ingress"]
+    assert rule["ports"] == [{"port": config.server.port, "protocol": "TCP"}]
+    pod_labels = objects[DEPLOYMENT]["spec"]["template"]["metadata"]["labels"]
+    for selector in (
+        objects[NETWORK_POLICY]["spec"]["podSelector"],
+        {"matchLabels": service["spec"]["selector"]},
+    ):
+        assert selects(selector, pod_labels)
+
+    # The webhook calls that Service, under the names the injector uses for
+    # its certificate and its caBundle.
+    assert hook["name"] == config.webhook.name
+    assert hook["clientConfig"]["service"] == {
+        "name": config.webhook.service_name,
+        "namespace": config.webhook.namespace,
+        "path": "/mutate",
+        "port": service_port["port"],
+    }
+    assert hook["timeoutSeconds"] > config.server.review_queue_seconds
+    assert objects[DEPLOYMENT]["metadata"]["namespace"] == config.webhook.namespace
+
+    # Its selectors, and the sidecar-required policy's, are the config's labels.
+    assert hook["namespaceSelector"]["matchExpressions"][0] == {
+        "key": keys.namespace_opt_in,
+        "operator": "In",
+        "values": [keys.namespace_opt_in_value],
+    }
+    (excluded,) = hook["namespaceSelector"]["matchExpressions"][1:]
+    assert (excluded["key"], excluded["operator"]) == ("kubernetes.io/metadata.name", "NotIn")
+    assert set(excluded["values"]) == config.excluded_namespaces
+    assert hook["objectSelector"] == {
+        "matchExpressions": [
+            {"key": keys.model_store, "operator": "In", "values": [keys.model_store_value]},
+            {"key": keys.inject, "operator": "NotIn", "values": ["false"]},
+        ]
+    }
+    policy = objects[SIDECAR_REQUIRED]["spec"]
+    assert policy["matchConstraints"]["objectSelector"] == hook["objectSelector"]
+    assert policy["matchConstraints"]["namespaceSelector"] == {
+        "matchLabels": {keys.namespace_opt_in: keys.namespace_opt_in_value}
+    }
+    variables = {v["name"]: v["expression"] for v in policy["variables"]}
+    assert variables["sidecar"] == repr(config.sidecar.container_name)
+    assert variables["cacheVolume"] == repr(config.volumes.cache_name)
+    assert variables["agentVolume"] == repr(config.volumes.agent_name)
+    assert f"{keys.model_store}={keys.model_store_value}" in policy["validations"][0]["message"]
+
+    # One image: the injector's, the agent's, the sidecar's.
+    assert container["image"] == agent["image"] == config.sidecar.image
+
+    # Both read this ConfigMap, and roll when it changes.
+    for spec in (injector, pod_spec(objects, DAEMON_SET)):
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
+        assert volume["configMap"]["name"] == CONFIG_MAP[1]
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "config"]
+        args = spec["containers"][0]["args"]
+        assert args[args.index("--config") + 1] == f"{mount['mountPath']}/config.yaml"
+    assert checksums(objects)[0] == checksums(objects)[1]
+
+    # The RBAC names the webhook configuration and the CA Secret the injector keeps.
+    role = objects[("Role", "bento-juicefs-injector", config.webhook.namespace)]
+    named = {name for rule in role["rules"] for name in rule.get("resourceNames", [])}
+    assert config.webhook.ca_secret_name in named
+    cluster_role = objects[("ClusterRole", "bento-juicefs-injector", "")]
+    webhook_rules = [
+        r for r in cluster_role["rules"] if "mutatingwebhookconfigurations" in r["resources"]
+    ]
+    if config.webhook.manage_ca_bundle:
+        (webhook_rule,) = webhook_rules
+        assert webhook_rule["resourceNames"] == [config.webhook.configuration_name]
+    else:
+        assert not webhook_rules
+
+    # The monitors, where enabled: the Service's port by name, the certificate's
+    # name, the sidecar's container and metrics port.
+    monitor = objects.get(("ServiceMonitor", "bento-juicefs-injector", NAMESPACE))
+    if monitor is not None:
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] == service_port["name"]
+        assert endpoint["tlsConfig"]["serverName"] == (
+            f"{config.webhook.service_name}.{config.webhook.namespace}.svc"
+        )
+        if config.webhook.manage_ca_bundle:
+            assert endpoint["tlsConfig"]["ca"]["secret"]["name"] == config.webhook.ca_secret_name
+    sidecar_monitor = objects.get(("PodMonitor", "bento-juicefs-sidecars", NAMESPACE))
+    if sidecar_monitor is not None:
+        assert sidecar_monitor["spec"]["selector"] == {
+            "matchLabels": {keys.model_store: keys.model_store_value}
+        }
+        (endpoint,) = sidecar_monitor["spec"]["podMetricsEndpoints"]
+        (keep,) = [r for r in endpoint["relabelings"] if r.get("action") == "keep"]
+        assert keep["regex"] == config.sidecar.container_name
+        sidecar = injected_sidecar(config)
+        assert named_port(sidecar, endpoint["port"]) == config.sidecar.metrics_port
+
+    # What the install's notes tell the user to run.
+    text = notes("default", *sets)
+    assert (
+        f"kubectl label namespace <ns> {keys.namespace_opt_in}={keys.namespace_opt_in_value}"
+        in text
+    )
+    first_secret = config.juicefs.secret_name_template.replace(
+        "{volume}", config.juicefs.allowed_volumes[0]
+    )
+    assert f"create secret generic {first_secret} " in text
+
+    if sets == AGREE["changed"]:
+        # The values did change what they should: no assertion above held by default alone.
+        assert (config.server.port, keys.model_store) == (8443, "example.com/store")
+        assert config.sidecar.image == "registry.example.com/bj:2.0.0"
+        assert hook["timeoutSeconds"] == 10
 
 
 def kubelet_root(spec: dict[str, Any]) -> tuple[str, str, str]:
