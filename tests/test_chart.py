@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -378,6 +379,26 @@ def test_webhook_failure_policy_and_timeout_values() -> None:
     assert load.webhook_timeout_seconds() == hook["timeoutSeconds"]
     (hook,) = helm("webhook.failurePolicy=Fail", "webhook.timeoutSeconds=12")[WEBHOOK]["webhooks"]
     assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Fail", 12)
+
+
+def test_the_charts_copy_of_the_injectors_defaults_is_the_injectors(tmp_path: Path) -> None:
+    """bento-juicefs.injectorDefaults and fixedConfig (_helpers.tpl) against injector/config.py."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "zz-defaults.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: defaults}\ndata:\n"
+        '  defaults: {{ include "bento-juicefs.injectorDefaults" . | toJson | quote }}\n'
+        '  fixed: {{ include "bento-juicefs.fixedConfig" . | toJson | quote }}\n'
+    )
+    text = run_tool([str(tool_binaries()["helm"]), "template", "x", str(chart)])
+    data = parse_objects(text)[("ConfigMap", "defaults", "")]["data"]
+    injector = InjectorConfig().model_dump(mode="json", by_alias=True)
+    for name in ("defaults", "fixed"):
+        copy = yaml.safe_load(json.loads(data[name]))
+        assert {"webhook", "labels" if name == "defaults" else "sidecar"} <= set(copy)
+        for section, keys in copy.items():
+            for key, value in keys.items():
+                assert value == injector[section][key], f"{name}: {section}.{key}"
 
 
 @pytest.mark.parametrize("sets", [(), LABELS], ids=["defaults", "changed-labels"])
