@@ -360,7 +360,6 @@ class Webhook(_Model):
     namespace: str = "bento-juicefs-system"
     service_name: str = "bento-juicefs-injector"
     excluded_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease")
-    timeout_seconds: int = Field(default=5, ge=1, le=30)
     # Replicas share one CA through this Secret; the CA's certificate is the
     # caBundle the injector keeps patched into its webhook configuration.
     ca_secret_name: str = "bento-juicefs-injector-ca"
@@ -406,7 +405,9 @@ class Server(_Model):
     # on the event loop one cannot overlap another.
     max_reviews_in_flight: int = Field(default=16, ge=1, le=4096)
     # How long a review past that bound waits for a place before HTTP 429;
-    # below webhook.timeoutSeconds, so the apiserver can still retry.
+    # below the webhook's timeoutSeconds (the MutatingWebhookConfiguration's,
+    # the chart's webhook.timeoutSeconds: the chart checks), so the apiserver
+    # can still retry.
     review_queue_seconds: float = Field(default=1.0, gt=0, le=10)
 
 
@@ -476,12 +477,6 @@ class InjectorConfig(_Model):
             raise ValueError(
                 "volumes.cacheMedium Memory is for the pod cache, and cache.mode is node "
                 f"(the {self.cluster.platform_profile} profile's default): set cache.mode: pod"
-            )
-        if self.server.review_queue_seconds >= self.webhook.timeout_seconds:
-            raise ValueError(
-                f"server.reviewQueueSeconds ({self.server.review_queue_seconds:g}) must be "
-                f"less than webhook.timeoutSeconds ({self.webhook.timeout_seconds}): the "
-                "apiserver stops waiting for the webhook then"
             )
         if self.scheduling.ssd_policy != "off" and self.ssd_node_label is None:
             raise ValueError(
@@ -571,6 +566,12 @@ REMOVED_KEYS: dict[tuple[str, ...], str] = {
     ("volumes", "tokenName"): (
         "the sidecar holds no service-account token (it asks the node agent through "
         "its socket), so it gets no token volume"
+    ),
+    ("webhook", "timeoutSeconds"): (
+        "it set nothing (the injector only checked reviewQueueSeconds against it); the "
+        "apiserver's timeout is the MutatingWebhookConfiguration's "
+        "timeoutSeconds (the Helm chart's webhook.timeoutSeconds), which must stay above "
+        "server.reviewQueueSeconds"
     ),
 }
 

@@ -16,14 +16,19 @@ after this normalisation and nothing else:
   Selectors and pod template labels are compared as they are;
 - the ConfigMap's config.yaml (a YAML document inside a string) is compared
   parsed, so its key order, quoting and comments do not count;
+- the pod template annotation checksum/config (CHECKSUM in tests/kit/chart.py)
+  of the Deployment and the DaemonSet is removed (and annotations with it
+  when that leaves it empty): the overlays cannot hash their config;
 - everything else is compared as parsed YAML, i.e. key order and YAML
   formatting (flow or block style, comments) do not count; values do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,11 +37,13 @@ from typing import Any
 import pytest
 import yaml
 
-from injector.config import parse_config
-from tests.helpers import bento_pod, inject
+from benchmarks import load
+from injector.config import InjectorConfig, parse_config
+from tests.helpers import bento_pod, inject, run
 from tests.kit.chart import (
     CERT_MANAGER,
     CHART,
+    CHECKSUM,
     HELM_LABELS,
     NAMESPACE,
     OVERLAYS,
@@ -53,6 +60,19 @@ from tests.kit.chart import (
 )
 
 CONFIG_MAP = ("ConfigMap", "bento-juicefs-injector-config", NAMESPACE)
+DEPLOYMENT = ("Deployment", "bento-juicefs-injector", NAMESPACE)
+WEBHOOK = ("MutatingWebhookConfiguration", "bento-juicefs-injector", "")
+SIDECAR_REQUIRED = ("ValidatingAdmissionPolicy", "bento-juicefs-sidecar-required", "")
+NETWORK_POLICY = ("NetworkPolicy", "bento-juicefs-injector", NAMESPACE)
+# Every label the webhook's selectors read, changed from the injector's defaults.
+LABELS = (
+    "config.labels.namespaceOptIn=example.com/bento-models",
+    "config.labels.namespaceOptInValue=on",
+    "config.labels.modelStore=example.com/store",
+    "config.labels.modelStoreValue=jfs",
+    "config.labels.inject=example.com/inject",
+    "config.webhook.excludedNamespaces={kube-system,platform}",
+)
 DASHBOARD_CONFIG_MAP = ("ConfigMap", "bento-juicefs-dashboard", NAMESPACE)
 DAEMON_SET = ("DaemonSet", "bento-juicefs-node-agent", NAMESPACE)
 
@@ -212,6 +232,8 @@ def test_eks_and_aks_differ_from_gke() -> None:
         ("cache.mode=disk", "value must be one of '', 'pod', 'node'"),
         ("nodeAgent.kubeletRoot=var/lib/kubelet", "nodeAgent/kubeletRoot"),
         ("nodeAgent.kubeletRoot=/", "nodeAgent/kubeletRoot"),
+        ("image.digest=sha256:abc", "image/digest"),
+        ("image.digest=1.2.3", "image/digest"),
     ],
 )
 def test_values_schema_refuses(value: str, message: str) -> None:
@@ -281,6 +303,386 @@ def test_image_replicas_resources_and_node_agent_args() -> None:
     ]
 
 
+def injected_sidecar(config: InjectorConfig) -> dict[str, Any]:
+    """The juicefs-mount container the injector with this config adds to a Bento pod."""
+    pod = bento_pod()
+    keys = config.labels
+    pod["metadata"]["labels"] = {
+        keys.model_store: keys.model_store_value,
+        keys.bento_repository: "llama3-service",
+        keys.bento_version: "v1",
+    }
+    containers = inject(pod, config)["spec"]["initContainers"]
+    (sidecar,) = [c for c in containers if c["name"] == config.sidecar.container_name]
+    assert isinstance(sidecar, dict)
+    return sidecar
+
+
+def images(objects: dict[Key, dict[str, Any]]) -> tuple[str, str, str]:
+    """The injector's, the node agent's and the injected sidecar's image."""
+    sidecar = injected_sidecar(parse_config(config_of(objects)))
+    return (
+        pod_spec(objects, DEPLOYMENT)["containers"][0]["image"],
+        pod_spec(objects, DAEMON_SET)["containers"][0]["image"],
+        sidecar["image"],
+    )
+
+
+def test_the_sidecar_image_follows_the_chart_image() -> None:
+    # The default: the chart's appVersion, which is also the injector's own
+    # default (what `python -m injector render` and the golden files use).
+    assert images(helm()) == (InjectorConfig().sidecar.image,) * 3
+    # `helm upgrade --set image.tag=X` moves the sidecars too.
+    moved = helm(
+        "image.repository=registry.example.com/bj", "image.tag=1.2.3", "image.pullPolicy=Always"
+    )
+    assert images(moved) == ("registry.example.com/bj:1.2.3",) * 3
+    # The pull policy is the chart's pods' only: a sidecar's pull is on every cold start.
+    assert injected_sidecar(parse_config(config_of(moved)))["imagePullPolicy"] == "IfNotPresent"
+    # A digest wins over the tag, for all three.
+    digest = "sha256:" + "0123456789abcdef" * 4
+    pinned = helm("image.tag=1.2.3", f"image.digest={digest}")
+    assert images(pinned) == (f"ghcr.io/bentoml/bento-juicefs-sidecar@{digest}",) * 3
+    # An explicit config.sidecar.image wins for the sidecar only.
+    mirrored = helm(
+        "image.tag=1.2.3",
+        "config.sidecar.image=mirror.example.com/bj-sidecar:7",
+        "config.sidecar.imagePullPolicy=Always",
+    )
+    sidecar = injected_sidecar(parse_config(config_of(mirrored)))
+    assert (sidecar["image"], sidecar["imagePullPolicy"]) == (
+        "mirror.example.com/bj-sidecar:7",
+        "Always",
+    )
+    assert images(mirrored)[:2] == ("ghcr.io/bentoml/bento-juicefs-sidecar:1.2.3",) * 2
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions) selects these labels."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        if operator == "In" and labels.get(key) not in expression["values"]:
+            return False
+        if operator == "NotIn" and key in labels and labels[key] in expression["values"]:
+            return False
+        assert operator in {"In", "NotIn"}, operator
+    return True
+
+
+def test_webhook_failure_policy_and_timeout_values() -> None:
+    (hook,) = helm()[WEBHOOK]["webhooks"]
+    assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Ignore", 5)
+    # What `make bench-load` holds the slowest review against.
+    assert load.webhook_timeout_seconds() == hook["timeoutSeconds"]
+    (hook,) = helm("webhook.failurePolicy=Fail", "webhook.timeoutSeconds=12")[WEBHOOK]["webhooks"]
+    assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Fail", 12)
+
+
+def test_the_charts_copy_of_the_injectors_defaults_is_the_injectors(tmp_path: Path) -> None:
+    """bento-juicefs.injectorDefaults and fixedConfig (_helpers.tpl) against injector/config.py."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "zz-defaults.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: defaults}\ndata:\n"
+        '  defaults: {{ include "bento-juicefs.injectorDefaults" . | toJson | quote }}\n'
+        '  fixed: {{ include "bento-juicefs.fixedConfig" . | toJson | quote }}\n'
+    )
+    text = run_tool([str(tool_binaries()["helm"]), "template", "x", str(chart)])
+    data = parse_objects(text)[("ConfigMap", "defaults", "")]["data"]
+    injector = InjectorConfig().model_dump(mode="json", by_alias=True)
+    for name in ("defaults", "fixed"):
+        copy = yaml.safe_load(json.loads(data[name]))
+        assert {"webhook", "labels" if name == "defaults" else "sidecar"} <= set(copy)
+        for section, keys in copy.items():
+            for key, value in keys.items():
+                assert value == injector[section][key], f"{name}: {section}.{key}"
+
+
+@pytest.mark.parametrize("sets", [(), LABELS], ids=["defaults", "changed-labels"])
+def test_the_webhook_and_the_policy_select_what_the_injector_injects(sets: tuple[str, ...]) -> None:
+    objects = helm(*sets)
+    config = parse_config(config_of(objects))
+    (hook,) = objects[WEBHOOK]["webhooks"]
+    policy = objects[SIDECAR_REQUIRED]["spec"]["matchConstraints"]
+    keys = config.labels
+    opted_in = {keys.namespace_opt_in: keys.namespace_opt_in_value}
+    namespaces = ["serving", *sorted(config.excluded_namespaces)]
+    identity = {keys.bento_repository: "llama3-service", keys.bento_version: "v1"}
+    selected = {**identity, keys.model_store: keys.model_store_value}
+    pods = [
+        selected,
+        {**selected, keys.inject: "false"},
+        {**selected, keys.inject: "true"},
+        {**identity, keys.model_store: "other"},
+        identity,
+    ]
+    for namespace in namespaces:
+        namespace_labels = {**opted_in, "kubernetes.io/metadata.name": namespace}
+        # A namespace without the opt-in label is never sent either.
+        assert not selects(hook["namespaceSelector"], {"kubernetes.io/metadata.name": namespace})
+        for labels in pods:
+            pod = bento_pod()
+            pod["metadata"]["labels"] = labels
+            sent = selects(hook["namespaceSelector"], namespace_labels) and selects(
+                hook["objectSelector"], labels
+            )
+            injected = run(pod, config, namespace).outcome == "injected"
+            assert sent == injected, (namespace, labels)
+            if namespace not in config.excluded_namespaces:
+                # The policy holds exactly those pods to having the sidecar.
+                held = selects(policy["namespaceSelector"], namespace_labels) and selects(
+                    policy["objectSelector"], labels
+                )
+                assert held == sent, (namespace, labels)
+    if sets:
+        assert keys.model_store == "example.com/store"
+        assert config.excluded_namespaces == {"kube-system", "platform", NAMESPACE}
+
+
+def test_the_port_follows_the_config() -> None:
+    objects = helm("config.server.port=8443")
+    assert parse_config(config_of(objects)).server.port == 8443
+    (container,) = pod_spec(objects, DEPLOYMENT)["containers"]
+    assert container["ports"] == [{"name": "https", "containerPort": 8443}]
+    (rule,) = objects[NETWORK_POLICY]["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8443, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("config.webhook.timeoutSeconds=10", "config.webhook.timeoutSeconds was removed: set"),
+        ("config.server.reviewQueueSeconds=5", "must be less than webhook.timeoutSeconds (5)"),
+        ("webhook.timeoutSeconds=1", "config.server.reviewQueueSeconds (1) must be less"),
+        ("config.labels.model_store=x", "config.labels.model_store: write it modelStore"),
+        ("config.webhook.namespace=other", 'config.webhook.namespace is "other"'),
+        ("config.sidecar.containerName=x", 'config.sidecar.containerName is "x"'),
+        ("config.readiness.condition_type=x", 'config.readiness.condition_type is "x"'),
+        ("webhook.failurePolicy=Maybe", "value must be one of 'Ignore', 'Fail'"),
+        ("webhook.timeoutSeconds=31", "webhook/timeoutSeconds"),
+        ("config.server.port=0", "config/server/port"),
+    ],
+)
+def test_the_chart_refuses_settings_its_objects_cannot_follow(value: str, message: str) -> None:
+    args = [str(tool_binaries()["helm"]), "template", "x", str(CHART), "--set", value]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def test_repeating_a_fixed_name_in_the_config_is_allowed() -> None:
+    objects = helm("config.webhook.namespace=bento-juicefs-system")
+    assert parse_config(config_of(objects)).webhook.namespace == NAMESPACE
+
+
+def checksums(objects: dict[Key, dict[str, Any]]) -> tuple[str, str]:
+    """The checksum/config annotation of the injector's and the node agent's pods."""
+    return (
+        objects[DEPLOYMENT]["spec"]["template"]["metadata"]["annotations"][CHECKSUM],
+        objects[DAEMON_SET]["spec"]["template"]["metadata"]["annotations"][CHECKSUM],
+    )
+
+
+def test_a_changed_config_rolls_the_injector_and_the_agents() -> None:
+    objects = helm()
+    text = objects[CONFIG_MAP]["data"]["config.yaml"]
+    # The hash of the config.yaml the pods read (the block scalar adds the last newline).
+    digest = hashlib.sha256(text.removesuffix("\n").encode()).hexdigest()
+    assert checksums(objects) == (digest, digest)
+    for changed in ("config.juicefs.bufferSizeMib=512", "image.tag=1.2.3", "profile=eks"):
+        assert set(checksums(helm(changed))).isdisjoint(checksums(objects)), changed
+    # What is not in the config does not roll them.
+    assert checksums(helm("injector.replicas=3", "nodeAgent.retrySeconds=30")) == checksums(objects)
+    # The comparison with the overlays ignores exactly this annotation.
+    annotated = normalise(objects[DEPLOYMENT])
+    annotated["spec"]["template"]["metadata"]["annotations"] = {"other": "x"}
+    assert normalise(annotated) != normalise(objects[DEPLOYMENT])
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_the_pdb_follows_the_replica_count(replicas: int) -> None:
+    objects = helm(f"injector.replicas={replicas}")
+    assert objects[DEPLOYMENT]["spec"]["replicas"] == replicas
+    pdb = objects.get(("PodDisruptionBudget", "bento-juicefs-injector", NAMESPACE))
+    if replicas == 1:
+        # minAvailable 1 of 1 would block every drain of the replica's node.
+        assert pdb is None
+        return
+    assert pdb is not None
+    assert pdb["spec"] == {
+        "minAvailable": 1,
+        "selector": objects[DEPLOYMENT]["spec"]["selector"],
+    }
+
+
+# Non-default values for every setting that appears in more than one object.
+AGREE = {
+    "defaults": (),
+    "changed": (
+        *LABELS,
+        "config.server.port=8443",
+        "config.server.reviewQueueSeconds=4",
+        "webhook.timeoutSeconds=10",
+        "image.repository=registry.example.com/bj",
+        "image.tag=2.0.0",
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.sidecarPodMonitor.enabled=true",
+    ),
+    "cert-manager": (
+        "certificates.mode=certManager",
+        "config.server.port=10250",
+        "image.digest=sha256:" + "ab" * 32,
+        "metrics.serviceMonitor.enabled=true",
+    ),
+}
+
+
+def named_port(container: dict[str, Any], name: str) -> int:
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == name]
+    assert isinstance(port, int)
+    return port
+
+
+@pytest.mark.parametrize("sets", list(AGREE.values()), ids=list(AGREE))
+def test_every_setting_in_two_places_agrees(sets: tuple[str, ...]) -> None:
+    """The config the injector parses from the ConfigMap against every object that repeats
+    one of its settings: one source, whatever the values."""
+    objects = helm(*sets)
+    config = parse_config(config_of(objects))
+    keys = config.labels
+    injector = pod_spec(objects, DEPLOYMENT)
+    (container,) = injector["containers"]
+    agent = pod_spec(objects, DAEMON_SET)["containers"][0]
+    service = objects[("Service", config.webhook.service_name, config.webhook.namespace)]
+    webhook_configuration = objects[
+        ("MutatingWebhookConfiguration", config.webhook.configuration_name, "")
+    ]
+    (hook,) = webhook_configuration["webhooks"]
+
+    # The port: the container's https port is the config's; the Service, the
+    # probes and the ServiceMonitor name it, the NetworkPolicy opens that number.
+    assert named_port(container, "https") == config.server.port
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == "https"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "https"
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    (rule,) = objects[NETWORK_POLICY]["spec"]["ingress"]
+    assert rule["ports"] == [{"port": config.server.port, "protocol": "TCP"}]
+    pod_labels = objects[DEPLOYMENT]["spec"]["template"]["metadata"]["labels"]
+    for selector in (
+        objects[NETWORK_POLICY]["spec"]["podSelector"],
+        {"matchLabels": service["spec"]["selector"]},
+    ):
+        assert selects(selector, pod_labels)
+
+    # The webhook calls that Service, under the names the injector uses for
+    # its certificate and its caBundle.
+    assert hook["name"] == config.webhook.name
+    assert hook["clientConfig"]["service"] == {
+        "name": config.webhook.service_name,
+        "namespace": config.webhook.namespace,
+        "path": "/mutate",
+        "port": service_port["port"],
+    }
+    assert hook["timeoutSeconds"] > config.server.review_queue_seconds
+    assert objects[DEPLOYMENT]["metadata"]["namespace"] == config.webhook.namespace
+
+    # Its selectors, and the sidecar-required policy's, are the config's labels.
+    assert hook["namespaceSelector"]["matchExpressions"][0] == {
+        "key": keys.namespace_opt_in,
+        "operator": "In",
+        "values": [keys.namespace_opt_in_value],
+    }
+    (excluded,) = hook["namespaceSelector"]["matchExpressions"][1:]
+    assert (excluded["key"], excluded["operator"]) == ("kubernetes.io/metadata.name", "NotIn")
+    assert set(excluded["values"]) == config.excluded_namespaces
+    assert hook["objectSelector"] == {
+        "matchExpressions": [
+            {"key": keys.model_store, "operator": "In", "values": [keys.model_store_value]},
+            {"key": keys.inject, "operator": "NotIn", "values": ["false"]},
+        ]
+    }
+    policy = objects[SIDECAR_REQUIRED]["spec"]
+    assert policy["matchConstraints"]["objectSelector"] == hook["objectSelector"]
+    assert policy["matchConstraints"]["namespaceSelector"] == {
+        "matchLabels": {keys.namespace_opt_in: keys.namespace_opt_in_value}
+    }
+    variables = {v["name"]: v["expression"] for v in policy["variables"]}
+    assert variables["sidecar"] == repr(config.sidecar.container_name)
+    assert variables["cacheVolume"] == repr(config.volumes.cache_name)
+    assert variables["agentVolume"] == repr(config.volumes.agent_name)
+    assert f"{keys.model_store}={keys.model_store_value}" in policy["validations"][0]["message"]
+
+    # One image: the injector's, the agent's, the sidecar's.
+    assert container["image"] == agent["image"] == config.sidecar.image
+
+    # Both read this ConfigMap, and roll when it changes.
+    for spec in (injector, pod_spec(objects, DAEMON_SET)):
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
+        assert volume["configMap"]["name"] == CONFIG_MAP[1]
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "config"]
+        args = spec["containers"][0]["args"]
+        assert args[args.index("--config") + 1] == f"{mount['mountPath']}/config.yaml"
+    assert checksums(objects)[0] == checksums(objects)[1]
+
+    # The RBAC names the webhook configuration and the CA Secret the injector keeps.
+    role = objects[("Role", "bento-juicefs-injector", config.webhook.namespace)]
+    named = {name for rule in role["rules"] for name in rule.get("resourceNames", [])}
+    assert config.webhook.ca_secret_name in named
+    cluster_role = objects[("ClusterRole", "bento-juicefs-injector", "")]
+    webhook_rules = [
+        r for r in cluster_role["rules"] if "mutatingwebhookconfigurations" in r["resources"]
+    ]
+    if config.webhook.manage_ca_bundle:
+        (webhook_rule,) = webhook_rules
+        assert webhook_rule["resourceNames"] == [config.webhook.configuration_name]
+    else:
+        assert not webhook_rules
+
+    # The monitors, where enabled: the Service's port by name, the certificate's
+    # name, the sidecar's container and metrics port.
+    monitor = objects.get(("ServiceMonitor", "bento-juicefs-injector", NAMESPACE))
+    if monitor is not None:
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] == service_port["name"]
+        assert endpoint["tlsConfig"]["serverName"] == (
+            f"{config.webhook.service_name}.{config.webhook.namespace}.svc"
+        )
+        if config.webhook.manage_ca_bundle:
+            assert endpoint["tlsConfig"]["ca"]["secret"]["name"] == config.webhook.ca_secret_name
+    sidecar_monitor = objects.get(("PodMonitor", "bento-juicefs-sidecars", NAMESPACE))
+    if sidecar_monitor is not None:
+        assert sidecar_monitor["spec"]["selector"] == {
+            "matchLabels": {keys.model_store: keys.model_store_value}
+        }
+        (endpoint,) = sidecar_monitor["spec"]["podMetricsEndpoints"]
+        (keep,) = [r for r in endpoint["relabelings"] if r.get("action") == "keep"]
+        assert keep["regex"] == config.sidecar.container_name
+        sidecar = injected_sidecar(config)
+        assert named_port(sidecar, endpoint["port"]) == config.sidecar.metrics_port
+
+    # What the install's notes tell the user to run.
+    text = notes("default", *sets)
+    assert (
+        f"kubectl label namespace <ns> {keys.namespace_opt_in}={keys.namespace_opt_in_value}"
+        in text
+    )
+    first_secret = config.juicefs.secret_name_template.replace(
+        "{volume}", config.juicefs.allowed_volumes[0]
+    )
+    assert f"create secret generic {first_secret} " in text
+
+    if sets == AGREE["changed"]:
+        # The values did change what they should: no assertion above held by default alone.
+        assert (config.server.port, keys.model_store) == (8443, "example.com/store")
+        assert config.sidecar.image == "registry.example.com/bj:2.0.0"
+        assert hook["timeoutSeconds"] == 10
+
+
 def kubelet_root(spec: dict[str, Any]) -> tuple[str, str, str]:
     """The kubelet-root hostPath, its mountPath and the agent's --kubelet-root."""
     (volume,) = [v for v in spec["volumes"] if v["name"] == "kubelet-root"]
@@ -300,14 +702,49 @@ def test_the_kubelet_root_value_sets_the_host_path_the_mount_and_the_flag() -> N
     assert kubelet_root(pod_spec(objects, DAEMON_SET)) == ("/var/data/kubelet",) * 3
 
 
+def helm_in(release_namespace: str, *command: str) -> str:
+    """helm with the release in release_namespace, reaching no cluster."""
+    args = [str(tool_binaries()["helm"]), *command, "-n", release_namespace]
+    env = {**os.environ, "KUBECONFIG": "/nonexistent/kubeconfig"}
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def notes(release_namespace: str, *sets: str) -> str:
+    """NOTES.txt as `helm install` prints it (a client-side dry run)."""
+    command = ["install", "bento-juicefs", str(CHART), "--dry-run=client"]
+    for item in sets:
+        command += ["--set", item]
+    out = helm_in(release_namespace, *command)
+    return out[out.index("NOTES:") :]
+
+
 def test_namespace_values() -> None:
     namespace = ("Namespace", NAMESPACE, "")
     assert "annotations" not in helm()[namespace]["metadata"]
+    labels = helm()[namespace]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
     kept = helm("namespace.keep=true")[namespace]
     assert kept["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     objects = helm("namespace.create=false")
     assert namespace not in objects
     assert sorted(objects) == sorted(key for key in helm() if key != namespace)
+
+
+def test_a_release_in_the_namespace_does_not_create_it() -> None:
+    """`helm install -n bento-juicefs-system [--create-namespace]`: Helm needs the namespace
+    before the chart's objects (it keeps the release there), so the chart's Namespace would
+    collide with it; the rest is the same, and the notes say how to label it."""
+    namespace = ("Namespace", NAMESPACE, "")
+    default = helm()
+    inside = parse_objects(helm_in(NAMESPACE, "template", "bento-juicefs", str(CHART)))
+    assert namespace not in inside
+    assert inside == {key: obj for key, obj in default.items() if key != namespace}
+    for text in (notes(NAMESPACE), notes("default", "namespace.create=false")):
+        assert "kubectl label namespace bento-juicefs-system" in text
+        assert "pod-security.kubernetes.io/enforce=privileged" in text
+    assert "kubectl label namespace bento-juicefs-system" not in notes("default")
 
 
 def test_node_agent_disabled() -> None:

@@ -62,6 +62,8 @@ def test_bad_config_names_the_key(data: object, expected: str) -> None:
         ({"controller": {"roleName": "bento-juicefs-models-ready"}}, "controller.roleName"),
         ({"volumes": {"tokenName": "juicefs-sa-token"}}, "volumes.tokenName"),
         ({"volumes": {"token_name": "t"}}, "volumes.token_name"),
+        ({"webhook": {"timeoutSeconds": 5}}, "webhook.timeoutSeconds"),
+        ({"webhook": {"timeout_seconds": 10}}, "webhook.timeout_seconds"),
     ],
 )
 def test_a_removed_key_fails_saying_it_was_removed_and_why(data: object, key: str) -> None:
@@ -120,6 +122,7 @@ def test_the_effective_config_has_no_removed_key() -> None:
     assert "unprivileged" not in dumped["sidecar"]
     assert "roleName" not in dumped["controller"]
     assert "tokenName" not in dumped["volumes"]
+    assert "timeoutSeconds" not in dumped["webhook"]
     assert dumped["volumes"]["agentName"] == "juicefs-agent"
 
 

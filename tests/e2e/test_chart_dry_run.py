@@ -54,8 +54,21 @@ def _dry_run(cluster: Cluster, text: str) -> str:
             "metrics.serviceMonitor.enabled=true",
             "metrics.podMonitor.enabled=true",
         ),
+        (
+            # tests/test_chart.py's settings that other objects follow, changed.
+            "config.labels.namespaceOptIn=example.com/bento-models",
+            "config.labels.modelStore=example.com/store",
+            "config.labels.modelStoreValue=jfs",
+            "config.labels.inject=example.com/inject",
+            "config.webhook.excludedNamespaces={kube-system,platform}",
+            "config.server.port=8443",
+            "webhook.failurePolicy=Fail",
+            "webhook.timeoutSeconds=10",
+            "injector.replicas=1",
+            "metrics.sidecarPodMonitor.enabled=true",
+        ),
     ],
-    ids=["gke", "eks", "aks", "eks-node-path", "cert-manager"],
+    ids=["gke", "eks", "aks", "eks-node-path", "cert-manager", "one-source"],
 )
 def test_the_apiserver_accepts_the_chart(cluster: Cluster, sets: tuple[str, ...]) -> None:
     _dry_run(cluster, helm_text(*sets))

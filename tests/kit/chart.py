@@ -33,6 +33,9 @@ HELM_LABELS = frozenset(
     }
 )
 NAMESPACE = "bento-juicefs-system"
+# The pod template annotation the chart adds to the Deployment and the
+# DaemonSet: the hash of the config, so that a changed config rolls the pods.
+CHECKSUM = "checksum/config"
 
 Key = tuple[str, str, str]  # (kind, name, namespace)
 
@@ -91,6 +94,12 @@ def normalise(obj: dict[str, Any]) -> dict[str, Any]:
             del obj["metadata"]["labels"]
     if obj["kind"] == "ConfigMap" and isinstance(obj.get("data", {}).get("config.yaml"), str):
         obj["data"]["config.yaml"] = yaml.safe_load(obj["data"]["config.yaml"])
+    template = obj.get("spec", {}).get("template", {}).get("metadata", {})
+    annotations = template.get("annotations")
+    if annotations is not None:
+        annotations.pop(CHECKSUM, None)
+        if not annotations:
+            del template["annotations"]
     return obj
 
 

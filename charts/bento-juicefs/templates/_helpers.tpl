@@ -10,8 +10,30 @@ app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end }}
 
+{{/*
+Whether the chart creates bento-juicefs-system: namespace.create, unless the
+release itself is installed there (`helm install -n bento-juicefs-system`,
+with --create-namespace or not). Helm keeps the release in its namespace, so
+that namespace exists before any object of the chart, and a Namespace object
+of the same name would collide (--create-namespace makes a plain one, and
+otherwise it is someone else's): the chart cannot own it then.
+*/}}
+{{- define "bento-juicefs.createsNamespace" -}}
+{{- if and .Values.namespace.create (ne .Release.Namespace "bento-juicefs-system") }}true{{ end }}
+{{- end }}
+
+{{/*
+The one image of the injector, the node agent and the injected sidecars:
+repository:tag (tag empty: the chart's appVersion), or repository@digest
+when image.digest is set (the digest wins over the tag, as in cert-manager's
+chart).
+*/}}
 {{- define "bento-juicefs.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -60,10 +82,19 @@ aks:
 {{- end }}
 {{- end }}
 
-{{/* config.yaml: what the values set, then .Values.config merged over it. */}}
+{{/*
+config.yaml: what the values set, then .Values.config merged over it. The
+sidecar's image is the chart's (image.*), so `helm upgrade --set image.tag=X`
+moves the sidecars injected from then on with the injector and the agent;
+config.sidecar.image still wins when set. image.pullPolicy is not passed on:
+the sidecar's pull is on every Bento's cold start, so it keeps the config's
+sidecar.imagePullPolicy (IfNotPresent).
+*/}}
 {{- define "bento-juicefs.config" -}}
 {{- $p := include "bento-juicefs.profile" . | fromYaml }}
 {{- $cfg := dict "cluster" (dict "kubernetesVersion" (toString .Values.kubernetesVersion) "platformProfile" .Values.profile) }}
+{{- $sidecar := dict "image" (include "bento-juicefs.image" .) }}
+{{- $_ := set $cfg "sidecar" $sidecar }}
 {{- $cache := dict }}
 {{- if .Values.cache.mode }}{{ $_ := set $cache "mode" .Values.cache.mode }}{{ end }}
 {{- if .Values.cache.nodePath }}{{ $_ := set $cache "nodePath" .Values.cache.nodePath }}{{ end }}
@@ -76,6 +107,118 @@ aks:
 {{- $_ := set $cfg "webhook" (dict "manageCaBundle" false) }}
 {{- end }}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.config)) }}
+{{- end }}
+
+{{/*
+The injector's defaults (injector/config.py) for the config keys that other
+objects follow: the webhook's and the sidecar-required policy's selectors,
+the sidecar PodMonitor's, the injector's port (Deployment, NetworkPolicy)
+and the bound the webhook's timeout must exceed. tests/test_chart.py renders
+the chart with these changed and checks every object against the config
+the injector parses.
+*/}}
+{{- define "bento-juicefs.injectorDefaults" -}}
+labels:
+  namespaceOptIn: juicefs.bentoml.com/injection
+  namespaceOptInValue: enabled
+  modelStore: juicefs.bentoml.com/model-store
+  modelStoreValue: juicefs
+  inject: juicefs.bentoml.com/inject
+webhook:
+  excludedNamespaces: [kube-system, kube-public, kube-node-lease]
+server:
+  port: 9443
+  reviewQueueSeconds: 1
+{{- end }}
+
+{{/*
+Config keys whose value the chart's objects name as they are (object names,
+and what the admission policies' CEL and the sidecar PodMonitor spell): the
+config may repeat the value, not change it.
+*/}}
+{{- define "bento-juicefs.fixedConfig" -}}
+webhook:
+  name: inject.juicefs.bentoml.com
+  configurationName: bento-juicefs-injector
+  namespace: bento-juicefs-system
+  serviceName: bento-juicefs-injector
+  caSecretName: bento-juicefs-injector-ca
+sidecar:
+  containerName: juicefs-mount
+volumes:
+  mountDirName: juicefs-mount-dir
+  cacheName: juicefs-cache
+  agentName: juicefs-agent
+readiness:
+  conditionType: juicefs.bentoml.com/models-ready
+{{- end }}
+
+{{/*
+The keys of injectorDefaults as the injector will read them: the rendered
+config.yaml's value where it sets one (an empty one too), else the default.
+A key the chart reads must be written camelCase: the injector also takes
+snake_case, which the chart would miss, so that is refused here, as are a
+changed fixedConfig key and a key that became a chart value.
+*/}}
+{{- define "bento-juicefs.effective" -}}
+{{- $cfg := include "bento-juicefs.config" . | fromYaml }}
+{{- $webhook := $cfg.webhook | default dict }}
+{{- if and (kindIs "map" $webhook) (or (hasKey $webhook "timeoutSeconds") (hasKey $webhook "timeout_seconds")) }}
+{{- fail "config.webhook.timeoutSeconds was removed: set the chart value webhook.timeoutSeconds, which the MutatingWebhookConfiguration gets" }}
+{{- end }}
+{{- range $section, $keys := (include "bento-juicefs.fixedConfig" . | fromYaml) }}
+{{- $given := get $cfg $section | default dict }}
+{{- if kindIs "map" $given }}
+{{- range $key, $fixed := $keys }}
+{{- range $spelling := list $key (snakecase $key) | uniq }}
+{{- if and (hasKey $given $spelling) (ne (toString (get $given $spelling)) $fixed) }}
+{{- fail (printf "config.%s.%s is %q, but the chart's objects name %s: leave the key out (the chart cannot follow it)" $section $spelling (toString (get $given $spelling)) $fixed) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $out := dict }}
+{{- range $section, $keys := (include "bento-juicefs.injectorDefaults" . | fromYaml) }}
+{{- $given := get $cfg $section | default dict }}
+{{- if not (kindIs "map" $given) }}{{ $given = dict }}{{ end }}
+{{- $merged := dict }}
+{{- range $key, $value := $keys }}
+{{- if and (ne (snakecase $key) $key) (hasKey $given (snakecase $key)) }}
+{{- fail (printf "config.%s.%s: write it %s (camelCase): the chart reads that spelling to render its other objects alike" $section (snakecase $key) $key) }}
+{{- end }}
+{{- $_ := set $merged $key (ternary (get $given $key) $value (hasKey $given $key)) }}
+{{- end }}
+{{- $_ := set $out $section $merged }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/*
+The webhook's namespaceSelector and objectSelector, from the config's labels
+(what the injector screens by: injector/plan.py) and excluded namespaces;
+the sidecar-required policy selects the same pods.
+*/}}
+{{- define "bento-juicefs.namespaceSelector" -}}
+{{- $c := include "bento-juicefs.effective" . | fromYaml -}}
+matchExpressions:
+  - key: {{ $c.labels.namespaceOptIn | quote }}
+    operator: In
+    values: [{{ $c.labels.namespaceOptInValue | quote }}]
+  - key: kubernetes.io/metadata.name
+    operator: NotIn
+    values: {{ append $c.webhook.excludedNamespaces "bento-juicefs-system" | uniq | toJson }}
+{{- end }}
+
+{{- define "bento-juicefs.objectSelector" -}}
+{{- $c := include "bento-juicefs.effective" . | fromYaml -}}
+matchExpressions:
+  - key: {{ $c.labels.modelStore | quote }}
+    operator: In
+    values: [{{ $c.labels.modelStoreValue | quote }}]
+  - key: {{ $c.labels.inject | quote }}
+    operator: NotIn
+    values: ["false"]
 {{- end }}
 
 {{/*
