@@ -61,7 +61,10 @@ def _dry_run(cluster: Cluster, text: str) -> str:
             "config.labels.modelStoreValue=jfs",
             "config.labels.inject=example.com/inject",
             "config.webhook.excludedNamespaces={kube-system,platform}",
-            "config.server.port=8443",
+            # Not config.server.port: a dry-run apply merges the container's
+            # ports with the installed Deployment's (keyed by containerPort),
+            # so a new port reads as a second `https`. tests/test_chart.py
+            # checks that every copy of the port follows the config.
             "webhook.failurePolicy=Fail",
             "webhook.timeoutSeconds=10",
             "injector.replicas=1",
