@@ -75,6 +75,7 @@ from devcluster.storage.shaped_link import LinkProfile
 from devcluster.storage.stack import PATH_TEMPLATE, write_random_model
 from modelstore.manifest import Manifest, ManifestFile
 from modelstore.publish import publish
+from nodeagent.warmer import LOCAL_COPIES_DIR
 
 EXAMPLE = REPO / "examples" / "bento-deployment.yaml"
 FETCH_SCRIPT = Path(__file__).resolve().parent / "fetch_model.py"
@@ -198,8 +199,9 @@ PAGE = 4096
 # (its --free-space-ratio default); the node cache here is on the host's disk.
 JUICEFS_FREE_RATIO = 0.1
 # Copies of the largest model on disk at once: its source files, its blocks
-# and the plain copy in MinIO, the node cache, the baseline's emptyDir.
-COPIES_ON_DISK = 5
+# and the plain copy in MinIO, the node cache, the node agent's local copy
+# (cache.localCopy), the baseline's emptyDir.
+COPIES_ON_DISK = 6
 
 
 def disk_shortfall(free: int, total: int, largest_model: int) -> str | None:
@@ -711,13 +713,20 @@ class Session:
         The node cache keeps its copies of deleted blocks (no client there
         deletes them, and the node agent evicts only what it can still read a
         manifest of): they are removed here, from the node's disk, with no pod
-        running. The node agent's record of the version stays on the Node.
+        running, and so is the agent's local copy of the version. The node
+        agent's record of the version stays on the Node.
         """
         stack, store = self.storage.stack, self.storage.store
         shutil.rmtree(stack.bento_dir(name, version))
         cached = cached_copies(self._node_cache(), keys)
         for path in cached:
             path.unlink(missing_ok=True)
+        # And the node agent's verified local copy of the version (cache.localCopy).
+        volume = self.storage.stack.volume_name
+        shutil.rmtree(
+            self._node_cache().parent / LOCAL_COPIES_DIR / volume / name / version,
+            ignore_errors=True,
+        )
         wanted = set(keys)
         deadline = time.monotonic() + 300
         left = wanted

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ __all__ = [
     "BentoTree",
     "CacheFiller",
     "CachePurger",
+    "CopySink",
     "ErrorCallback",
     "Progress",
     "ProgressCallback",
@@ -130,12 +132,41 @@ def content_problem(entry: ManifestFile, seen: int, extra: bool, sha256: str) ->
     return None
 
 
-def _read_and_hash(fd: int, offset: int, length: int, digest: Any) -> int:
+class _CopyTarget:
+    """A copy's descriptor, written by reading threads and closed by the event loop.
+
+    A read stuck in FUSE past its deadline is left running in its thread;
+    when it returns, the descriptor may be closed and its number reused for
+    another file. The lock and the flag make its write a no-op then.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes, offset: int) -> None:
+        with self._lock:
+            if not self.closed:
+                os.pwrite(self.fd, data, offset)
+
+    def release(self) -> int:
+        """Stop every later write; the descriptor, for the sink to keep or drop."""
+        with self._lock:
+            self.closed = True
+            return self.fd
+
+
+def _read_and_hash(
+    fd: int, offset: int, length: int, digest: Any, copy: _CopyTarget | None = None
+) -> int:
     """Read length bytes at offset and feed them to digest (in a worker thread); bytes read.
 
     The digest sees the range only once all of it was read, so a read that
     fails part-way leaves it as it was and the range can be read again.
+    With copy, the bytes are also written there at the same offsets.
     """
+    start = offset
     chunks = []
     while length > 0:
         data = os.pread(fd, length, offset)
@@ -146,7 +177,25 @@ def _read_and_hash(fd: int, offset: int, length: int, digest: Any) -> int:
         length -= len(data)
     for chunk in chunks:
         digest.update(chunk)  # hashlib releases the GIL for large buffers
+        if copy is not None:
+            copy.write(chunk, start)
+        start += len(chunk)
     return sum(len(chunk) for chunk in chunks)
+
+
+class CopySink(Protocol):
+    """Where the bytes streamed are also written, a file each (modelstore.localcopy.LocalCopy).
+
+    `open` before a file's read, then `keep` once its bytes matched the
+    manifest, or `drop` when they did not or the read failed. Both close the
+    descriptor, whatever else happens.
+    """
+
+    def open(self, entry: ManifestFile) -> int: ...
+
+    def keep(self, entry: ManifestFile, fd: int) -> None: ...
+
+    def drop(self, entry: ManifestFile, fd: int) -> None: ...
 
 
 class _OpenFile:
@@ -199,6 +248,8 @@ class Streamer:
     # Set where the cache is this client's to change: a file whose bytes differ
     # from the manifest has its cached blocks evicted and is read once more.
     purge: Purge | None = None
+    # Set where the node keeps a local copy of what it proved (the node agent).
+    copy: CopySink | None = None
 
     async def _read_with_retry(
         self,
@@ -208,6 +259,7 @@ class Streamer:
         length: int,
         digest: Any,
         progress: Progress,
+        copy: _CopyTarget | None = None,
     ) -> int:
         loop = asyncio.get_running_loop()
         delay = 0.5
@@ -218,7 +270,7 @@ class Streamer:
                 # A read can hang rather than fail (JuiceFS retries an object store
                 # that answers with errors for minutes): the deadline still holds.
                 return await asyncio.wait_for(
-                    loop.run_in_executor(pool, _read_and_hash, fd, offset, length, digest),
+                    loop.run_in_executor(pool, _read_and_hash, fd, offset, length, digest, copy),
                     max(left, 0),
                 )
             except TimeoutError:
@@ -243,11 +295,11 @@ class Streamer:
         self, pool: ThreadPoolExecutor, entry: ManifestFile, progress: Progress
     ) -> None:
         """Read and verify one file; with `purge`, a mismatch gets one more read after it."""
-        read = await self._read_file(pool, entry, progress)
+        read = await self._read_copied(pool, entry, progress)
         problem = read.problem(entry)
         if problem is not None and self.purge is not None:
             not_purged = await self.purge(entry, problem)
-            again = await self._read_file(pool, entry, progress, counted=read.seen, forget=True)
+            again = await self._read_copied(pool, entry, progress, counted=read.seen, forget=True)
             still = again.problem(entry)
             if still is None:
                 problem = None
@@ -260,6 +312,31 @@ class Streamer:
         progress.done_files += 1
         self.on_progress(progress)
 
+    async def _read_copied(
+        self,
+        pool: ThreadPoolExecutor,
+        entry: ManifestFile,
+        progress: Progress,
+        counted: int = 0,
+        forget: bool = False,
+    ) -> _Read:
+        """_read_file, with the bytes also written to `copy`, kept there only if proven."""
+        sink = self.copy
+        if sink is None:
+            return await self._read_file(pool, entry, progress, counted, forget)
+        target = _CopyTarget(await asyncio.to_thread(sink.open, entry))
+        handed_over = False
+        try:
+            read = await self._read_file(pool, entry, progress, counted, forget, target)
+            if read.problem(entry) is None:
+                handed_over = True  # keep closes it, whatever happens
+                await asyncio.to_thread(sink.keep, entry, target.release())
+            return read
+        finally:
+            if not handed_over:
+                # A cancelled or failed read, or bytes that differ: never the copy's.
+                sink.drop(entry, target.release())
+
     async def _read_file(
         self,
         pool: ThreadPoolExecutor,
@@ -267,6 +344,7 @@ class Streamer:
         progress: Progress,
         counted: int = 0,
         forget: bool = False,
+        copy: _CopyTarget | None = None,
     ) -> _Read:
         """Read entry through the mount in order, hashing it, and add to progress.
 
@@ -287,7 +365,9 @@ class Streamer:
                 if time.monotonic() > self.deadline:
                     raise WarmupTimeout(f"timed out at {progress.describe()}")
                 length = min(self.range_bytes, entry.size - offset)
-                got = await self._read_with_retry(pool, handle, offset, length, digest, progress)
+                got = await self._read_with_retry(
+                    pool, handle, offset, length, digest, progress, copy
+                )
                 seen += got
                 if seen > counted:
                     progress.done_bytes += seen - counted
@@ -364,6 +444,7 @@ async def stream_model(
     filler: CacheFiller | None = None,
     purger: CachePurger | None = None,
     on_purge: Callable[[ManifestFile, str], None] | None = None,
+    copy: CopySink | None = None,
 ) -> Progress:
     """Read and verify every file through the mount with `concurrency` reads, then fill the cache.
 
@@ -380,6 +461,7 @@ async def stream_model(
         on_progress=on_progress,
         on_error=on_error,
         purge=None if purger is None else _purge(purger, tree, deadline, on_purge),
+        copy=copy,
     )
     progress = await streamer.run(files)
     if filler is not None:

@@ -36,6 +36,7 @@ from common.warm import (
     is_warm_label,
 )
 from injector.config import InjectorConfig
+from modelstore.localcopy import LocalCopy
 from modelstore.mount import MountError
 from modelstore.sources import byte_sources
 from modelstore.streamer import Progress, VerificationError, WarmupTimeout
@@ -48,6 +49,7 @@ from nodeagent.plan import (
     covers,
     disk_budget,
     expired,
+    footprint,
     forgettable,
     format_time,
     make_room,
@@ -60,6 +62,8 @@ from nodeagent.warmer import (
     AgentIdentity,
     CredentialsError,
     MountedBento,
+    copy_of,
+    local_copy,
     mount_spec,
     mounted,
     node_cache_size_mib,
@@ -219,7 +223,7 @@ class NodeAgent:
             await self._forget(gone)
         for want in wanted:
             record = self.warmth.records.get(want.bento)
-            if not needs_warming(record, want.models):
+            if not needs_warming(record, want.models) and await self._copy_recorded(want.bento):
                 continue
             if not retry_due(record, self.clock(), self.options.retry_seconds):
                 continue
@@ -280,15 +284,19 @@ class NodeAgent:
 
     async def warm(self, want: WantedBento, referenced: set[BentoRef]) -> None:
         ref = want.bento
+        copy = local_copy(self.config, ref)
         try:
             async with self._mounted(want) as bento:
                 manifest = await asyncio.to_thread(bento.manifest)
                 files = bento.files(manifest)
-                size = sum(f.size for f in files)
+                model_bytes = sum(f.size for f in files)
+                # The record's bytes are what the Bento takes of the node's disk.
+                size = footprint(model_bytes, copy is not None)
                 room = make_room(ref, size, self.warmth.records, referenced, self.budget)
                 if not room.fits:
+                    held = "" if copy is None else ", twice the model with its local copy"
                     message = (
-                        f"{size / MIB:.0f} MiB does not fit: the node budget is "
+                        f"{size / MIB:.0f} MiB{held} does not fit: the node budget is "
                         f"{self.budget / MIB:.0f} MiB and the Bentos that workloads still use "
                         f"hold {room.used / MIB:.0f} MiB"
                     )
@@ -305,22 +313,22 @@ class NodeAgent:
                 await self.api.event(
                     NORMAL,
                     "ModelWarming",
-                    f"{ref}: streaming {len(files)} files ({size / MIB:.0f} MiB) into the node "
-                    f"cache for {', '.join(want.workloads)}",
+                    f"{ref}: streaming {len(files)} files ({model_bytes / MIB:.0f} MiB) into "
+                    f"the node cache for {', '.join(want.workloads)}",
                 )
                 log.info("warm.started", bento=str(ref), bytes=size, files=len(files))
                 counters = bento.counters()
                 before = await counters.snapshot()
-                progress = await bento.warm(files, _log_progress(ref), _log_error(ref))
+                progress = await bento.warm(files, _log_progress(ref), _log_error(ref), copy)
                 after = await counters.snapshot()
         except (CredentialsError, MountError, OSError, ValueError) as err:
-            await self._failed(want, "WarmFailed", err)
+            await self._failed(want, "WarmFailed", err, copy)
             return
         except VerificationError as err:
-            await self._failed(want, "VerificationFailed", err)
+            await self._failed(want, "VerificationFailed", err, copy)
             return
         except WarmupTimeout as err:  # the sidecar's reason for the same
-            await self._failed(want, "WarmupTimedOut", err)
+            await self._failed(want, "WarmupTimedOut", err, copy)
             return
         sources = byte_sources(progress.done_bytes, before, after)
         self.metrics.outcomes.labels("warm").inc()
@@ -329,6 +337,8 @@ class NodeAgent:
         if sources is not None:
             self.metrics.store_bytes.inc(sources.from_store)
         fetched = "" if sources is None else f"; {sources.describe('node')}"
+        if copy is not None:
+            fetched += "; a verified copy kept on the node's disk"
         await self._write(self._record(ref, "warm", want.models, size, verified=True))
         await self.api.event(
             NORMAL,
@@ -344,8 +354,12 @@ class NodeAgent:
             from_store_bytes=None if sources is None else sources.from_store,
         )
 
-    async def _failed(self, want: WantedBento, reason: str, err: BaseException) -> None:
+    async def _failed(
+        self, want: WantedBento, reason: str, err: BaseException, copy: LocalCopy | None = None
+    ) -> None:
         message = str(err) or type(err).__name__
+        if copy is not None:  # half written: its disk goes back
+            await asyncio.to_thread(copy.remove)
         log.error("warm.failed", bento=str(want.bento), reason=reason, error=message)
         self.metrics.outcomes.labels(reason).inc()
         await self._write(self._record(want.bento, "failed", want.models, message=message))
@@ -358,6 +372,10 @@ class NodeAgent:
             async with self._mounted(target) as bento:
                 files = bento.listed(await asyncio.to_thread(bento.manifest))
                 await bento.evict(files)
+            # Whatever the config says now: a copy kept before goes with the blocks.
+            leftover = copy_of(self.config, ref)
+            if leftover is not None:
+                await asyncio.to_thread(leftover.remove)
         except (CredentialsError, MountError, OSError, ValueError) as err:
             log.error("evict.failed", bento=str(ref), error=str(err))
             self.metrics.outcomes.labels("EvictFailed").inc()
@@ -371,6 +389,26 @@ class NodeAgent:
         )
         self.metrics.outcomes.labels("evicted").inc()
         log.info("evict.done", bento=str(ref), bytes=record.bytes, why=why)
+
+    async def _copy_recorded(self, ref: BentoRef) -> bool:
+        """Whether ref's local copy is recorded, or none is kept (warm before the copies
+        were: warmed once more, from the node cache, to write one)."""
+        copy = local_copy(self.config, ref)
+        return copy is None or await asyncio.to_thread(copy.record_path.exists)
+
+    def served_copy(self, ref: BentoRef, models: tuple[str, ...]) -> Path | None:
+        """The models/ of ref's local copy, for a sealed pod that reads models; None: the FUSE
+        mount's (blocking: it stats the copy's record).
+
+        Only a copy of every model (what models/ holds in JuiceFS, nothing
+        less) that the node's record says is warm and verified, and whose
+        own record is written: a warm of more models under way removed it.
+        """
+        copy = local_copy(self.config, ref)
+        record = self.warmth.records.get(ref)
+        if copy is None or record is None or record.models or not covers(record, models):
+            return None
+        return copy.models_dir if copy.record_path.exists() else None
 
     async def seal(self, ref: BentoRef, models: tuple[str, ...]) -> str | None:
         """Make sure the node holds ref sealed for a pod that reads models; None when it does,

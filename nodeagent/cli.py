@@ -118,7 +118,9 @@ async def _run(args: argparse.Namespace) -> int:
     api_client = await new_api_client(args.kubeconfig)
     api = AgentApi(api_client, args.node_name, args.pod_name)
     agent = NodeAgent(config, options, identity, api)
-    pod_mounts = PodMounts(config, args.kubelet_root, api, args.work_dir / "stage", agent.seal)
+    pod_mounts = PodMounts(
+        config, args.kubelet_root, api, args.work_dir / "stage", agent.seal, agent.served_copy
+    )
     agent.pod_bentos = pod_mounts.bentos
     if args.metrics_port:
         agent.metrics.serve(args.metrics_port)

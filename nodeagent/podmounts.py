@@ -13,7 +13,9 @@ says. Through it (`common.agentsocket`) the sidecar asks to:
   pod's JuiceFS volume read-only onto the pod's cache volume: tenants read
   the node cache, only the agent writes it.
 - `expose`: bind the Bento's `models/` read-only onto the pod's mount dir,
-  which the app containers see (HostToContainer).
+  which the app containers see (HostToContainer): the node's verified local
+  copy of it where the agent keeps one (cache.localCopy), else the pod's
+  FUSE mount's.
 - `event`, `condition`: an Event on the pod, its readiness condition. The
   sidecar holds no Kubernetes credential; the app containers cannot reach
   the socket (the volume is the sidecar's alone).
@@ -96,6 +98,15 @@ async def _no_sealer(bento: BentoRef, models: tuple[str, ...]) -> str | None:
     return "this node agent keeps no node cache"
 
 
+# Where a pod of a Bento that reads some models finds the node's verified
+# local copy of models/ (NodeAgent.served_copy; blocking): None, the FUSE mount's.
+CopyServer = Callable[[BentoRef, tuple[str, ...]], Path | None]
+
+
+def _no_copies(bento: BentoRef, models: tuple[str, ...]) -> Path | None:
+    return None
+
+
 @dataclass
 class TokenBucket:
     """At most `burst` at once, refilled at `rate` a second."""
@@ -126,6 +137,7 @@ class PodBroker:
     # A private mount of the agent's own where binds are made read-only (fuse.prepare_stage).
     stage: Path
     sealer: Sealer = _no_sealer
+    copies: CopyServer = _no_copies
     events: TokenBucket = field(default_factory=lambda: TokenBucket(EVENT_BURST, EVENT_PER_SECOND))
     _task: asyncio.Task[None] | None = None
 
@@ -302,9 +314,11 @@ class PodBroker:
             await self.api.pod_condition(self.pod, "False", "SealFailed", why[:256])
             return why
         seconds = time.monotonic() - started
+        local = await asyncio.to_thread(self.copies, bento, self.pod.models)
+        served = "" if local is None else "; the app reads its verified copy on the node's disk"
         message = (
             f"{bento}: verified once on this node by the node agent, every block in the "
-            f"node cache (checked in {seconds:.1f}s)"
+            f"node cache (checked in {seconds:.1f}s){served}"
         )
         await self.api.pod_condition(self.pod, "True", "ModelsSealed", message)
         log.info("pod.sealed", pod=str(self.pod), bento=str(bento), seconds=round(seconds, 2))
@@ -335,12 +349,22 @@ class PodBroker:
         return fuse_fd
 
     def expose(self) -> None:
-        """Bind the Bento's models/ (in the pod's FUSE mount) read-only onto the mount dir.
+        """Bind the Bento's models/ read-only onto the mount dir: the node's verified local
+        copy when it holds them all (NodeAgent.served_copy), else the pod's FUSE mount's.
 
         The FUSE mount is served by the pod's own juicefs, so what it calls
-        models/ is checked: a real directory of that mount, no symlink.
+        models/ is checked: a real directory of that mount, no symlink. The
+        copy is the agent's own, of the pod's own Bento and volume, bound
+        read-only and noexec as the node cache is.
         """
         paths = self.paths
+        bento = self.pod.bento
+        local = None if bento is None else self.copies(bento, self.pod.models)
+        if local is not None:
+            with fuse.opened_path(local) as models:
+                fuse.bind_read_only(models, paths.mount_dir_path, self.stage, noexec=True)
+            log.info("pod.exposed", pod=str(self.pod), source="local-copy", path=str(local))
+            return
         with (
             fuse.opened_path(paths.private_mount) as root,
             fuse.opened_dir(root, "models") as models,
@@ -352,7 +376,7 @@ class PodBroker:
             # the dead one first would leave the app an empty dir meanwhile,
             # and may block on a hung FUSE daemon; release() pops the stack.
             fuse.bind_read_only(models, paths.mount_dir_path, self.stage)
-        log.info("pod.exposed", pod=str(self.pod))
+        log.info("pod.exposed", pod=str(self.pod), source="juicefs")
 
     def release(self) -> None:
         """Every mount the agent made for the pod goes (lazily where busy)."""
@@ -424,6 +448,7 @@ class PodMounts:
     api: PodApi
     stage: Path
     sealer: Sealer = _no_sealer
+    copies: CopyServer = _no_copies
     brokers: dict[str, PodBroker] = field(default_factory=dict)
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -464,7 +489,7 @@ class PodMounts:
             log.debug("pod.not_served", uid=uid, why=served)
             return
         paths = pod_paths(self.kubelet_root, served.uid, self.config)
-        broker = PodBroker(served, paths, self.api, self.stage, self.sealer)
+        broker = PodBroker(served, paths, self.api, self.stage, self.sealer, self.copies)
         self.brokers[uid] = broker
         broker.start()
         log.info("pod.served", pod=str(served), uid=uid)

@@ -20,8 +20,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.warm import BentoRef
 from injector.config import InjectorConfig, Warmup
 from modelstore.juicefs_output import CacheCheck
+from modelstore.localcopy import LocalCopy, copy_root
 from modelstore.manifest import Manifest, ManifestFile, bento_tag, files_to_verify, read_manifest
 from modelstore.mount import JuiceFSMount
 from modelstore.mountspec import MountSpec
@@ -120,6 +122,25 @@ def mount_spec(
     )
 
 
+# Under the node cache's root, beside the volumes' cache directories (a
+# volume name never starts with a dot); bound into no pod as a whole.
+LOCAL_COPIES_DIR = ".local-copies"
+
+
+def copy_of(config: InjectorConfig, ref: BentoRef) -> LocalCopy | None:
+    """Where ref's local copy is, kept or not; None without a node cache."""
+    node_cache = config.node_cache_path
+    if node_cache is None:
+        return None
+    copies = Path(node_cache) / LOCAL_COPIES_DIR
+    return LocalCopy(copy_root(copies, ref.volume, ref.name, ref.version))
+
+
+def local_copy(config: InjectorConfig, ref: BentoRef) -> LocalCopy | None:
+    """ref's local copy when the config keeps one (cache.localCopy)."""
+    return copy_of(config, ref) if config.cache.local_copy else None
+
+
 @dataclass
 class MountedBento:
     """One Bento mounted for the agent: its manifest, and what can be done with its blocks."""
@@ -145,8 +166,12 @@ class MountedBento:
         files: list[ManifestFile],
         on_progress: ProgressCallback,
         on_error: ErrorCallback,
+        copy: LocalCopy | None = None,
     ) -> Progress:
         """Stream and verify files into the node cache, then fill it: every block, or an error.
+
+        With copy, each file proven is also kept there, and the copy is
+        recorded as holding files once the cache is filled.
 
         A sidecar's fill is best effort (`fill_cache_until` logs its failure:
         its bytes are verified already); the agent's record says "warm", which
@@ -164,6 +189,7 @@ class MountedBento:
             on_progress=on_progress,
             on_error=on_error,
             purger=self.mount,  # the agent's mounts always write the node cache
+            copy=copy,
         )
         paths = [self.mount.models_dir / f.path for f in files]
         try:
@@ -171,6 +197,8 @@ class MountedBento:
                 await self.mount.fill_cache(paths)
         except TimeoutError:
             raise WarmupTimeout("the node cache was not filled by the warmup deadline") from None
+        if copy is not None:
+            await asyncio.to_thread(copy.seal, files)
         return progress
 
     async def cached(self, files: list[ManifestFile]) -> CacheCheck | None:

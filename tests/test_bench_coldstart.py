@@ -283,7 +283,7 @@ def test_direct_reclaim_is_read_from_vmstat() -> None:
 
 def test_a_disk_too_small_for_the_large_model_is_refused_up_front() -> None:
     gib = 2**30
-    assert coldstart.disk_shortfall(70 * gib, 252 * gib, 8 * gib) is None
+    assert coldstart.disk_shortfall(80 * gib, 252 * gib, 8 * gib) is None
     problem = coldstart.disk_shortfall(50 * gib, 252 * gib, 8 * gib)
     assert problem is not None
-    assert "needs 65 GiB" in problem
+    assert "needs 73 GiB" in problem

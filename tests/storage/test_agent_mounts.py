@@ -17,6 +17,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,13 @@ from typing import Any
 import pytest
 
 from common import env as contract
-from common.mounts import is_mounted, unmount
+from common.mounts import is_fuse, is_mounted, top_mount, unmount
 from common.warm import BentoRef
 from devcluster.storage.stack import StorageStack
 from injector.config import parse_config
+from modelstore.localcopy import LocalCopy
 from modelstore.manifest import Manifest, sha256_file
+from modelstore.streamer import stream_model
 from nodeagent import fuse
 from nodeagent.podmounts import PodBroker
 from nodeagent.servedpods import ServedPod, pod_paths
@@ -70,7 +73,19 @@ def world_readable() -> Iterator[Path]:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _sidecar_env(stack: StorageStack, paths: Any, juicefs: Path, cache_mode: str) -> dict[str, str]:
+def _mount_options(path: Path) -> set[str]:
+    """The per-mount options of the mount on top at path (mountinfo's sixth field)."""
+    target = str(path)
+    options: set[str] = set()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" ")
+        if fields[4] == target:
+            options = set(fields[5].split(","))
+    return options
+
+
+def _sidecar_env(stack: StorageStack, paths: Any, juicefs: Path, variant: str) -> dict[str, str]:
+    cache_mode = "pod" if variant == "pod" else "node"
     tenant = stack.tenant
     site = next((REPO / ".venv" / "lib").glob("python3*/site-packages"))
     return {
@@ -82,9 +97,9 @@ def _sidecar_env(stack: StorageStack, paths: Any, juicefs: Path, cache_mode: str
         "JFS_META_URL": tenant.meta_url,
         "JFS_ACCESS_KEY": tenant.access_key or "",
         "JFS_SECRET_KEY": tenant.secret_key or "",
-        "BENTO_NAME": f"agent-{cache_mode}",
+        "BENTO_NAME": f"agent-{variant}",
         "BENTO_VERSION": "v1",
-        "JFS_BENTO_PATH": f"/bentos/agent-{cache_mode}/v1",
+        "JFS_BENTO_PATH": f"/bentos/agent-{variant}/v1",
         "JFS_MOUNT_POINT": str(paths.mount_dir_path),
         "JFS_CACHE_DIR": str(paths.cache_path),
         "JFS_CACHE_MODE": cache_mode,
@@ -98,11 +113,39 @@ def _sidecar_env(stack: StorageStack, paths: Any, juicefs: Path, cache_mode: str
     }
 
 
-@pytest.mark.parametrize("cache_mode", ["pod", "node"])
+def _local_copy(stack: StorageStack, model: Manifest, name: str, root: Path) -> LocalCopy:
+    """The node agent's verified copy of a published Bento, as its warm writes it."""
+    copy = LocalCopy(root)
+    asyncio.run(
+        stream_model(
+            2,
+            _Published(stack.bento_dir(name, "v1")),
+            list(model.files),
+            time.monotonic() + 60,
+            on_progress=lambda progress: None,
+            on_error=lambda progress, err: None,
+            copy=copy,
+        )
+    )
+    copy.seal(model.files)
+    return copy
+
+
+@dataclass(frozen=True)
+class _Published:
+    bento_dir: Path
+
+    @property
+    def models_dir(self) -> Path:
+        return self.bento_dir / "models"
+
+
+@pytest.mark.parametrize("variant", ["pod", "node", "node-copy"])
 def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
-    stack: StorageStack, scratch: Path, world_readable: Path, cache_mode: str
+    stack: StorageStack, scratch: Path, world_readable: Path, variant: str
 ) -> None:
-    model: Manifest = stack.publish_random(scratch, f"agent-{cache_mode}", "v1", SMALL_SHARDS)
+    cache_mode = "pod" if variant == "pod" else "node"
+    model: Manifest = stack.publish_random(scratch, f"agent-{variant}", "v1", SMALL_SHARDS)
     juicefs = world_readable / "juicefs"
     shutil.copy2(stack.juicefs.binary, juicefs)
     juicefs.chmod(0o755)
@@ -117,7 +160,15 @@ def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
         parent.chmod(0o755)
     api = RecordingApi()
     node_cache = world_readable / "node-cache" / "models" if cache_mode == "node" else None
-    bento = BentoRef("models", f"agent-{cache_mode}", "v1") if node_cache else None
+    bento = BentoRef("models", f"agent-{variant}", "v1") if node_cache else None
+    copy = None
+    if variant == "node-copy":
+        copy = _local_copy(stack, model, f"agent-{variant}", world_readable / "copies" / "v1")
+
+    def copies(ref: BentoRef, models: tuple[str, ...]) -> Path | None:
+        # The node agent's choice (NodeAgent.served_copy, tested in test_local_copy).
+        return None if copy is None else copy.models_dir
+
     pod = ServedPod(
         "tenant-a", "llm-0", "uid-1", node_cache, "juicefs.bentoml.com/models-ready", bento
     )
@@ -138,11 +189,11 @@ def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
         return None
 
     async def scenario() -> tuple[int, list[tuple[int, str]]]:
-        broker = PodBroker(pod, paths, api, stage, seal)
+        broker = PodBroker(pod, paths, api, stage, seal, copies)
         broker.start()
         sidecar = await asyncio.create_subprocess_exec(
             *command,
-            env=_sidecar_env(stack, paths, juicefs, cache_mode),
+            env=_sidecar_env(stack, paths, juicefs, variant),
             cwd=str(world_readable),
         )
         try:
@@ -156,13 +207,21 @@ def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
                     assert sidecar.returncode is None, "the sidecar exited early"
                     await asyncio.sleep(0.2)
             served = fuse_servers("tenant-a")
-            # What the app sees: the published bytes, read-only.
+            # What the app sees: the published bytes, read-only; with the
+            # copy, a local directory and no FUSE daemon in between.
+            shown = top_mount(paths.mount_dir_path)
+            assert shown is not None
+            assert is_fuse(shown) == (copy is None), shown
             for entry in model.files:
                 got = await asyncio.to_thread(sha256_file, paths.mount_dir_path / entry.path)
                 assert got == entry.sha256, entry.path
             with pytest.raises(OSError, match="Read-only file system") as refused:
                 (paths.mount_dir_path / "planted").write_bytes(b"x")
             assert refused.value.errno == errno.EROFS
+            if copy is not None:  # and no program of it runs
+                assert "noexec" in _mount_options(paths.mount_dir_path)
+                message = next(m for status, _, m in api.conditions if status == "True")
+                assert "the app reads its verified copy on the node's disk" in message
             if node_cache is not None:
                 # The node cache the agent lent is read-only, even to root.
                 with pytest.raises(OSError, match="Read-only file system"):

@@ -26,14 +26,16 @@ from devcluster.storage.juicefs import cached_blocks
 from devcluster.storage.minio_metrics import store_requests
 from devcluster.storage.stack import MIB, StorageStack
 from injector.config import InjectorConfig
-from modelstore.manifest import Manifest
+from modelstore.manifest import Manifest, sha256_file
 from nodeagent.agent import AgentOptions, NodeAgent
 from nodeagent.warmer import AgentIdentity
 from nodeagent.workloads import Workload
 
 # The smallest budget the config allows: 1Gi, of which JuiceFS keeps 0.9
 # (921 MiB). Any two of the three models fit; all three do not.
-BUDGET = "1Gi"
+# Two of three 320 MiB models fit, each twice with its local copy (the default):
+# 1600 MiB x the fill ratio 0.9 = 1440 MiB >= 2 x 640.
+BUDGET = "1600Mi"
 SHARDS = [80 * MIB] * 4
 
 
@@ -149,9 +151,17 @@ def test_a_wanted_bento_is_warmed_verified_recorded_and_fetched_once(
     metric = agent.metrics.registry.get_sample_value
     assert metric("bento_juicefs_node_agent_verified_bytes_total") == model.total_bytes
     assert metric("bento_juicefs_node_agent_outcomes_total", {"outcome": "warm"}) == 1
-    assert metric("bento_juicefs_node_cache_held_bytes") == model.total_bytes
-    record = node.api.warmth().records[BentoRef("models", "agent-a", "v1")]
-    assert (record.state, record.verified, record.bytes) == ("warm", True, model.total_bytes)
+    # What the Bento takes of the disk: its blocks and its local copy.
+    assert metric("bento_juicefs_node_cache_held_bytes") == 2 * model.total_bytes
+    ref = BentoRef("models", "agent-a", "v1")
+    record = node.api.warmth().records[ref]
+    assert (record.state, record.verified, record.bytes) == ("warm", True, 2 * model.total_bytes)
+    # The verified copy, served to a pod of every model, holds the published bytes.
+    copy = agent.served_copy(ref, ())
+    assert copy is not None
+    for entry in model.files:
+        assert sha256_file(copy / entry.path) == entry.sha256, entry.path
+    assert not list(copy.rglob("*.partial"))
     assert node.api.labels == {"warm.juicefs.bentoml.com/agent-a.v1": "models"}
     assert node.api.reasons() == ["ModelWarming", "ModelWarm"]
     assert "from the object store" in node.api.events[-1][2]
@@ -222,6 +232,8 @@ def test_a_new_version_is_warmed_and_the_old_one_evicted_once_unused_for_the_gra
     assert list(node.api.labels) == ["warm.juicefs.bentoml.com/agent-a.v2"]
     v2 = models["agent-a:v2"].total_bytes
     assert node.cached() <= v2 + 8 * MIB  # v2's blocks and nothing of v1's
+    copies = node.root / "ssd" / ".local-copies" / "models" / "agent-a"
+    assert sorted(p.name for p in copies.iterdir()) == ["v2"]  # v1's copy went with it
 
 
 def test_an_agent_restarted_mid_warm_resumes_without_fetching_again(

@@ -1,0 +1,165 @@
+"""The node's verified local copy: written while streaming, kept only once proven, served whole."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from common.warm import BentoRef, WarmRecord
+from injector.config import InjectorConfig
+from modelstore.localcopy import (
+    CopiedFile,
+    LocalCopy,
+    parse_record,
+    record_covers,
+    render_record,
+)
+from modelstore.manifest import ManifestFile, VerificationError
+from modelstore.streamer import stream_model
+from nodeagent.plan import footprint
+from nodeagent.warmer import copy_of, local_copy
+
+
+def _entry(path: str, data: bytes, order: int = 0) -> ManifestFile:
+    return ManifestFile(
+        path=path,
+        model="llm:v1",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        order=order,
+    )
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A Bento's directory as a mount shows it (plain files here)."""
+
+    bento_dir: Path
+
+    @property
+    def models_dir(self) -> Path:
+        return self.bento_dir / "models"
+
+
+def _publish(root: Path, files: dict[str, bytes]) -> tuple[Tree, list[ManifestFile]]:
+    tree = Tree(root)
+    entries = []
+    for order, (path, data) in enumerate(files.items()):
+        target = tree.models_dir / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        entries.append(_entry(path, data, order))
+    return tree, entries
+
+
+def _stream(tree: Tree, files: list[ManifestFile], copy: LocalCopy) -> None:
+    asyncio.run(
+        stream_model(
+            2,
+            tree,
+            files,
+            time.monotonic() + 30,
+            on_progress=lambda progress: None,
+            on_error=lambda progress, err: None,
+            copy=copy,
+        )
+    )
+
+
+def test_what_was_streamed_and_proven_is_the_copy(tmp_path: Path) -> None:
+    data = {"llm/v1/model.yaml": b"name: llm\n", "llm/v1/weights.bin": bytes(range(256)) * 40_000}
+    tree, files = _publish(tmp_path / "bento", data)
+    copy = LocalCopy(tmp_path / "copy")
+    _stream(tree, files, copy)
+    for path, content in data.items():
+        assert (copy.models_dir / path).read_bytes() == content
+    assert not list(copy.root.rglob("*.partial"))
+    assert not copy.covers(files), "not a copy until it is recorded"
+    copy.seal(files)
+    assert copy.covers(files)
+    # The file on disk changed behind the record's back (truncated): not served.
+    (copy.models_dir / "llm/v1/weights.bin").write_bytes(b"short")
+    assert not copy.covers(files)
+    copy.remove()
+    assert not copy.root.exists()
+
+
+def test_a_file_that_differs_from_the_manifest_leaves_no_trace(tmp_path: Path) -> None:
+    tree, files = _publish(tmp_path / "bento", {"a.bin": b"a" * 1000, "b.bin": b"b" * 1000})
+    lying = files[1].model_copy(update={"sha256": "0" * 64})
+    copy = LocalCopy(tmp_path / "copy")
+    with pytest.raises(VerificationError, match=r"b\.bin: sha256"):
+        _stream(tree, [files[0], lying], copy)
+    assert not (copy.models_dir / "b.bin").exists()
+    assert not list(copy.root.rglob("*.partial"))
+
+
+def test_writing_a_file_again_drops_the_record_until_sealed_again(tmp_path: Path) -> None:
+    tree, files = _publish(tmp_path / "bento", {"a.bin": b"a" * 10})
+    copy = LocalCopy(tmp_path / "copy")
+    _stream(tree, files, copy)
+    copy.seal(files)
+    _stream(tree, files, copy)  # a warm of more models under way
+    assert not copy.covers(files)
+
+
+def test_a_record_covers_files_only_as_the_manifest_and_the_disk_say() -> None:
+    entry = _entry("a.bin", b"abc")
+    recorded = {"a.bin": CopiedFile(3, entry.sha256)}
+    assert record_covers(recorded, [entry], {"a.bin": 3})
+    assert not record_covers(recorded, [entry], {})  # missing, or not a regular file
+    assert not record_covers(recorded, [entry], {"a.bin": 2})
+    assert not record_covers({"a.bin": CopiedFile(3, "0" * 64)}, [entry], {"a.bin": 3})
+    assert not record_covers({}, [entry], {"a.bin": 3})
+    assert parse_record(render_record([entry])) == recorded
+    with pytest.raises(ValueError, match="not a list"):
+        parse_record("{}")
+
+
+def test_the_copy_is_kept_under_the_node_cache_only_when_configured(tmp_path: Path) -> None:
+    ref = BentoRef("models", "llm", "v1")
+    on = InjectorConfig.model_validate({"cache": {"nodePath": str(tmp_path)}})
+    off = InjectorConfig.model_validate({"cache": {"nodePath": str(tmp_path), "localCopy": False}})
+    copy = local_copy(on, ref)
+    assert copy is not None
+    assert copy.root == tmp_path / ".local-copies" / "models" / "llm" / "v1"
+    assert local_copy(off, ref) is None
+    assert copy_of(off, ref) == copy  # eviction still finds one kept before
+    assert footprint(100, True) == 200
+    assert footprint(100, False) == 100
+
+
+def test_the_agent_serves_a_copy_only_of_every_model_warm_and_recorded(tmp_path: Path) -> None:
+    from nodeagent.agent import AgentOptions, NodeAgent
+    from nodeagent.warmer import AgentIdentity
+
+    ref = BentoRef("models", "llm", "v1")
+    config = InjectorConfig.model_validate({"cache": {"nodePath": str(tmp_path)}})
+    options = AgentOptions(credentials_dir=tmp_path, work_dir=tmp_path)
+    agent = NodeAgent(config, options, AgentIdentity("n1", "a", "ns"), api=None)  # type: ignore[arg-type]
+    copy = local_copy(config, ref)
+    assert copy is not None
+    tree, files = _publish(tmp_path / "bento", {"a.bin": b"a" * 10})
+    _stream(tree, files, copy)
+    copy.seal(files)
+
+    def warm(models: tuple[str, ...], state: str = "warm") -> None:
+        record = WarmRecord(ref, state, 20, verified=True, models=models)  # type: ignore[arg-type]
+        agent.warmth.records[ref] = record
+
+    assert agent.served_copy(ref, ()) is None  # no record: not sealed on this node
+    warm(())
+    assert agent.served_copy(ref, ()) == copy.models_dir
+    assert agent.served_copy(ref, ("llm",)) == copy.models_dir
+    warm(("llm",))  # a copy of some models is not models/
+    assert agent.served_copy(ref, ("llm",)) is None
+    warm((), "warming")
+    assert agent.served_copy(ref, ()) is None
+    warm(())
+    copy.record_path.unlink()
+    assert agent.served_copy(ref, ()) is None
