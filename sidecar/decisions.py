@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.diskspace import DiskSpace
-from common.env import SsdPolicy
+from common.env import SsdPolicy, seals_before_mount
 from sidecar.cachedisk import MIB, CacheSpeed
 
 # `juicefs mount --free-space-ratio` (left at its default): below this share
@@ -156,18 +156,9 @@ class GatePlan:
 
 
 def seal_before_mount(lent: bool, gate: GatePlan) -> bool:
-    """Whether this sidecar asks the node agent to seal before it mounts JuiceFS.
-
-    On the node cache the agent streams the Bento into the node cache with
-    its own client. A client mounted before that (this pod's) knows only the
-    blocks its start-up scan found, so the app reading through it on a cold
-    node fetched every block a second time over the store's link (measured:
-    4,196 MiB served for a 2,048 MiB model). Mounted after the seal, its
-    scan finds every block and the app reads them from local disk. The
-    app's container starts after the mount answers, so it waits for the seal
-    too. Without warmup there is no seal to wait for.
-    """
-    return lent and gate.verify
+    """Whether this sidecar asks the node agent to seal before it mounts JuiceFS: on a
+    node cache the agent lends, when the gate verifies (common.env.seals_before_mount)."""
+    return seals_before_mount(lent, gate.verify)
 
 
 def gate_plan(warmup: bool, cache: CachePlan) -> GatePlan:

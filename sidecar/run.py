@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import errno
 import signal
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import structlog
 
@@ -172,11 +173,14 @@ async def _run(
     sealing = agent is not None and seal_before_mount(lent, gate)
     refused: str | None = None
     if agent is not None and sealing:
-        outcome = await _seal_unless_stopped(settings, agent, reporter, metrics, stopping)
+        # A cold node warms for minutes; SIGTERM meanwhile must still end the pod.
+        outcome = await _unless_stopped(
+            open_gate_sealed(settings, agent, reporter, metrics), stopping
+        )
         if isinstance(outcome, _Stopped):
             log.info("sidecar.stopping", during="seal")
             return 0
-        refused = None if isinstance(outcome, _Stopped) else outcome
+        refused = outcome  # None: sealed, or out of time; a str: why the agent refused
     else:
         # Informational only: the mount must not wait on, or fail with, the apiserver.
         # (Not after a seal: the agent has set the condition by then.)
@@ -193,7 +197,7 @@ async def _run(
         await reporter.event(WARNING, "MountFailed", str(err))
         await mount.stop()
         return 1
-    if seconds is None:
+    if isinstance(seconds, _Stopped):
         log.info("sidecar.stopping", during="mount")
         await mount.stop()
         return 0
@@ -240,6 +244,9 @@ async def _run(
     return code
 
 
+T = TypeVar("T")
+
+
 class _Stopped:
     """SIGTERM came while the sidecar waited (a sentinel)."""
 
@@ -247,41 +254,33 @@ class _Stopped:
 _STOPPED = _Stopped()
 
 
-async def _seal_unless_stopped(
-    settings: Settings,
-    agent: AgentChannel,
-    reporter: Reporter,
-    metrics: SidecarMetrics,
+async def _unless_stopped(
+    work: Coroutine[Any, Any, T],
     stopping: asyncio.Task[Any],
-) -> str | _Stopped | None:
-    """The agent's seal (None: sealed or out of time; a str: why it refused), or _STOPPED.
+    quiet: tuple[type[BaseException], ...] = (),
+) -> T | _Stopped:
+    """work's result (or its exception), or _STOPPED when SIGTERM came first.
 
-    A cold node warms for minutes; SIGTERM meanwhile must still end the pod.
+    Work that waits on something outside (a cold node's warm, a mount whose
+    metadata engine does not answer) is cancelled then, so the pod ends
+    instead of sitting in Terminating; what the cancelled work raises on its
+    way out (quiet) is not the caller's to see.
     """
-    sealing = asyncio.create_task(open_gate_sealed(settings, agent, reporter, metrics))
-    await asyncio.wait({sealing, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if not sealing.done():
-        sealing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sealing
+    task = asyncio.create_task(work)
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *quiet):
+            await task
         return _STOPPED
-    return sealing.result()
+    return task.result()
 
 
-async def _mount_unless_stopped(mount: JuiceFSMount, stopping: asyncio.Task[Any]) -> float | None:
-    """Mount; the seconds it took, or None when SIGTERM came first (MountError if it failed).
-
-    SIGTERM while a mount hangs (metadata engine unreachable) must still
-    unmount and exit, or the pod sits in Terminating.
-    """
-    starting = asyncio.create_task(mount.start())
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError, MountError):
-            await starting
-        return None
-    return starting.result()
+async def _mount_unless_stopped(
+    mount: JuiceFSMount, stopping: asyncio.Task[Any]
+) -> float | _Stopped:
+    """Mount; the seconds it took, or _STOPPED (MountError if it failed)."""
+    return await _unless_stopped(mount.start(), stopping, quiet=(MountError,))
 
 
 async def _supervise(
@@ -314,7 +313,7 @@ async def _supervise(
             await reporter.event(WARNING, "MountFailed", f"remounting failed: {err}")
             stopping.cancel()
             return 1
-        if seconds is None:
+        if isinstance(seconds, _Stopped):
             return 0
         log.info("mount.recovered", seconds=round(seconds, 2))
         await reporter.event(

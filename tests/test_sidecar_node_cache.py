@@ -30,6 +30,7 @@ from sidecar.agent import AgentError
 from sidecar.cachedisk import measure
 from sidecar.decisions import GatePlan, seal_before_mount
 from sidecar.env import Settings
+from sidecar.gate import open_gate_sealed
 from sidecar.metrics import SidecarMetrics
 from sidecar.verify import verify_model
 from tests.helpers import minimal_env
@@ -312,13 +313,13 @@ def _seal(tmp_path: Path, agent: SealingAgent, stop_first: bool = False) -> obje
         if stop_first:
             asyncio.get_running_loop().call_later(0.05, stop.set)
         try:
-            return await sidecar_run._seal_unless_stopped(
+            sealing = open_gate_sealed(
                 settings,
                 agent,  # type: ignore[arg-type]
                 FakeReporter(),
                 SidecarMetrics(),
-                stopping,
             )
+            return await sidecar_run._unless_stopped(sealing, stopping)
         finally:
             stopping.cancel()
 

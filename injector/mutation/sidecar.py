@@ -222,12 +222,12 @@ def startup_probe(command: list[str], seconds: int) -> dict[str, Any]:
 def startup_seconds(ctx: MutationContext) -> int:
     """How long the app's containers may wait for the models to appear.
 
-    The mount's timeout; on the node cache with warmup, plus the warmup's:
-    the sidecar mounts only once the node agent has sealed the models
-    (sidecar.decisions.seal_before_mount), and a cold node streams first.
+    The mount's timeout; plus the warmup's when the sidecar mounts only once
+    the node agent has sealed the models (common.env.seals_before_mount),
+    since a cold node streams first.
     """
     mount = ctx.config.sidecar.mount_timeout_seconds
-    if ctx.plan.cache_mode == "node" and ctx.plan.warmup:
+    if env.seals_before_mount(ctx.plan.cache_mode == "node", ctx.plan.warmup):
         return mount + ctx.plan.warmup_timeout_seconds
     return mount
 
