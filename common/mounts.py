@@ -26,6 +26,8 @@ class Mount:
     point: Path
     fstype: str
     source: str
+    # The mount's own options (mountinfo's sixth field), not the superblock's.
+    read_only: bool = False
 
 
 def _unescape(field: str) -> str:
@@ -41,7 +43,12 @@ def parse_mountinfo(text: str) -> list[Mount]:
             continue
         sep = fields.index("-", 6)
         mounts.append(
-            Mount(Path(_unescape(fields[4])), fields[sep + 1], _unescape(fields[sep + 2]))
+            Mount(
+                Path(_unescape(fields[4])),
+                fields[sep + 1],
+                _unescape(fields[sep + 2]),
+                read_only="ro" in fields[5].split(","),
+            )
         )
     return mounts
 
@@ -60,9 +67,14 @@ def is_mounted(path: Path, pid: int | str = "self") -> bool:
 
 def top_mount(path: Path, pid: int | str = "self") -> Mount | None:
     """The mount on top of the stack at path (mountinfo lists parents first), if any."""
-    target = Path(os.path.abspath(path))
-    on_path = [m for m in mounts(pid) if m.point == target]
+    on_path = mount_stack(path, pid)
     return on_path[-1] if on_path else None
+
+
+def mount_stack(path: Path, pid: int | str = "self") -> list[Mount]:
+    """Every mount at path, the first made first (mountinfo lists parents first)."""
+    target = Path(os.path.abspath(path))
+    return [m for m in mounts(pid) if m.point == target]
 
 
 def is_fuse(mount: Mount) -> bool:

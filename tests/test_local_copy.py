@@ -163,3 +163,29 @@ def test_the_agent_serves_a_copy_only_of_every_model_warm_and_recorded(tmp_path:
     warm(())
     copy.record_path.unlink()
     assert agent.served_copy(ref, ()) is None
+
+
+def test_the_startup_probe_sees_the_models_from_fuse_or_the_agents_read_only_copy() -> None:
+    from common.mounts import Mount, parse_mountinfo
+    from modelstore.mountcheck import models_shown
+
+    point = Path("/var/lib/juicefs/mnt")
+    volume = Mount(point, "ext4", "/dev/sda1")  # the kubelet's bind of the pod's emptyDir
+    juicefs = Mount(point, "fuse.juicefs", "JuiceFS:models", read_only=True)
+    copy = Mount(point, "ext4", "/dev/sda1", read_only=True)
+    assert not models_shown([])
+    assert not models_shown([volume])  # the volume alone: nothing mounted on it yet
+    assert models_shown([volume, juicefs])
+    assert models_shown([volume, copy])
+    assert models_shown([volume, copy, juicefs])  # remounted over the copy
+    assert not models_shown([copy])  # read-only, but not over the pod's volume
+    assert not models_shown([volume, Mount(point, "ext4", "/dev/sda1")])
+
+    line = (
+        "1182 1170 8:1 /var/lib/bento-juicefs/.local-copies/models/llm/v1/models "
+        "/var/lib/juicefs/mnt ro,nosuid,nodev,noexec,relatime master:50 - ext4 /dev/sda1 rw"
+    )
+    [parsed] = parse_mountinfo(line)
+    assert parsed == Mount(point, "ext4", "/dev/sda1", read_only=True)
+    [writable] = parse_mountinfo(line.replace(" ro,nosuid", " rw,nosuid"))
+    assert not writable.read_only
