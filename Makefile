@@ -67,11 +67,12 @@ e2e: $(STAMP) binaries images
 # The tests that need the binaries (make binaries), the images (make images) or
 # root, by path; every other test is in the fast lane. tests/e2e: a real
 # cluster; tests/storage: JuiceFS, MinIO, Redis and FUSE mounts; test_chart.py
-# and test_local_install.py: the pinned helm and kubectl; test_images.py: builds
+# test_chart_knobs.py and test_local_install.py: the pinned helm and kubectl; test_images.py: builds
 # and runs the images; test_pod_mounts.py: two of its tests mount a tmpfs.
 # tests/test_makefile.py checks these paths exist and that no other test module
 # reaches for the binaries, the images or the storage stack.
-SLOW_TESTS := tests/e2e tests/storage tests/test_chart.py tests/test_local_install.py \
+SLOW_TESTS := tests/e2e tests/storage tests/test_chart.py tests/test_chart_knobs.py \
+	tests/test_local_install.py \
 	tests/test_images.py tests/test_pod_mounts.py
 
 # Lint, type-check and the fast lane: no binaries, no images, no root, no cluster.
