@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test fast lint typecheck unit e2e binaries images cluster-up cluster-down golden-update bench bench-load bench-agent fuzz render-example demo clean
+.PHONY: help venv test fast lint typecheck unit e2e binaries images cluster-up cluster-down golden-update values-table bench bench-load bench-agent fuzz render-example demo clean
 
 # Every target, one line each (tests/test_makefile.py checks that none is missing).
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make cluster-up    a local control plane and node to poke at"
 	@echo "make cluster-down  stops what make cluster-up started"
 	@echo "make golden-update regenerate tests/golden/*.injected"
+	@echo "make values-table  regenerate the chart's values table in docs/values.md from values.yaml"
 	@echo "make render-example the injector's offline render of examples/bento-deployment.yaml"
 	@echo "make fuzz          the admission path on 100,000+ fuzzed inputs (hypothesis, /mutate over HTTPS, atheris); bench-results/fuzz.json"
 	@echo "make bench         streaming, cold-start, warm-start (with the warm gate), admission, load, redis, agent-lists against their limits (SCENARIO=NAME for one); bench-results/"
@@ -67,11 +68,12 @@ e2e: $(STAMP) binaries images
 # The tests that need the binaries (make binaries), the images (make images) or
 # root, by path; every other test is in the fast lane. tests/e2e: a real
 # cluster; tests/storage: JuiceFS, MinIO, Redis and FUSE mounts; test_chart.py
-# and test_local_install.py: the pinned helm and kubectl; test_images.py: builds
+# test_chart_knobs.py and test_local_install.py: the pinned helm and kubectl; test_images.py: builds
 # and runs the images; test_pod_mounts.py: two of its tests mount a tmpfs.
 # tests/test_makefile.py checks these paths exist and that no other test module
 # reaches for the binaries, the images or the storage stack.
-SLOW_TESTS := tests/e2e tests/storage tests/test_chart.py tests/test_local_install.py \
+SLOW_TESTS := tests/e2e tests/storage tests/test_chart.py tests/test_chart_knobs.py \
+	tests/test_local_install.py \
 	tests/test_images.py tests/test_pod_mounts.py
 
 # Lint, type-check and the fast lane: no binaries, no images, no root, no cluster.
@@ -96,6 +98,11 @@ cluster-down: $(STAMP)
 
 golden-update: $(STAMP)
 	$(BIN)/pytest tests/test_golden.py --update-golden
+
+# docs/values.md's table from the chart's values.yaml comments and its schema
+# (tests/test_values_table.py fails when it is stale).
+values-table: $(STAMP)
+	$(BIN)/python hack/values_table.py
 
 # Ratios against limits measured in the same run (BENCHMARKS.md); one table,
 # bench-results/<scenario>.json each. SCENARIO=streaming|cold-start|warm-start|admission|load|redis|agent-lists

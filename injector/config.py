@@ -60,6 +60,19 @@ def _check_node_path(value: str) -> str:
 # A directory on the node; the node cache of each JuiceFS volume is a subdirectory.
 NodePath = Annotated[str, AfterValidator(_check_node_path)]
 
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_SECRET_NAME = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+
+
+def _check_secret_name(value: str) -> str:
+    if len(value) > 253 or not _SECRET_NAME.fullmatch(value):
+        raise ValueError("must be a Secret's name (a DNS subdomain: lowercase, digits, - and .)")
+    return value
+
+
+# A Secret's name, in the namespace of the pod that names it.
+SecretName = Annotated[str, AfterValidator(_check_secret_name)]
+
 _VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)(?:\.\d+)?(?:[-+].*)?$")
 
 
@@ -139,6 +152,10 @@ class Sidecar(_Model):
     container_name: str = "juicefs-mount"
     image: str = "ghcr.io/bentoml/bento-juicefs-sidecar:0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    # Secrets the kubelet may pull the sidecar's image with (a private
+    # registry): added by name to the pod's imagePullSecrets, beside its own.
+    # Each must exist in the pod's namespace; the injector does not copy them.
+    image_pull_secrets: tuple[SecretName, ...] = ()
     command: tuple[str, ...] = ("python", "-m", "sidecar", "run")
     probe_command: tuple[str, ...] = ("python", "-m", "sidecar", "probe")
     resources: Resources = Resources()

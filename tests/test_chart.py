@@ -303,8 +303,8 @@ def test_image_replicas_resources_and_node_agent_args() -> None:
     ]
 
 
-def injected_sidecar(config: InjectorConfig) -> dict[str, Any]:
-    """The juicefs-mount container the injector with this config adds to a Bento pod."""
+def injected_pod(config: InjectorConfig) -> dict[str, Any]:
+    """A Bento pod, labelled as this config selects, as the injector with it injects it."""
     pod = bento_pod()
     keys = config.labels
     pod["metadata"]["labels"] = {
@@ -312,7 +312,12 @@ def injected_sidecar(config: InjectorConfig) -> dict[str, Any]:
         keys.bento_repository: "llama3-service",
         keys.bento_version: "v1",
     }
-    containers = inject(pod, config)["spec"]["initContainers"]
+    return inject(pod, config)
+
+
+def injected_sidecar(config: InjectorConfig) -> dict[str, Any]:
+    """The juicefs-mount container the injector with this config adds to a Bento pod."""
+    containers = injected_pod(config)["spec"]["initContainers"]
     (sidecar,) = [c for c in containers if c["name"] == config.sidecar.container_name]
     assert isinstance(sidecar, dict)
     return sidecar
@@ -528,6 +533,9 @@ AGREE = {
         "webhook.timeoutSeconds=10",
         "image.repository=registry.example.com/bj",
         "image.tag=2.0.0",
+        "imagePullSecrets[0].name=regcred",
+        # The node's port then: the webhook's copies of it follow all the same.
+        "injector.hostNetwork=true",
         "metrics.serviceMonitor.enabled=true",
         "metrics.sidecarPodMonitor.enabled=true",
     ),
@@ -617,8 +625,14 @@ def test_every_setting_in_two_places_agrees(sets: tuple[str, ...]) -> None:
     assert variables["agentVolume"] == repr(config.volumes.agent_name)
     assert f"{keys.model_store}={keys.model_store_value}" in policy["validations"][0]["message"]
 
-    # One image: the injector's, the agent's, the sidecar's.
+    # One image: the injector's, the agent's, the sidecar's; and the Secrets
+    # to pull it with (the sidecar's in the pods the injector injects).
     assert container["image"] == agent["image"] == config.sidecar.image
+    for spec in (injector, pod_spec(objects, DAEMON_SET)):
+        pulls = tuple(s["name"] for s in spec.get("imagePullSecrets", []))
+        assert pulls == config.sidecar.image_pull_secrets
+    injected = injected_pod(config)["spec"].get("imagePullSecrets", [])
+    assert tuple(s["name"] for s in injected) == config.sidecar.image_pull_secrets
 
     # Both read this ConfigMap, and roll when it changes.
     for spec in (injector, pod_spec(objects, DAEMON_SET)):
@@ -680,6 +694,7 @@ def test_every_setting_in_two_places_agrees(sets: tuple[str, ...]) -> None:
         # The values did change what they should: no assertion above held by default alone.
         assert (config.server.port, keys.model_store) == (8443, "example.com/store")
         assert config.sidecar.image == "registry.example.com/bj:2.0.0"
+        assert config.sidecar.image_pull_secrets == ("regcred",)
         assert hook["timeoutSeconds"] == 10
 
 

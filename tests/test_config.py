@@ -42,6 +42,10 @@ def test_camel_case_keys_round_trip() -> None:
         ({"juicefs": {"defaultCacheSize": "big"}}, "juicefs.defaultCacheSize"),
         ({"juicefs": {"defaultVolume": "other"}}, "must be one of juicefs.allowedVolumes"),
         ({"server": {"port": 70000}}, "server.port"),
+        ({"sidecar": {"imagePullSecrets": ["Registry"]}}, "sidecar.imagePullSecrets.0"),
+        ({"sidecar": {"imagePullSecrets": ["a/b"]}}, "sidecar.imagePullSecrets.0"),
+        ({"sidecar": {"imagePullSecrets": ["ok", "x" * 254]}}, "sidecar.imagePullSecrets.1"),
+        ({"sidecar": {"imagePullSecrets": "registry"}}, "sidecar.imagePullSecrets"),
         (["a", "list"], "top level must be a mapping"),
     ],
 )
@@ -210,6 +214,13 @@ def test_a_bad_sidecar_metrics_port_names_the_key_and_the_accepted_form(
     with pytest.raises(ConfigError) as info:
         parse_config({"sidecar": {"metricsPort": port}})
     assert f"sidecar.metricsPort: {expected}" in str(info.value).replace("Value error, ", "")
+
+
+def test_sidecar_image_pull_secrets_are_secret_names() -> None:
+    assert InjectorConfig().sidecar.image_pull_secrets == ()
+    names = ["registry", "corp.registry-1"]
+    config = parse_config({"sidecar": {"imagePullSecrets": names}})
+    assert config.sidecar.image_pull_secrets == tuple(names)
 
 
 @pytest.mark.parametrize("port", [0, 1, 9465, 65535])

@@ -320,6 +320,42 @@ def test_readiness_gate_appended_to_existing() -> None:
     ]
 
 
+PULL_SECRETS = parse_config({"sidecar": {"imagePullSecrets": ["registry", "mirror"]}})
+
+
+def test_no_pull_secrets_by_default_and_none_touched() -> None:
+    assert "imagePullSecrets" not in inject(bento_pod())["spec"]
+    own = [{"name": "app-registry"}]
+    assert inject(bento_pod(imagePullSecrets=own))["spec"]["imagePullSecrets"] == own
+
+
+def test_the_sidecars_pull_secrets_are_added_to_a_pod_without_any() -> None:
+    result = run(bento_pod(), PULL_SECRETS)
+    (op,) = [o for o in result.ops if o["path"].startswith("/spec/imagePullSecrets")]
+    # One op for the list the pod lacked, both names in config order.
+    assert op == {
+        "op": "add",
+        "path": "/spec/imagePullSecrets",
+        "value": [{"name": "registry"}, {"name": "mirror"}],
+    }
+
+
+def test_the_sidecars_pull_secrets_are_appended_after_the_pods_own_without_duplicates() -> None:
+    own = [{"name": "app-registry"}, {"name": "mirror"}]
+    out = inject(bento_pod(imagePullSecrets=own), PULL_SECRETS)
+    assert out["spec"]["imagePullSecrets"] == [*own, {"name": "registry"}]
+    # Re-invoked (or a pod that already names them all): nothing to add.
+    again = run(out, PULL_SECRETS)
+    assert again.outcome == "unchanged"
+    assert again.ops == []
+
+
+def test_a_config_with_pull_secrets_passes_its_own_output_unchanged() -> None:
+    out = inject(bento_pod(), PULL_SECRETS)
+    assert [s["name"] for s in out["spec"]["imagePullSecrets"]] == ["registry", "mirror"]
+    assert run(out, PULL_SECRETS).ops == []
+
+
 def test_no_automount_gives_the_pod_no_token_at_all() -> None:
     out = inject(bento_pod(automountServiceAccountToken=False))
     assert not any("projected" in v for v in out["spec"]["volumes"])

@@ -20,6 +20,7 @@ from injector.mutation.context import MutationContext
 from injector.mutation.gate import add_readiness_gate
 from injector.mutation.image_streaming import add_image_streaming
 from injector.mutation.mounts import add_model_mounts
+from injector.mutation.pull_secrets import add_image_pull_secrets
 from injector.mutation.sidecar import add_sidecar
 from injector.mutation.status import add_status
 from injector.mutation.volumes import add_volumes
@@ -32,6 +33,7 @@ Step = Callable[[MutationContext], None]
 PIPELINE: tuple[Step, ...] = (
     add_model_mounts,
     add_sidecar,
+    add_image_pull_secrets,
     add_volumes,
     add_ssd_affinity,
     add_image_streaming,

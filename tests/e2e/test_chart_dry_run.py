@@ -70,8 +70,34 @@ def _dry_run(cluster: Cluster, text: str) -> str:
             "injector.replicas=1",
             "metrics.sidecarPodMonitor.enabled=true",
         ),
+        (
+            # tests/test_chart_knobs.py's knobs, each set (PriorityClasses the
+            # apiserver has built in; the pull secret need not exist).
+            "imagePullSecrets[0].name=regcred",
+            "injector.priorityClassName=system-cluster-critical",
+            "injector.nodeSelector.pool=system",
+            "injector.tolerations[0].key=dedicated",
+            "injector.tolerations[0].operator=Exists",
+            "injector.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution"
+            "[0].weight=1",
+            "injector.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution"
+            "[0].preference.matchExpressions[0].key=pool",
+            "injector.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution"
+            "[0].preference.matchExpressions[0].operator=Exists",
+            "injector.podAnnotations.example\\.com/team=platform",
+            "injector.podLabels.team=platform",
+            "injector.extraEnv[0].name=TZ",
+            "injector.extraEnv[0].value=UTC",
+            "injector.hostNetwork=true",
+            "nodeAgent.priorityClassName=system-node-critical",
+            "nodeAgent.nodeSelector.pool=gpu",
+            "nodeAgent.podAnnotations.example\\.com/team=platform",
+            "nodeAgent.podLabels.team=platform",
+            "nodeAgent.extraEnv[0].name=TZ",
+            "nodeAgent.extraEnv[0].value=UTC",
+        ),
     ],
-    ids=["gke", "eks", "aks", "eks-node-path", "cert-manager", "one-source"],
+    ids=["gke", "eks", "aks", "eks-node-path", "cert-manager", "one-source", "knobs"],
 )
 def test_the_apiserver_accepts_the_chart(cluster: Cluster, sets: tuple[str, ...]) -> None:
     _dry_run(cluster, helm_text(*sets))

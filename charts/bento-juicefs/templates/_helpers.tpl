@@ -88,12 +88,19 @@ sidecar's image is the chart's (image.*), so `helm upgrade --set image.tag=X`
 moves the sidecars injected from then on with the injector and the agent;
 config.sidecar.image still wins when set. image.pullPolicy is not passed on:
 the sidecar's pull is on every Bento's cold start, so it keeps the config's
-sidecar.imagePullPolicy (IfNotPresent).
+sidecar.imagePullPolicy (IfNotPresent). imagePullSecrets' names become
+sidecar.imagePullSecrets, which the injector adds to the pods it injects;
+config.sidecar.imagePullSecrets wins when set.
 */}}
 {{- define "bento-juicefs.config" -}}
 {{- $p := include "bento-juicefs.profile" . | fromYaml }}
 {{- $cfg := dict "cluster" (dict "kubernetesVersion" (toString .Values.kubernetesVersion) "platformProfile" .Values.profile) }}
 {{- $sidecar := dict "image" (include "bento-juicefs.image" .) }}
+{{- with (include "bento-juicefs.imagePullSecrets" . | fromJsonArray) }}
+{{- $names := list }}
+{{- range . }}{{ $names = append $names .name }}{{ end }}
+{{- $_ := set $sidecar "imagePullSecrets" $names }}
+{{- end }}
 {{- $_ := set $cfg "sidecar" $sidecar }}
 {{- $cache := dict }}
 {{- if .Values.cache.mode }}{{ $_ := set $cache "mode" .Values.cache.mode }}{{ end }}
@@ -249,4 +256,49 @@ secretNameTemplate) and the node agent's volume name for that Secret
 {{- $volumes = append $volumes (dict "name" $name "secret" (replace "{volume}" $name $template) "mount" $mount) }}
 {{- end }}
 {{- toJson $volumes }}
+{{- end }}
+
+{{/*
+A pod template's labels or annotations: the chart's own (what the
+selectors, the Service and the monitors match; checksum/config) and the
+podLabels or podAnnotations value beside them. A value may add keys, not
+change the chart's: that would orphan the pods from their controller, or
+stop a config change from rolling them.
+(dict "own" <map> "extra" <map> "value" "injector.podLabels")
+*/}}
+{{- define "bento-juicefs.podMetadata" -}}
+{{- range $key, $value := .extra }}
+{{- if hasKey $.own $key }}
+{{- fail (printf "%s: %s is the chart's own; leave it out" $.value $key) }}
+{{- end }}
+{{- end }}
+{{- toYaml (merge (dict) .own .extra) }}
+{{- end }}
+
+{{/*
+A container's env: the chart's own variables, then an extraEnv value, which
+may add variables but not set one of the chart's again.
+(dict "own" <list> "extra" <list> "value" "nodeAgent.extraEnv")
+*/}}
+{{- define "bento-juicefs.env" -}}
+{{- $names := list }}
+{{- range .own }}{{ $names = append $names .name }}{{ end }}
+{{- range .extra }}
+{{- if has .name $names }}
+{{- fail (printf "%s: %s is set by the chart; leave it out" $.value .name) }}
+{{- end }}
+{{- end }}
+{{- toYaml (concat .own .extra) }}
+{{- end }}
+
+{{/*
+imagePullSecrets: [{name: ...}] for the injector's and the node agent's pods,
+and their names for the config's sidecar.imagePullSecrets. image.pullSecrets
+was its name before: refused, saying so.
+*/}}
+{{- define "bento-juicefs.imagePullSecrets" -}}
+{{- if hasKey .Values.image "pullSecrets" }}
+{{- fail "image.pullSecrets was renamed: set imagePullSecrets (the same list, [{name: ...}]), which the injected sidecars get too" }}
+{{- end }}
+{{- toJson .Values.imagePullSecrets }}
 {{- end }}
