@@ -334,6 +334,7 @@ class NodeAgent:
         self.metrics.outcomes.labels("warm").inc()
         self.metrics.warmed_bytes.inc(progress.done_bytes)
         self.metrics.warm_seconds.inc(progress.elapsed)
+        self.metrics.warm_duration.observe(progress.elapsed)
         if sources is not None:
             self.metrics.store_bytes.inc(sources.from_store)
         fetched = "" if sources is None else f"; {sources.describe('node')}"

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from common.durations import DURATION_BUCKETS
 from common.warm import WARM_STATES, NodeWarmth
+
+# What a warm or an eviction can end in: the Event reason of a failure, or the state.
+OUTCOMES = (
+    "warm",
+    "over-budget",
+    "evicted",
+    "WarmFailed",
+    "VerificationFailed",
+    "WarmupTimedOut",
+    "EvictFailed",
+)
 
 
 class AgentMetrics:
@@ -41,12 +53,21 @@ class AgentMetrics:
             "Seconds spent warming (with verified_bytes: the agent's MB/s)",
             registry=self.registry,
         )
+        self.warm_duration = Histogram(
+            "bento_juicefs_node_agent_warm_duration_seconds",
+            "How long each warm that ended warm took (streamed and verified)",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
         self.outcomes = Counter(
             "bento_juicefs_node_agent_outcomes",
             "What each warm or eviction ended in (warm, over-budget, failures by reason, evicted)",
             ["outcome"],
             registry=self.registry,
         )
+        # Every outcome from the start, at 0: increase() then sees the first failure.
+        for outcome in OUTCOMES:
+            self.outcomes.labels(outcome)
 
     def observe(self, warmth: NodeWarmth) -> None:
         records = warmth.records.values()

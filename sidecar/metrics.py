@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from common.durations import DURATION_BUCKETS
 from modelstore.sources import ByteSources
 from modelstore.streamer import Progress
 from sidecar.env import Settings
@@ -41,8 +42,10 @@ from sidecar.env import Settings
 # (the reason is in warmup_failures and the pod's condition).
 SidecarState = Literal["starting", "streaming", "ready", "failed"]
 STATES: tuple[SidecarState, ...] = get_args(SidecarState)
-# The Event (and condition) reasons of a warmup that leaves the gate closed.
-FAILURE_REASONS = ("VerificationFailed", "WarmupTimedOut", "WarmupFailed")
+# The Event (and condition) reasons of a warmup that leaves the gate closed;
+# SealFailed (node cache mode: the node agent could not seal the model) leaves it
+# closed until this pod has verified the model itself (VerifyingUnsealed).
+FAILURE_REASONS = ("VerificationFailed", "WarmupTimedOut", "WarmupFailed", "SealFailed")
 
 
 @dataclass
@@ -120,6 +123,14 @@ class SidecarMetrics:
             "How long streaming and verifying the model took",
             registry=self.registry,
         )
+        # The same durations as histograms, so that a query over many pods can ask
+        # how many were ready within N seconds (the gauges stay: one pod's figure).
+        self.stream_histogram = Histogram(
+            "bento_juicefs_sidecar_stream_duration_histogram_seconds",
+            "How long streaming and verifying the model took (one observation per stream)",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
         self.stream_bytes_per_second = Gauge(
             "bento_juicefs_sidecar_stream_bytes_per_second",
             "The stream's throughput: verified bytes over its duration",
@@ -128,6 +139,13 @@ class SidecarMetrics:
         self.time_to_ready = Gauge(
             "bento_juicefs_sidecar_time_to_ready_seconds",
             "Seconds from the sidecar's start to the readiness condition set True",
+            registry=self.registry,
+        )
+        self.time_to_ready_histogram = Histogram(
+            "bento_juicefs_sidecar_time_to_ready_histogram_seconds",
+            "Seconds from the sidecar's start to the readiness condition set True "
+            "(one observation per pod)",
+            buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
         self.warmup_failures = Counter(
@@ -168,6 +186,7 @@ class SidecarMetrics:
         self.stream_progressed(progress)
         self.verified_bytes.inc(progress.done_bytes)
         self.stream_seconds.set(progress.elapsed)
+        self.stream_histogram.observe(progress.elapsed)
         self.stream_bytes_per_second.set(progress.bytes_per_s)
         if sources is not None:
             self.cache_bytes.inc(sources.from_cache)
@@ -181,6 +200,7 @@ class SidecarMetrics:
         """The readiness condition is True."""
         at = time.monotonic() if now is None else now
         self.time_to_ready.set(at - self.started)
+        self.time_to_ready_histogram.observe(at - self.started)
         self.set_state("ready")
 
     def serve(self, port: int, host: str = "0.0.0.0") -> MetricsEndpoint:

@@ -4,7 +4,9 @@ Every query parses as PromQL (promql-parser, a port of Prometheus's parser),
 and every metric name in its PromQL (the panels' targets and the variables'
 label_values queries) must be one the code defines, as scraped: the names
 tests/kit/metrics.py reads from the injector's, the sidecar's and the
-node agent's source (and checks against a real scrape of their registries).
+node agent's source (and checks against a real scrape of their registries),
+or an upstream one docs/metrics.md lists (the apiserver's admission metrics,
+Prometheus's ALERTS: tests/kit/promql.py).
 A renamed metric, or a typo, fails here rather than as an empty panel.
 """
 
@@ -16,56 +18,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import promql_parser
 import pytest
+import yaml
 
-from tests.kit.metrics import code_metrics
+from injector.config import InjectorConfig
+from tests.kit.promql import known_names, metric_names, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "charts" / "bento-juicefs" / "dashboards" / "bento-juicefs.json"
+POLICIES = ROOT / "manifests" / "base"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
-_VARIABLE = re.compile(r"\$\{?(\w+)\}?")
-# Grafana's interval variables stand for durations; any other variable is a label value.
-_DURATIONS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
 _LABEL_VALUES = re.compile(r"^label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)")
-# The attributes of promql_parser's nodes that hold sub-expressions.
-_CHILDREN = ("expr", "lhs", "rhs", "args", "param", "vector_selector")
-
-
-def parse(expr: str) -> Any:
-    """The expression as Prometheus parses it, Grafana's variables given example values
-    (promql-parser: the Rust port of Prometheus's own parser); ValueError if it does not."""
-    text = _VARIABLE.sub(lambda m: _DURATIONS.get(m[1], "x"), expr)
-    return promql_parser.parse(text)
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects, read from its syntax tree."""
-    names: set[str] = set()
-    pending = [parse(expr)]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, promql_parser.VectorSelector) and node.name:
-            names.add(node.name)
-        for attribute in _CHILDREN:
-            child = getattr(node, attribute, None)
-            if isinstance(child, list | tuple):
-                pending.extend(child)
-            elif child is not None and type(child).__module__ == "promql_parser":
-                pending.append(child)
-    return names
-
-
-def scraped_names() -> set[str]:
-    """Every series name a scrape of the code's registries can show."""
-    names = set()
-    for metric in code_metrics():
-        if metric.kind == "histogram":
-            names |= {metric.name + suffix for suffix in ("_bucket", "_sum", "_count")}
-        else:
-            names.add(metric.name)
-    return names
 
 
 def dashboard() -> dict[str, Any]:
@@ -104,7 +68,8 @@ def test_the_name_extraction() -> None:
 
 
 def test_every_metric_the_dashboard_queries_is_one_the_code_defines() -> None:
-    known = scraped_names()
+    """Or an upstream one of docs/metrics.md's table (the apiserver's admission metrics)."""
+    known = known_names()
     seen: set[str] = set()
     problems = []
     for where, expr in queries(dashboard()):
@@ -112,9 +77,15 @@ def test_every_metric_the_dashboard_queries_is_one_the_code_defines() -> None:
         assert names, f"{where} names no metric: {expr}"
         seen |= names
         problems += [f"{where}: {name}" for name in sorted(names - known)]
-    assert not problems, "not defined by the code: " + "; ".join(problems)
-    # The three components each have panels.
-    for prefix in ("bento_juicefs_admission_", "bento_juicefs_sidecar_", "bento_juicefs_node_"):
+    assert not problems, "not defined by the code nor listed as upstream: " + "; ".join(problems)
+    # The three components and the apiserver's view of the webhook each have panels.
+    for prefix in (
+        "bento_juicefs_admission_",
+        "bento_juicefs_sidecar_",
+        "bento_juicefs_node_",
+        "apiserver_admission_webhook_",
+        "apiserver_validating_admission_policy_",
+    ):
         assert any(name.startswith(prefix) for name in seen), prefix
 
 
@@ -138,7 +109,48 @@ def test_it_imports_into_any_grafana() -> None:
     assert len(ids) == len(set(ids))
 
 
-@pytest.mark.parametrize("row", ["Injector", "Sidecars", "Node caches"])
+@pytest.mark.parametrize("row", ["Injector", "Apiserver admission", "Sidecars", "Node caches"])
 def test_a_row_per_component(row: str) -> None:
     rows = [p["title"] for p in dashboard()["panels"] if p["type"] == "row"]
     assert row in rows
+
+
+def test_the_apiserver_panels_read_only_this_projects_webhook_and_policies() -> None:
+    """The apiserver's series cover every webhook and policy of the cluster: each
+    query of them selects ours, by the names the chart gives them."""
+    webhook = InjectorConfig().webhook.name
+    selectors = {
+        "apiserver_admission_webhook_": f'name="{webhook}"',
+        "apiserver_validating_admission_policy_": 'policy=~"bento-juicefs-.+"',
+    }
+    checked = 0
+    for where, expr in queries(dashboard()):
+        for prefix, selector in selectors.items():
+            if any(name.startswith(prefix) for name in metric_names(expr)):
+                checked += 1
+                assert expr.count(prefix) == expr.count(selector), f"{where}: {expr}"
+    assert checked >= 5
+    # The policy selector takes every one of the project's policies, and only those.
+    policies = [
+        doc["metadata"]["name"]
+        for path in sorted(POLICIES.glob("policy-*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc["kind"] == "ValidatingAdmissionPolicy"
+    ]
+    assert "bento-juicefs-sidecar-required" in policies
+    assert all(re.fullmatch("bento-juicefs-.+", name) for name in policies)
+
+
+def test_the_layout_has_no_overlap() -> None:
+    """Panels of the top level (rows open) share no grid cell."""
+    taken: set[tuple[int, int]] = set()
+    for panel in dashboard()["panels"]:
+        grid = panel["gridPos"]
+        cells = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not cells & taken, panel["title"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        taken |= cells

@@ -500,6 +500,18 @@ def test_the_metrics_follow_the_record() -> None:
     assert value("bento_juicefs_node_cache_bentos", {"state": "evicted"}) == 0
 
 
+def test_every_outcome_is_exported_from_the_start() -> None:
+    """At 0 before the first warm, so that increase() sees the first failure."""
+    metrics = AgentMetrics()
+    value = metrics.registry.get_sample_value
+    for outcome in ("warm", "WarmFailed", "VerificationFailed", "WarmupTimedOut", "EvictFailed"):
+        assert value("bento_juicefs_node_agent_outcomes_total", {"outcome": outcome}) == 0
+    assert value("bento_juicefs_node_agent_warm_duration_seconds_count") == 0
+    metrics.warm_duration.observe(90)
+    assert value("bento_juicefs_node_agent_warm_duration_seconds_bucket", {"le": "60.0"}) == 0
+    assert value("bento_juicefs_node_agent_warm_duration_seconds_bucket", {"le": "120.0"}) == 1
+
+
 def test_only_added_deleted_or_a_new_spec_wakes_the_agent() -> None:
     assert spec_changed("ADDED", None, 1)
     assert spec_changed("DELETED", 3, 3)

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.durations import DURATION_BUCKETS
 from common.ports import port_is_free
 from modelstore.sources import ByteSources, JuiceFSCounters, MountCounters, Snapshot
 from modelstore.streamer import Progress
@@ -105,6 +107,39 @@ def test_time_to_ready_counts_from_the_sidecar_start() -> None:
     metrics.gate_opened(now=112.5)
     assert value(metrics, "time_to_ready_seconds") == 12.5
     assert state(metrics) == "ready"
+
+
+def test_the_durations_are_histograms_too() -> None:
+    """One observation each per pod, in the shared buckets: a query over many pods can
+    count those ready within a bound (the chart's time-to-ready alert)."""
+    metrics = SidecarMetrics(started=100.0)
+    for name in ("time_to_ready_histogram_seconds", "stream_duration_histogram_seconds"):
+        assert value(metrics, name + "_count") == 0  # exported from the start, at 0
+        assert value(metrics, name + "_bucket", le="+Inf") == 0
+    progress = Progress(total_bytes=MIB, total_files=1, started=time.monotonic() - 20)
+    progress.done_bytes = MIB
+    metrics.stream_verified(progress, None)
+    metrics.gate_opened(now=100.0 + 42)
+    assert value(metrics, "time_to_ready_histogram_seconds_count") == 1
+    assert value(metrics, "time_to_ready_histogram_seconds_sum") == 42
+    assert value(metrics, "time_to_ready_histogram_seconds_bucket", le="30.0") == 0
+    assert value(metrics, "time_to_ready_histogram_seconds_bucket", le="60.0") == 1
+    assert value(metrics, "stream_duration_histogram_seconds_count") == 1
+    assert value(metrics, "stream_duration_histogram_seconds_bucket", le="15.0") == 0
+    assert value(metrics, "stream_duration_histogram_seconds_bucket", le="30.0") == 1
+    # The gauges keep the pod's own figure.
+    assert value(metrics, "time_to_ready_seconds") == 42
+    assert value(metrics, "stream_duration_seconds") == pytest.approx(20, abs=0.5)
+    bounds = [
+        float(sample.labels["le"])
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        if family.name == PREFIX + "time_to_ready_histogram_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_bucket") and sample.labels["le"] != "+Inf"
+    ]
+    assert tuple(bounds) == DURATION_BUCKETS
+    assert DURATION_BUCKETS[0] == 1
+    assert 1800 in DURATION_BUCKETS
 
 
 def test_a_failure_is_counted_by_reason_and_the_sidecar_is_failed() -> None:
