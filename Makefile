@@ -72,7 +72,7 @@ e2e: $(STAMP) binaries images
 # and runs the images; test_pod_mounts.py: two of its tests mount a tmpfs.
 # tests/test_makefile.py checks these paths exist and that no other test module
 # reaches for the binaries, the images or the storage stack.
-SLOW_TESTS := tests/e2e tests/storage tests/test_chart.py tests/test_chart_knobs.py \
+SLOW_TESTS := tests/e2e tests/storage tests/test_chart.py tests/test_chart_knobs.py tests/test_alerts.py \
 	tests/test_local_install.py \
 	tests/test_images.py tests/test_pod_mounts.py
 
