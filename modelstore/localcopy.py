@@ -116,6 +116,9 @@ class LocalCopy:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         return os.open(target, flags, 0o644)
 
+    def write(self, fd: int, data: bytes, offset: int) -> None:
+        os.pwrite(fd, data, offset)
+
     def keep(self, entry: ManifestFile, fd: int) -> None:
         """entry's bytes were proven: the .partial file becomes the copy's file.
 

@@ -140,7 +140,8 @@ class _CopyTarget:
     another file. The lock and the flag make its write a no-op then.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, sink: CopySink, fd: int) -> None:
+        self.sink = sink
         self.fd = fd
         self.closed = False
         self._lock = threading.Lock()
@@ -148,7 +149,7 @@ class _CopyTarget:
     def write(self, data: bytes, offset: int) -> None:
         with self._lock:
             if not self.closed:
-                os.pwrite(self.fd, data, offset)
+                self.sink.write(self.fd, data, offset)
 
     def release(self) -> int:
         """Stop every later write; the descriptor, for the sink to keep or drop."""
@@ -158,13 +159,19 @@ class _CopyTarget:
 
 
 def _read_and_hash(
-    fd: int, offset: int, length: int, digest: Any, copy: _CopyTarget | None = None
+    fd: int,
+    offset: int,
+    length: int,
+    digest: Any,
+    copy: _CopyTarget | None = None,
+    drop_read: bool = False,
 ) -> int:
     """Read length bytes at offset and feed them to digest (in a worker thread); bytes read.
 
     The digest sees the range only once all of it was read, so a read that
     fails part-way leaves it as it was and the range can be read again.
-    With copy, the bytes are also written there at the same offsets.
+    With copy, the bytes are also written there at the same offsets. With
+    drop_read, the kernel's pages of the range read are let go once hashed.
     """
     start = offset
     chunks = []
@@ -180,7 +187,11 @@ def _read_and_hash(
         if copy is not None:
             copy.write(chunk, start)
         start += len(chunk)
-    return sum(len(chunk) for chunk in chunks)
+    read = sum(len(chunk) for chunk in chunks)
+    if drop_read and read:
+        with contextlib.suppress(OSError):  # advice only
+            os.posix_fadvise(fd, start - read, read, os.POSIX_FADV_DONTNEED)
+    return read
 
 
 class CopySink(Protocol):
@@ -192,6 +203,8 @@ class CopySink(Protocol):
     """
 
     def open(self, entry: ManifestFile) -> int: ...
+
+    def write(self, fd: int, data: bytes, offset: int) -> None: ...
 
     def keep(self, entry: ManifestFile, fd: int) -> None: ...
 
@@ -250,6 +263,10 @@ class Streamer:
     purge: Purge | None = None
     # Set where the node keeps a local copy of what it proved (the node agent).
     copy: CopySink | None = None
+    # Set where nothing else reads this mount (the node agent's own): the
+    # kernel's pages of what was read and hashed are let go at once, so that
+    # they do not crowd the copy's and the cache's pages out of the cgroup.
+    drop_reads: bool = False
 
     async def _read_with_retry(
         self,
@@ -270,7 +287,9 @@ class Streamer:
                 # A read can hang rather than fail (JuiceFS retries an object store
                 # that answers with errors for minutes): the deadline still holds.
                 return await asyncio.wait_for(
-                    loop.run_in_executor(pool, _read_and_hash, fd, offset, length, digest, copy),
+                    loop.run_in_executor(
+                        pool, _read_and_hash, fd, offset, length, digest, copy, self.drop_reads
+                    ),
                     max(left, 0),
                 )
             except TimeoutError:
@@ -324,7 +343,7 @@ class Streamer:
         sink = self.copy
         if sink is None:
             return await self._read_file(pool, entry, progress, counted, forget)
-        target = _CopyTarget(await asyncio.to_thread(sink.open, entry))
+        target = _CopyTarget(sink, await asyncio.to_thread(sink.open, entry))
         handed_over = False
         try:
             read = await self._read_file(pool, entry, progress, counted, forget, target)
@@ -445,6 +464,7 @@ async def stream_model(
     purger: CachePurger | None = None,
     on_purge: Callable[[ManifestFile, str], None] | None = None,
     copy: CopySink | None = None,
+    drop_reads: bool = False,
 ) -> Progress:
     """Read and verify every file through the mount with `concurrency` reads, then fill the cache.
 
@@ -462,6 +482,7 @@ async def stream_model(
         on_error=on_error,
         purge=None if purger is None else _purge(purger, tree, deadline, on_purge),
         copy=copy,
+        drop_reads=drop_reads,
     )
     progress = await streamer.run(files)
     if filler is not None:

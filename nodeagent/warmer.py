@@ -190,6 +190,9 @@ class MountedBento:
             on_error=on_error,
             purger=self.mount,  # the agent's mounts always write the node cache
             copy=copy,
+            # No one else reads the agent's own mount: its pages would only
+            # crowd the copy's out of the agent's memory cgroup.
+            drop_reads=True,
         )
         paths = [self.mount.models_dir / f.path for f in files]
         try:
