@@ -44,6 +44,8 @@ from tests.kit.chart import (
     CERT_MANAGER,
     CHART,
     CHECKSUM,
+    CONFIG_MAP,
+    DEPLOYMENT,
     HELM_LABELS,
     NAMESPACE,
     OVERLAYS,
@@ -59,8 +61,6 @@ from tests.kit.chart import (
     tool_binaries,
 )
 
-CONFIG_MAP = ("ConfigMap", "bento-juicefs-injector-config", NAMESPACE)
-DEPLOYMENT = ("Deployment", "bento-juicefs-injector", NAMESPACE)
 WEBHOOK = ("MutatingWebhookConfiguration", "bento-juicefs-injector", "")
 SIDECAR_REQUIRED = ("ValidatingAdmissionPolicy", "bento-juicefs-sidecar-required", "")
 NETWORK_POLICY = ("NetworkPolicy", "bento-juicefs-injector", NAMESPACE)

@@ -23,6 +23,8 @@ from tests.helpers import bento_pod, inject
 from tests.kit.chart import (
     CHART,
     CHECKSUM,
+    CONFIG_MAP,
+    DEPLOYMENT,
     NAMESPACE,
     Key,
     helm,
@@ -31,8 +33,6 @@ from tests.kit.chart import (
     tool_binaries,
 )
 
-CONFIG_MAP = ("ConfigMap", "bento-juicefs-injector-config", NAMESPACE)
-DEPLOYMENT = ("Deployment", "bento-juicefs-injector", NAMESPACE)
 DAEMON_SET = ("DaemonSet", "bento-juicefs-node-agent", NAMESPACE)
 PODS = (DEPLOYMENT, DAEMON_SET)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from modelstore.manifest import ManifestFile, VerificationError
 from modelstore.streamer import stream_model
 from nodeagent.plan import footprint
 from nodeagent.warmer import copy_of, local_copy
+from tests.kit.sidecar import PublishedBento
 
 
 def _entry(path: str, data: bytes, order: int = 0) -> ManifestFile:
@@ -35,19 +35,8 @@ def _entry(path: str, data: bytes, order: int = 0) -> ManifestFile:
     )
 
 
-@dataclass(frozen=True)
-class Tree:
-    """A Bento's directory as a mount shows it (plain files here)."""
-
-    bento_dir: Path
-
-    @property
-    def models_dir(self) -> Path:
-        return self.bento_dir / "models"
-
-
-def _publish(root: Path, files: dict[str, bytes]) -> tuple[Tree, list[ManifestFile]]:
-    tree = Tree(root)
+def _publish(root: Path, files: dict[str, bytes]) -> tuple[PublishedBento, list[ManifestFile]]:
+    tree = PublishedBento(root)
     entries = []
     for order, (path, data) in enumerate(files.items()):
         target = tree.models_dir / path
@@ -57,7 +46,7 @@ def _publish(root: Path, files: dict[str, bytes]) -> tuple[Tree, list[ManifestFi
     return tree, entries
 
 
-def _stream(tree: Tree, files: list[ManifestFile], copy: LocalCopy) -> None:
+def _stream(tree: PublishedBento, files: list[ManifestFile], copy: LocalCopy) -> None:
     asyncio.run(
         stream_model(
             2,

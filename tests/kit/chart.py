@@ -36,6 +36,9 @@ NAMESPACE = "bento-juicefs-system"
 # The pod template annotation the chart adds to the Deployment and the
 # DaemonSet: the hash of the config, so that a changed config rolls the pods.
 CHECKSUM = "checksum/config"
+# Objects the chart renders, as (kind, name, namespace) keys.
+CONFIG_MAP = ("ConfigMap", "bento-juicefs-injector-config", NAMESPACE)
+DEPLOYMENT = ("Deployment", "bento-juicefs-injector", NAMESPACE)
 
 Key = tuple[str, str, str]  # (kind, name, namespace)
 

@@ -37,6 +37,7 @@ from nodeagent import fuse
 from nodeagent.podmounts import PodBroker
 from nodeagent.servedpods import ServedPod, pod_paths
 from tests.helpers import fuse_servers
+from tests.kit.sidecar import PublishedBento
 
 from .conftest import SMALL_SHARDS
 
@@ -119,7 +120,7 @@ def _local_copy(stack: StorageStack, model: Manifest, name: str, root: Path) -> 
     asyncio.run(
         stream_model(
             2,
-            _Published(stack.bento_dir(name, "v1")),
+            PublishedBento(stack.bento_dir(name, "v1")),
             list(model.files),
             time.monotonic() + 60,
             on_progress=lambda progress: None,
@@ -129,15 +130,6 @@ def _local_copy(stack: StorageStack, model: Manifest, name: str, root: Path) -> 
     )
     copy.seal(model.files)
     return copy
-
-
-@dataclass(frozen=True)
-class _Published:
-    bento_dir: Path
-
-    @property
-    def models_dir(self) -> Path:
-        return self.bento_dir / "models"
 
 
 @pytest.mark.parametrize("variant", ["pod", "node", "node-copy"])
