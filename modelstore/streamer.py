@@ -343,16 +343,20 @@ class Streamer:
         sink = self.copy
         if sink is None:
             return await self._read_file(pool, entry, progress, counted, forget)
-        target = _CopyTarget(sink, await asyncio.to_thread(sink.open, entry))
-        handed_over = False
+        # The copy's own steps run here, not in threads: they are quick local
+        # file operations, and a cancel (another file failed) between a
+        # thread's open or rename and its await would leave a .partial file,
+        # or a file renamed in after the failed copy was removed.
+        target = _CopyTarget(sink, sink.open(entry))
+        kept = False
         try:
             read = await self._read_file(pool, entry, progress, counted, forget, target)
             if read.problem(entry) is None:
-                handed_over = True  # keep closes it, whatever happens
-                await asyncio.to_thread(sink.keep, entry, target.release())
+                kept = True  # keep closes it, whatever happens
+                sink.keep(entry, target.release())
             return read
         finally:
-            if not handed_over:
+            if not kept:
                 # A cancelled or failed read, or bytes that differ: never the copy's.
                 sink.drop(entry, target.release())
 
