@@ -173,6 +173,28 @@ class LocalCopy:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def prefetch(models_dir: Path) -> None:
+    """Ask the kernel to read every file of a copy into the page cache (blocking).
+
+    A pod given the copy reads it file by file, reading and hashing in turn;
+    from a cold page cache (an 8 GiB copy does not stay in the agent's
+    memory limit) that ran at about 370 MiB/s on the dev node against
+    600 MB/s off its disk. Readahead of whole files, issued as the pod's
+    containers start, keeps the disk busy ahead of the app. Advice only.
+    """
+    for path in sorted(p for p in models_dir.rglob("*") if p.is_file()):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def copy_root(copies_dir: Path, volume: str, name: str, version: str) -> Path:
     """Where a Bento version's copy lives under the node's copies directory."""
     return copies_dir / volume / name / version

@@ -35,6 +35,7 @@ import contextlib
 import os
 import socket
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from common.agentsocket import (
 from common.mounts import is_mounted, unmount
 from common.warm import BentoRef
 from injector.config import InjectorConfig
+from modelstore.localcopy import prefetch
 from nodeagent import fuse
 from nodeagent.servedpods import PodPaths, ServedPod, containers_ended, pod_paths, served_pod
 
@@ -364,6 +366,8 @@ class PodBroker:
             with fuse.opened_path(local) as models:
                 fuse.bind_read_only(models, paths.mount_dir_path, self.stage, noexec=True)
             log.info("pod.exposed", pod=str(self.pod), source="local-copy", path=str(local))
+            # Off this request's clock (the sidecar waits for the reply).
+            threading.Thread(target=prefetch, args=(local,), daemon=True).start()
             return
         with (
             fuse.opened_path(paths.private_mount) as root,

@@ -178,3 +178,16 @@ def test_the_startup_probe_sees_the_models_from_fuse_or_the_agents_read_only_cop
     assert parsed == Mount(point, "ext4", "/dev/sda1", read_only=True)
     [writable] = parse_mountinfo(line.replace(" ro,nosuid", " rw,nosuid"))
     assert not writable.read_only
+
+
+def test_prefetch_reads_a_copy_into_the_page_cache_and_skips_what_it_cannot_open(
+    tmp_path: Path,
+) -> None:
+    from modelstore.localcopy import prefetch
+
+    models = tmp_path / "models"
+    (models / "llm" / "v1").mkdir(parents=True)
+    (models / "llm" / "v1" / "weights.bin").write_bytes(b"w" * 4096)
+    (models / "llm" / "latest").symlink_to("v1")  # not followed, not a file to read
+    prefetch(models)  # advice: it returns, whatever the kernel makes of it
+    prefetch(tmp_path / "gone")  # a copy removed meanwhile: nothing to do
