@@ -142,8 +142,30 @@ def print_table(rows: list[tuple[str, str, str]]) -> None:
         print(f"  {what:<{width}}  {figure:>{fig}}  {ratio}")
 
 
+def sizes_problem(args: argparse.Namespace) -> str | None:
+    """Why the model sizes asked for cannot run (None: they can), said before any work.
+
+    Each size is published as its own Bento version, once: two equal sizes
+    would publish the same version twice, which the model store refuses.
+    """
+    if args.gate_small_mib == args.gate_large_mib:
+        return (
+            f"--gate-small-mib and --gate-large-mib are both {args.gate_small_mib}: "
+            "give two different sizes"
+        )
+    if args.cold_large_mib and args.cold_large_mib == args.cold_size_mib:
+        return (
+            f"--cold-size-mib and --cold-large-mib are both {args.cold_size_mib}: give two "
+            "different sizes, or --cold-large-mib 0 for one"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    arguments = parser()
+    args = arguments.parse_args(argv)
+    if (problem := sizes_problem(args)) is not None:
+        arguments.error(problem)
     configure_logging("warning")  # the sidecar's mount logs juicefs's lines at debug
     names = args.scenario or list(SCENARIOS)
     failed = []

@@ -287,3 +287,19 @@ def test_a_disk_too_small_for_the_large_model_is_refused_up_front() -> None:
     problem = coldstart.disk_shortfall(50 * gib, 252 * gib, 8 * gib)
     assert problem is not None
     assert "needs 73 GiB" in problem
+
+
+def test_equal_model_sizes_are_refused_before_any_work() -> None:
+    from benchmarks.__main__ import parser, sizes_problem
+
+    def problem(*argv: str) -> str | None:
+        return sizes_problem(parser().parse_args(list(argv)))
+
+    assert problem() is None
+    gate = problem("--gate-small-mib", "512", "--gate-large-mib", "512")
+    assert gate is not None
+    assert "--gate-large-mib are both 512" in gate
+    cold = problem("--cold-size-mib", "8192")  # the large one is 8192 by default
+    assert cold is not None
+    assert "--cold-large-mib 0" in cold
+    assert problem("--cold-size-mib", "8192", "--cold-large-mib", "0") is None
