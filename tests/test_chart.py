@@ -57,6 +57,7 @@ from tests.kit.chart import (
     kustomize,
     normalise,
     parse_objects,
+    pod_spec,
     run_tool,
     tool_binaries,
 )
@@ -105,12 +106,6 @@ def config_of(objects: dict[Key, dict[str, Any]]) -> dict[str, Any]:
     data = yaml.safe_load(objects[CONFIG_MAP]["data"]["config.yaml"])
     assert isinstance(data, dict)
     return data
-
-
-def pod_spec(objects: dict[Key, dict[str, Any]], key: Key) -> dict[str, Any]:
-    spec = objects[key]["spec"]["template"]["spec"]
-    assert isinstance(spec, dict)
-    return spec
 
 
 def node_cache(spec: dict[str, Any]) -> tuple[str, str]:

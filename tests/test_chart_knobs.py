@@ -29,6 +29,7 @@ from tests.kit.chart import (
     Key,
     helm,
     parse_objects,
+    pod_spec,
     run_tool,
     tool_binaries,
 )
@@ -91,12 +92,6 @@ def refusal(*args: str) -> str:
     proc = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode != 0, proc.stdout
     return proc.stderr
-
-
-def pod_spec(objects: dict[Key, dict[str, Any]], key: Key) -> dict[str, Any]:
-    spec = objects[key]["spec"]["template"]["spec"]
-    assert isinstance(spec, dict)
-    return spec
 
 
 def pod_metadata(objects: dict[Key, dict[str, Any]], key: Key) -> dict[str, Any]:

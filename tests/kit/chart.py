@@ -108,3 +108,10 @@ def normalise(obj: dict[str, Any]) -> dict[str, Any]:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=1)
+
+
+def pod_spec(objects: dict[Key, dict[str, Any]], key: Key) -> dict[str, Any]:
+    """The pod template's spec of a rendered workload."""
+    spec = objects[key]["spec"]["template"]["spec"]
+    assert isinstance(spec, dict)
+    return spec
