@@ -132,6 +132,14 @@ def content_problem(entry: ManifestFile, seen: int, extra: bool, sha256: str) ->
     return None
 
 
+class CopyWriteError(Exception):
+    """The local copy could not be written (its disk full, most often).
+
+    Not an OSError: a failed read through FUSE is retried until the
+    deadline, while a copy that cannot be written ends the warm at once.
+    """
+
+
 class _CopyTarget:
     """A copy's descriptor, written by reading threads and closed by the event loop.
 
@@ -140,22 +148,40 @@ class _CopyTarget:
     another file. The lock and the flag make its write a no-op then.
     """
 
-    def __init__(self, sink: CopySink, fd: int) -> None:
-        self.sink = sink
+    def __init__(self, fd: int) -> None:
         self.fd = fd
         self.closed = False
         self._lock = threading.Lock()
 
     def write(self, data: bytes, offset: int) -> None:
         with self._lock:
-            if not self.closed:
-                self.sink.write(self.fd, data, offset)
+            if self.closed:
+                return
+            try:
+                written = os.pwrite(self.fd, data, offset)
+            except OSError as err:
+                raise CopyWriteError(f"writing the local copy: {err}") from err
+            if written != len(data):  # a regular file writes all or fails, unless full
+                raise CopyWriteError(
+                    f"writing the local copy: {written} of {len(data)} bytes written (disk full?)"
+                )
 
     def release(self) -> int:
         """Stop every later write; the descriptor, for the sink to keep or drop."""
         with self._lock:
             self.closed = True
             return self.fd
+
+
+def _hash_written(fd: int, length: int, digest: Any) -> None:
+    """Feed the first length bytes of a copy's file to digest (in a worker thread)."""
+    offset = 0
+    while offset < length:
+        data = os.pread(fd, min(RANGE_BYTES, length - offset), offset)
+        if not data:
+            raise OSError(f"the copy's file ends at {offset} of the {length} bytes resumed")
+        digest.update(data)
+        offset += len(data)
 
 
 def _read_and_hash(
@@ -197,18 +223,21 @@ def _read_and_hash(
 class CopySink(Protocol):
     """Where the bytes streamed are also written, a file each (modelstore.localcopy.LocalCopy).
 
-    `open` before a file's read, then `keep` once its bytes matched the
-    manifest, or `drop` when they did not or the read failed. Both close the
-    descriptor, whatever else happens.
+    `open` before a file's read: a descriptor open for reading and writing,
+    and how many bytes from the file's start an earlier warm, stopped
+    part-way, left there (a whole number of ranges). Then `keep` once its
+    bytes matched the manifest, `drop` when they did not or the read failed,
+    or `pause` when the warm was cancelled (the agent stopping: what it
+    wrote is resumed from). Each closes the descriptor, whatever happens.
     """
 
-    def open(self, entry: ManifestFile) -> int: ...
-
-    def write(self, fd: int, data: bytes, offset: int) -> None: ...
+    def open(self, entry: ManifestFile, range_bytes: int) -> tuple[int, int]: ...
 
     def keep(self, entry: ManifestFile, fd: int) -> None: ...
 
     def drop(self, entry: ManifestFile, fd: int) -> None: ...
+
+    def pause(self, entry: ManifestFile, fd: int) -> None: ...
 
 
 class _OpenFile:
@@ -347,17 +376,29 @@ class Streamer:
         # file operations, and a cancel (another file failed) between a
         # thread's open or rename and its await would leave a .partial file,
         # or a file renamed in after the failed copy was removed.
-        target = _CopyTarget(sink, sink.open(entry))
-        kept = False
+        fd, resumed = sink.open(entry, self.range_bytes)
+        target = _CopyTarget(fd)
+        outcome = "drop"
         try:
-            read = await self._read_file(pool, entry, progress, counted, forget, target)
+            digest = hashlib.sha256()
+            if resumed:  # what an earlier warm wrote, hashed off the local disk
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(pool, _hash_written, fd, resumed, digest)
+            read = await self._read_file(
+                pool, entry, progress, counted, forget, target, resumed, digest
+            )
             if read.problem(entry) is None:
-                kept = True  # keep closes it, whatever happens
+                outcome = "keep"  # keep closes it, whatever happens
                 sink.keep(entry, target.release())
             return read
+        except asyncio.CancelledError:
+            outcome = "pause"  # the warm stops here; the next one resumes from it
+            raise
         finally:
-            if not kept:
-                # A cancelled or failed read, or bytes that differ: never the copy's.
+            if outcome == "pause":
+                sink.pause(entry, target.release())
+            elif outcome == "drop":
+                # A failed read, or bytes that differ: never the copy's.
                 sink.drop(entry, target.release())
 
     async def _read_file(
@@ -368,12 +409,15 @@ class Streamer:
         counted: int = 0,
         forget: bool = False,
         copy: _CopyTarget | None = None,
+        start: int = 0,
+        digest: Any = None,
     ) -> _Read:
         """Read entry through the mount in order, hashing it, and add to progress.
 
         counted: bytes of this file that progress has already (a second read
         adds only what goes past them: its done_bytes never go back, nor
-        past the model's size). forget: see _OpenFile.
+        past the model's size). forget: see _OpenFile. start: where to begin,
+        with digest holding the hash of what comes before (a resumed copy).
         """
         path = self.root / entry.path
         try:
@@ -382,9 +426,9 @@ class Streamer:
             raise VerificationError(f"{entry.path}: listed in the manifest but missing") from None
         loop = asyncio.get_running_loop()
         try:
-            digest = hashlib.sha256()
-            seen = 0
-            for offset in range(0, entry.size, self.range_bytes):
+            digest = hashlib.sha256() if digest is None else digest
+            seen = start
+            for offset in range(start, entry.size, self.range_bytes):
                 if time.monotonic() > self.deadline:
                     raise WarmupTimeout(f"timed out at {progress.describe()}")
                 length = min(self.range_bytes, entry.size - offset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -14,15 +15,18 @@ from injector.config import InjectorConfig
 from modelstore.localcopy import (
     CopiedFile,
     LocalCopy,
+    parse_journal,
     parse_record,
     record_covers,
     render_record,
+    resumable,
 )
 from modelstore.manifest import ManifestFile, VerificationError
-from modelstore.streamer import stream_model
-from nodeagent.plan import footprint
+from modelstore.streamer import CopyWriteError, stream_model
 from nodeagent.warmer import copy_of, local_copy
 from tests.kit.sidecar import PublishedBento
+
+MIB = 1 << 20
 
 
 def _entry(path: str, data: bytes, order: int = 0) -> ManifestFile:
@@ -46,6 +50,10 @@ def _publish(root: Path, files: dict[str, bytes]) -> tuple[PublishedBento, list[
     return tree, entries
 
 
+def _staged_files(copy: LocalCopy) -> list[Path]:
+    return [p for p in (copy.root / "staging").rglob("*") if p.is_file()]
+
+
 def _stream(tree: PublishedBento, files: list[ManifestFile], copy: LocalCopy) -> None:
     asyncio.run(
         stream_model(
@@ -67,7 +75,7 @@ def test_what_was_streamed_and_proven_is_the_copy(tmp_path: Path) -> None:
     _stream(tree, files, copy)
     for path, content in data.items():
         assert (copy.models_dir / path).read_bytes() == content
-    assert not list(copy.root.rglob("*.partial"))
+    assert _staged_files(copy) == []
     assert not copy.covers(files), "not a copy until it is recorded"
     copy.seal(files)
     assert copy.covers(files)
@@ -85,16 +93,100 @@ def test_a_file_that_differs_from_the_manifest_leaves_no_trace(tmp_path: Path) -
     with pytest.raises(VerificationError, match=r"b\.bin: sha256"):
         _stream(tree, [files[0], lying], copy)
     assert not (copy.models_dir / "b.bin").exists()
-    assert not list(copy.root.rglob("*.partial"))
+    # Nothing of the file that failed is kept, not even staged to resume from.
+    assert not (copy.root / "staging" / "b.bin").exists()
 
 
-def test_writing_a_file_again_drops_the_record_until_sealed_again(tmp_path: Path) -> None:
-    tree, files = _publish(tmp_path / "bento", {"a.bin": b"a" * 10})
+def test_writing_the_copy_again_drops_its_record_and_stages_out_of_view(tmp_path: Path) -> None:
+    tree, files = _publish(tmp_path / "bento", {"a.bin": b"a" * 10, "b.bin": b"b" * 10})
     copy = LocalCopy(tmp_path / "copy")
     _stream(tree, files, copy)
     copy.seal(files)
-    _stream(tree, files, copy)  # a warm of more models under way
+    (copy.models_dir / "b.bin").unlink()  # the seal found it short: warmed again
+    copy.begin()
     assert not copy.covers(files)
+    # A pod still bound to models/ sees whole files only, never one being written.
+    fd, _ = copy.open(files[1], 4)
+    try:
+        assert sorted(p.name for p in copy.models_dir.iterdir()) == ["a.bin"]
+    finally:
+        copy.drop(files[1], fd)
+    _stream(tree, files, copy)
+    copy.seal(files)
+    assert copy.covers(files)
+    assert _staged_files(copy) == []
+
+
+def test_a_warm_resumed_streams_only_what_was_not_proven_and_kept(tmp_path: Path) -> None:
+    data = {"a.bin": b"a" * 100, "b.bin": b"b" * 100, "c.bin": b"c" * 100}
+    tree, files = _publish(tmp_path / "bento", data)
+    copy = LocalCopy(tmp_path / "copy")
+    _stream(tree, files[:2], copy)  # the agent stopped after two files
+    assert copy.proven(files) == files[:2]
+    (copy.models_dir / "b.bin").write_bytes(b"b")  # changed on disk since: streamed again
+    assert copy.proven(files) == files[:1]
+    other = files[0].model_copy(update={"sha256": "1" * 64})  # another manifest's a.bin
+    assert copy.proven([other]) == []
+    with (copy.root / "kept.jsonl").open("a") as journal:
+        journal.write('{"path": "c.bin", "si')  # torn as the agent was killed
+    assert copy.proven(files) == files[:1]
+    assert LocalCopy(tmp_path / "none").proven(files) == []
+    assert parse_journal('{"path":"a","size":1,"sha256":"x"}\nnot json\n') == {
+        "a": CopiedFile(1, "x")
+    }
+
+
+def test_a_file_resumes_from_the_whole_ranges_an_earlier_warm_wrote(tmp_path: Path) -> None:
+    """The published file's first range is garbage here: the copy still verifies, so that
+    range came from the staged file, not through the mount again."""
+    content = bytes(range(256)) * (5 * MIB // 256)
+    tree, [entry] = _publish(tmp_path / "bento", {"w.bin": content})
+    (tree.models_dir / "w.bin").write_bytes(b"\0" * (4 * MIB) + content[4 * MIB :])
+    copy = LocalCopy(tmp_path / "copy")
+    staged = copy.root / "staging" / "w.bin"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(content[: 4 * MIB + 1000])  # the agent stopped mid-range
+    _stream(tree, [entry], copy)
+    assert (copy.models_dir / "w.bin").read_bytes() == content
+    assert _staged_files(copy) == []
+
+
+class _UnwritableCopy(LocalCopy):
+    """A copy whose files cannot be written (as on a full disk)."""
+
+    def open(self, entry: ManifestFile, range_bytes: int) -> tuple[int, int]:
+        fd, resumed = super().open(entry, range_bytes)
+        os.close(fd)
+        return os.open(self._staged(entry), os.O_RDONLY), resumed
+
+
+def test_a_copy_that_cannot_be_written_ends_the_warm_at_once(tmp_path: Path) -> None:
+    """Not retried as a failed read through FUSE would be, until the deadline."""
+    tree, files = _publish(tmp_path / "bento", {"a.bin": b"a" * 1000})
+    copy = _UnwritableCopy(tmp_path / "copy")
+    retried: list[BaseException] = []
+    with pytest.raises(CopyWriteError, match="writing the local copy"):
+        asyncio.run(
+            stream_model(
+                1,
+                tree,
+                files,
+                time.monotonic() + 30,
+                on_progress=lambda progress: None,
+                on_error=lambda progress, err: retried.append(err),
+                copy=copy,
+            )
+        )
+    assert retried == []
+    assert not (copy.models_dir / "a.bin").exists()
+
+
+def test_what_is_resumed_is_whole_ranges_within_the_file() -> None:
+    assert resumable(0, 100, 10) == 0
+    assert resumable(35, 100, 10) == 30
+    assert resumable(100, 100, 10) == 100
+    assert resumable(150, 100, 10) == 100  # never past the manifest's size
+    assert resumable(150, 95, 10) == 90
 
 
 def test_a_record_covers_files_only_as_the_manifest_and_the_disk_say() -> None:
@@ -119,8 +211,6 @@ def test_the_copy_is_kept_under_the_node_cache_only_when_configured(tmp_path: Pa
     assert copy.root == tmp_path / ".local-copies" / "models" / "llm" / "v1"
     assert local_copy(off, ref) is None
     assert copy_of(off, ref) == copy  # eviction still finds one kept before
-    assert footprint(100, True) == 200
-    assert footprint(100, False) == 100
 
 
 def test_the_agent_serves_a_copy_only_of_every_model_warm_and_recorded(tmp_path: Path) -> None:
