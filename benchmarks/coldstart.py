@@ -199,9 +199,10 @@ PAGE = 4096
 # (its --free-space-ratio default); the node cache here is on the host's disk.
 JUICEFS_FREE_RATIO = 0.1
 # Copies of the largest model on disk at once: its source files, its blocks
-# and the plain copy in MinIO, the node cache, the node agent's local copy
-# (cache.localCopy), the baseline's emptyDir.
-COPIES_ON_DISK = 6
+# and the plain copy in MinIO, the node agent's local copy (cache.localCopy:
+# the node's one copy, no node cache blocks beside it), the baseline's
+# emptyDir.
+COPIES_ON_DISK = 5
 
 
 def disk_shortfall(free: int, total: int, largest_model: int) -> str | None:

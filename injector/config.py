@@ -241,10 +241,10 @@ class Cache(_Model):
         ge=env.MIN_CACHE_SCAN_SECONDS,
         le=env.MAX_CACHE_SCAN_SECONDS,
     )
-    # Node cache only: the node agent also writes a verified copy of each
-    # Bento's model files to the node's disk while it warms them, and a
-    # sealed pod's app reads that copy (bound read-only) instead of the FUSE
-    # mount. Each Bento then takes its size twice from the node budget.
+    # Node cache only: the node agent keeps each Bento it warms with every
+    # model as a verified copy of its model files on the node's disk instead
+    # of node cache blocks, and a sealed pod's app reads that copy (bound
+    # read-only) instead of the FUSE mount.
     local_copy: bool = True
 
 

@@ -117,6 +117,11 @@ class JuiceFSMount:
         return self._broker is None or self._spec.cache_mode != "node"
 
     @property
+    def caches_blocks(self) -> bool:
+        """Whether this client writes blocks to a cache disk (not with --cache-size 0)."""
+        return self._cache_size_mib > 0 and self.writes_cache
+
+    @property
     def metrics_url(self) -> str | None:
         """Where the running juicefs serves its Prometheus metrics (None before start)."""
         if self._metrics_port is None:
@@ -313,7 +318,7 @@ class JuiceFSMount:
         each round; a round short of everything is run again, after a pause,
         up to `rounds` times, then it is a MountError (the caller's to log).
         """
-        if self._cache_size_mib <= 0 or not self.writes_cache:
+        if not self.caches_blocks:
             return
         for attempt in range(1, rounds + 1):
             await self._warmup(paths)

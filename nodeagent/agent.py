@@ -39,7 +39,7 @@ from injector.config import InjectorConfig
 from modelstore.localcopy import LocalCopy
 from modelstore.mount import MountError
 from modelstore.sources import byte_sources
-from modelstore.streamer import Progress, VerificationError, WarmupTimeout
+from modelstore.streamer import CopyWriteError, Progress, VerificationError, WarmupTimeout
 from nodeagent.kube import API_ERRORS
 from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
@@ -49,7 +49,6 @@ from nodeagent.plan import (
     covers,
     disk_budget,
     expired,
-    footprint,
     forgettable,
     format_time,
     make_room,
@@ -63,6 +62,7 @@ from nodeagent.warmer import (
     CredentialsError,
     MountedBento,
     copy_of,
+    kept_copy,
     local_copy,
     mount_spec,
     mounted,
@@ -223,7 +223,7 @@ class NodeAgent:
             await self._forget(gone)
         for want in wanted:
             record = self.warmth.records.get(want.bento)
-            if not needs_warming(record, want.models) and await self._copy_recorded(want.bento):
+            if not needs_warming(record, want.models) and await self._copy_recorded(want):
                 continue
             if not retry_due(record, self.clock(), self.options.retry_seconds):
                 continue
@@ -267,8 +267,11 @@ class NodeAgent:
             message=message[:200],
         )
 
-    def _mounted(self, want: WantedBento) -> AbstractAsyncContextManager[MountedBento]:
-        """Mount want as a node-cache sidecar would on this node (CredentialsError)."""
+    def _mounted(
+        self, want: WantedBento, blocks: bool = True
+    ) -> AbstractAsyncContextManager[MountedBento]:
+        """Mount want as a node-cache sidecar would on this node (CredentialsError); without
+        blocks, a client that writes no node cache (a warm that keeps the local copy)."""
         credentials = read_credentials(
             self.options.credentials_dir / want.bento.volume, self.config
         )
@@ -279,24 +282,23 @@ class NodeAgent:
             self.options.work_dir,
             self.options.juicefs_bin,
             self.options.disk_margin,
+            blocks,
         )
         return mounted(spec, want, self.config.warmup)
 
     async def warm(self, want: WantedBento, referenced: set[BentoRef]) -> None:
         ref = want.bento
-        copy = local_copy(self.config, ref)
+        # The Bento's bytes are kept once on the node: its copy, or its blocks.
+        copy = kept_copy(self.config, want)
         try:
-            async with self._mounted(want) as bento:
+            async with self._mounted(want, blocks=copy is None) as bento:
                 manifest = await asyncio.to_thread(bento.manifest)
                 files = bento.files(manifest)
-                model_bytes = sum(f.size for f in files)
-                # The record's bytes are what the Bento takes of the node's disk.
-                size = footprint(model_bytes, copy is not None)
+                size = sum(f.size for f in files)
                 room = make_room(ref, size, self.warmth.records, referenced, self.budget)
                 if not room.fits:
-                    held = "" if copy is None else ", twice the model with its local copy"
                     message = (
-                        f"{size / MIB:.0f} MiB{held} does not fit: the node budget is "
+                        f"{size / MIB:.0f} MiB does not fit: the node budget is "
                         f"{self.budget / MIB:.0f} MiB and the Bentos that workloads still use "
                         f"hold {room.used / MIB:.0f} MiB"
                     )
@@ -313,15 +315,16 @@ class NodeAgent:
                 await self.api.event(
                     NORMAL,
                     "ModelWarming",
-                    f"{ref}: streaming {len(files)} files ({model_bytes / MIB:.0f} MiB) into "
-                    f"the node cache for {', '.join(want.workloads)}",
+                    f"{ref}: streaming {len(files)} files ({size / MIB:.0f} MiB) into "
+                    f"{'a verified copy on the node' if copy else 'the node cache'} for "
+                    f"{', '.join(want.workloads)}",
                 )
                 log.info("warm.started", bento=str(ref), bytes=size, files=len(files))
                 counters = bento.counters()
                 before = await counters.snapshot()
                 progress = await bento.warm(files, _log_progress(ref), _log_error(ref), copy)
                 after = await counters.snapshot()
-        except (CredentialsError, MountError, OSError, ValueError) as err:
+        except (CopyWriteError, CredentialsError, MountError, OSError, ValueError) as err:
             await self._failed(want, "WarmFailed", err, copy)
             return
         except VerificationError as err:
@@ -338,13 +341,12 @@ class NodeAgent:
         if sources is not None:
             self.metrics.store_bytes.inc(sources.from_store)
         fetched = "" if sources is None else f"; {sources.describe('node')}"
-        if copy is not None:
-            fetched += "; a verified copy kept on the node's disk"
+        kept = "into a copy on the node's disk" if copy else "in the node cache"
         await self._write(self._record(ref, "warm", want.models, size, verified=True))
         await self.api.event(
             NORMAL,
             "ModelWarm",
-            f"{ref}: {progress.done_bytes / MIB:.0f} MiB verified in the node cache in "
+            f"{ref}: {progress.done_bytes / MIB:.0f} MiB verified {kept} in "
             f"{progress.elapsed:.1f}s ({progress.mb_per_s:.1f} MB/s){fetched}",
         )
         log.info(
@@ -391,10 +393,10 @@ class NodeAgent:
         self.metrics.outcomes.labels("evicted").inc()
         log.info("evict.done", bento=str(ref), bytes=record.bytes, why=why)
 
-    async def _copy_recorded(self, ref: BentoRef) -> bool:
-        """Whether ref's local copy is recorded, or none is kept (warm before the copies
-        were: warmed once more, from the node cache, to write one)."""
-        copy = local_copy(self.config, ref)
+    async def _copy_recorded(self, want: WantedBento) -> bool:
+        """Whether want's local copy is recorded, or none is kept (warm before the copies
+        were, or with them turned off: warmed once more, to write one)."""
+        copy = kept_copy(self.config, want)
         return copy is None or await asyncio.to_thread(copy.record_path.exists)
 
     def served_copy(self, ref: BentoRef, models: tuple[str, ...]) -> Path | None:
@@ -439,6 +441,11 @@ class NodeAgent:
         if not covers(record, models):
             state = "nothing" if record is None else f"{record.state}: {record.message}"
             return f"the node agent could not warm {ref} ({state})"
+        if record is not None:
+            whole = recorded_bento(ref, record.models, self.config)
+            copy = kept_copy(self.config, whole)
+            if copy is not None:
+                return await self._seal_copy(ref, want, whole, copy)
         for attempt in (1, 2):
             async with self._mounted(want) as bento:
                 files = bento.files(await asyncio.to_thread(bento.manifest))
@@ -451,6 +458,28 @@ class NodeAgent:
                     return f"the node cache holds {held} of {ref} after refilling it"
                 log.info("seal.refill", bento=str(ref), cached=check and check.describe())
                 await bento.mount.fill_cache([bento.mount.models_dir / f.path for f in files])
+        return None
+
+    async def _seal_copy(
+        self, ref: BentoRef, want: WantedBento, whole: WantedBento, copy: LocalCopy
+    ) -> str | None:
+        """Sealed from ref's local copy, the node's one copy of a Bento warm with every model:
+        each of the pod's files recorded and on disk as the manifest says. A copy found
+        short (a file gone or changed on the node's disk) is warmed again, once."""
+        for attempt in (1, 2):
+            async with self._mounted(want) as bento:
+                files = bento.files(await asyncio.to_thread(bento.manifest))
+            if await asyncio.to_thread(copy.covers, files):
+                log.info("seal.ok", bento=str(ref), copy=str(copy.root))
+                return None
+            if attempt == 2:
+                return f"the node's copy of {ref} is short of the manifest after warming it again"
+            log.info("seal.rewarm", bento=str(ref), copy=str(copy.root))
+            await self.warm(whole, self._referenced | {ref})
+            if not covers(self.warmth.records.get(ref), want.models):
+                record = self.warmth.records.get(ref)
+                state = "nothing" if record is None else f"{record.state}: {record.message}"
+                return f"the node agent could not warm {ref} again ({state})"
         return None
 
 

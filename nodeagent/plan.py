@@ -168,11 +168,6 @@ def forgettable(
     return sorted(old | set(rest[: max(over, 0)]))
 
 
-def footprint(model_bytes: int, local_copy: bool) -> int:
-    """What a Bento takes of the node budget: its blocks, and its local copy when kept."""
-    return model_bytes * 2 if local_copy else model_bytes
-
-
 def needs_warming(record: WarmRecord | None, models: tuple[str, ...]) -> bool:
     """Not yet warm and verified with exactly these models (a restart resumes "warming")."""
     return record is None or not (

@@ -89,13 +89,15 @@ def mount_spec(
     work_dir: Path,
     juicefs_bin: str,
     disk_margin: float = 0.0,
+    blocks: bool = True,
 ) -> MountSpec:
     """The `juicefs mount` a node-cache sidecar gets for this Bento, paths under work_dir.
 
     The cache is the node cache of the Bento's volume, sized as the injector
     sizes it for every client of that directory; the agent, as root on the
     node, writes it, keeping disk_margin of the disk free (JuiceFS's own 10%
-    when 0).
+    when 0). Without blocks the client keeps no cache at all (--cache-size
+    0): a warm that writes the Bento's local copy, the node's one copy of it.
     """
     node_cache = config.node_cache_path
     if node_cache is None:
@@ -112,7 +114,7 @@ def mount_spec(
         private_mount=here / "volume",
         mount_point=here / "models",
         cache_dir=Path(node_cache) / ref.volume,
-        cache_size_mib=node_cache_size_mib(config),
+        cache_size_mib=node_cache_size_mib(config) if blocks else 0,
         cache_mode="node",
         cache_scan_seconds=config.cache.node_scan_seconds,
         buffer_size_mib=config.juicefs.buffer_size_mib,
@@ -139,6 +141,17 @@ def copy_of(config: InjectorConfig, ref: BentoRef) -> LocalCopy | None:
 def local_copy(config: InjectorConfig, ref: BentoRef) -> LocalCopy | None:
     """ref's local copy when the config keeps one (cache.localCopy)."""
     return copy_of(config, ref) if config.cache.local_copy else None
+
+
+def kept_copy(config: InjectorConfig, want: WantedBento) -> LocalCopy | None:
+    """The local copy a warm of want writes instead of node cache blocks, if any.
+
+    Only a warm of every model keeps one: a pod is given a copy only as its
+    whole models/ (what JuiceFS holds, nothing less), so a copy of some
+    models would never be served. A warm of some models keeps blocks, read
+    through FUSE by the pods that select those models.
+    """
+    return None if want.models else local_copy(config, want.bento)
 
 
 @dataclass
@@ -170,8 +183,9 @@ class MountedBento:
     ) -> Progress:
         """Stream and verify files into the node cache, then fill it: every block, or an error.
 
-        With copy, each file proven is also kept there, and the copy is
-        recorded as holding files once the cache is filled.
+        With copy (and a mount that keeps no blocks: `mount_spec`), each file
+        proven is kept there instead, and the copy is recorded as holding
+        files once every one is in.
 
         A sidecar's fill is best effort (`fill_cache_until` logs its failure:
         its bytes are verified already); the agent's record says "warm", which
@@ -181,20 +195,29 @@ class MountedBento:
         recorded as warm.
         """
         deadline = time.monotonic() + self.warmup.timeout_seconds
+        todo = files
+        if copy is not None:
+            await asyncio.to_thread(copy.begin)
+            kept = await asyncio.to_thread(copy.proven, files)
+            todo = [f for f in files if f not in kept]
+        if not todo and copy is not None:  # all proven before a restart: only the record
+            await asyncio.to_thread(copy.seal, files)
+            return Progress(total_bytes=0, total_files=0)
         progress = await stream_model(
             self.warmup.concurrency,
             self.mount,
-            files,
+            todo,
             deadline,
             on_progress=on_progress,
             on_error=on_error,
-            purger=self.mount,  # the agent's mounts always write the node cache
+            # Read once more after evicting its blocks: only where blocks are kept.
+            purger=self.mount if self.mount.caches_blocks else None,
             copy=copy,
             # No one else reads the agent's own mount: its pages would only
             # crowd the copy's out of the agent's memory cgroup.
             drop_reads=True,
         )
-        paths = [self.mount.models_dir / f.path for f in files]
+        paths = [self.mount.models_dir / f.path for f in todo]
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 1.0)):
                 await self.mount.fill_cache(paths)

@@ -286,7 +286,7 @@ def test_a_disk_too_small_for_the_large_model_is_refused_up_front() -> None:
     assert coldstart.disk_shortfall(80 * gib, 252 * gib, 8 * gib) is None
     problem = coldstart.disk_shortfall(50 * gib, 252 * gib, 8 * gib)
     assert problem is not None
-    assert "needs 73 GiB" in problem
+    assert "needs 65 GiB" in problem
 
 
 def test_equal_model_sizes_are_refused_before_any_work() -> None:

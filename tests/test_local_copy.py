@@ -23,7 +23,8 @@ from modelstore.localcopy import (
 )
 from modelstore.manifest import ManifestFile, VerificationError
 from modelstore.streamer import CopyWriteError, stream_model
-from nodeagent.warmer import copy_of, local_copy
+from nodeagent.warmer import copy_of, kept_copy, local_copy
+from nodeagent.workloads import recorded_bento
 from tests.kit.sidecar import PublishedBento
 
 MIB = 1 << 20
@@ -211,6 +212,12 @@ def test_the_copy_is_kept_under_the_node_cache_only_when_configured(tmp_path: Pa
     assert copy.root == tmp_path / ".local-copies" / "models" / "llm" / "v1"
     assert local_copy(off, ref) is None
     assert copy_of(off, ref) == copy  # eviction still finds one kept before
+
+    # Only a warm of every model keeps a copy (served whole as models/), in place of
+    # node cache blocks; a warm of some models keeps blocks, as with the copy off.
+    assert kept_copy(on, recorded_bento(ref, (), on)) == copy
+    assert kept_copy(on, recorded_bento(ref, ("llm",), on)) is None
+    assert kept_copy(off, recorded_bento(ref, (), off)) is None
 
 
 def test_the_agent_serves_a_copy_only_of_every_model_warm_and_recorded(tmp_path: Path) -> None:

@@ -471,6 +471,18 @@ def test_the_agent_mounts_with_the_sidecars_node_cache_settings(tmp_path: Path) 
     )
     command = JuiceFSMount(kept).command()
     assert command[command.index("--free-space-ratio") + 1] == "0.2"
+    # A warm that writes the Bento's local copy keeps no node cache blocks beside it.
+    copying = JuiceFSMount(
+        mount_spec(
+            config, want, Credentials("redis://meta:6379/1", None, None), tmp_path, "juicefs",
+            0.2, blocks=False,
+        )
+    )  # fmt: skip
+    command = copying.command()
+    assert command[command.index("--cache-size") + 1] == "0"
+    assert "--free-space-ratio" not in command
+    assert not copying.caches_blocks
+    assert JuiceFSMount(kept).caches_blocks
 
 
 def test_credentials_are_the_mounted_secrets_files(tmp_path: Path) -> None:

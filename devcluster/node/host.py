@@ -21,6 +21,8 @@ from common.mounts import mounts
 from devcluster.cluster import wait_for
 from devcluster.node.mountns import NodeMountNamespace
 from devcluster.node.netns import NodeNetwork
+from modelstore.localcopy import MODELS_DIR, STAGING_DIR
+from nodeagent.warmer import LOCAL_COPIES_DIR
 
 CGROUP_V1 = Path("/sys/fs/cgroup")
 # Paths the kubelet and CNI write that no flag moves: node-private copies are
@@ -112,6 +114,25 @@ NODE_CACHE_DIR = "local-ssd"
 def node_cache_dir(directory: Path) -> Path:
     """The node cache directory of the node whose state is in directory."""
     return Path(directory) / NODE_CACHE_DIR
+
+
+def local_copies_dir(node_cache: Path, volume: str) -> Path:
+    """Where the node agent keeps its local copies of a volume's Bentos, under a node cache."""
+    return Path(node_cache) / LOCAL_COPIES_DIR / volume
+
+
+def copied_bytes(copies: Path, staged: bool = False) -> int:
+    """The bytes of the files proven and kept in every copy under copies (local_copies_dir):
+    each Bento version's models/; with staged, also what is written of the files still
+    being streamed (what a warm stopped then resumes from)."""
+    total = 0
+    dirs = [MODELS_DIR, STAGING_DIR] if staged else [MODELS_DIR]
+    for directory in (d for name in dirs for d in Path(copies).glob(f"*/*/{name}")):
+        for path in directory.rglob("*"):
+            with contextlib.suppress(OSError):
+                if path.is_file():
+                    total += path.stat().st_size
+    return total
 
 
 # The kubelet's --root-dir on this node (pods/<uid>/volumes/... under it):

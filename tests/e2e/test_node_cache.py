@@ -25,9 +25,8 @@ import pytest
 from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.installs.injector_install import InjectorInstall
-from devcluster.node.host import node_cache_dir
+from devcluster.node.host import copied_bytes, local_copies_dir, node_cache_dir
 from devcluster.node.node import Node
-from devcluster.storage.juicefs import cached_blocks
 from devcluster.storage.minio_metrics import store_requests
 from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
@@ -199,8 +198,9 @@ def test_the_node_cache_is_the_nodes_and_only_the_sidecar_sees_it(
     volume = next(v for v in pods[0]["spec"]["volumes"] if v["name"] == "juicefs-cache")
     # No hostPath in a tenant pod: the agent binds the node cache onto this emptyDir.
     assert "emptyDir" in volume, volume
-    # The blocks are on the node, under the node's own directory.
-    assert sum(cached_blocks(directory).values()) >= model.total_bytes
+    # The model is on the node, under the node's own directory: the agent's verified
+    # copy, the node's one copy of a Bento whose pods read every model.
+    assert copied_bytes(local_copies_dir(node_cache_dir(node.dir), "models")) >= model.total_bytes
     mount_ready = next(e for e in events(cluster, namespace, pods[0]["metadata"]["name"])
                        if e["reason"] == "MountReady")  # fmt: skip
     assert "the node cache of volume models, read-only" in mount_ready["message"]

@@ -34,7 +34,7 @@ from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.installs.node_agent import LocalNodeAgent
 from devcluster.node.faults import FullDirectory, PathCut
-from devcluster.node.host import node_cache_dir
+from devcluster.node.host import local_copies_dir, node_cache_dir
 from devcluster.node.node import Node
 from devcluster.storage.juicefs import cached_blocks
 from devcluster.storage.stack import MIB, PATH_TEMPLATE, StorageStack, write_random_model
@@ -293,7 +293,14 @@ def test_a_full_node_cache_disk_is_reported_and_the_model_served_verified_from_t
     name = "cache-disk-full"
     model = storage.publish_random(tmp_path, name, VERSION, [8 * MIB] * 3)
     volume_cache = node_cache_dir(node.dir) / storage.volume_name
-    full = FullDirectory(node.mount_ns, volume_cache, size_mib=48, free_mib=2).start()
+    # The whole node cache disk full: the volume's blocks and the agent's local copies.
+    copies = local_copies_dir(node_cache_dir(node.dir), storage.volume_name)
+    copies_full = FullDirectory(node.mount_ns, copies, size_mib=48, free_mib=2).start()
+    try:
+        full = FullDirectory(node.mount_ns, volume_cache, size_mib=48, free_mib=2).start()
+    except BaseException:
+        copies_full.stop()
+        raise
     # The agent's hostPath of the node cache is what the node had mounted when
     # its pod started: a new pod sees the full disk (and one after, the real one).
     node_agent.restart()
@@ -337,6 +344,7 @@ def test_a_full_node_cache_disk_is_reported_and_the_model_served_verified_from_t
         cluster.kubectl("delete", "pod", name, "-n", namespace, "--wait=true", timeout=60)
     finally:
         full.stop()
+        copies_full.stop()
         node_agent.restart()
 
 

@@ -20,9 +20,8 @@ import yaml
 
 from devcluster import Cluster, wait_for
 from devcluster.installs.node_agent import LocalNodeAgent
-from devcluster.node.host import node_cache_dir
+from devcluster.node.host import copied_bytes, local_copies_dir, node_cache_dir
 from devcluster.node.node import Node
-from devcluster.storage.juicefs import cached_blocks
 from devcluster.storage.minio_metrics import store_requests
 from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
@@ -34,6 +33,7 @@ from tests.e2e.pods import (
     checking_pod,
     condition,
     create_pod,
+    events,
     exec_in,
     is_ready,
     namespace_enforcing,
@@ -204,8 +204,13 @@ def test_a_warm_interrupted_by_an_agent_restart_completes(
     name = "resumed-llm"
     big = storage.publish_random(tmp_path, name, VERSION, [128 * MIB] * 8)
     shard = max(big.files, key=lambda f: f.size)
-    node_cache = node_cache_dir(node.dir) / storage.volume_name
-    held_before = sum(cached_blocks(node_cache).values())
+    copies = local_copies_dir(node_cache_dir(node.dir), storage.volume_name)
+
+    def on_node() -> int:
+        """What the agent's copies hold: files kept, and what is written of those in flight."""
+        return copied_bytes(copies, staged=True)
+
+    held_before = on_node()
     namespace = namespace_enforcing(cluster, "baseline", "e2e-unpriv")
     try:
         before = store_requests(storage.store)
@@ -215,17 +220,17 @@ def test_a_warm_interrupted_by_an_agent_restart_completes(
         )  # fmt: skip
         create_pod(cluster, namespace, pod)
         wait_for(
-            lambda: sum(cached_blocks(node_cache).values()) - held_before >= big.total_bytes // 5,
+            lambda: on_node() - held_before >= big.total_bytes // 5,
             timeout=180,
             interval=0.1,
             what="a fifth of the model warmed",
         )
-        warmed = sum(cached_blocks(node_cache).values()) - held_before
+        warmed = on_node() - held_before
         old = node_agent.running_pod()
         new = node_agent.restart()
         # The old agent is gone now (the DaemonSet starts its successor only then):
         # what is on disk here is what the new one finds.
-        held = sum(cached_blocks(node_cache).values()) - held_before
+        held = on_node() - held_before
         at_restart = store_requests(storage.store)
         print(f"agent {old} deleted with {warmed / MIB:.0f} MiB of {big.total_bytes / MIB:.0f} "
               f"MiB warmed, {held / MIB:.0f} MiB when it was gone; {new} runs")  # fmt: skip
@@ -276,7 +281,9 @@ def test_the_unchanged_example_turns_ready_in_a_baseline_namespace(
         assert_unprivileged(pod)
         gate = condition(pod, GATE)
         assert gate is not None
-        assert gate["reason"] == "ModelsSealed", gate
+        name = pod["metadata"]["name"]
+        said = [f"{e['reason']}: {e['message']}" for e in events(cluster, namespace, name)]
+        assert gate["reason"] == "ModelsSealed", (gate, said)
         print(f"example: {gate['message']}")
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
