@@ -418,9 +418,10 @@ class NodeAgent:
         else why not.
 
         Sealed: warmed and verified by this agent once per node (its record on
-        the Node, which no tenant can write), and every block of the pod's
-        files in the node cache now (`juicefs warmup --check`): what eviction
-        took is fetched again once. A cold Bento is warmed here, on demand.
+        the Node, which no tenant can write), and the pod's files on the
+        node now: in its local copy (`_seal_copy`), or every block in the node
+        cache (`juicefs warmup --check`); what is missing is fetched again
+        once. A cold Bento is warmed here, on demand.
         Nothing is hashed again on a warm node.
         """
         want = recorded_bento(ref, models, self.config)

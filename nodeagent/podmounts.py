@@ -59,7 +59,14 @@ from common.warm import BentoRef
 from injector.config import InjectorConfig
 from modelstore.localcopy import prefetch
 from nodeagent import fuse
-from nodeagent.servedpods import PodPaths, ServedPod, containers_ended, pod_paths, served_pod
+from nodeagent.servedpods import (
+    PodPaths,
+    ServedPod,
+    containers_ended,
+    pod_paths,
+    sealed_message,
+    served_pod,
+)
 
 log = structlog.get_logger("nodeagent.podmounts")
 
@@ -317,11 +324,7 @@ class PodBroker:
             return why
         seconds = time.monotonic() - started
         local = await asyncio.to_thread(self.copies, bento, self.pod.models)
-        served = "" if local is None else "; the app reads its verified copy on the node's disk"
-        message = (
-            f"{bento}: verified once on this node by the node agent, every block in the "
-            f"node cache (checked in {seconds:.1f}s){served}"
-        )
+        message = sealed_message(str(bento), seconds, local is not None)
         await self.api.pod_condition(self.pod, "True", "ModelsSealed", message)
         log.info("pod.sealed", pod=str(self.pod), bento=str(bento), seconds=round(seconds, 2))
         return None

@@ -164,3 +164,16 @@ def containers_ended(pod: Mapping[str, Any]) -> bool:
         *(status.get("containerStatuses") or []),
     ]
     return bool(statuses) and not any("running" in (s.get("state") or {}) for s in statuses)
+
+
+def sealed_message(bento: str, seconds: float, copy_served: bool) -> str:
+    """The ModelsSealed condition's message: what the node holds of the pod's Bento, and
+    what its app reads (the copy on the node's disk, or the node cache through FUSE)."""
+    held = (
+        "its verified copy on the node's disk" if copy_served else "every block in the node cache"
+    )
+    read = "; the app reads that copy, not FUSE" if copy_served else ""
+    return (
+        f"{bento}: verified once on this node by the node agent, {held} "
+        f"(checked in {seconds:.1f}s){read}"
+    )

@@ -134,8 +134,8 @@ async def open_gate_sealed(
     await reporter.event(
         NORMAL,
         "ModelsReady",
-        f"model sealed by the node agent in {seconds:.1f}s: verified once on this node, "
-        "every block in the node cache",
+        f"model sealed by the node agent in {seconds:.1f}s: verified once on this node and "
+        "held on its disk (the models-ready condition says how the app reads it)",
     )
     # The agent set the condition; `kubectl describe pod` tells it as for a verified pod.
     await reporter.event(

@@ -288,3 +288,16 @@ def test_prefetch_reads_a_copy_into_the_page_cache_and_skips_what_it_cannot_open
     (models / "llm" / "latest").symlink_to("v1")  # not followed, not a file to read
     prefetch(models)  # advice: it returns, whatever the kernel makes of it
     prefetch(tmp_path / "gone")  # a copy removed meanwhile: nothing to do
+
+
+def test_the_sealed_condition_says_what_the_app_reads() -> None:
+    from nodeagent.servedpods import sealed_message
+
+    copy = sealed_message("llm:v1 (models)", 0.42, copy_served=True)
+    assert copy == (
+        "llm:v1 (models): verified once on this node by the node agent, its verified copy on "
+        "the node's disk (checked in 0.4s); the app reads that copy, not FUSE"
+    )
+    blocks = sealed_message("llm:v1 (models)", 2.0, copy_served=False)
+    assert "every block in the node cache (checked in 2.0s)" in blocks
+    assert "copy" not in blocks

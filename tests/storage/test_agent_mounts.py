@@ -213,7 +213,7 @@ def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
             if copy is not None:  # and no program of it runs
                 assert "noexec" in _mount_options(paths.mount_dir_path)
                 message = next(m for status, _, m in api.conditions if status == "True")
-                assert "the app reads its verified copy on the node's disk" in message
+                assert "the app reads that copy, not FUSE" in message
             if node_cache is not None:
                 # The node cache the agent lent is read-only, even to root.
                 with pytest.raises(OSError, match="Read-only file system"):
