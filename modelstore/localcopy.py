@@ -22,6 +22,7 @@ Layout, under a root only the agent writes (a directory per Bento version):
     <root>/models/<file path from the manifest>   what the pod is given, read-only
     <root>/staging/<file path>                    a file being written, until proven
     <root>/kept.jsonl                             each file proven so far (path, size, sha256)
+    <root>/manifest.json                          the manifest proved against, by `seal`
     <root>/verified.json                          written last, by `seal`
 
 A file is written under staging/, never under models/, so a pod still bound
@@ -48,7 +49,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelstore.manifest import ManifestFile
+from modelstore.manifest import MANIFEST_NAME, Manifest, ManifestFile
 
 MODELS_DIR = "models"
 STAGING_DIR = "staging"
@@ -197,11 +198,25 @@ class LocalCopy:
 
     # Used by the agent.
 
-    def seal(self, files: Iterable[ManifestFile]) -> None:
-        """Record the copy as holding files (each kept already), atomically."""
-        staged = self.root / (RECORD_NAME + PARTIAL_SUFFIX)
-        staged.write_text(render_record(files))
-        os.rename(staged, self.record_path)
+    def seal(self, files: Iterable[ManifestFile], manifest: Manifest | None = None) -> None:
+        """Record the copy as holding files (each kept already), atomically; with the manifest
+        they were proved against, kept first, so that a later seal need not mount JuiceFS
+        to read it (a Bento version is immutable)."""
+        if manifest is not None:
+            self._write_atomically(MANIFEST_NAME, manifest.model_dump_json())
+        self._write_atomically(RECORD_NAME, render_record(files))
+
+    def _write_atomically(self, name: str, text: str) -> None:
+        staged = self.root / (name + PARTIAL_SUFFIX)
+        staged.write_text(text)
+        os.rename(staged, self.root / name)
+
+    def manifest(self) -> Manifest | None:
+        """The manifest the copy was proved against, if kept and readable (blocking)."""
+        try:
+            return Manifest.model_validate_json((self.root / MANIFEST_NAME).read_bytes())
+        except (OSError, ValueError):
+            return None
 
     def covers(self, files: list[ManifestFile]) -> bool:
         """Whether the copy holds every one of files, recorded and on disk as the manifest says."""

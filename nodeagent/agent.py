@@ -68,6 +68,7 @@ from nodeagent.warmer import (
     mounted,
     node_cache_size_mib,
     read_credentials,
+    wanted_files,
 )
 from nodeagent.workloads import WantedBento, Workload, recorded_bento, serving, wanted_bentos
 
@@ -466,10 +467,18 @@ class NodeAgent:
     ) -> str | None:
         """Sealed from ref's local copy, the node's one copy of a Bento warm with every model:
         each of the pod's files recorded and on disk as the manifest says. A copy found
-        short (a file gone or changed on the node's disk) is warmed again, once."""
+        short (a file gone or changed on the node's disk) is warmed again, once.
+
+        The manifest is the one the copy was proved against, kept beside it:
+        no JuiceFS mount on a warm node's seal (a copy kept without one, by an
+        older agent, has JuiceFS's read through a mount).
+        """
         for attempt in (1, 2):
-            async with self._mounted(want) as bento:
-                files = bento.files(await asyncio.to_thread(bento.manifest))
+            manifest = await asyncio.to_thread(copy.manifest)
+            if manifest is None:
+                async with self._mounted(want) as bento:
+                    manifest = await asyncio.to_thread(bento.manifest)
+            files = wanted_files(want, manifest)
             if await asyncio.to_thread(copy.covers, files):
                 log.info("seal.ok", bento=str(ref), copy=str(copy.root))
                 return None

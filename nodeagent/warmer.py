@@ -154,6 +154,12 @@ def kept_copy(config: InjectorConfig, want: WantedBento) -> LocalCopy | None:
     return None if want.models else local_copy(config, want.bento)
 
 
+def wanted_files(want: WantedBento, manifest: Manifest) -> list[ManifestFile]:
+    """The files of want's models the manifest proves (ManifestMismatch: it cannot)."""
+    ref = want.bento
+    return files_to_verify(manifest, bento_tag(ref.name, ref.version), want.models)
+
+
 @dataclass
 class MountedBento:
     """One Bento mounted for the agent: its manifest, and what can be done with its blocks."""
@@ -167,8 +173,7 @@ class MountedBento:
 
     def files(self, manifest: Manifest) -> list[ManifestFile]:
         """The files to warm and verify (ManifestMismatch: the manifest cannot prove them)."""
-        ref = self.want.bento
-        return files_to_verify(manifest, bento_tag(ref.name, ref.version), self.want.models)
+        return wanted_files(self.want, manifest)
 
     def listed(self, manifest: Manifest) -> list[ManifestFile]:
         """The files of the chosen models the manifest lists, whatever it says: what to evict."""
@@ -201,7 +206,7 @@ class MountedBento:
             kept = await asyncio.to_thread(copy.proven, files)
             todo = [f for f in files if f not in kept]
         if not todo and copy is not None:  # all proven before a restart: only the record
-            await asyncio.to_thread(copy.seal, files)
+            await asyncio.to_thread(copy.seal, files, await asyncio.to_thread(self.manifest))
             return Progress(total_bytes=0, total_files=0)
         progress = await stream_model(
             self.warmup.concurrency,
@@ -224,7 +229,7 @@ class MountedBento:
         except TimeoutError:
             raise WarmupTimeout("the node cache was not filled by the warmup deadline") from None
         if copy is not None:
-            await asyncio.to_thread(copy.seal, files)
+            await asyncio.to_thread(copy.seal, files, await asyncio.to_thread(self.manifest))
         return progress
 
     async def cached(self, files: list[ManifestFile]) -> CacheCheck | None:

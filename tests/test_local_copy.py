@@ -301,3 +301,18 @@ def test_the_sealed_condition_says_what_the_app_reads() -> None:
     blocks = sealed_message("llm:v1 (models)", 2.0, copy_served=False)
     assert "every block in the node cache (checked in 2.0s)" in blocks
     assert "copy" not in blocks
+
+
+def test_a_sealed_copy_keeps_the_manifest_it_was_proved_against(tmp_path: Path) -> None:
+    """So that a seal on a warm node reads it there, without mounting JuiceFS."""
+    from modelstore.manifest import Manifest
+
+    tree, files = _publish(tmp_path / "bento", {"llm/v1/w.bin": b"w" * 100})
+    manifest = Manifest(format="bento-juicefs/v1", bento="llama:v1", files=tuple(files))
+    copy = LocalCopy(tmp_path / "copy")
+    _stream(tree, files, copy)
+    assert copy.manifest() is None
+    copy.seal(files, manifest)
+    assert copy.manifest() == manifest
+    (copy.root / "manifest.json").write_text("{not json")
+    assert copy.manifest() is None  # unreadable: read from JuiceFS instead
