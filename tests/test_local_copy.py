@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from modelstore.localcopy import (
     resumable,
 )
 from modelstore.manifest import ManifestFile, VerificationError
-from modelstore.streamer import CopyWriteError, stream_model
+from modelstore.streamer import CopyWriteError, Progress, stream_model
 from nodeagent.warmer import copy_of, kept_copy, local_copy
 from nodeagent.workloads import recorded_bento
 from tests.kit.sidecar import PublishedBento
@@ -55,7 +56,12 @@ def _staged_files(copy: LocalCopy) -> list[Path]:
     return [p for p in (copy.root / "staging").rglob("*") if p.is_file()]
 
 
-def _stream(tree: PublishedBento, files: list[ManifestFile], copy: LocalCopy) -> None:
+def _stream(
+    tree: PublishedBento,
+    files: list[ManifestFile],
+    copy: LocalCopy,
+    on_error: Callable[[Progress, BaseException], None] = lambda progress, err: None,
+) -> None:
     asyncio.run(
         stream_model(
             2,
@@ -63,7 +69,7 @@ def _stream(tree: PublishedBento, files: list[ManifestFile], copy: LocalCopy) ->
             files,
             time.monotonic() + 30,
             on_progress=lambda progress: None,
-            on_error=lambda progress, err: None,
+            on_error=on_error,
             copy=copy,
         )
     )
@@ -167,17 +173,7 @@ def test_a_copy_that_cannot_be_written_ends_the_warm_at_once(tmp_path: Path) -> 
     copy = _UnwritableCopy(tmp_path / "copy")
     retried: list[BaseException] = []
     with pytest.raises(CopyWriteError, match="writing the local copy"):
-        asyncio.run(
-            stream_model(
-                1,
-                tree,
-                files,
-                time.monotonic() + 30,
-                on_progress=lambda progress: None,
-                on_error=lambda progress, err: retried.append(err),
-                copy=copy,
-            )
-        )
+        _stream(tree, files, copy, on_error=lambda progress, err: retried.append(err))
     assert retried == []
     assert not (copy.models_dir / "a.bin").exists()
 
