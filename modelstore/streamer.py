@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -273,6 +273,8 @@ class _Read:
     seen: int  # bytes read, up to the manifest's size
     extra: bool  # whether the file goes on past that size
     sha256: str
+    # Bytes taken from what an earlier warm had written to the copy, not read now.
+    resumed: int = 0
 
     def problem(self, entry: ManifestFile) -> str | None:
         return content_problem(entry, self.seen, self.extra, self.sha256)
@@ -345,6 +347,12 @@ class Streamer:
         """Read and verify one file; with `purge`, a mismatch gets one more read after it."""
         read = await self._read_copied(pool, entry, progress)
         problem = read.problem(entry)
+        if problem is not None and read.resumed:
+            # What a stopped warm left was kept unproven (an agent's reads as it
+            # dies are not to be trusted): the failed read dropped it, so this
+            # one reads the whole file through the mount.
+            read = await self._read_copied(pool, entry, progress, counted=read.seen)
+            problem = read.problem(entry)
         if problem is not None and self.purge is not None:
             not_purged = await self.purge(entry, problem)
             again = await self._read_copied(pool, entry, progress, counted=read.seen, forget=True)
@@ -387,6 +395,7 @@ class Streamer:
             read = await self._read_file(
                 pool, entry, progress, counted, forget, target, resumed, digest
             )
+            read = replace(read, resumed=resumed)
             if read.problem(entry) is None:
                 outcome = "keep"  # keep closes it, whatever happens
                 sink.keep(entry, target.release())

@@ -178,6 +178,20 @@ def test_a_copy_that_cannot_be_written_ends_the_warm_at_once(tmp_path: Path) -> 
     assert not (copy.models_dir / "a.bin").exists()
 
 
+def test_a_resumed_file_that_does_not_verify_is_read_again_whole(tmp_path: Path) -> None:
+    """A stopped warm's staged bytes are kept unproven: when the file they begin does not
+    match the manifest, it is read once more from its start, not failed."""
+    content = bytes(range(256)) * (5 * MIB // 256)
+    tree, [entry] = _publish(tmp_path / "bento", {"w.bin": content})
+    copy = LocalCopy(tmp_path / "copy")
+    staged = copy.root / "staging" / "w.bin"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"\0" * (4 * MIB))  # what a dying mount may have handed over
+    _stream(tree, [entry], copy)
+    assert (copy.models_dir / "w.bin").read_bytes() == content
+    assert _staged_files(copy) == []
+
+
 def test_what_is_resumed_is_whole_ranges_within_the_file() -> None:
     assert resumable(0, 100, 10) == 0
     assert resumable(35, 100, 10) == 30
