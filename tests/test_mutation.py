@@ -350,6 +350,13 @@ def test_the_sidecars_pull_secrets_are_appended_after_the_pods_own_without_dupli
     assert again.ops == []
 
 
+def test_a_malformed_pull_secret_of_the_pods_is_left_to_the_apiserver_not_a_crash() -> None:
+    """Found by the fuzzer: `name: []` made the step raise (a 500)."""
+    own: list[dict[str, Any]] = [{"name": []}, {"name": "mirror"}]
+    out = inject(bento_pod(imagePullSecrets=own), PULL_SECRETS)
+    assert out["spec"]["imagePullSecrets"] == [*own, {"name": "registry"}]
+
+
 def test_a_config_with_pull_secrets_passes_its_own_output_unchanged() -> None:
     out = inject(bento_pod(), PULL_SECRETS)
     assert [s["name"] for s in out["spec"]["imagePullSecrets"]] == ["registry", "mirror"]

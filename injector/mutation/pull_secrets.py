@@ -15,10 +15,12 @@ def add_image_pull_secrets(ctx: MutationContext) -> None:
     The pod's own entries stay as they are and where they are; a name it
     already has is not added twice, so a re-invocation adds nothing.
     """
-    present = {
-        entry.get("name")
+    # Only string names count: a malformed entry (a fuzzed `name: []`) is the
+    # apiserver's to refuse, never a crash here.
+    present: set[str] = {
+        entry["name"]
         for entry in ctx.patch.get(PULL_SECRETS) or []
-        if isinstance(entry, Mapping)
+        if isinstance(entry, Mapping) and isinstance(entry.get("name"), str)
     }
     for name in ctx.config.sidecar.image_pull_secrets:
         if name not in present:
