@@ -323,7 +323,9 @@ class NodeAgent:
                 log.info("warm.started", bento=str(ref), bytes=size, files=len(files))
                 counters = bento.counters()
                 before = await counters.snapshot()
-                progress = await bento.warm(files, _log_progress(ref), _log_error(ref), copy)
+                progress = await bento.warm(
+                    files, _log_progress(ref), _log_error(ref), copy, manifest
+                )
                 after = await counters.snapshot()
         except (CopyWriteError, CredentialsError, MountError, OSError, ValueError) as err:
             await self._failed(want, "WarmFailed", err, copy)
@@ -441,8 +443,7 @@ class NodeAgent:
             await self.warm(want, self._referenced | {ref})
         record = self.warmth.records.get(ref)
         if not covers(record, models):
-            state = "nothing" if record is None else f"{record.state}: {record.message}"
-            return f"the node agent could not warm {ref} ({state})"
+            return f"the node agent could not warm {ref} ({_described(record)})"
         if record is not None:
             whole = recorded_bento(ref, record.models, self.config)
             copy = kept_copy(self.config, whole)
@@ -486,10 +487,9 @@ class NodeAgent:
                 return f"the node's copy of {ref} is short of the manifest after warming it again"
             log.info("seal.rewarm", bento=str(ref), copy=str(copy.root))
             await self.warm(whole, self._referenced | {ref})
-            if not covers(self.warmth.records.get(ref), want.models):
-                record = self.warmth.records.get(ref)
-                state = "nothing" if record is None else f"{record.state}: {record.message}"
-                return f"the node agent could not warm {ref} again ({state})"
+            record = self.warmth.records.get(ref)
+            if not covers(record, want.models):
+                return f"the node agent could not warm {ref} again ({_described(record)})"
         return None
 
 
@@ -501,6 +501,11 @@ async def woken(changed: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def _described(record: WarmRecord | None) -> str:
+    """A record's state and message, for a refusal that says why."""
+    return "nothing" if record is None else f"{record.state}: {record.message}"
 
 
 def _ours(labels: dict[str, str]) -> set[str]:

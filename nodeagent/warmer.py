@@ -185,12 +185,14 @@ class MountedBento:
         on_progress: ProgressCallback,
         on_error: ErrorCallback,
         copy: LocalCopy | None = None,
+        manifest: Manifest | None = None,
     ) -> Progress:
         """Stream and verify files into the node cache, then fill it: every block, or an error.
 
         With copy (and a mount that keeps no blocks: `mount_spec`), each file
         proven is kept there instead, and the copy is recorded as holding
-        files once every one is in.
+        files once every one is in, with manifest (the one files came from,
+        kept beside the copy for later seals).
 
         A sidecar's fill is best effort (`fill_cache_until` logs its failure:
         its bytes are verified already); the agent's record says "warm", which
@@ -206,7 +208,7 @@ class MountedBento:
             kept = await asyncio.to_thread(copy.proven, files)
             todo = [f for f in files if f not in kept]
         if not todo and copy is not None:  # all proven before a restart: only the record
-            await asyncio.to_thread(copy.seal, files, await asyncio.to_thread(self.manifest))
+            await asyncio.to_thread(copy.seal, files, manifest)
             return Progress(total_bytes=0, total_files=0)
         progress = await stream_model(
             self.warmup.concurrency,
@@ -229,7 +231,7 @@ class MountedBento:
         except TimeoutError:
             raise WarmupTimeout("the node cache was not filled by the warmup deadline") from None
         if copy is not None:
-            await asyncio.to_thread(copy.seal, files, await asyncio.to_thread(self.manifest))
+            await asyncio.to_thread(copy.seal, files, manifest)
         return progress
 
     async def cached(self, files: list[ManifestFile]) -> CacheCheck | None:
