@@ -12,9 +12,11 @@ the gate itself from its own record of the Bento, verified once per node,
 after checking every block is in the node cache (warming it first if cold).
 
 Framing: one JSON object per line, each request answered by one reply line
-`{"ok": true}` or `{"ok": false, "error": "..."}`. The agent parses every
-request as untrusted input (`parse_request`): a bad one is answered with an
-error naming what was wrong, never acted on.
+`{"ok": true}` or `{"ok": false, "error": "..."}`; a seal's ok says
+`"copy": true` when the node's verified local copy serves the pod's models
+(the sidecar then asks only to `expose` them, and mounts no JuiceFS). The
+agent parses every request as untrusted input (`parse_request`): a bad one
+is answered with an error naming what was wrong, never acted on.
 """
 
 from __future__ import annotations
@@ -105,19 +107,34 @@ def render_request(request: Request) -> bytes:
     return _line(body)
 
 
-def render_reply(error: str | None = None) -> bytes:
-    return _line({"ok": True} if error is None else {"ok": False, "error": error[:MAX_MESSAGE]})
+@dataclass(frozen=True)
+class Reply:
+    """The agent's answer: error None for ok, else why it refused."""
+
+    error: str | None = None
+    # A seal's ok only: the node's verified local copy serves the pod's models, so
+    # `expose` alone shows them and the pod runs no JuiceFS client. An agent that
+    # predates the field never sets it, and its sidecars ignore it.
+    served_copy: bool = False
 
 
-def parse_reply(line: bytes) -> str | None:
-    """None for ok, else the agent's error text."""
+def render_reply(error: str | None = None, served_copy: bool = False) -> bytes:
+    if error is not None:
+        return _line({"ok": False, "error": error[:MAX_MESSAGE]})
+    return _line({"ok": True, "copy": True} if served_copy else {"ok": True})
+
+
+def parse_reply(line: bytes) -> Reply:
+    """The agent's reply line (ProtocolError when it is not one)."""
     try:
         data = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ProtocolError(f"the agent's reply is not JSON: {err}") from None
     if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
         raise ProtocolError("the agent's reply has no ok field")
-    return None if data["ok"] else str(data.get("error") or "refused")
+    if not data["ok"]:
+        return Reply(str(data.get("error") or "refused"))
+    return Reply(served_copy=data.get("copy") is True)
 
 
 def _line(body: dict[str, Any]) -> bytes:

@@ -435,11 +435,13 @@ class NodeAgent:
                 return f"checking {ref} for this pod: {err}"
 
     async def _seal(self, ref: BentoRef, models: tuple[str, ...], want: WantedBento) -> str | None:
-        # The pod's selection is checked against the manifest first: a tenant
-        # naming a model the Bento lacks must not touch the node's record of it.
         if not covers(self.warmth.records.get(ref), models):
-            async with self._mounted(want) as bento:
-                bento.files(await asyncio.to_thread(bento.manifest))
+            if models:
+                # The pod's selection is checked against the manifest first: a tenant
+                # naming a model the Bento lacks must not touch the node's record of it.
+                # (A pod of every model names none: its cold start mounts once, to warm.)
+                async with self._mounted(want) as bento:
+                    bento.files(await asyncio.to_thread(bento.manifest))
             await self.warm(want, self._referenced | {ref})
         record = self.warmth.records.get(ref)
         if not covers(record, models):

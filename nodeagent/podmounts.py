@@ -64,6 +64,7 @@ from nodeagent.servedpods import (
     ServedPod,
     containers_ended,
     pod_paths,
+    seal_ahead,
     sealed_message,
     served_pod,
 )
@@ -101,6 +102,12 @@ SOCKET_CHECK_SECONDS = 1.0
 
 # The node agent's seal of a Bento for a pod (NodeAgent.seal): None, or why not.
 Sealer = Callable[[BentoRef, tuple[str, ...]], Awaitable[str | None]]
+
+
+def _retrieve(task: asyncio.Task[str | None]) -> None:
+    """A seal ahead nobody awaited (its pod went): its crash is logged, not lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("pod.seal_ahead_crashed", error=repr(task.exception()))
 
 
 async def _no_sealer(bento: BentoRef, models: tuple[str, ...]) -> str | None:
@@ -149,10 +156,19 @@ class PodBroker:
     copies: CopyServer = _no_copies
     events: TokenBucket = field(default_factory=lambda: TokenBucket(EVENT_BURST, EVENT_PER_SECOND))
     _task: asyncio.Task[None] | None = None
+    # The seal started when the pod was seen (servedpods.seal_ahead), and since when.
+    _ahead: asyncio.Task[str | None] | None = None
+    _ahead_since: float = 0.0
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._serve())
+    def start(self, seal_ahead: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._serve())
         self._task.add_done_callback(self._ended)
+        if seal_ahead and self.pod.bento is not None:
+            log.info("pod.seal_ahead", pod=str(self.pod), bento=str(self.pod.bento))
+            self._ahead_since = time.monotonic()
+            self._ahead = asyncio.ensure_future(self.sealer(self.pod.bento, self.pod.models))
+            self._ahead.add_done_callback(_retrieve)
 
     @property
     def serving(self) -> bool:
@@ -164,6 +180,10 @@ class PodBroker:
 
     async def close(self, release: bool) -> None:
         """Stop listening; with release, take the pod's mounts down too."""
+        if self._ahead is not None:  # the pod went before its sidecar asked
+            self._ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._ahead
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -275,6 +295,10 @@ class PodBroker:
             finally:
                 os.close(fd)
             return
+        if request.op == "seal":
+            why, served_copy = await self._seal()
+            await loop.sock_sendall(conn, render_reply(why, served_copy))
+            return
         error = await self._act(request)
         await loop.sock_sendall(conn, render_reply(error))
 
@@ -290,8 +314,6 @@ class PodBroker:
                     await self.api.pod_event(
                         self.pod, request.kind, request.reason, request.message
                     )
-            elif request.op == "seal":
-                return await self._seal()
             elif request.op == "condition":
                 # The sidecar's word moves only its own pod's gate (the socket is
                 # that pod's, and no app container can reach it).
@@ -308,26 +330,40 @@ class PodBroker:
             return f"{request.op}: {type(err).__name__}: {err}"[:512]
         return None
 
-    async def _seal(self) -> str | None:
-        """Open the pod's gate from the node's seal of its Bento (warmed first if cold)."""
+    async def _seal(self) -> tuple[str | None, bool]:
+        """Open the pod's gate from the node's seal of its Bento (warmed first if cold): why
+        not (None: sealed), and whether the node's verified local copy serves its models."""
         bento = self.pod.bento
         if bento is None:
-            return "seal is for node cache mode: this pod verifies its own cache"
-        started = time.monotonic()
+            return "seal is for node cache mode: this pod verifies its own cache", False
+        ahead = self._ahead
+        started = self._ahead_since if ahead is not None else time.monotonic()
         try:
-            why = await self.sealer(bento, self.pod.models)
+            if ahead is not None:
+                # Shielded: a sidecar that hangs up and asks again finds it still running.
+                why = await asyncio.shield(ahead)
+                self._ahead = None  # used: a restarted sidecar's request seals afresh
+            else:
+                why = await self.sealer(bento, self.pod.models)
+        except asyncio.CancelledError:
+            raise
         except Exception as err:  # the gate stays closed, and says why
+            self._ahead = None
             log.error("pod.seal_crashed", pod=str(self.pod), error=str(err))
             why = f"the node agent failed sealing {bento}: {type(err).__name__}: {err}"
-        if why is not None:
-            await self.api.pod_condition(self.pod, "False", "SealFailed", why[:256])
-            return why
-        seconds = time.monotonic() - started
-        local = await asyncio.to_thread(self.copies, bento, self.pod.models)
-        message = sealed_message(str(bento), seconds, local is not None)
-        await self.api.pod_condition(self.pod, "True", "ModelsSealed", message)
+        try:
+            if why is not None:
+                await self.api.pod_condition(self.pod, "False", "SealFailed", why[:256])
+                return why, False
+            seconds = time.monotonic() - started
+            local = await asyncio.to_thread(self.copies, bento, self.pod.models)
+            message = sealed_message(str(bento), seconds, local is not None)
+            await self.api.pod_condition(self.pod, "True", "ModelsSealed", message)
+        except Exception as err:  # an API error: the sidecar asks again
+            log.warning("pod.request_failed", pod=str(self.pod), op="seal", error=str(err))
+            return f"seal: {type(err).__name__}: {err}"[:512], False
         log.info("pod.sealed", pod=str(self.pod), bento=str(bento), seconds=round(seconds, 2))
-        return None
+        return None, local is not None
 
     # The privileged acts, blocking: run in a thread.
 
@@ -498,7 +534,7 @@ class PodMounts:
         paths = pod_paths(self.kubelet_root, served.uid, self.config)
         broker = PodBroker(served, paths, self.api, self.stage, self.sealer, self.copies)
         self.brokers[uid] = broker
-        broker.start()
+        broker.start(seal_ahead(pod, served))
         log.info("pod.served", pod=str(served), uid=uid)
 
     def bentos(self) -> set[BentoRef]:

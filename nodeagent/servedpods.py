@@ -65,6 +65,8 @@ class ServedPod:
     # Node mode: the Bento and models the agent seals for it (its gate is the agent's).
     bento: BentoRef | None = None
     models: tuple[str, ...] = ()
+    # Its sidecar asks for the seal before it mounts (common.env.seals_before_mount).
+    seals: bool = False
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -111,6 +113,7 @@ def served_pod(pod: Mapping[str, Any], config: InjectorConfig) -> ServedPod | st
     environment = _sidecar_env(pod, config.sidecar.container_name)
     node_cache: Path | None = None
     bento: BentoRef | None = None
+    seals = False
     try:
         mode = contract.CACHE_MODE.read(environment)
         volume = contract.VOLUME.read(environment)
@@ -120,6 +123,7 @@ def served_pod(pod: Mapping[str, Any], config: InjectorConfig) -> ServedPod | st
                 contract.BENTO_NAME.read(environment),
                 contract.BENTO_VERSION.read(environment),
             )
+            seals = contract.seals_before_mount(True, contract.WARMUP.read(environment))
         models = contract.MODELS.read(environment)
     except contract.EnvError as err:
         return f"its sidecar's environment: {err}"
@@ -143,6 +147,30 @@ def served_pod(pod: Mapping[str, Any], config: InjectorConfig) -> ServedPod | st
         condition_type=config.readiness.condition_type,
         bento=bento,
         models=models,
+        seals=seals,
+    )
+
+
+def seal_ahead(pod: Mapping[str, Any], served: ServedPod) -> bool:
+    """Whether the agent starts served's seal the moment it sees the pod, before the sidecar
+    asks: its sidecar will ask, and the pod still waits for it (Pending, its gate not True,
+    not being deleted).
+
+    A cold node's warm then runs while the kubelet makes the pod's sandbox
+    and starts its sidecar, instead of after; the sidecar's request finds
+    it under way or done. An agent restarted under running pods seals none
+    of them again.
+    """
+    if not served.seals or served.bento is None:
+        return False
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    status = pod.get("status") or {}
+    if status.get("phase", "Pending") != "Pending":
+        return False
+    return not any(
+        isinstance(c, dict) and c.get("type") == served.condition_type and c.get("status") == "True"
+        for c in status.get("conditions") or []
     )
 
 

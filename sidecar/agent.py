@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from common.agentsocket import (
+    Reply,
     Request,
     parse_reply,
     receive_line_and_fd,
@@ -84,7 +85,7 @@ class AgentChannel:
             sock.settimeout(self._reply_timeout)
             return sock
 
-    def _exchange(self, request: Request) -> tuple[str | None, int | None]:
+    def _exchange(self, request: Request) -> tuple[Reply, int | None]:
         for attempt in (1, 2):
             if self._sock is None:
                 self._sock = self._connect()
@@ -101,16 +102,20 @@ class AgentChannel:
 
     async def call(self, request: Request) -> int | None:
         """Send request, await the reply: the descriptor it carried (AgentError: refused)."""
+        _, fd = await self._call(request)
+        return fd
+
+    async def _call(self, request: Request) -> tuple[Reply, int | None]:
         async with self._lock:
             try:
-                error, fd = await asyncio.to_thread(self._exchange, request)
+                reply, fd = await asyncio.to_thread(self._exchange, request)
             except OSError as err:
                 raise AgentUnreachable(f"the node agent's socket {self.path}: {err}") from None
-        if error is not None:
+        if reply.error is not None:
             if fd is not None:
                 socket.close(fd)
-            raise AgentError(error)
-        return fd
+            raise AgentError(reply.error)
+        return reply, fd
 
     async def mount(self) -> int:
         fd = await self.call(Request("mount"))
@@ -124,9 +129,11 @@ class AgentChannel:
     async def unmount(self) -> None:
         await self.call(Request("unmount"))
 
-    async def seal(self) -> None:
-        """Have the agent open the gate from its seal of the Bento (node cache mode)."""
-        await self.call(Request("seal"))
+    async def seal(self) -> bool:
+        """Have the agent open the gate from its seal of the Bento (node cache mode); whether
+        the node's verified local copy serves the models (`expose` alone shows them)."""
+        reply, _ = await self._call(Request("seal"))
+        return reply.served_copy
 
     def sibling(self, reply_timeout: float | None) -> AgentChannel:
         """A second connection to the same agent (a long call must not hold up the rest)."""

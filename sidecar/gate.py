@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -94,16 +95,27 @@ async def verify_unsealed(
     )
 
 
+@dataclass(frozen=True)
+class SealOutcome:
+    """What came of asking the node agent to seal."""
+
+    # Why the agent refused (this pod then verifies what it reads itself);
+    # None: sealed, or the warmup's time ran out (the gate stays closed).
+    refused: str | None = None
+    # Sealed, and the node's verified local copy serves the models: the
+    # agent's bind of it is the pod's whole view, no JuiceFS mount is needed.
+    served_copy: bool = False
+
+
 async def open_gate_sealed(
     settings: Settings, agent: AgentChannel, reporter: Reporter, metrics: SidecarMetrics
-) -> str | None:
+) -> SealOutcome:
     """Node cache mode: the node agent opens the gate from its seal.
 
     The agent verified the Bento once on this node and is the only writer of
-    the node cache this sidecar reads; it checks every block is there
-    (warming the Bento first if the node is cold) and sets the condition
-    itself. Nothing is hashed here again. None when it did (or the warmup's
-    time ran out); else why it refused.
+    the node cache this sidecar reads; it checks the Bento's bytes are there
+    (warming it first if the node is cold) and sets the condition itself.
+    Nothing is hashed here again.
     """
     started = time.monotonic()
     await reporter.event(
@@ -115,7 +127,7 @@ async def open_gate_sealed(
     sealing = agent.sibling(reply_timeout=None)
     try:
         async with asyncio.timeout(settings.warmup_timeout_seconds):
-            await _seal_until_answered(sealing, reporter)
+            served_copy = await _seal_until_answered(sealing, reporter)
     except (AgentError, TimeoutError) as err:
         message = str(err) or f"not sealed within {settings.warmup_timeout_seconds}s"
         log.error("seal.failed", error=message)
@@ -124,8 +136,8 @@ async def open_gate_sealed(
             WARNING, "SealFailed", f"the node agent did not seal the model: {message}"
         )
         if isinstance(err, TimeoutError):
-            return None  # the warmup's time is up: the gate stays closed
-        return message
+            return SealOutcome()  # the warmup's time is up: the gate stays closed
+        return SealOutcome(refused=message)
     finally:
         sealing.close()
     seconds = time.monotonic() - started
@@ -143,7 +155,7 @@ async def open_gate_sealed(
         "Ready",
         f"condition {settings.condition_type}=True (ModelsSealed, by the node agent)",
     )
-    return None
+    return SealOutcome(served_copy=served_copy)
 
 
 # Between asking a restarted node agent again to seal (it resumes the warm:
@@ -151,8 +163,9 @@ async def open_gate_sealed(
 SEAL_RETRY_SECONDS = 2.0
 
 
-async def _seal_until_answered(sealing: AgentChannel, reporter: Reporter) -> None:
-    """Ask the agent to seal until one answers (AgentError: it refused).
+async def _seal_until_answered(sealing: AgentChannel, reporter: Reporter) -> bool:
+    """Ask the agent to seal until one answers (AgentError: it refused); whether the
+    node's local copy serves the models.
 
     An agent deleted or rolled mid-seal drops the connection; its successor
     gets the same request, so the warm resumes instead of leaving the gate
@@ -160,8 +173,7 @@ async def _seal_until_answered(sealing: AgentChannel, reporter: Reporter) -> Non
     """
     while True:
         try:
-            await sealing.seal()
-            return
+            return await sealing.seal()
         except AgentUnreachable as err:
             log.warning("seal.interrupted", error=str(err))
             await reporter.event(

@@ -4,6 +4,8 @@ Exit codes: 0 after SIGTERM (unmounted cleanly); 1 when the mount cannot be
 made (or remade after the JuiceFS process died); 2 for a bad environment. A failed or timed
 out warmup does not exit: the gate stays closed, an Event says why, and the
 mount keeps serving (so the app can still start and report on its own).
+When the node agent seals from its verified local copy, the pod mounts
+nothing: the agent binds the copy, and the sidecar waits for SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import signal
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -19,7 +22,7 @@ import structlog
 
 from modelstore.mount import JuiceFSMount, MountError
 from modelstore.sources import MountCounters
-from sidecar.agent import AgentChannel, AgentMounts
+from sidecar.agent import AgentChannel, AgentError, AgentMounts
 from sidecar.cachedisk import CacheSpeed, measure
 from sidecar.cachewatch import CacheSpaceWatch
 from sidecar.decisions import (
@@ -31,7 +34,7 @@ from sidecar.decisions import (
     slow_disk_action,
 )
 from sidecar.env import Settings
-from sidecar.gate import open_gate, open_gate_sealed, verify_unsealed
+from sidecar.gate import SealOutcome, open_gate, open_gate_sealed, verify_unsealed
 from sidecar.metrics import MetricsEndpoint, SidecarMetrics
 from sidecar.reporter import NORMAL, WARNING, OrderedReporter, Reporter
 
@@ -173,14 +176,10 @@ async def _run(
     sealing = agent is not None and seal_before_mount(lent, gate)
     refused: str | None = None
     if agent is not None and sealing:
-        # A cold node warms for minutes; SIGTERM meanwhile must still end the pod.
-        outcome = await _unless_stopped(
-            open_gate_sealed(settings, agent, reporter, metrics), stopping
-        )
-        if isinstance(outcome, _Stopped):
-            log.info("sidecar.stopping", during="seal")
-            return 0
-        refused = outcome  # None: sealed, or out of time; a str: why the agent refused
+        sealed = await _seal(settings, agent, reporter, metrics, stopping)
+        if isinstance(sealed, int):  # stopped, or served from the node's copy until stopped
+            return sealed
+        refused = sealed.refused  # None: sealed, or out of time; a str: why the agent refused
     else:
         # Informational only: the mount must not wait on, or fail with, the apiserver.
         # (Not after a seal: the agent has set the condition by then.)
@@ -242,6 +241,58 @@ async def _run(
         log.info("sidecar.stopped")
         await reporter.event(NORMAL, "Unmounted", "JuiceFS unmounted on shutdown")
     return code
+
+
+async def _seal(
+    settings: Settings,
+    agent: AgentChannel,
+    reporter: Reporter,
+    metrics: SidecarMetrics,
+    stopping: asyncio.Task[Any],
+) -> SealOutcome | int:
+    """The agent's seal, for the mount to follow; or the exit code when nothing is to
+    mount: SIGTERM came first (0), or the node's local copy served the pod until it did."""
+    # A cold node warms for minutes; SIGTERM meanwhile must still end the pod.
+    outcome = await _unless_stopped(open_gate_sealed(settings, agent, reporter, metrics), stopping)
+    if isinstance(outcome, _Stopped):
+        log.info("sidecar.stopping", during="seal")
+        return 0
+    if outcome.served_copy and await _show_copy(settings, agent, reporter):
+        return await _serve_copy(agent, reporter, stopping)
+    return outcome
+
+
+async def _show_copy(settings: Settings, agent: AgentChannel, reporter: Reporter) -> bool:
+    """Have the agent bind the node's verified local copy as the app's models; whether it
+    did. If not, the pod mounts JuiceFS as usual (and the agent exposes what serves then)."""
+    started = time.monotonic()
+    try:
+        await agent.expose()
+    except AgentError as err:
+        log.warning("copy.not_shown", error=str(err))
+        return False
+    seconds = time.monotonic() - started
+    log.info("copy.shown", seconds=round(seconds, 2))
+    await reporter.event(
+        NORMAL,
+        "MountReady",
+        f"models shown at {settings.mount_point} (read-only) in {seconds:.1f}s from the "
+        "node's verified copy on its local disk; no JuiceFS client runs in this pod",
+    )
+    return True
+
+
+async def _serve_copy(agent: AgentChannel, reporter: Reporter, stopping: asyncio.Task[Any]) -> int:
+    """Nothing to supervise: the bind needs no process. Until SIGTERM, then take it down."""
+    await stopping
+    try:
+        await agent.unmount()
+    except AgentError as err:
+        # The agent takes a pod's mounts down when the pod goes, whatever this says.
+        log.warning("copy.unmount_failed", error=str(err))
+    log.info("sidecar.stopped")
+    await reporter.event(NORMAL, "Unmounted", "the models' bind taken down on shutdown")
+    return 0
 
 
 T = TypeVar("T")

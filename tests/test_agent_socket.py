@@ -12,6 +12,7 @@ from common.agentsocket import (
     MAX_MESSAGE,
     LineBuffer,
     ProtocolError,
+    Reply,
     Request,
     parse_reply,
     parse_request,
@@ -64,10 +65,18 @@ def test_long_messages_are_cut() -> None:
 
 
 def test_replies() -> None:
-    assert parse_reply(render_reply()) is None
-    assert parse_reply(render_reply("no room")) == "no room"
+    assert parse_reply(render_reply()) == Reply()
+    assert parse_reply(render_reply("no room")) == Reply("no room")
     with pytest.raises(ProtocolError):
         parse_reply(b"{}")
+
+
+def test_a_seal_reply_says_when_the_local_copy_serves() -> None:
+    assert parse_reply(render_reply(served_copy=True)) == Reply(served_copy=True)
+    # A refusal never claims a copy; an older agent's ok, or a bad field, is no copy.
+    assert parse_reply(render_reply("short", served_copy=True)) == Reply("short")
+    assert parse_reply(b'{"ok":true}') == Reply()
+    assert parse_reply(b'{"ok":true,"copy":"yes"}') == Reply()
 
 
 def test_line_buffer_joins_and_splits() -> None:
@@ -87,7 +96,7 @@ def test_a_descriptor_crosses_with_its_reply() -> None:
     try:
         send_with_fd(left, render_reply(), write_end)
         line, fd = receive_line_and_fd(right)
-        assert parse_reply(line) is None
+        assert parse_reply(line) == Reply()
         assert fd is not None
         assert fd != write_end
         os.write(fd, b"through the passed descriptor")

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from common.agentsocket import (
+    Reply,
     Request,
     parse_reply,
     receive_line_and_fd,
@@ -25,7 +26,13 @@ from common.warm import BentoRef
 from injector.config import InjectorConfig, parse_config
 from nodeagent.fuse import MountFailed
 from nodeagent.podmounts import PodBroker, TokenBucket, _let_anyone_connect, socket_still_bound
-from nodeagent.servedpods import ServedPod, containers_ended, pod_paths, served_pod
+from nodeagent.servedpods import (
+    ServedPod,
+    containers_ended,
+    pod_paths,
+    seal_ahead,
+    served_pod,
+)
 
 NODE_CACHE = "/mnt/stateful_partition/kube-ephemeral-ssd/bento-juicefs"
 
@@ -67,6 +74,7 @@ def test_a_node_cache_pod_gets_its_volumes_directory_of_the_node_cache() -> None
         condition_type="juicefs.bentoml.com/models-ready",
         bento=BentoRef("other", "llama3", "v1"),
         models=(),
+        seals=True,
     )
 
 
@@ -106,6 +114,32 @@ def test_a_privileged_sidecar_pod_or_a_bad_environment_is_not_served() -> None:
     # The Bento it reads from the node cache must be a Bento name, never a path.
     escape = _pod({"JFS_CACHE_MODE": "node", "BENTO_NAME": "../x", "BENTO_VERSION": "v1"})
     assert "BENTO_NAME" in str(served_pod(escape, _config()))
+
+
+def test_the_seal_starts_ahead_of_the_sidecar_only_for_a_pod_still_waiting_for_it() -> None:
+    config = _config()
+    node = {"JFS_CACHE_MODE": "node", "JFS_VOLUME": "other", **BENTO_ENV}
+    gate = "juicefs.bentoml.com/models-ready"
+
+    def ahead(env: dict[str, str], **status: Any) -> bool:
+        pod = _pod(env, **status)
+        served = served_pod(pod, config)
+        assert isinstance(served, ServedPod)
+        return seal_ahead(pod, served)
+
+    assert ahead(node)  # just bound: no status yet
+    assert ahead(node, phase="Pending", conditions=[{"type": gate, "status": "False"}])
+    # Its gate already open (an agent restarted under it), or its app already running.
+    assert not ahead(node, phase="Pending", conditions=[{"type": gate, "status": "True"}])
+    assert not ahead(node, phase="Running")
+    # Its sidecar never asks: no warmup, or the pod's own cache.
+    assert not ahead({**node, "JFS_WARMUP": "false"})
+    assert not ahead({"JFS_CACHE_MODE": "pod", "JFS_VOLUME": "other"})
+    deleted = _pod(node)
+    deleted["metadata"]["deletionTimestamp"] = "2026-12-07T10:00:00Z"
+    served = served_pod(deleted, config)
+    assert isinstance(served, ServedPod)
+    assert not seal_ahead(deleted, served)
 
 
 def test_pod_paths_are_the_kubelets_empty_dirs() -> None:
@@ -237,7 +271,7 @@ def test_a_broker_binds_again_when_the_kubelet_mounts_the_volume_over_its_socket
                     request = render_request(Request("event", "Normal", "Test", "hello"))
                     await asyncio.to_thread(client.sendall, request)
                     line, _ = await asyncio.to_thread(receive_line_and_fd, client)
-                    assert parse_reply(line) is None
+                    assert parse_reply(line) == Reply()
                 finally:
                     client.close()
             finally:
@@ -245,5 +279,89 @@ def test_a_broker_binds_again_when_the_kubelet_mounts_the_volume_over_its_socket
                 unmount(paths.agent_dir)
         finally:
             await broker.close(release=False)
+
+    asyncio.run(scenario())
+
+
+def _ask(path: Path, request: Request) -> Reply:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with short_name(path) as name:
+            client.connect(name)
+        client.sendall(render_request(request))
+        line, _ = receive_line_and_fd(client)
+        return parse_reply(line)
+    finally:
+        client.close()
+
+
+def test_a_seal_started_ahead_answers_the_sidecar_and_is_not_run_twice(tmp_path: Path) -> None:
+    """The warm runs from the moment the pod is seen; the sidecar's seal request waits for
+    that one, and the reply says the node's copy serves the models."""
+    paths = pod_paths(tmp_path / "kubelet", "uid-1", _config())
+    paths.agent_dir.mkdir(parents=True)
+    bento = BentoRef("models", "llama3", "v1")
+    pod = ServedPod("tenant-a", "llm-0", "uid-1", None, "models-ready", bento, seals=True)
+    calls: list[BentoRef] = []
+
+    async def scenario() -> None:
+        warmed = asyncio.Event()
+
+        async def sealer(ref: BentoRef, models: tuple[str, ...]) -> str | None:
+            calls.append(ref)
+            await warmed.wait()
+            return None
+
+        broker = PodBroker(
+            pod,
+            paths,
+            _NoApi(),  # type: ignore[arg-type]
+            tmp_path / "stage",
+            sealer,
+            lambda ref, models: tmp_path / "copy" / "models",
+        )
+        broker.start(seal_ahead=True)
+        try:
+            await asyncio.sleep(0)
+            assert calls == [bento]  # under way before any request
+            await _socket_appears(paths.socket)
+            asked = asyncio.ensure_future(asyncio.to_thread(_ask, paths.socket, Request("seal")))
+            await asyncio.sleep(0.2)
+            assert not asked.done()  # it waits for the warm already running
+            warmed.set()
+            assert await asked == Reply(served_copy=True)
+            assert calls == [bento]
+            # A sidecar restarted later is sealed afresh.
+            assert await asyncio.to_thread(_ask, paths.socket, Request("seal")) == Reply(
+                served_copy=True
+            )
+            assert calls == [bento, bento]
+        finally:
+            await broker.close(release=False)
+
+    asyncio.run(scenario())
+
+
+def test_a_pod_gone_before_its_sidecar_asked_cancels_the_seal_ahead(tmp_path: Path) -> None:
+    paths = pod_paths(tmp_path / "kubelet", "uid-1", _config())
+    bento = BentoRef("models", "llama3", "v1")
+    pod = ServedPod("tenant-a", "llm-0", "uid-1", None, "models-ready", bento, seals=True)
+
+    async def scenario() -> None:
+        cancelled = asyncio.Event()
+
+        async def sealer(ref: BentoRef, models: tuple[str, ...]) -> str | None:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return None
+
+        broker = PodBroker(pod, paths, _NoApi(), tmp_path / "stage", sealer)  # type: ignore[arg-type]
+        broker.start(seal_ahead=True)
+        await asyncio.sleep(0)
+        await broker.close(release=False)
+        assert cancelled.is_set()
 
     asyncio.run(scenario())

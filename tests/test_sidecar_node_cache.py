@@ -30,11 +30,17 @@ from sidecar.agent import AgentError
 from sidecar.cachedisk import measure
 from sidecar.decisions import GatePlan, seal_before_mount
 from sidecar.env import Settings
-from sidecar.gate import open_gate_sealed
+from sidecar.gate import SealOutcome, open_gate_sealed
 from sidecar.metrics import SidecarMetrics
 from sidecar.verify import verify_model
 from tests.helpers import minimal_env
-from tests.kit.sidecar import FakeReporter, RecordingFiller, published_bento, settings_for
+from tests.kit.sidecar import (
+    FakeReporter,
+    Recorder,
+    RecordingFiller,
+    published_bento,
+    settings_for,
+)
 
 MIB = 1 << 20
 
@@ -289,16 +295,18 @@ class SealingAgent:
     order: list[str]
     error: BaseException | None = None
     hold: asyncio.Event | None = None
+    served_copy: bool = False
 
     def sibling(self, reply_timeout: float | None) -> SealingAgent:
         return self
 
-    async def seal(self) -> None:
+    async def seal(self) -> bool:
         self.order.append("seal")
         if self.hold is not None:
             await self.hold.wait()
         if self.error is not None:
             raise self.error
+        return self.served_copy
 
     def close(self) -> None:
         self.order.append("closed")
@@ -328,13 +336,17 @@ def _seal(tmp_path: Path, agent: SealingAgent, stop_first: bool = False) -> obje
 
 def test_a_seal_answers_none_and_the_sidecar_mounts_next(tmp_path: Path) -> None:
     order: list[str] = []
-    assert _seal(tmp_path, SealingAgent(order)) is None
+    assert _seal(tmp_path, SealingAgent(order)) == SealOutcome()
     assert order == ["seal", "closed"]
+
+
+def test_a_seal_from_the_node_s_copy_says_so(tmp_path: Path) -> None:
+    assert _seal(tmp_path, SealingAgent([], served_copy=True)) == SealOutcome(served_copy=True)
 
 
 def test_a_refused_seal_is_why_and_this_pod_then_verifies(tmp_path: Path) -> None:
     refused = _seal(tmp_path, SealingAgent([], error=AgentError("the cache disk is full")))
-    assert refused == "the cache disk is full"
+    assert refused == SealOutcome(refused="the cache disk is full")
 
 
 def test_sigterm_while_the_agent_warms_ends_the_wait(tmp_path: Path) -> None:
@@ -349,3 +361,53 @@ def test_only_a_lent_node_cache_with_warmup_seals_before_mounting() -> None:
     assert seal_before_mount(True, verify)
     assert not seal_before_mount(True, mounted)
     assert not seal_before_mount(False, verify)
+
+
+@dataclass
+class CopyServingAgent:
+    """An AgentChannel whose seal says the node's local copy serves the models."""
+
+    order: list[str]
+
+    def sibling(self, reply_timeout: float | None) -> CopyServingAgent:
+        return self
+
+    async def seal(self) -> bool:
+        self.order.append("seal")
+        return True
+
+    async def expose(self) -> None:
+        self.order.append("expose")
+
+    async def mount(self) -> int:
+        self.order.append("mount")
+        raise AgentError("no FUSE for a pod the copy serves")
+
+    async def unmount(self) -> None:
+        self.order.append("unmount")
+
+    def close(self) -> None:
+        self.order.append("closed")
+
+
+def test_a_pod_the_node_s_copy_serves_mounts_no_juicefs(tmp_path: Path) -> None:
+    """Sealed from the copy: the agent's bind is the app's view; no juicefs runs, and the
+    bind is taken down on SIGTERM."""
+    settings = replace(settings_for(published_bento(tmp_path)), cache_mode="node")
+    agent = CopyServingAgent([])
+
+    async def scenario() -> tuple[int, Recorder]:
+        stop = asyncio.Event()
+        recorder = Recorder(stop)
+        code = await asyncio.wait_for(
+            sidecar_run.run(settings, recorder, stop, agent=agent),  # type: ignore[arg-type]
+            60,
+        )
+        return code, recorder
+
+    code, recorder = asyncio.run(scenario())
+    assert code == 0
+    assert agent.order == ["seal", "closed", "expose", "unmount"]
+    assert recorder.reasons()[-3:] == ["Ready", "MountReady", "Unmounted"]
+    shown = next(m for _, _, r, m in recorder.said if r == "MountReady")
+    assert "no JuiceFS client runs in this pod" in shown

@@ -214,8 +214,9 @@ def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
                 assert "noexec" in _mount_options(paths.mount_dir_path)
                 message = next(m for status, _, m in api.conditions if status == "True")
                 assert "the app reads that copy, not FUSE" in message
-            if node_cache is not None:
-                # The node cache the agent lent is read-only, even to root.
+            if node_cache is not None and copy is None:
+                # The node cache the agent lent is read-only, even to root. (A pod
+                # the copy serves mounts no JuiceFS, and is lent no node cache.)
                 with pytest.raises(OSError, match="Read-only file system"):
                     (paths.cache_path / "planted").write_bytes(b"x")
             sidecar.terminate()
@@ -232,7 +233,8 @@ def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
         unmount(stage)
     print(f"events: {[reason for _, reason, _ in api.events]}; juicefs: {served}")
     assert code == 0
-    assert served
+    # A FUSE daemon, unprivileged, serves the pod; none when the node's copy does.
+    assert bool(served) == (copy is None), served
     assert all(uid == UID and caps == "0000000000000000" for uid, caps in served)
     reasons = [reason for _, reason, _ in api.events]
     assert "MountReady" in reasons
@@ -246,7 +248,8 @@ def test_the_agent_mounts_and_the_sidecar_serves_without_privilege(
         # Node mode: the gate is the agent's, from its seal; nothing verified here.
         assert opened == ["ModelsSealed"]
         assert sealed == [(bento, ())]
-        # Sealed first, then mounted: the client's start-up scan found every block.
+        # Sealed first, then mounted (or the copy shown): the client's start-up scan
+        # found every block.
         assert reasons.index("ModelsReady") < reasons.index("MountReady"), reasons
     assert not is_mounted(paths.mount_dir_path)
     assert not is_mounted(paths.private_mount)
