@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.processes import processes_named
 from devcluster import Cluster, wait_for
 from devcluster.images import SAMPLE_BENTO_IMAGE
 from devcluster.installs.injector_install import NAMESPACE as AGENT_NAMESPACE
@@ -474,3 +475,16 @@ class PodIdentity:
         return self.kubectl(
             "patch", "pod", pod, "--subresource=status", "--type=strategic", "-p", json.dumps(patch)
         )
+
+
+def juicefs_pids(pod_uid: str) -> list[int]:
+    """The juicefs processes of one pod (by the pod's cgroup)."""
+    found = []
+    for pid in processes_named("juicefs"):
+        try:
+            cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+        except OSError:
+            continue
+        if pod_uid.replace("-", "_") in cgroups or pod_uid in cgroups:
+            found.append(pid)
+    return found

@@ -6,14 +6,12 @@ opted in with the label; the webhook injects it; the kubelet runs the
 sample Bento image (BentoML serving the model it loads from
 /home/bentoml/bento/models). The model was published into the real JuiceFS
 volume (MinIO + Redis) beforehand. The tests below are one story, in order:
-start-up, what the app sees, traffic, a dying mount, deletion.
+start-up, what the app sees (the node's verified copy), traffic, deletion.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from common.processes import processes_named
 from devcluster import Cluster, wait_for
 from devcluster.node.node import Node
 from modelstore.manifest import Manifest
@@ -37,7 +34,7 @@ from tests.e2e.pods import (
     exec_in,
     get_pod,
     http_json,
-    is_ready,
+    juicefs_pids,
     wait_event,
 )
 
@@ -185,54 +182,27 @@ def test_describe_tells_the_story_in_order(cluster: Cluster, running: Running) -
     assert "juicefs-mount" in describe
 
 
-def _juicefs_pids(node: Node, pod_uid: str) -> list[int]:
-    """The juicefs processes of one pod (by the pod's cgroup)."""
-    found = []
-    for pid in processes_named("juicefs"):
-        try:
-            cgroups = Path(f"/proc/{pid}/cgroup").read_text()
-        except OSError:
-            continue
-        if pod_uid.replace("-", "_") in cgroups or pod_uid in cgroups:
-            found.append(pid)
-    return found
-
-
-def test_a_killed_juicefs_is_remounted_into_the_running_app(
+def test_the_app_reads_the_node_s_verified_copy_and_no_juicefs_runs_for_it(
     cluster: Cluster, node: Node, running: Running, example_model: Manifest
 ) -> None:
-    """juicefs dies (supervisor and worker, as an OOM kill would): the sidecar remounts.
-
-    Until then the app's model dir is a dead FUSE connection ("Transport
-    endpoint is not connected"). The sidecar mounts again over the dead mount
-    in its own container, which is what propagates into the running app
-    container (a restarted sidecar container could not reach the app's view;
-    see modelstore/mount.py), so neither container restarts.
-    """
+    """The node cache's default (cache.localCopy): the agent sealed the Bento from its
+    verified copy on the node's disk, and that copy, bound read-only, is the app's whole
+    view. The pod runs no JuiceFS client and has no FUSE mount. (A pod that reads FUSE
+    has its juicefs killed and remounted in test_sidecar_faults.)"""
     uid = running.pod["metadata"]["uid"]
-    pids = _juicefs_pids(node, uid)
-    assert pids, "juicefs runs in the sidecar"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    code, meanwhile = exec_in(cluster, NAMESPACE, running.name, "main", "ls", MODELS)
-    print(f"the app right after the kill (exit {code}): {meanwhile.strip()[:200]!r}")
-    died = wait_event(cluster, NAMESPACE, running.name, "MountDied", timeout=60)
-    assert died["type"] == "Warning"
-    recovered = wait_event(cluster, NAMESPACE, running.name, "MountRecovered", timeout=120)
-    print(f"MountRecovered: {recovered['message']}")
+    assert juicefs_pids(uid) == []
+    assert not [m for m in node.mounts("fuse.juicefs") if uid in str(m)]
+    gate = condition(get_pod(cluster, NAMESPACE, running.name), GATE)
+    assert gate is not None
+    assert "the app reads that copy, not FUSE" in gate["message"], gate
+    shown = wait_event(cluster, NAMESPACE, running.name, "MountReady", timeout=10)
+    assert "no JuiceFS client runs in this pod" in shown["message"], shown
     shard = max(example_model.files, key=lambda f: f.size)
     code, output = exec_in(
         cluster, NAMESPACE, running.name, "main", "sha256sum", f"{MODELS}/{shard.path}"
     )
     assert code == 0, output
     assert output.split()[0] == shard.sha256
-    answer = http_json(f"http://{running.ip}:3000/predict", {"text": "still there"})
-    assert answer["total_bytes"] == example_model.total_bytes
-    pod = get_pod(cluster, NAMESPACE, running.name)
-    assert is_ready(pod)
-    assert container_status(pod, SIDECAR)["restartCount"] == 0
-    assert container_status(pod, "main")["restartCount"] == 0
-    assert len(_juicefs_pids(node, uid)) >= 1
 
 
 def test_deleting_the_pod_unmounts_and_leaves_nothing_on_the_node(
@@ -240,7 +210,7 @@ def test_deleting_the_pod_unmounts_and_leaves_nothing_on_the_node(
 ) -> None:
     uid = running.pod["metadata"]["uid"]
     grace = running.pod["spec"]["terminationGracePeriodSeconds"]
-    assert [m for m in node.mounts("fuse.juicefs") if uid in str(m)], "the pod's mount is there"
+    assert [m for m in node.mounts() if uid in str(m)], "the pod's models are mounted"
     # Scale to zero so the Deployment does not replace it, then watch it go.
     started = time.monotonic()
     cluster.kubectl("scale", "deployment", DEPLOYMENT, "-n", NAMESPACE, "--replicas=0")
@@ -257,8 +227,7 @@ def test_deleting_the_pod_unmounts_and_leaves_nothing_on_the_node(
     assert seconds < grace
     wait_for(
         lambda: (
-            not [m for m in node.mounts("fuse.juicefs") if uid in str(m)]
-            and not _juicefs_pids(node, uid)
+            not [m for m in node.mounts("fuse.juicefs") if uid in str(m)] and not juicefs_pids(uid)
         ),
         timeout=30,
         what="no JuiceFS mount or process left on the node",

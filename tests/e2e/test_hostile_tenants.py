@@ -50,7 +50,11 @@ BENTO = "shared-llm"
 VERSION = "v1"
 SHARDS = [16 * MIB, 8 * MIB]
 LABELS = bento_labels(BENTO, VERSION)
-NODE_MODE = {"juicefs.bentoml.com/cache-mode": "node"}
+# A selection of the Bento's one model: the node agent keeps it as node cache blocks
+# (a local copy is kept only for pods of every model), so each tenant's pod reads it
+# through its own FUSE mount with the node cache lent read-only: what these tests
+# attack. A pod the copy serves is lent nothing (test_node_cache).
+NODE_MODE = {"juicefs.bentoml.com/cache-mode": "node", "juicefs.bentoml.com/models": "llm:v1"}
 CREDENTIALS = "juicefs-models-credentials"
 
 

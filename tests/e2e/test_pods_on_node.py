@@ -213,9 +213,12 @@ def test_deleting_a_pod_whose_mount_hangs_still_ends_within_the_grace_period(
     try:
         url = f"redis://{node.network.host_ip}:{blackhole.getsockname()[1]}/1"
         namespace = new_namespace(secret={"metaurl": url})
+        # Its own cache: on the node cache a Bento the node holds is shown from the
+        # agent's copy, and the pod's own metadata engine is never asked.
         pod = pod_manifest(
-            "hang", bento_labels(BENTO, VERSION), {"containers": [checking_container(small_model)]}
-        )
+            "hang", bento_labels(BENTO, VERSION), {"containers": [checking_container(small_model)]},
+            **{"juicefs.bentoml.com/cache-mode": "pod"},
+        )  # fmt: skip
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
         wait_event(cluster, namespace, "hang", "Started", timeout=60)
         time.sleep(3)

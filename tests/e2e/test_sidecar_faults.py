@@ -8,6 +8,7 @@
 - The pod deleted mid-warmup, while its reads hang on an object store cut
   off from it: the sidecar unmounts, the pod is gone within its grace
   period, no FUSE mount is left in the node's mountinfo.
+- juicefs killed under a running app: the sidecar remounts it in place.
 - The node cache directory full (a 48 MiB tmpfs with 2 MiB free mounted on
   the volume's node cache path inside the node): the node agent cannot
   seal the Bento there, the sidecar says the disk is full (CacheDiskFull),
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,21 +44,26 @@ from modelstore.manifest import MANIFEST_NAME, MODELS_DIR, Manifest, build_manif
 from modelstore.publish import bento_dir
 from tests.e2e.pods import (
     GATE,
+    MODELS_PATH,
     SIDECAR,
     apiserver,
     bento_labels,
     check_command,
     checking_container,
     condition,
+    container_status,
     diagnose,
     events,
+    exec_in,
     get_pod,
     is_ready,
+    juicefs_pids,
     logs,
     opted_in_namespace,
     pod_cache_dir,
     pod_manifest,
     reasons,
+    wait_event,
     wait_pod,
 )
 
@@ -277,6 +284,59 @@ def test_a_pod_deleted_mid_warmup_unmounts_and_exits_cleanly(
     assert "Unmounted" in seen, seen  # the sidecar unmounted, not the kubelet's SIGKILL
     assert "ModelsReady" not in seen, seen
     assert "Ready" not in seen, seen
+
+
+def test_a_killed_juicefs_is_remounted_into_the_running_app(
+    cluster: Cluster, node: Node, namespace: str, storage: StorageStack, tmp_path: Path
+) -> None:
+    """juicefs dies (supervisor and worker, as an OOM kill would): the sidecar remounts.
+
+    A pod that reads FUSE (its own cache here; on the node cache, one the
+    node's copy does not serve). Until the remount the app's model dir is a
+    dead FUSE connection ("Transport endpoint is not connected"). The sidecar
+    mounts again over the dead mount in its own container, which is what
+    propagates into the running app container (a restarted sidecar container
+    could not reach the app's view; see modelstore/mount.py), so neither
+    container restarts.
+    """
+    name = "killed-juicefs"
+    model = storage.publish_random(tmp_path, name, VERSION, [32 * MIB] * 2)
+    # An app that only waits: one still reading the model when juicefs is killed
+    # would fail its read and be restarted, which is not what this test is about.
+    idle = {
+        "name": "main",
+        "image": SAMPLE_BENTO_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["sh", "-c", "exec sleep 3600"],
+    }
+    pod = pod_manifest(
+        name, bento_labels(name, VERSION), {"containers": [idle]},
+        **{"juicefs.bentoml.com/cache-mode": "pod"},
+    )  # fmt: skip
+    _apply(cluster, namespace, pod)
+    ready = wait_pod(cluster, namespace, name, is_ready, timeout=180, what=f"pod {name} Ready")
+    uid = str(ready["metadata"]["uid"])
+    pids = juicefs_pids(uid)
+    assert pids, "juicefs runs in the sidecar"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    code, meanwhile = exec_in(cluster, namespace, name, "main", "ls", MODELS_PATH)
+    print(f"the app right after the kill (exit {code}): {meanwhile.strip()[:200]!r}")
+    died = wait_event(cluster, namespace, name, "MountDied", timeout=60)
+    assert died["type"] == "Warning"
+    recovered = wait_event(cluster, namespace, name, "MountRecovered", timeout=120)
+    print(f"MountRecovered: {recovered['message']}")
+    shard = max(model.files, key=lambda f: f.size)
+    code, output = exec_in(
+        cluster, namespace, name, "main", "sha256sum", f"{MODELS_PATH}/{shard.path}"
+    )
+    assert code == 0, f"{output}\n{diagnose(cluster, namespace, name)}"
+    assert output.split()[0] == shard.sha256
+    pod_now = get_pod(cluster, namespace, name)
+    assert is_ready(pod_now)
+    assert container_status(pod_now, SIDECAR)["restartCount"] == 0
+    assert container_status(pod_now, "main")["restartCount"] == 0
+    assert len(juicefs_pids(uid)) >= 1
 
 
 # -- 4. the node cache directory full ----------------------------------------------------------

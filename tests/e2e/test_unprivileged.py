@@ -126,20 +126,25 @@ def test_a_bento_turns_ready_under_pod_security_without_privilege(
         print(f"{level}: events {seen}")
         assert "MountReady" in seen
         assert "ModelsReady" in seen
-        # What the sidecar sees the agent mount: the model and (node mode) the
-        # node cache read-only, its private FUSE mount nosuid and nodev.
+        # What the sidecar sees the agent mount: the model read-only; pod mode: its
+        # private FUSE mount nosuid and nodev.
         code, mountinfo = exec_in(cluster, namespace, "llm", SIDECAR, "cat", "/proc/self/mountinfo")
         assert code == 0, mountinfo
         options = mount_options(mountinfo)
         print(f"{level}: sidecar mounts {options}")
         assert "ro" in options["/var/lib/juicefs/mnt"]
-        assert {"nosuid", "nodev"} <= options["/run/bento-juicefs/agent/volume"]
-        if cache_mode == "node":
-            assert {"ro", "nosuid", "nodev", "noexec"} <= options["/var/lib/juicefs/cache"]
         served = fuse_servers(namespace)
         print(f"juicefs serving pods: {served}")
-        assert served
-        assert all(uid != 0 and caps == "0000000000000000" for uid, caps in served)
+        if cache_mode == "node":
+            # Sealed from the agent's verified copy: bound read-only and noexec, and
+            # neither a FUSE mount nor a juicefs process in the pod.
+            assert {"ro", "nosuid", "nodev", "noexec"} <= options["/var/lib/juicefs/mnt"]
+            assert "/run/bento-juicefs/agent/volume" not in options
+            assert served == []
+        else:
+            assert {"nosuid", "nodev"} <= options["/run/bento-juicefs/agent/volume"]
+            assert served
+            assert all(uid != 0 and caps == "0000000000000000" for uid, caps in served)
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
