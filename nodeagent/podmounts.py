@@ -159,6 +159,7 @@ class PodBroker:
     # The seal started when the pod was seen (servedpods.seal_ahead), and since when.
     _ahead: asyncio.Task[str | None] | None = None
     _ahead_since: float = 0.0
+    _prefetched: bool = False
 
     def start(self, seal_ahead: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -167,8 +168,26 @@ class PodBroker:
         if seal_ahead and self.pod.bento is not None:
             log.info("pod.seal_ahead", pod=str(self.pod), bento=str(self.pod.bento))
             self._ahead_since = time.monotonic()
-            self._ahead = asyncio.ensure_future(self.sealer(self.pod.bento, self.pod.models))
+            self._ahead = asyncio.ensure_future(self._seal_ahead(self.pod.bento))
             self._ahead.add_done_callback(_retrieve)
+
+    async def _seal_ahead(self, bento: BentoRef) -> str | None:
+        """The seal, and once sealed from the node's copy, its prefetch: on a warm node the
+        copy is read into the page cache while the pod's containers start."""
+        why = await self.sealer(bento, self.pod.models)
+        if why is None:
+            local = await asyncio.to_thread(self.copies, bento, self.pod.models)
+            if local is not None:
+                self._prefetch(local)
+        return why
+
+    def _prefetch(self, local: Path) -> None:
+        """Read the copy into the page cache ahead of the app, once per pod, in a thread of
+        its own (off any request's clock: the sidecar waits for its reply)."""
+        if self._prefetched:
+            return
+        self._prefetched = True
+        threading.Thread(target=prefetch, args=(local,), daemon=True).start()
 
     @property
     def serving(self) -> bool:
@@ -405,8 +424,7 @@ class PodBroker:
             with fuse.opened_path(local) as models:
                 fuse.bind_read_only(models, paths.mount_dir_path, self.stage, noexec=True)
             log.info("pod.exposed", pod=str(self.pod), source="local-copy", path=str(local))
-            # Off this request's clock (the sidecar waits for the reply).
-            threading.Thread(target=prefetch, args=(local,), daemon=True).start()
+            self._prefetch(local)
             return
         with (
             fuse.opened_path(paths.private_mount) as root,

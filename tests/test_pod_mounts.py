@@ -295,9 +295,14 @@ def _ask(path: Path, request: Request) -> Reply:
         client.close()
 
 
-def test_a_seal_started_ahead_answers_the_sidecar_and_is_not_run_twice(tmp_path: Path) -> None:
+def test_a_seal_started_ahead_answers_the_sidecar_and_is_not_run_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The warm runs from the moment the pod is seen; the sidecar's seal request waits for
-    that one, and the reply says the node's copy serves the models."""
+    that one, and the reply says the node's copy serves the models. Sealed, the copy is
+    read into the page cache at once, and once per pod."""
+    prefetched: list[Path] = []
+    monkeypatch.setattr("nodeagent.podmounts.prefetch", prefetched.append)
     paths = pod_paths(tmp_path / "kubelet", "uid-1", _config())
     paths.agent_dir.mkdir(parents=True)
     bento = BentoRef("models", "llama3", "v1")
@@ -336,6 +341,7 @@ def test_a_seal_started_ahead_answers_the_sidecar_and_is_not_run_twice(tmp_path:
                 served_copy=True
             )
             assert calls == [bento, bento]
+            assert prefetched == [tmp_path / "copy" / "models"]
         finally:
             await broker.close(release=False)
 
