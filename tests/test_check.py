@@ -469,7 +469,7 @@ def test_the_opted_in_namespaces_are_listed_in_one_line() -> None:
     names = [f"team-{i}" for i in range(7)]
     rows = check_namespaces([*(namespace(n, OPT_IN) for n in names), namespace("c")], CONFIG)
     row = one(rows)
-    assert (row.check, row.subject) == ("namespaces", "namespaces")
+    assert (row.id, row.subject) == ("namespaces-opted-in", "namespaces")
     assert row.found.startswith(
         "7 namespaces opted in: team-0, team-1, team-2, team-3, team-4 and 2 more; "
     )
@@ -716,18 +716,18 @@ def test_no_daemonset_fails_in_either_cache_mode(cache_mode: str) -> None:
 
 def test_render_aligns_columns_and_puts_what_to_do_below() -> None:
     rows = [
-        Row("server version", "cluster", "ok", "v1.37.2"),
-        Row("credentials", "Secret team/x", "FAIL", "missing", "kubectl create ..."),
-        Row("node agent", "node n", "warn", "not installed"),
+        Row("server-version", "cluster", "ok", "v1.37.2"),
+        Row("credentials-copy", "Secret team/x", "FAIL", "missing", "kubectl create ..."),
+        Row("node-agent", "node n", "warn", "not installed"),
     ]
     text = format_table(rows, "heading")
     assert text == (
         "heading\n"
-        "VERDICT  CHECK           ON             FOUND\n"
-        "ok       server version  cluster        v1.37.2\n"
-        "FAIL     credentials     Secret team/x  missing\n"
-        "                                        fix: kubectl create ...\n"
-        "warn     node agent      node n         not installed\n"
+        "VERDICT  ID                ON             FOUND\n"
+        "ok       server-version    cluster        v1.37.2\n"
+        "FAIL     credentials-copy  Secret team/x  missing\n"
+        "                                          fix: kubectl create ...\n"
+        "warn     node-agent        node n         not installed\n"
         "\n"
         "1 FAIL, 1 warn, 1 ok: something blocks injection (the FAIL lines say what to do)\n"
     )
@@ -796,18 +796,18 @@ async def test_fetch_reads_what_the_checks_need_and_run_checks_judges_it(
     assert state.copies[("psa", CREDENTIALS)] is None
     assert (f"/api/v1/namespaces/{HOME}/pods", []) not in api.paths  # by the DaemonSet's selector
     rows = run_checks(state, CONFIG, now())
-    table = {(r.check, r.subject): r.verdict for r in rows}
+    table = {(r.id, r.subject): r.verdict for r in rows}
     assert table == {
-        ("server version", "cluster"): "ok",
-        ("SSD nodes", f"{SSD}=true"): "ok",
-        ("image streaming nodes", f"{STREAMING}=true"): "ok",
-        ("caBundle", "MutatingWebhookConfiguration bento-juicefs-injector"): "ok",
-        ("webhook endpoint", f"Service {HOME}/bento-juicefs-injector"): "FAIL",
-        ("namespaces", "namespaces"): "ok",
-        ("credentials", f"Secret {HOME}/{CREDENTIALS}"): "ok",
-        ("credentials", f"Secret psa/{CREDENTIALS}"): "FAIL",
-        ("credentials", f"Secret team/{CREDENTIALS}"): "warn",
-        ("node agent", "node ssd-1"): "ok",
+        ("server-version", "cluster"): "ok",
+        ("ssd-nodes", f"{SSD}=true"): "ok",
+        ("streaming-nodes", f"{STREAMING}=true"): "ok",
+        ("webhook-cabundle", "MutatingWebhookConfiguration bento-juicefs-injector"): "ok",
+        ("webhook-endpoint", f"Service {HOME}/bento-juicefs-injector"): "FAIL",
+        ("namespaces-opted-in", "namespaces"): "ok",
+        ("credentials-source", f"Secret {HOME}/{CREDENTIALS}"): "ok",
+        ("credentials-copy", f"Secret psa/{CREDENTIALS}"): "FAIL",
+        ("credentials-copy", f"Secret team/{CREDENTIALS}"): "warn",
+        ("node-agent", "node ssd-1"): "ok",
     }
 
 

@@ -3,8 +3,9 @@
 A preflight against the current kubeconfig, like `istioctl x precheck` or
 `linkerd check`. Each check is a pure function of API objects already
 fetched (plain dicts, as the API serves them) and the injector's config, and
-returns rows: a verdict (`ok`, `warn`, `FAIL`), what it is about, what was
-found and what to do. `fetch()` is the only I/O: GETs through the
+returns rows: the check's stable ID (`rows.CheckId`, each explained in
+docs/troubleshooting.md), a verdict (`ok`, `warn`, `FAIL`), what it is about,
+what was found and what to do. `fetch()` is the only I/O: GETs through the
 kubernetes_asyncio ApiClient (no kubectl), and TLS handshakes with the
 webhook's endpoints when they are reachable from here. `format_table()` draws the
 table. FAIL means something blocks injection (or the pods it makes); the

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from common.warm import WARM_ANNOTATION, WARM_STATES, NodeWarmth
 from injector.check.nodes import has_label
-from injector.check.rows import Row, Verdict, listed, unreadable
+from injector.check.rows import CheckId, Row, Verdict, listed, unreadable
 from injector.check.state import Obj, Unreadable, dig, labels_of, name_of
 from injector.config import InjectorConfig, NodeLabel
 
@@ -138,7 +138,7 @@ def node_agent_row(node: Obj, agent: AgentOnNode, home: str) -> Row:
             f"kubectl describe node {name} (the agent's Events), and "
             f"kubectl -n {home} logs {agent.running_pod or 'AGENT-POD'}"
         )
-    return Row("node agent", f"node {name}", verdict, found, fix)
+    return Row("node-agent", f"node {name}", verdict, found, fix)
 
 
 def check_node_agent(
@@ -152,7 +152,7 @@ def check_node_agent(
     The agent mounts for every Bento pod on its node, in either cache mode:
     a node without it starts none (FAIL).
     """
-    check = "node agent"
+    check: CheckId = "node-agent-daemonset"
     home = config.webhook.namespace
     subject = f"DaemonSet {home}/{NODE_AGENT}"
     if isinstance(daemonset, Unreadable):

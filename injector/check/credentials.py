@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from injector.check.namespaces import opted_in_namespaces
-from injector.check.rows import Row, Verdict, unreadable
+from injector.check.rows import CheckId, Row, Verdict, unreadable
 from injector.check.state import Obj, Unreadable, labels_of, secret_bytes, secret_keys
 from injector.config import InjectorConfig
 from injector.namespaces import credential_secret_names
@@ -26,7 +26,7 @@ def check_credentials(
     when the metadata engine does not hold them) by secretKeyRef; a missing
     Secret or metaurl leaves the pod in CreateContainerConfigError.
     """
-    check = "credentials"
+    check: CheckId = "credentials-source"
     jfs = config.juicefs
     required, optional = jfs.meta_url_key, (jfs.access_key_key, jfs.secret_key_key)
     home = config.webhook.namespace
@@ -97,7 +97,7 @@ def _check_copy(
     verdict: Verdict,
     config: InjectorConfig,
 ) -> Row:
-    check = "credentials"
+    check: CheckId = "credentials-copy"
     subject = f"Secret {namespace}/{secret_name}"
     required = config.juicefs.meta_url_key
     controller = (

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from injector.check.certificates import describe, load_certificates, verify_served
-from injector.check.rows import Row, plural
+from injector.check.rows import CheckId, Row, plural
 from injector.check.state import Endpoints, Obj, Unreadable, dig
 from injector.check.webhook import bundle_fix, ca_bundles, our_webhook, without_injector
 from injector.config import InjectorConfig
@@ -85,7 +85,7 @@ def check_endpoints(
 ) -> list[Row]:
     """Connect to where the apiserver calls the webhook; the caBundle must verify what is served."""
     now = now or dt.datetime.now(dt.UTC)
-    check = "webhook endpoint"
+    check: CheckId = "webhook-endpoint"
     if not isinstance(webhook_configuration, Mapping) or endpoints.kind == "none":
         return []  # the caBundle row says why
     bundle = dict(ca_bundles(webhook_configuration)).get(

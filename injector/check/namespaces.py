@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from injector.check.rows import Row, listed, plural, unreadable
+from injector.check.rows import CheckId, Row, listed, plural, unreadable
 from injector.check.state import Obj, Unreadable, dig, labels_of, name_of
 from injector.config import InjectorConfig
 from injector.namespaces import opted_in
@@ -31,7 +31,7 @@ def opted_in_namespaces(namespaces: Iterable[Obj], config: InjectorConfig) -> li
 
 def check_namespaces(namespaces: Sequence[Obj] | Unreadable, config: InjectorConfig) -> list[Row]:
     """Which namespaces are opted in; any Pod Security level works for them."""
-    check = "namespaces"
+    check: CheckId = "namespaces-opted-in"
     if isinstance(namespaces, Unreadable):
         return [unreadable(check, "namespaces", "namespaces", namespaces)]
     keys = config.labels
@@ -44,7 +44,7 @@ def check_namespaces(namespaces: Sequence[Obj] | Unreadable, config: InjectorCon
         ):
             rows.append(
                 Row(
-                    check,
+                    "namespace-excluded",
                     f"namespace {name}",
                     "warn",
                     f"labelled {opt_in}, but the injector never mutates it "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from injector.check.rows import Row, Verdict, listed, plural, unreadable
+from injector.check.rows import CheckId, Row, Verdict, listed, plural, unreadable
 from injector.check.state import Obj, Unreadable, dig, labels_of, name_of
 from injector.config import InjectorConfig, NodeLabel
 
@@ -35,7 +35,7 @@ def _label_command(label: NodeLabel) -> str:
 
 
 def _labelled_nodes(
-    check: str,
+    check: CheckId,
     nodes: Sequence[Obj] | Unreadable,
     label: NodeLabel,
     policy: str,
@@ -71,7 +71,7 @@ def _labelled_nodes(
 
 
 def check_ssd_nodes(nodes: Sequence[Obj] | Unreadable, config: InjectorConfig) -> list[Row]:
-    check = "SSD nodes"
+    check: CheckId = "ssd-nodes"
     policy = config.scheduling.ssd_policy
     label = config.ssd_node_label
     if policy == "off" or label is None:
@@ -97,7 +97,7 @@ def check_ssd_nodes(nodes: Sequence[Obj] | Unreadable, config: InjectorConfig) -
 
 
 def check_streaming_nodes(nodes: Sequence[Obj] | Unreadable, config: InjectorConfig) -> list[Row]:
-    check = "image streaming nodes"
+    check: CheckId = "streaming-nodes"
     name = config.cluster.platform_profile
     profile = config.cluster.profile
     label, affinity = profile.streaming_node_label, profile.streaming_affinity

@@ -1,18 +1,39 @@
-"""The table's rows: a verdict, what it is about, what was found, what to do.
+"""The table's rows: a check's ID, a verdict, what it is about, what was found, what to do.
 
 FAIL means something blocks injection (or the pods it makes); the command
 then exits 1. The wording helpers keep every row's lists and counts alike.
+
+Every row names its check by a stable ID (`CheckId`): scripts match on it
+(`-o json`), and docs/troubleshooting.md says for each what it checks and
+how to fix it (tests/test_check_ids.py holds the two lists together). An ID
+is never renamed or reused for another check: add a new one instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from injector.check.state import Unreadable
 
 Verdict = Literal["ok", "warn", "FAIL"]
+
+# One per check, and per kind of object a check judges where it judges two.
+CheckId = Literal[
+    "server-version",
+    "ssd-nodes",
+    "streaming-nodes",
+    "webhook-cabundle",
+    "webhook-endpoint",
+    "namespaces-opted-in",
+    "namespace-excluded",
+    "credentials-source",
+    "credentials-copy",
+    "node-agent-daemonset",
+    "node-agent",
+]
+CHECK_IDS: tuple[CheckId, ...] = get_args(CheckId)
 VERDICTS: tuple[Verdict, ...] = ("ok", "warn", "FAIL")
 
 # How many names a row lists before "and N more".
@@ -23,7 +44,7 @@ SHOWN = 5
 class Row:
     """One line of the table."""
 
-    check: str
+    id: CheckId
     subject: str
     verdict: Verdict
     found: str
@@ -41,7 +62,7 @@ def plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
-def unreadable(check: str, subject: str, what: str, why: Unreadable) -> Row:
+def unreadable(check: CheckId, subject: str, what: str, why: Unreadable) -> Row:
     """The row for an object the kubeconfig may not read: a warning, the check skipped."""
     return Row(
         check,

@@ -8,9 +8,11 @@ from injector.check.rows import VERDICTS, Row
 
 
 def format_table(rows: Sequence[Row], heading: str = "") -> str:
-    """The table: VERDICT, CHECK, ON, FOUND; what to do on a `fix:` line below a row."""
-    header = ("VERDICT", "CHECK", "ON", "FOUND")
-    cells = [(row.verdict, row.check, row.subject, row.found) for row in rows]
+    """The table: VERDICT, ID, ON, FOUND; what to do on a `fix:` line below a row.
+
+    ID is the check's stable ID (docs/troubleshooting.md explains each)."""
+    header = ("VERDICT", "ID", "ON", "FOUND")
+    cells = [(row.verdict, row.id, row.subject, row.found) for row in rows]
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(3)]
     indent = " " * (sum(widths) + 2 * 3)
 

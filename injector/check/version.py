@@ -7,7 +7,7 @@ adds, so the two must agree.
 
 from __future__ import annotations
 
-from injector.check.rows import Row
+from injector.check.rows import CheckId, Row
 from injector.check.state import Obj
 from injector.config import InjectorConfig
 
@@ -31,7 +31,8 @@ def parse_server_version(version: Obj) -> tuple[int, int] | None:
 
 def check_version(version: Obj, config: InjectorConfig) -> list[Row]:
     """The server's version against native sidecars and cluster.kubernetesVersion."""
-    check, subject = "server version", "cluster"
+    check: CheckId = "server-version"
+    subject = "cluster"
     shown = str(version.get("gitVersion") or "unknown")
     parsed = parse_server_version(version)
     configured = config.cluster.kubernetes_version

@@ -24,7 +24,7 @@ from injector.check.certificates import (
     valid_at,
     verify_served,
 )
-from injector.check.rows import Row, listed, plural, unreadable
+from injector.check.rows import CheckId, Row, listed, plural, unreadable
 from injector.check.state import Obj, Unreadable, dig, secret_bytes
 from injector.config import InjectorConfig
 
@@ -33,7 +33,7 @@ from injector.config import InjectorConfig
 CA_CERT_KEY = "ca.crt"
 TLS_CERT_KEY = "tls.crt"
 
-CHECK = "caBundle"
+CHECK: CheckId = "webhook-cabundle"
 
 
 def our_webhook(webhook_configuration: Obj, config: InjectorConfig) -> Obj:

@@ -58,12 +58,12 @@ class Checked:
     out: str
     lines: dict[tuple[str, str], Line]
 
-    def line(self, check: str, subject: str) -> Line:
-        assert (check, subject) in self.lines, f"no line {check} / {subject}:\n{self.out}"
-        return self.lines[(check, subject)]
+    def line(self, check_id: str, subject: str) -> Line:
+        assert (check_id, subject) in self.lines, f"no line {check_id} / {subject}:\n{self.out}"
+        return self.lines[(check_id, subject)]
 
-    def subjects(self, check: str) -> list[str]:
-        return [subject for (name, subject) in self.lines if name == check]
+    def subjects(self, check_id: str) -> list[str]:
+        return [subject for (name, subject) in self.lines if name == check_id]
 
     def failing(self) -> list[tuple[str, str]]:
         return [key for key, line in self.lines.items() if line.verdict == "FAIL"]
@@ -74,7 +74,7 @@ def parse_table(out: str) -> dict[tuple[str, str], Line]:
     text = out.splitlines()
     start = next(i for i, line in enumerate(text) if line.startswith("VERDICT "))
     header = text[start]
-    check_at, on_at, found_at = (header.index(word) for word in (" CHECK ", " ON ", " FOUND"))
+    id_at, on_at, found_at = (header.index(word) for word in (" ID ", " ON ", " FOUND"))
     rows: dict[tuple[str, str], Line] = {}
     last: tuple[str, str] | None = None
     for line in text[start + 1 :]:
@@ -84,8 +84,8 @@ def parse_table(out: str) -> dict[tuple[str, str], Line]:
             assert last is not None
             rows[last] = Line(rows[last].verdict, rows[last].found, line.strip()[len("fix: ") :])
             continue
-        key = (line[check_at:on_at].strip(), line[on_at:found_at].strip())
-        rows[key] = Line(line[: check_at + 1].strip(), line[found_at:].strip(), "")
+        key = (line[id_at:on_at].strip(), line[on_at:found_at].strip())
+        rows[key] = Line(line[: id_at + 1].strip(), line[found_at:].strip(), "")
         last = key
     return rows
 
@@ -158,33 +158,33 @@ def test_a_healthy_cluster_passes(
 ) -> None:
     checked = run_check(cluster, injector.config_file, via_env=True, expect=0)
     server = json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
-    version = checked.line("server version", "cluster")
+    version = checked.line("server-version", "cluster")
     assert version.verdict == "ok"
     assert version.found.startswith(f"{server['gitVersion']}: native sidecars (1.29+)")
-    ssd = checked.line("SSD nodes", f"{SSD}=true")
+    ssd = checked.line("ssd-nodes", f"{SSD}=true")
     assert ssd.verdict == "ok"
     assert node.name in ssd.found
-    assert checked.line("image streaming nodes", f"{STREAMING}=true").verdict == "ok"
-    bundle = checked.line("caBundle", CA_BUNDLE)
+    assert checked.line("streaming-nodes", f"{STREAMING}=true").verdict == "ok"
+    bundle = checked.line("webhook-cabundle", CA_BUNDLE)
     assert bundle.verdict == "ok"
     assert f"trusts the CA in Secret {NAMESPACE}/bento-juicefs-injector-ca" in bundle.found
     endpoints = injector.endpoints()
     assert endpoints
     for address in endpoints:  # each replica, as the apiserver reaches it
-        endpoint = checked.line("webhook endpoint", address)
+        endpoint = checked.line("webhook-endpoint", address)
         assert endpoint.verdict == "ok"
         assert f"which the caBundle verifies for {injector.server_name}" in endpoint.found
-    namespaces = checked.line("namespaces", "namespaces")
+    namespaces = checked.line("namespaces-opted-in", "namespaces")
     assert namespaces.verdict == "ok"
     assert "opted in: " in namespaces.found
     assert namespaces.found.endswith(
         "; any Pod Security level works (the injected juicefs-mount sidecar passes restricted)"
     )
     assert checked.subjects("pod security") == []
-    assert checked.line("credentials", SOURCE).verdict == "ok"
-    copy = checked.line("credentials", f"Secret {namespace}/{CREDENTIALS_SECRET}")
+    assert checked.line("credentials-source", SOURCE).verdict == "ok"
+    copy = checked.line("credentials-copy", f"Secret {namespace}/{CREDENTIALS_SECRET}")
     assert copy.found == "copied, same keys and values as the source"
-    agent = checked.line("node agent", f"node {node.name}")
+    agent = checked.line("node-agent", f"node {node.name}")
     assert agent.verdict == "ok"
     assert agent.found.startswith(f"pod {agent_pod} running; ")
     assert checked.out.rstrip().endswith("nothing blocks injection")
@@ -198,7 +198,7 @@ def test_a_namespace_that_enforces_restricted_is_fine(
         cluster.kubectl("label", "namespace", namespace, f"{ENFORCE}={level}", "--overwrite")
         try:
             checked = run_check(cluster, injector.config_file, expect=0)
-            assert checked.line("namespaces", "namespaces").verdict == "ok"
+            assert checked.line("namespaces-opted-in", "namespaces").verdict == "ok"
             assert namespace in checked.out
         finally:
             cluster.kubectl("label", "namespace", namespace, f"{ENFORCE}-")
@@ -211,7 +211,7 @@ def test_a_classic_sidecar_config_on_a_native_server_is_a_warning(
         tmp_path / "classic.yaml", injector.config_file, cluster={"kubernetesVersion": "1.28"}
     )
     checked = run_check(cluster, config, expect=0)
-    line = checked.line("server version", "cluster")
+    line = checked.line("server-version", "cluster")
     assert line.verdict == "warn"
     assert "cluster.kubernetesVersion 1.28 makes the injector add a classic one" in line.found
 
@@ -229,18 +229,18 @@ def test_an_ssd_node_without_an_agent_pod_fails_and_its_record_is_read(
     ).render()
     with fake_node(cluster, {SSD: "true"}, {WARM_ANNOTATION: record}) as fake:
         checked = run_check(cluster, injector.config_file, expect=1)
-        real = checked.line("node agent", f"node {node.name}")
+        real = checked.line("node-agent", f"node {node.name}")
         assert real.verdict == "ok"
         assert real.found.startswith(f"pod {agent_pod} running; ")
-        other = checked.line("node agent", f"node {fake}")
+        other = checked.line("node-agent", f"node {fake}")
         assert other.verdict == "FAIL"
         assert other.found.startswith(
             f"no agent pod on this node (the DaemonSet selects {SSD}=true); "
             "Bentos: 1 warm, 0 warming, 1 failed; failed: llama3:v1 (sha256 mismatch"
         )
         assert other.fix == "make the DaemonSet's nodeSelector and tolerations match this node"
-        assert checked.failing() == [("node agent", f"node {fake}")]
-        assert "2 of" in checked.line("SSD nodes", f"{SSD}=true").found
+        assert checked.failing() == [("node-agent", f"node {fake}")]
+        assert "2 of" in checked.line("ssd-nodes", f"{SSD}=true").found
     run_check(cluster, injector.config_file, expect=0)
 
 
@@ -266,28 +266,28 @@ def test_nodes_without_the_profiles_labels_fail(
     with fake_node(cluster, {ssd: "true", stream: "yes"}) as fake:
         # The fake node has no agent pod (nothing runs there): that alone fails.
         checked = run_check(cluster, config, expect=1)
-        assert checked.failing() == [("node agent", f"node {fake}")]
-        assert checked.line("SSD nodes", f"{ssd}=true").found.endswith(f": {fake}")
-        assert checked.line("image streaming nodes", stream).verdict == "ok"
+        assert checked.failing() == [("node-agent", f"node {fake}")]
+        assert checked.line("ssd-nodes", f"{ssd}=true").found.endswith(f": {fake}")
+        assert checked.line("streaming-nodes", stream).verdict == "ok"
 
         cluster.kubectl("label", "node", fake, f"{ssd}-")
         checked = run_check(cluster, config, expect=1)
-        line = checked.line("SSD nodes", f"{ssd}=true")
+        line = checked.line("ssd-nodes", f"{ssd}=true")
         assert line.verdict == "FAIL"
         assert "no node of" in line.found
         assert "so they stay Pending" in line.found
         assert f"kubectl label node NAME {ssd}=true" in line.fix
-        assert checked.line("image streaming nodes", stream).verdict == "ok"
+        assert checked.line("streaming-nodes", stream).verdict == "ok"
 
         cluster.kubectl("label", "node", fake, f"{stream}-")
         checked = run_check(cluster, config, expect=1)
-        line = checked.line("image streaming nodes", stream)
+        line = checked.line("streaming-nodes", stream)
         assert line.verdict == "FAIL"
         assert line.found.startswith("profile e2e (e2e profile), required: no node of")
         assert "cluster.profiles.e2e.streamingAffinity: preferred" in line.fix
         assert set(checked.failing()) == {
-            ("SSD nodes", f"{ssd}=true"),
-            ("image streaming nodes", stream),
+            ("ssd-nodes", f"{ssd}=true"),
+            ("streaming-nodes", stream),
         }
 
 
@@ -335,14 +335,14 @@ def test_a_caBundle_that_does_not_verify_the_serving_certificate_fails(
         try:
             set_ca_bundles(cluster, [wrong for _ in original])
             checked = run_check(cluster, injector.config_file, expect=1)
-            line = checked.line("caBundle", CA_BUNDLE)
+            line = checked.line("webhook-cabundle", CA_BUNDLE)
             assert line.verdict == "FAIL"
             assert f"does not hold the CA in Secret {NAMESPACE}/bento-juicefs-injector-ca" in (
                 line.found
             )
             assert "is it running?" in line.fix
             # Nobody answers: a URL is judged from the Secret only; a Service has no endpoint.
-            endpoint = checked.line("webhook endpoint", injector.url)
+            endpoint = checked.line("webhook-endpoint", injector.url)
             if injector.url.startswith("Service "):
                 assert endpoint.verdict == "FAIL"
                 assert endpoint.found.startswith("no ready endpoint")
@@ -352,9 +352,9 @@ def test_a_caBundle_that_does_not_verify_the_serving_certificate_fails(
 
             with injector_that_cannot_repair(injector):
                 checked = run_check(cluster, injector.config_file, expect=1)
-                assert checked.line("caBundle", CA_BUNDLE).verdict == "FAIL"
+                assert checked.line("webhook-cabundle", CA_BUNDLE).verdict == "FAIL"
                 for address in injector.endpoints():
-                    endpoint = checked.line("webhook endpoint", address)
+                    endpoint = checked.line("webhook-endpoint", address)
                     assert endpoint.verdict == "FAIL"
                     assert "presents CN=" in endpoint.found
                     assert (
@@ -390,21 +390,21 @@ def test_credentials_without_metaurl_fail(
         try:
             remove_key(cluster, namespace, "metaurl")
             checked = run_check(cluster, injector.config_file, expect=1)
-            line = checked.line("credentials", copy_subject)
+            line = checked.line("credentials-copy", copy_subject)
             assert line.verdict == "FAIL"
             assert line.found.startswith("the copy has no metaurl key")
             assert "CreateContainerConfigError" in line.found
-            assert checked.line("credentials", SOURCE).verdict == "ok"
+            assert checked.line("credentials-source", SOURCE).verdict == "ok"
 
             cluster.kubectl("delete", "secret", CREDENTIALS_SECRET, "-n", namespace)
             checked = run_check(cluster, injector.config_file, expect=1)
-            assert checked.line("credentials", copy_subject).found.startswith(
+            assert checked.line("credentials-copy", copy_subject).found.startswith(
                 "no copy in this opted-in namespace"
             )
 
             remove_key(cluster, NAMESPACE, "metaurl")
             checked = run_check(cluster, injector.config_file, expect=1)
-            line = checked.line("credentials", SOURCE)
+            line = checked.line("credentials-source", SOURCE)
             assert line.verdict == "FAIL"
             assert line.found.startswith("no metaurl key")
             assert not [value for value in values if value in checked.out]  # never printed
@@ -422,4 +422,4 @@ def test_credentials_without_metaurl_fail(
         what="the credentials copied again",
     )  # fmt: skip
     checked = run_check(cluster, injector.config_file, expect=0)
-    assert checked.line("credentials", copy_subject).verdict == "ok"
+    assert checked.line("credentials-copy", copy_subject).verdict == "ok"
