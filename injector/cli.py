@@ -13,6 +13,10 @@ from injector import __version__
 from injector.config import ConfigError, InjectorConfig, load_config
 from injector.render import RenderError, dump_documents, render_text
 
+# `check -o`: injector.check.report.OUTPUT_FORMATS, spelled out so that the
+# other subcommands do not import the check (and its Kubernetes client).
+CHECK_OUTPUTS = ("table", "json", "yaml")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m injector", description=__doc__)
@@ -50,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="injector config file (YAML) to check against")
     check.add_argument(
         "--kubeconfig", help="kubeconfig to use instead of KUBECONFIG or ~/.kube/config"
+    )
+    check.add_argument(
+        "-o",
+        "--output",
+        choices=CHECK_OUTPUTS,
+        default="table",
+        help="table (default), or a json or yaml document for scripts; the exit code is the same",
     )
     return parser
 
@@ -91,19 +102,15 @@ def cmd_serve(args: argparse.Namespace, config: InjectorConfig) -> int:
 
 
 def cmd_check(args: argparse.Namespace, config: InjectorConfig) -> int:
-    from injector.check import Unreachable, check_cluster, exit_code, format_table
+    from injector.check import Unreachable, check_cluster, exit_code
+    from injector.check.report import format_report
 
     try:
         rows, host = asyncio.run(check_cluster(args.kubeconfig, config))
     except Unreachable as err:  # no cluster to check: exit 2 like the other errors
         print(f"error: {err}", file=sys.stderr)
         return 2
-    heading = (
-        f"cluster {host}; config {args.config or '(defaults)'}: profile "
-        f"{config.cluster.platform_profile}, cache mode {config.cache_mode}, "
-        f"ssdPolicy {config.scheduling.ssd_policy}\n"
-    )
-    sys.stdout.write(format_table(rows, heading))
+    sys.stdout.write(format_report(args.output, rows, host, args.config or "(defaults)", config))
     return exit_code(rows)
 
 

@@ -33,7 +33,8 @@ One module per concern, each check a pure function of what `fetch` read:
 `state` (the fetched objects), `rows` (the verdicts and the row),
 `version`, `nodes`, `webhook` (the caBundle), `certificates`, `endpoints`,
 `namespaces`, `credentials`, `agent` (the node agent), `run` (every check in
-table order), `table` (rendering); `fetch` is the only I/O.
+table order), `table` (rendering), `report` (the table, or a JSON or YAML document for
+`-o`); `fetch` is the only I/O.
 """
 
 from injector.check.fetch import Unreachable, check_cluster
