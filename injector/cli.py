@@ -51,9 +51,20 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         help="preflight: what the current cluster lacks for injection (exit 1 on a FAIL)",
     )
-    check.add_argument("--config", help="injector config file (YAML) to check against")
+    check.add_argument(
+        "--config",
+        help="injector config file (YAML) to check against; "
+        "default: the one in the injector's ConfigMap in the cluster",
+    )
     check.add_argument(
         "--kubeconfig", help="kubeconfig to use instead of KUBECONFIG or ~/.kube/config"
+    )
+    check.add_argument("--context", help="the kubeconfig's context to use (default: its current)")
+    check.add_argument(
+        "-n",
+        "--namespace",
+        help="the injector's namespace (default: the config's webhook.namespace, "
+        "bento-juicefs-system)",
     )
     check.add_argument(
         "-o",
@@ -102,16 +113,23 @@ def cmd_serve(args: argparse.Namespace, config: InjectorConfig) -> int:
 
 
 def cmd_check(args: argparse.Namespace, config: InjectorConfig) -> int:
-    from injector.check import Unreachable, check_cluster, exit_code
+    """Check the cluster against the config file given, else the injector's deployed one."""
+    from injector.check import ConfigChoice, Unreachable, check_cluster, exit_code
     from injector.check.report import format_report
 
+    given = ConfigChoice(config, args.config) if args.config else None
     try:
-        rows, host = asyncio.run(check_cluster(args.kubeconfig, config))
+        checked = asyncio.run(
+            check_cluster(args.kubeconfig, given, context=args.context, namespace=args.namespace)
+        )
     except Unreachable as err:  # no cluster to check: exit 2 like the other errors
         print(f"error: {err}", file=sys.stderr)
         return 2
-    sys.stdout.write(format_report(args.output, rows, host, args.config or "(defaults)", config))
-    return exit_code(rows)
+    used = checked.config
+    sys.stdout.write(
+        format_report(args.output, checked.rows, checked.cluster, used.source, used.config)
+    )
+    return exit_code(checked.rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,10 +32,13 @@ __all__ = [
 KUBE_API = web.AppKey("kube_api", client.ApiClient)
 
 
-async def new_api_client(kubeconfig: str | None) -> Any:
-    """ApiClient for the kubeconfig given, else in-cluster, else KUBECONFIG/~/.kube/config."""
-    if kubeconfig:
-        await config.load_kube_config(config_file=kubeconfig)
+async def new_api_client(kubeconfig: str | None, context: str | None = None) -> Any:
+    """ApiClient for the kubeconfig given, else in-cluster, else KUBECONFIG/~/.kube/config.
+
+    A context names one of the kubeconfig's contexts (else its current one);
+    asking for one means a kubeconfig, even inside a pod."""
+    if kubeconfig or context:
+        await config.load_kube_config(config_file=kubeconfig, context=context)
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     else:

@@ -7,18 +7,21 @@ is what the command passes to it and what it prints of what comes back.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 import injector.check
+from injector.check import Checked, ConfigChoice
 from injector.check.report import OUTPUT_FORMATS
 from injector.check.rows import Row
 from injector.cli import CHECK_OUTPUTS, main
 from injector.config import InjectorConfig
 
 HOST = "https://203.0.113.7:6443"
+DEFAULTS = ConfigChoice(InjectorConfig(), "(defaults)")
 ROWS = [
     Row("server-version", "cluster", "ok", "v1.31.0: native sidecars"),
     Row("ssd-nodes", "local-ssd=true", "warn", "no node of 3 has it", "label the nodes"),
@@ -32,10 +35,10 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     seen: list[dict[str, Any]] = []
 
     async def fake_check_cluster(
-        kubeconfig: str | None, config: InjectorConfig, **options: Any
-    ) -> tuple[list[Row], str]:
+        kubeconfig: str | None, config: ConfigChoice | None, **options: Any
+    ) -> Checked:
         seen.append({"kubeconfig": kubeconfig, "config": config, **options})
-        return list(ROWS), HOST
+        return Checked(list(ROWS), HOST, config or DEFAULTS)
 
     monkeypatch.setattr(injector.check, "check_cluster", fake_check_cluster)
     return seen
@@ -129,8 +132,53 @@ def test_a_bad_output_format_is_an_argparse_error_naming_the_choices(
 
 def _returning(rows: list[Row]) -> Any:
     async def fake_check_cluster(
-        kubeconfig: str | None, config: InjectorConfig, **options: Any
-    ) -> tuple[list[Row], str]:
-        return rows, HOST
+        kubeconfig: str | None, config: ConfigChoice | None, **options: Any
+    ) -> Checked:
+        return Checked(rows, HOST, config or DEFAULTS)
 
     return fake_check_cluster
+
+
+def test_context_and_namespace_reach_check_cluster(
+    calls: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["check", "--kubeconfig", "admin.kubeconfig", "--context", "prod-eu", "-n", "models"]
+    main(args)
+    assert calls == [
+        {
+            "kubeconfig": "admin.kubeconfig",
+            "config": None,
+            "context": "prod-eu",
+            "namespace": "models",
+        }
+    ]
+    main(["check", "--namespace", "models"])
+    assert calls[-1] == {"kubeconfig": None, "config": None, "context": None, "namespace": "models"}
+
+
+def test_without_config_the_deployed_one_is_asked_for(
+    calls: list[dict[str, Any]], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    main(["check"])
+    assert calls[-1]["config"] is None  # check_cluster reads the ConfigMap
+    capsys.readouterr()
+    file = tmp_path / "config.yaml"
+    file.write_text("scheduling:\n  ssdPolicy: preferred\n")
+    main(["check", "--config", str(file), "-o", "json"])
+    given = calls[-1]["config"]
+    assert isinstance(given, ConfigChoice)
+    assert given.source == str(file)
+    assert given.config.scheduling.ssd_policy == "preferred"
+    document = json.loads(capsys.readouterr().out)
+    assert document["config"] == str(file)
+    assert document["ssdPolicy"] == "preferred"
+
+
+def test_a_bad_config_file_is_exit_2_before_any_cluster(
+    calls: list[dict[str, Any]], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    file = tmp_path / "config.yaml"
+    file.write_text("scheduling:\n  ssdPolicy: sometimes\n")
+    assert main(["check", "--config", str(file)]) == 2
+    assert "scheduling.ssdPolicy" in capsys.readouterr().err
+    assert calls == []

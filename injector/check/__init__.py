@@ -37,8 +37,16 @@ table order), `table` (rendering), `report` (the table, or a JSON or YAML docume
 `-o`); `fetch` is the only I/O.
 """
 
-from injector.check.fetch import Unreachable, check_cluster
+from injector.check.deployed import ConfigChoice
+from injector.check.fetch import Checked, Unreachable, check_cluster
 from injector.check.rows import exit_code
 from injector.check.table import format_table
 
-__all__ = ["Unreachable", "check_cluster", "exit_code", "format_table"]
+__all__ = [
+    "Checked",
+    "ConfigChoice",
+    "Unreachable",
+    "check_cluster",
+    "exit_code",
+    "format_table",
+]

@@ -11,12 +11,20 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from injector.check.agent import NODE_AGENT
+from injector.check.deployed import (
+    DEFAULT_NAMESPACE,
+    ConfigChoice,
+    configmap_path,
+    deployed_config,
+    with_namespace,
+)
 from injector.check.endpoints import ready_addresses, service_port_name, webhook_service
 from injector.check.namespaces import opted_in_namespaces
 from injector.check.rows import Row
@@ -171,17 +179,50 @@ class Unreachable(Exception):
     """No cluster to check: the kubeconfig does not load, or the apiserver does not answer."""
 
 
-async def check_cluster(kubeconfig: str | None, config: InjectorConfig) -> tuple[list[Row], str]:
-    """Fetch and check: the rows, and where the cluster is (for the heading)."""
+@dataclass(frozen=True)
+class Checked:
+    """What a check of a cluster found: the rows, where the cluster is, and the config judged by."""
+
+    rows: list[Row]
+    cluster: str
+    config: ConfigChoice
+
+
+async def choose_config(
+    api: ApiReader, given: ConfigChoice | None, namespace: str | None
+) -> ConfigChoice:
+    """The config given, else the injector's ConfigMap's; moved to namespace when one is named."""
+    if given is None:
+        home = namespace or DEFAULT_NAMESPACE
+        given = deployed_config(await api.maybe(configmap_path(home)), home)
+    if namespace is None or namespace == given.config.webhook.namespace:
+        return given
+    return replace(given, config=with_namespace(given.config, namespace))
+
+
+async def check_cluster(
+    kubeconfig: str | None,
+    config: ConfigChoice | None,
+    *,
+    context: str | None = None,
+    namespace: str | None = None,
+) -> Checked:
+    """Fetch and check: the rows, where the cluster is (for the heading), and the config used.
+
+    config None: the injector's ConfigMap's (the defaults when it cannot be
+    read). context: the kubeconfig's context to use. namespace: the
+    injector's, in place of the config's `webhook.namespace`.
+    """
     try:
-        api = await new_api_client(kubeconfig)
+        api = await new_api_client(kubeconfig, context)
     except Exception as err:  # the loader raises anything on a bad file (TypeError on an empty one)
         raise Unreachable(f"cannot load the kubeconfig: {type(err).__name__}: {err}") from err
     host = str(api.configuration.host)
     try:
-        state = await fetch(api, config)
+        chosen = await choose_config(ApiReader(api), config, namespace)
+        state = await fetch(api, chosen.config)
     except (ApiException, aiohttp.ClientError, OSError, TimeoutError) as err:
         raise Unreachable(f"cannot reach {host}: {type(err).__name__}: {err}") from err
     finally:
         await api.close()
-    return run_checks(state, config), host
+    return Checked([*chosen.rows, *run_checks(state, chosen.config)], host, chosen)

@@ -21,6 +21,7 @@ Verdict = Literal["ok", "warn", "FAIL"]
 
 # One per check, and per kind of object a check judges where it judges two.
 CheckId = Literal[
+    "config-source",
     "server-version",
     "ssd-nodes",
     "streaming-nodes",
