@@ -784,6 +784,8 @@ async def test_fetch_reads_what_the_checks_need_and_run_checks_judges_it(
             f"/api/v1/namespaces/{HOME}/secrets/{CREDENTIALS}": source(metaurl="redis://x"),
             f"/api/v1/namespaces/team/secrets/{CREDENTIALS}": 403,
             f"/apis/apps/v1/namespaces/{HOME}/daemonsets/bento-juicefs-node-agent": DAEMONSET,
+            "/api/v1/namespaces/team/pods": {"items": []},
+            "/api/v1/namespaces/psa/pods": 403,
             f"/api/v1/namespaces/{HOME}/pods": {"items": [agent_pod("agent-1", "ssd-1")]},
         }
     )
@@ -808,7 +810,14 @@ async def test_fetch_reads_what_the_checks_need_and_run_checks_judges_it(
         ("credentials-copy", f"Secret psa/{CREDENTIALS}"): "FAIL",
         ("credentials-copy", f"Secret team/{CREDENTIALS}"): "warn",
         ("node-agent", "node ssd-1"): "ok",
+        ("pod-not-injected", "namespace psa"): "warn",
+        ("sidecar-image-skew", "Bento pods"): "ok",
+        ("readiness-gate-stuck", "Bento pods"): "ok",
     }
+    assert (
+        "/api/v1/namespaces/team/pods",
+        [("labelSelector", "juicefs.bentoml.com/model-store=juicefs")],
+    ) in api.paths
 
 
 @pytest.fixture

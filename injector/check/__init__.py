@@ -27,14 +27,18 @@ What is checked, and against what:
   each opted-in namespace (names of keys only: values are never printed);
 - the node agent on each SSD node: its DaemonSet pod there (it mounts for
   every Bento pod, so a node without it starts none), and the node's
-  warm-models record (`common.warm`).
+  warm-models record (`common.warm`);
+- the Bento pods already in the opted-in namespaces: one the webhook
+  selects but never injected, an injected sidecar of another image than
+  `sidecar.image`, a readiness gate closed for more than 15 minutes.
 
 One module per concern, each check a pure function of what `fetch` read:
-`state` (the fetched objects), `rows` (the verdicts and the row),
-`version`, `nodes`, `webhook` (the caBundle), `certificates`, `endpoints`,
-`namespaces`, `credentials`, `agent` (the node agent), `run` (every check in
-table order), `table` (rendering), `report` (the table, or a JSON or YAML document for
-`-o`); `fetch` is the only I/O.
+`deployed` (the config to judge by), `state` (the fetched objects), `rows`
+(the verdicts and the row), `version`, `nodes`, `webhook` (the caBundle),
+`certificates`, `endpoints`, `namespaces`, `credentials`, `agent` (the node
+agent), `pods` (the Bento pods), `run` (every check in table order), `table`
+(rendering), `report` (the table, or a JSON or YAML document for `-o`);
+`fetch` is the only I/O.
 """
 
 from injector.check.deployed import ConfigChoice

@@ -155,6 +155,16 @@ async def fetch(api_client: Any, config: InjectorConfig) -> ClusterState:
     found = await asyncio.gather(
         *(api.maybe(f"/api/v1/namespaces/{ns}/secrets/{name}") for ns, name in wanted)
     )
+    keys = config.labels
+    bento_pods = await asyncio.gather(
+        *(
+            api.items(
+                f"/api/v1/namespaces/{ns}/pods",
+                labelSelector=f"{keys.model_store}={keys.model_store_value}",
+            )
+            for ns in opted
+        )
+    )
     daemonset = await api.maybe(f"/apis/apps/v1/namespaces/{home}/daemonsets/{NODE_AGENT}")
     pods: list[Obj] | Unreadable = []
     if isinstance(daemonset, Mapping):
@@ -172,6 +182,7 @@ async def fetch(api_client: Any, config: InjectorConfig) -> ClusterState:
         copies=dict(zip(wanted, found, strict=True)),
         daemonset=daemonset,
         agent_pods=pods,
+        bento_pods=dict(zip(opted, bento_pods, strict=True)),
     )
 
 

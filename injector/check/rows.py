@@ -33,6 +33,9 @@ CheckId = Literal[
     "credentials-copy",
     "node-agent-daemonset",
     "node-agent",
+    "pod-not-injected",
+    "sidecar-image-skew",
+    "readiness-gate-stuck",
 ]
 CHECK_IDS: tuple[CheckId, ...] = get_args(CheckId)
 VERDICTS: tuple[Verdict, ...] = ("ok", "warn", "FAIL")

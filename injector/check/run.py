@@ -9,6 +9,7 @@ from injector.check.credentials import check_credentials
 from injector.check.endpoints import check_endpoints
 from injector.check.namespaces import check_namespaces
 from injector.check.nodes import check_ssd_nodes, check_streaming_nodes
+from injector.check.pods import check_image_skew, check_not_injected, check_stuck_gates
 from injector.check.rows import Row
 from injector.check.state import ClusterState
 from injector.check.version import check_version
@@ -30,4 +31,7 @@ def run_checks(
         *check_namespaces(state.namespaces, config),
         *check_credentials(state.namespaces, state.sources, state.copies, config),
         *check_node_agent(state.nodes, state.daemonset, state.agent_pods, config),
+        *check_not_injected(state.bento_pods, config),
+        *check_image_skew(state.bento_pods, config),
+        *check_stuck_gates(state.bento_pods, config, now),
     ]

@@ -63,6 +63,8 @@ class ClusterState:
     copies: dict[tuple[str, str], Obj | Unreadable | None] = field(default_factory=dict)
     daemonset: Obj | Unreadable | None = None
     agent_pods: list[Obj] | Unreadable = field(default_factory=list)
+    # Opted-in namespace -> its pods with the Bento label (model-store=juicefs).
+    bento_pods: dict[str, list[Obj] | Unreadable] = field(default_factory=dict)
 
 
 def dig(obj: Any, *keys: str) -> Any:
