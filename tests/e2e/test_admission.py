@@ -148,14 +148,11 @@ def test_helm_deployment_pods_are_injected_and_others_untouched(
     cluster: Cluster, new_namespace: NewNamespace
 ) -> None:
     namespace = new_namespace()
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=json.dumps(helm_deployment("llama", bento_labels("llama3-service", "v1"))),
-    )
+    bento = helm_deployment("llama", bento_labels("llama3-service", "v1"))
+    # Admission is what is checked here: the pods of this unpublished Bento stay off
+    # every node, so no node agent starts their seal (and records a failed warm).
+    bento["spec"]["template"]["spec"]["nodeSelector"] = {"e2e.bento-juicefs/nowhere": "true"}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bento))
     cluster.kubectl(
         "apply", "-n", namespace, "-f", "-", input=json.dumps(helm_deployment("redis", {}))
     )
