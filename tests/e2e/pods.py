@@ -263,8 +263,21 @@ def bento_deployment(
 ADMISSION_IMAGE = "us-docker.pkg.dev/acme/bentos/llama3:v1"
 
 
+# A node label no node carries.
+NOWHERE = {"e2e.bento-juicefs/nowhere": "true"}
+
+
 def bento_pod(name: str, **annotations: str) -> dict[str, Any]:
-    """A Bento pod for admission only (ADMISSION_IMAGE), with annotations as given."""
+    """A Bento pod for admission only (ADMISSION_IMAGE), with annotations as given.
+
+    Its Bento is published nowhere, so it stays off every node (`placed`
+    undoes that, to test scheduling): a node agent seeing it there would
+    start its seal and record a failed warm on the Node.
+    """
+    spec: dict[str, Any] = {
+        "containers": [{"name": "main", "image": ADMISSION_IMAGE}],
+        "nodeSelector": NOWHERE,
+    }
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -273,8 +286,14 @@ def bento_pod(name: str, **annotations: str) -> dict[str, Any]:
             "labels": bento_labels("llama3-service", "v1"),
             "annotations": annotations,
         },
-        "spec": {"containers": [{"name": "main", "image": ADMISSION_IMAGE}]},
+        "spec": spec,
     }
+
+
+def placed(pod: dict[str, Any]) -> dict[str, Any]:
+    """bento_pod for the scheduler to place: without its nowhere nodeSelector."""
+    pod["spec"].pop("nodeSelector", None)
+    return pod
 
 
 def pod_cache_dir(node_dir: Path, pod_uid: str) -> Path:

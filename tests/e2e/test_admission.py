@@ -22,7 +22,7 @@ from cryptography import x509
 
 from devcluster import Cluster, wait_for
 from devcluster.installs.injector_install import InjectorInstall
-from tests.e2e.pods import bento_labels, bento_pod, get_pod, kubectl_create
+from tests.e2e.pods import NOWHERE, bento_labels, bento_pod, get_pod, kubectl_create, placed
 from tests.e2e.webhooks import TestWebhook, running_test_webhook
 from tests.helpers import GOLDEN_DIR
 
@@ -151,7 +151,7 @@ def test_helm_deployment_pods_are_injected_and_others_untouched(
     bento = helm_deployment("llama", bento_labels("llama3-service", "v1"))
     # Admission is what is checked here: the pods of this unpublished Bento stay off
     # every node, so no node agent starts their seal (and records a failed warm).
-    bento["spec"]["template"]["spec"]["nodeSelector"] = {"e2e.bento-juicefs/nowhere": "true"}
+    bento["spec"]["template"]["spec"]["nodeSelector"] = NOWHERE
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bento))
     cluster.kubectl(
         "apply", "-n", namespace, "-f", "-", input=json.dumps(helm_deployment("redis", {}))
@@ -194,7 +194,9 @@ def test_scheduler_binds_only_to_ssd_nodes_with_room_for_the_cache(
     # The pod cache: each pod requests its size in ephemeral-storage.
     pod_cache = {"juicefs.bentoml.com/cache-mode": "pod"}
     for index, cache in enumerate(["20Gi", "20Gi", "20Gi", "200Gi"]):
-        pod = bento_pod(f"bento-{index}", **pod_cache, **{"juicefs.bentoml.com/cache-size": cache})
+        pod = placed(
+            bento_pod(f"bento-{index}", **pod_cache, **{"juicefs.bentoml.com/cache-size": cache})
+        )
         pod["spec"]["tolerations"] = toleration
         pod["spec"]["affinity"] = {
             "nodeAffinity": {
@@ -216,7 +218,7 @@ def test_scheduler_binds_only_to_ssd_nodes_with_room_for_the_cache(
     # 200Gi of cache fits only ssd-big.
     assert wait_for(lambda: bound("bento-3"), timeout=30, what="binding") == f"ssd-big-{suffix}"
     # A pod too big for every SSD node is not bound at all, and says why.
-    huge = bento_pod("bento-huge", **pod_cache, **{"juicefs.bentoml.com/cache-size": "1Ti"})
+    huge = placed(bento_pod("bento-huge", **pod_cache, **{"juicefs.bentoml.com/cache-size": "1Ti"}))
     huge["spec"]["tolerations"] = toleration
     huge["spec"]["affinity"] = {
         "nodeAffinity": {

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from devcluster import Cluster, wait_for
-from tests.e2e.pods import bento_labels, kubectl_create
+from tests.e2e.pods import NOWHERE, bento_labels, kubectl_create
 
 OPT_IN = {"juicefs.bentoml.com/injection": "enabled"}
 ENFORCE = "pod-security.kubernetes.io/enforce"
@@ -57,7 +57,9 @@ def bento_pod(name: str, **labels: str) -> dict[str, Any]:
             "labels": {**bento_labels("llama3-service", "v1"), **labels},
         },
         # Restricted-clean on its own: whatever Pod Security says is about what was added.
+        # Off every node (its Bento is published nowhere): admission is what is checked.
         "spec": {
+            "nodeSelector": NOWHERE,
             "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [
                 {
