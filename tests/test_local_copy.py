@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -326,3 +327,44 @@ def test_a_sealed_copy_keeps_the_manifest_it_was_proved_against(tmp_path: Path) 
     assert copy.manifest() == manifest
     (copy.root / "manifest.json").write_text("{not json")
     assert copy.manifest() is None  # unreadable: read from JuiceFS instead
+
+
+def test_a_cold_seal_of_every_model_mounts_only_to_warm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod of every model names no model to check against the manifest first: its cold
+    seal goes straight to the warm (one JuiceFS mount, the warm's own); a pod that
+    selects models has its selection checked through a mount before anything is warmed."""
+    from nodeagent.agent import AgentOptions, NodeAgent
+    from nodeagent.warmer import AgentIdentity
+
+    ref = BentoRef("models", "llm", "v1")
+    config = InjectorConfig.model_validate(
+        {"cache": {"nodePath": str(tmp_path), "localCopy": False}}
+    )
+    options = AgentOptions(credentials_dir=tmp_path, work_dir=tmp_path)
+    agent = NodeAgent(config, options, AgentIdentity("n1", "a", "ns"), api=None)  # type: ignore[arg-type]
+    mounts: list[tuple[str, ...]] = []
+
+    class Refused(Exception):
+        pass
+
+    def mounted(want: Any, blocks: bool = True) -> Any:
+        mounts.append(want.models)
+        raise Refused  # what follows the check is not this test's
+
+    warmed: list[tuple[str, ...]] = []
+
+    async def warm(want: Any, referenced: set[BentoRef]) -> None:
+        warmed.append(want.models)
+
+    monkeypatch.setattr(agent, "_mounted", mounted)
+    monkeypatch.setattr(agent, "warm", warm)
+    why = asyncio.run(agent.seal(ref, ()))
+    assert mounts == []
+    assert warmed == [()]
+    assert why is not None  # nothing recorded by the stand-in warm: not sealed
+    with pytest.raises(Refused):
+        asyncio.run(agent.seal(ref, ("llm:v1",)))
+    assert mounts == [("llm:v1",)]
+    assert warmed == [()]
