@@ -61,6 +61,11 @@ class FuseBroker(Protocol):
     async def unmount(self) -> None: ...
 
 
+# How long a sidecar on its way out waits for the node agent to take its mounts down:
+# it may have only the kubelet's last 2 s, and the agent unmounts a gone pod anyway.
+BROKER_UNMOUNT_SECONDS = 5.0
+
+
 def _lazy(path: Path, error: str) -> None:
     # Busy (the app still has files open): detached now, gone when released.
     log.warning("umount.lazy", path=str(path), error=error)
@@ -421,7 +426,7 @@ class JuiceFSMount:
         the node agent unmounts a pod whose containers have ended by itself."""
         assert self._broker is not None
         try:
-            async with asyncio.timeout(5.0):
+            async with asyncio.timeout(BROKER_UNMOUNT_SECONDS):
                 await self._broker.unmount()
         except (MountError, TimeoutError) as err:
             log.error("umount.failed", via="node agent", error=str(err))

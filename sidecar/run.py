@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from modelstore.mount import JuiceFSMount, MountError
+from modelstore.mount import BROKER_UNMOUNT_SECONDS, JuiceFSMount, MountError
 from modelstore.sources import MountCounters
 from sidecar.agent import AgentChannel, AgentError, AgentMounts
 from sidecar.cachedisk import CacheSpeed, measure
@@ -286,8 +286,9 @@ async def _serve_copy(agent: AgentChannel, reporter: Reporter, stopping: asyncio
     """Nothing to supervise: the bind needs no process. Until SIGTERM, then take it down."""
     await stopping
     try:
-        await agent.unmount()
-    except AgentError as err:
+        async with asyncio.timeout(BROKER_UNMOUNT_SECONDS):
+            await agent.unmount()
+    except (AgentError, TimeoutError) as err:
         # The agent takes a pod's mounts down when the pod goes, whatever this says.
         log.warning("copy.unmount_failed", error=str(err))
     log.info("sidecar.stopped")
