@@ -75,6 +75,15 @@ DEFAULT_VOLUME = "models"
 # (9464, in its own pod). 0: no endpoint.
 DEFAULT_METRICS_PORT = 9465
 METRICS_PORT_FORM = "a TCP port from 1 to 65535, or 0 for no metrics endpoint"
+# The native sidecar's startup probe where the sidecar serves metrics: the
+# kubelet's httpGet of STARTUP_PATH on that port. The sidecar answers 200 once
+# the app's models are shown (mounted, or the node's copy bound), and
+# otherwise holds the request for up to STARTUP_WAIT_SECONDS before its 503,
+# so that the app starts the moment they are and a cold node's warm shows as
+# one failed probe every STARTUP_WAIT_SECONDS. The exec probe (`sidecar probe
+# --wait`, where no port is served) waits as long.
+STARTUP_PATH = "/started"
+STARTUP_WAIT_SECONDS = 20
 # Where Kubernetes mounts a service-account token; the injector covers it in
 # the sidecar with an empty directory (the sidecar holds no credential).
 DEFAULT_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"

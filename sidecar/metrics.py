@@ -23,13 +23,17 @@ run.py records each where it computes it.
 
 from __future__ import annotations
 
+import socket
+import socketserver
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
-from wsgiref.simple_server import WSGIServer
+from typing import Any, Literal, get_args
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from common.durations import DURATION_BUCKETS
 from modelstore.sources import ByteSources
@@ -48,9 +52,64 @@ STATES: tuple[SidecarState, ...] = get_args(SidecarState)
 FAILURE_REASONS = ("VerificationFailed", "WarmupTimedOut", "WarmupFailed", "SealFailed")
 
 
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A request per thread: a startup probe's request waits for the models meanwhile."""
+
+    daemon_threads = True
+
+
+class _DualStackServer(_ThreadingServer):
+    """IPv6 and IPv4 on one socket: the kubelet probes the pod's IP, whichever it is."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Not a line per scrape or probe on stderr: the sidecar logs what it does itself."""
+
+
+def routed(default: WSGIApplication, routes: Mapping[str, WSGIApplication]) -> WSGIApplication:
+    """A WSGI app sending each exact path of routes to its app, and every other to default."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        return routes.get(environ.get("PATH_INFO") or "/", default)(environ, start_response)
+
+    return app
+
+
+def serve_http(
+    port: int, host: str | None, app: WSGIApplication
+) -> tuple[WSGIServer, threading.Thread]:
+    """app on host:port in a daemon thread; OSError if it cannot bind.
+
+    host None: every address of the pod, IPv6 and IPv4 alike where the pod
+    has IPv6, else IPv4's (an IPv6-only cluster's kubelet could not reach a
+    probe on 0.0.0.0).
+    """
+    if host is None:
+        try:
+            server: WSGIServer = make_server(
+                "::", port, app, _DualStackServer, handler_class=_QuietHandler
+            )
+        except OSError:
+            server = make_server(
+                "0.0.0.0", port, app, _ThreadingServer, handler_class=_QuietHandler
+            )
+    else:
+        server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    return server, thread
+
+
 @dataclass
 class MetricsEndpoint:
-    """The HTTP server behind /metrics, in a thread of its own."""
+    """The HTTP server behind /metrics (and the startup probe's path), in a thread of its own."""
 
     server: WSGIServer
     thread: threading.Thread
@@ -203,7 +262,14 @@ class SidecarMetrics:
         self.time_to_ready_histogram.observe(at - self.started)
         self.set_state("ready")
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> MetricsEndpoint:
-        """Serve /metrics on host:port (port 0: one the kernel picks); OSError if it cannot bind."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(
+        self,
+        port: int,
+        host: str | None = None,
+        routes: Mapping[str, WSGIApplication] | None = None,
+    ) -> MetricsEndpoint:
+        """Serve the metrics on host:port (port 0: one the kernel picks), and each path of
+        routes by its own app; OSError if it cannot bind. host None: see serve_http."""
+        app = routed(make_wsgi_app(self.registry), routes or {})
+        server, thread = serve_http(port, host, app)
         return MetricsEndpoint(server, thread)

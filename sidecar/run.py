@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from common import env
 from modelstore.mount import BROKER_UNMOUNT_SECONDS, JuiceFSMount, MountError
 from modelstore.sources import MountCounters
 from sidecar.agent import AgentChannel, AgentError, AgentMounts
@@ -37,6 +38,7 @@ from sidecar.env import Settings
 from sidecar.gate import SealOutcome, open_gate, open_gate_sealed, verify_unsealed
 from sidecar.metrics import MetricsEndpoint, SidecarMetrics
 from sidecar.reporter import NORMAL, WARNING, OrderedReporter, Reporter
+from sidecar.startup import ModelsShown, startup_app
 
 __all__ = ["run"]
 
@@ -63,8 +65,11 @@ async def run(
     stop: asyncio.Event | None = None,
     metrics: SidecarMetrics | None = None,
     agent: AgentChannel | None = None,
+    shown: ModelsShown | None = None,
 ) -> int:
     stop = stop or asyncio.Event()
+    # What the startup probe asks: set once the app's models are shown.
+    shown = shown or ModelsShown()
     # Created first: time_to_ready counts from here.
     metrics = metrics or SidecarMetrics()
     metrics.describe(settings)
@@ -75,9 +80,9 @@ async def run(
     # The apiserver must never hold up the mount or the stream: Events go out
     # in the background, conditions in order (see OrderedReporter).
     ordered = OrderedReporter(reporter)
-    endpoint = await _serve_metrics(metrics, settings.metrics_port, ordered)
+    endpoint = await _serve_metrics(metrics, settings.metrics_port, ordered, shown)
     try:
-        return await _run(settings, ordered, stop, metrics, agent)
+        return await _run(settings, ordered, stop, metrics, shown, agent)
     finally:
         # A sidecar may have only the kubelet's last 2 s of the pod's grace
         # period: the metrics endpoint is not waited for (its server polls every
@@ -90,24 +95,28 @@ async def run(
 
 
 async def _serve_metrics(
-    metrics: SidecarMetrics, port: int, reporter: Reporter
+    metrics: SidecarMetrics, port: int, reporter: Reporter, shown: ModelsShown
 ) -> MetricsEndpoint | None:
-    """The /metrics endpoint for the pod's life; None when off or the port is taken.
+    """The /metrics endpoint for the pod's life, and the startup probe's path on the same
+    port (`common.env.STARTUP_PATH`); None when off or the port is taken.
 
-    A port taken (by an app container that listens there without declaring
-    it) costs the metrics only, never the model.
+    The sidecar starts before the app's containers, so a port taken means a
+    container before it holds the port without declaring it; the injector
+    probes on it all the same, and the Event says why the pod then waits.
     """
     if port == 0:
         return None
+    routes = {env.STARTUP_PATH: startup_app(shown, env.STARTUP_WAIT_SECONDS)}
     try:
-        endpoint = metrics.serve(port)
+        endpoint = metrics.serve(port, routes=routes)
     except OSError as err:
         log.warning("metrics.unavailable", port=port, error=str(err))
         await reporter.event(
             WARNING,
             "MetricsUnavailable",
             f"cannot serve Prometheus metrics on port {port} (sidecar.metricsPort): {err}; "
-            "the model is streamed and verified as usual",
+            "the model is streamed and verified as usual, but the startup probe on that "
+            "port cannot pass: free the port, or set sidecar.metricsPort to another",
         )
         return None
     log.info("metrics.serving", port=endpoint.port)
@@ -158,6 +167,7 @@ async def _run(
     reporter: OrderedReporter,
     stop: asyncio.Event,
     metrics: SidecarMetrics,
+    shown: ModelsShown,
     agent: AgentChannel | None = None,
 ) -> int:
     mount: JuiceFSMount | None = None
@@ -176,7 +186,7 @@ async def _run(
     sealing = agent is not None and seal_before_mount(lent, gate)
     refused: str | None = None
     if agent is not None and sealing:
-        sealed = await _seal(settings, agent, reporter, metrics, stopping)
+        sealed = await _seal(settings, agent, reporter, metrics, shown, stopping)
         if isinstance(sealed, int):  # stopped, or served from the node's copy until stopped
             return sealed
         refused = sealed.refused  # None: sealed, or out of time; a str: why the agent refused
@@ -200,6 +210,7 @@ async def _run(
         log.info("sidecar.stopping", during="mount")
         await mount.stop()
         return 0
+    shown.set()
     await reporter.event(
         NORMAL,
         "MountReady",
@@ -248,6 +259,7 @@ async def _seal(
     agent: AgentChannel,
     reporter: Reporter,
     metrics: SidecarMetrics,
+    shown: ModelsShown,
     stopping: asyncio.Task[Any],
 ) -> SealOutcome | int:
     """The agent's seal, for the mount to follow; or the exit code when nothing is to
@@ -257,12 +269,14 @@ async def _seal(
     if isinstance(outcome, _Stopped):
         log.info("sidecar.stopping", during="seal")
         return 0
-    if outcome.served_copy and await _show_copy(settings, agent, reporter):
+    if outcome.served_copy and await _show_copy(settings, agent, reporter, shown):
         return await _serve_copy(agent, reporter, stopping)
     return outcome
 
 
-async def _show_copy(settings: Settings, agent: AgentChannel, reporter: Reporter) -> bool:
+async def _show_copy(
+    settings: Settings, agent: AgentChannel, reporter: Reporter, shown: ModelsShown
+) -> bool:
     """Have the agent bind the node's verified local copy as the app's models; whether it
     did. If not, the pod mounts JuiceFS as usual (and the agent exposes what serves then)."""
     started = time.monotonic()
@@ -272,6 +286,7 @@ async def _show_copy(settings: Settings, agent: AgentChannel, reporter: Reporter
         log.warning("copy.not_shown", error=str(err))
         return False
     seconds = time.monotonic() - started
+    shown.set()
     log.info("copy.shown", seconds=round(seconds, 2))
     await reporter.event(
         NORMAL,

@@ -29,8 +29,10 @@ def test_native_sidecar_first_with_startup_probe() -> None:
     sidecar = pod["spec"]["initContainers"][0]
     assert sidecar["name"] == "juicefs-mount"
     assert sidecar["restartPolicy"] == "Always"
-    probe = ["python", "-m", "sidecar", "probe", "--wait", "--timeout=20"]
-    assert sidecar["startupProbe"]["exec"]["command"] == probe
+    # The kubelet's own GET on the metrics port: no process in the container per run.
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/started", "port": "metrics"}
+    assert {"name": "metrics", "containerPort": 9465, "protocol": "TCP"} in sidecar["ports"]
+    assert "exec" not in sidecar["startupProbe"]
     assert "privileged" not in sidecar["securityContext"]
     assert sidecar["volumeMounts"][0]["mountPropagation"] == "HostToContainer"
 
@@ -65,10 +67,40 @@ def test_the_startup_probe_waits_for_the_seal_only_on_the_node_cache(
     pod = bento_pod()
     pod["metadata"].setdefault("annotations", {}).update(annotations)
     probe = sidecar_of(inject(pod))["startupProbe"]
-    # Each run waits up to 20 s for the mount itself: one Event per 20 s, not per second.
-    assert probe["exec"]["command"][-2:] == ["--wait", "--timeout=20"]
+    # Each run waits up to 20 s for the models itself (the sidecar holds the GET):
+    # one Event per 20 s, not per second.
+    assert probe["httpGet"]["path"] == "/started"
     assert probe["timeoutSeconds"] > 20
     assert probe["failureThreshold"] * 20 >= seconds
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"hostNetwork": True},  # the port would be the node's
+        {"containers": [{"name": "main", "ports": [{"containerPort": 9465}]}]},  # the app's
+    ],
+)
+def test_the_startup_probe_execs_where_the_sidecar_serves_no_port(spec: dict[str, Any]) -> None:
+    pod = bento_pod()
+    for key, value in spec.items():
+        if key == "containers":
+            pod["spec"]["containers"][0]["ports"] = value[0]["ports"]
+        else:
+            pod["spec"][key] = value
+    sidecar = sidecar_of(inject(pod))
+    probe = sidecar["startupProbe"]
+    assert "httpGet" not in probe
+    assert "ports" not in sidecar
+    assert probe["exec"]["command"] == [
+        "python",
+        "-m",
+        "sidecar",
+        "probe",
+        "--wait",
+        "--timeout=20",
+    ]
+    assert probe["timeoutSeconds"] > 20
 
 
 def test_credentials_only_by_secret_reference() -> None:
@@ -477,6 +509,16 @@ def test_forged_status_with_own_sidecar_image_denied() -> None:
     assert result.outcome == "denied"
     assert "container 'juicefs-mount' is not the one the injector creates" in result.reason
     assert "image" in result.reason
+
+
+def test_a_sidecar_whose_startup_probe_a_mesh_rewrote_is_still_ours() -> None:
+    """Istio's injector sends HTTP probes through its agent; reinvoked, we accept that."""
+    out = inject(bento_pod())
+    probe = out["spec"]["initContainers"][0]["startupProbe"]
+    probe["httpGet"] = {"path": "/app-health/juicefs-mount/startupz", "port": 15020}
+    result = run(out)
+    assert result.outcome != "denied"
+    assert result.ops == []
 
 
 def test_forged_sidecar_with_our_image_but_its_own_command_denied() -> None:

@@ -12,6 +12,7 @@ import asyncio
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from common import env
 from common.durations import DURATION_BUCKETS
 from common.ports import port_is_free
 from modelstore.sources import ByteSources, JuiceFSCounters, MountCounters, Snapshot
@@ -29,6 +31,7 @@ from sidecar import run as sidecar_run
 from sidecar.decisions import CachePlan, gate_plan
 from sidecar.gate import open_gate
 from sidecar.metrics import FAILURE_REASONS, STATES, SidecarMetrics
+from sidecar.startup import ModelsShown, startup_answer, startup_app
 from sidecar.verify import verify_model
 from tests.helpers import flip_middle_byte
 from tests.kit.sidecar import FakeReporter, PublishedBento, published_bento, settings_for
@@ -286,17 +289,63 @@ def test_a_taken_port_costs_the_metrics_only_and_says_so(taken_port: int) -> Non
     reporter = FakeReporter()
 
     async def serve() -> object:
-        return await sidecar_run._serve_metrics(SidecarMetrics(), taken_port, reporter)
+        return await sidecar_run._serve_metrics(
+            SidecarMetrics(), taken_port, reporter, ModelsShown()
+        )
 
     assert asyncio.run(serve()) is None
     assert reporter.said == [("event", "MetricsUnavailable")]
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_the_startup_answer_is_200_once_shown_and_503_with_the_reason_before() -> None:
+    assert startup_answer(True) == ("200 OK", "models shown\n")
+    status, text = startup_answer(False)
+    assert status.startswith("503 ")
+    assert "models not shown yet" in text
+    assert "Events" in text
+
+
+def test_the_startup_path_holds_the_probe_until_the_models_are_shown() -> None:
+    """The kubelet's GET waits for the models (up to the wait), and the metrics stay
+    on every other path."""
+    shown = ModelsShown()
+    routes = {env.STARTUP_PATH: startup_app(shown, 0.3)}
+    endpoint = SidecarMetrics().serve(0, host="127.0.0.1", routes=routes)
+    try:
+        started = time.monotonic()
+        status, text = get(endpoint.port, env.STARTUP_PATH)
+        assert (status, time.monotonic() - started >= 0.3) == (503, True)
+        assert "models not shown yet" in text
+        assert PREFIX + "state" in scrape(endpoint.port)
+        # Shown while a probe waits: it answers then, not at the end of its wait.
+        threading.Timer(0.1, shown.set).start()
+        assert get(endpoint.port, env.STARTUP_PATH) == (200, "models shown\n")
+    finally:
+        endpoint.close()
+    assert port_is_free(endpoint.port)
+
+
+def test_a_default_endpoint_answers_on_ipv4_whether_or_not_the_pod_has_ipv6() -> None:
+    endpoint = SidecarMetrics().serve(0, routes={env.STARTUP_PATH: startup_app(ModelsShown(), 0)})
+    try:
+        assert get(endpoint.port, env.STARTUP_PATH)[0] == 503
+    finally:
+        endpoint.close()
 
 
 def test_port_zero_serves_nothing() -> None:
     reporter = FakeReporter()
 
     async def serve() -> object:
-        return await sidecar_run._serve_metrics(SidecarMetrics(), 0, reporter)
+        return await sidecar_run._serve_metrics(SidecarMetrics(), 0, reporter, ModelsShown())
 
     assert asyncio.run(serve()) is None
     assert reporter.said == []

@@ -32,6 +32,7 @@ from sidecar.decisions import GatePlan, seal_before_mount
 from sidecar.env import Settings
 from sidecar.gate import SealOutcome, open_gate_sealed
 from sidecar.metrics import SidecarMetrics
+from sidecar.startup import ModelsShown
 from sidecar.verify import verify_model
 from tests.helpers import minimal_env
 from tests.kit.sidecar import (
@@ -395,18 +396,20 @@ def test_a_pod_the_node_s_copy_serves_mounts_no_juicefs(tmp_path: Path) -> None:
     bind is taken down on SIGTERM."""
     settings = replace(settings_for(published_bento(tmp_path)), cache_mode="node")
     agent = CopyServingAgent([])
+    shown = ModelsShown()
 
     async def scenario() -> tuple[int, Recorder]:
         stop = asyncio.Event()
         recorder = Recorder(stop)
         code = await asyncio.wait_for(
-            sidecar_run.run(settings, recorder, stop, agent=agent),  # type: ignore[arg-type]
+            sidecar_run.run(settings, recorder, stop, agent=agent, shown=shown),  # type: ignore[arg-type]
             60,
         )
         return code, recorder
 
     code, recorder = asyncio.run(scenario())
     assert code == 0
+    assert shown.is_set()  # the startup probe passes: the app may start
     assert agent.order == ["seal", "closed", "expose", "unmount"]
     assert recorder.reasons()[-3:] == ["Ready", "MountReady", "Unmounted"]
     shown = next(m for _, _, r, m in recorder.said if r == "MountReady")

@@ -103,6 +103,11 @@ def _sidecar_only_mounts(ctx: MutationContext) -> list[str]:
 
 # Fields the apiserver adds by defaulting; anything else extra is not ours.
 _DEFAULTED = frozenset({"terminationMessagePath"})
+# Fields another webhook may rewrite: a mesh injector sends HTTP probes through
+# its own agent (Istio's rewriteAppHTTPProbe). A startup probe grants nothing:
+# the kubelet runs it against this pod alone, and an exec probe runs as the
+# sidecar, like an exec any tenant may already do into it.
+_REWRITABLE = frozenset({"startupProbe"})
 
 
 def _differences(actual: dict[str, Any], expected: dict[str, Any]) -> list[str]:
@@ -112,8 +117,10 @@ def _differences(actual: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     it, e.g. a probe's successThreshold); an image may be pinned to a digest
     by a mirror webhook.
     """
-    differs = [k for k in actual if k not in expected and k not in _DEFAULTED]
+    differs = [k for k in actual if k not in expected and k not in _DEFAULTED | _REWRITABLE]
     for key, value in expected.items():
+        if key in _REWRITABLE:
+            continue
         if key == "image":
             if not _same_image(str(actual.get("image", "")), str(value)):
                 differs.append(key)
