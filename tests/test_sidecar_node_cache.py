@@ -412,5 +412,5 @@ def test_a_pod_the_node_s_copy_serves_mounts_no_juicefs(tmp_path: Path) -> None:
     assert shown.is_set()  # the startup probe passes: the app may start
     assert agent.order == ["seal", "closed", "expose", "unmount"]
     assert recorder.reasons()[-3:] == ["Ready", "MountReady", "Unmounted"]
-    shown = next(m for _, _, r, m in recorder.said if r == "MountReady")
-    assert "no JuiceFS client runs in this pod" in shown
+    ready = next(m for _, _, r, m in recorder.said if r == "MountReady")
+    assert "no JuiceFS client runs in this pod" in ready
