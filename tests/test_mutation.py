@@ -13,7 +13,7 @@ from injector.admission import pod_review_request as request_for
 from injector.admission import review
 from injector.config import ConfigError, InjectorConfig, parse_config
 from injector.mutation.owned import owned_names
-from tests.helpers import bento_pod, env_of, inject, run, sidecar_of
+from tests.helpers import bento_pod, env_of, inject, restricted_violations, run, sidecar_of
 
 STATUS = "juicefs.bentoml.com/status"
 
@@ -939,52 +939,6 @@ SIDECAR_CONFIGS = {
     "classic": parse_config({"cluster": {"kubernetesVersion": "1.28"}}),
     "pod cache": parse_config({"cache": {"mode": "pod"}}),
 }
-# Pod Security `restricted` (v1.30): the volume types it allows.
-RESTRICTED_VOLUMES = {
-    "configMap",
-    "csi",
-    "downwardAPI",
-    "emptyDir",
-    "ephemeral",
-    "persistentVolumeClaim",
-    "projected",
-    "secret",
-}
-
-
-def restricted_violations(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
-    """What Pod Security `restricted` says about one container of the pod (and its volumes).
-
-    The checks of the standard that a container or a volume can fail, read
-    with the pod's own securityContext as the fallback, as the plugin does.
-    """
-    spec = pod["spec"]
-    pod_context = spec.get("securityContext") or {}
-    context = container.get("securityContext") or {}
-    problems = []
-    if context.get("privileged"):
-        problems.append("privileged")
-    if context.get("allowPrivilegeEscalation") is not False:
-        problems.append("allowPrivilegeEscalation != false")
-    capabilities = context.get("capabilities") or {}
-    if "ALL" not in (capabilities.get("drop") or []):
-        problems.append("capabilities not dropping ALL")
-    if set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}:
-        problems.append("capabilities added")
-    if not context.get("runAsNonRoot", pod_context.get("runAsNonRoot")):
-        problems.append("runAsNonRoot != true")
-    if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
-        problems.append("runAsUser=0")
-    seccomp = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
-    if seccomp not in ("RuntimeDefault", "Localhost"):
-        problems.append("seccompProfile")
-    if any(port.get("hostPort") for port in container.get("ports") or []):
-        problems.append("hostPort")
-    for volume in spec.get("volumes") or []:
-        kinds = set(volume) - {"name"}
-        if not kinds <= RESTRICTED_VOLUMES:
-            problems.append(f"volume {volume['name']} is {'/'.join(sorted(kinds))}")
-    return problems
 
 
 @pytest.mark.parametrize("config", SIDECAR_CONFIGS.values(), ids=SIDECAR_CONFIGS.keys())
