@@ -7,7 +7,9 @@ the binaries cache by devcluster.binaries.ensure_binaries.
 Equivalence, per profile (gke: the chart's defaults against
 manifests/overlays/gke; eks and aks: `--set profile=X` against overlays/X):
 the same set of objects by (kind, name, namespace), and each object equal
-after this normalisation and nothing else:
+after this normalisation and nothing else (the chart's `helm test` hooks,
+templates/tests/, are left out: the overlays have no `helm test`; the tests
+under "helm test" below check them):
 
 - the four labels the chart adds to every object's metadata.labels are
   removed from metadata.labels (and metadata.labels with it when that leaves
@@ -39,7 +41,8 @@ import yaml
 
 from benchmarks import load
 from injector.config import InjectorConfig, parse_config
-from tests.helpers import bento_pod, inject, run
+from injector.namespaces import credential_secret_names
+from tests.helpers import bento_pod, inject, restricted_violations, run
 from tests.kit.chart import (
     CERT_MANAGER,
     CHART,
@@ -47,6 +50,7 @@ from tests.kit.chart import (
     CONFIG_MAP,
     DEPLOYMENT,
     HELM_LABELS,
+    HOOK,
     NAMESPACE,
     OVERLAYS,
     PROFILES,
@@ -60,7 +64,9 @@ from tests.kit.chart import (
     pod_spec,
     run_tool,
     tool_binaries,
+    without_hooks,
 )
+from tests.rbac_docs import Atom, documented
 
 WEBHOOK = ("MutatingWebhookConfiguration", "bento-juicefs-injector", "")
 SIDECAR_REQUIRED = ("ValidatingAdmissionPolicy", "bento-juicefs-sidecar-required", "")
@@ -123,7 +129,7 @@ def _sets(profile: str) -> Iterable[str]:
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_chart_and_overlay_render_the_same_objects(profile: str) -> None:
-    chart, overlay = helm(*_sets(profile)), kustomize(profile)
+    chart, overlay = without_hooks(helm(*_sets(profile))), kustomize(profile)
     assert sorted(chart) == sorted(overlay)
     for key in sorted(chart):
         assert dump(normalise(chart[key])) == dump(normalise(overlay[key])), (
@@ -135,7 +141,7 @@ def test_chart_and_overlay_render_the_same_objects(profile: str) -> None:
 def test_chart_with_cert_manager_and_the_component_render_the_same_objects(
     profile: str, tmp_path: Path
 ) -> None:
-    chart = helm(*_sets(profile), "certificates.mode=certManager")
+    chart = without_hooks(helm(*_sets(profile), "certificates.mode=certManager"))
     overlay = kustomize_cert_manager(profile, tmp_path)
     assert sorted(chart) == sorted(overlay)
     assert ("Certificate", "bento-juicefs-injector-serving", NAMESPACE) in chart
@@ -943,3 +949,247 @@ def test_the_webhook_port_admits_the_sources_named_and_any_by_default() -> None:
         {"ipBlock": {"cidr": "172.16.0.0/28"}},
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
     ]
+
+
+# --- helm test: the check, in the cluster ----------------------------------------
+
+CHECK = "bento-juicefs-check"
+CHECK_POD = ("Pod", CHECK, NAMESPACE)
+CHECK_IDENTITY = (
+    ("ServiceAccount", CHECK, NAMESPACE),
+    ("ClusterRole", CHECK, ""),
+    ("ClusterRoleBinding", CHECK, ""),
+)
+CHECK_OBJECTS = (*CHECK_IDENTITY, CHECK_POD)
+
+
+def hooks(objects: dict[Key, dict[str, Any]]) -> dict[Key, dict[str, str]]:
+    """The Helm hooks rendered: their annotations."""
+    return {
+        key: obj["metadata"]["annotations"]
+        for key, obj in objects.items()
+        if HOOK in (obj["metadata"].get("annotations") or {})
+    }
+
+
+def test_the_checks_objects_are_test_hooks_the_identity_first_and_gone_after() -> None:
+    found = hooks(helm())
+    assert sorted(found) == sorted(CHECK_OBJECTS)
+    for key in CHECK_IDENTITY:
+        assert found[key] == {
+            HOOK: "test",
+            "helm.sh/hook-weight": "-1",
+            "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
+        }, key
+    # After the identity; kept once it ran (its log), replaced by the next test,
+    # and its log printed by `helm test` itself, passed or failed.
+    assert found[CHECK_POD] == {
+        HOOK: "test",
+        "helm.sh/hook-weight": "0",
+        "helm.sh/hook-delete-policy": "before-hook-creation",
+        "helm.sh/hook-output-log-policy": "hook-succeeded,hook-failed",
+    }
+    assert int(found[CHECK_POD]["helm.sh/hook-weight"]) > max(
+        int(found[key]["helm.sh/hook-weight"]) for key in CHECK_IDENTITY
+    )
+    binding = helm()[("ClusterRoleBinding", CHECK, "")]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": CHECK,
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": CHECK, "namespace": NAMESPACE}
+    ]
+
+
+def test_tests_check_enabled_false_renders_none_of_them() -> None:
+    objects = helm("tests.check.enabled=false")
+    assert hooks(objects) == {}
+    assert objects == without_hooks(helm())
+    assert "helm test" not in notes("default", "tests.check.enabled=false")
+    assert "helm test bento-juicefs -n default" in notes("default")
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        (),
+        (
+            "image.digest=sha256:" + "ab" * 32,
+            "image.pullPolicy=Always",
+            "imagePullSecrets[0].name=regcred",
+        ),
+        (
+            "image.tag=0.2.0",
+            "injector.nodeSelector.pool=system",
+            "injector.tolerations[0].key=dedicated",
+        ),
+    ],
+)
+def test_the_check_pod_runs_the_check_in_the_injectors_image(sets: tuple[str, ...]) -> None:
+    objects = helm(*sets)
+    pod = objects[CHECK_POD]
+    injector = pod_spec(objects, DEPLOYMENT)
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    (serving,) = injector["containers"]
+    config = parse_config(config_of(objects))
+    assert container["command"] == [
+        "python",
+        "-m",
+        "injector",
+        "check",
+        "-n",
+        config.webhook.namespace,
+    ]
+    assert "args" not in container
+    assert config.webhook.namespace == NAMESPACE == pod["metadata"]["namespace"]
+    for field in ("image", "imagePullPolicy"):
+        assert container.get(field) == serving.get(field), field
+    for field in ("imagePullSecrets", "nodeSelector", "tolerations"):
+        assert spec.get(field) == injector.get(field), field
+    assert spec["serviceAccountName"] == CHECK
+    assert spec["automountServiceAccountToken"] is True
+    assert spec["restartPolicy"] == "Never"
+    assert "hostNetwork" not in spec
+    assert "volumes" not in spec
+    # Pod Security restricted, with the injector's own contexts.
+    assert restricted_violations(pod, container) == []
+    assert spec["securityContext"] == injector["securityContext"]
+    assert container["securityContext"] == serving["securityContext"]
+    assert container["resources"] == {
+        "requests": {"cpu": "50m", "memory": "128Mi"},
+        "limits": {"memory": "256Mi"},
+    }
+
+
+def test_the_check_runs_in_the_injectors_namespace_whatever_the_releases() -> None:
+    objects = parse_objects(helm_in("tenant-tools", "template", "bento-juicefs", str(CHART)))
+    pod = objects[CHECK_POD]
+    assert pod["spec"]["containers"][0]["command"][-2:] == ["-n", NAMESPACE]
+    assert objects[("ClusterRoleBinding", CHECK, "")]["subjects"][0]["namespace"] == NAMESPACE
+
+
+def request_atom(path: str) -> Atom | None:
+    """The RBAC (group, resource, verb, name) a GET of path needs; None for a non-resource URL."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "api":
+        group, rest = "", parts[2:]
+    elif parts[0] == "apis":
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if rest[0] == "namespaces" and len(rest) > 2:
+        rest = rest[2:]
+    name = rest[1] if len(rest) > 1 else None
+    return Atom(group, rest[0], "get" if name else "list", name or "*")
+
+
+def object_path(obj: dict[str, Any]) -> str:
+    group_version = obj["apiVersion"]
+    root = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+    namespace = obj["metadata"].get("namespace")
+    where = f"/namespaces/{namespace}" if namespace else ""
+    return f"{root}{where}/{obj['kind'].lower()}s/{obj['metadata']['name']}"
+
+
+class RecordingApi:
+    """call_api for GETs: the objects given by path, an empty list for any collection, 404
+    for the rest; every path asked for."""
+
+    def __init__(self, objects: dict[str, Any]) -> None:
+        self.objects = objects
+        self.paths: list[str] = []
+        self.configuration = type("Configuration", (), {"host": "https://203.0.113.7:6443"})()
+
+    async def call_api(self, path: str, method: str, **kwargs: Any) -> Any:
+        from injector.kube import ApiException
+
+        assert method == "GET"
+        self.paths.append(path)
+        if path in self.objects:
+            return json.loads(json.dumps(self.objects[path]))
+        atom = request_atom(path)
+        if atom is not None and atom.verb == "list":
+            return {"items": []}
+        raise ApiException(status=404, reason="Not Found")
+
+    async def close(self) -> None:
+        pass
+
+
+def granted_atoms(role: dict[str, Any]) -> set[Atom]:
+    return {
+        Atom(group, resource, verb, name)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames") or ["*"]
+    }
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        (),
+        (
+            "config.juicefs.allowedVolumes={models,llama}",
+            "config.juicefs.secretNameTemplate=jfs-{volume}",
+            "config.labels.namespaceOptIn=example.com/bento-models",
+        ),
+        ("certificates.mode=certManager", "nodeAgent.enabled=false"),
+    ],
+)
+async def test_the_checks_role_is_what_the_check_reads_get_and_list_only(
+    sets: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check run as the pod runs it, on the objects the chart renders, with an opted-in
+    namespace: each GET it makes is granted, and the role grants nothing it does not make."""
+    import injector.check.fetch
+
+    objects = helm(*sets)
+    config = parse_config(config_of(objects))
+    keys = config.labels
+    served = {object_path(obj): obj for obj in without_hooks(objects).values()}
+    served["/version"] = {"major": "1", "minor": "37", "gitVersion": "v1.37.2"}
+    served["/api/v1/namespaces"] = {
+        "items": [
+            {"metadata": {"name": NAMESPACE}},
+            {
+                "metadata": {
+                    "name": "tenant",
+                    "labels": {keys.namespace_opt_in: keys.namespace_opt_in_value},
+                }
+            },
+        ]
+    }
+    api = RecordingApi(served)
+
+    async def new_api_client(kubeconfig: str | None, context: str | None = None) -> RecordingApi:
+        assert (kubeconfig, context) == (None, None)  # in the pod: its own token
+        return api
+
+    monkeypatch.setattr(injector.check.fetch, "new_api_client", new_api_client)
+    command = objects[CHECK_POD]["spec"]["containers"][0]["command"]
+    namespace = command[command.index("-n") + 1]
+    checked = await injector.check.fetch.check_cluster(None, None, namespace=namespace)
+    assert checked.config.source == f"configmap {NAMESPACE}/{CONFIG_MAP[1]}"
+    asked = {atom for atom in map(request_atom, api.paths) if atom is not None}
+    assert [path for path in api.paths if request_atom(path) is None] == ["/version"]
+    # It read a copy of each credentials Secret in the opted-in namespace, and their pods.
+    for name in credential_secret_names(config):
+        assert f"/api/v1/namespaces/tenant/secrets/{name}" in api.paths
+    assert "/api/v1/namespaces/tenant/pods" in api.paths
+    role = objects[("ClusterRole", CHECK, "")]
+    assert granted_atoms(role) == asked
+    assert {verb for rule in role["rules"] for verb in rule["verbs"]} == {"get", "list"}
+    assert all("nonResourceURLs" not in rule for rule in role["rules"])
+
+
+def test_the_checks_rbac_is_its_table() -> None:
+    role = helm()[("ClusterRole", CHECK, "")]
+    rows = documented("security.md", "### The `helm test` check")
+    assert {row.scope for row in rows} == {"cluster"}
+    assert granted_atoms(role) == {atom for row in rows for atom in row.atoms}

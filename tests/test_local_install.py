@@ -24,7 +24,16 @@ from devcluster.installs.injector_pods import (
     kustomize_overlay,
     node_agent_access,
 )
-from tests.kit.chart import NAMESPACE, Key, dump, normalise, parse_objects, run_tool, tool_binaries
+from tests.kit.chart import (
+    NAMESPACE,
+    Key,
+    dump,
+    normalise,
+    parse_objects,
+    run_tool,
+    tool_binaries,
+    without_hooks,
+)
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "cluster": {"kubernetesVersion": "1.37"},
@@ -44,10 +53,10 @@ def helm_install(work: Path) -> dict[Key, dict[str, Any]]:
     values = work / "values.yaml"
     values.write_text(yaml.safe_dump(helm_values(SETTINGS)))
     helm = str(tool_binaries()["helm"])
-    objects = parse_objects(
-        run_tool([helm, "template", "bento-juicefs", str(CHART), "-f", str(values)])
+    objects = without_hooks(
+        parse_objects(run_tool([helm, "template", "bento-juicefs", str(CHART), "-f", str(values)]))
     )
-    # What PodInjector.install applies besides the chart.
+    # What PodInjector.install applies besides the chart (its `helm test` hooks aside).
     return {**objects, **{_key(doc): doc for doc in node_agent_access()}}
 
 

@@ -39,6 +39,10 @@ CHECKSUM = "checksum/config"
 # Objects the chart renders, as (kind, name, namespace) keys.
 CONFIG_MAP = ("ConfigMap", "bento-juicefs-injector-config", NAMESPACE)
 DEPLOYMENT = ("Deployment", "bento-juicefs-injector", NAMESPACE)
+# The annotation of Helm's hooks: the chart's `helm test` objects
+# (templates/tests/), which exist only while `helm test` runs and which the
+# overlays have no counterpart of (kustomize has no `helm test`).
+HOOK = "helm.sh/hook"
 
 Key = tuple[str, str, str]  # (kind, name, namespace)
 
@@ -76,6 +80,15 @@ def helm_text(*sets: str) -> str:
 
 def helm(*sets: str) -> dict[Key, dict[str, Any]]:
     return parse_objects(helm_text(*sets))
+
+
+def without_hooks(objects: dict[Key, dict[str, Any]]) -> dict[Key, dict[str, Any]]:
+    """What `helm install` applies: the objects that are no Helm hook."""
+    return {
+        key: obj
+        for key, obj in objects.items()
+        if HOOK not in (obj["metadata"].get("annotations") or {})
+    }
 
 
 @cache
