@@ -30,7 +30,9 @@ import yaml
 
 from common.warm import WARM_ANNOTATION, BentoRef, NodeWarmth, WarmRecord
 from devcluster import Cluster, wait_for
+from devcluster.binaries import ensure_binaries
 from devcluster.installs.injector_install import CREDENTIALS_SECRET, NAMESPACE, InjectorInstall
+from devcluster.installs.injector_pods import RELEASE, RELEASE_NAMESPACE, PodInjector
 from devcluster.installs.node_agent import LocalNodeAgent
 from devcluster.node.node import Node
 from injector.pki.authority import generate_ca
@@ -188,6 +190,35 @@ def test_a_healthy_cluster_passes(
     assert agent.verdict == "ok"
     assert agent.found.startswith(f"pod {agent_pod} running; ")
     assert checked.out.rstrip().endswith("nothing blocks injection")
+
+
+def test_helm_test_runs_the_check_in_the_cluster_and_leaves_no_reader_behind(
+    cluster: Cluster, injector: InjectorInstall, namespace: str
+) -> None:
+    """`helm test` of the release: the check in the injector's own image, in a pod with
+    the test's read-only identity, which is gone once the test passed."""
+    if not isinstance(injector, PodInjector) or injector.method != "helm":
+        pytest.skip("the injector is not a Helm release here")
+    helm = ensure_binaries(["helm"])["helm"]
+    proc = subprocess.run(
+        [
+            str(helm), "test", RELEASE, "--namespace", RELEASE_NAMESPACE,
+            "--kubeconfig", str(cluster.kubeconfig), "--timeout", "3m",
+        ],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = cluster.kubectl("logs", "bento-juicefs-check", "-n", NAMESPACE).stdout
+    rows = parse_table(log)
+    assert rows[("credentials-copy", f"Secret {namespace}/{CREDENTIALS_SECRET}")].verdict == "ok"
+    assert log.rstrip().endswith("nothing blocks injection")
+    pod = cluster.get_json("pod", "bento-juicefs-check", "-n", NAMESPACE)
+    assert pod["status"]["phase"] == "Succeeded"  # kept for its log
+    for kind in ("clusterrolebinding", "clusterrole"):
+        gone = cluster.kubectl("get", kind, "bento-juicefs-check", check=False)
+        assert gone.returncode != 0, f"{kind} bento-juicefs-check outlived the test"
+    cluster.kubectl("delete", "pod", "bento-juicefs-check", "-n", NAMESPACE, "--wait=false")
 
 
 def test_a_namespace_that_enforces_restricted_is_fine(
