@@ -200,10 +200,6 @@ def sidecar_container(ctx: MutationContext) -> dict[str, Any]:
     return container
 
 
-# How long one run of the startup probe waits for the models before it fails.
-PROBE_WAIT_SECONDS = env.STARTUP_WAIT_SECONDS
-
-
 def startup_probe(command: list[str], seconds: int, metrics_port: int) -> dict[str, Any]:
     """The native sidecar's startup probe: passes once the app's models are shown (the
     mount answers, or the node's copy is bound), within `seconds`.
@@ -212,20 +208,20 @@ def startup_probe(command: list[str], seconds: int, metrics_port: int) -> dict[s
     STARTUP_PATH on that port, answered from the sidecar's memory; else (no
     port: hostNetwork, the port taken, metrics off) `command --wait`, a
     process in the container per run (0.2-0.5 s on two cores, BENCHMARKS.md).
-    Each run waits for the models (up to PROBE_WAIT_SECONDS) instead of
+    Each run waits for the models (up to env.STARTUP_WAIT_SECONDS) instead of
     failing at once: the app starts the moment they are shown, and a cold
     node's warm shows as one Unhealthy Event every 20 s, not every second.
     """
     action: dict[str, Any] = (
         {"httpGet": {"path": env.STARTUP_PATH, "port": METRICS_PORT_NAME}}
         if metrics_port
-        else {"exec": {"command": [*command, "--wait", f"--timeout={PROBE_WAIT_SECONDS}"]}}
+        else {"exec": {"command": [*command, "--wait", f"--timeout={env.STARTUP_WAIT_SECONDS}"]}}
     )
     return {
         **action,
         "periodSeconds": 1,
-        "timeoutSeconds": PROBE_WAIT_SECONDS + 5,
-        "failureThreshold": math.ceil(seconds / PROBE_WAIT_SECONDS) + 1,
+        "timeoutSeconds": env.STARTUP_WAIT_SECONDS + 5,
+        "failureThreshold": math.ceil(seconds / env.STARTUP_WAIT_SECONDS) + 1,
     }
 
 
