@@ -17,7 +17,7 @@ help:
 	@echo "make e2e           the end-to-end tests on the local cluster (builds binaries and images first)"
 	@echo "make binaries      etcd, Kubernetes, containerd, MinIO, JuiceFS, Helm, promtool into ~/.cache/bento-juicefs"
 	@echo "make images        the node's images (base rootfs, the project's image, the sample Bento, pause)"
-	@echo "make cluster-up    a local control plane and node to poke at"
+	@echo "make cluster-up    a local control plane and node to poke at (NODES=3 for three nodes)"
 	@echo "make cluster-down  stops what make cluster-up started"
 	@echo "make golden-update regenerate tests/golden/*.injected"
 	@echo "make values-table  regenerate the chart's values table in docs/values.md from values.yaml"
@@ -90,8 +90,9 @@ test: fast binaries images
 	$(BIN)/pytest $(SLOW_TESTS)
 	BENTO_INJECTOR_INSTALL=kustomize $(BIN)/pytest -m e2e $(KUSTOMIZE_E2E)
 
+NODES ?= 1
 cluster-up: $(STAMP) binaries images
-	@$(BIN)/python -m devcluster up
+	@$(BIN)/python -m devcluster up --nodes $(NODES)
 
 cluster-down: $(STAMP)
 	@$(BIN)/python -m devcluster down

@@ -85,7 +85,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # -- _serve -------------------------------------------------------------------
 
 
-def serve(state_dir: Path) -> int:
+def serve(state_dir: Path, nodes: int = 1) -> int:
     """Run the local cluster in the foreground until SIGTERM/SIGINT; the exit code."""
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / READY_FILE).unlink(missing_ok=True)
@@ -102,7 +102,7 @@ def serve(state_dir: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
-    cp = local_cluster(state_dir)
+    cp = local_cluster(state_dir, node_count=nodes)
     code = 0
     try:
         cp.start()
@@ -117,15 +117,16 @@ def serve(state_dir: Path) -> int:
         tmp.write_text(json.dumps(ready_info) + "\n")
         tmp.replace(state_dir / READY_FILE)
         while not stopping.wait(1.0):
-            dead = [name for name, up in cp.running().items() if not up]
-            if cp.node is not None:
-                dead += [name for name, up in cp.node.running.items() if not up]
+            dead = [(name, cp.log_path(name)) for name, up in cp.running().items() if not up]
+            for node in cp.nodes:
+                dead += [
+                    (f"{name} of node {node.name}", node.log_path(name))
+                    for name, up in node.running.items()
+                    if not up
+                ]
             if dead:
-                cp.log(f"{', '.join(dead)} exited unexpectedly; shutting down")
-                for name in dead:
-                    path = cp.log_path(name)
-                    if cp.node is not None and not path.exists():
-                        path = cp.node.log_path(name)
+                cp.log(f"{', '.join(name for name, _ in dead)} exited unexpectedly; shutting down")
+                for _, path in dead:
                     cp.log(f"--- {path} ---\n{log_tail(path)}")
                 code = 1
                 break
@@ -142,7 +143,7 @@ def serve(state_dir: Path) -> int:
 # -- up -------------------------------------------------------------------------
 
 
-def up(state_dir: Path, timeout: float = UP_TIMEOUT) -> int:
+def up(state_dir: Path, nodes: int = 1, timeout: float = UP_TIMEOUT) -> int:
     pid = _serve_pid(state_dir)
     ready = _read_json(state_dir / READY_FILE)
     if pid is not None and ready:
@@ -167,8 +168,9 @@ def up(state_dir: Path, timeout: float = UP_TIMEOUT) -> int:
     env["PYTHONUNBUFFERED"] = "1"
     log_path.unlink(missing_ok=True)
     # Its own session: it survives this command and its terminal.
+    serve_args = ["_serve", "--state-dir", str(state_dir), "--nodes", str(nodes)]
     child = spawn_group(
-        [sys.executable, "-m", "devcluster", "_serve", "--state-dir", str(state_dir)],
+        [sys.executable, "-m", "devcluster", *serve_args],
         log_path,
         env=env,
         cwd=state_dir,
@@ -277,11 +279,11 @@ def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
     if pid is not None:
         _stop_supervisor(pid, timeout)
     leftovers = _stop_leftovers(state)
-    node = state.get("node")
-    if node:  # a supervisor that died without stopping its node
+    nodes = state.get("nodes") or ([state["node"]] if state.get("node") else [])
+    for node in reversed(nodes):  # a supervisor that died without stopping its nodes
         left = _stop_node(node)
         if left:
-            _say(f"not clean: the node left {', '.join(left)}")
+            _say(f"not clean: node {node.get('name')} left {', '.join(left)}")
             return 1
     strays = _stop_addons(state_dir)
 
@@ -294,6 +296,20 @@ def down(state_dir: Path, timeout: float = DOWN_TIMEOUT) -> int:
         return 1
     _say("stopped" if pid is not None or leftovers else "nothing running")
     return 0
+
+
+MAX_NODES = 8
+
+
+def node_count(text: str) -> int:
+    """--nodes: a whole number from 1 to MAX_NODES (each node is a containerd and a kubelet)."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_NODES:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from 1 to {MAX_NODES}")
+    return count
 
 
 def status(state_dir: Path) -> int:
@@ -330,16 +346,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             default=default_state_dir(),
             help="where PKI, kubeconfigs, etcd data and logs go (default: %(default)s)",
         )
+        if name in ("up", "_serve"):
+            cmd.add_argument(
+                "--nodes",
+                type=node_count,
+                default=1,
+                help="how many real nodes of one GPU pool (default: %(default)s)",
+            )
     args = parser.parse_args(argv)
     state_dir: Path = args.state_dir.expanduser().resolve()
     if args.command == "up":
-        return up(state_dir)
+        return up(state_dir, nodes=args.nodes)
     if args.command == "down":
         return down(state_dir)
     if args.command == "status":
         return status(state_dir)
     try:
-        return serve(state_dir)
+        return serve(state_dir, nodes=args.nodes)
     except (ComponentError, BinariesError) as exc:
         print(f"devcluster: {exc}", file=sys.stderr, flush=True)
         return 1

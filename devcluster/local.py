@@ -27,8 +27,10 @@ def local_cluster(
     node: NodeSpec | None = None,
     with_addons: bool = True,
     die_with_parent: bool = True,
+    node_count: int = 1,
 ) -> ControlPlane:
-    """A ControlPlane (not started) with a real node and, by default, the add-ons."""
+    """A ControlPlane (not started) with `node_count` real nodes of one pool and, by
+    default, the add-ons."""
     return ControlPlane(
         state_dir,
         node=node or NodeSpec(),
@@ -39,4 +41,5 @@ def local_cluster(
         on_stop=addons.ON_STOP if with_addons else (),
         # False to leave it running after this process exits (`make demo --keep`).
         die_with_parent=die_with_parent,
+        node_count=node_count,
     )

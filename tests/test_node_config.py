@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+import pytest
+
+from devcluster.cli import MAX_NODES, node_count
 from devcluster.control.pki import KeyPair
+from devcluster.control.plane import sibling_name
 from devcluster.node.config import (
     UNIX_SOCKET_PATH_MAX,
     kube_proxy_config,
@@ -14,7 +19,7 @@ from devcluster.node.config import (
 )
 from devcluster.node.containerd import ContainerdPaths, cni_config, containerd_config
 from devcluster.node.mountns import MachineShape
-from devcluster.node.netns import NodeNetwork
+from devcluster.node.netns import NodeNetwork, cross_node_routes, forwarding_switch
 
 
 def test_containerd_clamps_oom_score_and_keeps_netns_and_opt_in_its_dirs(tmp_path: Path) -> None:
@@ -87,6 +92,33 @@ def test_node_networks_do_not_overlap() -> None:
     assert {first.host_ip, first.node_ip}.isdisjoint({second.host_ip, second.node_ip})
     assert first.pod_cidr != second.pod_cidr
     assert first.netns != second.netns
+
+
+def test_each_node_of_a_cluster_routes_its_peers_pods_and_the_hosts_addresses_via_the_host() -> (
+    None
+):
+    nodes = [NodeNetwork.numbered(i) for i in range(3)]
+    routes = cross_node_routes(nodes[1], nodes)
+    assert routes == [
+        (nodes[0].pod_cidr, nodes[1].host_ip),
+        (f"{nodes[0].host_ip}/32", nodes[1].host_ip),
+        (nodes[2].pod_cidr, nodes[1].host_ip),
+        (f"{nodes[2].host_ip}/32", nodes[1].host_ip),
+    ]
+    assert cross_node_routes(nodes[0], nodes[:1]) == []
+    assert forwarding_switch(nodes[2]).as_posix().endswith("/conf/bjfs-host2/forwarding")
+
+
+def test_the_nodes_after_the_first_are_numbered_like_a_pool_s() -> None:
+    assert sibling_name("gke-l4-ssd-pool-1", 3) == "gke-l4-ssd-pool-3"
+    assert sibling_name("worker", 2) == "worker-2"
+
+
+@pytest.mark.parametrize("text", ["0", "9", "three", "-1"])
+def test_a_node_count_out_of_range_is_refused_with_what_is_accepted(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=f"from 1 to {MAX_NODES}"):
+        node_count(text)
+    assert node_count("3") == 3
 
 
 def test_a_state_dir_too_deep_for_the_kubelets_sockets_is_refused_with_the_reason() -> None:

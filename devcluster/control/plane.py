@@ -5,14 +5,17 @@ subprocesses, each in its own process group, logging to
 `<state_dir>/logs/<name>.log`; the apiserver listens on 127.0.0.1 or, with a
 `node`, on the host end of that node's veth. With `node=NodeSpec(...)` a real
 node (containerd + kubelet + kube-proxy, `devcluster.node.node`) joins once the
-control plane is up; without one, Nodes are API objects
-(`register_fake_node`) whose pods get scheduled but never run.
+control plane is up, and `node_count` > 1 real nodes in all (`add_node`,
+also for a node that joins later; `remove_node`); without one, Nodes are API
+objects (`register_fake_node`) whose pods get scheduled but never run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
+import re
 import shutil
 import ssl
 import subprocess
@@ -40,7 +43,7 @@ from devcluster.control.pki import (
     write_kubeconfig,
 )
 from devcluster.lifecycle import StartStop
-from devcluster.node.netns import NodeNetwork
+from devcluster.node.netns import NodeNetwork, connect_nodes
 from devcluster.node.node import Node, NodeSpec
 
 Hook = Callable[["ControlPlane"], None]
@@ -59,6 +62,14 @@ _OWNED = (
     "admin.kubeconfig",
     STATE_FILE,
 )
+# The directories of the nodes after the first: node2, node3...
+_NODE_DIRS = re.compile(r"node\d+")
+
+
+def sibling_name(first: str, number: int) -> str:
+    """The name of a cluster's number-th node, after its first: pool-1 -> pool-3."""
+    stem = re.sub(r"-\d+$", "", first)
+    return f"{stem}-{number}"
 
 
 class ComponentError(RuntimeError):
@@ -133,6 +144,7 @@ class ControlPlane(Cluster, StartStop):
         node: NodeSpec | None = None,
         network: NodeNetwork | None = None,
         import_images: Callable[[Path, Path], None] | None = None,
+        node_count: int = 1,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         super().__init__(
@@ -156,7 +168,12 @@ class ControlPlane(Cluster, StartStop):
         self.node_spec = node
         self.network = network or (NodeNetwork() if node is not None else None)
         self.import_images = import_images
-        self.node: Node | None = None
+        if node_count < 1:
+            raise ValueError(f"node_count must be at least 1, not {node_count}")
+        self.node_count = node_count
+        # The real nodes, the first one first (the default for everything one node does).
+        self.nodes: list[Node] = []
+        self._numbers: dict[str, int] = {}
         self.pki = ClusterPKI(self.state_dir / "pki")
         self.logs_dir = self.state_dir / "logs"
         self.startup_seconds: float | None = None
@@ -173,6 +190,11 @@ class ControlPlane(Cluster, StartStop):
         if not self.ports.apiserver:
             raise RuntimeError("control plane not started: no apiserver port yet")
         return f"https://{self.host}:{self.ports.apiserver}"
+
+    @property
+    def node(self) -> Node | None:
+        """The first real node: the one `make demo` and the one-node tests use."""
+        return self.nodes[0] if self.nodes else None
 
     @property
     def pids(self) -> dict[str, int]:
@@ -207,10 +229,13 @@ class ControlPlane(Cluster, StartStop):
                     hook(self)
                 except Exception as exc:
                     self.log(f"on_stop hook {getattr(hook, '__name__', hook)} failed: {exc!r}")
+        # The first node last: the others show their paths over its.
+        for node in reversed(self.nodes[1:]):
+            self._stop_node(node)
         if self.node is not None:
             self.log(f"stopping node {self.node.name}")
             self.node.stop()
-            self.node = None
+            self.nodes.clear()
         for proc in reversed(self._processes):
             self._terminate(proc)
         self._processes.clear()
@@ -236,6 +261,7 @@ class ControlPlane(Cluster, StartStop):
         self.log(f"state dir {self.state_dir}; ports {asdict(self.ports)}")
 
         pki = ClusterPKI.create(self.pki.dir, hosts=(*APISERVER_HOSTS, self.host))
+        self.pki = pki
         write_kubeconfig(
             self.kubeconfig, server=self.server, ca_cert=pki.ca.cert, client=pki.admin, user="admin"
         )
@@ -314,7 +340,7 @@ class ControlPlane(Cluster, StartStop):
             f"--user={APISERVER_KUBELET_CLIENT[0]}",
         )
         if self.node_spec is not None and self.network is not None:
-            self.node = Node(
+            first = Node(
                 self.state_dir / "node",
                 self,
                 pki,
@@ -324,12 +350,80 @@ class ControlPlane(Cluster, StartStop):
                 import_images=self.import_images,
                 log=self.log,
             )
-            self.node.start(self.server, timeout=max(30.0, self._deadline - time.monotonic()))
-            self.timings["node"] = self.node.timings["total"]
+            self.nodes.append(first)
+            self._numbers[first.name] = 1
+            first.start(self.server, timeout=max(30.0, self._deadline - time.monotonic()))
+            self.timings["node"] = first.timings["total"]
+            for _ in range(1, self.node_count):
+                joined = self.add_node()
+                self.timings[f"node {joined.name}"] = joined.timings["total"]
+
+    # -- nodes ---------------------------------------------------------------
+
+    def add_node(self, timeout: float = 90.0) -> Node:
+        """Start one more real node like the first (a node joining the pool); it once Ready.
+
+        It gets the next number (gke-l4-ssd-pool-2, -3...), the first free node
+        network on this host, routes to and from the other nodes' pods, and its
+        own directory `node<number>`, whose kubelet root and node cache it shows
+        at the first node's paths.
+        """
+        first = self.node
+        if first is None or self.node_spec is None:
+            raise RuntimeError("add_node needs a control plane started with a real node")
+        number = max(self._numbers.values()) + 1
+        spec = dataclasses.replace(self.node_spec, name=sibling_name(first.name, number))
+        network = NodeNetwork.first_free()
+        network.create()
+        node = Node(
+            self.state_dir / f"node{number}",
+            self,
+            self.pki,
+            network,
+            self.binaries,
+            spec=spec,
+            import_images=self.import_images,
+            log=self.log,
+            shown_as=first.dir,
+        )
+        self.nodes.append(node)
+        self._numbers[node.name] = number
+        try:
+            connect_nodes([n.network for n in self.nodes])
+            node.start(self.server, timeout=timeout)
+        except BaseException:
+            self.nodes.remove(node)
+            network.delete()
+            raise
+        self._write_state()
+        return node
+
+    def remove_node(self, node: Node) -> None:
+        """Stop a node other than the first, remove what it made and its Node object
+        (a node leaving the pool; drain it first to move its pods)."""
+        if node is self.node:
+            raise ValueError("the first node stays for the cluster's life; remove another")
+        self._stop_node(node)
+        self.kubectl("delete", "node", node.name, "--ignore-not-found", "--wait=false")
+        # What the pod garbage collector does for pods of a gone node, at once:
+        # a DaemonSet's pod there must not pass for a running one meanwhile.
+        self.kubectl(
+            "delete", "pods", "--all-namespaces", f"--field-selector=spec.nodeName={node.name}",
+            "--force", "--grace-period=0", "--wait=false", check=False,
+        )  # fmt: skip
+        self._write_state()
+
+    def _stop_node(self, node: Node) -> None:
+        self.log(f"stopping node {node.name}")
+        node.stop()
+        node.network.delete()
+        self.nodes.remove(node)
+        self._numbers.pop(node.name, None)
 
     def _reset_state_dir(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        for name in _OWNED:
+        extra_nodes = [p.name for p in self.state_dir.iterdir() if _NODE_DIRS.fullmatch(p.name)]
+        for name in (*_OWNED, *extra_nodes):
             path = self.state_dir / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -395,13 +489,8 @@ class ControlPlane(Cluster, StartStop):
             "ports": asdict(self.ports),
             "startup_seconds": self.startup_seconds,
             "timings": {k: v for k, v in self.timings.items() if not k.endswith(".spawned")},
-            "node": None
-            if self.node is None or self.network is None
-            else {
-                "name": self.node.name,
-                "dir": str(self.node.dir),
-                "network": asdict(self.network),
-            },
+            "node": None if self.node is None else _node_state(self.node),
+            "nodes": [_node_state(node) for node in self.nodes],
         }
         path = self.state_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
@@ -415,6 +504,11 @@ class ControlPlane(Cluster, StartStop):
             self.log(f"stopping {proc.name} (pid {proc.popen.pid})")
         if not stop_group(proc.popen, self.stop_timeout):
             self.log(f"{proc.name} ignored SIGTERM for {self.stop_timeout:.0f}s; SIGKILLed")
+
+
+def _node_state(node: Node) -> dict[str, object]:
+    """What `python -m devcluster down` needs to tear a node down after a crash."""
+    return {"name": node.name, "dir": str(node.dir), "network": asdict(node.network)}
 
 
 def _http_get(url: str, context: ssl.SSLContext | None, status: int) -> bytes:

@@ -8,6 +8,12 @@ namespace gets no default route (only the Service CIDR, which kube-proxy
 DNATs): pods reach the host's services and nothing else, so test traffic
 never leaves the machine. The host gets one route, to
 the pod CIDR through the node, so the apiserver can call webhook pods.
+
+Several nodes of one cluster (`connect_nodes`) reach each other's pods
+through the host: each node routes its peers' pod CIDRs, and the host
+addresses its services listen on, via its own veth, and the host forwards
+between those veths only (the per-interface `forwarding` switch of each
+host end; the host-wide `ip_forward` stays as it is).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +146,36 @@ class NodeNetwork:
         if mount_ns is not None:
             prefix.append(f"--mount={mount_ns}")
         return [*prefix, "--"]
+
+
+def cross_node_routes(
+    network: NodeNetwork, cluster: Sequence[NodeNetwork]
+) -> list[tuple[str, str]]:
+    """(destination, via) routes that node `network` needs inside its namespace to reach
+    the other nodes of `cluster`: each peer's pod CIDR, and the host end of each peer's
+    veth (the first node's is where the apiserver and the storage listen), via the host."""
+    routes: list[tuple[str, str]] = []
+    for peer in cluster:
+        if peer.netns != network.netns:
+            routes += [(peer.pod_cidr, network.host_ip), (f"{peer.host_ip}/32", network.host_ip)]
+    return routes
+
+
+def forwarding_switch(network: NodeNetwork) -> Path:
+    """The host's per-interface IPv4 forwarding switch for the node's veth."""
+    return Path("/proc/sys/net/ipv4/conf") / network.host_veth / "forwarding"
+
+
+def connect_nodes(cluster: Sequence[NodeNetwork]) -> None:
+    """Make the nodes of one cluster reach each other's pods and the host's services.
+
+    Idempotent (`ip route replace`); call it again whenever a node joins.
+    """
+    for network in cluster:
+        for destination, via in cross_node_routes(network, cluster):
+            ip("route", "replace", destination, "via", via, netns=network.netns)
+        if len(cluster) > 1:
+            forwarding_switch(network).write_text("1\n")
 
 
 def in_netns(name: str) -> bool:

@@ -42,6 +42,7 @@ from devcluster.node.host import (
     PRIVATE_HOST_DIRS,
     kubelet_root_dir,
     make_cgroups,
+    node_cache_dir,
     node_cgroup_root,
     pids_in_mount_ns,
     socket_dir,
@@ -103,8 +104,13 @@ class Node:
         spec: NodeSpec | None = None,
         import_images: Callable[[Path, Path], None] | None = None,
         log: Callable[[str], None] = print,
+        shown_as: Path | None = None,
     ) -> None:
         self.dir = Path(directory).resolve()
+        # Where the node's kubelet root and node cache appear inside its mount
+        # namespace: the first node's paths on every node of a cluster, as real
+        # nodes all have /var/lib/kubelet, so one DaemonSet's hostPaths fit all.
+        self.shown_as = Path(shown_as).resolve() if shown_as is not None else self.dir
         self.cluster = cluster
         self.pki = pki
         self.network = network
@@ -125,8 +131,11 @@ class Node:
 
     @property
     def kubelet_root(self) -> Path:
-        """The kubelet's --root-dir: pods' volumes are under <it>/pods/<uid>/volumes."""
-        return kubelet_root_dir(self.dir)
+        """The kubelet's --root-dir: pods' volumes are under <it>/pods/<uid>/volumes.
+
+        The path inside the node; on the host, a node shown as another's has
+        it at `kubelet_root_dir(node.dir)`."""
+        return kubelet_root_dir(self.shown_as)
 
     @property
     def cgroup_root(self) -> str:
@@ -175,6 +184,17 @@ class Node:
                 self._created_host_dirs.append(host_dir)
                 (self.dir / CREATED_HOST_DIRS).write_text(json.dumps(self._created_host_dirs))
             self.mount_ns.run("mount", "--bind", str(private), host_dir)
+        if self.shown_as != self.dir:
+            for own, shown in (
+                (kubelet_root_dir(self.dir), kubelet_root_dir(self.shown_as)),
+                (node_cache_dir(self.dir), node_cache_dir(self.shown_as)),
+            ):
+                own.mkdir(parents=True, exist_ok=True)
+                shown.mkdir(parents=True, exist_ok=True)
+                self.mount_ns.run("mount", "--bind", str(own), str(shown))
+                # Shared, as the kubelet makes its root dir where it is no mount yet:
+                # the agent's Bidirectional mounts must reach the pods.
+                self.mount_ns.run("mount", "--make-rshared", str(shown))
         make_cgroups(self.cgroup_root)
         t = self._mark("namespaces", t)
 

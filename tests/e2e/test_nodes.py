@@ -1,0 +1,221 @@
+"""Several real nodes of one GPU pool: placement on warm nodes, a scale-up, a drain, a join.
+
+The local cluster gets two more real nodes for this module (`ControlPlane.add_node`:
+each its own network namespace, containerd, kubelet, node cache and node agent),
+which leave again at its end. Each node has one GPU, as a g2-standard-8 does, and
+every Bento pod here asks for it, so one replica fits a node, as on a real GPU pool.
+Against $E2E_KUBECONFIG the module runs where the cluster has three such nodes.
+
+The story, in order:
+- a first replica makes its node warm (the agent warms on demand and labels it);
+- ten placements of a new replica one after another: each lands on the warm node;
+- a scale-up from 0 to 3: a replica per node, each Ready through the gate after
+  checking the model's sha256 against the published one, each node warm after;
+- a drain of a node with a replica: its replica starts on another node and the
+  drained node keeps no mount for it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from common.warm import warm_label_key
+from devcluster import Cluster, ControlPlane, wait_for
+from devcluster.node.node import Node
+from devcluster.storage.stack import MIB, StorageStack
+from modelstore.manifest import Manifest
+from tests.e2e.pods import (
+    GATE,
+    bento_labels,
+    checking_deployment,
+    checking_pod,
+    condition,
+    create_pod,
+    diagnose,
+    is_ready,
+    opted_in_namespace,
+    wait_pod,
+)
+
+BENTO, VERSION = "pool-bento", "v1"
+DEPLOYMENT = "pool-bento"
+SHARDS = [32 * MIB] * 4
+WARM_LABEL = warm_label_key(BENTO, VERSION)
+NODES = 3
+PLACEMENTS = 10
+GPU = {"nvidia.com/gpu": "1"}
+SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
+
+
+@pytest.fixture(scope="module")
+def pool(cluster: Cluster) -> Iterator[list[str]]:
+    """The names of NODES schedulable local-SSD GPU nodes; the local cluster gets the
+    ones it lacks for this module, and loses them again at its end."""
+    added: list[Node] = []
+    if isinstance(cluster, ControlPlane) and cluster.node is not None:
+        while len(cluster.nodes) < NODES:
+            added.append(cluster.add_node())
+    names = sorted(
+        n["metadata"]["name"]
+        for n in cluster.get_json("nodes", "-l", f"{SSD}=true")["items"]
+        if not n["spec"].get("unschedulable")
+    )
+    if len(names) < NODES:
+        pytest.skip(f"needs {NODES} schedulable local-SSD GPU nodes; the cluster has {names}")
+    try:
+        yield names
+    finally:
+        if isinstance(cluster, ControlPlane):
+            for node in reversed(added):
+                cluster.remove_node(node)
+
+
+@pytest.fixture(scope="module")
+def model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    return storage.publish_random(tmp_path_factory.mktemp("pool"), BENTO, VERSION, SHARDS)
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster: Cluster, pool: list[str], model: Manifest) -> Iterator[str]:
+    with opted_in_namespace(cluster, "pool") as name:
+        yield name
+
+
+def gpu_pod(name: str, model: Manifest) -> dict[str, Any]:
+    """A Bento pod that asks for the node's GPU and checks the model's largest file."""
+    shard = max(model.files, key=lambda f: f.size)
+    pod = checking_pod(name, bento_labels(BENTO, VERSION), shard.path, shard.sha256)
+    pod["spec"]["containers"][0]["resources"] = {"limits": GPU}
+    # The app is `sleep`, which ignores SIGTERM as pid 1: a placement is gone at once.
+    pod["spec"]["terminationGracePeriodSeconds"] = 1
+    return pod
+
+
+def warm_nodes(cluster: Cluster) -> set[str]:
+    nodes = cluster.get_json("nodes", "-l", WARM_LABEL)["items"]
+    return {n["metadata"]["name"] for n in nodes}
+
+
+def pods_of(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    items = cluster.get_json("pods", "-n", namespace, "-l", f"app={DEPLOYMENT}")["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def delete_pod(cluster: Cluster, namespace: str, name: str) -> None:
+    cluster.kubectl("delete", "pod", name, "-n", namespace, "--wait=true", "--timeout=60s")
+
+
+def scheduled_node(cluster: Cluster, namespace: str, name: str) -> str:
+    pod = wait_pod(
+        cluster,
+        namespace,
+        name,
+        lambda p: bool(p["spec"].get("nodeName")),
+        timeout=60,
+        what=f"pod {name} scheduled",
+    )
+    return str(pod["spec"]["nodeName"])
+
+
+@pytest.fixture(scope="module")
+def warm_node(cluster: Cluster, namespace: str, model: Manifest) -> str:
+    """The node a first replica ran on, once its agent labelled it warm."""
+    assert not warm_nodes(cluster), "the Bento is warm somewhere before any pod ran"
+    create_pod(cluster, namespace, gpu_pod("first", model))
+    pod = wait_pod(cluster, namespace, "first", is_ready, timeout=180, what="pod first Ready")
+    node = str(pod["spec"]["nodeName"])
+    wait_for(lambda: warm_nodes(cluster) == {node}, timeout=60, what=f"{WARM_LABEL} on {node}")
+    delete_pod(cluster, namespace, "first")
+    return node
+
+
+def test_new_replicas_land_on_the_node_where_the_bento_is_warm(
+    cluster: Cluster, namespace: str, model: Manifest, warm_node: str, pool: list[str]
+) -> None:
+    landed: list[str] = []
+    for index in range(PLACEMENTS):
+        name = f"placement-{index}"
+        create_pod(cluster, namespace, gpu_pod(name, model))
+        landed.append(scheduled_node(cluster, namespace, name))
+        delete_pod(cluster, namespace, name)
+    on_warm = landed.count(warm_node) / len(landed)
+    print(f"warm placement: {landed.count(warm_node)}/{len(landed)} on {warm_node} of {pool}")
+    assert on_warm >= 0.95, f"placements {landed}; warm: {warm_node}"
+
+
+def test_a_scale_up_from_0_to_3_runs_a_verified_replica_on_every_node(
+    cluster: Cluster, namespace: str, model: Manifest, warm_node: str, pool: list[str]
+) -> None:
+    deployment = checking_deployment(DEPLOYMENT, bento_labels(BENTO, VERSION), model, replicas=0)
+    template = deployment["spec"]["template"]["spec"]
+    template["containers"][0]["resources"] = {"limits": GPU}
+    template["terminationGracePeriodSeconds"] = 1
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment), check=True)
+    started = time.monotonic()
+    cluster.kubectl("scale", "deployment", DEPLOYMENT, "-n", namespace, f"--replicas={NODES}")
+
+    def all_ready() -> list[dict[str, Any]] | None:
+        pods = pods_of(cluster, namespace)
+        return pods if len(pods) == NODES and all(is_ready(p) for p in pods) else None
+
+    try:
+        pods = wait_for(all_ready, timeout=240, what=f"{NODES} replicas Ready")
+    except Exception:
+        for pod in pods_of(cluster, namespace):
+            print(diagnose(cluster, namespace, pod["metadata"]["name"]))
+        raise
+    print(f"0 -> {NODES} replicas Ready in {time.monotonic() - started:.1f}s")
+    assert sorted(p["spec"]["nodeName"] for p in pods) == pool
+    for pod in pods:
+        gate = condition(pod, GATE)
+        assert gate is not None, pod["metadata"]["name"]
+        assert gate["status"] == "True", pod["metadata"]["name"]
+        # The app checked the model's sha256 before it slept: it runs, not restarted.
+        (status,) = pod["status"]["containerStatuses"]
+        assert status["restartCount"] == 0
+        assert "running" in status["state"]
+    wait_for(lambda: warm_nodes(cluster) == set(pool), timeout=60, what="every node warm")
+
+
+def juicefs_mounts_for(node: Node, pod_uid: str) -> list[str]:
+    return [str(m) for m in node.mounts("fuse.juicefs") if pod_uid in str(m)]
+
+
+def test_a_drained_node_s_replica_starts_verified_on_another_and_leaves_no_mount(
+    cluster: Cluster, namespace: str, model: Manifest, pool: list[str]
+) -> None:
+    cluster.kubectl("scale", "deployment", DEPLOYMENT, "-n", namespace, f"--replicas={NODES - 1}")
+    wait_for(
+        lambda: len(pods_of(cluster, namespace)) == NODES - 1 or None,
+        timeout=60,
+        what=f"{NODES - 1} replicas",
+    )
+    pods = pods_of(cluster, namespace)
+    # Not the first node: the injector's replicas run there since the cluster started.
+    victim = next(p for p in pods if p["spec"]["nodeName"] != pool[0])
+    drained = str(victim["spec"]["nodeName"])
+    free = (set(pool) - {p["spec"]["nodeName"] for p in pods}).pop()
+    cluster.kubectl(
+        "drain", drained, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=90s"
+    )
+    try:
+
+        def moved() -> dict[str, Any] | None:
+            found = [p for p in pods_of(cluster, namespace) if p["spec"].get("nodeName") == free]
+            return found[0] if found and is_ready(found[0]) else None
+
+        replacement = wait_for(moved, timeout=180, what=f"a Ready replica on {free}")
+        gate = condition(replacement, GATE)
+        assert gate is not None
+        assert gate["status"] == "True"
+        if isinstance(cluster, ControlPlane):
+            node = next(n for n in cluster.nodes if n.name == drained)
+            uid = str(victim["metadata"]["uid"])
+            assert not juicefs_mounts_for(node, uid), f"{drained} kept a mount for {uid}"
+    finally:
+        cluster.kubectl("uncordon", drained)
