@@ -28,6 +28,10 @@ from typing import Any, Literal, get_args
 
 WARM_LABEL_PREFIX = "warm.juicefs.bentoml.com/"
 WARM_ANNOTATION = "juicefs.bentoml.com/warm-models"
+# The opt-in startup taint: a node pool created with it takes no Bento pod
+# until the agent of each node removes it, once the Bentos deployed for the
+# node are warm there (the agent tolerates it; its fence lets it remove only it).
+STARTUP_TAINT = "juicefs.bentoml.com/models-not-warm"
 # The agent's Events about its node go where the kubelet's go, so that
 # `kubectl describe node` lists them.
 NODE_EVENTS_NAMESPACE = "default"

@@ -28,6 +28,7 @@ import structlog
 
 from common.diskspace import disk_space
 from common.warm import (
+    STARTUP_TAINT,
     WARM_ANNOTATION,
     BentoRef,
     NodeWarmth,
@@ -53,7 +54,10 @@ from nodeagent.plan import (
     format_time,
     make_room,
     needs_warming,
+    ready_since,
     retry_due,
+    startup_settled,
+    taint_index,
     track_unreferenced,
 )
 from nodeagent.warmer import (
@@ -96,6 +100,9 @@ class AgentOptions:
     # this node asks for its seal (tests that measure cold nodes; clusters that
     # would rather not pay the egress ahead of time).
     prewarm: bool = True
+    # How long after the node turned Ready the startup taint stays while its
+    # Bentos are not warm: a store that is down must not close a pool for good.
+    startup_taint_timeout_seconds: float = 600.0
 
 
 class NodeApi(Protocol):
@@ -112,6 +119,10 @@ class NodeApi(Protocol):
     ) -> None: ...
 
     async def event(self, kind: str, reason: str, message: str) -> None: ...
+
+    async def remove_taint(self, index: int, key: str) -> None:
+        """Remove the node's index-th taint, if its key is still `key` (else an API error)."""
+        ...
 
     async def watch_workloads(self, changed: Callable[[], None]) -> None: ...
 
@@ -142,6 +153,8 @@ class NodeAgent:
     # Why the budget is below the configured one, as last said (None: it is not).
     _capped: str | None = None
     _budget: int | None = None
+    # Said once per agent start: the node's Bentos are warm (or given up on).
+    _settled: bool = False
 
     @property
     def configured_budget(self) -> int:
@@ -230,6 +243,46 @@ class NodeAgent:
                 continue
             async with self._cache:
                 await self.warm(want, referenced)
+        await self._settle(node, [w.bento for w in wanted])
+
+    async def _settle(self, node: Mapping[str, Any], wanted: list[BentoRef]) -> None:
+        """Once the Bentos deployed for the node are warm: say how long after the node
+        turned Ready, and remove the startup taint if the node has it. Once per agent start."""
+        if self._settled:
+            return
+        since = ready_since(node)
+        if since is None:
+            return  # not Ready (yet): nothing to time from
+        waited = (self.clock() - since).total_seconds()
+        settled = startup_settled(
+            wanted,
+            self.warmth.records,
+            prewarm=self.options.prewarm,
+            waited_seconds=waited,
+            timeout_seconds=self.options.startup_taint_timeout_seconds,
+        )
+        if settled is None:
+            return
+        message = f"{settled.message}, {waited:.1f}s after the node turned Ready"
+        index = taint_index(node, STARTUP_TAINT)
+        if not settled.warm and index is None:
+            # Long Ready before this agent started (a restart, an upgrade): no
+            # taint to give up on, and no start of the node to time.
+            self._settled = True
+            log.info("node.settled", warm=False, seconds=round(waited, 2), taint=False)
+            return
+        if index is not None:
+            await self.api.remove_taint(index, STARTUP_TAINT)
+            message += f"; removed the startup taint {STARTUP_TAINT}"
+        self._settled = True
+        self.metrics.ready_to_warm.set(round(waited, 2))
+        log.info(
+            "node.settled", warm=settled.warm, seconds=round(waited, 2), taint=index is not None
+        )
+        if settled.warm:
+            await self.api.event(NORMAL, "NodeWarm", message)
+        else:
+            await self.api.event(WARNING, "NodeWarmTimedOut", message)
 
     async def _write(self, record: WarmRecord) -> None:
         await self._put({**self.warmth.records, record.bento: record})

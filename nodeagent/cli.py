@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="warm a Bento only when a pod on this node asks for it, never ahead of its pods",
     )
+    run.add_argument(
+        "--startup-taint-timeout-seconds",
+        type=float,
+        default=600.0,
+        help="how long after the node turned Ready the startup taint stays while its "
+        "Bentos are not warm (then it goes, with a Warning Event)",
+    )
     run.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""))
     run.add_argument("--pod-name", default=os.environ.get("POD_NAME", "bento-juicefs-node-agent"))
     run.add_argument(
@@ -113,6 +120,7 @@ async def _run(args: argparse.Namespace) -> int:
         scaled_to_zero_grace_seconds=args.scaled_to_zero_grace_seconds,
         disk_margin=args.disk_margin,
         prewarm=args.prewarm,
+        startup_taint_timeout_seconds=args.startup_taint_timeout_seconds,
     )
     identity = AgentIdentity(args.node_name, args.pod_name, args.pod_namespace)
     api_client = await new_api_client(args.kubeconfig)

@@ -46,6 +46,7 @@ log = structlog.get_logger("nodeagent.kube")
 V = TypeVar("V")
 
 MERGE = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 # The Events the agent posts for a pod's sidecar name it as their source.
 SIDECAR_COMPONENT = "juicefs-mount"
@@ -224,6 +225,15 @@ class AgentApi:
     ) -> None:
         body = node_patch(current_labels, wanted_labels, record)
         options: dict[str, Any] = {"_content_type": MERGE, **TIMEOUT}
+        await self._core.patch_node(self.node_name, body, **options)
+
+    async def remove_taint(self, index: int, key: str) -> None:
+        """Remove our Node's index-th taint if its key is still `key`: the JSON patch's
+        test fails (422) when the taints moved since they were read, and the next pass
+        tries again on what it then reads."""
+        path = f"/spec/taints/{index}"
+        body = [{"op": "test", "path": f"{path}/key", "value": key}, {"op": "remove", "path": path}]
+        options: dict[str, Any] = {"_content_type": JSON_PATCH, **TIMEOUT}
         await self._core.patch_node(self.node_name, body, **options)
 
     async def _post_event(

@@ -65,6 +65,12 @@ class AgentMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.ready_to_warm = Gauge(
+            "bento_juicefs_node_agent_ready_to_warm_seconds",
+            "From the node turning Ready to the Bentos deployed for it warm (or given up on, "
+            "see the NodeWarm and NodeWarmTimedOut Events), once per agent start",
+            registry=self.registry,
+        )
         # Every outcome from the start, at 0: increase() then sees the first failure.
         for outcome in OUTCOMES:
             self.outcomes.labels(outcome)

@@ -212,3 +212,84 @@ def spec_changed(event: str, seen: int | None, generation: int | None) -> bool:
     if event in ("ADDED", "DELETED"):
         return True
     return event == "MODIFIED" and generation != seen
+
+
+def ready_since(node: Mapping[str, object]) -> dt.datetime | None:
+    """When the node last turned Ready (its Ready condition's transition), if it is Ready."""
+    status = node.get("status")
+    conditions = status.get("conditions") if isinstance(status, Mapping) else None
+    for condition in conditions if isinstance(conditions, list) else []:
+        if isinstance(condition, Mapping) and condition.get("type") == "Ready":
+            if condition.get("status") != "True":
+                return None
+            return parse_timestamp(condition.get("lastTransitionTime"))
+    return None
+
+
+def parse_timestamp(value: object) -> dt.datetime | None:
+    """A Kubernetes timestamp as the API sends it (2026-12-07T23:11:18Z) or as the
+    client serializes its datetimes (2026-12-07T23:11:18+00:00); None otherwise."""
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo is not None else None
+    try:
+        moment = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def taint_index(node: Mapping[str, object], key: str) -> int | None:
+    """Where in the node's taints the (first) one with `key` is, or None."""
+    spec = node.get("spec")
+    taints = spec.get("taints") if isinstance(spec, Mapping) else None
+    for index, taint in enumerate(taints if isinstance(taints, list) else []):
+        if isinstance(taint, Mapping) and taint.get("key") == key:
+            return index
+    return None
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The node's Bentos are as warm as its start will make them: what to say, and how."""
+
+    message: str
+    # Every wanted Bento warm (or without room); False: given up waiting.
+    warm: bool
+
+
+def startup_settled(
+    wanted: Collection[BentoRef],
+    records: Mapping[BentoRef, WarmRecord],
+    *,
+    prewarm: bool,
+    waited_seconds: float,
+    timeout_seconds: float,
+) -> Settled | None:
+    """Whether the node is done warming what is deployed for it (the startup taint may go),
+    or None while it is still at it.
+
+    Done when every wanted Bento is warm, or recorded over-budget (no room will
+    appear by waiting); when prewarm is off (nothing is warmed before pods ask);
+    or, not warm, once timeout_seconds have passed since the node turned Ready, so
+    that a store that is down cannot keep a pool's nodes closed for good.
+    """
+    if not prewarm:
+        return Settled("prewarm is off: Bentos are warmed when their pods ask", warm=True)
+    if not wanted:
+        return Settled("no Bento is deployed for this node", warm=True)
+    states = {ref: records[ref].state if ref in records else "missing" for ref in wanted}
+    warm = sorted(str(ref) for ref, state in states.items() if state == "warm")
+    no_room = sorted(str(ref) for ref, state in states.items() if state == "over-budget")
+    rest = sorted(str(ref) for ref in wanted if states[ref] not in ("warm", "over-budget"))
+    if not rest:
+        said = f"{len(warm)} Bento{'' if len(warm) == 1 else 's'} warm"
+        if no_room:
+            said += f", {len(no_room)} without room in the node budget ({', '.join(no_room)})"
+        return Settled(said, warm=True)
+    if waited_seconds >= timeout_seconds:
+        return Settled(
+            f"{len(rest)} of {len(wanted)} Bentos not warm after {timeout_seconds:.0f}s: "
+            + ", ".join(rest),
+            warm=False,
+        )
+    return None

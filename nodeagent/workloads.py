@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.warm import BentoRef
+from common.warm import STARTUP_TAINT, BentoRef
 from injector.config import InjectorConfig
 from injector.plan import Deny, Skip, decide
 from nodeagent.plan import parse_time
@@ -75,8 +75,9 @@ def template_fits_node(template: Mapping[str, Any], node: Mapping[str, Any]) -> 
     What it requires, as the scheduler reads it: the nodeSelector, the
     required node affinity (any term; each term's every expression and
     field), and a toleration for each of the node's NoSchedule and NoExecute
-    taints. Preferences are not weighed: a node the pods may land on is one
-    worth warming.
+    taints but the startup taint, which the agent lifts once it has warmed what
+    the pods that do not tolerate it need. Preferences are not weighed: a node
+    the pods may land on is one worth warming.
     """
     spec = template.get("spec") or {}
     meta = node.get("metadata") or {}
@@ -95,6 +96,7 @@ def template_fits_node(template: Mapping[str, Any], node: Mapping[str, Any]) -> 
     tolerations = spec.get("tolerations") or []
     return all(
         taint.get("effect") == "PreferNoSchedule"
+        or taint.get("key") == STARTUP_TAINT
         or any(_tolerates(toleration, taint) for toleration in tolerations)
         for taint in taints
     )

@@ -40,6 +40,7 @@ import pytest
 import yaml
 
 from benchmarks import load
+from common.warm import STARTUP_TAINT
 from injector.config import InjectorConfig, parse_config
 from injector.namespaces import credential_secret_names
 from tests.helpers import bento_pod, inject, restricted_violations, run
@@ -716,6 +717,14 @@ def test_the_kubelet_root_value_sets_the_host_path_the_mount_and_the_flag() -> N
         )
     objects = helm("nodeAgent.kubeletRoot=/var/data/kubelet")
     assert kubelet_root(pod_spec(objects, DAEMON_SET)) == ("/var/data/kubelet",) * 3
+
+
+def test_the_agent_tolerates_the_startup_taint_whatever_its_tolerations_value() -> None:
+    startup = {"key": STARTUP_TAINT, "operator": "Exists", "effect": "NoSchedule"}
+    shipped = pod_spec(helm(), DAEMON_SET)["tolerations"]
+    assert shipped[0] == startup
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in shipped
+    assert pod_spec(helm("nodeAgent.tolerations=null"), DAEMON_SET)["tolerations"] == [startup]
 
 
 def helm_in(release_namespace: str, *command: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 import nodeagent.agent as agent_module
 from common.diskspace import DiskSpace
 from common.warm import (
+    STARTUP_TAINT,
     WARM_ANNOTATION,
     WARM_LABEL_PREFIX,
     BentoRef,
@@ -30,13 +32,18 @@ from nodeagent.agent import AgentOptions, NodeAgent, woken
 from nodeagent.kube import node_patch
 from nodeagent.metrics import AgentMetrics
 from nodeagent.plan import (
+    Settled,
     disk_budget,
     expired,
     forgettable,
     make_room,
     needs_warming,
+    parse_timestamp,
+    ready_since,
     retry_due,
     spec_changed,
+    startup_settled,
+    taint_index,
     track_unreferenced,
 )
 from nodeagent.warmer import (
@@ -273,6 +280,9 @@ def test_a_taint_the_template_does_not_tolerate_excludes_the_node() -> None:
     # A preference is not a requirement.
     soft = a_node({}, taints=[{"key": "busy", "effect": "PreferNoSchedule"}])
     assert template_fits_node({"spec": {}}, soft)
+    # The startup taint is the agent's to lift once it warmed what the pods need.
+    starting = a_node({}, taints=[{"key": STARTUP_TAINT, "value": "true", "effect": "NoSchedule"}])
+    assert template_fits_node({"spec": {}}, starting)
 
 
 # What fits in the budget, and what goes to make room.
@@ -555,6 +565,9 @@ class WatchedApi:
     async def event(self, kind: str, reason: str, message: str) -> None:
         raise AssertionError("nothing to say")
 
+    async def remove_taint(self, index: int, key: str) -> None:
+        raise AssertionError("no taint to remove")
+
     async def watch_workloads(self, changed: Callable[[], None]) -> None:
         try:
             await self.first_pass.wait()
@@ -671,3 +684,142 @@ async def test_a_pass_forgets_the_records_of_idle_bentos(tmp_path: Path) -> None
     assert set(NodeWarmth.parse(written).records) == {ref("held")}
     await agent.reconcile()
     assert len(api.written) == 1, "nothing more to forget"
+
+
+# -- a node's start: Ready to warm, and the startup taint ------------------------------
+
+
+def ready_node(at: str = "2026-11-29T11:59:00Z", taints: list[Any] | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "n1", "labels": {}, "annotations": {}},
+        "spec": {"taints": taints} if taints is not None else {},
+        "status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": at}]},
+    }
+
+
+STARTUP = {"key": STARTUP_TAINT, "value": "true", "effect": "NoSchedule"}
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+
+
+def test_a_node_is_ready_since_its_ready_condition_turned_true() -> None:
+    assert ready_since(ready_node()) == dt.datetime(2026, 11, 29, 11, 59, tzinfo=dt.UTC)
+    not_ready = ready_node()
+    not_ready["status"]["conditions"][0]["status"] = "False"
+    assert ready_since(not_ready) is None
+    assert ready_since({"metadata": {}}) is None
+
+
+def test_the_startup_taint_is_found_where_it_is_in_the_taints() -> None:
+    assert taint_index(ready_node(taints=[GPU_TAINT, STARTUP]), STARTUP_TAINT) == 1
+    assert taint_index(ready_node(taints=[STARTUP]), STARTUP_TAINT) == 0
+    assert taint_index(ready_node(taints=[GPU_TAINT]), STARTUP_TAINT) is None
+    assert taint_index(ready_node(), STARTUP_TAINT) is None
+
+
+def test_timestamps_are_read_as_the_api_and_as_the_client_write_them() -> None:
+    moment = dt.datetime(2026, 11, 29, 11, 59, tzinfo=dt.UTC)
+    assert parse_timestamp("2026-11-29T11:59:00Z") == moment
+    assert parse_timestamp("2026-11-29T11:59:00+00:00") == moment
+    assert parse_timestamp(moment) == moment
+    assert parse_timestamp("yesterday") is None
+    assert parse_timestamp("2026-11-29T11:59:00") is None  # no zone: not the API's
+
+
+def test_a_node_is_settled_once_every_wanted_bento_is_warm_or_has_no_room() -> None:
+    a, b = ref("a"), ref("b")
+    settle = functools.partial(startup_settled, prewarm=True, timeout_seconds=600)
+    assert settle([a, b], {a: record(a)}, waited_seconds=5) is None
+    assert settle([a, b], {a: record(a), b: record(b, "warming")}, waited_seconds=5) is None
+    warm = settle([a, b], {a: record(a), b: record(b)}, waited_seconds=5)
+    assert warm == Settled("2 Bentos warm", warm=True)
+    no_room = settle([a, b], {a: record(a), b: record(b, "over-budget")}, waited_seconds=5)
+    assert no_room is not None
+    assert no_room.warm
+    assert no_room.message == "1 Bento warm, 1 without room in the node budget (b:v1 (models))"
+    assert settle([], {}, waited_seconds=0) == Settled("no Bento is deployed for this node", True)
+
+
+def test_a_node_whose_bentos_do_not_warm_is_given_up_on_after_the_timeout() -> None:
+    a, b = ref("a"), ref("b")
+    failed = {a: record(a), b: record(b, "failed")}
+    assert (
+        startup_settled([a, b], failed, prewarm=True, waited_seconds=599, timeout_seconds=600)
+        is None
+    )
+    late = startup_settled([a, b], failed, prewarm=True, waited_seconds=600, timeout_seconds=600)
+    assert late == Settled("1 of 2 Bentos not warm after 600s: b:v1 (models)", warm=False)
+    off = startup_settled([a], {}, prewarm=False, waited_seconds=0, timeout_seconds=600)
+    assert off is not None
+    assert off.warm
+
+
+class StartingNodeApi:
+    """A NodeApi of a node with the startup taint and one Bento deployed for it."""
+
+    def __init__(self, workloads: list[Workload], taints: list[Any]) -> None:
+        self.listed = workloads
+        self.node_json = ready_node(taints=taints)
+        self.events: list[tuple[str, str, str]] = []
+        self.removed: list[tuple[int, str]] = []
+
+    async def node(self) -> dict[str, Any]:
+        return self.node_json
+
+    async def workloads(self, config: InjectorConfig, node: Any) -> list[Workload]:
+        return self.listed
+
+    async def record(self, current_labels: Any, wanted_labels: Any, record: str) -> None:
+        self.node_json["metadata"]["annotations"][WARM_ANNOTATION] = record
+
+    async def event(self, kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+
+    async def remove_taint(self, index: int, key: str) -> None:
+        self.removed.append((index, key))
+        del self.node_json["spec"]["taints"][index]
+
+    async def watch_workloads(self, changed: Callable[[], None]) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_the_agent_removes_the_startup_taint_and_says_when_once_the_node_is_warm(
+    tmp_path: Path,
+) -> None:
+    bento = ref("llama")
+    api = StartingNodeApi([], [GPU_TAINT, STARTUP])
+    options = AgentOptions(credentials_dir=tmp_path, work_dir=tmp_path)
+    agent = NodeAgent(
+        InjectorConfig(), options, AgentIdentity("n1", "agent-0", "ns"), api, clock=lambda: NOW
+    )
+    warm = NodeWarmth({bento: record(bento, "warming")})
+    agent.warmth = warm
+    await agent._settle(api.node_json, [bento])
+    assert api.removed == []  # still warming
+    agent.warmth = NodeWarmth({bento: record(bento)})
+    await agent._settle(api.node_json, [bento])
+    assert api.removed == [(1, STARTUP_TAINT)]
+    assert api.node_json["spec"]["taints"] == [GPU_TAINT]
+    ((kind, reason, message),) = api.events
+    assert (kind, reason) == ("Normal", "NodeWarm")
+    said = "1 Bento warm, 60.0s after the node turned Ready; removed the startup taint"
+    assert message == f"{said} {STARTUP_TAINT}"
+    assert agent.metrics.ready_to_warm._value.get() == 60.0
+    await agent._settle(api.node_json, [bento])
+    assert len(api.events) == 1  # said once per agent start
+
+
+async def test_an_agent_started_long_after_the_node_gives_up_silently_without_a_taint(
+    tmp_path: Path,
+) -> None:
+    api = StartingNodeApi([], [GPU_TAINT])
+    options = AgentOptions(credentials_dir=tmp_path, work_dir=tmp_path)
+    agent = NodeAgent(
+        InjectorConfig(),
+        options,
+        AgentIdentity("n1", "agent-0", "ns"),
+        api,
+        clock=lambda: NOW + dt.timedelta(days=3),
+    )
+    await agent._settle(api.node_json, [ref("a")])
+    assert api.events == []
+    assert api.removed == []

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from common.warm import WARM_ANNOTATION, WARM_LABEL_PREFIX
+from common.warm import STARTUP_TAINT, WARM_ANNOTATION, WARM_LABEL_PREFIX
 from devcluster.installs.node_agent import CONFIG_MAP, local_daemonset, shipped_daemonset
 from devcluster.node.host import kubelet_root_dir, node_cache_dir
 from injector.config import InjectorConfig
@@ -52,11 +52,18 @@ def test_the_fence_names_the_agents_service_account_and_keys() -> None:
     variables = {v["name"]: str(v["expression"]).strip() for v in policy["variables"]}
     assert variables["labelPrefix"] == f"'{WARM_LABEL_PREFIX}'"
     assert variables["annotation"] == f"'{WARM_ANNOTATION}'"
+    assert variables["startupTaint"] == f"'{STARTUP_TAINT}'"
     binding = one("policy-node-agent-fence.yaml", "ValidatingAdmissionPolicyBinding")["spec"]
     assert binding == {
         "policyName": "bento-juicefs-node-agent-fence",
         "validationActions": ["Deny"],
     }
+
+
+def test_the_agent_tolerates_the_startup_taint_it_removes() -> None:
+    spec = one("node-agent.yaml", "DaemonSet")["spec"]["template"]["spec"]
+    startup = {"key": STARTUP_TAINT, "operator": "Exists", "effect": "NoSchedule"}
+    assert spec["tolerations"][0] == startup
 
 
 def test_the_daemonset_runs_the_injectors_image_config_and_node_cache() -> None:

@@ -360,19 +360,24 @@ class ControlPlane(Cluster, StartStop):
 
     # -- nodes ---------------------------------------------------------------
 
-    def add_node(self, timeout: float = 90.0) -> Node:
+    def add_node(self, timeout: float = 90.0, taints: Sequence[str] = ()) -> Node:
         """Start one more real node like the first (a node joining the pool); it once Ready.
 
         It gets the next number (gke-l4-ssd-pool-2, -3...), the first free node
         network on this host, routes to and from the other nodes' pods, and its
         own directory `node<number>`, whose kubelet root and node cache it shows
-        at the first node's paths.
+        at the first node's paths. `taints` ("key=value:Effect"): what it registers
+        with, beside the first node's.
         """
         first = self.node
         if first is None or self.node_spec is None:
             raise RuntimeError("add_node needs a control plane started with a real node")
         number = max(self._numbers.values()) + 1
-        spec = dataclasses.replace(self.node_spec, name=sibling_name(first.name, number))
+        spec = dataclasses.replace(
+            self.node_spec,
+            name=sibling_name(first.name, number),
+            taints=(*self.node_spec.taints, *taints),
+        )
         network = NodeNetwork.first_free()
         network.create()
         node = Node(

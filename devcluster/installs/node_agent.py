@@ -159,20 +159,26 @@ class LocalNodeAgent:
         template.setdefault("annotations", {})[CONFIG_HASH] = digest
         self.cluster.apply(daemonset)
         return wait_for(
-            lambda: self.running_pod(digest), timeout=timeout, what=f"the {DAEMONSET} pod to run"
+            lambda: self.rolled_out(digest), timeout=timeout, what=f"the {DAEMONSET} pods to run"
         )
+
+    def rolled_out(self, config_hash: str) -> str | None:
+        """A running agent pod with that config, once every node the DaemonSet wants
+        one on runs one with it (several nodes: a pod each)."""
+        status = self.cluster.get_json("daemonset", DAEMONSET, "-n", NAMESPACE).get("status", {})
+        pods = self.cluster.get_json("pods", "-n", NAMESPACE, "-l", SELECTOR)["items"]
+        running = [p for p in pods if _runs(p) and _config_hash(p) == config_hash]
+        if not running or len(running) < int(status.get("desiredNumberScheduled") or 1):
+            return None
+        return str(running[0]["metadata"]["name"])
 
     def running_pod(self, config_hash: str | None = None) -> str | None:
         """The agent pod that runs (with that config, if given), not one on its way out."""
         pods = self.cluster.get_json("pods", "-n", NAMESPACE, "-l", SELECTOR)["items"]
         for pod in pods:
-            meta = pod["metadata"]
-            if meta.get("deletionTimestamp"):
+            if config_hash and _config_hash(pod) != config_hash:
                 continue
-            if config_hash and (meta.get("annotations") or {}).get(CONFIG_HASH) != config_hash:
-                continue
-            statuses = pod.get("status", {}).get("containerStatuses") or []
-            if statuses and all("running" in (s.get("state") or {}) for s in statuses):
+            if _runs(pod):
                 return str(pod["metadata"]["name"])
         return None
 
@@ -231,3 +237,15 @@ def stop_node_agent(cp: ControlPlane) -> None:
     agent = cp.addons.get(AGENT_ADDON)
     if isinstance(agent, LocalNodeAgent):
         agent.uninstall()
+
+
+def _config_hash(pod: dict[str, Any]) -> str | None:
+    return (pod["metadata"].get("annotations") or {}).get(CONFIG_HASH)
+
+
+def _runs(pod: dict[str, Any]) -> bool:
+    """Every container of the pod runs, and it is not on its way out."""
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    return bool(statuses) and all("running" in (s.get("state") or {}) for s in statuses)

@@ -88,6 +88,9 @@ class NodeSpec:
     shape: MachineShape = field(default_factory=MachineShape)
     # Advertised on the node's status as a device plugin would.
     extended_resources: Mapping[str, str] = field(default_factory=lambda: {"nvidia.com/gpu": "1"})
+    # Taints it registers with (kubelet --register-with-taints), as a node pool
+    # created with them: "key=value:Effect".
+    taints: tuple[str, ...] = ()
 
 
 class Node:
@@ -258,6 +261,7 @@ class Node:
             f"--hostname-override={self.name}",
             f"--node-ip={self.network.node_ip}",
             f"--node-labels={labels}",
+            *([f"--register-with-taints={','.join(self.spec.taints)}"] if self.spec.taints else []),
             "--v=2",
         )
         proxy_kubeconfig = write_kubeconfig(

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from common.warm import WARM_ANNOTATION, warm_label_key
+from common.warm import STARTUP_TAINT, WARM_ANNOTATION, warm_label_key
 from devcluster import Cluster, ControlPlane, wait_for
 
 NAMESPACE = "bento-juicefs-system"
@@ -50,7 +50,11 @@ ONLY_WARM_LABELS = "the node agent may change only labels under warm.juicefs.ben
 ONLY_OUR_ANNOTATION = (
     "the node agent may change only the juicefs.bentoml.com/warm-models annotation"
 )
-NO_OTHER_FIELD = "the node agent may change only its warm labels and annotation, no other field"
+NO_OTHER_FIELD = "the node agent may change only its warm labels and annotation, and remove the"
+ONLY_STARTUP_TAINT = (
+    f"the node agent may only remove the startup taint {STARTUP_TAINT} from its node's taints"
+)
+STARTUP = {"key": STARTUP_TAINT, "value": "true", "effect": "NoSchedule"}
 POD_ON_OTHER_NODE = (
     "the node agent may set the readiness condition only of pods on the node its own pod runs on"
 )
@@ -200,7 +204,11 @@ def test_the_fence_keeps_the_agent_to_its_node_and_its_keys(
         ),
         "the taints": (
             patch_node(cluster, own, {"spec": {"taints": []}}, node=own),
-            NO_OTHER_FIELD,
+            ONLY_STARTUP_TAINT,
+        ),
+        "the startup taint added": (
+            patch_node(cluster, own, {"spec": {"taints": [FAKE_TAINT, STARTUP]}}, node=own),
+            ONLY_STARTUP_TAINT,
         ),
         "a finalizer": (
             patch_node(cluster, own, {"metadata": {"finalizers": ["example.com/hold"]}}, node=own),
@@ -214,6 +222,28 @@ def test_the_fence_keeps_the_agent_to_its_node_and_its_keys(
         for part in ("labels", "annotations", "finalizers"):
             assert now["metadata"].get(part) == node["metadata"].get(part), (name, part)
         assert now["spec"] == node["spec"], name
+
+
+def test_the_agent_may_remove_the_startup_taint_of_its_own_node_only(
+    cluster: Cluster, nodes: FakeNodes
+) -> None:
+    own, other = nodes.own, nodes.other
+    both = {"spec": {"taints": [FAKE_TAINT, STARTUP]}}
+    for name in (own, other):
+        cluster.kubectl("patch", "node", name, "--type=merge", "-p", json.dumps(both))
+    without = {"spec": {"taints": [FAKE_TAINT]}}
+    assert_denied(
+        patch_node(cluster, other, without, node=own), OTHER_NODE, "another node's startup taint"
+    )
+    assert_denied(
+        patch_node(cluster, own, {"spec": {"taints": [STARTUP]}}, node=own),
+        ONLY_STARTUP_TAINT,
+        "another taint removed with it",
+    )
+    removed = patch_node(cluster, own, without, node=own)
+    assert removed.returncode == 0, removed.stderr
+    assert get_node(cluster, own)["spec"]["taints"] == [FAKE_TAINT]
+    assert get_node(cluster, other)["spec"]["taints"] == [FAKE_TAINT, STARTUP]
 
 
 def can_i(cluster: Cluster, *args: str) -> bool:

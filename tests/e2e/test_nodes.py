@@ -12,20 +12,27 @@ The story, in order:
 - a scale-up from 0 to 3: a replica per node, each Ready through the gate after
   checking the model's sha256 against the published one, each node warm after;
 - a drain of a node with a replica: its replica starts on another node and the
-  drained node keeps no mount for it.
+  drained node keeps no mount for it;
+- a fourth node joins with the startup taint while a replica waits for a GPU: its
+  agent warms the Bento, says how long after Ready (Event and metric) and removes
+  the taint, and only then the replica lands there.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from common.warm import warm_label_key
+from common.warm import NODE_EVENTS_NAMESPACE, STARTUP_TAINT, warm_label_key
 from devcluster import Cluster, ControlPlane, wait_for
+from devcluster.installs.injector_install import NAMESPACE as AGENT_NAMESPACE
+from devcluster.installs.node_agent import SELECTOR as AGENT_SELECTOR
+from devcluster.installs.node_agent import LocalNodeAgent
 from devcluster.node.node import Node
 from devcluster.storage.stack import MIB, StorageStack
 from modelstore.manifest import Manifest
@@ -50,6 +57,8 @@ NODES = 3
 PLACEMENTS = 10
 GPU = {"nvidia.com/gpu": "1"}
 SSD = "cloud.google.com/gke-ephemeral-storage-local-ssd"
+AGENT_METRICS_PORT = 9464
+READY_TO_WARM = "bento_juicefs_node_agent_ready_to_warm_seconds"
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +115,10 @@ def pods_of(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
     return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
 
+def scale(cluster: Cluster, namespace: str, replicas: int) -> None:
+    cluster.kubectl("scale", "deployment", DEPLOYMENT, "-n", namespace, f"--replicas={replicas}")
+
+
 def delete_pod(cluster: Cluster, namespace: str, name: str) -> None:
     cluster.kubectl("delete", "pod", name, "-n", namespace, "--wait=true", "--timeout=60s")
 
@@ -157,7 +170,7 @@ def test_a_scale_up_from_0_to_3_runs_a_verified_replica_on_every_node(
     template["terminationGracePeriodSeconds"] = 1
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment), check=True)
     started = time.monotonic()
-    cluster.kubectl("scale", "deployment", DEPLOYMENT, "-n", namespace, f"--replicas={NODES}")
+    scale(cluster, namespace, NODES)
 
     def all_ready() -> list[dict[str, Any]] | None:
         pods = pods_of(cluster, namespace)
@@ -189,7 +202,7 @@ def juicefs_mounts_for(node: Node, pod_uid: str) -> list[str]:
 def test_a_drained_node_s_replica_starts_verified_on_another_and_leaves_no_mount(
     cluster: Cluster, namespace: str, model: Manifest, pool: list[str]
 ) -> None:
-    cluster.kubectl("scale", "deployment", DEPLOYMENT, "-n", namespace, f"--replicas={NODES - 1}")
+    scale(cluster, namespace, NODES - 1)
     wait_for(
         lambda: len(pods_of(cluster, namespace)) == NODES - 1 or None,
         timeout=60,
@@ -219,3 +232,101 @@ def test_a_drained_node_s_replica_starts_verified_on_another_and_leaves_no_mount
             assert not juicefs_mounts_for(node, uid), f"{drained} kept a mount for {uid}"
     finally:
         cluster.kubectl("uncordon", drained)
+
+
+def node_events(cluster: Cluster, node: str, reason: str) -> list[dict[str, Any]]:
+    selector = f"involvedObject.kind=Node,involvedObject.name={node},reason={reason}"
+    items: list[dict[str, Any]] = cluster.get_json(
+        "events", "-n", NODE_EVENTS_NAMESPACE, "--field-selector", selector
+    )["items"]
+    return items
+
+
+def agent_pod(cluster: Cluster, node: str) -> dict[str, Any] | None:
+    pods = cluster.get_json(
+        "pods", "-n", AGENT_NAMESPACE, "-l", AGENT_SELECTOR, "--field-selector",
+        f"spec.nodeName={node}",
+    )["items"]  # fmt: skip
+    return pods[0] if pods else None
+
+
+def agent_logs(cluster: Cluster, node: str) -> str:
+    pod = agent_pod(cluster, node)
+    if pod is None:
+        return f"no agent pod on {node}"
+    name = pod["metadata"]["name"]
+    logs = cluster.kubectl("logs", "-n", AGENT_NAMESPACE, name, "--tail=60", check=False)
+    return f"agent {name} on {node} ({pod['status'].get('phase')}):\n{logs.stdout}{logs.stderr}"
+
+
+def agent_metric(cluster: Cluster, node: str, name: str) -> float | None:
+    """A metric of the agent pod on node, read from its pod IP (the host routes every node's
+    pods), or None while it is not there."""
+    pod = agent_pod(cluster, node)
+    ip = None if pod is None else pod["status"].get("podIP")
+    if ip is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{AGENT_METRICS_PORT}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return None
+
+
+def test_a_node_that_joins_with_the_startup_taint_is_warmed_then_opened_to_the_pods(
+    cluster: Cluster, namespace: str, node_agent: LocalNodeAgent, pool: list[str]
+) -> None:
+    if not isinstance(cluster, ControlPlane):
+        pytest.skip("joins a node to the local cluster")
+    # Prewarm: the agent warms what the Deployments ask for, before their pods.
+    node_agent.install(prewarm=True)
+    startup = f"{STARTUP_TAINT}=true:NoSchedule"
+    joined = cluster.add_node(taints=[startup])
+    try:
+        # Every node has a GPU left but the old free one and the new one: two replicas
+        # more, one of which only the new node can take, once its agent opens it.
+        scale(cluster, namespace, NODES + 1)
+        try:
+            warm_event = wait_for(
+                lambda: next(iter(node_events(cluster, joined.name, "NodeWarm")), None),
+                timeout=120,
+                what=f"the NodeWarm Event of {joined.name}",
+            )
+        except TimeoutError:
+            print(agent_logs(cluster, joined.name))
+            raise
+        print(f"{joined.name}: {warm_event['message']}")
+        assert f"removed the startup taint {STARTUP_TAINT}" in warm_event["message"]
+        node = cluster.get_json("node", joined.name)
+        assert STARTUP_TAINT not in {t["key"] for t in node["spec"].get("taints") or []}
+        assert node["metadata"]["labels"].get(WARM_LABEL) == "models"
+        seconds = float(warm_event["message"].split("s after the node turned Ready")[0].split()[-1])
+        metric = wait_for(
+            lambda: agent_metric(cluster, joined.name, READY_TO_WARM),
+            timeout=30,
+            what=f"{READY_TO_WARM} of {joined.name}",
+        )
+        assert metric == pytest.approx(seconds, abs=0.1)
+
+        def on_joined() -> dict[str, Any] | None:
+            found = [
+                p for p in pods_of(cluster, namespace) if p["spec"].get("nodeName") == joined.name
+            ]
+            return found[0] if found and is_ready(found[0]) else None
+
+        pod = wait_for(on_joined, timeout=180, what=f"a Ready replica on {joined.name}")
+        gate = condition(pod, GATE)
+        assert gate is not None
+        assert gate["status"] == "True"
+        # It was let onto the node only once the node was warm.
+        scheduled = condition(pod, "PodScheduled")
+        assert scheduled is not None
+        assert scheduled["lastTransitionTime"] >= warm_event["metadata"]["creationTimestamp"]
+    finally:
+        scale(cluster, namespace, NODES - 1)
+        cluster.remove_node(joined)
+        node_agent.restore()

@@ -46,6 +46,7 @@ class FakeNodeApi:
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     events: list[tuple[str, str, str]] = field(default_factory=list)
+    removed: list[tuple[int, str]] = field(default_factory=list)
 
     async def node(self) -> dict[str, Any]:
         return {"metadata": {"labels": dict(self.labels), "annotations": dict(self.annotations)}}
@@ -62,6 +63,9 @@ class FakeNodeApi:
 
     async def event(self, kind: str, reason: str, message: str) -> None:
         self.events.append((kind, reason, message))
+
+    async def remove_taint(self, index: int, key: str) -> None:
+        self.removed.append((index, key))
 
     async def watch_workloads(self, changed: Callable[[], None]) -> None:
         """These tests call reconcile() themselves: nothing changes behind their back."""
