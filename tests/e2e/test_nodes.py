@@ -13,6 +13,9 @@ The story, in order:
   checking the model's sha256 against the published one, each node warm after;
 - a drain of a node with a replica: its replica starts on another node and the
   drained node keeps no mount for it;
+- a rolling update to a new version with maxSurge 1 and maxUnavailable 0: the
+  surge pod takes the free node's GPU, every replica stays Ready throughout, the
+  new ones verified, and the old ones' mounts go;
 - a fourth node joins with the startup taint while a replica waits for a GPU: its
   agent warms the Bento, says how long after Ready (Event and metric) and removes
   the taint, and only then the replica lands there.
@@ -53,6 +56,8 @@ BENTO, VERSION = "pool-bento", "v1"
 DEPLOYMENT = "pool-bento"
 SHARDS = [32 * MIB] * 4
 WARM_LABEL = warm_label_key(BENTO, VERSION)
+NEW_VERSION = "v2"
+NEW_WARM_LABEL = warm_label_key(BENTO, NEW_VERSION)
 NODES = 3
 PLACEMENTS = 10
 GPU = {"nvidia.com/gpu": "1"}
@@ -90,6 +95,11 @@ def model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Ma
 
 
 @pytest.fixture(scope="module")
+def new_model(storage: StorageStack, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    return storage.publish_random(tmp_path_factory.mktemp("pool"), BENTO, NEW_VERSION, SHARDS)
+
+
+@pytest.fixture(scope="module")
 def namespace(cluster: Cluster, pool: list[str], model: Manifest) -> Iterator[str]:
     with opted_in_namespace(cluster, "pool") as name:
         yield name
@@ -105,8 +115,8 @@ def gpu_pod(name: str, model: Manifest) -> dict[str, Any]:
     return pod
 
 
-def warm_nodes(cluster: Cluster) -> set[str]:
-    nodes = cluster.get_json("nodes", "-l", WARM_LABEL)["items"]
+def warm_nodes(cluster: Cluster, label: str = WARM_LABEL) -> set[str]:
+    nodes = cluster.get_json("nodes", "-l", label)["items"]
     return {n["metadata"]["name"] for n in nodes}
 
 
@@ -164,11 +174,7 @@ def test_new_replicas_land_on_the_node_where_the_bento_is_warm(
 def test_a_scale_up_from_0_to_3_runs_a_verified_replica_on_every_node(
     cluster: Cluster, namespace: str, model: Manifest, warm_node: str, pool: list[str]
 ) -> None:
-    deployment = checking_deployment(DEPLOYMENT, bento_labels(BENTO, VERSION), model, replicas=0)
-    template = deployment["spec"]["template"]["spec"]
-    template["containers"][0]["resources"] = {"limits": GPU}
-    template["terminationGracePeriodSeconds"] = 1
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment), check=True)
+    apply_deployment(cluster, namespace, VERSION, model, replicas=0)
     started = time.monotonic()
     scale(cluster, namespace, NODES)
 
@@ -193,6 +199,21 @@ def test_a_scale_up_from_0_to_3_runs_a_verified_replica_on_every_node(
         assert status["restartCount"] == 0
         assert "running" in status["state"]
     wait_for(lambda: warm_nodes(cluster) == set(pool), timeout=60, what="every node warm")
+
+
+def apply_deployment(
+    cluster: Cluster, namespace: str, version: str, model: Manifest, replicas: int
+) -> None:
+    """The pool's Bento Deployment at version: GPU pods that check the model's sha256,
+    rolled one surge pod at a time with none unavailable."""
+    strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    deployment = checking_deployment(
+        DEPLOYMENT, bento_labels(BENTO, version), model, replicas=replicas, strategy=strategy
+    )
+    template = deployment["spec"]["template"]["spec"]
+    template["containers"][0]["resources"] = {"limits": GPU}
+    template["terminationGracePeriodSeconds"] = 1
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment), check=True)
 
 
 def juicefs_mounts_for(node: Node, pod_uid: str) -> list[str]:
@@ -232,6 +253,48 @@ def test_a_drained_node_s_replica_starts_verified_on_another_and_leaves_no_mount
             assert not juicefs_mounts_for(node, uid), f"{drained} kept a mount for {uid}"
     finally:
         cluster.kubectl("uncordon", drained)
+
+
+def test_a_rolling_update_across_nodes_keeps_every_replica_serving_verified_bytes(
+    cluster: Cluster, namespace: str, new_model: Manifest, pool: list[str]
+) -> None:
+    replicas = NODES - 1
+    old = {p["metadata"]["uid"]: p["spec"]["nodeName"] for p in pods_of(cluster, namespace)}
+    assert len(old) == replicas
+    apply_deployment(cluster, namespace, NEW_VERSION, new_model, replicas=replicas)
+    started = time.monotonic()
+    fewest_ready = replicas
+
+    def rolled() -> list[dict[str, Any]] | None:
+        nonlocal fewest_ready
+        pods = pods_of(cluster, namespace)
+        fewest_ready = min(fewest_ready, sum(1 for p in pods if is_ready(p)))
+        new = [p for p in pods if p["metadata"]["labels"]["yatai.ai/bento-version"] == NEW_VERSION]
+        done = len(pods) == replicas and len(new) == replicas and all(is_ready(p) for p in new)
+        return new if done else None
+
+    pods = wait_for(rolled, timeout=300, interval=0.5, what=f"{replicas} {NEW_VERSION} replicas")
+    print(f"rolled {replicas} replicas to {NEW_VERSION} in {time.monotonic() - started:.1f}s")
+    # maxUnavailable 0: some replica was Ready throughout (a pod is Ready only with
+    # the gate open, after its model is proven).
+    assert fewest_ready >= replicas
+    for pod in pods:
+        gate = condition(pod, GATE)
+        assert gate is not None
+        assert gate["status"] == "True"
+        assert pod["metadata"]["uid"] not in old
+    wait_for(
+        lambda: len(warm_nodes(cluster, NEW_WARM_LABEL)) >= replicas,
+        timeout=60,
+        what=f"{NEW_WARM_LABEL} on the new pods' nodes",
+    )
+    if isinstance(cluster, ControlPlane):
+        nodes = {n.name: n for n in cluster.nodes}
+
+        def unmounted() -> bool:
+            return all(not juicefs_mounts_for(nodes[name], uid) for uid, name in old.items())
+
+        wait_for(unmounted, timeout=60, what="the old replicas' mounts to go")
 
 
 def node_events(cluster: Cluster, node: str, reason: str) -> list[dict[str, Any]]:
@@ -303,7 +366,7 @@ def test_a_node_that_joins_with_the_startup_taint_is_warmed_then_opened_to_the_p
         assert f"removed the startup taint {STARTUP_TAINT}" in warm_event["message"]
         node = cluster.get_json("node", joined.name)
         assert STARTUP_TAINT not in {t["key"] for t in node["spec"].get("taints") or []}
-        assert node["metadata"]["labels"].get(WARM_LABEL) == "models"
+        assert node["metadata"]["labels"].get(NEW_WARM_LABEL) == "models"
         seconds = float(warm_event["message"].split("s after the node turned Ready")[0].split()[-1])
         metric = wait_for(
             lambda: agent_metric(cluster, joined.name, READY_TO_WARM),
