@@ -1,12 +1,13 @@
 """`make bench`: every scenario (or one), one table, bench-results/<scenario>.json each.
 
     python -m benchmarks                          # streaming, cold-start, warm-start, admission,
-                                                  # load, redis, agent-lists
+                                                  # load, redis, agent-lists, scale-up
     python -m benchmarks --scenario cold-start    # one (make bench SCENARIO=cold-start)
     python -m benchmarks --scenario warm-start --repeats 1 --cold-large-mib 0   # a quick one
     python -m benchmarks --scenario load          # make bench-load: 10,000 reviews, errors, memory
     python -m benchmarks --scenario redis         # a tenant's read flood vs another's metadata
     python -m benchmarks --scenario agent-lists   # make bench-agent: the agent's LISTs and memory
+    python -m benchmarks --scenario scale-up      # 3 real nodes: warm/cold scale-up, placement
 
 Figures are ratios measured in one run against a limit measured in the same
 run; absolute times are printed, never asserted. cold-start and warm-start
@@ -24,7 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import admission, agent_lists, coldstart, redis_isolation, streaming, warmgate
+from benchmarks import (
+    admission,
+    agent_lists,
+    coldstart,
+    redis_isolation,
+    scaleup,
+    streaming,
+    warmgate,
+)
 from benchmarks import load as load_scenario
 from benchmarks.record import DEFAULT_OUT, load, say, write_record
 from benchmarks.store import interrupts_as_exit
@@ -63,6 +72,7 @@ SCENARIOS: dict[str, tuple[Runner, Table]] = {
     "load": (alone(load_scenario.run), load_scenario.table),
     "redis": (alone(redis_isolation.run), redis_isolation.table),
     "agent-lists": (alone(agent_lists.run), agent_lists.table),
+    "scale-up": (alone(scaleup.run), scaleup.table),
 }
 
 
@@ -109,6 +119,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--cold-profile", type=profile, default=profile("200"))
     g.add_argument("--gate-small-mib", type=int, default=2048, help="warm gate: small model")
     g.add_argument("--gate-large-mib", type=int, default=8192, help="warm gate: large model")
+    g = p.add_argument_group("scale-up")
+    g.add_argument("--nodes", type=at_least_one, default=3, help="real nodes of one GPU pool")
+    g.add_argument("--scale-mib", type=int, default=1024, help="the scaled Bento's model")
+    g.add_argument("--placements", type=at_least_one, default=10, help="one replica each")
+    g.add_argument("--burst-pods", type=at_least_one, default=1000)
+    g.add_argument("--burst-concurrency", type=at_least_one, default=8)
+    g.add_argument("--burst-rounds", type=at_least_one, default=3, help="of each side, alternating")
     g = p.add_argument_group("admission")
     g.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     g.add_argument("--connections", type=int, default=16)

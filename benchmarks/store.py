@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -55,10 +55,13 @@ class ShapedStorage:
         redis_host: str = LOOPBACK,
         node: NodeNetwork | None = None,
         net: StoreNetwork | None = None,
+        more_nodes: Sequence[NodeNetwork] = (),
     ) -> None:
         self.work_dir = Path(work_dir)
         self.net = net or StoreNetwork()
         self.node = node
+        # Further nodes (a scale-up over several): a shaped link each, like the first's.
+        self.more_nodes = list(more_nodes)
         logs = self.work_dir / "logs"
         self.store = ObjectStore(
             self.work_dir / "minio-data",
@@ -75,6 +78,8 @@ class ShapedStorage:
             self.net.create()
             if self.node is not None:
                 self.net.link_node(self.node)
+                for index, node in enumerate(self.more_nodes, start=1):
+                    self.net.link_node(node, index)
             self.stack.start()
         except BaseException:
             self.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import ipaddress
 import sys
 import threading
 import time
@@ -80,6 +81,20 @@ def test_store_network_addresses() -> None:
     net = StoreNetwork()
     assert net.host_ip == "172.31.214.1"
     assert net.redirect_rule(9000)[-1] == f"{net.store_ip}:9002"
+
+
+def test_each_node_gets_a_link_of_its_own_clear_of_the_store_s_address() -> None:
+    net = StoreNetwork()
+    links = [net.node_link(index) for index in range(4)]
+    assert links[0] == ("bjfs-st1", "172.31.214.4/30")
+    assert links[1] == ("bjfs-st2", "172.31.215.4/30")
+    assert len({veth for veth, _ in links}) == len({cidr for _, cidr in links}) == 4
+    networks = [ipaddress.IPv4Network(cidr) for _, cidr in links]
+    host_link = ipaddress.IPv4Network(net.host_link_cidr)
+    for network in networks:
+        assert ipaddress.IPv4Address(net.store_ip) not in network
+        assert not network.overlaps(host_link)
+    assert not any(a.overlaps(b) for i, a in enumerate(networks) for b in networks[i + 1 :])
 
 
 def test_relay_delays_every_request_and_passes_the_bytes(relayed: int) -> None:

@@ -12,6 +12,7 @@ unshaped.
     net = StoreNetwork()
     net.create()                      # namespace, veth to the host, the store's address
     net.link_node(node_network)       # and a veth straight to a node's namespace
+    net.link_node(second_node, 1)     # one more for each further node, shaped alike
     ObjectStore(..., host=net.store_ip, port=STORE_PORT, netns=net.netns)
     shaper = Shaper(net, log_dir)
     shaper.apply(LinkProfile(mb_per_s=200, delay_ms=30))   # for new connections
@@ -22,14 +23,16 @@ The store's address is a /32 on the namespace's loopback, routed over each
 link: the host and the node reach the same address (the one the JuiceFS
 volume records in its format), each through its own veth, and no forwarding
 is turned on anywhere (the store namespace is the end of both links).
-The names and addresses are fixed (172.31.214.0/24, clear of the node
-networks' 172.31.213.0/24): one shaped store per host at a time, and a
-crashed run's leftovers are removed by the next `create()`.
+The names and addresses are fixed (172.31.214.0/24, and 172.31.215.0/24 for
+the links to the second node on, clear of the node networks' 172.31.213.0/24):
+one shaped store per host at a time, and a crashed run's leftovers are
+removed by the next `create()`.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import subprocess
 import sys
 import time
@@ -99,6 +102,8 @@ class StoreNetwork:
     host_link_cidr: str = "172.31.214.0/30"
     node_link_cidr: str = "172.31.214.4/30"
     store_ip: str = "172.31.214.10"
+    # The links to the second node on: a /30 each in <this>.0/24.
+    more_node_links: str = "172.31.215"
 
     @staticmethod
     def _ends(cidr: str) -> tuple[str, str, int]:
@@ -111,10 +116,13 @@ class StoreNetwork:
 
     @property
     def store_egress(self) -> list[str]:
-        """The store-side veths whose egress carries what the store sends."""
+        """The store-side veths whose egress carries what the store sends: to the host and
+        to each node linked."""
         found = [self.store_host_veth]
-        if link_exists(self.store_node_veth, self.netns):
-            found.append(self.store_node_veth)
+        index = 0
+        while link_exists(store_veth := self.node_link(index)[0], self.netns):
+            found.append(store_veth)
+            index += 1
         return found
 
     def create(self) -> None:
@@ -132,22 +140,37 @@ class StoreNetwork:
         ip("link", "set", self.store_host_veth, "up", netns=self.netns)
         ip("route", "add", f"{self.store_ip}/32", "via", store_end, "dev", self.host_veth)
 
-    def link_node(self, node: NodeNetwork) -> None:
-        """A veth straight between the store and a node's namespace, for the node's pods.
+    def node_link(self, index: int) -> tuple[str, str]:
+        """(store-side veth, /30) of the link to the index-th node (0: the first node)."""
+        if index == 0:
+            return self.store_node_veth, self.node_link_cidr
+        return f"bjfs-st{index + 1}", f"{self.more_node_links}.{4 * index}/30"
+
+    def link_node(self, node: NodeNetwork, index: int = 0) -> None:
+        """A veth straight between the store and a node's namespace, for the node's pods
+        (index: which node of several, each its own link and its own shaped egress).
 
         The node routes the store's address over it; the store routes the
         node's pod CIDR back (pods are not masqueraded on the local node).
         """
-        store_end, node_end, prefix = self._ends(self.node_link_cidr)
-        ip("link", "add", self.store_node_veth, "type", "veth", "peer", "name", self.node_veth)
-        ip("link", "set", self.store_node_veth, "netns", self.netns)
+        store_veth, cidr = self.node_link(index)
+        store_end, node_end, prefix = self._ends(cidr)
+        ip("link", "add", store_veth, "type", "veth", "peer", "name", self.node_veth)
+        ip("link", "set", store_veth, "netns", self.netns)
         ip("link", "set", self.node_veth, "netns", node.netns)
-        ip("addr", "add", f"{store_end}/{prefix}", "dev", self.store_node_veth, netns=self.netns)
-        ip("link", "set", self.store_node_veth, "up", netns=self.netns)
+        ip("addr", "add", f"{store_end}/{prefix}", "dev", store_veth, netns=self.netns)
+        ip("link", "set", store_veth, "up", netns=self.netns)
         ip("addr", "add", f"{node_end}/{prefix}", "dev", self.node_veth, netns=node.netns)
         ip("link", "set", self.node_veth, "up", netns=node.netns)
         ip("route", "add", f"{self.store_ip}/32", "via", store_end, netns=node.netns)
         ip("route", "add", node.pod_cidr, "via", node_end, netns=self.netns)
+
+    def sent_bytes(self, index: int) -> int:
+        """Bytes the store has sent over its link to the index-th node (the veth's tx)."""
+        store_veth, _ = self.node_link(index)
+        text = ip("-j", "-s", "link", "show", "dev", store_veth, netns=self.netns)
+        (link,) = json.loads(text)
+        return int(link["stats64"]["tx"]["bytes"])
 
     def shape(self, profile: LinkProfile | None) -> None:
         """Put profile's rate on the egress of every store-side veth (None: unshaped)."""
