@@ -62,14 +62,12 @@ from typing import Any
 
 import yaml
 
+from benchmarks.cluster import ShapedCluster
 from benchmarks.record import MIB, REPO, load, new_record, say
 from benchmarks.store import ShapedStorage
 from common.pagecache import advise_files
 from devcluster.control.plane import ControlPlane
 from devcluster.images import SAMPLE_BENTO_IMAGE
-from devcluster.installs.injector_pods import start_injector, stop_injector
-from devcluster.installs.node_agent import start_node_agent, stop_node_agent
-from devcluster.local import local_cluster
 from devcluster.node.host import node_cache_dir
 from devcluster.storage.minio_metrics import store_requests
 from devcluster.storage.s3 import read_objects
@@ -531,8 +529,8 @@ class Session:
         self.args = args
         self.profile: LinkProfile = args.cold_profile
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-coldstart-", dir=args.work_dir))
-        self.cp: ControlPlane = local_cluster(self.tmp / "cluster", with_addons=False)
-        self.shaped: ShapedStorage | None = None
+        self.cluster = ShapedCluster(self.tmp / "cluster")
+        self.cp: ControlPlane = self.cluster.cp
         self.versions: dict[str, str] = {}
         self.load_at_start: dict[str, float] = {}
         self._runs: dict[bool, SizeRuns] = {}
@@ -543,22 +541,9 @@ class Session:
 
     # -- the cluster and its storage ----------------------------------------
 
-    def _start_storage(self, cp: ControlPlane) -> None:
-        assert cp.network is not None
-        shaped = ShapedStorage(cp.state_dir / "storage", redis_host=cp.host, node=cp.network)
-        self.shaped = shaped
-        cp.addons["storage"] = shaped.stack  # the injector's credentials Secret reads it
-        shaped.start()
-
-    def _stop_storage(self, cp: ControlPlane) -> None:
-        if self.shaped is not None:
-            self.shaped.stop()
-
     @property
     def storage(self) -> ShapedStorage:
-        if self.shaped is None:
-            raise RuntimeError("the session's cluster is not started")
-        return self.shaped
+        return self.cluster.storage
 
     def start(self) -> None:
         self.load_at_start = load()
@@ -566,18 +551,8 @@ class Session:
         largest = max(self.args.cold_size_mib, self.args.cold_large_mib) * MIB
         if (problem := disk_shortfall(usage.free, usage.total, largest)) is not None:
             raise RuntimeError(f"{self.tmp}: {problem}")
-        # The node agent mounts for every sidecar: without it no pod starts.
-        self.cp.on_ready.extend([self._start_storage, start_injector, start_node_agent])
-        self.cp.on_stop.extend([self._stop_storage, stop_injector, stop_node_agent])
         say("cold-start", f"starting the local cluster in {self.tmp}")
-        self.cp.start()
-        stack = self.storage.stack
-        self.versions = {
-            "juicefs": stack.juicefs.run("version").strip(),
-            "kubernetes": json.loads(self.cp.kubectl("version", "-o", "json").stdout)[
-                "serverVersion"
-            ]["gitVersion"],
-        }
+        self.versions = self.cluster.start()
         self.cp.create_namespace(OURS_NAMESPACE, {"juicefs.bentoml.com/injection": "enabled"})
         self.cp.wait_provisioned(OURS_NAMESPACE)
         self.cp.create_namespace(BASELINE_NAMESPACE)
@@ -586,7 +561,7 @@ class Session:
 
     def stop(self) -> None:
         try:
-            self.cp.stop()
+            self.cluster.stop()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

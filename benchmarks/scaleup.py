@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from benchmarks.agent_lists import cpu_seconds
+from benchmarks.cluster import ShapedCluster
 from benchmarks.coldstart import (
     OURS_NAMESPACE,
     VERSION_LABEL,
@@ -59,14 +60,9 @@ from benchmarks.record import MIB, load, new_record, say
 from benchmarks.store import ShapedStorage
 from common.warm import warm_label_key
 from devcluster.control.plane import ControlPlane
-from devcluster.installs.injector_pods import start_injector, stop_injector
 from devcluster.installs.node_agent import (
-    AGENT_ADDON,
     LocalNodeAgent,
-    start_node_agent,
-    stop_node_agent,
 )
-from devcluster.local import local_cluster
 from devcluster.storage.minio_metrics import store_requests
 from devcluster.storage.shaped_link import LinkProfile
 from devcluster.storage.stack import PATH_TEMPLATE, write_random_model
@@ -159,38 +155,18 @@ class ScaleSession:
         self.nodes: int = args.nodes
         self.profile: LinkProfile = args.cold_profile
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-scaleup-", dir=args.work_dir))
-        self.cp: ControlPlane = local_cluster(
-            self.tmp / "cluster", with_addons=False, node_count=self.nodes
-        )
-        self.shaped: ShapedStorage | None = None
+        self.cluster = ShapedCluster(self.tmp / "cluster", node_count=self.nodes)
+        self.cp: ControlPlane = self.cluster.cp
         self.versions: dict[str, str] = {}
         self.source = self.tmp / "model" / "models"  # write_random_model's models/ dir
 
-    def _start_storage(self, cp: ControlPlane) -> None:
-        first, *more = [node.network for node in cp.nodes]
-        shaped = ShapedStorage(
-            cp.state_dir / "storage", redis_host=cp.host, node=first, more_nodes=more
-        )
-        self.shaped = shaped
-        cp.addons["storage"] = shaped.stack  # the injector's credentials Secret reads it
-        shaped.start()
-
-    def _stop_storage(self, cp: ControlPlane) -> None:
-        if self.shaped is not None:
-            self.shaped.stop()
-
     @property
     def storage(self) -> ShapedStorage:
-        if self.shaped is None:
-            raise RuntimeError("the scale-up cluster is not started")
-        return self.shaped
+        return self.cluster.storage
 
     @property
     def agent(self) -> LocalNodeAgent:
-        found = self.cp.addons.get(AGENT_ADDON)
-        if not isinstance(found, LocalNodeAgent):
-            raise RuntimeError("the scale-up cluster runs no node agent")
-        return found
+        return self.cluster.agent
 
     def start(self) -> None:
         usage = shutil.disk_usage(self.tmp)
@@ -198,16 +174,8 @@ class ScaleSession:
         held = self.nodes * self.args.scale_mib * MIB
         if (problem := disk_shortfall(usage.free, usage.total, held)) is not None:
             raise RuntimeError(f"{self.tmp}: {problem}")
-        self.cp.on_ready.extend([self._start_storage, start_injector, start_node_agent])
-        self.cp.on_stop.extend([self._stop_storage, stop_injector, stop_node_agent])
         say(SCENARIO, f"starting a local cluster of {self.nodes} nodes in {self.tmp}")
-        self.cp.start()
-        self.versions = {
-            "juicefs": self.storage.stack.juicefs.run("version").strip(),
-            "kubernetes": json.loads(self.cp.kubectl("version", "-o", "json").stdout)[
-                "serverVersion"
-            ]["gitVersion"],
-        }
+        self.versions = self.cluster.start()
         self.cp.create_namespace(OURS_NAMESPACE, {"juicefs.bentoml.com/injection": "enabled"})
         self.cp.wait_provisioned(OURS_NAMESPACE)
         self.cp.create_namespace(PLAIN_NAMESPACE)
@@ -223,7 +191,7 @@ class ScaleSession:
 
     def stop(self) -> None:
         try:
-            self.cp.stop()
+            self.cluster.stop()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -189,7 +189,8 @@ def test_a_scale_up_from_0_to_3_runs_a_verified_replica_on_every_node(
             print(diagnose(cluster, namespace, pod["metadata"]["name"]))
         raise
     print(f"0 -> {NODES} replicas Ready in {time.monotonic() - started:.1f}s")
-    assert sorted(p["spec"]["nodeName"] for p in pods) == pool
+    used = {p["spec"]["nodeName"] for p in pods}
+    assert len(used) == NODES, "one replica a node: each takes its node's GPU"
     for pod in pods:
         gate = condition(pod, GATE)
         assert gate is not None, pod["metadata"]["name"]
@@ -198,7 +199,7 @@ def test_a_scale_up_from_0_to_3_runs_a_verified_replica_on_every_node(
         (status,) = pod["status"]["containerStatuses"]
         assert status["restartCount"] == 0
         assert "running" in status["state"]
-    wait_for(lambda: warm_nodes(cluster) == set(pool), timeout=60, what="every node warm")
+    wait_for(lambda: used <= warm_nodes(cluster), timeout=60, what="every node warm")
 
 
 def apply_deployment(
@@ -233,17 +234,19 @@ def test_a_drained_node_s_replica_starts_verified_on_another_and_leaves_no_mount
     # Not the first node: the injector's replicas run there since the cluster started.
     victim = next(p for p in pods if p["spec"]["nodeName"] != pool[0])
     drained = str(victim["spec"]["nodeName"])
-    free = (set(pool) - {p["spec"]["nodeName"] for p in pods}).pop()
+    busy = {p["spec"]["nodeName"] for p in pods}
     cluster.kubectl(
         "drain", drained, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=90s"
     )
     try:
 
         def moved() -> dict[str, Any] | None:
-            found = [p for p in pods_of(cluster, namespace) if p["spec"].get("nodeName") == free]
+            """The replacement, Ready on a node that had no replica (its GPU was free)."""
+            pods = pods_of(cluster, namespace)
+            found = [p for p in pods if p["spec"].get("nodeName") not in (None, *busy)]
             return found[0] if found and is_ready(found[0]) else None
 
-        replacement = wait_for(moved, timeout=180, what=f"a Ready replica on {free}")
+        replacement = wait_for(moved, timeout=180, what="a Ready replica on a free node")
         gate = condition(replacement, GATE)
         assert gate is not None
         assert gate["status"] == "True"
