@@ -39,10 +39,8 @@ class ShapedCluster:
         self.cp.on_stop.extend([self._stop_storage, stop_injector, stop_node_agent])
 
     def _start_storage(self, cp: ControlPlane) -> None:
-        first, *more = [node.network for node in cp.nodes]
-        shaped = ShapedStorage(
-            cp.state_dir / "storage", redis_host=cp.host, node=first, more_nodes=more
-        )
+        nodes = [node.network for node in cp.nodes]
+        shaped = ShapedStorage(cp.state_dir / "storage", redis_host=cp.host, nodes=nodes)
         self.shaped = shaped
         cp.addons["storage"] = shaped.stack  # the injector's credentials Secret reads it
         shaped.start()

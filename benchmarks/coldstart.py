@@ -366,6 +366,13 @@ def deployment_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return next(d for d in docs if d["kind"] == "Deployment")
 
 
+def example_identity() -> tuple[str, str, str]:
+    """(deployment, bento repository, bento version) of the example."""
+    deployment = deployment_of(example_docs())
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    return deployment["metadata"]["name"], labels[REPOSITORY_LABEL], labels[VERSION_LABEL]
+
+
 def ours_docs(version: str) -> list[dict[str, Any]]:
     """The example, one replica, its pod template naming this repeat's Bento version."""
     docs = example_docs()
@@ -565,12 +572,6 @@ class Session:
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def identity(self) -> tuple[str, str, str]:
-        """(deployment, bento repository, bento version) of the example."""
-        deployment = deployment_of(example_docs())
-        labels = deployment["spec"]["template"]["metadata"]["labels"]
-        return deployment["metadata"]["name"], labels[REPOSITORY_LABEL], labels[VERSION_LABEL]
-
     @contextmanager
     def _unshaped(self) -> Iterator[None]:
         """The link unshaped meanwhile (publishing, reading into MinIO's page cache)."""
@@ -620,7 +621,7 @@ class Session:
         return runs
 
     def _repeat(self, runs: SizeRuns, source: Path, index: int) -> Repeat:
-        _, name, base = self.identity()
+        _, name, base = example_identity()
         version = bento_version(base, runs.mib, index)
         what = f"{runs.mib} MiB, repeat {index + 1}/{self.args.repeats}"
         started = time.monotonic()
@@ -735,7 +736,7 @@ class Session:
     # -- the baseline's plain copy ----------------------------------------------
 
     def _plain(self, runs: SizeRuns) -> list[str]:
-        _, name, _ = self.identity()
+        _, name, _ = example_identity()
         return [plain_key(name, runs.mib, f.path) for f in runs.files]
 
     def _fetch_spec(self, runs: SizeRuns) -> dict[str, Any]:

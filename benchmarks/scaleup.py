@@ -39,10 +39,10 @@ import ssl
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -51,14 +51,15 @@ from benchmarks.agent_lists import cpu_seconds
 from benchmarks.cluster import ShapedCluster
 from benchmarks.coldstart import (
     OURS_NAMESPACE,
-    VERSION_LABEL,
     deployment_of,
     disk_shortfall,
+    example_identity,
     ours_docs,
 )
 from benchmarks.record import MIB, load, new_record, say
 from benchmarks.store import ShapedStorage
 from common.warm import warm_label_key
+from devcluster.cluster import wait_for
 from devcluster.control.plane import ControlPlane
 from devcluster.installs.node_agent import (
     LocalNodeAgent,
@@ -77,8 +78,6 @@ ALL_READY_FACTOR = 1.3
 PLACEMENT_TARGET = 0.95
 BURST_OVERHEAD_TARGET = 0.02
 READY_TIMEOUT = 900.0
-
-T = TypeVar("T")
 
 
 # -- pure parts ---------------------------------------------------------------
@@ -159,6 +158,8 @@ class ScaleSession:
         self.cp: ControlPlane = self.cluster.cp
         self.versions: dict[str, str] = {}
         self.source = self.tmp / "model" / "models"  # write_random_model's models/ dir
+        # The example's Deployment and Bento, read once: their names never change.
+        self.deployment, self.repository, self.base_version = example_identity()
 
     @property
     def storage(self) -> ShapedStorage:
@@ -197,17 +198,11 @@ class ScaleSession:
 
     # -- the Deployment ---------------------------------------------------------
 
-    def repository(self) -> str:
-        labels = deployment_of(ours_docs("x"))["spec"]["template"]["metadata"]["labels"]
-        return str(labels["yatai.ai/bento-repository"])
-
     def publish(self, version: str) -> Manifest:
         self.storage.shape(None)  # publishing is the harness's, not the measured link's
         try:
             stack = self.storage.stack
-            return publish(
-                self.source, stack.writer_mount, PATH_TEMPLATE, self.repository(), version
-            )
+            return publish(self.source, stack.writer_mount, PATH_TEMPLATE, self.repository, version)
         finally:
             self.storage.shape(self.profile)
 
@@ -219,10 +214,6 @@ class ScaleSession:
     def apply(self, version: str) -> None:
         self.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(self.docs(version)))
 
-    @property
-    def deployment(self) -> str:
-        return str(deployment_of(ours_docs("x"))["metadata"]["name"])
-
     def scale(self, replicas: int) -> None:
         self.cp.kubectl(
             "scale", "deployment", self.deployment, "-n", OURS_NAMESPACE, f"--replicas={replicas}"
@@ -231,14 +222,6 @@ class ScaleSession:
     def pods(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.cp.get_json("pods", "-n", OURS_NAMESPACE)["items"]
         return [p for p in items if not p["metadata"].get("deletionTimestamp")]
-
-    def wait(self, probe: Callable[[], T | None], what: str, timeout: float = READY_TIMEOUT) -> T:
-        deadline = time.monotonic() + timeout
-        while (found := probe()) is None or found is False:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what}: not within {timeout:.0f} s")
-            time.sleep(0.2)
-        return found
 
     def scale_to_ready(self, replicas: int, what: str) -> float:
         """Scale, then seconds until that many replicas are Ready."""
@@ -249,7 +232,7 @@ class ScaleSession:
             pods = self.pods()
             return len(pods) == replicas and all(is_ready(p) for p in pods)
 
-        self.wait(ready, what)
+        wait_for(ready, timeout=READY_TIMEOUT, interval=0.2, what=what)
         seconds = round(time.monotonic() - started, 2)
         say(SCENARIO, f"{what}: {replicas} Ready in {seconds} s (load {load()['1m']})")
         return seconds
@@ -263,7 +246,7 @@ class ScaleSession:
             time.sleep(0.3)
 
     def warm_nodes(self, version: str) -> list[str]:
-        label = warm_label_key(self.repository(), version)
+        label = warm_label_key(self.repository, version)
         nodes = self.cp.get_json("nodes", "-l", label)["items"]
         return sorted(n["metadata"]["name"] for n in nodes)
 
@@ -294,7 +277,9 @@ class ScaleSession:
         self.publish(version)
         self.apply(version)
         self.scale_to_ready(1, "placement: the first replica")
-        warm = self.wait(lambda: self.warm_nodes(version) or None, "the warm label", 120)
+        warm = wait_for(
+            lambda: self.warm_nodes(version) or None, timeout=120, what="the warm label"
+        )
         self.scale_to_zero()
         (node,) = warm
         landed: list[str] = []
@@ -306,7 +291,7 @@ class ScaleSession:
                 name = pods[0]["spec"].get("nodeName") if pods else None
                 return str(name) if name else None
 
-            landed.append(self.wait(placed, f"placement {index}", 120))
+            landed.append(wait_for(placed, timeout=120, what=f"placement {index}"))
             self.scale_to_zero()
         fraction = placement_fraction(landed, node)
         say(SCENARIO, f"placement: {landed.count(node)}/{len(landed)} on the warm node {node}")
@@ -318,9 +303,10 @@ class ScaleSession:
         try:
             self.apply(version)
             started = time.monotonic()
-            self.wait(
+            wait_for(
                 lambda: len(self.warm_nodes(version)) == self.nodes or None,
-                f"{version} warm on every node",
+                timeout=READY_TIMEOUT,
+                what=f"{version} warm on every node",
             )
             prewarm_s = round(time.monotonic() - started, 2)
             say(SCENARIO, f"prewarmed on {self.nodes} nodes in {prewarm_s} s")
@@ -433,9 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         session.start()
         record["versions"] = session.versions
         record["nodes"] = args.nodes
-        base = deployment_of(ours_docs("x"))["spec"]["template"]["metadata"]["labels"][
-            VERSION_LABEL
-        ]
+        base = session.base_version
         record.update(session.cold(f"{base}-scale-cold"))
         record.update(session.placements(f"{base}-scale-placed"))
         record.update(session.warm(f"{base}-scale-warm"))

@@ -1,6 +1,6 @@
 """The storage the scenarios run against: MinIO behind a shaped link, Redis unshaped.
 
-    with ShapedStorage(work) as storage:             # node=NodeNetwork for a node's pods
+    with ShapedStorage(work) as storage:             # nodes=[NodeNetwork...] for nodes' pods
         storage.shaper.apply(LinkProfile(200))
         before = storage.counters()
         ...
@@ -53,15 +53,13 @@ class ShapedStorage:
         work_dir: Path,
         *,
         redis_host: str = LOOPBACK,
-        node: NodeNetwork | None = None,
+        nodes: Sequence[NodeNetwork] = (),
         net: StoreNetwork | None = None,
-        more_nodes: Sequence[NodeNetwork] = (),
     ) -> None:
         self.work_dir = Path(work_dir)
         self.net = net or StoreNetwork()
-        self.node = node
-        # Further nodes (a scale-up over several): a shaped link each, like the first's.
-        self.more_nodes = list(more_nodes)
+        # The nodes whose pods reach the store: a shaped link each, all alike.
+        self.nodes = list(nodes)
         logs = self.work_dir / "logs"
         self.store = ObjectStore(
             self.work_dir / "minio-data",
@@ -76,10 +74,8 @@ class ShapedStorage:
     def start(self) -> Self:
         try:
             self.net.create()
-            if self.node is not None:
-                self.net.link_node(self.node)
-                for index, node in enumerate(self.more_nodes, start=1):
-                    self.net.link_node(node, index)
+            for index, node in enumerate(self.nodes):
+                self.net.link_node(node, index)
             self.stack.start()
         except BaseException:
             self.stop()
