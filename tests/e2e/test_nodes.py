@@ -9,6 +9,8 @@ Against $E2E_KUBECONFIG the module runs where the cluster has three such nodes.
 The story, in order:
 - a first replica makes its node warm (the agent warms on demand and labels it);
 - ten placements of a new replica one after another: each lands on the warm node;
+- with room for two there, ten times a Deployment's second replica: each joins
+  the first on the warm node, against the scheduler's default spreading;
 - a scale-up from 0 to 3: a replica per node, each Ready through the gate after
   checking the model's sha256 against the published one, each node warm after;
 - a drain of a node with a replica: its replica starts on another node and the
@@ -120,13 +122,13 @@ def warm_nodes(cluster: Cluster, label: str = WARM_LABEL) -> set[str]:
     return {n["metadata"]["name"] for n in nodes}
 
 
-def pods_of(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    items = cluster.get_json("pods", "-n", namespace, "-l", f"app={DEPLOYMENT}")["items"]
+def pods_of(cluster: Cluster, namespace: str, app: str = DEPLOYMENT) -> list[dict[str, Any]]:
+    items = cluster.get_json("pods", "-n", namespace, "-l", f"app={app}")["items"]
     return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
 
-def scale(cluster: Cluster, namespace: str, replicas: int) -> None:
-    cluster.kubectl("scale", "deployment", DEPLOYMENT, "-n", namespace, f"--replicas={replicas}")
+def scale(cluster: Cluster, namespace: str, replicas: int, name: str = DEPLOYMENT) -> None:
+    cluster.kubectl("scale", "deployment", name, "-n", namespace, f"--replicas={replicas}")
 
 
 def delete_pod(cluster: Cluster, namespace: str, name: str) -> None:
@@ -171,6 +173,69 @@ def test_new_replicas_land_on_the_node_where_the_bento_is_warm(
     assert on_warm >= 0.95, f"placements {landed}; warm: {warm_node}"
 
 
+def set_gpus(cluster: Cluster, node: str, count: int) -> None:
+    """The node's GPU count, on its status as a device plugin would advertise it."""
+    gpus = {"nvidia.com/gpu": str(count)}
+    status = {"status": {"capacity": gpus, "allocatable": gpus}}
+    cluster.kubectl(
+        "patch", "node", node, "--subresource=status", "--type=merge", "-p", json.dumps(status)
+    )  # fmt: skip
+
+
+def test_a_new_replica_joins_a_running_one_on_the_warm_node_while_it_has_room(
+    cluster: Cluster, namespace: str, model: Manifest, warm_node: str, pool: list[str]
+) -> None:
+    """The scheduler spreads a Deployment's replicas by default (PodTopologySpread's
+    system defaults), which counts against the node already running one. With room
+    for two on the warm node, the second replica still goes there: the warm term's
+    share of NodeAffinity's score outweighs the spreading."""
+    name = "beside"
+    set_gpus(cluster, warm_node, 2)
+    landed: list[str] = []
+    try:
+        apply_deployment(cluster, namespace, VERSION, model, replicas=1, name=name)
+        (first,) = wait_for(
+            lambda: [p for p in pods_of(cluster, namespace, name) if is_ready(p)] or None,
+            timeout=120,
+            what=f"the first replica of {name} Ready",
+        )
+        assert first["spec"]["nodeName"] == warm_node
+        for _ in range(PLACEMENTS):
+            scale(cluster, namespace, 2, name)
+            new = wait_for(
+                lambda: [
+                    p
+                    for p in pods_of(cluster, namespace, name)
+                    if p["metadata"]["name"] != first["metadata"]["name"]
+                    and p["spec"].get("nodeName")
+                ]
+                or None,
+                timeout=60,
+                what="the second replica scheduled",
+            )
+            landed.append(new[0]["spec"]["nodeName"])
+            # The ReplicaSet removes the replica that is not Ready yet: the new one.
+            # Until it is gone it holds its GPU, so the next placement waits for that.
+            scale(cluster, namespace, 1, name)
+            wait_for(
+                lambda: [
+                    p["metadata"]["name"]
+                    for p in cluster.get_json("pods", "-n", namespace, "-l", f"app={name}")[
+                        "items"
+                    ]
+                ]
+                == [first["metadata"]["name"]],
+                timeout=60,
+                what="only the first replica left",
+            )
+    finally:
+        cluster.kubectl("delete", "deployment", name, "-n", namespace, "--wait=true")
+        wait_for(lambda: not pods_of(cluster, namespace, name), timeout=60, what="no pods left")
+        set_gpus(cluster, warm_node, 1)
+    print(f"beside a replica: {landed.count(warm_node)}/{len(landed)} on {warm_node} of {pool}")
+    assert landed.count(warm_node) / len(landed) >= 0.95, f"placements {landed}; warm: {warm_node}"
+
+
 def test_a_scale_up_from_0_to_3_runs_a_verified_replica_on_every_node(
     cluster: Cluster, namespace: str, model: Manifest, warm_node: str, pool: list[str]
 ) -> None:
@@ -203,13 +268,18 @@ def test_a_scale_up_from_0_to_3_runs_a_verified_replica_on_every_node(
 
 
 def apply_deployment(
-    cluster: Cluster, namespace: str, version: str, model: Manifest, replicas: int
+    cluster: Cluster,
+    namespace: str,
+    version: str,
+    model: Manifest,
+    replicas: int,
+    name: str = DEPLOYMENT,
 ) -> None:
     """The pool's Bento Deployment at version: GPU pods that check the model's sha256,
     rolled one surge pod at a time with none unavailable."""
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     deployment = checking_deployment(
-        DEPLOYMENT, bento_labels(BENTO, version), model, replicas=replicas, strategy=strategy
+        name, bento_labels(BENTO, version), model, replicas=replicas, strategy=strategy
     )
     template = deployment["spec"]["template"]["spec"]
     template["containers"][0]["resources"] = {"limits": GPU}
