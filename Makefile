@@ -15,7 +15,7 @@ help:
 	@echo "make typecheck     mypy --strict"
 	@echo "make unit          the tests that need no cluster (pytest -m 'not e2e')"
 	@echo "make e2e           the end-to-end tests on the local cluster (builds binaries and images first)"
-	@echo "make binaries      etcd, Kubernetes, containerd, MinIO, JuiceFS, Helm, promtool into ~/.cache/bento-juicefs"
+	@echo "make binaries      etcd, Kubernetes, containerd, MinIO, JuiceFS, Helm, Prometheus into ~/.cache/bento-juicefs"
 	@echo "make images        the node's images (base rootfs, the project's image, the sample Bento, pause)"
 	@echo "make cluster-up    a local control plane and node to poke at (NODES=3 for three nodes)"
 	@echo "make cluster-down  stops what make cluster-up started"

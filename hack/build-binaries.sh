@@ -19,7 +19,7 @@ CACHE_DIR="${BENTO_JUICEFS_CACHE:-${HOME}/.cache/bento-juicefs}"
 BIN_DIR="${CACHE_DIR}/bin"
 CURRENT_DIR="${BIN_DIR}/current"
 ALL_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy
-  containerd containerd-shim-runc-v2 ctr minio mc juicefs helm promtool)
+  containerd containerd-shim-runc-v2 ctr minio mc juicefs helm promtool prometheus)
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "build-binaries: error: $*"; exit 1; }
@@ -88,9 +88,10 @@ component_info() {
       LDFLAGS="-s -w -X ${x}.version=${VERSION} -X ${x}.metadata= -X ${x}.gitTreeState=clean"
       HINT="first build: ~1-2 min on 2 cores"
       ;;
-    promtool)
+    promtool | prometheus)
+      # One go.mod pins both: the server is built from the same release.
       MODDIR="${MOD_ROOT}/promtool" UPSTREAM=github.com/prometheus/prometheus
-      PKG="${UPSTREAM}/cmd/promtool"
+      PKG="${UPSTREAM}/cmd/$1"
       VERSION="$(module_version "${MODDIR}/go.mod" "${UPSTREAM}")"
       # Prometheus's Go module v0.MMM.P is its release 3.MM.P (MMM = 300 + MM);
       # `promtool --version` says the release, as upstream's own builds do.

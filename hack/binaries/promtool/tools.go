@@ -1,6 +1,9 @@
 //go:build tools
 
-// Package tools pins the upstream main package built by hack/build-binaries.sh.
+// Package tools pins the upstream main packages built by hack/build-binaries.sh.
 package tools
 
-import _ "github.com/prometheus/prometheus/cmd/promtool"
+import (
+	_ "github.com/prometheus/prometheus/cmd/prometheus"
+	_ "github.com/prometheus/prometheus/cmd/promtool"
+)
