@@ -149,7 +149,8 @@ class Counted(Protocol):
     def generation(self) -> int: ...
 
 
-def _fetch(url: str, timeout: float) -> str:
+def fetch_text(url: str, timeout: float) -> str:
+    """The body of a GET of url (juicefs's metrics), as text; OSError if it cannot."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
         body: bytes = response.read()
     return body.decode(errors="replace")
@@ -167,7 +168,7 @@ class MountCounters:
         if url is None:
             return None
         try:
-            text = await asyncio.to_thread(_fetch, url, self.timeout)
+            text = await asyncio.to_thread(fetch_text, url, self.timeout)
         except (OSError, urllib.error.URLError) as err:
             log.warning("metrics.unreadable", url=url, error=str(err))
             return None

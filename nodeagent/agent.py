@@ -338,7 +338,7 @@ class NodeAgent:
             self.options.disk_margin,
             blocks,
         )
-        return mounted(spec, want, self.config.warmup)
+        return mounted(spec, want, self.config.warmup, self.metrics.relay)
 
     async def warm(self, want: WantedBento, referenced: set[BentoRef]) -> None:
         ref = want.bento

@@ -1,11 +1,16 @@
-"""The agent's Prometheus metrics: what its node cache holds, and what warming cost."""
+"""The agent's Prometheus metrics: what its node cache holds, and what warming cost.
+
+The juicefs processes of its warms add their own metrics to the same endpoint
+while they run, relayed (`modelstore.exposition`).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.durations import DURATION_BUCKETS
 from common.warm import WARM_STATES, NodeWarmth
+from modelstore.exposition import JuiceFSRelay, MetricsEndpoint, serve_metrics
 
 # What a warm or an eviction can end in: the Event reason of a failure, or the state.
 OUTCOMES = (
@@ -22,6 +27,8 @@ OUTCOMES = (
 class AgentMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # The juicefs of each warm under way (warmer.mounted adds and removes them).
+        self.relay = JuiceFSRelay()
         self.bentos = Gauge(
             "bento_juicefs_node_cache_bentos",
             "Bentos in the node's record, by state",
@@ -81,5 +88,5 @@ class AgentMetrics:
             self.bentos.labels(state).set(sum(1 for r in records if r.state == state))
         self.held_bytes.set(sum(r.bytes for r in records if r.state in ("warm", "warming")))
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int) -> MetricsEndpoint:
+        return serve_metrics(self.registry, port, "0.0.0.0", self.relay)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common.warm import BentoRef
 from injector.config import InjectorConfig, Warmup
+from modelstore.exposition import JuiceFSRelay
 from modelstore.juicefs_output import CacheCheck
 from modelstore.localcopy import LocalCopy, copy_root
 from modelstore.manifest import Manifest, ManifestFile, bento_tag, files_to_verify, read_manifest
@@ -247,11 +248,16 @@ class MountedBento:
 
 @contextlib.asynccontextmanager
 async def mounted(
-    spec: MountSpec, want: WantedBento, warmup: Warmup
+    spec: MountSpec, want: WantedBento, warmup: Warmup, relay: JuiceFSRelay | None = None
 ) -> AsyncIterator[MountedBento]:
+    """want mounted for as long as the context lasts; relay serves its juicefs's metrics."""
     mount = JuiceFSMount(spec)
+    if relay is not None:
+        relay.add(mount)
     try:
         await mount.start()
         yield MountedBento(want, mount, warmup)
     finally:
         await mount.stop()
+        if relay is not None:
+            relay.remove(mount)

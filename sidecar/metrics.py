@@ -4,6 +4,8 @@ One registry per sidecar (never prometheus_client's global one, so a test
 or the node agent's warms record into their own), served over plain HTTP on
 the pod's IP at `sidecar.metricsPort` (the container port `metrics`) for as
 long as the sidecar runs, which is the pod's life: it holds the FUSE mount.
+The pod's juicefs's own metrics follow on the same endpoint, relayed
+(`modelstore.exposition`).
 
 Which Bento a pod serves is said once, by `bento_juicefs_sidecar_info`
 (value 1, labels bento, version, volume, cache_mode), not repeated as
@@ -23,19 +25,15 @@ run.py records each where it computes it.
 
 from __future__ import annotations
 
-import socket
-import socketserver
-import threading
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+from collections.abc import Mapping
+from typing import Literal, get_args
+from wsgiref.types import WSGIApplication
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.durations import DURATION_BUCKETS
+from modelstore.exposition import JuiceFSRelay, MetricsEndpoint, serve_metrics
 from modelstore.sources import ByteSources
 from modelstore.streamer import Progress
 from sidecar.env import Settings
@@ -52,87 +50,6 @@ STATES: tuple[SidecarState, ...] = get_args(SidecarState)
 FAILURE_REASONS = ("VerificationFailed", "WarmupTimedOut", "WarmupFailed", "SealFailed")
 
 
-class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
-    """A request per thread: a startup probe's request waits for the models meanwhile."""
-
-    daemon_threads = True
-
-
-class _DualStackServer(_ThreadingServer):
-    """IPv6 and IPv4 on one socket: the kubelet probes the pod's IP, whichever it is."""
-
-    address_family = socket.AF_INET6
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Not a line per scrape or probe on stderr: the sidecar logs what it does itself."""
-
-
-def routed(default: WSGIApplication, routes: Mapping[str, WSGIApplication]) -> WSGIApplication:
-    """A WSGI app sending each exact path of routes to its app, and every other to default."""
-
-    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        return routes.get(environ.get("PATH_INFO") or "/", default)(environ, start_response)
-
-    return app
-
-
-def serve_http(
-    port: int, host: str | None, app: WSGIApplication
-) -> tuple[WSGIServer, threading.Thread]:
-    """app on host:port in a daemon thread; OSError if it cannot bind.
-
-    host None: every address of the pod, IPv6 and IPv4 alike where the pod
-    has IPv6, else IPv4's (an IPv6-only cluster's kubelet could not reach a
-    probe on 0.0.0.0).
-    """
-    if host is None:
-        try:
-            server: WSGIServer = make_server(
-                "::", port, app, _DualStackServer, handler_class=_QuietHandler
-            )
-        except OSError:
-            server = make_server(
-                "0.0.0.0", port, app, _ThreadingServer, handler_class=_QuietHandler
-            )
-    else:
-        server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
-    thread.start()
-    return server, thread
-
-
-@dataclass
-class MetricsEndpoint:
-    """The HTTP server behind /metrics (and the startup probe's path), in a thread of its own."""
-
-    server: WSGIServer
-    thread: threading.Thread
-
-    @property
-    def port(self) -> int:
-        port: int = self.server.server_address[1]
-        return port
-
-    def close(self) -> None:
-        """Stop serving and release the port (blocks for up to the server's 0.5 s poll)."""
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-    def close_in_background(self) -> threading.Thread:
-        """close() in a daemon thread, for a process on its way out: it does not wait for
-        the server's poll, and exiting ends the thread wherever it is."""
-        closer = threading.Thread(target=self.close, name="metrics-close", daemon=True)
-        closer.start()
-        return closer
-
-
 class SidecarMetrics:
     def __init__(self, started: float | None = None) -> None:
         # The sidecar's start: time_to_ready counts from here (time.monotonic()).
@@ -140,6 +57,8 @@ class SidecarMetrics:
         # The streamer's done_bytes already counted into streamed_bytes.
         self._streamed = 0
         self.registry = CollectorRegistry()
+        # The pod's juicefs, once mounted (relay.add): its metrics follow ours on /metrics.
+        self.relay = JuiceFSRelay()
         self.info = Gauge(
             "bento_juicefs_sidecar_info",
             "The Bento this sidecar streams (always 1; join on namespace and pod)",
@@ -268,8 +187,7 @@ class SidecarMetrics:
         host: str | None = None,
         routes: Mapping[str, WSGIApplication] | None = None,
     ) -> MetricsEndpoint:
-        """Serve the metrics on host:port (port 0: one the kernel picks), and each path of
-        routes by its own app; OSError if it cannot bind. host None: see serve_http."""
-        app = routed(make_wsgi_app(self.registry), routes or {})
-        server, thread = serve_http(port, host, app)
-        return MetricsEndpoint(server, thread)
+        """Serve the metrics, and the relayed ones of the pod's juicefs, on host:port (port 0:
+        one the kernel picks), and each path of routes by its own app; OSError if it cannot
+        bind. host None: see modelstore.exposition.serve_http."""
+        return serve_metrics(self.registry, port, host, self.relay, routes)

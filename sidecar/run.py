@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import structlog
 
 from common import env
+from modelstore.exposition import MetricsEndpoint
 from modelstore.mount import BROKER_UNMOUNT_SECONDS, JuiceFSMount, MountError
 from modelstore.sources import MountCounters
 from sidecar.agent import AgentChannel, AgentError, AgentMounts
@@ -36,7 +37,7 @@ from sidecar.decisions import (
 )
 from sidecar.env import Settings
 from sidecar.gate import SealOutcome, open_gate, open_gate_sealed, verify_unsealed
-from sidecar.metrics import MetricsEndpoint, SidecarMetrics
+from sidecar.metrics import SidecarMetrics
 from sidecar.reporter import NORMAL, WARNING, OrderedReporter, Reporter
 from sidecar.startup import ModelsShown, startup_app
 
@@ -198,6 +199,7 @@ async def _run(
     mount = JuiceFSMount(
         settings.mount_spec(cache.cache_size_mib), None if agent is None else AgentMounts(agent)
     )
+    metrics.relay.add(mount)
     try:
         seconds = await _mount_unless_stopped(mount, stopping)
     except MountError as err:
