@@ -5,6 +5,20 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# Every outcome a request can end in (docs/metrics.md): the review's decision
+# (injector.admission.Outcome), or how the server turned it away.
+OUTCOMES = (
+    "injected",
+    "unchanged",
+    "skipped",
+    "denied",
+    "error",
+    "bad_request",
+    "too_large",
+    "body_timeout",
+    "overloaded",
+)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -53,6 +67,10 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        # Every outcome from the start, at 0: a panel or an alert on denials or errors
+        # shows 0 rather than no data, and increase() sees the first one.
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
 
 
 METRICS = web.AppKey("metrics", Metrics)

@@ -110,3 +110,24 @@ def test_the_scraped_names_are_what_the_registries_expose() -> None:
         if not name.endswith("_created")
     }
     assert scraped == {(m.name, m.kind) for m in code_metrics()}
+
+
+def test_every_admission_outcome_is_exported_from_the_start_and_documented() -> None:
+    from typing import get_args
+
+    from injector.admission import Outcome
+    from injector.metrics import OUTCOMES, Metrics
+
+    assert set(get_args(Outcome)) <= set(OUTCOMES)
+    registry = Metrics().registry
+    for outcome in OUTCOMES:
+        sample = registry.get_sample_value(
+            "bento_juicefs_admission_requests_total", {"outcome": outcome}
+        )
+        assert sample == 0, outcome
+    (row,) = [
+        line
+        for line in DOC.read_text().splitlines()
+        if line.startswith("| `bento_juicefs_admission_requests_total`")
+    ]
+    assert re.findall(r"`([a-z_]+)`", row.split("|")[4]) == list(OUTCOMES)
