@@ -12,49 +12,19 @@ A renamed metric, or a typo, fails here rather than as an empty panel.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from injector.config import InjectorConfig
+from tests.kit.dashboard import DASHBOARD, dashboard, panels, queries
 from tests.kit.promql import known_names, metric_names, parse
 
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD = ROOT / "charts" / "bento-juicefs" / "dashboards" / "bento-juicefs.json"
 POLICIES = ROOT / "manifests" / "base"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-
-_LABEL_VALUES = re.compile(r"^label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)")
-
-
-def dashboard() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
-    return loaded
-
-
-def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for panel in items:
-        yield panel
-        yield from panels(panel.get("panels") or [])
-
-
-def queries(board: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(where, PromQL) of every panel target and every query variable."""
-    for panel in panels(board["panels"]):
-        for target in panel.get("targets") or []:
-            yield f"panel {panel['title']!r} {target['refId']}", target["expr"]
-    for variable in board["templating"]["list"]:
-        if variable["type"] == "query":
-            query = variable["query"]
-            text = query["query"] if isinstance(query, dict) else query
-            match = _LABEL_VALUES.match(text)
-            assert match, f"variable {variable['name']}: {text}"
-            yield f"variable {variable['name']!r}", match[1]
 
 
 def test_the_name_extraction() -> None:

@@ -203,13 +203,15 @@ def test_a_new_replica_joins_a_running_one_on_the_warm_node_while_it_has_room(
         for _ in range(PLACEMENTS):
             scale(cluster, namespace, 2, name)
             new = wait_for(
-                lambda: [
-                    p
-                    for p in pods_of(cluster, namespace, name)
-                    if p["metadata"]["name"] != first["metadata"]["name"]
-                    and p["spec"].get("nodeName")
-                ]
-                or None,
+                lambda: (
+                    [
+                        p
+                        for p in pods_of(cluster, namespace, name)
+                        if p["metadata"]["name"] != first["metadata"]["name"]
+                        and p["spec"].get("nodeName")
+                    ]
+                    or None
+                ),
                 timeout=60,
                 what="the second replica scheduled",
             )
@@ -218,13 +220,15 @@ def test_a_new_replica_joins_a_running_one_on_the_warm_node_while_it_has_room(
             # Until it is gone it holds its GPU, so the next placement waits for that.
             scale(cluster, namespace, 1, name)
             wait_for(
-                lambda: [
-                    p["metadata"]["name"]
-                    for p in cluster.get_json("pods", "-n", namespace, "-l", f"app={name}")[
-                        "items"
+                lambda: (
+                    [
+                        p["metadata"]["name"]
+                        for p in cluster.get_json("pods", "-n", namespace, "-l", f"app={name}")[
+                            "items"
+                        ]
                     ]
-                ]
-                == [first["metadata"]["name"]],
+                    == [first["metadata"]["name"]]
+                ),
                 timeout=60,
                 what="only the first replica left",
             )
