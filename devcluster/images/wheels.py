@@ -37,12 +37,12 @@ def _target_args() -> list[str]:
     return args
 
 
-def project_requirements(pyproject: Path) -> list[str]:
-    """The project's runtime dependencies and its build-system requirements."""
+def build_requirements(pyproject: Path) -> list[str]:
+    """The project's build-system requirements: what builds its wheel in the image (the
+    runtime dependencies come hash-locked, from requirements/runtime.txt)."""
     data = tomllib.loads(pyproject.read_text())
-    runtime: list[str] = list(data["project"]["dependencies"])
     build: list[str] = list(data["build-system"]["requires"])
-    return runtime + build
+    return build
 
 
 def ensure_wheelhouse(
