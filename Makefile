@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv lock test fast lint typecheck unit e2e binaries images cluster-up cluster-down golden-update values-table bench bench-load bench-agent fuzz render-example demo clean
+.PHONY: help venv lock test fast lint typecheck unit e2e binaries images cluster-up cluster-down golden-update values-table bench bench-load bench-agent fuzz render-example release demo clean
 
 # Every target, one line each (tests/test_makefile.py checks that none is missing).
 help:
@@ -28,6 +28,7 @@ help:
 	@echo "make bench-agent   the node agent's LISTs a minute and memory with 5,000 Deployments (a control plane, no kubelet); bench-results/agent-lists.json"
 	@echo "make venv          the virtualenv alone: requirements/dev.txt (hash-locked), then the project itself"
 	@echo "make lock          regenerate requirements/dev.txt and requirements/runtime.txt (uv, hashes for every platform) from pyproject.toml"
+	@echo "make release       dist/: the image's OCI archive, the packaged chart, an SPDX SBOM of the image, SHA256SUMS"
 	@echo "make clean         removes the virtualenv and the tool caches"
 	@echo "make help          this list"
 
@@ -142,6 +143,12 @@ bench-agent: $(STAMP) binaries
 fuzz: $(STAMP)
 	$(BIN)/pip install --quiet 'atheris>=2.3' || echo "atheris did not install: fuzzing without it"
 	$(BIN)/python -m tests.fuzzing $(FUZZ_ARGS)
+
+# The image (built by the local pipeline, as make images), the chart packaged
+# with helm, an SPDX 2.3 SBOM read from the image's own layers, and
+# SHA256SUMS, into dist/ (hack/release.py).
+release: $(STAMP) binaries images
+	$(BIN)/python hack/release.py
 
 render-example: $(STAMP)
 	$(BIN)/python -m injector render -f examples/bento-deployment.yaml
