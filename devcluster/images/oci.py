@@ -67,6 +67,13 @@ def archive_digest(path: Path) -> str:
     return str(manifests[0]["digest"])
 
 
+def archive_layers(path: Path) -> list[str]:
+    """The archive members of the image's layers, bottom first."""
+    with tarfile.open(path) as tar:
+        manifest = _read_json(path, tar, _blob(archive_digest(path)))
+    return [_blob(layer["digest"]) for layer in manifest["layers"]]
+
+
 def archive_chain_id(path: Path) -> str:
     """The chain ID of the image's top layer: the snapshot key containerd unpacks it to."""
     with tarfile.open(path) as tar:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import re
 import tarfile
 import uuid
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
+
+from devcluster.images.oci import archive_layers
 
 VENV = "opt/bento-juicefs"
 DPKG_STATUS = "var/lib/dpkg/status"
@@ -78,27 +79,6 @@ def parse_metadata(text: str) -> Package:
     return Package(name, version, f"pkg:pypi/{purl_name}@{version}", license_expression)
 
 
-def _layers(archive: tarfile.TarFile) -> list[str]:
-    """The archive's layer blobs of its (only) image manifest, bottom first."""
-
-    def blob(digest: str) -> bytes:
-        member = archive.extractfile(f"blobs/{digest.replace(':', '/')}")
-        assert member is not None, digest
-        return member.read()
-
-    index = json.loads(blob_member(archive, "index.json"))
-    (descriptor,) = index["manifests"]
-    manifest = json.loads(blob(descriptor["digest"]))
-    return [f"blobs/{layer['digest'].replace(':', '/')}" for layer in manifest["layers"]]
-
-
-def blob_member(archive: tarfile.TarFile, name: str) -> bytes:
-    member = archive.extractfile(name)
-    if member is None:
-        raise ValueError(f"{name} is not a file in the archive")
-    return member.read()
-
-
 def _open_layer(raw: IO[bytes]) -> tarfile.TarFile:
     head = raw.read(2)
     raw.seek(0)
@@ -109,8 +89,9 @@ def _open_layer(raw: IO[bytes]) -> tarfile.TarFile:
 
 def _entries(archive_path: Path) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:
     """Every entry of every layer, bottom layer first: (normalised path, its layer, entry)."""
+    layers = archive_layers(archive_path)
     with tarfile.open(archive_path) as archive:
-        for layer_name in _layers(archive):
+        for layer_name in layers:
             raw = archive.extractfile(layer_name)
             assert raw is not None, layer_name
             with io.BytesIO(raw.read()) as buffered, _open_layer(buffered) as layer:
