@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from common.processes import log_tail
 from devcluster import Cluster, ControlPlane, wait_for
 from devcluster.installs.injector_install import InjectorInstall
 from devcluster.node.node import Node
@@ -135,6 +136,7 @@ def apiserver_job(cluster: ControlPlane) -> dict[str, Any]:
 def prometheus(
     cluster: Cluster,
     injector: InjectorInstall,
+    namespace: str,
     ready_pod: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Prometheus]:
@@ -152,8 +154,10 @@ def prometheus(
     server.start()
     try:
         wait_for(
-            lambda: every_job_up(server), timeout=90, what="every job's targets up",
-        )  # fmt: skip
+            lambda: every_job_up(server, namespace, ready_pod),
+            timeout=90,
+            what=f"a target up for every job:\n{log_tail(server.log)}",
+        )
         # Enough scrapes for a rate over RATE, and a few rule evaluations.
         wait_for(lambda: scrapes(server) >= 8, timeout=60, what="8 scrapes")
         yield server
@@ -161,10 +165,17 @@ def prometheus(
         server.stop()
 
 
-def every_job_up(server: Prometheus) -> bool:
-    targets = server.targets()
-    jobs = {t["scrapePool"] for t in targets}
-    return len(jobs) == 4 and all(t["health"] == "up" for t in targets)
+def every_job_up(server: Prometheus, namespace: str, pod: str) -> bool:
+    """Each job has a target up: the pod's sidecar, an agent, the injector, the apiserver.
+
+    Not every target: pods of other tests in the session may be on their way out.
+    """
+    up = [t for t in server.targets() if t["health"] == "up"]
+    jobs = {t["scrapePool"] for t in up}
+    ours = any(
+        t["labels"].get("namespace") == namespace and t["labels"].get("pod") == pod for t in up
+    )
+    return len(jobs) == 4 and ours
 
 
 def scrapes(server: Prometheus) -> int:
