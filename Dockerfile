@@ -13,6 +13,10 @@ ARG BASE=docker.io/library/debian:bookworm-slim
 FROM ${BASE}
 
 ARG WHEELHOUSE=/wheelhouse
+# Set (the local pipeline sets it, with `buildah bud --timestamp`), the .pyc
+# files pip compiles are checked against their sources' hashes rather than
+# stamped with the build's time: the same inputs build the same image.
+ARG SOURCE_DATE_EPOCH
 ENV VIRTUAL_ENV=/opt/bento-juicefs \
     PATH=/opt/bento-juicefs/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \

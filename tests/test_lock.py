@@ -1,7 +1,9 @@
 """The hash-locked dependency sets (`make lock`) agree with pyproject.toml and are used.
 
 requirements/dev.txt is what `make venv` (so CI) installs, requirements/runtime.txt
-what the image installs; both from uv for CPython 3.11 on every platform. Here:
+what the image installs, requirements/build.txt what builds the project's wheel
+in the image (the local pipeline's wheelhouse holds only it); all from uv for
+CPython 3.11 on every platform. Here:
 every dependency pyproject.toml names is pinned, at a version its specifier
 accepts, with hashes; the runtime set is the dev set's versions (the tests ran
 what the image ships); and the Makefile and the Dockerfile install them with
@@ -21,6 +23,7 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parent.parent
 DEV = REPO / "requirements" / "dev.txt"
 RUNTIME = REPO / "requirements" / "runtime.txt"
+BUILD = REPO / "requirements" / "build.txt"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)(?: ;.*)?$")
@@ -42,7 +45,9 @@ def pins(path: Path) -> dict[str, tuple[str, int]]:
 
 def declared(extra: str | None = None) -> list[Requirement]:
     names = PYPROJECT["project"]["dependencies"]
-    if extra is not None:
+    if extra == "build":
+        names = PYPROJECT["build-system"]["requires"]
+    elif extra is not None:
         names = PYPROJECT["project"]["optional-dependencies"][extra]
     return [Requirement(text) for text in names]
 
@@ -57,8 +62,9 @@ def test_the_parser_reads_a_pin_with_its_hashes() -> None:
         (RUNTIME, declared()),
         (DEV, declared()),
         (DEV, declared("dev")),
+        (BUILD, declared("build")),
     ],
-    ids=["runtime", "dev-runtime", "dev-extras"],
+    ids=["runtime", "dev-runtime", "dev-extras", "build"],
 )
 def test_every_declared_dependency_is_pinned_within_its_specifier_with_hashes(
     lock: Path, requirements: list[Requirement]
@@ -75,7 +81,7 @@ def test_every_declared_dependency_is_pinned_within_its_specifier_with_hashes(
 
 
 def test_every_pin_has_hashes() -> None:
-    for lock in (DEV, RUNTIME):
+    for lock in (DEV, RUNTIME, BUILD):
         unhashed = [name for name, (_, hashes) in pins(lock).items() if not hashes]
         assert not unhashed, f"{lock.name}: {unhashed}"
 

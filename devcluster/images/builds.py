@@ -24,6 +24,7 @@ BENTO_APP_DIR = REPO_ROOT / "examples" / "bento-app"
 PAUSE_SOURCE = Path(__file__).with_name("pause.c")
 JUICEFS_REQUIREMENTS = REPO_ROOT / "hack" / "binaries" / "juicefs" / "requirements.txt"
 RUNTIME_LOCK = REPO_ROOT / "requirements" / "runtime.txt"  # `make lock`
+BUILD_LOCK = REPO_ROOT / "requirements" / "build.txt"  # what builds the project's wheel
 
 PROJECT_IMAGE = "ghcr.io/bentoml/bento-juicefs-sidecar:0.1.0"  # injector config's sidecar.image
 SAMPLE_BENTO_IMAGE = (  # examples/bento-deployment.yaml's image
@@ -54,6 +55,23 @@ BENTO_INPUTS: tuple[str, ...] = (
 )
 PAUSE_CFLAGS: tuple[str, ...] = ("-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror")
 WHEELHOUSE_MOUNT = "/wheelhouse"  # the Dockerfiles' ARG WHEELHOUSE default
+# How every image is built; part of each image's inputs key, so a change here
+# rebuilds. Reproducible: no layer cache (a step cached by an earlier build,
+# made with other timestamps, would make the image differ from a fresh build's);
+# every file's mtime and the image's created time fixed; SOURCE_DATE_EPOCH in
+# the RUN steps, so the .pyc files pip compiles hold hashes of their sources,
+# not the build's time. Offline: the wheelhouse is mounted, the base is local.
+BUD_OPTIONS: tuple[str, ...] = (
+    "--no-cache",
+    "--force-rm",
+    "--network",
+    "none",
+    "--pull=false",
+    "--timestamp",
+    str(base.SOURCE_DATE_EPOCH),
+    "--build-arg",
+    f"SOURCE_DATE_EPOCH={base.SOURCE_DATE_EPOCH}",
+)
 
 
 @dataclass
@@ -82,11 +100,7 @@ class Builder:
         with step(f"build {name} (buildah bud, base {base_image})"):
             self.buildah.run(
                 "bud",
-                "--layers",
-                "--force-rm",
-                "--network",
-                "none",
-                "--pull=false",
+                *BUD_OPTIONS,
                 "--build-arg",
                 f"BASE={base_image}",
                 "--volume",
@@ -101,9 +115,14 @@ class Builder:
             )
 
     def project(self, started: float) -> ImageArchive:
-        wheel_inputs = [JUICEFS_REQUIREMENTS, RUNTIME_LOCK, REPO_ROOT / "pyproject.toml"]
+        wheel_inputs = [
+            JUICEFS_REQUIREMENTS,
+            RUNTIME_LOCK,
+            BUILD_LOCK,
+            REPO_ROOT / "pyproject.toml",
+        ]
         key = inputs_key(
-            texts=["project", self.base_key, *(p.read_text() for p in wheel_inputs)],
+            texts=["project", self.base_key, *BUD_OPTIONS, *(p.read_text() for p in wheel_inputs)],
             root=REPO_ROOT,
             files=PROJECT_INPUTS,
         )
@@ -113,15 +132,17 @@ class Builder:
         house = wheels.ensure_wheelhouse(
             self.layout,
             "project",
-            requirements=wheels.build_requirements(REPO_ROOT / "pyproject.toml"),
-            hashed_files=[JUICEFS_REQUIREMENTS, RUNTIME_LOCK],
+            requirements=[],
+            hashed_files=[JUICEFS_REQUIREMENTS, RUNTIME_LOCK, BUILD_LOCK],
             plain_files=[],
         )
         self.bud(PROJECT_IMAGE, REPO_ROOT, house)
         return export(self.buildah, self.layout, PROJECT_IMAGE, key, started)
 
     def sample_bento(self, started: float) -> ImageArchive:
-        key = inputs_key(texts=["bento", self.base_key], root=BENTO_APP_DIR, files=BENTO_INPUTS)
+        key = inputs_key(
+            texts=["bento", self.base_key, *BUD_OPTIONS], root=BENTO_APP_DIR, files=BENTO_INPUTS
+        )
         if (cached := cached_archive(self.layout, SAMPLE_BENTO_IMAGE, key)) is not None:
             say(f"{SAMPLE_BENTO_IMAGE}: cached ({cached.path.name})")
             return cached

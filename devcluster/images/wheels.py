@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 from devcluster.images.steps import Layout, inputs_key, run, say, step
@@ -35,14 +34,6 @@ def _target_args() -> list[str]:
     for tag in image_platforms():
         args += ["--platform", tag]
     return args
-
-
-def build_requirements(pyproject: Path) -> list[str]:
-    """The project's build-system requirements: what builds its wheel in the image (the
-    runtime dependencies come hash-locked, from requirements/runtime.txt)."""
-    data = tomllib.loads(pyproject.read_text())
-    build: list[str] = list(data["build-system"]["requires"])
-    return build
 
 
 def ensure_wheelhouse(
@@ -80,7 +71,8 @@ def ensure_wheelhouse(
                 what=f"pip download -r {hashed}",
             )
         plain = [arg for path in plain_files for arg in ("-r", str(path))]
-        run([*pip, *_target_args(), *plain, *requirements], log, what="pip download")
+        if plain or requirements:
+            run([*pip, *_target_args(), *plain, *requirements], log, what="pip download")
         os.replace(partial, house)
     size = sum(p.stat().st_size for p in house.iterdir()) >> 20
     say(f"wheelhouse {house.name}: {len(list(house.iterdir()))} files, {size} MiB")
