@@ -18,6 +18,8 @@ OUTCOMES = (
     "body_timeout",
     "overloaded",
 )
+# Why a replica wrote the shared CA Secret (injector.pki.ca_keeper).
+CA_SECRET_WRITE_REASONS = ("missing", "invalid")
 
 
 class Metrics:
@@ -67,10 +69,13 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        # Every outcome from the start, at 0: a panel or an alert on denials or errors
-        # shows 0 rather than no data, and increase() sees the first one.
+        # Every outcome and reason from the start, at 0: a panel or an alert on
+        # denials, errors or CA writes shows 0 rather than no data, and increase()
+        # sees the first one.
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
+        for reason in CA_SECRET_WRITE_REASONS:
+            self.ca_repairs.labels(reason)
 
 
 METRICS = web.AppKey("metrics", Metrics)

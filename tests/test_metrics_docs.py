@@ -131,3 +131,20 @@ def test_every_admission_outcome_is_exported_from_the_start_and_documented() -> 
         if line.startswith("| `bento_juicefs_admission_requests_total`")
     ]
     assert re.findall(r"`([a-z_]+)`", row.split("|")[4]) == list(OUTCOMES)
+
+
+def test_every_ca_secret_write_reason_is_exported_from_the_start_and_documented() -> None:
+    from injector.metrics import CA_SECRET_WRITE_REASONS, Metrics
+
+    registry = Metrics().registry
+    for reason in CA_SECRET_WRITE_REASONS:
+        sample = registry.get_sample_value(
+            "bento_juicefs_ca_secret_writes_total", {"reason": reason}
+        )
+        assert sample == 0, reason
+    (row,) = [
+        line
+        for line in DOC.read_text().splitlines()
+        if line.startswith("| `bento_juicefs_ca_secret_writes_total`")
+    ]
+    assert re.findall(r"`([a-z_]+)`", row.split("|")[4]) == list(CA_SECRET_WRITE_REASONS)
