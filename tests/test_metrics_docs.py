@@ -112,39 +112,35 @@ def test_the_scraped_names_are_what_the_registries_expose() -> None:
     assert scraped == {(m.name, m.kind) for m in code_metrics()}
 
 
+def assert_every_value_at_zero_and_documented(
+    metric: str, label: str, values: tuple[str, ...]
+) -> None:
+    """A fresh injector registry has metric{label=value} at 0 for each value, and
+    docs/metrics.md's row for metric names exactly these values, in order."""
+    from injector.metrics import Metrics
+
+    registry = Metrics().registry
+    for value in values:
+        assert registry.get_sample_value(metric, {label: value}) == 0, value
+    (row,) = [line for line in DOC.read_text().splitlines() if line.startswith(f"| `{metric}`")]
+    assert re.findall(r"`([a-z_]+)`", row.split("|")[4]) == list(values)
+
+
 def test_every_admission_outcome_is_exported_from_the_start_and_documented() -> None:
     from typing import get_args
 
     from injector.admission import Outcome
-    from injector.metrics import OUTCOMES, Metrics
+    from injector.metrics import OUTCOMES
 
     assert set(get_args(Outcome)) <= set(OUTCOMES)
-    registry = Metrics().registry
-    for outcome in OUTCOMES:
-        sample = registry.get_sample_value(
-            "bento_juicefs_admission_requests_total", {"outcome": outcome}
-        )
-        assert sample == 0, outcome
-    (row,) = [
-        line
-        for line in DOC.read_text().splitlines()
-        if line.startswith("| `bento_juicefs_admission_requests_total`")
-    ]
-    assert re.findall(r"`([a-z_]+)`", row.split("|")[4]) == list(OUTCOMES)
+    assert_every_value_at_zero_and_documented(
+        "bento_juicefs_admission_requests_total", "outcome", OUTCOMES
+    )
 
 
 def test_every_ca_secret_write_reason_is_exported_from_the_start_and_documented() -> None:
-    from injector.metrics import CA_SECRET_WRITE_REASONS, Metrics
+    from injector.metrics import CA_SECRET_WRITE_REASONS
 
-    registry = Metrics().registry
-    for reason in CA_SECRET_WRITE_REASONS:
-        sample = registry.get_sample_value(
-            "bento_juicefs_ca_secret_writes_total", {"reason": reason}
-        )
-        assert sample == 0, reason
-    (row,) = [
-        line
-        for line in DOC.read_text().splitlines()
-        if line.startswith("| `bento_juicefs_ca_secret_writes_total`")
-    ]
-    assert re.findall(r"`([a-z_]+)`", row.split("|")[4]) == list(CA_SECRET_WRITE_REASONS)
+    assert_every_value_at_zero_and_documented(
+        "bento_juicefs_ca_secret_writes_total", "reason", CA_SECRET_WRITE_REASONS
+    )
