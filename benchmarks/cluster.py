@@ -1,11 +1,11 @@
 """The local cluster the start-up scenarios run: real nodes whose pods reach MinIO over
 shaped links, the injector and a node agent on every node.
 
-    cluster = ShapedCluster(work / "cluster", node_count=3)
+    cluster = ShapedCluster("bench-scaleup-", work_dir=None, node_count=3)
     versions = cluster.start()        # {"juicefs": ..., "kubernetes": ...}
     cluster.storage.shape(LinkProfile(200))
-    cluster.cp.kubectl(...)
-    cluster.stop()
+    cluster.cp.kubectl(...)           # the session's own files go under cluster.work
+    cluster.stop()                    # the cluster stopped, cluster.work removed
 
 cold-start and warm-start use one node; scale-up several, each with its own
 link to the store, shaped alike (`benchmarks.store.ShapedStorage`).
@@ -14,6 +14,8 @@ link to the store, shaped alike (`benchmarks.store.ShapedStorage`).
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from benchmarks.store import ShapedStorage
@@ -29,10 +31,14 @@ from devcluster.local import local_cluster
 
 
 class ShapedCluster:
-    """A local cluster (not started) with the shaped storage, the injector and the agent."""
+    """A local cluster (not started) with the shaped storage, the injector and the agent,
+    in a new temporary directory `work` (prefix, under work_dir) that stop() removes."""
 
-    def __init__(self, state_dir: Path, node_count: int = 1) -> None:
-        self.cp: ControlPlane = local_cluster(state_dir, with_addons=False, node_count=node_count)
+    def __init__(self, prefix: str, work_dir: str | None = None, node_count: int = 1) -> None:
+        self.work = Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir))
+        self.cp: ControlPlane = local_cluster(
+            self.work / "cluster", with_addons=False, node_count=node_count
+        )
         self.shaped: ShapedStorage | None = None
         # The node agent mounts for every sidecar: without it no pod starts.
         self.cp.on_ready.extend([self._start_storage, start_injector, start_node_agent])
@@ -72,4 +78,7 @@ class ShapedCluster:
         }
 
     def stop(self) -> None:
-        self.cp.stop()
+        try:
+            self.cp.stop()
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)

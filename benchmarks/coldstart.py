@@ -52,7 +52,6 @@ import os
 import re
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -535,8 +534,8 @@ class Session:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.profile: LinkProfile = args.cold_profile
-        self.tmp = Path(tempfile.mkdtemp(prefix="bench-coldstart-", dir=args.work_dir))
-        self.cluster = ShapedCluster(self.tmp / "cluster")
+        self.cluster = ShapedCluster("bench-coldstart-", args.work_dir)
+        self.tmp = self.cluster.work
         self.cp: ControlPlane = self.cluster.cp
         self.versions: dict[str, str] = {}
         self.load_at_start: dict[str, float] = {}
@@ -567,10 +566,7 @@ class Session:
         self.storage.shape(self.profile)
 
     def stop(self) -> None:
-        try:
-            self.cluster.stop()
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.cluster.stop()
 
     @contextmanager
     def _unshaped(self) -> Iterator[None]:

@@ -37,7 +37,6 @@ import json
 import shutil
 import ssl
 import statistics
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -153,8 +152,8 @@ class ScaleSession:
         self.args = args
         self.nodes: int = args.nodes
         self.profile: LinkProfile = args.cold_profile
-        self.tmp = Path(tempfile.mkdtemp(prefix="bench-scaleup-", dir=args.work_dir))
-        self.cluster = ShapedCluster(self.tmp / "cluster", node_count=self.nodes)
+        self.cluster = ShapedCluster("bench-scaleup-", args.work_dir, node_count=self.nodes)
+        self.tmp = self.cluster.work
         self.cp: ControlPlane = self.cluster.cp
         self.versions: dict[str, str] = {}
         self.source = self.tmp / "model" / "models"  # write_random_model's models/ dir
@@ -191,10 +190,7 @@ class ScaleSession:
         self.storage.shape(self.profile)
 
     def stop(self) -> None:
-        try:
-            self.cluster.stop()
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.cluster.stop()
 
     # -- the Deployment ---------------------------------------------------------
 
@@ -239,11 +235,12 @@ class ScaleSession:
 
     def scale_to_zero(self) -> None:
         self.scale(0)
-        deadline = time.monotonic() + 300
-        while self.cp.get_json("pods", "-n", OURS_NAMESPACE)["items"]:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the pods in {OURS_NAMESPACE} did not go")
-            time.sleep(0.3)
+        wait_for(
+            lambda: not self.cp.get_json("pods", "-n", OURS_NAMESPACE)["items"],
+            timeout=300,
+            interval=0.3,
+            what=f"the pods in {OURS_NAMESPACE} gone",
+        )
 
     def warm_nodes(self, version: str) -> list[str]:
         label = warm_label_key(self.repository, version)
