@@ -132,7 +132,6 @@ class Builder:
         house = wheels.ensure_wheelhouse(
             self.layout,
             "project",
-            requirements=[],
             hashed_files=[JUICEFS_REQUIREMENTS, RUNTIME_LOCK, BUILD_LOCK],
             plain_files=[],
         )
@@ -149,7 +148,6 @@ class Builder:
         house = wheels.ensure_wheelhouse(
             self.layout,
             "bento",
-            requirements=[],
             hashed_files=[],
             plain_files=[
                 BENTO_APP_DIR / "requirements.txt",

@@ -9,9 +9,7 @@ removed or replaced counts as the later layer left it.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import re
 import tarfile
 import uuid
@@ -19,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
 from devcluster.images.oci import archive_layers
 
@@ -79,14 +77,6 @@ def parse_metadata(text: str) -> Package:
     return Package(name, version, f"pkg:pypi/{purl_name}@{version}", license_expression)
 
 
-def _open_layer(raw: IO[bytes]) -> tarfile.TarFile:
-    head = raw.read(2)
-    raw.seek(0)
-    if head == b"\x1f\x8b":
-        return tarfile.open(fileobj=gzip.GzipFile(fileobj=raw), mode="r|")
-    return tarfile.open(fileobj=raw, mode="r|")
-
-
 def _entries(archive_path: Path) -> Iterator[tuple[str, tarfile.TarFile, tarfile.TarInfo]]:
     """Every entry of every layer, bottom layer first: (normalised path, its layer, entry)."""
     layers = archive_layers(archive_path)
@@ -94,7 +84,7 @@ def _entries(archive_path: Path) -> Iterator[tuple[str, tarfile.TarFile, tarfile
         for layer_name in layers:
             raw = archive.extractfile(layer_name)
             assert raw is not None, layer_name
-            with io.BytesIO(raw.read()) as buffered, _open_layer(buffered) as layer:
+            with tarfile.open(fileobj=raw, mode="r|*") as layer:  # gzipped or not
                 for entry in layer:
                     yield str(PurePosixPath(entry.name.lstrip("./"))), layer, entry
 

@@ -40,17 +40,16 @@ def ensure_wheelhouse(
     layout: Layout,
     name: str,
     *,
-    requirements: list[str],
     hashed_files: list[Path],
     plain_files: list[Path],
 ) -> Path:
-    """A directory of wheels for requirements (+ files), downloaded once per inputs hash.
+    """A directory of the wheels the requirement files name, downloaded once per inputs hash.
 
     hashed_files are installed with `--require-hashes` (pip wants every
     requirement of one command hashed or none), so they get their own download.
     """
     key = inputs_key(
-        texts=[IMAGE_PYTHON, IMAGE_ABI, *image_platforms(), *requirements]
+        texts=[IMAGE_PYTHON, IMAGE_ABI, *image_platforms()]
         + [f"{p.name}\0{p.read_text()}" for p in [*hashed_files, *plain_files]]
     )
     house = layout.wheels / f"{name}-{key}"
@@ -70,9 +69,9 @@ def ensure_wheelhouse(
                 log,
                 what=f"pip download -r {hashed}",
             )
-        plain = [arg for path in plain_files for arg in ("-r", str(path))]
-        if plain or requirements:
-            run([*pip, *_target_args(), *plain, *requirements], log, what="pip download")
+        if plain_files:
+            plain = [arg for path in plain_files for arg in ("-r", str(path))]
+            run([*pip, *_target_args(), *plain], log, what="pip download")
         os.replace(partial, house)
     size = sum(p.stat().st_size for p in house.iterdir()) >> 20
     say(f"wheelhouse {house.name}: {len(list(house.iterdir()))} files, {size} MiB")
