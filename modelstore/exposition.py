@@ -41,6 +41,11 @@ _LABELS = re.compile(r"^[a-zA-Z_:][\w:]*(\{[^}]*\})?")
 _SUFFIXES = ("", "_bucket", "_sum", "_count", "_total", "_created")
 
 
+def _of_family(sample: str, family: str) -> bool:
+    """Whether sample names a series of family: its own name, or with a suffix above."""
+    return sample.startswith(family) and sample[len(family) :] in _SUFFIXES
+
+
 @dataclass
 class Family:
     """One metric family of an exposition: its HELP and TYPE lines, then its samples."""
@@ -76,7 +81,7 @@ def families(text: str) -> list[Family]:
         if match is None:
             continue
         name = match.group(1)
-        if current is None or name not in {current.name + s for s in _SUFFIXES}:
+        if current is None or not _of_family(name, current.name):
             current = Family(name, [], [])
             found.append(current)
         current.samples.append(line)

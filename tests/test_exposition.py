@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.ports import free_port
 from modelstore.exposition import (
     JuiceFSRelay,
     MetricsEndpoint,
@@ -126,7 +127,7 @@ def scrape(endpoint: MetricsEndpoint) -> tuple[str, str]:
 
 
 def test_the_endpoint_serves_its_registry_then_the_juicefs_that_answer(
-    juicefs_endpoints: list[str], free_port: int
+    juicefs_endpoints: list[str],
 ) -> None:
     registry = CollectorRegistry()
     Gauge("bento_juicefs_sidecar_model_bytes", "model bytes", registry=registry).set(5)
@@ -134,7 +135,7 @@ def test_the_endpoint_serves_its_registry_then_the_juicefs_that_answer(
     for url in juicefs_endpoints:
         relay.add(Source(url))
     relay.add(Source(None))  # not started yet
-    relay.add(Source(f"http://127.0.0.1:{free_port}/metrics"))  # gone
+    relay.add(Source(f"http://127.0.0.1:{free_port()}/metrics"))  # gone
     endpoint = serve_metrics(registry, 0, "127.0.0.1", relay)
     try:
         content_type, text = scrape(endpoint)
@@ -157,11 +158,3 @@ def test_a_removed_juicefs_is_no_longer_relayed(juicefs_endpoints: list[str]) ->
     text = relay.text()
     assert 'mp="/jfs/b"' in text
     assert 'mp="/jfs/a"' not in text
-
-
-@pytest.fixture
-def free_port() -> int:
-    server, _ = serve_http(0, "127.0.0.1", lambda e, s: [])
-    port: int = server.server_address[1]
-    server.server_close()
-    return port
